@@ -1,0 +1,1 @@
+"""Simulated accelerator chips: profiles (profile.py), the cost model (cost.py)."""

@@ -1,0 +1,115 @@
+"""The firmware's sysfs-like tree: layout, cheap in-place publishing, and the scaling_max_freq knob.
+
+Layout under the firmware root (default /run/edgebox/fw)::
+
+    <root>/chip<N>/hwmon/hwmon<N>/      Linux hwmon conventions (Documentation/hwmon/sysfs-interface)
+        name                    profile hwmon_name, e.g. "r100"
+        power1_input            µW, mean power over the last publish interval (the sensor's
+                                conversion window)
+        power1_average          µW, mean over power1_average_interval
+        power1_average_interval ms
+        power1_crit             µW, the over-current limit
+        energy1_input           µJ, cumulative, wraps at energy1_max_range_uj
+        energy1_max_range_uj    µJ, the wrap range (stub extension, like RAPL's max_energy_range_uj)
+        in0_input, in0_label    mV, core supply of the current DVFS level; "vdd_core"
+        curr1_input             mA, power / voltage
+        temp1_input             m°C, die temperature
+        temp1_max, temp1_max_hyst   m°C, thermal trip and its release point
+        temp1_crit              m°C
+        temp1_max_alarm, temp1_crit_alarm   0/1
+        oc1_event_cnt           over-current events since start (as Jetson's soctherm)
+        throttle_reasons        "none" or a space-separated subset of: thermal critical over_current
+    <root>/chip<N>/cpufreq/             Linux cpufreq policy conventions
+        scaling_available_frequencies   kHz, space separated, ascending
+        cpuinfo_min_freq, cpuinfo_max_freq, scaling_min_freq   kHz
+        scaling_max_freq        kHz, WRITABLE: the runtime's clock cap; read back every publish
+        scaling_cur_freq        kHz, the clock the chip runs at (after hardware protections)
+    <root>/firmware             "profile=<name> chips=<n> pid=<pid>" (written once)
+
+Every value is an integer (or a word) and a newline, as sysfs prints them.
+
+Why files are rewritten in place (pwrite + ftruncate on descriptors kept open) rather than
+by write-to-temp + rename: rename costs ~1 ms on a journaled filesystem and a 60 s dry run
+publishes tens of thousands of values.  A shorter value is written padded with spaces over
+the old one before the truncate, so a concurrent reader sees the old value, the new value
+plus blanks, or the new value, never a mix of digits (readers strip whitespace).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_ROOT = Path("/run/edgebox/fw")
+
+
+def chip_dir(root: Path, chip: int) -> Path:
+    return Path(root) / f"chip{chip}"
+
+
+def hwmon_dir(root: Path, chip: int) -> Path:
+    return chip_dir(root, chip) / "hwmon" / f"hwmon{chip}"
+
+
+def cpufreq_dir(root: Path, chip: int) -> Path:
+    return chip_dir(root, chip) / "cpufreq"
+
+
+def parse_khz(text: str) -> int | None:
+    """A scaling_max_freq write: a non-negative decimal integer (kHz) or None (refused)."""
+    s = text.strip()
+    if not s.isdigit() or len(s) > 12:
+        return None
+    return int(s)
+
+
+class ValueFiles:
+    """A directory of small value files, each written only when its content changes."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._fds: dict[str, int] = {}
+        self._last: dict[str, bytes] = {}
+
+    def write(self, name: str, value: int | str) -> None:
+        data = f"{value}\n".encode()
+        old = self._last.get(name)
+        if old == data:
+            return
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[name] = fd
+        # the file may hold more than we last wrote if someone else wrote it (scaling_max_freq)
+        size = len(old) if old is not None else os.fstat(fd).st_size
+        if size > len(data):
+            os.pwrite(fd, data + b" " * (size - len(data)), 0)
+            os.ftruncate(fd, len(data))
+        else:
+            os.pwrite(fd, data, 0)
+        self._last[name] = data
+
+    def cached(self, name: str) -> str | None:
+        """What this writer last wrote to ``name`` (stripped), or None."""
+        data = self._last.get(name)
+        return None if data is None else data.decode().strip()
+
+    def forget(self, name: str) -> None:
+        """Drop the cached content (the file was changed by someone else)."""
+        self._last.pop(name, None)
+
+    def read(self, name: str) -> str | None:
+        try:
+            with open(self.directory / name, "rb") as f:
+                return f.read(64).decode("ascii", "replace")
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
