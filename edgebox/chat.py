@@ -153,3 +153,58 @@ def split_reasoning(text: str, *, thinking_open: bool = False) -> tuple[str, str
     if opened:
         return body.strip(), ""
     return "", text
+
+
+class ReasoningStream:
+    """Tags streamed text as reasoning or content, the streaming form of ``split_reasoning``.
+
+    ``push(delta)`` returns ``[(is_reasoning, text), ...]`` ready to emit; a suffix that could be
+    the start of ``<think>``/``</think>`` is held back until the next push decides it, so a tag
+    split across tokens is never emitted as text. The tags themselves are not emitted.
+    """
+
+    def __init__(self, thinking_open: bool = False):
+        self.in_reasoning = thinking_open
+        self._seen_text = thinking_open  # an opening <think> counts only at the very start
+        self._held = ""
+
+    def push(self, delta: str) -> list[tuple[bool, str]]:
+        text, out = self._held + delta, []
+        self._held = ""
+        while text:
+            if not self._seen_text:
+                stripped = text.lstrip()
+                if not stripped or THINK_OPEN.startswith(stripped):
+                    self._held = text  # only whitespace or a partial "<think>" so far
+                    return out
+                self._seen_text = True
+                if stripped.startswith(THINK_OPEN):
+                    self.in_reasoning, text = True, stripped[len(THINK_OPEN):]
+                    continue
+            if not self.in_reasoning:
+                out.append((False, text))
+                return out
+            head, sep, tail = text.partition(THINK_CLOSE)
+            if sep:
+                if head:
+                    out.append((True, head))
+                self.in_reasoning, text = False, tail
+                continue
+            keep = _partial_suffix(text, THINK_CLOSE)
+            if len(text) > keep:
+                out.append((True, text[:len(text) - keep]))
+            self._held = text[len(text) - keep:]
+            return out
+        return out
+
+    def flush(self) -> list[tuple[bool, str]]:
+        held, self._held = self._held, ""
+        return [(self.in_reasoning, held)] if held else []
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
