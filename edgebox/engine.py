@@ -211,8 +211,7 @@ class Engine:
                  kv_budget_bytes: int | None = None, prefill_chunk: int = 128,
                  prompt_cache_entries: int = 4, warmup: bool = True):
         self.model = model
-        a = model.args
-        self.kv_bytes_per_token = 2 * a.n_layer * a.n_head_kv * a.head_dim * 2  # k and v, float16
+        self.kv_bytes_per_token = sum(chip.kv_bytes_per_token for chip in model.box.chips)
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else max_batch * model.n_ctx * self.kv_bytes_per_token
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -356,13 +355,13 @@ class Engine:
 
     def _admit(self) -> None:
         """Move queued requests into the batch while the limit and the KV budget allow (FIFO)."""
+        for entry in [e for e in self._queue if e[0].cancelled]:  # a cancelled request leaves the queue at once
+            self._queue.remove(entry)
+            handle, ids, t_submit = entry[:3]
+            handle._emit(Summary(handle.request_id, "cancelled", "", "", "", prompt_tokens=len(ids),
+                                 queue_s=time.perf_counter() - t_submit, total_s=time.perf_counter() - t_submit))
         while self._queue and len(self._running) < self._batch_limit:
             handle, ids, t_submit, thinking_open, truncated = self._queue[0]
-            if handle.cancelled:
-                self._queue.popleft()
-                handle._emit(Summary(handle.request_id, "cancelled", "", "", "", prompt_tokens=len(ids),
-                                     total_s=time.perf_counter() - t_submit))
-                continue
             reserved = self._reservation(handle.request, len(ids))
             need = reserved * self.kv_bytes_per_token
             while self._prompt_cache and self._kv_used() + need > self.kv_budget_bytes:
@@ -370,7 +369,7 @@ class Engine:
             if self._kv_used() + need > self.kv_budget_bytes:
                 return  # waits for a running sequence to finish
             self._queue.popleft()
-            kv = KVCache(self.model.args, reserved)
+            kv = self.model.new_cache(reserved)
             self._reuse_prefix(ids, kv)
             self._running.append(_Sequence(handle, ids, kv, reserved, thinking_open, self.model.tokenizer,
                                            t_submit, truncated))
@@ -383,10 +382,7 @@ class Engine:
             if n > best_n:
                 best, best_n = cached_kv, n
         if best is not None and best_n >= 4:
-            kv.k[:, :best_n] = best.k[:, :best_n]
-            kv.v[:, :best_n] = best.v[:, :best_n]
-            kv.pos[:best_n] = best.pos[:best_n]
-            kv.length = best_n
+            kv.copy_prefix(best, best_n)
 
     def _step(self, batch: list[_Sequence]) -> None:
         for s in batch:

@@ -16,6 +16,7 @@ import numpy as np
 from .chat import render_chat
 from .errors import ContextOverflowError, EdgeboxError
 from .gguf_loader import LoadedModel, load_gguf
+from .chips.chip import Box
 from .model import KVCache, Transformer
 from .sampler import Sampler, SamplingParams, StopMatcher
 
@@ -27,11 +28,16 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "data" / "default.gguf"
 
 
-def load(path: str | os.PathLike | None = None, chips: int = 1, n_ctx: int | None = None) -> "Model":
-    """Map a GGUF model (no weights are copied). ``path`` None loads the bundled default model."""
-    if chips != 1:
-        raise EdgeboxError(f"chips={chips}: tensor-parallel execution over several chips is not available yet; use chips=1")
-    return Model(load_gguf(default_model_path() if path is None else path), n_ctx=n_ctx)
+def load(path: str | os.PathLike | None = None, chips: int = 1, n_ctx: int | None = None,
+         profile: str | None = None, backend: str = "ref") -> "Model":
+    """Map a GGUF model (no weights are copied) and split it over ``chips`` chips.
+
+    ``path`` None loads the bundled default model. ``chips=1`` runs the whole model on one device
+    (the ``host`` profile unless ``profile`` names another); more chips use ``r100-edge``.
+    """
+    loaded = load_gguf(default_model_path() if path is None else path)
+    box = Box(loaded.args, loaded.weights, chips, profile=profile, backend=backend, source=loaded.file.path.name)
+    return Model(loaded, box, n_ctx=n_ctx)
 
 
 @dataclass
@@ -113,13 +119,14 @@ class Generation:
 
 
 class Model:
-    def __init__(self, loaded: LoadedModel, n_ctx: int | None = None):
+    def __init__(self, loaded: LoadedModel, box: Box, n_ctx: int | None = None):
         self.path = loaded.file.path
         self.file = loaded.file
         self.args = loaded.args
         self.tokenizer = loaded.tokenizer
         self.weights = loaded.weights
-        self.transformer = Transformer(loaded.args, loaded.weights)
+        self.box = box
+        self.transformer = Transformer(loaded.args, loaded.weights, box)
         self.n_ctx = min(n_ctx or DEFAULT_CTX, self.args.n_ctx_train)
 
     @property
@@ -127,8 +134,8 @@ class Model:
         template = self.file.fields.get("tokenizer.chat_template")
         return template if isinstance(template, str) else None
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.args, self.n_ctx)
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        return self.transformer.new_cache(n_ctx or self.n_ctx)
 
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; adds BOS when the GGUF says add_bos_token (unless told otherwise)."""

@@ -1,54 +1,66 @@
 """The transformer forward pass: tokens + positions + KV cache -> logits. No I/O, no sampling.
 
 Reads top to bottom like llama2.c's ``forward``: one comment per step, a shape on every array.
-Shapes use R = rows (tokens of all segments) in this call, T = tokens of one segment, S = cached positions, D = n_embd, H = n_head,
-Hkv = n_head_kv, hd = head size, F = n_ff, V = n_vocab.
+Shapes use R = rows (tokens of all segments) in this call, S = cached positions, D = n_embd,
+hd = head size, V = n_vocab, and per chip Hc = its query heads, Hkv_c = its KV heads, Fc = its
+FFN rows, K = rows whose logits are wanted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from .args import ModelArgs
 from .errors import ContextOverflowError
-from .gguf_loader import Matrix, Weights
-from .kernels import ref as ops
+from .chips.chip import Box, Chip
+from .gguf_loader import Weights
+from .kernels import ref
 
 
 class KVCache:
-    """Keys and values of one sequence for every layer.
+    """Keys and values of one sequence for every layer, one slice per chip (its KV heads).
 
-    Stored as float16 like llama.cpp's default cache (half the memory of float32; the attention
-    reads them back as float32). ``np.zeros`` maps untouched pages lazily, so a long context
-    costs memory only as it fills.
+    Stored as float16 like llama.cpp's default cache (half the memory of float32). ``np.zeros``
+    maps untouched pages lazily, so a long context costs memory only as it fills. A KV head shared
+    by several chips (fewer KV heads than chips) is held by each of them, as on the hardware.
     """
 
-    def __init__(self, args: ModelArgs, n_ctx: int):
+    def __init__(self, args: ModelArgs, n_ctx: int, kv_heads_per_chip: Sequence[int] | None = None):
         self.n_ctx = n_ctx
-        self.k = np.zeros((args.n_layer, n_ctx, args.n_head_kv, args.head_dim), np.float16)  # [L, n_ctx, Hkv, hd]
-        self.v = np.zeros_like(self.k)  # [L, n_ctx, Hkv, hd]
+        heads = kv_heads_per_chip or [args.n_head_kv]
+        self.k = [np.zeros((args.n_layer, n_ctx, n, args.head_dim), np.float16) for n in heads]  # per chip [L, n_ctx, Hkv_i, hd]
+        self.v = [np.zeros_like(k) for k in self.k]
         self.pos = np.zeros(n_ctx, np.int32)  # [n_ctx] rope position of each filled slot
         self.length = 0  # filled slots
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
+
+    def copy_prefix(self, other: "KVCache", n: int) -> None:
+        """Take the first ``n`` slots of ``other`` (the prompt cache)."""
+        for dst, src in zip(self.k + self.v, other.k + other.v):
+            dst[:, :n] = src[:, :n]
+        self.pos[:n] = other.pos[:n]
+        self.length = n
 
     def shift(self, n_keep: int, n_discard: int, args: ModelArgs) -> None:
         """llama.cpp's context shift: forget slots [n_keep, n_keep + n_discard) and move the rest
         down, ``n_discard`` positions earlier. Cached keys carry their rope rotation, so they are
         rotated back by ``n_discard`` (rotations compose) instead of being recomputed."""
         n, end = self.length, self.length - n_discard
-        self.k[:, n_keep:end] = self.k[:, n_keep + n_discard:n]
-        self.v[:, n_keep:end] = self.v[:, n_keep + n_discard:n]
+        for cache in self.k + self.v:
+            cache[:, n_keep:end] = cache[:, n_keep + n_discard:n]
         self.pos[n_keep:end] = self.pos[n_keep + n_discard:n] - n_discard
         delta = np.full(end - n_keep, -n_discard, np.int32)
-        for layer in range(args.n_layer):
-            moved = self.k[layer, n_keep:end].astype(np.float32)  # [end - n_keep, Hkv, hd]
-            self.k[layer, n_keep:end] = ops.rope(moved, delta, args.n_rot, args.rope_freq_base,
-                                                 args.rope_freq_scale, args.rope_neox)
+        for k in self.k:
+            for layer in range(args.n_layer):
+                moved = k[layer, n_keep:end].astype(np.float32)  # [end - n_keep, Hkv_i, hd]
+                k[layer, n_keep:end] = ref.rope(moved, delta, args.n_rot, args.rope_freq_base,
+                                                args.rope_freq_scale, args.rope_neox)
         self.length = end
 
 
@@ -63,11 +75,19 @@ class Segment:
 
 
 class Transformer:
-    """Forward pass of llama-family models (llama, qwen2) over validated weights."""
+    """Forward pass of llama-family models (llama, qwen2), tensor-parallel over a box of chips.
 
-    def __init__(self, args: ModelArgs, weights: Weights):
+    With one chip this is the plain forward pass; with N, each chip computes its heads and FFN
+    rows on its own thread and the partial outputs meet in explicit all-reduces.
+    """
+
+    def __init__(self, args: ModelArgs, weights: Weights, box: Box):
         self.args = args
         self.weights = weights
+        self.box = box
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(self.args, n_ctx, [chip.n_kv for chip in self.box.chips])
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, kv: KVCache, all_logits: bool = True) -> np.ndarray:
         """One sequence: ``tokens`` [T] at ``positions`` [T] after what ``kv`` holds.
@@ -81,8 +101,7 @@ class Transformer:
         through each weight matrix together, so a weight is read once per step, not once per
         sequence; attention is per segment over its own cache. Appends each segment's keys and
         values to its cache. Returns per segment logits [n, V] or [1, V]."""
-        a, w = self.args, self.weights
-        hd = a.head_dim
+        a, w, box = self.args, self.weights, self.box
         starts = []
         for seg in segments:
             n = len(seg.tokens)
@@ -93,56 +112,78 @@ class Transformer:
         rows = np.cumsum([0] + [len(seg.tokens) for seg in segments])  # segment i is rows[i]:rows[i+1]
         tokens = np.concatenate([seg.tokens for seg in segments])  # [R]
         positions = np.concatenate([seg.positions for seg in segments])  # [R]
-        R = len(tokens)
 
-        # token embeddings
-        x = ops.get_rows(w.token_embd.data, w.token_embd.qtype, tokens)  # [R, D]
+        # token embeddings (replicated on every chip)
+        x = ref.get_rows(w.token_embd.data, w.token_embd.qtype, tokens)  # [R, D]
 
         for layer, lw in enumerate(w.layers):
-            # attention: pre-norm, project to q/k/v (+bias on qwen2)
-            h = ops.rms_norm(x, lw.attn_norm, a.rms_eps)  # [R, D]
-            q = _linear(h, lw.wq, lw.bq).reshape(R, a.n_head, hd)  # [R, H, hd]
-            k = _linear(h, lw.wk, lw.bk).reshape(R, a.n_head_kv, hd)  # [R, Hkv, hd]
-            v = _linear(h, lw.wv, lw.bv).reshape(R, a.n_head_kv, hd)  # [R, Hkv, hd]
+            # attention: every chip normalizes, projects and attends for its own heads, then
+            # multiplies by its columns of attn_output; an all-reduce sums the partial outputs
+            h = ref.rms_norm(x, lw.attn_norm, a.rms_eps)  # [R, D]
+            x = x + box.all_reduce(box.run(lambda chip: _attention(chip, layer, h, positions, segments, starts, rows, a)))  # [R, D]
 
-            # rotary position embedding on q and k
-            q = ops.rope(q, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, H, hd]
-            k = ops.rope(k, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hkv, hd]
-
-            # per segment: append k, v to its cache, attend over everything it caches (causal by position)
-            att = np.empty((R, a.n_head * hd), np.float32)  # [R, H*hd]
-            for i, seg in enumerate(segments):
-                r0, r1, start = rows[i], rows[i + 1], starts[i]
-                end = start + (r1 - r0)
-                seg.kv.k[layer, start:end] = k[r0:r1]
-                seg.kv.v[layer, start:end] = v[r0:r1]
-                keys = seg.kv.k[layer, :end].astype(np.float32)  # [S, Hkv, hd]
-                values = seg.kv.v[layer, :end].astype(np.float32)  # [S, Hkv, hd]
-                att[r0:r1] = ops.attention(q[r0:r1], keys, values, positions[r0:r1], seg.kv.pos[:end])
-
-            # output projection and residual
-            x = x + _linear(att, lw.wo)  # [R, D]
-
-            # feed-forward: pre-norm, SwiGLU, down projection, residual
-            h = ops.rms_norm(x, lw.ffn_norm, a.rms_eps)  # [R, D]
-            g = ops.swiglu(_linear(h, lw.w_gate), _linear(h, lw.w_up))  # [R, F]
-            x = x + _linear(g, lw.w_down)  # [R, D]
+            # feed-forward: every chip does its FFN rows (SwiGLU) and its columns of ffn_down
+            h = ref.rms_norm(x, lw.ffn_norm, a.rms_eps)  # [R, D]
+            x = x + box.all_reduce(box.run(lambda chip: _ffn(chip, layer, h)))  # [R, D]
 
         for seg in segments:
             seg.kv.length += len(seg.tokens)
 
-        # final norm and the vocabulary projection, for the rows whose logits are wanted
+        # final norm and the vocabulary projection (vocab-parallel, gathered), for the wanted rows
         keep = np.concatenate([np.arange(rows[i], rows[i + 1]) if seg.all_logits else [rows[i + 1] - 1]
                                for i, seg in enumerate(segments)]).astype(np.intp)
-        x = ops.rms_norm(x[keep], w.output_norm, a.rms_eps)  # [K, D]
-        logits = _linear(x, w.output)  # [K, V]
+        x = ref.rms_norm(x[keep], w.output_norm, a.rms_eps)  # [K, D]
+        logits = box.gather(box.run(lambda chip: chip.lm_head(x) if chip.lm_head is not None else None))  # [K, V]
         counts = [rows[i + 1] - rows[i] if seg.all_logits else 1 for i, seg in enumerate(segments)]
         return np.split(logits, np.cumsum(counts)[:-1])
 
 
-def _linear(x: np.ndarray, m: Matrix, bias: np.ndarray | None = None) -> np.ndarray:
-    """x [T, n_in] @ m.T -> [T, n_out] (+ bias [n_out])."""
-    y = ops.matmul(np.ascontiguousarray(x, dtype=np.float32), m.data, m.qtype)
+def _attention(chip: Chip, layer: int, h: np.ndarray, positions: np.ndarray, segments: list[Segment],
+               starts: list[int], rows: np.ndarray, a: ModelArgs) -> np.ndarray | None:
+    """One chip's attention for its heads: its partial sum of the attention block's output [R, D]."""
+    lw = chip.layers[layer]
+    if lw.wq is None:
+        return None
+    R, hd, nh, nkv = len(h), a.head_dim, chip.n_heads, chip.n_kv
+
+    # project to this chip's q / k / v heads (+bias on qwen2)
+    q = _linear(lw.wq, h, lw.bq).reshape(R, nh, hd)  # [R, Hc, hd]
+    k = _linear(lw.wk, h, lw.bk).reshape(R, nkv, hd)  # [R, Hkv_c, hd]
+    v = _linear(lw.wv, h, lw.bv).reshape(R, nkv, hd)  # [R, Hkv_c, hd]
+
+    # rotary position embedding on q and k
+    q = ref.rope(q, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hc, hd]
+    k = ref.rope(k, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hkv_c, hd]
+
+    # per segment: append k, v to this chip's slice of the cache, attend over all it holds
+    att = np.empty((R, nh * hd), np.float32)  # [R, Hc*hd]
+    kv_of_head = chip.kv_of_head
+    for i, seg in enumerate(segments):
+        r0, r1, start = rows[i], rows[i + 1], starts[i]
+        end = start + (r1 - r0)
+        kc, vc = seg.kv.k[chip.index], seg.kv.v[chip.index]
+        kc[layer, start:end] = k[r0:r1]
+        vc[layer, start:end] = v[r0:r1]
+        keys = kc[layer, :end][:, kv_of_head].astype(np.float32)  # [S, Hc, hd] (the KV head of each query head)
+        values = vc[layer, :end][:, kv_of_head].astype(np.float32)  # [S, Hc, hd]
+        att[r0:r1] = ref.attention(q[r0:r1], keys, values, positions[r0:r1], seg.kv.pos[:end])
+
+    # this chip's columns of the output projection: a partial sum
+    return lw.wo(att)  # [R, D]
+
+
+def _ffn(chip: Chip, layer: int, h: np.ndarray) -> np.ndarray | None:
+    """One chip's FFN rows: SwiGLU, then its columns of ffn_down: a partial sum [R, D]."""
+    lw = chip.layers[layer]
+    if lw.w_gate is None:
+        return None
+    g = ref.swiglu(lw.w_gate(h), lw.w_up(h))  # [R, Fc]
+    return lw.w_down(g)  # [R, D]
+
+
+def _linear(lin, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """x [R, n_in] @ W.T (+ bias [n_out]) -> [R, n_out]."""
+    y = lin(x)
     if bias is not None:
         y += bias
     return y

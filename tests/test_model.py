@@ -78,8 +78,8 @@ def test_logits_rejects_bad_ids(model):
 
 def test_kv_cache_is_lazily_committed(model):
     kv = KVCache(model.args, 2048)
-    assert kv.k.shape == (model.args.n_layer, 2048, model.args.n_head_kv, model.args.head_dim)
-    assert kv.k.dtype == np.float16 and kv.length == 0
+    assert kv.k[0].shape == (model.args.n_layer, 2048, model.args.n_head_kv, model.args.head_dim)
+    assert kv.k[0].dtype == np.float16 and kv.length == 0
 
 
 def test_cli_run_streams_text_and_timing():

@@ -1,0 +1,140 @@
+"""Chips and the box that holds them: weight shards, parallel execution, device time.
+
+Each ``Chip`` owns its shard of every layer (views into the mmap, prepared for the kernel
+backend), runs its part of a layer on its own host thread (the kernels release the GIL), and
+keeps a device clock. The ``Box`` runs the chips, does the all-reduce and gather explicitly, and
+after each step charges every chip the time its work takes on the modelled hardware (roofline at
+its current DVFS level, launch overheads, ring collectives) and reports that activity to the
+firmware, which turns it into energy, power and temperature.
+
+The math and the accounting are separate on purpose: a dry run (``Box.account_step`` alone)
+advances clocks and power exactly as a real step would, without doing the math.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..args import ModelArgs
+from ..errors import ModelError
+from ..gguf_loader import Weights
+from ..kernels.backend import make_linear
+from . import cost
+from .partition import ChipShard, ColumnParallelLinear, PartitionPlan, RowParallelLinear, vocab_parallel
+from .profile import ChipProfile, load_profile
+
+KV_BYTES = 2  # float16 cache
+ACT_BYTES = 2  # activations cross the links as fp16
+
+
+@dataclass
+class ChipLayer:
+    """One layer's shard on one chip; a None matrix means the chip has no part of it."""
+
+    wq: object | None  # Linear [heads_i*hd, D]
+    wk: object | None  # Linear [kv_i*hd, D]
+    wv: object | None
+    wo: object | None  # Linear [D, heads_i*hd] (row-parallel: partial sums)
+    bq: np.ndarray | None
+    bk: np.ndarray | None
+    bv: np.ndarray | None
+    w_gate: object | None  # Linear [ffn_i, D]
+    w_up: object | None
+    w_down: object | None  # Linear [D, ffn_i] (row-parallel)
+
+
+class Chip:
+    def __init__(self, shard: ChipShard, layers: list[ChipLayer], lm_head, replicated_bytes: int,
+                 profile: ChipProfile, args: ModelArgs):
+        self.index = shard.chip
+        self.shard = shard
+        self.layers = layers
+        self.lm_head = lm_head  # Linear [vocab_i, D] or None
+        self.profile = profile
+        hd = args.head_dim
+        self.n_heads, self.n_kv = len(shard.heads), len(shard.kv_heads)
+        # local KV head of each local query head (GQA, with replicated KV heads)
+        self.kv_of_head = np.array([h // args.n_gqa - shard.kv_heads.start for h in shard.heads], np.intp)
+        self.weight_bytes = replicated_bytes + sum(
+            m.nbytes for layer in layers for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
+            if m is not None) + (lm_head.nbytes if lm_head is not None else 0)
+        self.kv_bytes_per_token = 2 * args.n_layer * self.n_kv * hd * KV_BYTES
+        self.clock_s = 0.0
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.profile.capacity_bytes
+
+
+def _slice(v: np.ndarray | None, r: range, hd: int) -> np.ndarray | None:
+    return None if v is None or not len(r) else v[r.start * hd:r.stop * hd]
+
+
+class Box:
+    """N chips running one model tensor-parallel, plus the firmware that watches them."""
+
+    def __init__(self, args: ModelArgs, weights: Weights, n_chips: int = 1, profile: str | ChipProfile | None = None,
+                 backend: str = "ref", firmware=None, source: str = ""):
+        self.args = args
+        self.n_chips = n_chips
+        self.profile = profile if isinstance(profile, ChipProfile) else load_profile(profile or ("host" if n_chips == 1 else "r100-edge"))
+        self.plan = PartitionPlan.build(args, weights, n_chips)
+        self.firmware = firmware
+        self.backend = backend
+        hd = args.head_dim
+        shards = self.plan.shards
+        per_chip_layers: list[list[ChipLayer]] = [[] for _ in range(n_chips)]
+        head_cols = [range(s.heads.start * hd, s.heads.stop * hd) for s in shards]
+        kv_rows = [range(s.kv_heads.start * hd, s.kv_heads.stop * hd) for s in shards]
+        ffn = [s.ffn for s in shards]
+        for lw in weights.layers:
+            q = ColumnParallelLinear.split(lw.wq, head_cols)
+            k = ColumnParallelLinear.split(lw.wk, kv_rows)
+            v = ColumnParallelLinear.split(lw.wv, kv_rows)
+            o = RowParallelLinear.split(lw.wo, head_cols)
+            gate = ColumnParallelLinear.split(lw.w_gate, ffn)
+            up = ColumnParallelLinear.split(lw.w_up, ffn)
+            down = RowParallelLinear.split(lw.w_down, ffn)
+            for i, s in enumerate(shards):
+                lin = lambda m: make_linear(m, backend) if m is not None else None  # noqa: E731
+                per_chip_layers[i].append(ChipLayer(
+                    wq=lin(q.shards[i]), wk=lin(k.shards[i]), wv=lin(v.shards[i]), wo=lin(o.shards[i]),
+                    bq=_slice(lw.bq, s.heads, hd), bk=_slice(lw.bk, s.kv_heads, hd), bv=_slice(lw.bv, s.kv_heads, hd),
+                    w_gate=lin(gate.shards[i]), w_up=lin(up.shards[i]), w_down=lin(down.shards[i])))
+        head = vocab_parallel(weights.output, [s.vocab for s in shards])
+        replicated = weights.token_embd.nbytes + sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in weights.layers)
+        self.chips = [Chip(s, per_chip_layers[i], make_linear(head.shards[i], backend) if head.shards[i] is not None else None,
+                           replicated, self.profile, args) for i, s in enumerate(shards)]
+        for chip in self.chips:
+            if chip.weight_bytes > chip.capacity_bytes:
+                raise ModelError(f"{source}: the model needs {chip.weight_bytes / 2**30:.2f} GiB per chip on {n_chips} chip(s), "
+                                 f"the chip ({self.profile.name}) has {chip.capacity_bytes / 2**30:.2f} GiB; use more chips or a smaller quant")
+        self._pool = ThreadPoolExecutor(max_workers=n_chips, thread_name_prefix="chip") if n_chips > 1 else None
+
+    # -- execution -------------------------------------------------------------------------------
+    def run(self, fn) -> list:
+        """fn(chip) on every chip, concurrently (one host thread per chip)."""
+        if self._pool is None:
+            return [fn(self.chips[0])]
+        return list(self._pool.map(fn, self.chips))
+
+    @staticmethod
+    def all_reduce(partials: list[np.ndarray | None]) -> np.ndarray:
+        """Sum of the chips' partial outputs (a ring all-reduce on the hardware)."""
+        parts = [p for p in partials if p is not None]
+        out = parts[0].copy()
+        for p in parts[1:]:
+            out += p
+        return out
+
+    @staticmethod
+    def gather(parts: list[np.ndarray | None]) -> np.ndarray:
+        """Concatenate the chips' vocabulary slices of the logits."""
+        return np.concatenate([p for p in parts if p is not None], axis=1)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
