@@ -209,8 +209,13 @@ class Engine:
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64,
                  kv_budget_bytes: int | None = None, prefill_chunk: int = 128,
-                 prompt_cache_entries: int = 4, warmup: bool = True):
+                 prompt_cache_entries: int = 4, warmup: bool = True, dry_run: bool = False):
         self.model = model
+        # dry run: the scheduler, chips, firmware and governor run, the math does not (power
+        # experiments in device time); every sequence "generates" one fixed ordinary token
+        self.dry_run = dry_run
+        self._dry_token = next(i for i in range(model.args.n_vocab) if i not in model.tokenizer.eog_ids)
+        self._step_listeners: list[Callable[["Engine"], None]] = []
         self.kv_bytes_per_token = sum(chip.kv_bytes_per_token for chip in model.box.chips)
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else max_batch * model.n_ctx * self.kv_bytes_per_token
         self.max_queue = max_queue
@@ -229,7 +234,7 @@ class Engine:
         self.warmup_s = 0.0
         self._thread = threading.Thread(target=self._run, name="edgebox-engine", daemon=True)
         self._thread.start()
-        if warmup:
+        if warmup and not dry_run:
             self._warm_up()
 
     # -- public ---------------------------------------------------------------------------------
@@ -261,6 +266,11 @@ class Engine:
             self._queue.append((handle, ids, time.perf_counter(), thinking_open, truncated))
             self._cond.notify_all()
         return handle
+
+    def add_step_listener(self, fn: Callable[["Engine"], None]) -> None:
+        """Call ``fn(engine)`` on the scheduler thread after every step (the governor's hook:
+        it reads sensors in device time and turns the knobs between steps)."""
+        self._step_listeners.append(fn)
 
     def generate(self, request: Request) -> Summary:
         """Submit and wait (convenience for scripts and tests)."""
@@ -409,19 +419,21 @@ class Engine:
         for s, n in prefills:
             segments.append(Segment(np.array(s.ids[s.n_done:s.n_done + n], np.int32),
                                     np.arange(s.next_pos, s.next_pos + n, dtype=np.int32), s.kv))
-        logits = self.model.transformer.forward_segments(segments)
+        logits = self.model.transformer.forward_segments(segments, dry_run=self.dry_run)
+        if logits is None:
+            logits = [None] * len(segments)
 
         produced = 0
         for s, row in zip(decoding, logits):
             s.next_pos += 1
             s.history.append(s.pending)
-            self._sample(s, row[0])
+            self._sample(s, None if row is None else row[0])
             produced += 1
         for (s, n), row in zip(prefills, logits[len(decoding):]):
             s.n_done += n
             s.next_pos += n
             if not s.prefilling:
-                self._sample(s, row[0])
+                self._sample(s, None if row is None else row[0])
                 produced += 1
         with self._cond:
             self._steps += 1
@@ -430,6 +442,8 @@ class Engine:
             self._recent.append((now, produced))
             while self._recent and now - self._recent[0][0] > 5.0:
                 self._recent.popleft()
+        for fn in self._step_listeners:
+            fn(self)
 
     def _shift_context(self, s: _Sequence) -> None:
         """llama.cpp's context shift: drop half of what follows the first n_keep tokens. Only
@@ -440,10 +454,16 @@ class Engine:
         s.next_pos -= n_discard
         s.shifted = True
 
-    def _sample(self, s: _Sequence, logits: np.ndarray) -> None:
-        token = s.sampler.sample(logits, s.history)
+    def _sample(self, s: _Sequence, logits: np.ndarray | None) -> None:
         if s.t_first == 0.0:
             s.t_first = time.perf_counter()
+        if logits is None:  # dry run
+            s.generated.append(self._dry_token)
+            if len(s.generated) >= s.request.max_tokens or (s.kv.length + 1 > s.kv.n_ctx and not s.request.context_shift):
+                return self._finish(s, "length")
+            s.pending = self._dry_token
+            return
+        token = s.sampler.sample(logits, s.history)
         tok = self.model.tokenizer
         if token in tok.eog_ids:
             return self._finish(s, "stop")

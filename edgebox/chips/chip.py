@@ -22,9 +22,11 @@ from ..args import ModelArgs
 from ..errors import ModelError
 from ..gguf_loader import Weights
 from ..kernels.backend import make_linear
+from ..quant_types import is_quantized
 from . import cost
 from .partition import ChipShard, ColumnParallelLinear, PartitionPlan, RowParallelLinear, vocab_parallel
 from .profile import ChipProfile, load_profile
+from firmware_stub.firmware import Firmware
 
 KV_BYTES = 2  # float16 cache
 ACT_BYTES = 2  # activations cross the links as fp16
@@ -63,10 +65,18 @@ class Chip:
             if m is not None) + (lm_head.nbytes if lm_head is not None else 0)
         self.kv_bytes_per_token = 2 * args.n_layer * self.n_kv * hd * KV_BYTES
         self.clock_s = 0.0
+        # per layer, the matmuls of each half-layer as (n_out, n_in, weight bytes, int8?)
+        self.attn_matmuls = [_matmul_shapes(layer.wq, layer.wk, layer.wv, layer.wo) for layer in layers]
+        self.ffn_matmuls = [_matmul_shapes(layer.w_gate, layer.w_up, layer.w_down) for layer in layers]
+        self.head_matmuls = _matmul_shapes(lm_head)
 
     @property
     def capacity_bytes(self) -> int:
         return self.profile.capacity_bytes
+
+
+def _matmul_shapes(*linears) -> list[tuple[int, int, int, bool]]:
+    return [(m.n_out, m.n_in, m.nbytes, is_quantized(m.matrix.qtype)) for m in linears if m is not None]
 
 
 def _slice(v: np.ndarray | None, r: range, hd: int) -> np.ndarray | None:
@@ -82,7 +92,8 @@ class Box:
         self.n_chips = n_chips
         self.profile = profile if isinstance(profile, ChipProfile) else load_profile(profile or ("host" if n_chips == 1 else "r100-edge"))
         self.plan = PartitionPlan.build(args, weights, n_chips)
-        self.firmware = firmware
+        # the chips' management firmware (in-process; publishes hwmon files when given a root)
+        self.firmware = firmware if firmware is not None else Firmware(self.profile, n_chips)
         self.backend = backend
         hd = args.head_dim
         shards = self.plan.shards
@@ -138,3 +149,100 @@ class Box:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+    # -- device time -----------------------------------------------------------------------------
+    @property
+    def clock_s(self) -> float:
+        """Device time of the box: the chips meet at every all-reduce, so they share it."""
+        return max(chip.clock_s for chip in self.chips)
+
+    def freq_mhz(self, chip: Chip) -> float:
+        return self.firmware.freq_mhz(chip.index) if self.firmware is not None else self.profile.max_mhz
+
+    def account_step(self, segments: list[tuple[int, int]], n_logits: int) -> float:
+        """Charge every chip for one forward step and report it to the firmware.
+
+        ``segments``: (rows, context after the step) of each sequence in the step; ``n_logits``:
+        rows whose logits were computed. Each op costs the roofline time at the chip's current
+        clock plus the launch overhead; at every all-reduce the chips wait for the slowest (idle
+        time), then spend the ring's time on the link. Half-layers with the same shapes cost the
+        same, so each distinct one is priced once per step. Returns the step's device seconds.
+        """
+        a, p, chips = self.args, self.profile, self.chips
+        R = sum(n for n, _ in segments)
+        attn_pairs = sum(n * ctx for n, ctx in segments)  # query x key pairs
+        ctx_total = sum(ctx for _, ctx in segments)
+        freqs = [self.freq_mhz(c) for c in chips]
+        t0 = self.clock_s
+        busy = np.zeros(len(chips))  # device seconds each chip computes in this step
+        ops = np.zeros(len(chips))
+        nbytes = np.zeros(len(chips))
+        step_s = 0.0  # wall of the lock-stepped box
+        priced: dict = {}
+
+        def half_layer(kind: str, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            key = (kind, tuple(tuple((c.attn_matmuls if kind == "attn" else c.ffn_matmuls)[layer]) for c in chips))
+            if key not in priced:
+                t, o, b = np.zeros(len(chips)), np.zeros(len(chips)), np.zeros(len(chips))
+                for i, c in enumerate(chips):
+                    work = [(2 * R * n_out * n_in, w_bytes + R * (n_in + n_out) * ACT_BYTES, int8)
+                            for n_out, n_in, w_bytes, int8 in key[1][i]]
+                    work.append((2 * R * a.n_embd, 2 * R * a.n_embd * 4, False))  # rms_norm (replicated)
+                    if kind == "attn" and c.n_heads:
+                        work.append((4 * attn_pairs * c.n_heads * a.head_dim,
+                                     2 * ctx_total * c.n_kv * a.head_dim * KV_BYTES, False))  # attention over the cache
+                    t[i], o[i], b[i] = self._price(freqs[i], work)
+                priced[key] = (t, o, b)
+            return priced[key]
+
+        n_allreduce = 0
+        for layer in range(a.n_layer):
+            for kind in ("attn", "ffn"):
+                t, o, b = half_layer(kind, layer)
+                busy += t
+                ops += o
+                nbytes += b
+                step_s += t.max()
+                n_allreduce += 1
+        # the vocab-parallel lm head
+        head = [self._price(freqs[i], [(2 * n_logits * n_out * n_in, w_bytes, int8) for n_out, n_in, w_bytes, int8 in c.head_matmuls])
+                for i, c in enumerate(chips)]
+        busy += [h[0] for h in head]
+        ops += [h[1] for h in head]
+        nbytes += [h[2] for h in head]
+        step_s += max(h[0] for h in head)
+
+        link_s = link_sent = 0.0
+        if self.n_chips > 1:
+            ar_bytes = R * a.n_embd * ACT_BYTES
+            gather_bytes = n_logits * a.n_vocab * 4
+            link_s = (n_allreduce * cost.link_time(p, ar_bytes, self.n_chips, "allreduce")
+                      + cost.link_time(p, gather_bytes, self.n_chips, "allgather"))
+            link_sent = (n_allreduce * cost.link_bytes_sent(ar_bytes, self.n_chips, "allreduce")
+                         + cost.link_bytes_sent(gather_bytes, self.n_chips, "allgather"))
+        step_s += link_s
+        for i, chip in enumerate(chips):
+            self._report(chip, float(busy[i]), float(ops[i]), float(nbytes[i]), idle_s=float(t0 + step_s - link_s - chip.clock_s - busy[i]))
+            if link_s:
+                self._report(chip, link_s, 0.0, 0.0, link_bytes=link_sent)
+        return step_s
+
+    def _price(self, f: float, work: list[tuple[float, float, bool]]) -> tuple[float, float, float]:
+        """(device seconds, ops, bytes) of a list of ops run back to back at clock f."""
+        seconds = sum(cost.op_time(self.profile, f, o, b, int8) for o, b, int8 in work)
+        return seconds, sum(w[0] for w in work), sum(w[1] for w in work)
+
+    def _report(self, chip: Chip, busy_s: float, ops: float, nbytes: float, idle_s: float = 0.0,
+                link_bytes: float = 0.0) -> None:
+        if idle_s > 0:
+            chip.clock_s += idle_s
+            if self.firmware is not None:
+                self.firmware.idle(chip.index, idle_s)
+        chip.clock_s += busy_s
+        if self.firmware is not None and busy_s > 0:
+            self.firmware.activity(chip.index, busy_s, ops, nbytes, link_bytes=link_bytes)
+
+    def idle_until(self, t_s: float) -> None:
+        """Every chip idles (clock-gated) until device time ``t_s``."""
+        for chip in self.chips:
+            self._report(chip, 0.0, 0.0, 0.0, idle_s=t_s - chip.clock_s)
