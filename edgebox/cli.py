@@ -21,10 +21,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 ModelArg = typer.Argument(None, help="GGUF model file (default: the bundled tiny model)", show_default=False)
 
 
-def _load(model: Optional[Path], chips: int = 1, n_ctx: Optional[int] = None):
+def _load(model: Optional[Path], chips: int = 1, n_ctx: Optional[int] = None, profile: Optional[str] = None):
     import edgebox
 
-    return edgebox.load(model, chips=chips, n_ctx=n_ctx)
+    return edgebox.load(model, chips=chips, n_ctx=n_ctx, profile=profile)
 
 
 @app.command()
@@ -76,6 +76,25 @@ def info(model: Optional[Path] = ModelArg) -> None:
 
     for key, value in describe(_load(model)):
         typer.echo(f"{key:<16} {value}")
+
+
+@app.command()
+def plan(
+    model: Optional[Path] = ModelArg,
+    chips: int = typer.Option(4, "--chips", min=1, help="chips in the box"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="chip profile name or TOML path (default r100-edge; host for 1 chip)"),
+    budget: float = typer.Option(10.0, "--budget", help="power budget in watts"),
+    context: int = typer.Option(512, "--context", min=1, help="tokens of context per sequence"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Capacity planning: per-chip memory, predicted tok/s and watts at every DVFS level and batch."""
+    import json
+
+    from .chips.plan import format_plan, make_plan
+
+    m = _load(model, chips, profile=profile)
+    p = make_plan(m, budget, context=context)
+    typer.echo(json.dumps(p.to_dict(), indent=1) if json_out else format_plan(p))
 
 
 def main() -> None:
