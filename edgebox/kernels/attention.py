@@ -1,0 +1,674 @@
+"""numba attention over a float16 KV cache: decode (one query per sequence) and tiled prefill.
+
+Spec: :func:`edgebox.kernels.ref.attention` (causal by position, grouped-query heads: query head
+h reads KV head ``h // (H // Hkv)`` unless ``kv_of_head`` says otherwise, scale 1/sqrt(hd),
+softmax with the max subtracted, float32).
+
+API (all shapes numpy, outermost first; caches are float16 and are read in place, never copied
+to float32)::
+
+    attention_decode(q [H, hd], k_cache [S, Hkv, hd], v_cache, n_valid,
+                     *, q_pos=None, k_pos=None, kv_of_head=None, parallel=False) -> [H*hd]
+    attention_decode_batch(q [B, H, hd], k_caches, v_caches, lengths [B],
+                           *, layer=None, slots=None, kv_of_head=None,
+                           parallel=False)                                       -> [B, H*hd]
+    attention_prefill(q [T, H, hd], k_cache [S, Hkv, hd], v_cache, start,
+                      *, q_pos=None, k_pos=None, kv_of_head=None, parallel=False) -> [T, H*hd]
+
+In model._attention, per chip and segment (slot index == position; the keys and values of the
+new tokens written to the cache first; ``chip.kv_of_head`` maps the chip's query heads to its
+KV heads, which need not be h // (Hc // Hkv_c) when a chip's heads straddle KV heads)::
+
+    kc[layer, start:end] = k[r0:r1]; vc[layer, start:end] = v[r0:r1]
+    if r1 - r0 == 1:
+        att[r0] = attention_decode(q[r0], kc[layer], vc[layer], end, kv_of_head=chip.kv_of_head)
+    else:
+        att[r0:r1] = attention_prefill(q[r0:r1], kc[layer], vc[layer], start, kv_of_head=chip.kv_of_head)
+
+* ``attention_decode`` attends over cache slots ``0 .. n_valid-1``: all of them are visible,
+  which is the causal rule whenever the new token's position is the largest in the cache.
+* ``attention_decode_batch`` (continuous batching): one query per sequence, each sequence with
+  its own cache and length. ``k_caches`` is either one array for all slots and layers,
+  float16 ``[n_slots, n_layer, n_ctx, Hkv, hd]`` (the layout the engine should hold; pass
+  ``layer`` and, when row b of q is not slot b, ``slots [B]``), or float16 ``[B, S_max, Hkv, hd]``
+  (``layer=None``). Any other layout (a list of per-sequence arrays) would need a typed list or
+  a copy per step: stack the slots in one array instead.
+* ``attention_prefill``: the T new keys must already be in the cache at slots
+  ``start .. start+T-1``; query i sits at position start+i and sees slots ``0 .. start+i``
+  (slot index == position). The general masked case of the reference is supported too: pass
+  ``q_pos [T]`` and ``k_pos [n_keys]`` (positions of slots 0..n_keys-1); key j is visible to
+  query i iff ``k_pos[j] <= q_pos[i]``, and a query that sees no key is a ValueError, as in ref.
+  Decode takes the same ``q_pos``/``k_pos`` pair (q_pos of length 1).
+
+How: the float16 cache is read as its uint16 view and widened in registers (``vcvtph2ps``, see
+``elementwise.f16_to_f32``). Decode walks the cache in slot order (per slot one contiguous run of
+Hkv*hd values, which the hardware prefetcher follows; a KV-head-major walk jumps a page per key):
+a pass computing the scores of all heads (four keys per pass over each query row), a softmax
+over a [H, n] float32 scratch, a pass accumulating the values (eight keys per pass over each
+output row; with GQA four value rows are widened once for the whole group). It is memory bound
+without GQA: it streams the n*Hkv*hd*4 bytes of K and V once. Prefill is flash-attention style:
+per (KV head, tile of BLOCK_Q queries) it walks key blocks of BLOCK_K, widens each K/V block
+once into float32 scratch for all queries of the tile and all heads of the group, and keeps a
+running max / sum / accumulator per query (online softmax). Key blocks no query of the tile can
+see are skipped, so a causal prefill does about half the work, and nothing larger than a
+BLOCK_K score row is ever built.
+
+Precision: scores, softmax and the weighted sum in float32 (sums reassociated for SIMD; exp is
+``elementwise.expf``, ~1 ulp); the output differs from ref by re-association only (measured
+max abs error ~1e-6 on unit-scale inputs, see tests/test_kernels_attention.py).
+
+Threads: every kernel is ``@njit(nogil=True)``, so host threads (one per simulated chip) run them
+concurrently. The ``parallel=True`` variants (prange over (sequence, KV-head range) items, or
+over KV heads for prefill) are used only when asked for (``parallel=True``) and only on a
+thread-safe numba threading layer (omp or tbb). numba's ``workqueue`` layer aborts the process
+when two host threads launch parallel kernels at once, so on it the wrappers run the serial
+kernel instead (:func:`threading_layer_is_threadsafe`). Intra-op parallelism pays only when a
+core is idle: with several chip threads already sharing the cores, keep ``parallel=False``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from edgebox.kernels.elementwise import FM_REDUCE, expf, f16_to_f32
+
+__all__ = [
+    "attention_decode", "attention_decode_batch", "attention_prefill",
+    "threading_layer_is_threadsafe", "head_groups",
+    "decode_batch_kernel", "decode_batch_kernel_parallel",
+    "prefill_kernel", "prefill_kernel_parallel", "BLOCK_Q", "BLOCK_K",
+]
+
+# Same choice as edgebox.kernels.matmul, so the import order does not matter: omp is required
+# for concurrent parallel launches from several host threads (tbb would do too).
+if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401
+        numba.config.THREADING_LAYER = "omp"
+    except ImportError:
+        pass
+
+BLOCK_Q = 32      # queries per prefill tile
+BLOCK_K = 64      # keys per prefill block (K and V block in float32: 2 * 64 * hd * 4 bytes)
+
+
+def threading_layer_is_threadsafe() -> bool:
+    """True when numba's parallel kernels may be launched from several host threads at once.
+
+    That is the omp and tbb layers; ``workqueue`` aborts the process ("Concurrent access has
+    been detected") when two threads launch parallel kernels at the same time.
+    """
+    try:
+        layer = numba.threading_layer()            # the layer in use, once a parallel kernel ran
+    except ValueError:
+        layer = numba.config.THREADING_LAYER       # what will be chosen at the first launch
+        if layer == "default":                     # the first of the priority list that loads
+            for name in numba.config.THREADING_LAYER_PRIORITY:
+                try:
+                    __import__(f"numba.np.ufunc.{name}pool" if name != "workqueue" else "numba.np.ufunc.workqueue")
+                except ImportError:
+                    continue
+                layer = name
+                break
+    return layer in ("omp", "tbb", "threadsafe", "safe")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which query heads read which KV head.
+#
+# The kernels take the map query head -> KV head as CSR: ``order`` [H] lists the query heads
+# grouped by KV head and ``hstart`` [Hkv+1] where each KV head's run starts, so the heads of KV
+# head g are order[hstart[g]:hstart[g+1]]. The default is GQA's h // (H // Hkv); a chip whose
+# contiguous range of query heads straddles KV heads unevenly (heads 0..9 with 7 per KV head:
+# 7 on KV head 0, 3 on KV head 1) passes its own map (``kv_of_head``).
+
+def head_groups(H: int, Hkv: int, kv_of_head=None) -> tuple[np.ndarray, np.ndarray]:
+    """(order int64 [H], hstart int64 [Hkv+1]) for the map query head -> KV head.
+
+    kv_of_head: int [H] with values in [0, Hkv), or None for h // (H // Hkv) (H % Hkv == 0).
+    """
+    if kv_of_head is None:
+        if Hkv <= 0 or H % Hkv:
+            raise ValueError(f"attention: {H} query heads do not group over {Hkv} KV heads; pass kv_of_head")
+        return _default_groups(H, Hkv)
+    m = np.asarray(kv_of_head)
+    if m.shape != (H,) or not np.issubdtype(m.dtype, np.integer):
+        raise ValueError(f"attention: kv_of_head must be {H} integers, got {m.dtype} {m.shape}")
+    return _custom_groups(m.astype(np.int64).tobytes(), H, Hkv)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_groups(H: int, Hkv: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.arange(H, dtype=np.int64)
+    hstart = np.arange(Hkv + 1, dtype=np.int64) * (H // Hkv)
+    order.flags.writeable = hstart.flags.writeable = False
+    return order, hstart
+
+
+@functools.lru_cache(maxsize=256)
+def _custom_groups(key: bytes, H: int, Hkv: int) -> tuple[np.ndarray, np.ndarray]:
+    m = np.frombuffer(key, np.int64)
+    if H and (m.min() < 0 or m.max() >= Hkv):
+        raise ValueError(f"attention: kv_of_head values must be in [0, {Hkv}), got {m.tolist()}")
+    order = np.argsort(m, kind="stable").astype(np.int64)
+    hstart = np.zeros(Hkv + 1, np.int64)
+    hstart[1:] = np.cumsum(np.bincount(m, minlength=Hkv))
+    order.flags.writeable = hstart.flags.writeable = False
+    return order, hstart
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
+def _decode_scores(q, kc, n, order, hstart, g0, g1, sc):
+    """sc[h, s] = q[h] . k[s, kv(h)] for the query heads of KV heads g0..g1-1, slots 0..n-1.
+
+    Four keys per pass over q[h] (four independent sums: the FMA latency is hidden and q is
+    loaded once per four keys). The cache is walked in slot order: per slot one contiguous run
+    of (g1-g0)*hd values, which the hardware prefetcher follows (a KV-head-major walk jumps
+    Hkv*hd*2 bytes, often a page, from one key to the next).
+    """
+    hd = q.shape[1]
+    s = 0
+    while s + 4 <= n:
+        for g in range(g0, g1):
+            for idx in range(hstart[g], hstart[g + 1]):
+                h = order[idx]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for d in range(hd):
+                    qd = q[h, d]
+                    a0 += qd * f16_to_f32(kc[s, g, d])
+                    a1 += qd * f16_to_f32(kc[s + 1, g, d])
+                    a2 += qd * f16_to_f32(kc[s + 2, g, d])
+                    a3 += qd * f16_to_f32(kc[s + 3, g, d])
+                sc[h, s] = a0
+                sc[h, s + 1] = a1
+                sc[h, s + 2] = a2
+                sc[h, s + 3] = a3
+        s += 4
+    while s < n:
+        for g in range(g0, g1):
+            for idx in range(hstart[g], hstart[g + 1]):
+                h = order[idx]
+                a0 = np.float32(0.0)
+                for d in range(hd):
+                    a0 += q[h, d] * f16_to_f32(kc[s, g, d])
+                sc[h, s] = a0
+        s += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
+def _decode_values(vc, n, order, hstart, g0, g1, sc, out):
+    """out[h] += sum_s sc[h, s] * v[s, kv(h)] for the query heads of KV heads g0..g1-1.
+
+    Several keys per pass over out[h] (fewer loads/stores of the accumulator row). With one
+    query head per KV head, eight value rows are widened straight from the cache; with GQA four
+    value rows are widened once into a float32 buffer and reused by the KV head's query heads.
+    """
+    hd = out.shape[1]
+    gmax = 0
+    for g in range(g0, g1):
+        gmax = max(gmax, hstart[g + 1] - hstart[g])
+    s = 0
+    if gmax <= 1:
+        while s + 8 <= n:
+            for g in range(g0, g1):
+                for idx in range(hstart[g], hstart[g + 1]):
+                    h = order[idx]
+                    p0 = sc[h, s]
+                    p1 = sc[h, s + 1]
+                    p2 = sc[h, s + 2]
+                    p3 = sc[h, s + 3]
+                    p4 = sc[h, s + 4]
+                    p5 = sc[h, s + 5]
+                    p6 = sc[h, s + 6]
+                    p7 = sc[h, s + 7]
+                    for d in range(hd):
+                        out[h, d] += (((p0 * f16_to_f32(vc[s, g, d]) + p1 * f16_to_f32(vc[s + 1, g, d]))
+                                       + (p2 * f16_to_f32(vc[s + 2, g, d]) + p3 * f16_to_f32(vc[s + 3, g, d])))
+                                      + ((p4 * f16_to_f32(vc[s + 4, g, d]) + p5 * f16_to_f32(vc[s + 5, g, d]))
+                                         + (p6 * f16_to_f32(vc[s + 6, g, d]) + p7 * f16_to_f32(vc[s + 7, g, d]))))
+            s += 8
+    else:
+        vb = np.empty((4, hd), np.float32)
+        while s + 4 <= n:
+            for g in range(g0, g1):
+                if hstart[g + 1] == hstart[g]:
+                    continue
+                for c in range(4):
+                    for d in range(hd):
+                        vb[c, d] = f16_to_f32(vc[s + c, g, d])
+                for idx in range(hstart[g], hstart[g + 1]):
+                    h = order[idx]
+                    p0 = sc[h, s]
+                    p1 = sc[h, s + 1]
+                    p2 = sc[h, s + 2]
+                    p3 = sc[h, s + 3]
+                    for d in range(hd):
+                        out[h, d] += (p0 * vb[0, d] + p1 * vb[1, d]) + (p2 * vb[2, d] + p3 * vb[3, d])
+            s += 4
+    while s < n:
+        for g in range(g0, g1):
+            for idx in range(hstart[g], hstart[g + 1]):
+                h = order[idx]
+                p0 = sc[h, s]
+                for d in range(hd):
+                    out[h, d] += p0 * f16_to_f32(vc[s, g, d])
+        s += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
+def _decode_heads(q, kc, vc, n, order, hstart, g0, g1, out, sc):
+    """The query heads of KV heads g0..g1-1 (q [H, hd] float32) over cache slots 0..n-1.
+
+    kc, vc: uint16 [S, Hkv, hd] (float16 bits); out: float32 [H, hd] (the rows of those heads
+    are written); sc: float32 [H, >=n] scratch (the same rows are used).
+    """
+    hd = q.shape[1]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    _decode_scores(q, kc, n, order, hstart, g0, g1, sc)
+    # softmax numerators exp(scale * (score - max)); the sums divide at the end
+    i0 = hstart[g0]
+    tot = np.empty(hstart[g1] - i0, np.float32)
+    for idx in range(i0, hstart[g1]):
+        h = order[idx]
+        m = sc[h, 0]
+        for s in range(1, n):
+            v = sc[h, s]
+            m = v if v > m else m
+        t = np.float32(0.0)
+        for s in range(n):
+            e = expf(sc[h, s] * scale - m * scale)
+            sc[h, s] = e
+            t += e
+        tot[idx - i0] = t
+        for d in range(hd):
+            out[h, d] = 0.0
+    _decode_values(vc, n, order, hstart, g0, g1, sc, out)
+    for idx in range(i0, hstart[g1]):
+        h = order[idx]
+        inv = np.float32(1.0) / tot[idx - i0]
+        for d in range(hd):
+            out[h, d] *= inv
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc, w, parts):
+    """Work item w: sequence w // parts, its KV-head range w % parts (of parts equal ranges)."""
+    b = w // parts
+    p = w - b * parts
+    Hkv = kc.shape[3]
+    _decode_heads(q[b], kc[slots[b], layer], vc[slots[b], layer], lengths[b], order, hstart,
+                  p * Hkv // parts, (p + 1) * Hkv // parts, out[b], sc)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def decode_batch_kernel(q, kc, vc, layer, slots, lengths, order, hstart, out):
+    """q float32 [B, H, hd]; kc, vc uint16 [n_slots, n_layer, n_ctx, Hkv, hd]; sequence b reads
+    slot slots[b] of layer ``layer``, keys 0..lengths[b]-1 (all visible); (order, hstart): see
+    head_groups; out float32 [B, H, hd]."""
+    B, H, _ = q.shape
+    n_max = 1
+    for b in range(B):
+        n_max = max(n_max, lengths[b])
+    sc = np.empty((H, n_max), np.float32)
+    one = np.int64(1)
+    for b in range(B):
+        _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc, np.int64(b), one)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def decode_batch_kernel_parallel(q, kc, vc, layer, slots, lengths, order, hstart, out, n_threads):
+    """decode_batch_kernel with (sequence, KV-head range) items spread over numba's threads."""
+    B, H, _ = q.shape
+    # split each sequence's heads only as far as needed to give n_threads threads work
+    parts = min(kc.shape[3], max(1, (max(1, n_threads) + B - 1) // B))
+    n_max = 1
+    for b in range(B):
+        n_max = max(n_max, lengths[b])
+    sc = np.empty((B, H, n_max), np.float32)
+    for w in prange(B * parts):
+        wi = np.int64(w)
+        _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc[wi // parts], wi, parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
+def _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, srow, m, l, acc):
+    """All queries of q [T, H, hd], for the query heads of KV head g, over keys 0..len(k_pos)-1.
+
+    kmin[blk]: the smallest key position of key block blk. Scratch (float32): kb, vb [BK, hd],
+    srow [BK], m, l [>= heads*BQ], acc [>= heads*BQ, hd].
+    """
+    T, _, hd = q.shape
+    n_keys = k_pos.shape[0]
+    BQ = BLOCK_Q
+    BK = BLOCK_K
+    scale = np.float32(1.0 / math.sqrt(hd))
+    i0 = hstart[g]
+    ng = hstart[g + 1] - i0
+    if ng == 0:
+        return
+    for t0 in range(0, T, BQ):
+        tq = min(BQ, T - t0)
+        qmax = q_pos[t0]
+        for i in range(1, tq):
+            qmax = max(qmax, q_pos[t0 + i])
+        for r in range(ng * tq):
+            m[r] = np.float32(-np.inf)
+            l[r] = 0.0
+            for d in range(hd):
+                acc[r, d] = 0.0
+        for blk in range(kmin.shape[0]):
+            if kmin[blk] > qmax:                  # no query of this tile sees this block
+                continue
+            s0 = blk * BK
+            sk = min(BK, n_keys - s0)
+            for c in range(sk):                   # widen the K and V block once
+                for d in range(hd):
+                    kb[c, d] = f16_to_f32(kc[s0 + c, g, d])
+                    vb[c, d] = f16_to_f32(vc[s0 + c, g, d])
+            for j in range(ng):
+                h = order[i0 + j]
+                for i in range(tq):
+                    ti = t0 + i
+                    qp = q_pos[ti]
+                    r = j * tq + i
+                    # scores of the whole block, four keys per pass over q[ti, h]
+                    c = 0
+                    while c + 4 <= sk:
+                        a0 = np.float32(0.0)
+                        a1 = np.float32(0.0)
+                        a2 = np.float32(0.0)
+                        a3 = np.float32(0.0)
+                        for d in range(hd):
+                            qd = q[ti, h, d]
+                            a0 += qd * kb[c, d]
+                            a1 += qd * kb[c + 1, d]
+                            a2 += qd * kb[c + 2, d]
+                            a3 += qd * kb[c + 3, d]
+                        srow[c] = a0 * scale
+                        srow[c + 1] = a1 * scale
+                        srow[c + 2] = a2 * scale
+                        srow[c + 3] = a3 * scale
+                        c += 4
+                    while c < sk:
+                        a0 = np.float32(0.0)
+                        for d in range(hd):
+                            a0 += q[ti, h, d] * kb[c, d]
+                        srow[c] = a0 * scale
+                        c += 1
+                    # mask (key position after the query's) and the block max
+                    bmax = np.float32(-np.inf)
+                    for c in range(sk):
+                        if k_pos[s0 + c] <= qp:
+                            bmax = srow[c] if srow[c] > bmax else bmax
+                        else:
+                            srow[c] = -np.inf
+                    if bmax == -np.inf:
+                        continue
+                    m_old = m[r]
+                    if bmax > m_old:              # rescale what was accumulated so far
+                        alpha = expf(m_old - bmax)
+                        m[r] = bmax
+                        l[r] *= alpha
+                        for d in range(hd):
+                            acc[r, d] *= alpha
+                    mr = m[r]
+                    for c in range(sk):
+                        srow[c] = expf(srow[c] - mr)
+                    tot = np.float32(0.0)
+                    for c in range(sk):
+                        tot += srow[c]
+                    l[r] += tot
+                    c = 0
+                    while c + 8 <= sk:            # 8 keys per pass over the accumulator row
+                        p0 = srow[c]
+                        p1 = srow[c + 1]
+                        p2 = srow[c + 2]
+                        p3 = srow[c + 3]
+                        p4 = srow[c + 4]
+                        p5 = srow[c + 5]
+                        p6 = srow[c + 6]
+                        p7 = srow[c + 7]
+                        for d in range(hd):
+                            acc[r, d] += (((p0 * vb[c, d] + p1 * vb[c + 1, d])
+                                           + (p2 * vb[c + 2, d] + p3 * vb[c + 3, d]))
+                                          + ((p4 * vb[c + 4, d] + p5 * vb[c + 5, d])
+                                             + (p6 * vb[c + 6, d] + p7 * vb[c + 7, d])))
+                        c += 8
+                    while c < sk:
+                        p0 = srow[c]
+                        for d in range(hd):
+                            acc[r, d] += p0 * vb[c, d]
+                        c += 1
+        for j in range(ng):
+            h = order[i0 + j]
+            for i in range(tq):
+                r = j * tq + i
+                inv = np.float32(1.0) / l[r]
+                for d in range(hd):
+                    out[t0 + i, h, d] = acc[r, d] * inv
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _block_min(k_pos):
+    nb = (k_pos.shape[0] + BLOCK_K - 1) // BLOCK_K
+    kmin = np.empty(nb, np.int64)
+    for blk in range(nb):
+        s0 = blk * BLOCK_K
+        v = k_pos[s0]
+        for c in range(s0 + 1, min(s0 + BLOCK_K, k_pos.shape[0])):
+            v = min(v, k_pos[c])
+        kmin[blk] = v
+    return kmin
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _max_group(hstart):
+    gmax = 1
+    for g in range(hstart.shape[0] - 1):
+        gmax = max(gmax, hstart[g + 1] - hstart[g])
+    return gmax
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def prefill_kernel(q, kc, vc, q_pos, k_pos, order, hstart, out):
+    """q float32 [T, H, hd]; kc, vc uint16 [S, Hkv, hd]; q_pos int64 [T]; k_pos int64 [n_keys];
+    (order, hstart): see head_groups; out float32 [T, H, hd]. Every query must see at least one
+    key (the wrapper checks)."""
+    hd = q.shape[2]
+    Hkv = kc.shape[1]
+    rows = _max_group(hstart) * BLOCK_Q
+    kmin = _block_min(k_pos)
+    kb = np.empty((BLOCK_K, hd), np.float32)
+    vb = np.empty((BLOCK_K, hd), np.float32)
+    srow = np.empty(BLOCK_K, np.float32)
+    m = np.empty(rows, np.float32)
+    l = np.empty(rows, np.float32)
+    acc = np.empty((rows, hd), np.float32)
+    for g in range(Hkv):
+        _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, srow, m, l, acc)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def prefill_kernel_parallel(q, kc, vc, q_pos, k_pos, order, hstart, out):
+    """prefill_kernel with the KV heads spread over numba's threads."""
+    hd = q.shape[2]
+    Hkv = kc.shape[1]
+    rows = _max_group(hstart) * BLOCK_Q
+    kmin = _block_min(k_pos)
+    kb = np.empty((Hkv, BLOCK_K, hd), np.float32)
+    vb = np.empty((Hkv, BLOCK_K, hd), np.float32)
+    srow = np.empty((Hkv, BLOCK_K), np.float32)
+    m = np.empty((Hkv, rows), np.float32)
+    l = np.empty((Hkv, rows), np.float32)
+    acc = np.empty((Hkv, rows, hd), np.float32)
+    for g in prange(Hkv):
+        gi = np.int64(g)
+        _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, gi, out,
+                      kb[gi], vb[gi], srow[gi], m[gi], l[gi], acc[gi])
+
+
+# ---------------------------------------------------------------------------------------------
+# Python wrappers: validate, view float16 as uint16, allocate the output
+
+def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_valid: int, *,
+                     q_pos=None, k_pos=None, kv_of_head=None, parallel: bool = False) -> np.ndarray:
+    """One query token over cache slots 0..n_valid-1 (all visible) -> float32 [H*hd].
+
+    q: float32 [H, hd] (or [1, H, hd]); k_cache, v_cache: float16 [S, Hkv, hd], S >= n_valid.
+    With q_pos (one position) and k_pos [n_valid], only keys with k_pos <= q_pos are seen.
+    kv_of_head: int [H], the KV head of each query head (default h // (H // Hkv)).
+    """
+    q = np.asarray(q)
+    if q.ndim == 3 and q.shape[0] == 1:
+        q = q[0]
+    if q.ndim != 2:
+        raise ValueError(f"attention_decode: q must be [H, hd], got shape {q.shape}")
+    if q_pos is not None or k_pos is not None:
+        if q_pos is None or k_pos is None:
+            raise ValueError("attention_decode: pass both q_pos and k_pos, or neither")
+        out = attention_prefill(q[None], k_cache, v_cache, 0, q_pos=q_pos, k_pos=np.asarray(k_pos)[:n_valid],
+                                kv_of_head=kv_of_head, parallel=parallel)
+        return out.reshape(-1)
+    q = _q32(q)
+    kc, vc = _caches(k_cache, v_cache, 3, "attention_decode")
+    H, hd = q.shape
+    order, hstart = _heads(H, hd, kc.shape[1], kc.shape[2], kv_of_head, "attention_decode")
+    n = int(n_valid)
+    if not 0 < n <= kc.shape[0]:
+        raise ValueError(f"attention_decode: n_valid={n_valid} must be in [1, {kc.shape[0]}]")
+    # a batch of one over the engine layout [n_slots=1, n_layer=1, S, Hkv, hd] (views, no copy):
+    # one compiled kernel serves both entry points
+    out = np.empty((1, H, hd), np.float32)
+    args = (q[None], kc[None, None], vc[None, None], 0, np.zeros(1, np.int64), np.array([n], np.int64),
+            order, hstart, out)
+    if parallel and threading_layer_is_threadsafe():
+        decode_batch_kernel_parallel(*args, numba.get_num_threads())
+    else:
+        decode_batch_kernel(*args)
+    return out.reshape(H * hd)
+
+
+def attention_decode_batch(q: np.ndarray, k_caches: np.ndarray, v_caches: np.ndarray, lengths, *,
+                           layer: int | None = None, slots=None, kv_of_head=None,
+                           parallel: bool = False) -> np.ndarray:
+    """One query per sequence, each over its own cache -> float32 [B, H*hd].
+
+    q:          float32 [B, H, hd]
+    k_caches:   float16 [n_slots, n_layer, n_ctx, Hkv, hd] with ``layer`` given, or
+                float16 [n_seq, S_max, Hkv, hd] with ``layer=None``
+    lengths:    int [B], sequence b attends over its slots 0..lengths[b]-1 (all visible)
+    slots:      int [B], the cache slot of row b of q (default: b)
+    kv_of_head: int [H], the KV head of each query head (default h // (H // Hkv))
+    """
+    q = _q32(np.asarray(q))
+    if q.ndim != 3:
+        raise ValueError(f"attention_decode_batch: q must be [B, H, hd], got shape {q.shape}")
+    if layer is None:
+        kc, vc = _caches(k_caches, v_caches, 4, "attention_decode_batch")
+        kc, vc, layer = kc[:, None], vc[:, None], 0          # views: [n_seq, 1, S_max, Hkv, hd]
+    else:
+        kc, vc = _caches(k_caches, v_caches, 5, "attention_decode_batch")
+        if not 0 <= int(layer) < kc.shape[1]:
+            raise ValueError(f"attention_decode_batch: layer {layer} out of range [0, {kc.shape[1]})")
+    B, H, hd = q.shape
+    order, hstart = _heads(H, hd, kc.shape[3], kc.shape[4], kv_of_head, "attention_decode_batch")
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64).reshape(-1)
+    slots = np.arange(B, dtype=np.int64) if slots is None else np.ascontiguousarray(slots, dtype=np.int64).reshape(-1)
+    if lengths.shape[0] != B or slots.shape[0] != B:
+        raise ValueError(f"attention_decode_batch: {B} queries, {lengths.shape[0]} lengths, {slots.shape[0]} slots")
+    if B and (lengths.min() < 1 or lengths.max() > kc.shape[2]):
+        raise ValueError(f"attention_decode_batch: lengths must be in [1, {kc.shape[2]}], got {lengths.tolist()}")
+    if B and (slots.min() < 0 or slots.max() >= kc.shape[0]):
+        raise ValueError(f"attention_decode_batch: slots must be in [0, {kc.shape[0]}), got {slots.tolist()}")
+    out = np.empty((B, H, hd), np.float32)
+    if B == 0:
+        return out.reshape(0, H * hd)
+    args = (q, kc, vc, int(layer), slots, lengths, order, hstart, out)
+    if parallel and threading_layer_is_threadsafe():
+        decode_batch_kernel_parallel(*args, numba.get_num_threads())
+    else:
+        decode_batch_kernel(*args)
+    return out.reshape(B, H * hd)
+
+
+def attention_prefill(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, *,
+                      q_pos=None, k_pos=None, kv_of_head=None, parallel: bool = False) -> np.ndarray:
+    """Causal attention of T new tokens whose keys are already cached -> float32 [T, H*hd].
+
+    q: float32 [T, H, hd]; k_cache, v_cache: float16 [S, Hkv, hd]. By default query i is at
+    position start+i and sees slots 0..start+i (slot index == position). With q_pos [T] and
+    k_pos [n_keys] (``start`` is then ignored), query i sees slot j < n_keys iff
+    k_pos[j] <= q_pos[i], as ref.attention. kv_of_head: int [H], the KV head of each query
+    head (default h // (H // Hkv)).
+    """
+    q = _q32(np.asarray(q))
+    if q.ndim != 3:
+        raise ValueError(f"attention_prefill: q must be [T, H, hd], got shape {q.shape}")
+    kc, vc = _caches(k_cache, v_cache, 3, "attention_prefill")
+    T, H, hd = q.shape
+    order, hstart = _heads(H, hd, kc.shape[1], kc.shape[2], kv_of_head, "attention_prefill")
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError("attention_prefill: pass both q_pos and k_pos, or neither")
+    if q_pos is None:
+        start = int(start)
+        if start < 0 or start + T > kc.shape[0]:
+            raise ValueError(f"attention_prefill: slots {start}..{start + T - 1} are outside a cache of {kc.shape[0]}")
+        k_pos = np.arange(start + T, dtype=np.int64)
+        q_pos = k_pos[start:]
+    else:
+        q_pos = np.ascontiguousarray(q_pos, dtype=np.int64).reshape(-1)
+        k_pos = np.ascontiguousarray(k_pos, dtype=np.int64).reshape(-1)
+        if q_pos.shape[0] != T:
+            raise ValueError(f"attention_prefill: {q_pos.shape[0]} query positions for {T} queries")
+        if not 0 < k_pos.shape[0] <= kc.shape[0]:
+            raise ValueError(f"attention_prefill: {k_pos.shape[0]} key positions for a cache of {kc.shape[0]}")
+        if T and k_pos.min() > q_pos.min():
+            raise ValueError("attention: a query has no visible key (check q_pos / k_pos)")
+    out = np.empty((T, H, hd), np.float32)
+    if T == 0:
+        return out.reshape(0, H * hd)
+    if parallel and threading_layer_is_threadsafe():
+        prefill_kernel_parallel(q, kc, vc, q_pos, k_pos, order, hstart, out)
+    else:
+        prefill_kernel(q, kc, vc, q_pos, k_pos, order, hstart, out)
+    return out.reshape(T, H * hd)
+
+
+def _q32(q: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def _caches(k, v, ndim: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """float16 caches -> their uint16 views (no copy; the last axis must be contiguous)."""
+    views = []
+    for name, a in (("k", k), ("v", v)):
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float16 and a.ndim == ndim):
+            desc = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"{what}: the {name} cache must be a {ndim}-D float16 array, got {desc}")
+        if a.strides[-1] != 2:
+            raise ValueError(f"{what}: the {name} cache's last axis must be contiguous")
+        views.append(a.view(np.uint16))
+    if views[0].shape != views[1].shape:
+        raise ValueError(f"{what}: k cache {views[0].shape} and v cache {views[1].shape} differ")
+    return views[0], views[1]
+
+
+def _heads(H: int, hd: int, Hkv: int, hd_kv: int, kv_of_head, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if hd != hd_kv:
+        raise ValueError(f"{what}: q head size {hd}, cache head size {hd_kv}")
+    return head_groups(H, Hkv, kv_of_head)
