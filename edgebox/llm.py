@@ -17,6 +17,7 @@ from .chat import render_chat
 from .errors import ContextOverflowError, EdgeboxError
 from .gguf_loader import LoadedModel, load_gguf
 from .chips.chip import Box
+from .kernels.backend import DEFAULT_BACKEND
 from .model import KVCache, Transformer
 from .sampler import Sampler, SamplingParams, StopMatcher
 
@@ -29,11 +30,12 @@ def default_model_path() -> Path:
 
 
 def load(path: str | os.PathLike | None = None, chips: int = 1, n_ctx: int | None = None,
-         profile: str | None = None, backend: str = "ref") -> "Model":
+         profile: str | None = None, backend: str = DEFAULT_BACKEND) -> "Model":
     """Map a GGUF model (no weights are copied) and split it over ``chips`` chips.
 
     ``path`` None loads the bundled default model. ``chips=1`` runs the whole model on one device
     (the ``host`` profile unless ``profile`` names another); more chips use ``r100-edge``.
+    ``backend``: "numba" (the JIT kernels) or "ref" (the numpy reference, slow and exact).
     """
     loaded = load_gguf(default_model_path() if path is None else path)
     box = Box(loaded.args, loaded.weights, chips, profile=profile, backend=backend, source=loaded.file.path.name)

@@ -127,12 +127,12 @@ class Transformer:
         for layer, lw in enumerate(w.layers):
             # attention: every chip normalizes, projects and attends for its own heads, then
             # multiplies by its columns of attn_output; an all-reduce sums the partial outputs
-            h = ref.rms_norm(x, lw.attn_norm, a.rms_eps)  # [R, D]
-            x = x + box.all_reduce(box.run(lambda chip: _attention(chip, layer, h, positions, segments, starts, rows, a)))  # [R, D]
+            h = box.ops.rms_norm(x, lw.attn_norm, a.rms_eps)  # [R, D]
+            x = x + box.all_reduce(box.run(lambda chip: _attention(box.ops, chip, layer, h, positions, segments, starts, rows, a)))  # [R, D]
 
             # feed-forward: every chip does its FFN rows (SwiGLU) and its columns of ffn_down
-            h = ref.rms_norm(x, lw.ffn_norm, a.rms_eps)  # [R, D]
-            x = x + box.all_reduce(box.run(lambda chip: _ffn(chip, layer, h)))  # [R, D]
+            h = box.ops.rms_norm(x, lw.ffn_norm, a.rms_eps)  # [R, D]
+            x = x + box.all_reduce(box.run(lambda chip: _ffn(box.ops, chip, layer, h)))  # [R, D]
 
         for seg in segments:
             seg.kv.length += len(seg.tokens)
@@ -140,13 +140,13 @@ class Transformer:
         # final norm and the vocabulary projection (vocab-parallel, gathered), for the wanted rows
         keep = np.concatenate([np.arange(rows[i], rows[i + 1]) if seg.all_logits else [rows[i + 1] - 1]
                                for i, seg in enumerate(segments)]).astype(np.intp)
-        x = ref.rms_norm(x[keep], w.output_norm, a.rms_eps)  # [K, D]
+        x = box.ops.rms_norm(x[keep], w.output_norm, a.rms_eps)  # [K, D]
         logits = box.gather(box.run(lambda chip: chip.lm_head(x) if chip.lm_head is not None else None))  # [K, V]
         counts = [rows[i + 1] - rows[i] if seg.all_logits else 1 for i, seg in enumerate(segments)]
         return np.split(logits, np.cumsum(counts)[:-1])
 
 
-def _attention(chip: Chip, layer: int, h: np.ndarray, positions: np.ndarray, segments: list[Segment],
+def _attention(ops, chip: Chip, layer: int, h: np.ndarray, positions: np.ndarray, segments: list[Segment],
                starts: list[int], rows: np.ndarray, a: ModelArgs) -> np.ndarray | None:
     """One chip's attention for its heads: its partial sum of the attention block's output [R, D]."""
     lw = chip.layers[layer]
@@ -160,32 +160,28 @@ def _attention(chip: Chip, layer: int, h: np.ndarray, positions: np.ndarray, seg
     v = _linear(lw.wv, h, lw.bv).reshape(R, nkv, hd)  # [R, Hkv_c, hd]
 
     # rotary position embedding on q and k
-    q = ref.rope(q, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hc, hd]
-    k = ref.rope(k, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hkv_c, hd]
+    q = ops.rope(q, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hc, hd]
+    k = ops.rope(k, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hkv_c, hd]
 
     # per segment: append k, v to this chip's slice of the cache, attend over all it holds
     att = np.empty((R, nh * hd), np.float32)  # [R, Hc*hd]
-    kv_of_head = chip.kv_of_head
     for i, seg in enumerate(segments):
         r0, r1, start = rows[i], rows[i + 1], starts[i]
-        end = start + (r1 - r0)
-        kc, vc = seg.kv.k[chip.index], seg.kv.v[chip.index]
-        kc[layer, start:end] = k[r0:r1]
-        vc[layer, start:end] = v[r0:r1]
-        keys = kc[layer, :end][:, kv_of_head].astype(np.float32)  # [S, Hc, hd] (the KV head of each query head)
-        values = vc[layer, :end][:, kv_of_head].astype(np.float32)  # [S, Hc, hd]
-        att[r0:r1] = ref.attention(q[r0:r1], keys, values, positions[r0:r1], seg.kv.pos[:end])
+        kc, vc = seg.kv.k[chip.index][layer], seg.kv.v[chip.index][layer]  # [n_ctx, Hkv_c, hd] f16
+        kc[start:start + r1 - r0] = k[r0:r1]
+        vc[start:start + r1 - r0] = v[r0:r1]
+        att[r0:r1] = ops.attention(q[r0:r1], kc, vc, start, positions[r0:r1], seg.kv.pos, chip.kv_of_head)
 
     # this chip's columns of the output projection: a partial sum
     return lw.wo(att)  # [R, D]
 
 
-def _ffn(chip: Chip, layer: int, h: np.ndarray) -> np.ndarray | None:
+def _ffn(ops, chip: Chip, layer: int, h: np.ndarray) -> np.ndarray | None:
     """One chip's FFN rows: SwiGLU, then its columns of ffn_down: a partial sum [R, D]."""
     lw = chip.layers[layer]
     if lw.w_gate is None:
         return None
-    g = ref.swiglu(lw.w_gate(h), lw.w_up(h))  # [R, Fc]
+    g = ops.swiglu(lw.w_gate(h), lw.w_up(h))  # [R, Fc]
     return lw.w_down(g)  # [R, D]
 
 

@@ -47,9 +47,12 @@ def test_n_chips_give_one_chips_logits(name, _, chips, tiny_f32):
     one, _ = logits_on(path, 1, ids)
     many, plan = logits_on(path, chips, ids)
     # float re-association only: partial sums added in another order (measured up to 6e-5 of the
-    # logits' spread: an f32 ulp of difference can flip the f16 rounding of a cached key)
-    err = float(np.abs(many - one).max()) / float(one.std())
-    assert err < 2e-4, err
+    # logits' spread: an f32 ulp of difference can flip the f16 rounding of a cached key). With
+    # quantized weights the kernels quantize activations to int8, where an ulp can also flip one
+    # int8 step of one value: a rare row then moves by ~1/127 of a block's scale (measured 0.0074).
+    row_err = np.abs(many - one).max(axis=1) / float(one.std())
+    assert np.median(row_err) < 2e-5, row_err
+    assert row_err.max() < (2e-4 if name.startswith("tiny-") else 0.02), row_err
     assert plan.n_chips == chips
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from ..args import ModelArgs
 from ..errors import ModelError
 from ..gguf_loader import Weights
-from ..kernels.backend import make_linear
+from ..kernels.backend import DEFAULT_BACKEND, get_ops
 from ..quant_types import is_quantized
 from . import cost
 from .partition import ChipShard, ColumnParallelLinear, PartitionPlan, RowParallelLinear, vocab_parallel
@@ -75,6 +75,14 @@ class Chip:
         return self.profile.capacity_bytes
 
 
+def _set_kernel_threads(n_chips: int) -> None:
+    import os
+
+    import numba
+
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, (os.cpu_count() or 1) // n_chips)))
+
+
 def _matmul_shapes(*linears) -> list[tuple[int, int, int, bool]]:
     return [(m.n_out, m.n_in, m.nbytes, is_quantized(m.matrix.qtype)) for m in linears if m is not None]
 
@@ -87,14 +95,14 @@ class Box:
     """N chips running one model tensor-parallel, plus the firmware that watches them."""
 
     def __init__(self, args: ModelArgs, weights: Weights, n_chips: int = 1, profile: str | ChipProfile | None = None,
-                 backend: str = "ref", firmware=None, source: str = ""):
+                 backend: str = DEFAULT_BACKEND, firmware=None, source: str = ""):
         self.args = args
         self.n_chips = n_chips
         self.profile = profile if isinstance(profile, ChipProfile) else load_profile(profile or ("host" if n_chips == 1 else "r100-edge"))
         self.plan = PartitionPlan.build(args, weights, n_chips)
         # the chips' management firmware (in-process; publishes hwmon files when given a root)
         self.firmware = firmware if firmware is not None else Firmware(self.profile, n_chips)
-        self.backend = backend
+        self.ops = get_ops(backend)
         hd = args.head_dim
         shards = self.plan.shards
         per_chip_layers: list[list[ChipLayer]] = [[] for _ in range(n_chips)]
@@ -110,20 +118,23 @@ class Box:
             up = ColumnParallelLinear.split(lw.w_up, ffn)
             down = RowParallelLinear.split(lw.w_down, ffn)
             for i, s in enumerate(shards):
-                lin = lambda m: make_linear(m, backend) if m is not None else None  # noqa: E731
+                lin = lambda m: self.ops.linear(m) if m is not None else None  # noqa: E731
                 per_chip_layers[i].append(ChipLayer(
                     wq=lin(q.shards[i]), wk=lin(k.shards[i]), wv=lin(v.shards[i]), wo=lin(o.shards[i]),
                     bq=_slice(lw.bq, s.heads, hd), bk=_slice(lw.bk, s.kv_heads, hd), bv=_slice(lw.bv, s.kv_heads, hd),
                     w_gate=lin(gate.shards[i]), w_up=lin(up.shards[i]), w_down=lin(down.shards[i])))
         head = vocab_parallel(weights.output, [s.vocab for s in shards])
         replicated = weights.token_embd.nbytes + sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in weights.layers)
-        self.chips = [Chip(s, per_chip_layers[i], make_linear(head.shards[i], backend) if head.shards[i] is not None else None,
+        self.chips = [Chip(s, per_chip_layers[i], self.ops.linear(head.shards[i]) if head.shards[i] is not None else None,
                            replicated, self.profile, args) for i, s in enumerate(shards)]
         for chip in self.chips:
             if chip.weight_bytes > chip.capacity_bytes:
                 raise ModelError(f"{source}: the model needs {chip.weight_bytes / 2**30:.2f} GiB per chip on {n_chips} chip(s), "
                                  f"the chip ({self.profile.name}) has {chip.capacity_bytes / 2**30:.2f} GiB; use more chips or a smaller quant")
-        self._pool = ThreadPoolExecutor(max_workers=n_chips, thread_name_prefix="chip") if n_chips > 1 else None
+        # one host thread per chip; the kernels inside use the cores left to each (numba's thread
+        # count is per calling thread), so N chips never oversubscribe the host
+        self._pool = ThreadPoolExecutor(max_workers=n_chips, thread_name_prefix="chip",
+                                        initializer=_set_kernel_threads, initargs=(n_chips,)) if n_chips > 1 else None
 
     # -- execution -------------------------------------------------------------------------------
     def run(self, fn) -> list:
