@@ -12,6 +12,8 @@ MemoryError.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import os
 import struct
@@ -86,6 +88,15 @@ class GGUFFile:
         self._buf = memoryview(self._mmap)
         self._pos = 0
         self._parse()
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the file (they stay in the page cache).
+
+        Called once the kernels have repacked the weights: the mapped pages read while packing
+        would otherwise count in RSS next to the packed copy. Views stay valid; touching them
+        again just faults the pages back in from the cache."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
 
     # -- cursor over the header -------------------------------------------------------------
     def _fail(self, what: str) -> ModelError:
@@ -236,6 +247,27 @@ class GGUFFile:
             raise self._fail(f"truncated data: tensor {name!r} ends at byte {offset + nbytes}")
         data = file_bytes[offset:offset + nbytes].reshape(n_rows, row_bytes)
         return TensorInfo(name, qtype, shape, offset, nbytes, data)
+
+
+_PAGE = mmap.PAGESIZE
+_libc = None
+
+
+def release_view_pages(view: np.ndarray) -> None:
+    """Drop the resident pages under a view of a file mapping (after the kernels repacked it).
+
+    The pages stay in the page cache and fault back in if touched, so this only trims RSS: without
+    it, a model repacked at load would briefly hold both the file's pages and the packed copy."""
+    global _libc
+    if view.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    start = view.__array_interface__["data"][0]
+    end = start + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) + view.itemsize
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the view only
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def read_fields(path: str | os.PathLike) -> dict[str, object]:

@@ -39,6 +39,7 @@ def load(path: str | os.PathLike | None = None, chips: int = 1, n_ctx: int | Non
     """
     loaded = load_gguf(default_model_path() if path is None else path)
     box = Box(loaded.args, loaded.weights, chips, profile=profile, backend=backend, source=loaded.file.path.name)
+    loaded.file.release_pages()
     return Model(loaded, box, n_ctx=n_ctx)
 
 

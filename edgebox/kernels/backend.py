@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..gguf_file import release_view_pages
 from ..gguf_loader import Matrix
 from . import ref
 
@@ -46,6 +47,8 @@ class NumbaLinear:
         self.n_out, self.n_in = m.n_out, m.n_in
         self.nbytes = m.nbytes
         self.packed = matmul.pack(m.data, m.qtype)
+        if self.packed.path != "float":  # float weights are read in place: keep their pages
+            release_view_pages(m.data)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
         x = np.ascontiguousarray(x, dtype=np.float32)
