@@ -15,6 +15,12 @@ import typer
 
 from .errors import EdgeboxError
 
+try:  # newer typer vendors click as typer._click: its usage errors are not click's classes
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # older typer raises click's own
+    _TyperClickException = click.ClickException
+_TyperAbort = getattr(typer, "Abort", click.exceptions.Abort)
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="edgebox: run DeepSeek-class GGUF models on power-capped edge boxes.")
 
@@ -78,6 +84,188 @@ def info(model: Optional[Path] = ModelArg) -> None:
         typer.echo(f"{key:<16} {value}")
 
 
+# -- the daemon ---------------------------------------------------------------------------------------
+# Every setting of edgebox.daemon.config.DaemonConfig is a flag here (a test checks it), except the
+# broker password: argv is readable by every user, so it comes from the config file or the
+# environment. Flags left unset fall back to the config file, then to the defaults.
+
+def _opt(*names: str, help: str):
+    return typer.Option(None, *names, help=help, show_default=False)
+
+
+@app.command()
+def serve(
+    config: Optional[Path] = _opt("--config", "-c", help="TOML config file (flags override it)"),
+    model: Optional[Path] = _opt("--model", help="GGUF model to serve (default: the bundled tiny model)"),
+    chips: Optional[int] = _opt("--chips", help="chips to split the model over (default 1)"),
+    ctx: Optional[int] = _opt("--ctx", help="context size (default: min(4096, the model's))"),
+    max_batch: Optional[int] = _opt("--max-batch", help="sequences decoded together at most (default 8)"),
+    kv_budget_mib: Optional[float] = _opt("--kv-budget-mib", help="KV cache budget in MiB"),
+    models_dir: Optional[Path] = _opt("--models-dir", help="load_model accepts files under this directory only"),
+    device_id: Optional[str] = _opt("--device-id", help="this box's name in topics (default: the hostname)"),
+    broker: Optional[str] = _opt("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)"),
+    username: Optional[str] = _opt("--username", help="broker user (password: config file or EDGEBOX_MQTT_PASSWORD)"),
+    password_file: Optional[Path] = _opt("--password-file", help="file holding the broker password"),
+    ca_file: Optional[Path] = _opt("--ca-file", help="CA bundle for mqtts://"),
+    cert_file: Optional[Path] = _opt("--cert-file", help="client certificate for mqtts://"),
+    key_file: Optional[Path] = _opt("--key-file", help="client key for mqtts://"),
+    client_id: Optional[str] = _opt("--client-id", help="MQTT client id (default edgebox-DEVICE_ID)"),
+    keepalive_s: Optional[int] = _opt("--keepalive-s", help="MQTT keepalive seconds (default 30)"),
+    session_expiry_s: Optional[int] = _opt("--session-expiry-s", help="broker keeps queued commands this long while we are away (default 7 days)"),
+    reconnect_min_s: Optional[float] = _opt("--reconnect-min-s", help="first reconnect delay (default 0.5)"),
+    reconnect_max_s: Optional[float] = _opt("--reconnect-max-s", help="longest reconnect delay (default 30)"),
+    max_queued_messages: Optional[int] = _opt("--max-queued-messages", help="outgoing messages held while the broker is away (default 4096)"),
+    budget: Optional[float] = _opt("--budget", help="power budget in watts (default 10)"),
+    max_in_flight: Optional[int] = _opt("--max-in-flight", help="generate requests running or queued; more get 429 (default 16)"),
+    max_payload_bytes: Optional[int] = _opt("--max-payload-bytes", help="larger command payloads get 413 (default 262144)"),
+    max_tokens_limit: Optional[int] = _opt("--max-tokens-limit", help="largest max_tokens a request may ask (default 4096)"),
+    telemetry_interval_s: Optional[float] = _opt("--telemetry-interval-s", help="seconds between telemetry messages (default 5)"),
+    drain_timeout_s: Optional[float] = _opt("--drain-timeout-s", help="on SIGTERM, time for running requests to finish (default 30)"),
+    fw_root: Optional[Path] = _opt("--fw-root", help="chip firmware tree for telemetry (e.g. /run/edgebox/fw)"),
+    log_level: Optional[str] = _opt("--log-level", help="debug, info, warning or error (default info)"),
+    config_version: Optional[str] = _opt("--config-version", help="a label for this configuration, reported in state"),
+) -> None:
+    """Serve the model over MQTT 5 until SIGTERM: commands in, streamed replies, telemetry out."""
+    flags = {name: value for name, value in locals().items() if name != "config"}  # first: only the options
+    from .daemon.service import run_service
+
+    raise typer.Exit(run_service(config, flags))
+
+
+client_app = typer.Typer(no_args_is_help=True, help="Drive boxes over MQTT: generate, status, budget, devices.")
+app.add_typer(client_app, name="client")
+
+
+@client_app.callback()
+def client_options(
+    ctx: typer.Context,
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", envvar="EDGEBOX_BROKER", help="mqtt://HOST:PORT or mqtts://HOST:PORT"),
+    username: Optional[str] = typer.Option(None, "--username", envvar="EDGEBOX_MQTT_USERNAME", help="broker user (password: EDGEBOX_MQTT_PASSWORD)"),
+    ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="CA bundle for mqtts://"),
+    cert_file: Optional[Path] = typer.Option(None, "--cert-file", help="client certificate for mqtts://"),
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help="client key for mqtts://"),
+    timeout: float = typer.Option(60.0, "--timeout", help="seconds to wait for the final reply"),
+) -> None:
+    import os
+
+    ctx.obj = dict(broker=broker, username=username, password=os.environ.get("EDGEBOX_MQTT_PASSWORD") or None,
+                   ca_file=ca_file, cert_file=cert_file, key_file=key_file, timeout=timeout)
+
+
+DeviceOpt = typer.Option(..., "--device", "-d", envvar="EDGEBOX_DEVICE", help="device id (or EDGEBOX_DEVICE)")
+
+
+def _fleet(ctx: typer.Context):
+    from .daemon.client import FleetClient
+
+    o = dict(ctx.obj)
+    o.pop("timeout")
+    return FleetClient(**o)
+
+
+@client_app.command("generate")
+def client_generate(
+    ctx: typer.Context,
+    device: str = DeviceOpt,
+    prompt: str = typer.Option(..., "-p", "--prompt", help="the prompt (the user message with --chat)"),
+    n_predict: int = typer.Option(128, "-n", "--n-predict", min=1, help="tokens to generate at most"),
+    temp: float = typer.Option(0.8, "--temp", help="temperature; 0 = greedy"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="RNG seed"),
+    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    chat: bool = typer.Option(False, "--chat", help="send as chat messages (the box applies the model's template)"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message with --chat"),
+) -> None:
+    """Stream a completion from DEVICE to stdout; usage and timings go to stderr."""
+    params: dict = {"max_tokens": n_predict, "temperature": temp, "stop": stop}
+    if seed is not None:
+        params["seed"] = seed
+    if chat:
+        params["messages"] = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    else:
+        params["prompt"] = prompt
+
+    def show(chunk: dict) -> None:
+        out = sys.stderr if chunk.get("reasoning") else sys.stdout
+        out.write(chunk.get("delta", ""))
+        out.flush()
+
+    with _fleet(ctx) as fleet:
+        final = fleet.call(device, "generate", params, timeout=ctx.obj["timeout"], on_chunk=show)
+    sys.stdout.write("\n")
+    u, t = final.get("usage", {}), final.get("timings", {})
+    print(f"{device}: prompt {u.get('prompt_tokens')} tokens | generated {u.get('completion_tokens')} tokens, "
+          f"{t.get('decode_tokens_per_s')} tok/s | {t.get('total_ms')} ms | stop: {final.get('done_reason')}", file=sys.stderr)
+
+
+@client_app.command("status")
+def client_status(ctx: typer.Context, device: str = DeviceOpt) -> None:
+    """DEVICE's state, engine, telemetry and settings (get_status), as JSON."""
+    import json
+
+    with _fleet(ctx) as fleet:
+        final = fleet.call(device, "get_status", timeout=ctx.obj["timeout"])
+    typer.echo(json.dumps(final["result"], indent=2, default=str))
+
+
+@client_app.command("budget")
+def client_budget(ctx: typer.Context, watts: float = typer.Argument(..., help="power budget in watts"),
+                  device: str = DeviceOpt) -> None:
+    """Set DEVICE's power budget."""
+    with _fleet(ctx) as fleet:
+        result = fleet.call(device, "set_power_budget", {"watts": watts}, timeout=ctx.obj["timeout"])["result"]
+    typer.echo(f"{device}: budget {result['budget_w']} W" + ("" if result.get("enforced") else f" ({result.get('note')})"))
+
+
+@client_app.command("devices")
+def client_devices(ctx: typer.Context, wait: float = typer.Option(0.5, "--wait", help="seconds to collect retained status"),
+                   as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Every box the broker knows of: online or offline, model, budget (from retained topics)."""
+    import json
+    import time
+
+    with _fleet(ctx) as fleet:
+        devices = fleet.devices(wait)
+    if as_json:
+        typer.echo(json.dumps(devices, indent=2, default=str))
+        return
+    typer.echo(f"{'DEVICE':<24} {'STATUS':<8} {'STATE':<10} {'MODEL':<28} {'BUDGET':>7}  SINCE")
+    for d in devices:
+        st = d.get("device_state") or {}
+        since = d.get("since")
+        age = f"{time.time() - since:.0f} s ago" if isinstance(since, (int, float)) else ""
+        model = (st.get("model") or {}).get("name", "-") if st else "-"
+        budget = f"{st['budget_w']:g} W" if isinstance(st.get("budget_w"), (int, float)) else "-"
+        typer.echo(f"{d['device_id']:<24} {d.get('state', '?'):<8} {st.get('state', '-'):<10} {model:<28} {budget:>7}  {age}")
+
+
+@client_app.command("cancel")
+def client_cancel(ctx: typer.Context, target: str = typer.Argument(..., help="request_id of the generate"),
+                  device: str = DeviceOpt) -> None:
+    """Cancel a running generate on DEVICE."""
+    with _fleet(ctx) as fleet:
+        fleet.call(device, "cancel", {"target": target}, timeout=ctx.obj["timeout"])
+    typer.echo(f"{device}: cancelled {target}")
+
+
+@client_app.command("load-model")
+def client_load_model(ctx: typer.Context, path: str = typer.Argument(..., help="GGUF path on the box (under its models_dir)"),
+                      device: str = DeviceOpt,
+                      force: bool = typer.Option(False, "--force", help="cancel requests in flight instead of refusing")) -> None:
+    """Load another model on DEVICE (the old one serves until the new file is known good)."""
+    with _fleet(ctx) as fleet:
+        result = fleet.call(device, "load_model", {"path": path, "force": force}, timeout=ctx.obj["timeout"])["result"]
+    typer.echo(f"{device}: loaded {result['name']} ({result['load_s']} s + {result['warmup_s']} s warm-up)")
+
+
+@client_app.command("unload-model")
+def client_unload_model(ctx: typer.Context, device: str = DeviceOpt,
+                        force: bool = typer.Option(False, "--force", help="cancel requests in flight instead of refusing")) -> None:
+    """Unload DEVICE's model (generate then answers 503 until load-model)."""
+    with _fleet(ctx) as fleet:
+        fleet.call(device, "unload_model", {"force": force}, timeout=ctx.obj["timeout"])
+    typer.echo(f"{device}: model unloaded")
+
+
 @app.command()
 def plan(
     model: Optional[Path] = ModelArg,
@@ -97,13 +285,82 @@ def plan(
     typer.echo(json.dumps(p.to_dict(), indent=1) if json_out else format_plan(p))
 
 
+@app.command()
+def perplexity(
+    model: Path = typer.Argument(..., help="GGUF model file"),
+    text_file: Path = typer.Argument(..., help="text to score (UTF-8)"),
+    ctx: int = typer.Option(512, "--ctx", min=4, help="tokens per chunk; the second half of each is scored"),
+    chips: int = typer.Option(1, "--chips", min=1, help="chips to split the model over"),
+    vs_llama_cpp: bool = typer.Option(False, "--vs-llama-cpp", help="also compute llama.cpp's figure on the same chunks"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Perplexity with llama.cpp's method (non-overlapping chunks, second half scored)."""
+    import json
+    from dataclasses import asdict
+
+    from .perplexity import llama_cpp_logits_of, perplexity as compute
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeboxError(f"cannot read {text_file}: {e}") from None
+    m = _load(model, chips, n_ctx=ctx)
+    tokens = m.tokenize(text)
+    bos = m.tokenizer.bos_id if m.tokenizer.add_bos else None
+    ours = compute(m.logits, tokens, ctx, bos)
+    out = {"edgebox": asdict(ours)}
+    if vs_llama_cpp:
+        theirs = compute(llama_cpp_logits_of(str(model), ctx), tokens, ctx, bos)
+        out["llama_cpp"] = asdict(theirs)
+        out["ratio"] = ours.ppl / theirs.ppl
+    if json_out:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    typer.echo(f"edgebox:   PPL = {ours.ppl:.4f} +/- {ours.ppl_err:.5f}  ({ours.n_chunks} chunks of {ctx}, {ours.scored_tokens} tokens scored, {ours.seconds:.1f} s)")
+    if vs_llama_cpp:
+        theirs = out["llama_cpp"]
+        typer.echo(f"llama.cpp: PPL = {theirs['ppl']:.4f} +/- {theirs['ppl_err']:.5f}  ({theirs['seconds']:.1f} s)")
+        typer.echo(f"ratio edgebox / llama.cpp = {out['ratio']:.4f}")
+
+
+@app.command()
+def bench(
+    model: Optional[Path] = ModelArg,
+    threads: int = typer.Option(2, "--threads", "-t", min=1, help="threads for edgebox and llama.cpp alike"),
+    prompt: str = typer.Option("64,512", "--prompt", help="prompt lengths to time, comma separated"),
+    n_decode: int = typer.Option(32, "--n-decode", min=2, help="decode steps to time"),
+    chips: int = typer.Option(1, "--chips", min=1, help="chips to split the model over"),
+    concurrency: str = typer.Option("", "--concurrency", help="engine levels, e.g. 1,4,8,16"),
+    vs_llama_cpp: bool = typer.Option(False, "--vs-llama-cpp", help="run llama.cpp on the same file and threads, print ratios"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Prompt processing, decode, TTFT and memory (and engine concurrency), optionally beside llama.cpp."""
+    import json
+
+    from .bench import format_report, run_bench
+
+    try:
+        lens = tuple(int(x) for x in prompt.split(",") if x)
+        levels = tuple(int(x) for x in concurrency.split(",") if x)
+    except ValueError:
+        raise EdgeboxError(f"--prompt and --concurrency take comma-separated integers, got {prompt!r} / {concurrency!r}") from None
+    report = run_bench(model or _default_model(), threads, lens, n_decode, vs_llama_cpp, chips, levels)
+    typer.echo(json.dumps(report, indent=1) if json_out else format_report(report))
+
+
+def _default_model() -> Path:
+    import edgebox
+
+    return edgebox.default_model_path()
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)
-    except click.ClickException as e:
+    except (click.ClickException, _TyperClickException) as e:
         e.show()
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, _TyperAbort):
         sys.exit(130)
     except EdgeboxError as e:
         print(f"edgebox: error: {e}", file=sys.stderr)

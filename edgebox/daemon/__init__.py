@@ -1,0 +1,14 @@
+"""``edgebox serve``: the box's daemon, driven over MQTT 5 by an operator or a fleet controller.
+
+Modules (one owner each):
+
+- ``config``      the daemon's settings: TOML file, flags, secrets from the environment
+- ``schemas``     topics and every command/reply payload on the wire (pydantic)
+- ``transport``   the MQTT 5 connection: persistent session, Last Will, QoS 1, backoff, acks
+- ``handlers``    commands -> engine, on a dispatcher thread (never paho's network thread)
+- ``engine_host`` the loaded model and its warm engine (load, unload, hot standby)
+- ``telemetry``   power/temperature/frequency readings and the ``PowerControl`` protocol
+- ``notify``      sd_notify over ``NOTIFY_SOCKET`` (READY, WATCHDOG, STOPPING, RELOADING)
+- ``service``     the main loop: load, connect, READY=1, watchdog, SIGHUP reload, SIGTERM drain
+- ``client``      the operator side: ``edgebox client generate|status|budget|devices|...``
+"""

@@ -1,0 +1,131 @@
+"""The model the box serves and its engine, kept warm (hot standby) and swapped on load_model.
+
+States: ``unloaded`` -> ``ready`` (model mapped, engine warmed up) -> ``loading`` (swapping) ->
+``ready``. Loading opens the new file *before* touching the running engine, so a bad path or a
+broken file leaves the old model serving; only the swap itself (cancel, close, warm up) is
+unavailable time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import EdgeboxError
+
+
+class Unavailable(EdgeboxError):
+    """No engine can take the request now (no model, a model loading, shutting down): code 503."""
+
+
+class Busy(EdgeboxError):
+    """Another load or unload is under way: code 409."""
+
+
+class ModelHost:
+    def __init__(self, *, max_batch: int, max_queue: int, kv_budget_bytes: int | None):
+        self.max_batch, self.max_queue, self.kv_budget_bytes = max_batch, max_queue, kv_budget_bytes
+        self.state = "unloaded"
+        self.info: dict | None = None
+        self._model = None
+        self._engine = None
+        self._lock = threading.Lock()         # guards the fields above
+        self._switch = threading.Lock()       # one load/unload at a time
+
+    @property
+    def busy(self) -> bool:
+        return self._switch.locked()
+
+    def load(self, path: Path | None, chips: int, ctx: int | None,
+             before_swap: Callable[[], None] = lambda: None) -> dict:
+        """Open ``path`` (None: the bundled model), then swap it in. ``before_swap`` runs once the
+        new file is known good and new requests are refused, before the old engine is closed
+        (the caller cancels its requests there, giving each a reason)."""
+        import edgebox
+        from ..engine import Engine
+
+        if not self._switch.acquire(blocking=False):
+            raise Busy("a model is already being loaded or unloaded; retry when it is done")
+        try:
+            t0 = time.perf_counter()
+            model = edgebox.load(path, chips=chips, n_ctx=ctx)  # ModelError leaves the old model serving
+            with self._lock:
+                old, self._engine, self.state = self._engine, None, "loading"
+            before_swap()
+            if old is not None:
+                old.close(drain=False)
+            try:
+                engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue,
+                                kv_budget_bytes=self.kv_budget_bytes)
+            except Exception:
+                with self._lock:
+                    self._model, self.info, self.state = None, None, "unloaded"
+                raise
+            info = {
+                "path": str(model.path), "name": Path(model.path).name, "arch": type(model.args).__name__,
+                "n_ctx": model.n_ctx, "n_vocab": model.args.n_vocab, "chips": chips,
+                "size_bytes": Path(model.path).stat().st_size, "load_s": round(time.perf_counter() - t0, 3),
+                "warmup_s": round(engine.warmup_s, 3), "loaded_at": time.time(),
+            }
+            with self._lock:
+                self._model, self._engine, self.info, self.state = model, engine, info, "ready"
+            return info
+        finally:
+            self._switch.release()
+
+    def unload(self, before_close: Callable[[], None] = lambda: None) -> None:
+        if not self._switch.acquire(blocking=False):
+            raise Busy("a model is being loaded or unloaded; retry when it is done")
+        try:
+            with self._lock:
+                old, self._engine, self.state = self._engine, None, "unloaded"
+                self._model, self.info = None, None
+            before_close()
+            if old is not None:
+                old.close(drain=False)
+        finally:
+            self._switch.release()
+
+    def submit(self, request, on_event):
+        """Queue a generate on the engine; raises Unavailable, or the engine's own errors
+        (ContextOverflowError, KVBudgetError, QueueFullError, EdgeboxError for a bad prompt)."""
+        with self._lock:
+            engine, state = self._engine, self.state
+        if engine is None:
+            raise Unavailable("a model is loading; retry in a few seconds" if state == "loading"
+                              else "no model is loaded; send load_model first")
+        try:
+            return engine.submit(request, on_event=on_event)
+        except EdgeboxError:
+            if self._engine is not engine:  # closed under us by a swap or shutdown
+                raise Unavailable("the model was unloaded while the request arrived; retry") from None
+            raise
+
+    def set_max_queue(self, n: int) -> None:
+        self.max_queue = n
+        with self._lock:
+            if self._engine is not None:
+                self._engine.max_queue = n
+
+    def stats(self) -> dict | None:
+        with self._lock:
+            engine = self._engine
+        if engine is None:
+            return None
+        s = engine.stats()
+        return {"running": s.running, "queued": s.queued, "batch_limit": s.batch_limit,
+                "tokens_per_s": round(s.tokens_per_s, 2), "kv_used_bytes": s.kv_used_bytes,
+                "kv_budget_bytes": s.kv_budget_bytes, "steps": s.steps, "generated_tokens": s.generated_tokens}
+
+    @property
+    def engine(self):
+        """The running engine (the power governor turns ``engine.batch_limit``), or None."""
+        return self._engine
+
+    def close(self) -> None:
+        with self._lock:
+            old, self._engine, self.state = self._engine, None, "unloaded"
+        if old is not None:
+            old.close(drain=False)

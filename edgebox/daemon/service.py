@@ -1,0 +1,324 @@
+"""The daemon's main loop: load the model -> warm engine -> connect -> READY=1 -> serve.
+
+* READY=1 only once the model is loaded *and* the broker has confirmed our subscription.
+* The main thread owns WATCHDOG=1 (not a free-running thread): each tick checks that the
+  dispatcher is alive before pinging, so a wedged daemon is restarted by systemd.
+* Telemetry every ``telemetry_interval_s``; events as things happen; retained ``state``
+  whenever it changes and on every (re)connect.
+* SIGHUP re-reads the config (``RELOADING=1`` ... ``READY=1``); live settings apply at once.
+* SIGTERM/SIGINT drain: new commands stay with the broker for the next run, running requests
+  get ``drain_timeout_s`` to finish, the rest are cancelled with a final 503 reply; every final
+  reply is delivered, status goes offline (retained), exit 0. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import EdgeboxError
+from .config import DaemonConfig, load_config, live_differences
+from .engine_host import ModelHost
+from .handlers import CommandHandler
+from .notify import Notifier
+from .schemas import UNAVAILABLE, Topics, encode
+from .telemetry import PowerControl, TelemetrySampler
+from .transport import Transport
+
+log = logging.getLogger("edgebox.daemon")
+
+
+class Service:
+    def __init__(self, config_path: Path | None = None, flags: Mapping[str, Any] | None = None,
+                 power: PowerControl | None = None, env: Mapping[str, str] = os.environ):
+        self.config_path, self.flags, self.env = config_path, dict(flags or {}), env
+        self.cfg: DaemonConfig = load_config(config_path, self.flags, env)
+        self.power = power
+        self.budget_w = self.cfg.budget
+        self.topics = Topics(self.cfg.device_id)
+        self.notifier = Notifier(env)
+        self.reloads = 0
+        self.started_at = time.time()
+        self.host = ModelHost(max_batch=self.cfg.max_batch, max_queue=self.cfg.max_in_flight,
+                              kv_budget_bytes=self.cfg.kv_budget_bytes)
+        self.telemetry = TelemetrySampler(self.cfg.fw_root)
+        self.last_telemetry: dict | None = None
+        self._wake = threading.Event()
+        self._stop_signals = 0
+        self._reload_requested = False
+        self._draining = False
+        self._stopped = False
+        self.transport: Transport | None = None
+        self.handler: CommandHandler | None = None
+
+    # -- the Box interface the handlers use ------------------------------------------------------
+    def set_budget(self, watts: float) -> dict:
+        enforced = self.power is not None
+        if self.power is not None:
+            self.power.set_budget(watts)  # ValueError -> 400
+        self.budget_w = watts
+        log.info("power budget set to %.3g W (%s)", watts, "enforced" if enforced else "recorded")
+        self.publish_event("budget_changed", budget_w=watts, enforced=enforced)
+        self.publish_state()
+        result = {"budget_w": watts, "enforced": enforced}
+        if not enforced:
+            result["note"] = "no power governor is attached: the budget is recorded in state, not enforced"
+        return result
+
+    def publish_event(self, kind: str, **fields) -> None:
+        if self.transport is not None:
+            self.transport.publish_json(self.topics.event, {"event": kind, "ts": time.time(),
+                                                            "device_id": self.cfg.device_id, **fields})
+
+    def publish_state(self) -> None:
+        if self.transport is not None:
+            self.transport.publish_json(self.topics.state, self.state(), retain=True)
+
+    def state(self) -> dict:
+        from .. import __version__
+
+        cfg = self.cfg
+        public = cfg.public()
+        return {
+            "device_id": cfg.device_id,
+            "state": "stopped" if self._stopped else "draining" if self._draining else self.host.state,
+            "model": self.host.info,
+            "budget_w": self.budget_w,
+            "budget_enforced": self.power is not None,
+            "chips": cfg.chips,
+            "config": {"version": cfg.config_version, "path": str(self.config_path) if self.config_path else None,
+                       "sha256": hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:16],
+                       "reloads": self.reloads},
+            "limits": {"max_in_flight": cfg.max_in_flight, "max_payload_bytes": cfg.max_payload_bytes,
+                       "max_tokens": cfg.max_tokens_limit, "max_batch": cfg.max_batch},
+            "version": __version__,
+            "ts": time.time(),
+        }
+
+    def status(self) -> dict:
+        h = self.handler
+        return {
+            **self.state(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "engine": self.host.stats(),
+            "in_flight": h.in_flight if h else 0,
+            "counters": dict(h.counters) if h else {},
+            "power": self.power.status() if self.power is not None else None,
+            "telemetry": self.last_telemetry,
+            "settings": self.cfg.public(),
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        configure_logging(cfg.log_level)
+        self._install_signals()
+        log.info("edgebox daemon %s starting (pid %d)", cfg.device_id, os.getpid())
+        self.notifier.status(f"loading model {cfg.model or 'default'}")
+        info = self.host.load(cfg.model, cfg.chips, cfg.ctx)
+        log.info("model %s loaded and warm (%.2f s load, %.2f s warm-up)", info["name"], info["load_s"], info["warmup_s"])
+        if self.power is not None:
+            self.power.set_budget(self.budget_w)
+
+        password = cfg.resolved_password(self.env)
+        online = {"state": "online", "device_id": cfg.device_id, "pid": os.getpid(), "since": time.time()}
+        self.transport = Transport(cfg, self.topics, password=password, on_inbound=self._on_inbound,
+                                   on_connected=lambda session_present: self._on_connected(online),
+                                   will_payload=encode({"state": "offline", "device_id": cfg.device_id, "reason": "connection lost"}))
+        self.handler = CommandHandler(self, self.transport, self.host, self.topics)
+        self.handler.start()
+        self.notifier.status(f"connecting to {cfg.broker}")
+        log.info("connecting to %s as %s", cfg.broker, cfg.mqtt_client_id)
+        self.transport.start(self._wake.set)
+
+        try:
+            while not self.transport.subscribed.is_set():
+                if self.transport.fatal:
+                    raise EdgeboxError(self.transport.fatal)
+                if self._stop_signals:
+                    return self._shutdown()
+                self._wake.wait(self._tick_s(5.0))
+                self._wake.clear()
+                self.notifier.watchdog()  # loading and connecting is progress too
+            self.notifier.ready(f"serving {info['name']} as {cfg.device_id} on {cfg.broker}")
+            log.info("ready: serving %s as %s", info["name"], cfg.device_id)
+            self._serve()
+            code = self._shutdown()
+            if self.transport.fatal:  # e.g. the ACL changed and refuses our subscription: let systemd restart us
+                raise EdgeboxError(self.transport.fatal)
+            return code
+        except BaseException:
+            self._abort()
+            raise
+
+    def _serve(self) -> None:
+        next_telemetry = time.monotonic()
+        while not self._stop_signals and not self.transport.fatal:
+            now = time.monotonic()
+            if now >= next_telemetry:
+                self._publish_telemetry()
+                next_telemetry = now + self.cfg.telemetry_interval_s
+            if self.notifier.watchdog_interval_s is not None and self._healthy():
+                self.notifier.watchdog()
+            self._wake.wait(self._tick_s(max(0.0, next_telemetry - time.monotonic())))
+            self._wake.clear()
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+
+    def _tick_s(self, until_next: float) -> float:
+        wd = self.notifier.watchdog_interval_s
+        return min(until_next, wd if wd is not None else until_next, 5.0)
+
+    def _healthy(self) -> bool:
+        """Ping the watchdog only if the dispatcher still turns (it beats at least once a second)."""
+        return self.handler is not None and time.monotonic() - self.handler.heartbeat < 10.0
+
+    def _shutdown(self) -> int:
+        cfg = self.cfg
+        self._draining = True
+        self.notifier.stopping("draining")
+        log.info("stopping: draining %d requests in flight (up to %.0f s)", self.handler.in_flight if self.handler else 0,
+                 cfg.drain_timeout_s)
+        if self.handler is not None:
+            self.handler.start_draining()
+            self.publish_state()
+            deadline = time.monotonic() + cfg.drain_timeout_s
+            while self.handler.in_flight and time.monotonic() < deadline and self._stop_signals < 2:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                self.notifier.watchdog()
+            cancelled = self.handler.cancel_all(UNAVAILABLE, "cancelled: the box is shutting down; send it again")
+            if cancelled:
+                log.info("cancelled %d requests still running", cancelled)
+            deadline = time.monotonic() + 5.0
+            while self.handler.in_flight and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if self.transport is not None:
+            self._stopped = True
+            self.publish_state()
+            # never connected: nothing can be delivered; disconnected: the broker may come back in time
+            if self.transport.ever_connected and not self.transport.wait_delivered(5.0):
+                log.warning("%d replies not confirmed by the broker at exit", self.transport.pending_deliveries())
+            self.transport.stop(encode({"state": "offline", "device_id": cfg.device_id, "reason": "shutdown"}))
+        if self.handler is not None:
+            self.handler.stop()
+        self.host.close()
+        self.notifier.status("stopped")
+        log.info("stopped")
+        return 0
+
+    def _abort(self) -> None:
+        """Startup failed: leave nothing running (the caller reports the error)."""
+        if self.transport is not None:
+            try:
+                self.transport.client.disconnect()
+                self.transport.client.loop_stop()
+            except Exception:
+                pass
+        self.host.close()
+
+    # -- callbacks ---------------------------------------------------------------------------------
+    def _on_inbound(self, inbound) -> None:
+        self.handler.submit(inbound)
+
+    def _on_connected(self, online: dict) -> None:
+        """paho's network thread, on every (re)connect: announce ourselves again (the broker may
+        have restarted without its retained messages)."""
+        self.transport.publish_json(self.topics.status, online, retain=True)
+        self.publish_state()
+
+    def _publish_telemetry(self) -> None:
+        try:
+            sample, events = self.telemetry.sample()
+        except Exception as e:  # a sensor problem must not stop serving
+            log.warning("telemetry failed: %s", e)
+            return
+        handler = self.handler
+        engine = self.host.stats()
+        sample.update({
+            "device_id": self.cfg.device_id,
+            "engine": engine,
+            "batch": engine["running"] if engine else 0,
+            "queue": engine["queued"] if engine else 0,
+            "tokens_per_s": engine["tokens_per_s"] if engine else 0.0,
+            "in_flight": handler.in_flight if handler else 0,
+            "budget_w": self.budget_w,
+            "power": self.power.status() if self.power is not None else None,
+        })
+        self.last_telemetry = sample
+        self.transport.publish_json(self.topics.telemetry, sample, qos=0)
+        for kind, fields in events:
+            self.publish_event(kind, **fields)
+
+    # -- signals -------------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        def stop(signum, frame):
+            self._stop_signals += 1
+            self._wake.set()
+
+        def reload(signum, frame):
+            self._reload_requested = True
+            self._wake.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        old = self.cfg
+        try:
+            new = load_config(self.config_path, self.flags, self.env)
+        except EdgeboxError as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            self.publish_event("config_error", message=str(e))
+            self.notifier.ready("reload failed; running configuration kept")
+            return
+        live, restart = live_differences(old, new)
+        self.cfg = old.model_copy(update={k: getattr(new, k) for k in live})
+        self.reloads += 1
+        if "budget" in live:
+            try:
+                self.set_budget(new.budget)
+            except ValueError as e:
+                log.error("reload: budget %s W refused: %s", new.budget, e)
+        if "max_in_flight" in live:
+            self.host.set_max_queue(new.max_in_flight)
+            if self.transport and new.max_in_flight + 16 > self.transport.receive_maximum:
+                log.warning("max_in_flight %d exceeds what this connection's ReceiveMaximum allows; restart to apply fully",
+                            new.max_in_flight)
+        if "max_payload_bytes" in live and self.transport:
+            self.transport.payload_limit = new.max_payload_bytes
+        if "log_level" in live:
+            logging.getLogger("edgebox").setLevel(new.log_level.upper())
+        if "fw_root" in live:
+            self.telemetry = TelemetrySampler(new.fw_root)
+        log.info("configuration reloaded: applied %s%s", ", ".join(live) or "nothing new",
+                 f"; restart to apply {', '.join(restart)}" if restart else "")
+        self.publish_event("config_reloaded", applied=live, restart_required=restart)
+        self.publish_state()
+        self.notifier.ready(f"reloaded ({len(live)} settings applied)")
+
+
+def configure_logging(level: str) -> None:
+    # under journald (JOURNAL_STREAM set) the journal adds the time itself
+    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger("edgebox")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def run_service(config_path: Path | None, flags: Mapping[str, Any], power: PowerControl | None = None) -> int:
+    return Service(config_path, flags, power).run()
