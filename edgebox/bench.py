@@ -50,6 +50,7 @@ def bench_edgebox(model_path, threads: int, prompt_lens: tuple[int, ...], n_deco
     numba.set_num_threads(threads)
     t0 = time.perf_counter()
     m = edgebox.load(model_path, chips=chips, n_ctx=max(prompt_lens) + n_decode + 8)
+    m.prepare(progress=True)
     res = RunnerResult("edgebox", load_s=time.perf_counter() - t0)
     _say(f"edgebox: loaded in {res.load_s:.1f} s; warming up the kernels")
     fwd = m.transformer.forward

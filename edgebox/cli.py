@@ -64,6 +64,7 @@ def run(
     except ValueError as e:
         raise EdgeboxError(str(e)) from None
     ids = m.tokenize_prompt(text)
+    m.prepare(progress=True)
     gen = m.stream(ids, max_tokens=n_predict, params=params, stop=stop)
     for piece in gen:
         sys.stdout.write(piece)
@@ -352,6 +353,51 @@ def _default_model() -> Path:
     import edgebox
 
     return edgebox.default_model_path()
+
+
+# -- power: chip status and the governor's simulator (edgebox.power) -------------------------------
+
+power_app = typer.Typer(no_args_is_help=True, help="Chip power: status like nvidia-smi, and the governor's simulator.")
+app.add_typer(power_app, name="power")
+
+
+@power_app.command("status")
+def power_status(
+    fw_root: Path = typer.Option(Path("/run/edgebox/fw"), "--fw-root", help="the chips' firmware tree (hwmon + cpufreq)"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Per chip: power, clocks, voltage, temperature and the throttle reasons (budget, thermal, over-current)."""
+    import json
+
+    from .power.status import chip_status, format_status
+
+    chips = chip_status(fw_root)
+    typer.echo(json.dumps({"fw_root": str(fw_root), "chips": chips}, indent=1) if json_out else format_status(chips, fw_root))
+
+
+@power_app.command("simulate")
+def power_simulate(
+    model: Optional[Path] = typer.Argument(None, help="GGUF file whose shape to run (default: DeepSeek-LLM-7B Q4_0, no file needed)", show_default=False),
+    budget: float = typer.Option(10.0, "--budget", help="power budget in watts (1 s average; 1.2x over 100 ms)"),
+    streams: int = typer.Option(4, "--streams", min=1, help="concurrent generation streams, each request after request"),
+    seconds: float = typer.Option(60.0, "--seconds", help="device seconds to simulate"),
+    governor: str = typer.Option("on", "--governor", help="on, or off for static settings"),
+    freq: Optional[int] = typer.Option(None, "--freq", help="static clock cap in MHz (with --governor off)"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="static batch limit (with --governor off)"),
+    budget_steps: Optional[str] = typer.Option(None, "--budget-steps", help="budget changes as SECONDS:WATTS,... e.g. 20:7,40:10"),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="the engine's batch limit at most"),
+    chips: int = typer.Option(4, "--chips", min=2, help="chips to split the model over"),
+    seed: int = typer.Option(0, "--seed", help="seed of the prompt and generation lengths"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON (windows_w, short_windows_w, tokens_per_s, ...)"),
+) -> None:
+    """A dry run (no math) of STREAMS generation streams for SECONDS of device time: power windows, tokens/s, events."""
+    import json
+
+    from .power.simulate import format_result, run_cli
+
+    r = run_cli(model, budget_w=budget, streams=streams, seconds=seconds, governor=governor, freq_mhz=freq, batch=batch,
+                budget_steps=budget_steps, max_batch=max_batch, chips=chips, seed=seed)
+    typer.echo(json.dumps(r.to_dict(), indent=1) if json_out else format_result(r))
 
 
 def main() -> None:

@@ -516,8 +516,10 @@ class Engine:
             prompt_truncated=s.truncated))
 
     def _warm_up(self) -> None:
-        """Hot standby: compile and touch every code path once (prefill chunk, batched decode)."""
+        """Hot standby: repack the weights, compile and touch every code path once (prefill chunk,
+        batched decode)."""
         t0 = time.perf_counter()
+        self.model.prepare()
         greedy = SamplingParams(temperature=0.0)
         ids = self.model.tokenize(" warm up the engine " * 4, add_bos=False)[: max(1, self.model.n_ctx // 4)]
         prompt = self.model.detokenize(ids)

@@ -89,15 +89,6 @@ class GGUFFile:
         self._pos = 0
         self._parse()
 
-    def release_pages(self) -> None:
-        """Drop this process's resident pages of the file (they stay in the page cache).
-
-        Called once the kernels have repacked the weights: the mapped pages read while packing
-        would otherwise count in RSS next to the packed copy. Views stay valid; touching them
-        again just faults the pages back in from the cache."""
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self._mmap.madvise(mmap.MADV_DONTNEED)
-
     # -- cursor over the header -------------------------------------------------------------
     def _fail(self, what: str) -> ModelError:
         return ModelError(f"{self.path.name}: {what} (file is {self.file_size} bytes); the file is broken or not a GGUF model, re-download or re-convert it")

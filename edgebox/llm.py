@@ -6,6 +6,7 @@ This is the public object of ``edgebox.load``; the engine (many requests at once
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,6 @@ def load(path: str | os.PathLike | None = None, chips: int = 1, n_ctx: int | Non
     """
     loaded = load_gguf(default_model_path() if path is None else path)
     box = Box(loaded.args, loaded.weights, chips, profile=profile, backend=backend, source=loaded.file.path.name)
-    loaded.file.release_pages()
     return Model(loaded, box, n_ctx=n_ctx)
 
 
@@ -136,6 +136,14 @@ class Model:
     def chat_template(self) -> str | None:
         template = self.file.fields.get("tokenizer.chat_template")
         return template if isinstance(template, str) else None
+
+    def prepare(self, progress: bool = False) -> None:
+        """Repack the weights for the kernels now (otherwise each is repacked at its first use)."""
+        def show(done: int, total: int) -> None:
+            print(f"\rpreparing weights for the kernels: {done}/{total}", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+        self.box.prepare(show if progress else None)
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         return self.transformer.new_cache(n_ctx or self.n_ctx)

@@ -44,6 +44,7 @@ def main() -> None:
     for r in range(a.rounds):
         for n in (1, a.chips):
             m = edgebox.load(a.model, chips=n, n_ctx=128)
+            m.prepare()
             rates[n].append(decode_rate(m, a.steps))
             m.box.close()
             del m

@@ -138,6 +138,20 @@ class Box:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chip",
                                         initializer=_set_kernel_threads, initargs=(workers,)) if n_chips > 1 else None
 
+    def linears(self) -> list:
+        return [m for chip in self.chips for layer in chip.layers
+                for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down) if m is not None] + \
+               [chip.lm_head for chip in self.chips if chip.lm_head is not None]
+
+    def prepare(self, progress=None) -> None:
+        """Repack every weight for the kernels now rather than at first use; ``progress(done,
+        total)`` is called as it goes."""
+        todo = self.linears()
+        for i, lin in enumerate(todo, 1):
+            lin.prepare()
+            if progress is not None and (i % 16 == 0 or i == len(todo)):
+                progress(i, len(todo))
+
     # -- execution -------------------------------------------------------------------------------
     def run(self, fn) -> list:
         """fn(chip) on every chip, concurrently (one host thread per chip)."""

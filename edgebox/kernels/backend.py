@@ -32,12 +32,17 @@ class RefLinear:
         self.n_out, self.n_in = m.n_out, m.n_in
         self.nbytes = m.nbytes
 
+    def prepare(self) -> None:
+        """Nothing to prepare: the reference reads the file's rows as they are."""
+
     def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
         return ref.matmul(np.ascontiguousarray(x, dtype=np.float32), self.matrix.data, self.matrix.qtype)
 
 
 class NumbaLinear:
-    """x @ W.T through the numba kernels; the weight is repacked once, here."""
+    """x @ W.T through the numba kernels. The weight is repacked once, by ``prepare()`` (the
+    engine's warm-up and the CLI call it with a progress line) or else at its first use, never at
+    ``edgebox.load``: mapping a model stays instant and costs no memory until it runs."""
 
     def __init__(self, m: Matrix):
         from . import matmul
@@ -46,11 +51,18 @@ class NumbaLinear:
         self.matrix = m
         self.n_out, self.n_in = m.n_out, m.n_in
         self.nbytes = m.nbytes
-        self.packed = matmul.pack(m.data, m.qtype)
-        if self.packed.path != "float":  # float weights are read in place: keep their pages
-            release_view_pages(m.data)
+        self.packed = None
+
+    def prepare(self) -> None:
+        if self.packed is None:
+            m = self.matrix
+            self.packed = self._matmul.pack(m.data, m.qtype)
+            if self.packed.path != "float":  # float weights are read in place: keep their pages
+                release_view_pages(m.data)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
+        if self.packed is None:
+            self.prepare()
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) == 1:
             return self._matmul.matvec(self.packed, x[0])[None]

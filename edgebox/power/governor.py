@@ -1,0 +1,723 @@
+"""The power governor: hold the box's measured power inside the budget at the best tokens/s.
+
+Two parts, kept apart so the control law is testable on hand-made numbers:
+
+* pure functions: ``decide(readings, state, budget)`` runs a tick (every ``inner_s`` ≈ 100 ms of
+  device time: sensor guards, protections, thermal derating, budget changes, the batch loop);
+  ``modulate(sample, state, budget)`` runs after every engine step and picks the clock for the
+  next one.  Both return ``Decision(freqs_mhz, batch_limit, events, state)``; nothing is
+  mutated, no file or clock is touched.
+* ``PowerGovernor``: the loop around them, hung on the engine as a step listener (the scheduler
+  thread calls it after every step, in device time).  It reads the chips through the hwmon reader
+  from the firmware's published tree, writes each chip's ``cpufreq/scaling_max_freq`` (the
+  actuator a real board has) and sets ``engine.batch_limit``.
+
+Why the clock is chosen per step, not per 100 ms.  The DVFS levels are coarse (each ~25 % more
+power than the one below) and the budget has a 100 ms ceiling of 1.2 B.  A level whose power is
+over the budget but under the ceiling can be used part of the time, but steps are not alike: a
+prompt chunk lasts 4-7 decode steps, and the last, partial chunk of a prompt sits on the
+roofline ridge and draws 15-17 % more than decode.  Holding such a level for 100 ms blind would
+break the ceiling when that step comes; choosing per step, with the energy of the last 100 ms
+measured and the step the engine will run next priced exactly (``table.StepPricer``, the same
+formulas the chips are charged by), uses it whenever the windows allow and never otherwise.
+The 100 ms tick does what needs the full sensor set.
+
+The control law:
+
+1. Energy, not power, is measured: the chips' summed ``energy1_input`` counters after each step
+   give that step's energy and the trailing 1 s and 100 ms windows exactly.
+2. A credit (joules) integrates target power (budget less a margin) minus measured power.  Each
+   step runs at one of the two levels around the target, the one that brings the credit nearer
+   zero (a first-order sigma-delta): the mean power *is* the target whatever the model's error,
+   and neighbours are the cheapest mix (energy per token is convex in the clock).  The next
+   step's power comes from the feed-forward model scaled by ``k`` (measured over predicted, ~1),
+   so a budget step is met by the very next step.
+3. Hard limits filter the candidates first: the next step must keep every 100 ms window ending
+   in it under the ceiling and every 1 s window under the budget (the part of a window before a
+   budget change is allowed the old budget: a budget applies from when it is set), and no chip
+   may near its over-current rating.
+4. Batch (outer loop, ~1 s, hysteresis): the table says which batch limit gives the most tokens/s
+   at the target; it changes for a clear gain (3 % up, 15 % down: a lower limit idles slots), or
+   at once when even the lowest clock at the current batch would be over budget.
+5. Guards: a sensor that is invalid, stale, or without an energy counter puts every chip at the
+   lowest clock and the batch at what the table says is safe there (an event names the chip and
+   the problem) until every sensor reads well for two ticks; so does an error in the governor
+   itself.  Firmware protections (thermal trip, over-current) are reported as throttle reasons;
+   after an over-current event the level that tripped is avoided for a while, and near the
+   thermal trip the target is derated.
+6. Idle (nothing running or queued): the lowest clock everywhere.  Nothing polls: the loop runs
+   only when the engine steps.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .budget import Budget
+from .sensors import Reading, WrappingCounter, firmware_sensors
+from .table import DECODE, PREFILL, PowerTable, Step
+
+# --- configuration, inputs, state ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GovernorConfig:
+    table: PowerTable
+    n_chips: int
+    inner_s: float = 0.1              # tick period: sensors, guards (device seconds)
+    outer_s: float = 1.0              # batch loop period
+    margin: float = 0.025             # hold the mean this far under the budget (window noise)
+    window_guard: float = 0.005       # the 1 s window cap sits this far under the budget
+    short_guard: float = 0.99         # the next step's worst 100 ms window must fit this share of the ceiling
+    credit_low_s: float = 0.1         # the credit stays within [-B x low, +B x high] seconds:
+    credit_high_s: float = 0.02       # overspending is repaid; old underspending is forgotten
+    k_gain: float = 0.2               # per step: how fast the model's scale follows measurements
+    batch_up_gain: float = 0.03       # a larger batch limit must promise this much more tokens/s,
+    batch_down_gain: float = 0.15     # a smaller one (it idles slots) this much
+    throttle_c: float = 85.0          # thermal trip (the firmware's); derate below it
+    thermal_guard_c: float = 5.0      # start derating this far under the trip
+    over_current_w: float = math.inf  # per chip
+    oc_avoid_s: float = 10.0          # after an over-current event, stay under the tripping level
+
+    @classmethod
+    def for_box(cls, box, max_batch: int = 16, context: int = 512, **overrides) -> "GovernorConfig":
+        p = box.profile
+        return cls(table=PowerTable.from_box(box, max_batch, context), n_chips=box.n_chips,
+                   throttle_c=p.throttle_c, over_current_w=p.over_current_w, **overrides)
+
+    @property
+    def levels_mhz(self) -> tuple[int, ...]:
+        return self.table.levels_mhz
+
+    @property
+    def max_batch(self) -> int:
+        return self.table.max_batch
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What the loop measures after every step."""
+
+    t_s: float                        # device time
+    energy_j: float | None            # the box's energy (chips' counters summed, unwrapped); None: unreadable
+    running: int                      # sequences in the batch now
+    queued: int                       # sequences waiting for a slot
+    # the steps the engine may run next (with and without admitting what is queued), the
+    # likeliest last; None: unknown (any step at a typical context is assumed)
+    next_steps: tuple[Step, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Readings:
+    """What ``decide`` gets at a tick: the step sample and every chip's full sensor reading."""
+
+    t_s: float
+    chips: tuple[Reading, ...]        # one per chip, in chip order
+    running: int
+    queued: int
+    energy_j: float | None
+    next_steps: tuple[Step, ...] | None = None
+
+    @property
+    def sample(self) -> Sample:
+        return Sample(self.t_s, self.energy_j, self.running, self.queued, self.next_steps)
+
+
+@dataclass(frozen=True)
+class GovernorState:
+    config: GovernorConfig
+    batch_limit: int
+    level: int = 0                    # level in force
+    log: tuple[tuple[float, float], ...] = ()   # (t, box energy J) after each step, last ~1.2 s
+    credit_j: float = 0.0
+    k: float = 1.0                    # measured / predicted power of the last steps
+    batch: int = 1                    # sequences in the step now running
+    predicted_w: float | None = None  # the table's power for the step now running
+    budget_w: float | None = None
+    previous_budget: tuple[float, float] | None = None   # (changed at t, old watts): a window
+                                      # reaching back before a change is allowed the old budget
+                                      # for that part (the budget applies from when it is set)
+    target_w: float | None = None     # what the mean is held at (budget less margin, derated)
+    last_tick_s: float = -math.inf
+    last_outer_s: float = -math.inf
+    fault: bool = False
+    good_ticks: int = 0
+    idle: bool = False
+    reasons: tuple[str, ...] = ()     # firmware throttle reasons last reported
+    derating: bool = False
+    oc_events: int | None = None
+    oc_cap_level: int | None = None
+    oc_until_s: float = -math.inf
+
+    @classmethod
+    def initial(cls, config: GovernorConfig, batch_limit: int | None = None) -> "GovernorState":
+        return cls(config=config, batch_limit=batch_limit or config.max_batch)
+
+    @property
+    def power_1s_w(self) -> float | None:
+        return _window_w(self.log, 1.0)
+
+    @property
+    def power_100ms_w(self) -> float | None:
+        return _window_w(self.log, 0.1)
+
+
+@dataclass(frozen=True)
+class Decision:
+    freqs_mhz: tuple[int, ...]
+    batch_limit: int
+    events: tuple[dict, ...]
+    state: GovernorState
+
+
+# --- the pure control law -----------------------------------------------------------------------
+
+
+def decide(readings: Readings, state: GovernorState, budget: Budget | float) -> Decision:
+    """A tick: guards, protections, thermal, budget changes, the batch loop, then the clock for
+    the next step (``modulate``).  Pure."""
+    budget = budget if isinstance(budget, Budget) else Budget(float(budget))
+    cfg, tab = state.config, state.config.table
+    t = readings.t_s
+    events: list[dict] = []
+    lowest = (cfg.levels_mhz[0],) * cfg.n_chips
+
+    def event(kind: str, **data) -> None:
+        events.append({"t_s": round(t, 4), "kind": kind, **data})
+
+    # a budget change applies from this step on; the old credit means nothing under it
+    budget_changed = state.budget_w is not None and budget.watts != state.budget_w
+    if budget_changed:
+        event("budget", old_w=state.budget_w, new_w=budget.watts)
+        state = replace(state, credit_j=0.0, previous_budget=(t, state.budget_w))
+    state = replace(state, budget_w=budget.watts, last_tick_s=t)
+
+    # idle: nothing to run -> lowest clocks; the next work starts a fresh measurement
+    demand = readings.running + readings.queued
+    if demand == 0:
+        if not state.idle:
+            event("idle")
+        return Decision(lowest, state.batch_limit, tuple(events),
+                        replace(state, idle=True, log=(), credit_j=0.0, level=0))
+    if state.idle:
+        event("active")
+        state = replace(state, idle=False)
+
+    # guard: every chip must read sanely, with an energy counter (the budget is energy)
+    bad = {r.source: list(r.problems) or ["no energy1_input"] for r in readings.chips
+           if not r.valid or r.energy_j is None}
+    if len(readings.chips) != cfg.n_chips:
+        bad["sensors"] = [f"{len(readings.chips)} readings for {cfg.n_chips} chips"]
+    if readings.energy_j is None and not bad:
+        bad["energy"] = ["energy1_input unreadable"]
+    if bad:
+        safe_batch = _safe_batch(tab, budget, cfg)
+        if not state.fault:
+            event("sensor_fault", chips=bad, action=f"lowest clock {cfg.levels_mhz[0]} MHz, batch {safe_batch}")
+        return Decision(lowest, safe_batch, tuple(events),
+                        replace(state, fault=True, good_ticks=0, log=(), credit_j=0.0, level=0, batch_limit=safe_batch))
+    if state.fault:
+        if state.good_ticks + 1 < 2:      # one good reading is not yet trust
+            return Decision(lowest, state.batch_limit, tuple(events),
+                            replace(state, good_ticks=state.good_ticks + 1, log=()))
+        event("sensor_ok")
+        state = replace(state, fault=False, good_ticks=0, last_outer_s=-math.inf)
+
+    # firmware protections: report changes of reason; avoid a level that tripped over-current
+    reasons = tuple(sorted({x for r in readings.chips for x in r.throttle_reasons}))
+    if reasons != state.reasons:
+        event("throttled" if reasons else "unthrottled", reasons=list(reasons),
+              chips={r.source: list(r.throttle_reasons) for r in readings.chips if r.throttle_reasons})
+    oc = sum(r.oc_events or 0 for r in readings.chips)
+    oc_cap, oc_until = state.oc_cap_level, state.oc_until_s
+    if state.oc_events is not None and oc > state.oc_events:
+        oc_cap, oc_until = max(0, state.level - 1), t + cfg.oc_avoid_s
+        event("over_current", events=oc - state.oc_events, avoid_above_mhz=cfg.levels_mhz[oc_cap])
+    if oc_cap is not None and t >= oc_until:
+        oc_cap = None
+    state = replace(state, reasons=reasons, oc_events=oc, oc_cap_level=oc_cap, oc_until_s=oc_until)
+
+    # thermal: derate the target as the hottest die nears the trip (the trip itself would hold
+    # the lowest clock until the die cools by the hysteresis: tens of seconds at this RC)
+    target_w = budget.watts * (1.0 - cfg.margin)
+    temps = [r.temp_c for r in readings.chips if r.temp_c is not None]
+    hottest = max(temps) if temps else None
+    derate_from = cfg.throttle_c - cfg.thermal_guard_c
+    derating = hottest is not None and hottest >= derate_from
+    if derating:
+        over = (hottest - derate_from) / cfg.thermal_guard_c          # 0 at the guard, 1 at the trip
+        now_w = state.power_1s_w or target_w
+        target_w = min(target_w, now_w * max(0.5, 1.0 - 0.1 * (1.0 + over)))
+    if derating != state.derating:
+        event("thermal_derate" if derating else "thermal_ok", temp_c=round(hottest, 2) if hottest is not None else None)
+    state = replace(state, target_w=target_w, derating=derating)
+
+    # batch (outer loop): the table's best limit for the target, with hysteresis; the model
+    # scale only counts when it says the table is optimistic (prompt phases read low)
+    if budget_changed or t - state.last_outer_s >= cfg.outer_s:
+        new_limit = _choose_batch(state, budget, target_w / max(state.k, 1.0), demand, state.batch_limit)
+        if new_limit != state.batch_limit:
+            event("batch", old=state.batch_limit, new=new_limit)
+        state = replace(state, batch_limit=new_limit, last_outer_s=t)
+
+    d = modulate(readings.sample, state, budget)
+    return Decision(d.freqs_mhz, d.batch_limit, tuple(events), d.state)
+
+
+def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> Decision:
+    """After a step: book its energy, then pick the clock for the next step.  Pure.
+
+    The step the engine will run next (``sample.next_steps``; unknown: any step kind at a
+    typical context) is priced at every level up to ``allowed_top``.  The two levels around the
+    target are tried in sigma-delta order (the credit after the step nearer zero first), then
+    lower ones; the first whose step keeps every 100 ms window ending in it under the ceiling
+    and every 1 s window under the budget, given the energy measured so far, wins."""
+    budget = budget if isinstance(budget, Budget) else Budget(float(budget))
+    cfg, tab = state.config, state.config.table
+    if state.fault or state.idle:
+        return Decision((cfg.levels_mhz[0],) * cfg.n_chips, state.batch_limit, (), state)
+    if sample.energy_j is None:                     # the tick will judge the sensors
+        return Decision((cfg.levels_mhz[state.level],) * cfg.n_chips, state.batch_limit, (), state)
+    t, target_w = sample.t_s, state.target_w or budget.watts * (1.0 - cfg.margin)
+
+    # book the step just run: its energy against the credit and against the table (k)
+    log, credit, k = state.log, state.credit_j, state.k
+    dt = 0.0
+    if log and t > log[-1][0]:
+        dt = t - log[-1][0]
+        spent = sample.energy_j - log[-1][1]
+        predicted_w = state.predicted_w if state.predicted_w is not None else tab.power(state.level, state.batch)
+        if predicted_w > 0 and spent >= 0:
+            k = min(2.0, max(0.3, k + cfg.k_gain * (spent / (predicted_w * dt) - k)))
+        credit += target_w * dt - spent
+        credit = min(budget.watts * cfg.credit_high_s, max(-budget.watts * cfg.credit_low_s, credit))
+    if not log or t > log[-1][0]:
+        log = _trim(log + ((t, sample.energy_j),), t, budget.long_s + 0.2)
+
+    # the next step: every level up to the top, if the steps it may run fit both windows and no
+    # chip's over-current rating; the sigma-delta pick among them, priced as the likeliest step
+    batch = max(1, min(sample.running + sample.queued, state.batch_limit))
+    top = allowed_top(state, budget, batch, exact=sample.next_steps is not None)
+    ceiling_j = _allowance_j(state, budget.short_watts, budget.short_factor, t, budget.short_s) * cfg.short_guard
+    window_j = _allowance_j(state, budget.watts, 1.0, t, budget.long_s) * (1.0 - cfg.window_guard)
+    oc_w = cfg.over_current_w * cfg.short_guard
+    if sample.next_steps is not None:
+        priced = [tab.pricer.price(step) for step in sample.next_steps]
+    lt = np.fromiter((x[0] for x in log), float, len(log))
+    le = np.fromiter((x[1] for x in log), float, len(log))
+
+    def shapes_at(lv: int) -> list[tuple[float, float, float]]:
+        if sample.next_steps is not None:
+            return [(float(x.step_s[lv]), float(x.power_w[lv]), float(x.busy_w[lv])) for x in priced]
+        # unknown: any step kind at the typical context, the likeliest (decode) last
+        return list(tab.any_step(lv, batch)) + [tab.any_step(lv, batch)[0]]
+
+    def fits(lv: int) -> bool:
+        if lv == 0:
+            return True                         # nothing lower to go to
+        if sample.next_steps is not None and max(float(x.chip_peak_w[lv]) for x in priced) > oc_w:
+            return False
+        shapes = shapes_at(lv)
+        # the ceiling is checked against the model scaled up by k when it has been reading low
+        # lately (never down: one cheap step is no promise about the next)
+        up = max(k, 1.0)
+        return (_peak_window_j(lt, le, t, budget.short_s, [(s_, up * w, up * bw) for s_, w, bw in shapes]) <= ceiling_j
+                and _peak_window_j(lt, le, t, budget.long_s, [(s_, k * w, k * bw) for s_, w, bw in shapes]) <= window_j)
+
+    # the sigma-delta order: levels by how near they bring the credit to zero; the first that
+    # fits the windows wins
+    def err(lv: int) -> float:
+        d, p_w, _ = shapes_at(lv)[-1]
+        return abs(credit + (target_w - k * p_w) * d)
+
+    # only the two levels around the target take part: a mean power is cheapest as a mix of
+    # neighbours (energy per token is convex in the clock), so a big credit is not spent at a
+    # far higher, less efficient level
+    below = max([lv for lv in range(top + 1) if k * shapes_at(lv)[-1][1] <= target_w] or [0])
+    pair = sorted({below, min(below + 1, top)}, key=err)
+    order = pair + list(range(min(pair) - 1, -1, -1))
+    best = next((lv for lv in order if fits(lv)), 0)
+    best_w = shapes_at(best)[-1][1]
+    new = replace(state, level=best, log=log, credit_j=credit, k=k, batch=batch, predicted_w=best_w)
+    return Decision((cfg.levels_mhz[best],) * cfg.n_chips, state.batch_limit, (), new)
+
+
+def allowed_top(state: GovernorState, budget: Budget, batch: int, exact: bool = False) -> int:
+    """The highest level that may run at all: no recent over-current event forbids it, and
+    (unless ``exact``: the caller checks the step it knows) no chip's peak over any step at
+    this batch nears its over-current rating.  (Whether a level fits the 100 ms ceiling depends
+    on what ran before: ``modulate`` checks that per step.)"""
+    cfg, tab = state.config, state.config.table
+    top = tab.n_levels - 1
+    if not exact:
+        top = 0
+        for lv in range(1, tab.n_levels):
+            if tab.chip_peak(lv, batch) <= cfg.over_current_w * cfg.short_guard:
+                top = lv
+    return top if state.oc_cap_level is None else min(top, state.oc_cap_level)
+
+
+def _allowance_j(state: GovernorState, watts: float, factor: float, t: float, window_s: float) -> float:
+    """Energy a window of ``window_s`` ending at ``t`` may hold: ``watts`` x the window, except
+    that the part of it before the last budget change is allowed the old budget (x factor).
+    Conservative for the windows ending later in the next step (they reach less far back)."""
+    allowed = watts * window_s
+    if state.previous_budget is not None:
+        since, old_w = state.previous_budget
+        before = min(max(since - (t - window_s), 0.0), window_s)
+        allowed += (old_w * factor - watts) * before
+    return allowed
+
+
+def _trim(log: tuple, t: float, span_s: float) -> tuple:
+    """Drop entries older than span_s, keeping one at or before the horizon."""
+    times = [x[0] for x in log]
+    cut = bisect.bisect_right(times, t - span_s) - 1
+    return log[cut:] if cut > 0 else log
+
+
+def _energy_at(log: tuple, t: float) -> float:
+    times = [x[0] for x in log]
+    if t <= times[0]:
+        return log[0][1]            # before the first entry nothing known was spent
+    i = bisect.bisect_left(times, t)
+    if i >= len(log):
+        return log[-1][1]
+    (t0, e0), (t1, e1) = log[i - 1], log[i]
+    return e0 + (e1 - e0) * (t - t0) / (t1 - t0) if t1 > t0 else e1
+
+
+def _energy_in(log: tuple, t: float, window_s: float) -> float:
+    """Energy spent in [t - window_s, t] as far as the log knows (0 before its first entry)."""
+    if not log or window_s <= 0:
+        return 0.0
+    return _energy_at(log, t) - _energy_at(log, t - window_s)
+
+
+def _peak_window_j(lt: np.ndarray, le: np.ndarray, t: float, window_s: float, shapes) -> float:
+    """The most energy any window of ``window_s`` ending during the next step can hold, over the
+    (seconds, mean watts, busy watts) shapes that step may have; ``lt``, ``le``: the energy log.
+
+    A window ending ``tau`` into the step holds the log's last (window - tau) seconds plus the
+    step's first tau seconds, at most min(tau x busy watts, the whole step's energy): a chip
+    that waits for the others idles first, so the step's power is not flat.  Between log
+    entries the window's start loses energy at a constant rate, so the maximum is at the step's
+    end, at a log crossing, or where the step's bound turns flat."""
+    if not len(lt):
+        return max(min(min(s, window_s) * bw, s * w) for s, w, bw in shapes)
+    now = float(np.interp(t, lt, le))
+    start = t - window_s
+    worst = 0.0
+    for s, w, bw in shapes:
+        on = min(s, window_s)
+        total = s * w
+        knee = total / bw if bw > 0 else on
+        taus = np.append(lt[(lt > start) & (lt < start + on)] - start, [on, min(on, knee)])
+        step_j = np.minimum(taus * bw, total)
+        worst = max(worst, float(np.max(now - np.interp(start + taus, lt, le) + step_j)))
+    return worst
+
+
+def _window_w(log: tuple, window_s: float) -> float | None:
+    if len(log) < 2:
+        return None
+    return _energy_in(log, log[-1][0], window_s) / window_s
+
+
+def _safe_batch(tab: PowerTable, budget: Budget, cfg: GovernorConfig) -> int:
+    """With no trustworthy sensor: the largest batch whose steps at the lowest clock fit."""
+    fit = [b for b in range(1, tab.max_batch + 1)
+           if max(tab.power(0, b, DECODE), tab.power(0, b, PREFILL)) <= budget.watts * (1 - cfg.margin)]
+    return fit[-1] if fit else 1
+
+
+def _choose_batch(state: GovernorState, budget: Budget, target_w: float, demand: int, current: int) -> int:
+    """The batch limit with the most predicted tokens/s at ``target_w`` (table watts), with
+    hysteresis; every limit >= demand runs the same, so the best of those is reported as max."""
+    cfg, tab = state.config, state.config.table
+
+    def tokens(limit: int) -> float | None:
+        b = max(1, min(limit, demand))
+        return tab.mix_tokens(target_w, b, allowed_top(state, budget, b))
+
+    scores = {b: tokens(b) for b in range(1, tab.max_batch + 1)}
+    feasible = {b: s for b, s in scores.items() if s is not None}
+    if not feasible:
+        return 1                        # nothing fits: the smallest batch, the clock at the bottom
+    best = max(feasible, key=lambda b: (round(feasible[b], 9), b))
+    if best >= demand:
+        best = tab.max_batch
+    now = scores.get(current)
+    if now is None:
+        return best
+    gain = cfg.batch_up_gain if best > current else cfg.batch_down_gain
+    return best if feasible[best] > now * (1 + gain) else current
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+class EnergyCounters:
+    """The chips' ``energy1_input`` counters, read after every step (one small file per chip,
+    kept open and read with pread, as sysfs allows) and unwrapped: the box's energy in joules
+    since the first read, or None if any is unreadable (the tick's full readings say why)."""
+
+    def __init__(self, hwmon_dirs: list[Path]):
+        self.files = [Path(d) / "energy1_input" for d in hwmon_dirs]
+        self.fds: list[int | None] = [None] * len(self.files)
+        self.counters: list[WrappingCounter | None] = [None] * len(self.files)
+
+    def read(self) -> float | None:
+        total = 0
+        for i, f in enumerate(self.files):
+            try:
+                if self.fds[i] is None:
+                    self.fds[i] = os.open(f, os.O_RDONLY)
+                raw = int(os.pread(self.fds[i], 32, 0))
+            except (OSError, ValueError):
+                self._reopen(i)
+                return None
+            c = self.counters[i]
+            if c is None:
+                try:
+                    range_uj = int((f.parent / "energy1_max_range_uj").read_bytes()[:32])
+                except (OSError, ValueError):
+                    range_uj = 2**64
+                c = self.counters[i] = WrappingCounter(range_uj)
+            c.update(raw)
+            total += c.total
+        return total * 1e-6
+
+    def _reopen(self, i: int) -> None:
+        fd, self.fds[i] = self.fds[i], None       # the file may have been replaced: open it anew next time
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for i in range(len(self.fds)):
+            self._reopen(i)
+
+
+class PowerGovernor:
+    """The governor attached to an engine; implements the daemon's ``PowerControl``.
+
+    ``box``: the model's ``Box``.  Its firmware must publish a tree; an in-process firmware
+    without one is replaced, before any step runs, by one publishing under ``fw_root`` (or a
+    temporary directory).  ``set_budget`` may be called from any thread; it applies at the next
+    step.
+    """
+
+    def __init__(self, box, budget_w: float = 10.0, *, max_batch: int = 16, fw_root: Path | str | None = None,
+                 context: int = 512, publish_interval_s: float = 0.02, keep_trace: bool = False, **config):
+        self.box = box
+        self.budget = Budget(budget_w)
+        fw = box.firmware
+        if getattr(fw, "root", None) is None:
+            from firmware_stub import Firmware
+
+            from .simulate import scratch_dir
+
+            if fw_root is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="edgebox-fw-", dir=scratch_dir())
+                fw_root = self._tmp.name
+            fw = Firmware(box.profile, box.n_chips, root=fw_root, publish_interval_s=publish_interval_s)
+            box.firmware = fw
+        self.firmware = fw
+        self.root = Path(fw.root)
+        clock = lambda: box.clock_s  # noqa: E731  (sensors are stamped in device time)
+        # a chip reading over 10x its over-current rating is a broken sensor, not a load
+        self.sensors = firmware_sensors(self.root, clock=clock, max_power_w=10 * box.profile.over_current_w)
+        self.energy = EnergyCounters([s.dir for s in self.sensors])
+        self.config = GovernorConfig.for_box(box, max_batch, context, **config)
+        self.state = GovernorState.initial(self.config, max_batch)
+        self.events: list[dict] = []
+        self.trace: list[tuple[float, int, int]] | None = [] if keep_trace else None
+        self.engine = None
+        self._lock = threading.Lock()
+        self._written: list[int | None] = [None] * box.n_chips
+        self._force_tick = False
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def attach(self, engine) -> "PowerGovernor":
+        self.engine = engine
+        engine.batch_limit = self.state.batch_limit
+        self._prime()
+        engine.add_step_listener(self.on_step)
+        return self
+
+    def _prime(self) -> None:
+        """Start the counters now and set the clock the first step runs at (the listener runs
+        only after a step): the table's choice for one prompt chunk."""
+        self._publish()
+        for s in self.sensors:
+            s.read()
+        e = self.energy.read()
+        t, tab = self.box.clock_s, self.config.table
+        target = self.budget.watts * (1 - self.config.margin)
+        level = max([lv for lv in range(tab.n_levels) if tab.power(lv, 1, PREFILL) <= target] or [0])
+        level = min(level, allowed_top(self.state, self.budget, 1))
+        self.state = replace(self.state, log=((t, e),) if e is not None else (), level=level, batch=1,
+                             budget_w=self.budget.watts, target_w=target)
+        self._apply(Decision((self.config.levels_mhz[level],) * self.box.n_chips, self.state.batch_limit, (),
+                             self.state), None)
+
+    def set_budget(self, watts: float) -> None:
+        """Hold average power at or below ``watts`` from the next step (ValueError if not > 0)."""
+        b = self.budget.with_watts(float(watts))
+        with self._lock:
+            self.budget = b
+            self._force_tick = True
+
+    def on_step(self, engine) -> None:
+        """The step listener (scheduler thread): measure, then tick or modulate.  It never
+        raises into the engine: a failure here puts the chips at the lowest clock and says why."""
+        try:
+            self._on_step(engine)
+        except Exception as e:      # noqa: BLE001  (a governor bug must not fail the requests)
+            lowest = (self.config.levels_mhz[0],) * self.box.n_chips
+            with self._lock:
+                first = not self.state.fault
+                self.state = replace(self.state, fault=True, level=0, log=(), good_ticks=0)
+                if first:
+                    self.events.append({"t_s": round(self.box.clock_s, 4), "kind": "governor_error",
+                                        "error": f"{type(e).__name__}: {e}", "action": "lowest clock"})
+            try:
+                self._apply(Decision(lowest, self.state.batch_limit, (), self.state), None)
+            except Exception:        # noqa: BLE001  (the files are gone: nothing more to do here)
+                pass
+
+    def _on_step(self, engine) -> None:
+        running, queued, next_steps = _load_of(engine)
+        self._publish()
+        t = self.box.clock_s
+        energy = self.energy.read()
+        with self._lock:
+            budget, force = self.budget, self._force_tick
+            self._force_tick = False
+        s = self.state
+        if force or t - s.last_tick_s >= self.config.inner_s or running + queued == 0 or s.fault:
+            readings = Readings(t, tuple(x.read() for x in self.sensors), running, queued, energy, next_steps)
+            d = decide(readings, s, budget)
+        else:
+            d = modulate(Sample(t, energy, running, queued, next_steps), s, budget)
+        self._apply(d, engine)
+        with self._lock:
+            self.state = d.state
+            self.events.extend(d.events)
+        if self.trace is not None:
+            self.trace.append((t, d.freqs_mhz[0], d.batch_limit))
+
+    def _publish(self) -> None:
+        # the in-process stub publishes on its own device-time ticks; a board's power monitor
+        # converts continuously, so a read after a step sees that step: ask the stub to publish
+        publish = getattr(self.firmware, "publish", None)
+        if publish is not None:
+            publish()
+
+    def _apply(self, d: Decision, engine) -> None:
+        changed = False
+        for chip, mhz in enumerate(d.freqs_mhz):
+            if self._written[chip] != mhz:
+                path = self.root / f"chip{chip}" / "cpufreq" / "scaling_max_freq"
+                path.write_text(f"{mhz * 1000}\n")
+                self._written[chip] = mhz
+                changed = True
+        if changed:
+            self._publish()             # a cpufreq write takes effect at once on a board
+        if engine is not None and engine.batch_limit != d.batch_limit:
+            engine.batch_limit = d.batch_limit
+
+    # -- PowerControl ---------------------------------------------------------------------------
+    def status(self) -> dict:
+        with self._lock:
+            s, budget = self.state, self.budget
+            recent = self.events[-10:]
+        return {
+            "budget_w": budget.watts,
+            "short_ceiling_w": budget.short_watts,
+            "target_w": _r(s.target_w),
+            "power_1s_w": _r(s.power_1s_w),
+            "power_100ms_w": _r(s.power_100ms_w),
+            "freq_mhz": self.config.levels_mhz[s.level],
+            "batch_limit": s.batch_limit,
+            "model_scale": _r(s.k),
+            "sensor_fault": s.fault,
+            "idle": s.idle,
+            "throttle_reasons": list(s.reasons),
+            "thermal_derate": s.derating,
+            "recent_events": recent,
+        }
+
+    def close(self) -> None:
+        self.energy.close()
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _load_of(engine) -> tuple[int, int, tuple[Step, ...] | None]:
+    """(running, queued, the step the engine will run next) after a step.
+
+    ``engine.stats()`` is too slow for every step (it scans the recent steps) and does not say
+    what the next step carries, so until the engine offers a public ``load()`` (running, queued,
+    and the next step's segments as ``Box.account_step`` takes them), they are read from the
+    scheduler's own state, which is safe here: the listener runs
+    on the scheduler thread, between steps.  The next step is built as ``Engine._admit`` and
+    ``Engine._step`` will build it: queued requests admitted FIFO while a slot and KV room last
+    (cached prompt prefixes give way), then one decode row per sequence with a token pending
+    and prompt chunks sharing ``prefill_chunk`` rows, oldest first.  A request submitted from
+    another thread before the next step starts is the one thing this cannot see."""
+    load = getattr(engine, "load", None)
+    if callable(load):          # the public form: (running, queued, [(rows, context after), ...] or None)
+        running, queued, segments = load()
+        return running, queued, None if segments is None else (_step_of(segments),)
+    try:
+        running, queue = list(engine._running), list(engine._queue)
+        used = sum(s.kv.nbytes for s in running)
+        reading = [(len(s.ids) - s.n_done, s.kv.length) for s in running if s.prefilling]
+        decoding = [s.kv.length + 1 for s in running if not s.prefilling and s.pending is not None]
+        slots = engine.batch_limit - len(running)
+        for handle, ids, *_ in queue:
+            if slots <= 0 or handle.cancelled:
+                break
+            need = engine._reservation(handle.request, len(ids)) * engine.kv_bytes_per_token
+            if used + need > engine.kv_budget_bytes:
+                break
+            used += need
+            slots -= 1
+            reading.append((len(ids), 0))      # a prompt-cache hit would read fewer: never more
+        return len(running), len(queue), (_plan(decoding, reading, engine.prefill_chunk),)
+    except (AttributeError, TypeError, ValueError):      # another engine: say nothing about the next step
+        return len(getattr(engine, "_running", ())), len(getattr(engine, "_queue", ())), None
+
+
+def _step_of(segments) -> Step:
+    """A step from its segments, as ``Box.account_step`` takes them: (rows, context after)."""
+    return Step(sum(n for n, _ in segments), sum(n * c for n, c in segments), sum(c for _, c in segments), len(segments))
+
+
+def _plan(decoding: list[int], reading: list[tuple[int, int]], chunk: int) -> Step:
+    rows, pairs, ctx, logits = len(decoding), sum(decoding), sum(decoding), len(decoding)
+    budget = chunk
+    for left, at in reading:
+        if budget <= 0:
+            break
+        n = min(budget, left)
+        rows, pairs, ctx, logits = rows + n, pairs + n * (at + n), ctx + at + n, logits + 1
+        budget -= n
+    return Step(rows, pairs, ctx, logits)
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(x, digits)
