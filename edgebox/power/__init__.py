@@ -1,1 +1,1 @@
-"""Power: sensors (sensors.py) and, from the governor's owner, the budget governor."""
+"""Power: sensors (hwmon, RAPL, psutil), budget windows, the governor, simulate and status."""
