@@ -12,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
+# The tiny random-weight DeepSeek-Coder model (Q8_0 by llama.cpp): behaviour tests use it rather
+# than the bundled trained model, whose replies (EOS, stops) depend on its training.
+TEST_MODEL = DATA / "models" / "tiny-deepseek-coder-Q8_0.gguf"
 sys.path.insert(0, str(REPO / "tools"))
 
 import tiny_models  # noqa: E402

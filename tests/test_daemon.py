@@ -27,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import edgebox
+from conftest import TEST_MODEL
 from edgebox.daemon.client import ClientError, FleetClient
 from mosquitto import MOSQUITTO, Mosquitto, free_port
 
@@ -59,7 +60,8 @@ class Daemon:
     def start(self, wait_ready: bool = True, timeout: float = 120.0) -> "Daemon":  # a cold numba cache compiles
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "edgebox.cli", "serve", *self.args],
+            model = [] if "--model" in self.args else ["--model", str(TEST_MODEL)]
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgebox.cli", "serve", *model, *self.args],
                                          stdout=log, stderr=log, env=self.env, cwd=REPO)
         if wait_ready:
             self.wait_log("ready: serving", timeout)
@@ -267,7 +269,7 @@ def test_generate_streams_ordered_chunks_then_one_final(rec, broker):
     assert final["usage"]["completion_tokens"] == 12 and final["usage"]["prompt_tokens"] > 0
     assert set(final["timings"]) >= {"ttft_ms", "decode_ms", "total_ms", "decode_tokens_per_s"}
     # the daemon's greedy text is the library's greedy text
-    expected = "".join(edgebox.load().generate(PROMPT, max_tokens=12, temperature=0.0))
+    expected = "".join(edgebox.load(TEST_MODEL).generate(PROMPT, max_tokens=12, temperature=0.0))
     assert "".join(d["delta"] for d in body[:-1]) == expected
 
 
@@ -414,7 +416,7 @@ def test_cancel_ends_the_stream_with_a_final_reply(rec, fleet):
 def test_stream_false_returns_the_text_in_the_final(fleet):
     final = fleet.call(DEVICE, "generate", {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": False}, timeout=60,
                        on_chunk=lambda c: pytest.fail(f"no chunks with stream=false: {c}"))
-    assert final["text"] == "".join(edgebox.load().generate(PROMPT, max_tokens=5, temperature=0.0))
+    assert final["text"] == "".join(edgebox.load(TEST_MODEL).generate(PROMPT, max_tokens=5, temperature=0.0))
 
 
 def test_chat_messages_go_through_the_model_template(fleet):
@@ -427,7 +429,7 @@ def test_status_state_telemetry_and_throttle_events(broker, daemon, fleet):
     [(_, status, _)] = rec.wait_for(lambda m: m[0].endswith("/status"))
     assert status["state"] == "online"
     [(_, state, _)] = rec.wait_for(lambda m: m[0].endswith("/state"))
-    assert state["model"]["name"] == "default.gguf" and state["chips"] == 1 and "budget_w" in state
+    assert state["model"]["name"] == TEST_MODEL.name and state["chips"] == 1 and "budget_w" in state
     assert {"version", "sha256"} <= set(state["config"])
     [(_, tel, _)] = rec.wait_for(lambda m: m[0].endswith("/telemetry"))
     assert [c["chip"] for c in tel["chips"]] == ["chip0", "chip1"]
@@ -463,7 +465,7 @@ def test_operator_cli(broker, daemon):
     b = ["client", "--broker", broker.url]
     gen = _cli(*b, "generate", "--device", DEVICE, "-p", PROMPT, "-n", "6", "--temp", "0")
     assert gen.returncode == 0, gen.stderr
-    assert gen.stdout.rstrip("\n") == "".join(edgebox.load().generate(PROMPT, max_tokens=6, temperature=0.0)).rstrip("\n")
+    assert gen.stdout.rstrip("\n") == "".join(edgebox.load(TEST_MODEL).generate(PROMPT, max_tokens=6, temperature=0.0)).rstrip("\n")
     assert "generated 6 tokens" in gen.stderr
     devices = _cli(*b, "devices")
     assert devices.returncode == 0 and any(line.split()[:2] == [DEVICE, "online"] for line in devices.stdout.splitlines()), devices.stdout
@@ -482,8 +484,8 @@ def test_unload_then_load_model(fleet, tmp_path):
     assert fleet.call(DEVICE, "unload_model", timeout=30)["result"]["state"] == "unloaded"
     gen = fleet.call_raw(DEVICE, "generate", {"prompt": "hi", "max_tokens": 2}, timeout=20)
     assert gen["code"] == 503 and "load_model" in gen["message"]
-    loaded = fleet.call(DEVICE, "load_model", {"path": "default.gguf"}, timeout=60)["result"]
-    assert loaded["name"] == "default.gguf" and loaded["warmup_s"] >= 0
+    loaded = fleet.call(DEVICE, "load_model", {"path": TEST_MODEL.name}, timeout=60)["result"]
+    assert loaded["name"] == TEST_MODEL.name and loaded["warmup_s"] >= 0
     assert fleet.call(DEVICE, "generate", {"prompt": "hi", "max_tokens": 2}, timeout=60)["status"] == "ok"
 
 

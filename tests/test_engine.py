@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import edgebox
+from conftest import TEST_MODEL
 from edgebox.engine import Chunk, Engine, KVBudgetError, QueueFullError, Request
 
 GREEDY = edgebox.SamplingParams(temperature=0.0)
@@ -16,7 +17,7 @@ GREEDY = edgebox.SamplingParams(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def model():
-    return edgebox.load()
+    return edgebox.load(TEST_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,20 @@ import numpy as np
 import pytest
 
 import edgebox
+from conftest import TEST_MODEL
 from edgebox.model import KVCache
 
 
 @pytest.fixture(scope="module")
 def model():
-    return edgebox.load()
+    return edgebox.load(TEST_MODEL)
 
 
-def test_default_model_is_bundled(model):
+def test_default_model_is_bundled():
+    m = edgebox.load()
     assert edgebox.default_model_path().exists()
-    assert model.path == edgebox.default_model_path()
-    assert model.args.arch == "llama" and model.args.rope_freq_scale == 0.25
+    assert m.path == edgebox.default_model_path()
+    assert m.args.arch == "llama" and m.args.rope_freq_scale == 0.25  # DeepSeek-Coder's linear rope x4
 
 
 def test_incremental_decode_equals_full_prompt(model):

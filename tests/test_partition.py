@@ -13,6 +13,7 @@ from edgebox.chips.partition import PartitionPlan, _deal, col_slice
 
 CODER_Q4_K_M = REPO / "tests" / "data" / "models" / "tiny-deepseek-coder-Q4_K_M.gguf"
 CODER_Q4_0 = REPO / "tests" / "data" / "models" / "tiny-deepseek-coder-Q4_0.gguf"
+CODER_Q8_0 = REPO / "tests" / "data" / "models" / "tiny-deepseek-coder-Q8_0.gguf"
 
 
 def test_deal_is_even_and_contiguous():
@@ -33,7 +34,7 @@ CASES = [
     ("tiny-deepseek-llm", None, 4),     # llama F32: one head and 40 FFN rows per chip
     ("tiny-qwen2", None, 4),            # qwen2 F32: GQA with each KV head replicated on 2 chips, biases
     ("tiny-qwen2", None, 3),            # uneven: heads 2/1/1, FFN rows 54/53/53
-    ("default", None, 4),               # Q8_0: 32-value blocks
+    ("coder-Q8_0", None, 4),            # Q8_0: 32-value blocks
     ("coder-Q4_0", None, 4),
     ("coder-Q4_K_M", None, 4),          # 256-value super-blocks: chips 2 and 3 get no FFN block
 ]
@@ -41,7 +42,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,_,chips", CASES)
 def test_n_chips_give_one_chips_logits(name, _, chips, tiny_f32):
-    path = {"default": edgebox.default_model_path(), "coder-Q4_0": CODER_Q4_0,
+    path = {"coder-Q8_0": CODER_Q8_0, "coder-Q4_0": CODER_Q4_0,
             "coder-Q4_K_M": CODER_Q4_K_M}.get(name) or tiny_f32(name)
     ids = [1, 50, 900, 7, 7, 31, 2000, 15, 400, 3][: 10]
     one, _ = logits_on(path, 1, ids)
@@ -92,7 +93,7 @@ def test_model_that_does_not_fit_is_refused(tmp_path):
     profile = tmp_path / "tiny-chip.toml"
     profile.write_text(small)
     with pytest.raises(edgebox.ModelError, match=r"needs 0\.\d+ GiB per chip on 4 chip\(s\), the chip .* has 0\.00 GiB"):
-        edgebox.load(edgebox.default_model_path(), chips=4, profile=str(profile))
+        edgebox.load(CODER_Q8_0, chips=4, profile=str(profile))
 
 
 def test_plan_for_the_7b_shape():

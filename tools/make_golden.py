@@ -1,8 +1,7 @@
 """Make the golden test data with llama.cpp (the oracle): quantized tiny models and their logits.
 
     pip install llama-cpp-python        # builds llama.cpp from source (~10 min); never a runtime dependency
-    python tools/make_golden.py         # rewrites tests/data/models/*.gguf, edgebox/data/default.gguf
-                                        # and tests/data/golden/*
+    python tools/make_golden.py         # rewrites tests/data/models/*.gguf and tests/data/golden/*
 
 For every tiny model (tools/tiny_models.py) and quant type it records, from llama.cpp:
 - the prompt's token ids (llama.cpp's tokenizer, BOS added),
@@ -37,10 +36,6 @@ N_GREEDY = 16
 N_TOP = 64
 N_FIXED = 1024
 
-# The bundled default model (edgebox/data/default.gguf) is one of them, not a copy.
-DEFAULT_MODEL = ("tiny-deepseek-coder", "Q8_0")
-DEFAULT_MODEL_PATH = REPO / "edgebox" / "data" / "default.gguf"
-
 # The quantized variants committed under tests/data/models (F32 files are rebuilt by the tests).
 # Quant types are covered on the coder model only: a quantized copy of the 102k/152k-vocabulary
 # models would add 15 MB each to the repository (their tokenizer metadata alone is 4-6 MB) and
@@ -53,7 +48,7 @@ QUANTS: dict[str, tuple[str, ...]] = {
 
 
 def quantized_path(name: str, qtype: str) -> Path:
-    return DEFAULT_MODEL_PATH if (name, qtype) == DEFAULT_MODEL else MODELS_DIR / f"{name}-{qtype}.gguf"
+    return MODELS_DIR / f"{name}-{qtype}.gguf"
 
 
 def quantize(src: Path, dst: Path, ftype_name: str) -> None:
@@ -104,7 +99,6 @@ def main() -> None:
     import llama_cpp
 
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
-    DEFAULT_MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
     record = {"llama_cpp_python": llama_cpp.__version__, "prompt": PROMPT, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
