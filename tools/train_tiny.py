@@ -1,7 +1,7 @@
 """Train edgebox's small default model: DeepSeek-Coder architecture, real tokenizer, CPython stdlib.
 
     pip install torch==2.13.0          # the CPU wheel on this machine's disk; a tool dependency only
-    python tools/train_tiny.py OUT_DIR [--minutes 35]
+    python tools/train_tiny.py OUT_DIR [--minutes 25 | --steps N]
 
 What it does, deterministically (fixed seed, fixed data order, fixed split):
 1. Data: every ``.py`` file of this interpreter's standard library (``sysconfig``'s stdlib path,
@@ -14,7 +14,8 @@ What it does, deterministically (fixed seed, fixed data order, fixed split):
    4 layers, width 256, 4 heads, FFN 768, tied embeddings: ~10.6 M parameters.
 3. Training: AdamW, cosine schedule with warm-up, sequences of 256 tokens, batch 16, for the
    given wall-clock minutes on the CPU (2 threads; the schedule follows the clock, so a busy
-   machine trains fewer steps rather than overrunning), then held-out loss.
+   machine trains fewer steps rather than overrunning; ``--steps N`` replays a recorded run's
+   schedule exactly, for bit-for-bit reproduction), then held-out loss.
 4. Export: an F32 and an F16 GGUF through gguf-py's writer, Q/K rows permuted the way llama.cpp's
    converter does for the llama architecture (HF's rotate-half rope -> GGML's adjacent pairs),
    then Q8_0, Q4_0 and Q4_K_M through llama.cpp's own quantizer (llama-cpp-python).
@@ -224,7 +225,9 @@ def quantize(src: Path, dst: Path, ftype: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description="train edgebox's tiny default model")
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--minutes", type=float, default=35.0, help="wall-clock training budget")
+    ap.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train exactly this many steps instead (the record's 'steps' reproduces a run)")
     args = ap.parse_args()
     import torch
 
@@ -252,9 +255,13 @@ def main() -> None:
     t0, step, losses = time.time(), 0, []
     # The schedule runs on the wall clock, not on a step count: the machine may be shared, and a
     # budget in minutes is what the recipe promises. lr: linear warm-up, then cosine to 2%.
-    while (elapsed := time.time() - t0) < budget_s:
+    while True:
+        elapsed = time.time() - t0
+        progress = elapsed / budget_s if args.steps is None else step / args.steps
+        if progress >= 1.0:
+            break
         x, y = next(data)
-        lr_scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s))
+        lr_scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for g in opt.param_groups:
             g["lr"] = 3e-3 * max(lr_scale, 0.02)
         loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)).flatten(0, 1), torch.from_numpy(y).flatten())
