@@ -47,7 +47,7 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt with the GGUF's chat template (llama.cpp --jinja)"),
     system: Optional[str] = typer.Option(None, "--system", help="system message in --chat mode"),
-    chips: int = typer.Option(1, "--chips", min=1, help="chips to split the model over"),
+    chips: int = typer.Option(4, "--chips", min=1, help="chips to split the model over (the box has four)"),
     ctx: Optional[int] = typer.Option(None, "--ctx", min=1, help="context size (default: min(4096, the model's))"),
 ) -> None:
     """Generate text from a prompt, streamed to stdout; a timing line goes to stderr."""
@@ -98,7 +98,7 @@ def _opt(*names: str, help: str):
 def serve(
     config: Optional[Path] = _opt("--config", "-c", help="TOML config file (flags override it)"),
     model: Optional[Path] = _opt("--model", help="GGUF model to serve (default: the bundled tiny model)"),
-    chips: Optional[int] = _opt("--chips", help="chips to split the model over (default 1)"),
+    chips: Optional[int] = _opt("--chips", help="chips to split the model over (default 4)"),
     ctx: Optional[int] = _opt("--ctx", help="context size (default: min(4096, the model's))"),
     max_batch: Optional[int] = _opt("--max-batch", help="sequences decoded together at most (default 8)"),
     kv_budget_mib: Optional[float] = _opt("--kv-budget-mib", help="KV cache budget in MiB"),
@@ -122,7 +122,8 @@ def serve(
     max_tokens_limit: Optional[int] = _opt("--max-tokens-limit", help="largest max_tokens a request may ask (default 4096)"),
     telemetry_interval_s: Optional[float] = _opt("--telemetry-interval-s", help="seconds between telemetry messages (default 5)"),
     drain_timeout_s: Optional[float] = _opt("--drain-timeout-s", help="on SIGTERM, time for running requests to finish (default 30)"),
-    fw_root: Optional[Path] = _opt("--fw-root", help="chip firmware tree for telemetry (e.g. /run/edgebox/fw)"),
+    governor: Optional[bool] = _opt("--governor/--no-governor", help="hold the budget with the power governor (default on)"),
+    fw_root: Optional[Path] = _opt("--fw-root", help="where the chips' firmware publishes its hwmon tree (default $RUNTIME_DIRECTORY/fw)"),
     log_level: Optional[str] = _opt("--log-level", help="debug, info, warning or error (default info)"),
     config_version: Optional[str] = _opt("--config-version", help="a label for this configuration, reported in state"),
 ) -> None:

@@ -232,6 +232,8 @@ class Engine:
         self._generated = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self.warmup_s = 0.0
+        self._quiet = threading.Event()  # set while idle with the listeners told so
+        self._quiet.set()
         self._thread = threading.Thread(target=self._run, name="edgebox-engine", daemon=True)
         self._thread.start()
         if warmup and not dry_run:
@@ -268,8 +270,9 @@ class Engine:
         return handle
 
     def add_step_listener(self, fn: Callable[["Engine"], None]) -> None:
-        """Call ``fn(engine)`` on the scheduler thread after every step (the governor's hook:
-        it reads sensors in device time and turns the knobs between steps)."""
+        """Call ``fn(engine)`` on the scheduler thread after every step, and once more when the
+        last request ends and the engine goes idle (the governor's hook: it reads sensors in
+        device time and turns the knobs between steps; idle, it parks the clocks)."""
         self._step_listeners.append(fn)
 
     def generate(self, request: Request) -> Summary:
@@ -337,10 +340,22 @@ class Engine:
         return sum(s.kv.nbytes for s in self._running) + sum(kv.nbytes for _, kv in self._prompt_cache)
 
     def _run(self) -> None:
+        told_idle = True  # the step listeners know there is nothing to run
         while True:
+            with self._cond:
+                idle = not self._stopping and not self._queue and not self._running
+            if idle and not told_idle:
+                # the last work ended (finished or cancelled): one more call lets the governor
+                # see an idle engine and park the clocks, as no step will call it until new work
+                told_idle = True
+                self._tell_listeners()
+                self._quiet.set()
+                continue
             with self._cond:
                 while not self._stopping and not self._queue and not self._running:
                     self._cond.wait()
+                told_idle = False
+                self._quiet.clear()
                 if self._stopping and not self._drain:
                     self._abort_all()
                     return
@@ -442,6 +457,9 @@ class Engine:
             self._recent.append((now, produced))
             while self._recent and now - self._recent[0][0] > 5.0:
                 self._recent.popleft()
+        self._tell_listeners()
+
+    def _tell_listeners(self) -> None:
         for fn in self._step_listeners:
             fn(self)
 
@@ -526,6 +544,8 @@ class Engine:
         handles = [self.submit(Request(prompt=prompt, max_tokens=3, params=greedy)) for _ in range(2)]
         for h in handles:
             h.result()
+        # the scheduler is quiet when this returns: a listener added next never races its idle call
+        self._quiet.wait(5.0)
         with self._cond:
             self._prompt_cache.clear()
             self._recent.clear()

@@ -180,15 +180,6 @@ def is_final(request_id: str):
     return lambda m: isinstance(m[1], dict) and m[1].get("done") is True and m[1].get("request_id") == request_id
 
 
-def firmware_tree(root: Path, chips: int = 2) -> Path:
-    from firmware_stub.firmware import Firmware
-
-    fw = Firmware("r100-edge", chips, root=root)
-    fw.publish()
-    fw.close()
-    return root
-
-
 @pytest.fixture
 def stopper():
     """Register brokers, daemons and recorders as they start; all are stopped at teardown, even when
@@ -217,7 +208,7 @@ def broker(tmp_path_factory):
 @pytest.fixture(scope="module")
 def daemon(broker, tmp_path_factory):
     d = tmp_path_factory.mktemp("daemon")
-    fw = firmware_tree(d / "fw")
+    fw = d / "fw"  # the daemon's chips publish their firmware tree here
     daemon = Daemon(d, "--broker", broker.url, "--device-id", DEVICE, "--max-in-flight", "64",
                     "--telemetry-interval-s", "0.5", "--fw-root", str(fw), "--max-tokens-limit", "512").start()
     daemon.fw_root = fw
@@ -266,7 +257,7 @@ def test_generate_streams_ordered_chunks_then_one_final(rec, broker):
     assert all(d["done"] is False for d in body[:-1]) and body[-1]["done"] is True
     assert all(p.CorrelationData == b"corr-1" for _, p in msgs), "Correlation Data copied on every message"
     final = body[-1]
-    assert final["status"] == "ok" and final["code"] == 200 and final["done_reason"] == "length"
+    assert final["status"] == "ok" and final["code"] == 200 and final["done_reason"] == "length", final
     assert final["usage"]["completion_tokens"] == 12 and final["usage"]["prompt_tokens"] > 0
     assert set(final["timings"]) >= {"ttft_ms", "decode_ms", "total_ms", "decode_tokens_per_s"}
     # the daemon's greedy text is the library's greedy text
@@ -430,31 +421,51 @@ def test_status_state_telemetry_and_throttle_events(broker, daemon, fleet):
     [(_, status, _)] = rec.wait_for(lambda m: m[0].endswith("/status"))
     assert status["state"] == "online"
     [(_, state, _)] = rec.wait_for(lambda m: m[0].endswith("/state"))
-    assert state["model"]["name"] == TEST_MODEL.name and state["chips"] == 1 and "budget_w" in state
-    assert {"version", "sha256"} <= set(state["config"])
+    assert state["model"]["name"] == TEST_MODEL.name and state["chips"] == 4 and "budget_w" in state
+    assert state["budget_enforced"] is True and {"version", "sha256"} <= set(state["config"])
     [(_, tel, _)] = rec.wait_for(lambda m: m[0].endswith("/telemetry"))
-    assert [c["chip"] for c in tel["chips"]] == ["chip0", "chip1"]
-    assert {"power_w", "freq_mhz", "temp_c", "throttle_reasons"} <= set(tel["chips"][0])
+    assert [c["chip"] for c in tel["chips"]] == ["chip0", "chip1", "chip2", "chip3"]
+    assert {"power_w", "freq_mhz", "max_freq_mhz", "temp_c", "throttle_reasons"} <= set(tel["chips"][0])
     assert {"batch", "queue", "tokens_per_s", "in_flight", "budget_w"} <= set(tel) and tel["host"]["rss_bytes"] > 0
     assert tel["engine"]["batch_limit"] >= 1 and tel["engine"]["kv_budget_bytes"] > 0
-    # the chip reports a thermal throttle: an event says so
-    reasons = daemon.fw_root / "chip0" / "hwmon" / "hwmon0" / "throttle_reasons"
-    reasons.write_text("thermal\n")
-    [(_, ev, _)] = rec.wait_for(lambda m: m[0].endswith("/event") and m[1].get("event") == "throttled", timeout=10)
-    assert ev["chip"] == "chip0" and ev["reasons"] == ["thermal"]
-    reasons.write_text("none\n")
-    rec.wait_for(lambda m: m[0].endswith("/event") and m[1].get("event") == "unthrottled", timeout=10)
+    assert tel["power"]["enforced"] is True and tel["power"]["budget_w"] == tel["budget_w"]
+    # the same tree `edgebox power status` reads
+    assert sorted(p.name for p in daemon.fw_root.glob("chip*")) == ["chip0", "chip1", "chip2", "chip3"]
     result = fleet.call(DEVICE, "get_status", timeout=20)["result"]
     assert result["engine"] is not None and result["counters"]["received"] > 0 and "password" not in result["settings"]
     rec.close()
 
 
-def test_set_power_budget_without_governor_records_it(broker, fleet):
-    result = fleet.call(DEVICE, "set_power_budget", {"watts": 7.5}, timeout=20)["result"]
-    assert result["budget_w"] == 7.5 and result["enforced"] is False and "not enforced" in result["note"]
-    rec = Recorder(broker.url, f"edgebox/v1/{DEVICE}/state")
-    [(_, state, _)] = rec.wait_for(lambda m: isinstance(m[1], dict) and m[1].get("budget_w") == 7.5)
-    rec.close()
+def test_budget_is_enforced_by_the_governor_and_reported(broker, daemon, fleet):
+    """A budget below what the chips draw at full clock: the governor lowers their clocks and the
+    batch limit while requests run (telemetry says "budget"), and parks the clocks when idle."""
+    rec = Recorder(broker.url, f"edgebox/v1/{DEVICE}/#")
+    try:
+        result = fleet.call(DEVICE, "set_power_budget", {"watts": 2.0}, timeout=20)["result"]
+        assert result == {"budget_w": 2.0, "enforced": True}
+        rec.wait_for(lambda m: m[0].endswith("/state") and m[1].get("budget_w") == 2.0)
+        # four requests that the governor runs one at a time (batch limit 1 at 2 W): seconds of work
+        ids = [f"capped-{i}" for i in range(4)]
+        for rid in ids:
+            rec.publish(f"edgebox/v1/{DEVICE}/cmd/generate",
+                        {"request_id": rid, "params": {"prompt": PROMPT, "max_tokens": 500, "temperature": 0}},
+                        response_topic=reply_topic())
+        [(_, tel, _)] = rec.wait_for(lambda m: m[0].endswith("/telemetry") and m[1]["batch"] >= 1
+                                     and m[1]["power"]["budget_w"] == 2.0 and not m[1]["power"]["idle"], timeout=30)[:1]
+        assert all(c["freq_mhz"] < c["top_mhz"] and "budget" in c["throttle_reasons"] for c in tel["chips"]), tel["chips"]
+        assert tel["power"]["freq_mhz"] == tel["chips"][0]["max_freq_mhz"] and tel["engine"]["batch_limit"] == 1
+        assert any(e["kind"] == "budget" and e["new_w"] == 2.0 for e in tel["power"]["recent_events"])
+        for rid in ids:
+            rec.publish(f"edgebox/v1/{DEVICE}/cmd/cancel", {"request_id": f"k-{rid}", "params": {"target": rid}},
+                        response_topic=reply_topic())
+        for rid in ids:
+            rec.wait_for(is_final(rid), timeout=60)
+        # idle: the governor parks the clocks, and says so as "idle", not as a budget cap
+        rec.wait_for(lambda m: m[0].endswith("/telemetry") and m[1]["batch"] == 0
+                     and all(c["throttle_reasons"] == ["idle"] for c in m[1]["chips"]), timeout=30)
+    finally:
+        fleet.call(DEVICE, "set_power_budget", {"watts": 10.0}, timeout=20)
+        rec.close()
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -546,7 +557,7 @@ def test_lifecycle_notify_limits_expiry_reload_and_drain(tmp_path, stopper):
                       '[serve]\nmax_in_flight = 2\nmax_batch = 1\ndrain_timeout_s = 2.0\nmax_payload_bytes = 4096\n')
     notify = NotifySocket()
     stopper(notify)
-    daemon = Daemon(tmp_path / "d", "--config", str(config), "--telemetry-interval-s", "60",
+    daemon = Daemon(tmp_path / "d", "--config", str(config), "--telemetry-interval-s", "60", "--no-governor",
                     env={"NOTIFY_SOCKET": notify.env, "WATCHDOG_USEC": "600000"})
     stopper(daemon)
     daemon.start(wait_ready=False)
@@ -591,7 +602,12 @@ def test_lifecycle_notify_limits_expiry_reload_and_drain(tmp_path, stopper):
     [(_, ev, _)] = rec.wait_for(lambda m: m[0].endswith("/event") and m[1].get("event") == "config_reloaded")
     assert set(ev["applied"]) == {"config_version", "max_in_flight", "budget"} and ev["restart_required"] == ["reconnect_max_s"]
     rec.wait_for(lambda m: m[0].endswith("/state") and m[1]["config"]["version"] == "v2" and m[1]["budget_w"] == 6.5
-                 and m[1]["limits"]["max_in_flight"] == 4)
+                 and m[1]["limits"]["max_in_flight"] == 4 and m[1]["budget_enforced"] is False)
+    # --no-governor: a budget is recorded, and the reply says it is not enforced
+    rec.publish("edgebox/v1/box-life/cmd/set_power_budget", {"request_id": "b-1", "params": {"watts": 7.5}},
+                response_topic=reply, correlation=b"budget")
+    [(_, budget, _)] = rec.wait_for(lambda m: getattr(m[2], "CorrelationData", None) == b"budget")
+    assert budget["result"]["enforced"] is False and "not enforced" in budget["result"]["note"]
 
     # SIGTERM: one request finishes within drain_timeout_s, one is cancelled with a final 503;
     # a command arriving during the drain is left to the broker for the next run

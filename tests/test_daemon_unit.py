@@ -19,6 +19,8 @@ from pydantic import ValidationError
 from edgebox.daemon.config import (FLAG_SETTINGS, LIVE_SETTINGS, ConfigError, DaemonConfig, live_differences,
                                    load_config)
 from edgebox.daemon.notify import Notifier
+from edgebox.daemon.power import BoxPower
+from edgebox.daemon.telemetry import TelemetrySampler
 from edgebox.daemon.schemas import (CommandEnvelope, GenerateParams, SetPowerBudgetParams, Topics,
                                     describe_validation_error, reply_topic_problem)
 
@@ -260,3 +262,56 @@ def test_mosquitto_acl_confines_each_device_to_its_tree():
     assert rules == ["pattern readwrite edgebox/v1/%u/#", "user controller", "topic readwrite edgebox/v1/#"]
     conf = (DEPLOY / "mosquitto.conf").read_text()
     assert "allow_anonymous false" in conf and "persistence true" in conf
+
+
+# -- power and telemetry ----------------------------------------------------------------------------
+
+def test_telemetry_reports_throttle_changes_as_events(tmp_path):
+    from firmware_stub.firmware import Firmware
+
+    with Firmware("r100-edge", 2, root=tmp_path) as fw:
+        fw.publish()
+        sampler = TelemetrySampler(tmp_path)
+        sample, events = sampler.sample()
+        assert [c["chip"] for c in sample["chips"]] == ["chip0", "chip1"] and events == []
+        reasons = tmp_path / "chip0" / "hwmon" / "hwmon0" / "throttle_reasons"
+        reasons.write_text("thermal\n")
+        sample, events = sampler.sample()
+        assert events == [("throttled", {"chip": "chip0", "reasons": ["thermal"]})]
+        assert sampler.sample()[1] == []                 # no change, no event
+        reasons.write_text("none\n")
+        assert sampler.sample()[1] == [("unthrottled", {"chip": "chip0", "reasons": []})]
+        # a clock capped by the idle governor is "idle", not a budget cap
+        (tmp_path / "chip1" / "cpufreq" / "scaling_max_freq").write_text("400000\n")
+        fw.publish()
+        sample, events = sampler.sample(idle=True)
+        assert sample["chips"][1]["throttle_reasons"] == ["idle"]
+        assert sampler.sample(idle=False)[0]["chips"][1]["throttle_reasons"] == ["budget"]
+    assert TelemetrySampler(tmp_path / "absent").sample()[0]["chips"] == []
+
+
+def test_box_power_keeps_the_budget_and_one_tree(tmp_path):
+    import edgebox
+    from conftest import TEST_MODEL
+
+    stale = tmp_path / "fw" / "chip7" / "hwmon"
+    stale.mkdir(parents=True)
+    power = BoxPower(10.0, tmp_path / "fw", governor=True, max_batch=4)
+    with pytest.raises(ValueError, match="positive"):
+        power.set_budget(-1)
+    power.set_budget(6.0)                               # no model yet: kept for the next load
+    assert power.status() == {"enforced": True, "budget_w": 6.0, "short_ceiling_w": 7.2, "reason": "no model is loaded"}
+    model = edgebox.load(TEST_MODEL, chips=2)
+    power.install(model)
+    assert model.box.firmware.root == tmp_path / "fw"
+    assert sorted(p.name for p in (tmp_path / "fw").glob("chip*")) == ["chip0", "chip1"]  # chip7 was stale
+    assert power.status()["budget_w"] == 6.0 and power.status()["enforced"] is True
+    power.close()
+    assert power.status()["reason"] == "no model is loaded"
+    # governor off: the tree is published, the budget only recorded; RUNTIME_DIRECTORY is the default home
+    off = BoxPower(10.0, None, governor=False, env={"RUNTIME_DIRECTORY": str(tmp_path / "run")})
+    assert off.fw_root == tmp_path / "run" / "fw"
+    off.install(edgebox.load(TEST_MODEL, chips=2))
+    assert (tmp_path / "run" / "fw" / "chip1" / "hwmon").is_dir()
+    assert off.status()["enforced"] is False and "governor is off" in off.status()["reason"]
+    off.close()

@@ -91,6 +91,29 @@ def test_cancel_frees_the_slot_at_once(model):
         e.close(drain=False)
 
 
+def test_listeners_hear_once_that_the_engine_went_idle(model):
+    """After the last request ends (here: cancelled, so no step follows it) the step listeners are
+    called once more with nothing running, so a governor can park the clocks; then no more calls
+    while idle (no polling)."""
+    e = Engine(model, max_batch=1)
+    seen: list[tuple[int, int]] = []
+    e.add_step_listener(lambda eng: seen.append((len(eng._running), len(eng._queue))))
+    try:
+        h = e.submit(Request(prompt="while True:", max_tokens=500, params=GREEDY))
+        next(iter(h))
+        h.cancel()
+        assert h.result(timeout=10).done_reason == "cancelled"
+        deadline = time.monotonic() + 5
+        while seen[-1] != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen[-1] == (0, 0) and all(r > 0 for r, _ in seen[:-1])
+        n = len(seen)
+        time.sleep(0.3)
+        assert len(seen) == n, "no listener calls while idle"
+    finally:
+        e.close(drain=False)
+
+
 def test_cancel_while_queued(model):
     e = Engine(model, max_batch=1)
     try:

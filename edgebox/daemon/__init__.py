@@ -7,6 +7,7 @@ Modules (one owner each):
 - ``transport``   the MQTT 5 connection: persistent session, Last Will, QoS 1, backoff, acks
 - ``handlers``    commands -> engine, on a dispatcher thread (never paho's network thread)
 - ``engine_host`` the loaded model and its warm engine (load, unload, hot standby)
+- ``power``       the chips' firmware tree and the budget governor on the loaded model
 - ``telemetry``   power/temperature/frequency readings and the ``PowerControl`` protocol
 - ``notify``      sd_notify over ``NOTIFY_SOCKET`` (READY, WATCHDOG, STOPPING, RELOADING)
 - ``service``     the main loop: load, connect, READY=1, watchdog, SIGHUP reload, SIGTERM drain

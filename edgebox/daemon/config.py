@@ -35,7 +35,7 @@ CREDENTIAL_NAME = "mqtt-password"  # LoadCredential=mqtt-password:/etc/edgebox/m
 # applied by SIGHUP without a restart
 LIVE_SETTINGS = frozenset({
     "budget", "max_in_flight", "max_payload_bytes", "max_tokens_limit", "telemetry_interval_s",
-    "drain_timeout_s", "log_level", "config_version", "fw_root",
+    "drain_timeout_s", "log_level", "config_version",
 })
 
 
@@ -53,7 +53,7 @@ class DaemonConfig(BaseModel):
 
     # the model
     model: Path | None = Field(None, description="GGUF model to serve (default: the bundled tiny model)")
-    chips: int = Field(1, ge=1, le=64, description="chips to split the model over")
+    chips: int = Field(4, ge=1, le=64, description="chips to split the model over (the box has four)")
     ctx: int | None = Field(None, ge=16, description="context size (default: min(4096, the model's))")
     max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together at most")
     kv_budget_mib: float | None = Field(None, gt=0, description="KV cache budget in MiB (default: max_batch full contexts)")
@@ -83,7 +83,9 @@ class DaemonConfig(BaseModel):
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     telemetry_interval_s: float = Field(5.0, ge=0.1, description="seconds between telemetry messages")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long running requests may finish before they are cancelled")
-    fw_root: Path | None = Field(None, description="chip firmware tree to read telemetry from (e.g. /run/edgebox/fw)")
+    governor: bool = Field(True, description="hold the budget with the power governor (false: the budget is only recorded)")
+    fw_root: Path | None = Field(None, description="where the chips' firmware publishes its hwmon/cpufreq tree "
+                                                   "(default: $RUNTIME_DIRECTORY/fw, else a temporary directory)")
     log_level: str = Field("info", description="debug, info, warning or error")
     config_version: str = Field("", max_length=128, description="operator's label for this configuration, reported in state")
 

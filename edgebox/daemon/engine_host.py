@@ -25,8 +25,9 @@ class Busy(EdgeboxError):
 
 
 class ModelHost:
-    def __init__(self, *, max_batch: int, max_queue: int, kv_budget_bytes: int | None):
+    def __init__(self, *, max_batch: int, max_queue: int, kv_budget_bytes: int | None, power=None):
         self.max_batch, self.max_queue, self.kv_budget_bytes = max_batch, max_queue, kv_budget_bytes
+        self.power = power                    # BoxPower: firmware + governor of the loaded model
         self.state = "unloaded"
         self.info: dict | None = None
         self._model = None
@@ -57,9 +58,15 @@ class ModelHost:
             if old is not None:
                 old.close(drain=False)
             try:
+                if self.power is not None:
+                    self.power.install(model)         # before the warm-up's first step
                 engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue,
                                 kv_budget_bytes=self.kv_budget_bytes)
+                if self.power is not None:
+                    self.power.attach(engine)
             except Exception:
+                if self.power is not None:
+                    self.power.detach()
                 with self._lock:
                     self._model, self.info, self.state = None, None, "unloaded"
                 raise
@@ -85,6 +92,8 @@ class ModelHost:
             before_close()
             if old is not None:
                 old.close(drain=False)
+            if self.power is not None:
+                self.power.detach()
         finally:
             self._switch.release()
 
@@ -129,3 +138,5 @@ class ModelHost:
             old, self._engine, self.state = self._engine, None, "unloaded"
         if old is not None:
             old.close(drain=False)
+        if self.power is not None:
+            self.power.close()

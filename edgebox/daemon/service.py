@@ -29,8 +29,9 @@ from .config import DaemonConfig, load_config, live_differences
 from .engine_host import ModelHost
 from .handlers import CommandHandler
 from .notify import Notifier
+from .power import BoxPower
 from .schemas import UNAVAILABLE, Topics, encode
-from .telemetry import PowerControl, TelemetrySampler
+from .telemetry import TelemetrySampler
 from .transport import Transport
 
 log = logging.getLogger("edgebox.daemon")
@@ -38,18 +39,18 @@ log = logging.getLogger("edgebox.daemon")
 
 class Service:
     def __init__(self, config_path: Path | None = None, flags: Mapping[str, Any] | None = None,
-                 power: PowerControl | None = None, env: Mapping[str, str] = os.environ):
+                 env: Mapping[str, str] = os.environ):
         self.config_path, self.flags, self.env = config_path, dict(flags or {}), env
         self.cfg: DaemonConfig = load_config(config_path, self.flags, env)
-        self.power = power
+        self.power = BoxPower(self.cfg.budget, self.cfg.fw_root, self.cfg.governor, self.cfg.max_batch, env=env)
         self.budget_w = self.cfg.budget
         self.topics = Topics(self.cfg.device_id)
         self.notifier = Notifier(env)
         self.reloads = 0
         self.started_at = time.time()
         self.host = ModelHost(max_batch=self.cfg.max_batch, max_queue=self.cfg.max_in_flight,
-                              kv_budget_bytes=self.cfg.kv_budget_bytes)
-        self.telemetry = TelemetrySampler(self.cfg.fw_root)
+                              kv_budget_bytes=self.cfg.kv_budget_bytes, power=self.power)
+        self.telemetry = TelemetrySampler(self.power.fw_root)
         self.last_telemetry: dict | None = None
         self._wake = threading.Event()
         self._stop_signals = 0
@@ -61,16 +62,15 @@ class Service:
 
     # -- the Box interface the handlers use ------------------------------------------------------
     def set_budget(self, watts: float) -> dict:
-        enforced = self.power is not None
-        if self.power is not None:
-            self.power.set_budget(watts)  # ValueError -> 400
+        enforced = self.power.enforced
+        self.power.set_budget(watts)  # ValueError -> 400
         self.budget_w = watts
         log.info("power budget set to %.3g W (%s)", watts, "enforced" if enforced else "recorded")
         self.publish_event("budget_changed", budget_w=watts, enforced=enforced)
         self.publish_state()
         result = {"budget_w": watts, "enforced": enforced}
         if not enforced:
-            result["note"] = "no power governor is attached: the budget is recorded in state, not enforced"
+            result["note"] = "the power governor is off (governor = false): the budget is recorded in state, not enforced"
         return result
 
     def publish_event(self, kind: str, **fields) -> None:
@@ -92,7 +92,7 @@ class Service:
             "state": "stopped" if self._stopped else "draining" if self._draining else self.host.state,
             "model": self.host.info,
             "budget_w": self.budget_w,
-            "budget_enforced": self.power is not None,
+            "budget_enforced": self.power.enforced,
             "chips": cfg.chips,
             "config": {"version": cfg.config_version, "path": str(self.config_path) if self.config_path else None,
                        "sha256": hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:16],
@@ -111,7 +111,7 @@ class Service:
             "engine": self.host.stats(),
             "in_flight": h.in_flight if h else 0,
             "counters": dict(h.counters) if h else {},
-            "power": self.power.status() if self.power is not None else None,
+            "power": self.power.status(),
             "telemetry": self.last_telemetry,
             "settings": self.cfg.public(),
         }
@@ -125,8 +125,6 @@ class Service:
         self.notifier.status(f"loading model {cfg.model or 'default'}")
         info = self.host.load(cfg.model, cfg.chips, cfg.ctx)
         log.info("model %s loaded and warm (%.2f s load, %.2f s warm-up)", info["name"], info["load_s"], info["warmup_s"])
-        if self.power is not None:
-            self.power.set_budget(self.budget_w)
 
         password = cfg.resolved_password(self.env)
         online = {"state": "online", "device_id": cfg.device_id, "pid": os.getpid(), "since": time.time()}
@@ -237,8 +235,9 @@ class Service:
         self.publish_state()
 
     def _publish_telemetry(self) -> None:
+        power = self.power.status()
         try:
-            sample, events = self.telemetry.sample()
+            sample, events = self.telemetry.sample(idle=bool(power.get("idle")))
         except Exception as e:  # a sensor problem must not stop serving
             log.warning("telemetry failed: %s", e)
             return
@@ -252,7 +251,7 @@ class Service:
             "tokens_per_s": engine["tokens_per_s"] if engine else 0.0,
             "in_flight": handler.in_flight if handler else 0,
             "budget_w": self.budget_w,
-            "power": self.power.status() if self.power is not None else None,
+            "power": power,
         })
         self.last_telemetry = sample
         self.transport.publish_json(self.topics.telemetry, sample, qos=0)
@@ -300,8 +299,6 @@ class Service:
             self.transport.payload_limit = new.max_payload_bytes
         if "log_level" in live:
             logging.getLogger("edgebox").setLevel(new.log_level.upper())
-        if "fw_root" in live:
-            self.telemetry = TelemetrySampler(new.fw_root)
         log.info("configuration reloaded: applied %s%s", ", ".join(live) or "nothing new",
                  f"; restart to apply {', '.join(restart)}" if restart else "")
         self.publish_event("config_reloaded", applied=live, restart_required=restart)
@@ -320,5 +317,5 @@ def configure_logging(level: str) -> None:
     root.propagate = False
 
 
-def run_service(config_path: Path | None, flags: Mapping[str, Any], power: PowerControl | None = None) -> int:
-    return Service(config_path, flags, power).run()
+def run_service(config_path: Path | None, flags: Mapping[str, Any]) -> int:
+    return Service(config_path, flags).run()

@@ -1,8 +1,8 @@
-"""What the box reports: per-chip power/frequency/temperature, host CPU and memory; and the
-``PowerControl`` protocol through which the budget governor plugs into the daemon.
+"""What the box reports: per-chip power/frequency/temperature/throttle reasons, host CPU and
+memory; and the ``PowerControl`` protocol through which the budget governor plugs into the daemon.
 
-Without a governor (``power=None``) the daemon still validates and records budgets, and reads
-the chips through ``edgebox.power.sensors`` (the firmware's hwmon tree under ``fw_root``).
+The chips are read from the firmware's hwmon/cpufreq tree with ``edgebox.power.status.chip_status``,
+the same reader and fields as ``edgebox power status --json``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..power.sensors import HostSensor, Reading, firmware_sensors
+from ..errors import EdgeboxError
+from ..power.sensors import HostSensor
+from ..power.status import chip_status
 
 
 @runtime_checkable
 class PowerControl(Protocol):
-    """The power governor as the daemon sees it (the governor's owner implements it)."""
+    """The power governor as the daemon sees it (``daemon.power.BoxPower`` implements it)."""
 
     def set_budget(self, watts: float) -> None:
         """Hold average power at or below ``watts``; raise ValueError for a budget it cannot hold."""
@@ -29,18 +31,20 @@ class TelemetrySampler:
     def __init__(self, fw_root: Path | None):
         self.fw_root = fw_root
         self.host = HostSensor()
-        self.chips = firmware_sensors(fw_root) if fw_root is not None else []
         self._reasons: dict[str, tuple[str, ...]] = {}
 
-    def sample(self) -> tuple[dict, list[tuple[str, dict]]]:
-        """-> (the chips/host part of a telemetry message, events to publish: throttled/unthrottled)."""
+    def sample(self, idle: bool = False) -> tuple[dict, list[tuple[str, dict]]]:
+        """-> (the chips/host part of a telemetry message, events to publish: throttled/unthrottled).
+
+        ``idle``: the governor parked the clocks because nothing runs; a clock below the top is
+        then reported as ``idle``, not as a ``budget`` cap (nvidia-smi's "Idle" reason)."""
         import psutil
 
-        if self.fw_root is not None and not self.chips:  # the firmware may start after us
-            self.chips = firmware_sensors(self.fw_root)
-        chips = [_chip(r) for r in (s.read() for s in self.chips)]
+        chips = self._chips()
         events = []
         for c in chips:
+            if idle and "budget" in c["throttle_reasons"]:
+                c["throttle_reasons"] = ["idle" if r == "budget" else r for r in c["throttle_reasons"]]
             reasons = tuple(c["throttle_reasons"])
             if reasons != self._reasons.get(c["chip"], ()):
                 kind = "throttled" if reasons else "unthrottled"
@@ -56,14 +60,10 @@ class TelemetrySampler:
                      "mem_available_bytes": vm.available, "mem_total_bytes": vm.total},
         }, events
 
-
-def _chip(r: Reading) -> dict:
-    return {
-        "chip": r.source, "valid": r.valid, "power_w": _round(r.power_w), "average_power_w": _round(r.average_power_w),
-        "freq_mhz": r.freq_mhz, "max_freq_mhz": r.max_freq_mhz, "temp_c": _round(r.temp_c, 2),
-        "throttle_reasons": list(r.throttle_reasons), "problems": list(r.problems),
-    }
-
-
-def _round(x: float | None, digits: int = 4) -> float | None:
-    return None if x is None else round(x, digits)
+    def _chips(self) -> list[dict]:
+        if self.fw_root is None:
+            return []
+        try:
+            return chip_status(self.fw_root)
+        except EdgeboxError:        # no tree yet (the firmware starts with the model)
+            return []
