@@ -331,9 +331,12 @@ def bench(
     threads: int = typer.Option(2, "--threads", "-t", min=1, help="threads for edgebox and llama.cpp alike"),
     prompt: str = typer.Option("64,512", "--prompt", help="prompt lengths to time, comma separated"),
     n_decode: int = typer.Option(32, "--n-decode", min=2, help="decode steps to time"),
-    chips: int = typer.Option(1, "--chips", min=1, help="chips to split the model over"),
-    concurrency: str = typer.Option("", "--concurrency", help="engine levels, e.g. 1,4,8,16"),
+    chips: int = typer.Option(1, "--chips", min=1, help="chips to split the model over (1: the host's own speed, as llama.cpp runs)"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: the runtime's default)"),
+    concurrency: str = typer.Option("", "--concurrency", help="engine levels, e.g. 1,4,8,16 (adds the hot-standby TTFT)"),
     vs_llama_cpp: bool = typer.Option(False, "--vs-llama-cpp", help="run llama.cpp on the same file and threads, print ratios"),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="alternate the runners this many times; best figure of each"),
+    startup: bool = typer.Option(False, "--startup", help="also time process start -> first token over an empty and a warm numba cache"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Prompt processing, decode, TTFT and memory (and engine concurrency), optionally beside llama.cpp."""
@@ -346,7 +349,12 @@ def bench(
         levels = tuple(int(x) for x in concurrency.split(",") if x)
     except ValueError:
         raise EdgeboxError(f"--prompt and --concurrency take comma-separated integers, got {prompt!r} / {concurrency!r}") from None
-    report = run_bench(model or _default_model(), threads, lens, n_decode, vs_llama_cpp, chips, levels)
+    if not lens or min(lens) < 1 or (levels and min(levels) < 1):
+        raise EdgeboxError("--prompt and --concurrency need positive integers")
+    path = model or _default_model()
+    if not Path(path).is_file():
+        raise EdgeboxError(f"{path}: no such model file")
+    report = run_bench(path, threads, lens, n_decode, vs_llama_cpp, chips, levels, backend, rounds, startup)
     typer.echo(json.dumps(report, indent=1) if json_out else format_report(report))
 
 
