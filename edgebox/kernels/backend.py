@@ -3,6 +3,13 @@
 A backend gives ``linear(matrix)`` (a weight prepared once, never per call; calling it computes
 ``x @ W.T``) and the other ops of the forward pass. ``ref`` is the numpy reference (the spec);
 ``numba`` runs the JIT kernels, which their tests hold to the reference within stated tolerances.
+``onnxruntime`` runs the matmuls through onnxruntime (``kernels.ort``: MatMulNBits for the
+quantized types it can compute exactly, Gemm for float weights) and keeps every other op (norm,
+rope, SwiGLU, attention) on numba: those are small next to the matmuls and ORT would cost a
+session and a copy per call for them.  A weight type ORT has no exact mapping for, or runs only
+unpacked (float zero points: Q4_1, Q4_K), stays on numba there too.  ``auto`` picks numba or
+onnxruntime per weight shape and batch bucket from timings taken on this CPU and cached on
+disk, under a memory rule (``kernels.autotune``); its non-matmul ops are numba's as well.
 
 Which kernel each op takes on the numba backend, and why:
 - matmuls: ``kernels.matmul`` (weights repacked at load, int8 activations for quantized types);
@@ -20,7 +27,7 @@ from ..gguf_file import release_view_pages
 from ..gguf_loader import Matrix
 from . import ref
 
-BACKENDS = ("numba", "ref")
+BACKENDS = ("numba", "onnxruntime", "auto", "ref")
 DEFAULT_BACKEND = "numba"
 
 
@@ -53,11 +60,13 @@ class NumbaLinear:
         self.nbytes = m.nbytes
         self.packed = None
 
-    def prepare(self) -> None:
+    def prepare(self, release: bool = True) -> None:
+        """Repack once; then drop the pages under the rows (``release=False`` keeps them, for a
+        caller that builds a second copy from the same rows)."""
         if self.packed is None:
             m = self.matrix
             self.packed = self._matmul.pack(m.data, m.qtype)
-            if self.packed.path != "float":  # float weights are read in place: keep their pages
+            if release and self.packed.path != "float":  # float weights are read in place: keep their pages
                 release_view_pages(m.data)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
@@ -122,9 +131,124 @@ class NumbaOps:
         return self._att.attention_prefill(q, k_cache, v_cache, start, kv_of_head=kv_of_head)
 
 
-def get_ops(backend: str):
+class OrtOps(NumbaOps):
+    """Matmuls on onnxruntime (numba for the weight types it cannot run well: ``ort.runs_well``),
+    everything else on numba.
+
+    ``threads``: each session's intra-op pool (default: numba's thread count in this thread).
+    """
+    name = "onnxruntime"
+
+    def __init__(self, threads: int | None = None):
+        super().__init__()
+        from . import ort
+
+        self._ort = ort
+        self.threads = threads or ort.default_threads()
+
+    def linear(self, m: Matrix):
+        if not self._ort.runs_well(m.qtype):
+            return NumbaLinear(m)
+        return self._ort.OrtLinear(m, threads=self.threads)
+
+
+class AutoLinear:
+    """A weight on the backend(s) ``AutoOps`` planned for its shape, chosen per call by the
+    batch bucket of ``len(x)``.  Nothing is built until ``prepare()`` (or the first call)."""
+
+    def __init__(self, m: Matrix, ops: "AutoOps"):
+        self.matrix = m
+        self.n_out, self.n_in = m.n_out, m.n_in
+        self.nbytes = m.nbytes
+        self._ops = ops
+        self.by_bucket: dict[str, object] | None = None   # bucket -> NumbaLinear | OrtLinear
+
+    @property
+    def backends(self) -> dict[str, str]:
+        """bucket -> backend name (after prepare)."""
+        return {b: ("onnxruntime" if isinstance(lin, self._ops._ort.OrtLinear) else "numba")
+                for b, lin in (self.by_bucket or {}).items()}
+
+    def prepare(self) -> None:
+        if self.by_bucket is not None:
+            return
+        choice = self._ops.choice(self)
+        built = {}
+        for name in sorted(choice.backends):
+            lin = self._ops._ort.OrtLinear(self.matrix, threads=self._ops.threads) if name == "onnxruntime" \
+                else NumbaLinear(self.matrix)
+            lin.prepare(release=False)      # both copies of a dual shape are built from the rows
+            built[name] = lin
+        if "numba" not in built or built["numba"].packed.path != "float":
+            release_view_pages(self.matrix.data)   # as each backend's own prepare() does
+        self.by_bucket = {b: built[name] for b, name in choice.by_bucket.items()}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
+        if self.by_bucket is None:
+            self.prepare()
+        return self.by_bucket[self._ops._autotune.bucket_of(len(x))](x)
+
+
+class AutoOps(NumbaOps):
+    """numba or onnxruntime per (weight shape, batch bucket), measured here and cached on disk
+    (``kernels.autotune``: what is timed, the cache, and the memory rule).
+
+    ``tune(linears, progress)`` plans every shape of the model at once (Box.prepare calls it
+    before preparing the weights: the memory budget needs the whole model); a linear prepared
+    without it is planned alone at its ``prepare()``.  ``plan`` / ``report()`` show the choices.
+    """
+    name = "auto"
+
+    def __init__(self, threads: int | None = None, cache_dir=None, timer=None):
+        super().__init__()
+        import threading
+        import time
+
+        from . import autotune, ort
+
+        self._ort, self._autotune = ort, autotune
+        self.threads = threads or ort.default_threads()
+        self.tuner = autotune.Tuner(self.threads, cache_dir=cache_dir, timer=timer or time.perf_counter)
+        self.plan: dict[str, "autotune.Choice"] = {}
+        self._lock = threading.Lock()
+
+    def linear(self, m: Matrix):
+        if not self._ort.runs_well(m.qtype):
+            return NumbaLinear(m)
+        return AutoLinear(m, self)
+
+    def tune(self, linears, progress=None) -> dict:
+        """Measure (or read from the cache) and plan the shapes of ``linears`` (the Box's
+        linears: plain ones, or fused ones whose ``parts`` are stacked at prepare()); returns
+        the plan.  ``progress(done, total)`` is called per shape measured (none when cached)."""
+        matrices = [m for lin in linears for m in self._autotune.matrices_of(lin)]
+        with self._lock:
+            if matrices:
+                self.plan.update(self.tuner.plan(matrices, progress))
+            return self.plan
+
+    def choice(self, lin: AutoLinear):
+        m = lin.matrix
+        key = self._autotune.shape_key(m.qtype, m.n_out, m.n_in)
+        with self._lock:
+            if key not in self.plan:
+                self.plan.update(self.tuner.plan([m]))
+            return self.plan[key]
+
+    def report(self) -> list[str]:
+        return self._autotune.describe(self.plan, self.tuner.load())
+
+
+def get_ops(backend: str, threads: int | None = None):
+    """The ops of ``backend`` (one of BACKENDS).  ``threads``: the intra-op threads of each
+    onnxruntime session ("onnxruntime", "auto"), and the count "auto" tunes with; default:
+    numba's thread count in the calling thread."""
     if backend == "ref":
         return RefOps()
     if backend == "numba":
         return NumbaOps()
+    if backend == "onnxruntime":
+        return OrtOps(threads)
+    if backend == "auto":
+        return AutoOps(threads)
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,372 @@
+"""Which backend runs each matmul: numba or onnxruntime, measured on this CPU, cached on disk.
+
+What is measured
+----------------
+One representative weight per distinct (qtype, n_out, n_in) shape (the first linear of that
+shape), at one batch size per bucket of T (the rows of a call)::
+
+    bucket   "1"   "2-8"   "9-64"   ">64"
+    timed T   1      4       32      128      (128 = the engine's prefill chunk)
+
+numba and onnxruntime alternate call by call (``REPS`` each, after a warm-up call per T) and
+the median counts, so a neighbour's burst hits both.  Weights over ``TUNE_BYTES`` of file bytes
+are timed on their first rows only (a 7B lm head is 236 MB of Q4_0; both kernels are linear in
+the rows at that size), which with the 4 buckets keeps the whole tune of a 7B model to a few
+seconds.  Types onnxruntime cannot compute exactly (``ort.UnsupportedOnBackend``) or runs only
+unpacked (``ort.runs_well``: float zero points, ~100x slower) are numba only and not timed.
+
+The table (seconds per call per backend and bucket, the fastest per bucket, bytes) is cached as
+JSON in ``$EDGEBOX_CACHE_DIR`` or ``~/.cache/edgebox``, in ``autotune-<key>.json`` where the key
+hashes the CPU model string, the thread count, the numba and onnxruntime versions and the ORT
+accuracy level: anything that changes the timings gives a new file.  The next load with the
+same key reads it and times nothing (only shapes missing from it are measured, then the file is
+rewritten); a file that does not parse or does not match its key is ignored and rewritten.
+
+Timings taken while other jobs load the machine favour onnxruntime: its thread pool gives an
+unstarted share of a call back to the calling thread, while numba's fork-join waits for a
+descheduled worker (a 7B FFN Q4_0 matvec: numba 0.9 ms and ORT 1.1-1.6 ms on a quiet machine,
+numba 8-35 ms and ORT 1.6-2.7 ms under load).  Each entry records the load average it was taken
+at (``loadavg``); delete the file to measure again.
+
+The memory rule
+---------------
+The 7B file is 3.9 GB and peak RSS must stay under file + KV + 15%.  numba's repacked copy of a
+quantized weight is about the file's bytes (and it drops the file's pages); onnxruntime's
+prepacked copy is larger (it adds a float32 scale and a float32 block sum per block: Q4_0 1.6x,
+Q8_0 1.3x, Q6_K 2.2x, F16 2x the file's bytes, ``ort.resident_bytes``).  So:
+
+1. Every linear holds ONE backend's copy of its weight, chosen per shape: the backend with the
+   lower decode-weighted cost, ``sum over buckets of SHARE[b] * seconds(T_b) / T_b`` (seconds
+   per token for a token mix that is mostly decode: SHARE = 0.5 / 0.3 / 0.1 / 0.1), and only
+   if it wins by ``MARGIN`` (3%; less is noise on a shared machine).
+2. Choosing onnxruntime for a shape costs ``count * (ort_bytes - numba_bytes)`` resident bytes
+   more than numba; the sum over all such shapes must fit in ``BUDGET_FRACTION`` (5%) of the
+   model's linear-weight bytes (the 15% headroom also holds activations, the runtimes and
+   their arenas).  Shapes are admitted by time saved per extra byte, best first.
+3. Both copies of a shape (each bucket dispatched to its own fastest backend) only when the
+   per-bucket winners differ, that beats rule 1's pick, and the whole second copy
+   (``count * ort_bytes``) still fits the remaining budget: in practice small shapes only.
+
+The budget needs the whole model, so it is spent by ``AutoOps.tune(linears)`` (Box.prepare
+calls it); a linear prepared without it (first use) is tuned alone, against a budget of 5% of
+its own bytes, which in practice admits onnxruntime only where it costs next to no memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import quant_types as qt
+from ..gguf_loader import Matrix
+from ..quant_types import QType
+
+NUMBA, ORT = "numba", "onnxruntime"
+BUCKETS = ("1", "2-8", "9-64", ">64")
+BUCKET_T = {"1": 1, "2-8": 4, "9-64": 32, ">64": 128}      # T timed for each bucket
+SHARE = {"1": 0.5, "2-8": 0.3, "9-64": 0.1, ">64": 0.1}     # token mix of the cost, decode first
+MARGIN = 0.03
+BUDGET_FRACTION = 0.05
+TUNE_BYTES = 32 * 2**20
+REPS = 5
+FORMAT = 1
+
+
+def bucket_of(T: int) -> str:
+    return "1" if T <= 1 else "2-8" if T <= 8 else "9-64" if T <= 64 else ">64"
+
+
+def shape_key(qtype, n_out: int, n_in: int) -> str:
+    return f"{QType(qtype).name}:{n_out}x{n_in}"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_fields(threads: int, accuracy_level: int = 4) -> dict:
+    import numba
+    import onnxruntime
+
+    return {"format": FORMAT, "cpu": cpu_model(), "threads": threads, "numba": numba.__version__,
+            "onnxruntime": onnxruntime.__version__, "accuracy_level": accuracy_level}
+
+
+def cache_path(fields: dict, cache_dir: str | os.PathLike | None = None) -> Path:
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    base = Path(cache_dir or os.environ.get("EDGEBOX_CACHE_DIR") or Path.home() / ".cache" / "edgebox")
+    return base / f"autotune-{key}.json"
+
+
+@dataclass
+class Choice:
+    """The plan for one shape: which backend serves each bucket, and what it costs."""
+    key: str
+    by_bucket: dict[str, str]
+    count: int
+    extra_bytes: int = 0
+
+    @property
+    def backends(self) -> set[str]:
+        return set(self.by_bucket.values())
+
+
+class Tuner:
+    """Measures (or reads from the cache) and plans. ``timer`` is the clock every timing reads
+    (tests pass a counting one to prove a cached load times nothing)."""
+
+    def __init__(self, threads: int | None = None, cache_dir=None, timer=time.perf_counter, reps: int = REPS,
+                 budget_fraction: float = BUDGET_FRACTION, accuracy_level: int = 4):
+        from .ort import default_threads
+
+        self.threads = threads or default_threads()
+        self.timer = timer
+        self.reps = reps
+        self.budget_fraction = budget_fraction
+        self.accuracy_level = accuracy_level
+        self.fields = cache_fields(self.threads, accuracy_level)
+        self.path = cache_path(self.fields, cache_dir)
+        self.table: dict[str, dict] | None = None
+        self.tune_seconds = 0.0        # wall time spent measuring in this process
+        self._lock = threading.Lock()
+
+    # -- the cache ---------------------------------------------------------------------------------
+    def load(self) -> dict[str, dict]:
+        if self.table is None:
+            self.table = {}
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("key") == self.fields and isinstance(data.get("shapes"), dict) and \
+                        all(_valid_entry(e) for e in data["shapes"].values()):
+                    self.table = data["shapes"]
+            except (OSError, ValueError, AttributeError, TypeError):
+                pass                    # missing or corrupt: measured again and rewritten
+        return self.table
+
+    def save(self) -> None:
+        """Write the table (atomically: a concurrent reader sees the old file or the new one).
+        An unwritable cache directory only costs the next load a new tune."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"key": self.fields, "shapes": self.table}, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    # -- measuring ---------------------------------------------------------------------------------
+    def measure(self, matrices, progress=None) -> dict[str, dict]:
+        """The table entry of every distinct shape among ``matrices`` (measuring the missing
+        ones on their first matrix, then rewriting the cache)."""
+        with self._lock:
+            table = self.load()
+            todo: dict[str, Matrix] = {}
+            for m in matrices:
+                k = shape_key(m.qtype, m.n_out, m.n_in)
+                if k not in table and k not in todo:
+                    todo[k] = m
+            if not todo:
+                return table
+            t0 = time.perf_counter()
+            for i, (k, m) in enumerate(todo.items(), 1):
+                table[k] = self._measure_one(m)
+                if progress is not None:
+                    progress(i, len(todo))
+            self.tune_seconds += time.perf_counter() - t0
+            self.save()
+            return table
+
+    def _measure_one(self, m: Matrix) -> dict:
+        import numba
+
+        from . import ort
+        from .backend import NumbaLinear
+
+        qtype = QType(m.qtype)
+        entry = {"qtype": qtype.name, "n_out": m.n_out, "n_in": m.n_in, "file_bytes": int(m.nbytes)}
+        if not ort.runs_well(qtype):
+            entry.update(ort=False, fastest={b: NUMBA for b in BUCKETS})
+            return entry
+        rows = min(m.n_out, max(1, TUNE_BYTES // max(1, qt.row_bytes(qtype, m.n_in))))
+        part = Matrix(m.name, m.qtype, rows, m.n_in, m.rows(rows) if isinstance(m, StackedMatrix) else m.data[:rows])
+        numba_lin = NumbaLinear(part)
+        ort_lin = ort.OrtLinear(part, threads=self.threads, accuracy_level=self.accuracy_level)
+        numba_lin.prepare(release=False)    # the rows are the real weight's: its own prepare() drops them
+        try:
+            ort_lin.prepare(release=False)
+        except Exception as e:              # an ORT that cannot build it (version, shape): numba only
+            entry.update(ort=False, error=f"{type(e).__name__}: {e}"[:300], fastest={b: NUMBA for b in BUCKETS})
+            return entry
+        cands = {NUMBA: numba_lin, ORT: ort_lin}
+        seconds = {NUMBA: {}, ORT: {}}
+        saved = numba.get_num_threads()
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            rng = np.random.default_rng(0)
+            for b in BUCKETS:
+                x = rng.standard_normal((BUCKET_T[b], m.n_in)).astype(np.float32)
+                times = {NUMBA: [], ORT: []}
+                for lin in cands.values():
+                    lin(x)                                      # warm-up (and JIT, first time)
+                for r in range(self.reps):
+                    for name in (NUMBA, ORT) if r % 2 == 0 else (ORT, NUMBA):
+                        lin = cands[name]
+                        t = self.timer()
+                        lin(x)
+                        times[name].append(self.timer() - t)
+                for name in cands:
+                    seconds[name][b] = statistics.median(times[name]) * m.n_out / rows
+        finally:
+            numba.set_num_threads(saved)
+        entry.update(ort=True, rows_timed=rows, seconds=seconds, loadavg=os.getloadavg()[0],
+                     fastest={b: ORT if seconds[ORT][b] < seconds[NUMBA][b] else NUMBA for b in BUCKETS},
+                     bytes={NUMBA: int(numba_lin.packed.nbytes * m.n_out / rows),
+                            ORT: ort.resident_bytes(qtype, m.n_out, m.n_in, self.accuracy_level)})
+        return entry
+
+    # -- planning ----------------------------------------------------------------------------------
+    def plan(self, matrices, progress=None, model_bytes: int | None = None) -> dict[str, Choice]:
+        """Shape key -> Choice for ``matrices`` under the memory rule (module docstring); the
+        budget is BUDGET_FRACTION of ``model_bytes`` (default: the matrices' bytes)."""
+        matrices = list(matrices)
+        table = self.measure(matrices, progress)
+        counts: dict[str, int] = {}
+        for m in matrices:
+            k = shape_key(m.qtype, m.n_out, m.n_in)
+            counts[k] = counts.get(k, 0) + 1
+        total = sum(int(m.nbytes) for m in matrices) if model_bytes is None else model_bytes
+        return plan_shapes({k: table[k] for k in counts}, counts, self.budget_fraction * total)
+
+
+@dataclass(frozen=True)
+class StackedMatrix:
+    """A run of same-type weights that a fused linear stacks into one matrix when it is prepared
+    (``chips.chip.FusedLinear``): the shape the backend will see.  Its rows are only copied
+    when the tuner times it."""
+    parts: tuple
+
+    @property
+    def name(self) -> str:
+        return "+".join(p.name for p in self.parts)
+
+    @property
+    def qtype(self):
+        return self.parts[0].qtype
+
+    @property
+    def n_out(self) -> int:
+        return sum(p.n_out for p in self.parts)
+
+    @property
+    def n_in(self) -> int:
+        return self.parts[0].n_in
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def rows(self, n: int) -> np.ndarray:
+        """uint8 [n, row_bytes]: the first n rows of the stack (a copy)."""
+        out, left = [], n
+        for p in self.parts:
+            if left <= 0:
+                break
+            out.append(p.data[:left])
+            left -= len(out[-1])
+        return np.concatenate(out)
+
+
+def matrices_of(lin) -> list:
+    """The weight matrices a linear hands to its backend: its ``matrix``, or, for a fused linear
+    (``parts`` stacked per run of one type at prepare(), as chips.chip.FusedLinear does), one
+    ``StackedMatrix`` per run (a run of one part is that part)."""
+    if getattr(lin, "matrix", None) is not None:
+        return [lin.matrix]
+    out = []
+    for _, group in itertools.groupby(getattr(lin, "parts", ()), key=lambda p: p.qtype):
+        group = tuple(group)
+        out.append(group[0] if len(group) == 1 else StackedMatrix(group))
+    return out
+
+
+def cost(seconds: dict[str, float], buckets=BUCKETS) -> float:
+    """Decode-weighted seconds per token of one weight, over ``buckets``."""
+    return sum(SHARE[b] * seconds[b] / BUCKET_T[b] for b in buckets)
+
+
+def plan_shapes(entries: dict[str, dict], counts: dict[str, int], budget: float) -> dict[str, Choice]:
+    """The memory rule as a pure function of the measured entries (tested on its own)."""
+    plan = {k: Choice(k, {b: NUMBA for b in BUCKETS}, counts[k]) for k in entries}
+    options = []   # (seconds per token saved over the model, extra bytes, key, by_bucket)
+    for k, e in entries.items():
+        if not e.get("ort"):
+            continue
+        s, nb, ob, c = e["seconds"], e["bytes"][NUMBA], e["bytes"][ORT], counts[k]
+        base = cost(s[NUMBA])
+        single = cost(s[ORT])
+        if single < base * (1 - MARGIN):
+            extra = c * max(0, ob - nb)
+            options.append((c * (base - single), extra, k, {b: ORT for b in BUCKETS}))
+        fastest = {b: ORT if s[ORT][b] < s[NUMBA][b] * (1 - MARGIN) else NUMBA for b in BUCKETS}
+        if len(set(fastest.values())) == 2:
+            dual = sum(SHARE[b] * s[fastest[b]][b] / BUCKET_T[b] for b in BUCKETS)
+            if dual < min(base, single) * (1 - MARGIN):
+                options.append((c * (base - dual), c * ob, k, fastest))
+    # best time saved per extra byte first (free upgrades first of all)
+    options.sort(key=lambda o: -(o[0] / o[1]) if o[1] else -float("inf"))
+    left = budget
+    gained: dict[str, float] = {}
+    for gain, extra, k, by_bucket in options:
+        prev = plan[k].extra_bytes
+        if gain <= gained.get(k, 0.0) or extra - prev > left:
+            continue
+        left -= extra - prev
+        gained[k] = gain
+        plan[k] = Choice(k, by_bucket, counts[k], extra)
+    return plan
+
+
+def _valid_entry(e) -> bool:
+    if not isinstance(e, dict) or not isinstance(e.get("fastest"), dict):
+        return False
+    if not e.get("ort"):
+        return True
+    try:
+        return all(float(e["seconds"][n][b]) >= 0 for n in (NUMBA, ORT) for b in BUCKETS) and \
+            all(int(e["bytes"][n]) >= 0 for n in (NUMBA, ORT))
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def describe(plan: dict[str, Choice], table: dict[str, dict]) -> list[str]:
+    """One line per shape: per-bucket ms of both backends and the choice (for logs and reports)."""
+    lines = []
+    for k, ch in sorted(plan.items()):
+        e = table.get(k, {})
+        if not e.get("ort"):
+            why = f"no prepacked onnxruntime kernel for {e.get('qtype', '?')}"
+            lines.append(f"{k:22s} x{ch.count:<3d} numba only ({why})")
+            continue
+        s = e["seconds"]
+        cells = " ".join(f"{b}:{s[NUMBA][b] * 1e3:.2f}/{s[ORT][b] * 1e3:.2f}" for b in BUCKETS)
+        pick = "/".join(ch.by_bucket[b] for b in BUCKETS) if len(ch.backends) > 1 else ch.by_bucket["1"]
+        lines.append(f"{k:22s} x{ch.count:<3d} ms numba/ort {cells} -> {pick} (+{ch.extra_bytes / 2**20:.0f} MB)")
+    return lines
+

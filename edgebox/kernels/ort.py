@@ -1,0 +1,349 @@
+"""Quantized matmul through onnxruntime: the second kernel backend (matmuls only).
+
+``OrtLinear(matrix)`` has ``NumbaLinear``'s interface: ``prepare()`` converts the GGUF rows once
+into the weight inputs of a one-node ONNX graph and opens an ``InferenceSession`` on it (never
+per call); calling it computes ``x @ W.T`` for x float32 [T, n_in].
+
+What each type becomes (the layouts come from the MatMulNBits contract in ORT's op schema: B is
+uint8 [N, k_blocks, block*bits/8] with codes packed low-bits-first along K, scales [N, k_blocks]
+float32, zero points uint8 [N, ceil(k_blocks*bits/8)] or float32 [N, k_blocks], default
+2^(bits-1); value = (code - zero_point) * scale), and what that costs:
+
+=======  =======================================================  ==============================
+type     ORT weight                                               exact?
+=======  =======================================================  ==============================
+Q4_0     MatMulNBits bits=4 block 32, code q, no zero points       bit-exact: default zp 8 is
+         (default 8), scale d                                      Q4_0's own offset
+Q8_0     MatMulNBits bits=8 block 32, code q+128 (q ^ 0x80), no    bit-exact: default zp 128
+         zero points (default 128), scale d
+Q5_0     bits=8 block 32, code q (0..31), uint8 zero point 16      bit-exact
+Q6_K     bits=8 block 16, code q (0..63), uint8 zero point 32,     bit-exact (d*sc is exact in
+         scale d*sc                                                float32)
+Q4_1     bits=4 block 32, scale d, float zero point -m/d           to float32 rounding of the
+Q4_K     bits=4 block 32, scale d*sc, float zero point             zero point (see
+         dmin*m/(d*sc)                                             ``_float_zero_points``)
+F32/F16  Gemm(transB=1) on a float32 copy of W                     exact (f16/bf16 -> f32 is)
+/BF16
+Q5_1     unsupported: 5-bit codes need bits=8, and a float zero point; ORT 1.32's CPU kernel
+Q5_K     refuses 8-bit weights with float zero points ("use uint8 zero points").
+Q2_K     unsupported here (Q3_K would map exactly to bits=4 block 16 with zero point 4, Q2_K
+Q3_K     like Q4_K at block 16); not written: no target model uses them for its big matmuls.
+=======  =======================================================  ==============================
+
+Float weights go to ``Gemm`` with ``transB=1`` (the MatMul-family op that takes W [N, K] as
+stored, so no transposed copy is made) on a float32 copy: ORT's x86 CPU MatMul does take
+float16, but only with float16 activations, which would round every activation to 11 bits; an
+f16 weight behind a Cast node is constant-folded into the same float32 initializer anyway.  So
+an F16 weight costs twice its file bytes resident on this backend.
+
+Float zero points (Q4_1, Q4_K) put ORT 1.32 on its *unpacked* path: MatMulNBits does not prepack
+B and, on every call, dequantizes the whole weight to a temporary float32 [N, K] before an SGEMM.
+Exact, but measured on 11008 x 4096: 169 ms per matvec (Q4_0 prepacked: 1.4 ms) and +180 MB of
+RSS during each call.  So ``OrtLinear`` builds them (the tests hold them to the reference) but
+the backends do not use them: ``runs_well(qtype)`` is False and "onnxruntime" and "auto" keep
+them on numba, as they do the types with no mapping at all.
+
+Activations: ``accuracy_level=4`` lets MatMulNBits quantize A to int8 per block (as numba's
+kernels do, q8_0 per 32), so its error against the float reference is of the same kind as
+numba's (~0.6% rms of the output's spread, tests/test_kernels_ort.py states the figures).
+
+Memory: the converted inputs are handed to ORT as in-memory external initializers, which ORT
+copies into its own buffers (then prepacks B and frees its copy of it: session_state.cc erases a
+constant initializer once every consumer prepacked it), so ``prepare()`` drops them as soon as
+the session exists (tests/test_kernels_ort.py proves ORT never reads them again).  A protobuf
+initializer instead left ~1.6x more resident and tripled the transient peak.  Resident per
+weight, measured (RSS, 11008 x 4096, accuracy_level 4): Q4_0 1.6x the file's bytes (numba
+1.0x), Q8_0 1.3x, Q4_K 1.4x, Q6_K 2.2x, F16 2.0x; ``resident_bytes`` is the estimate the
+auto-tuner's memory rule uses (within 5% of those).  The transient peak of ``prepare()`` is ~4x
+the file bytes of what one session holds, hence ``SESSION_BYTES``.
+
+Threads: each session owns an intra-op pool of ``threads`` (default: numba's thread count in the
+thread that builds the linear), with spinning off (``session.intra_op.allow_spinning = 0``).
+Measured (11008 x 4096 Q4_0, ORT and numba calls alternating as in a forward pass, machine under
+load): spinning makes ORT's own call 3-20% faster and the numba call after it 10-35% slower,
+since the spinning workers hold the cores numba's fork-join needs; and idle pools of hundreds of
+weights must not burn CPU.  No arena either (see ``_session``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import quant_types as qt
+from ..errors import EdgeboxError
+from ..gguf_file import release_view_pages
+from ..gguf_loader import Matrix
+from ..quant_types import QType
+from . import ref
+
+FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
+NBITS_TYPES = (QType.Q4_0, QType.Q8_0, QType.Q5_0, QType.Q6_K, QType.Q4_1, QType.Q4_K)
+SUPPORTED = NBITS_TYPES + FLOAT_TYPES
+FLOAT_ZERO_POINT_TYPES = (QType.Q4_1, QType.Q4_K)
+
+# rows converted at once: bounds the temporaries of the repack (codes are one byte per value)
+_CHUNK_VALUES = 1 << 22
+# most file bytes of weight rows behind one session (see OrtLinear)
+SESSION_BYTES = 64 * 2**20
+
+
+class UnsupportedOnBackend(EdgeboxError, NotImplementedError):
+    """A weight this backend cannot compute exactly; the auto-tuner keeps it on numba."""
+
+
+def supports(qtype) -> bool:
+    """Can OrtLinear compute this type exactly?"""
+    return QType(qtype) in SUPPORTED
+
+
+def runs_well(qtype) -> bool:
+    """Does ORT run this type from a prepacked weight (what the backends require)?"""
+    return supports(qtype) and QType(qtype) not in FLOAT_ZERO_POINT_TYPES
+
+
+def default_threads() -> int:
+    """What numba uses in the calling thread (numba's count is per thread)."""
+    import numba
+
+    return numba.get_num_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF blocks -> MatMulNBits codes, scales, zero points.
+# Each takes uint8 [rows, nsb, type_size] and returns codes uint8 [rows, k_blocks, block],
+# scales float32 [rows, k_blocks], zero points (None | uint8 | float32 [rows, k_blocks]).
+
+def _q4_0(b):
+    d, qs = ref._fields(b.reshape(-1, 18), QType.Q4_0, 2, 16)
+    codes = ref._nibbles(qs)                                                # [n, 32]: value j = code j
+    return codes, ref._f16(d)[:, 0], None
+
+
+def _q8_0(b):
+    d, qs = ref._fields(b.reshape(-1, 34), QType.Q8_0, 2, 32)
+    return qs ^ np.uint8(0x80), ref._f16(d)[:, 0], None                     # q + 128 as uint8
+
+
+def _q5_0(b):
+    d, qh, qs = ref._fields(b.reshape(-1, 22), QType.Q5_0, 2, 4, 16)
+    codes = ref._nibbles(qs) | (ref._bits(qh) << 4)                         # [n, 32] 0..31
+    return codes, ref._f16(d)[:, 0], np.full(len(codes), 16, np.uint8)
+
+
+def _q4_1(b):
+    d, m, qs = ref._fields(b.reshape(-1, 20), QType.Q4_1, 2, 2, 16)
+    scale, zp = _float_zero_points(ref._f16(d)[:, 0], ref._f16(m)[:, 0])
+    return ref._nibbles(qs), scale, zp
+
+
+def _q4_k(b):
+    n = b.shape[0] * b.shape[1]
+    d, dmin, scales, qs = ref._fields(b.reshape(n, 144), QType.Q4_K, 2, 2, 12, 128)
+    sc, mn = ref._scale_min_k4(scales)
+    dl = (ref._f16(d) * sc.astype(np.float32)).reshape(-1)                  # [n*8]
+    ml = (ref._f16(dmin) * mn.astype(np.float32)).reshape(-1)               # [n*8]
+    codes = ref._nibbles(qs.reshape(n * 4, 32)).reshape(n * 8, 32)          # sub-block s = 2g (low), 2g+1 (high)
+    scale, zp = _float_zero_points(dl, -ml)
+    return codes, scale, zp
+
+
+def _q6_k(b):
+    n = b.shape[0] * b.shape[1]
+    ql, qh, sc, d = ref._fields(b.reshape(n, 210), QType.Q6_K, 128, 64, 16, 2)
+    low = ref._nibbles(ql.reshape(n * 2, 64)).reshape(n, 256)
+    codes = (low | (ref._crumbs(qh) << 4)).reshape(n * 16, 16)             # 0..63
+    scale = (ref._f16(d) * sc.view(np.int8).astype(np.float32)).reshape(-1)  # [n*16], exact
+    return codes, scale, np.full(len(codes), 32, np.uint8)
+
+
+# type -> (bits, block_size, converter)
+_NBITS = {QType.Q4_0: (4, 32, _q4_0), QType.Q8_0: (8, 32, _q8_0), QType.Q5_0: (8, 32, _q5_0),
+          QType.Q4_1: (4, 32, _q4_1), QType.Q4_K: (4, 32, _q4_k), QType.Q6_K: (8, 16, _q6_k)}
+
+# 2^-100: a float32 normal so small that q * it vanishes next to any offset an f16 field can hold
+_TINY = np.float32(2.0 ** -100)
+
+
+def _float_zero_points(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scale * q + offset  ->  (scale', zp) with scale' * (q - zp) == it up to float32 rounding.
+
+    zp = -offset / scale is rounded once, so a value is off by at most ~1 ulp of |offset| (the
+    rest is the rounding ORT's own dequantization does).  A zero scale (Q4_K sub-block scale 0,
+    Q4_1 d = 0: every value equals the offset) gets scale' = 2^-100 and zp = -offset * 2^100,
+    both exact powers of two, so (q - zp) rounds to -zp and the value is the offset exactly
+    (scale 0 with offset 0 stays scale 0, zero point 0).
+    """
+    scale = scale.astype(np.float32)
+    offset = offset.astype(np.float32)
+    s = np.where((scale == 0) & (offset != 0), _TINY, scale)               # (0, 0) stays (0, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zp = np.where(s == 0, np.float32(0), -offset / s).astype(np.float32)
+    return s.astype(np.float32), zp
+
+
+def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., block] -> MatMulNBits blob bytes [..., block*bits/8] (low bits first)."""
+    if bits == 8:
+        return codes
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _nbits_inputs(raw: np.ndarray, qtype: QType, n_out: int, n_in: int) -> tuple[dict, dict]:
+    """GGUF rows uint8 [n_out, row_bytes] -> (node attributes, initializers) of MatMulNBits."""
+    bits, bs, convert = _NBITS[qtype]
+    ts, gbs = qt.type_size(qtype), qt.block_size(qtype)
+    kb = n_in // bs
+    B = np.empty((n_out, kb, bs * bits // 8), np.uint8)                     # [N, k_blocks, blob]
+    S = np.empty((n_out, kb), np.float32)                                   # [N, k_blocks]
+    Z = None
+    rows = max(1, _CHUNK_VALUES // n_in)
+    for r0 in range(0, n_out, rows):
+        r1 = min(n_out, r0 + rows)
+        blocks = np.ascontiguousarray(raw[r0:r1]).reshape(r1 - r0, n_in // gbs, ts)
+        codes, scale, zp = convert(blocks)
+        B[r0:r1] = _pack_codes(codes.reshape(r1 - r0, kb, bs), bits)
+        S[r0:r1] = scale.reshape(r1 - r0, kb)
+        if zp is not None:
+            if Z is None:
+                Z = np.empty((n_out, kb), zp.dtype)                         # [N, k_blocks]
+            Z[r0:r1] = zp.reshape(r1 - r0, kb)
+    inits = {"B": B, "S": S}
+    if Z is not None:
+        inits["Z"] = Z
+    return {"bits": bits, "block_size": bs}, inits
+
+
+def _float_weight(raw: np.ndarray, qtype: QType, n_out: int, n_in: int) -> np.ndarray:
+    """float32 [n_out, n_in] copy of a float weight (exact for F16 and BF16)."""
+    W = np.empty((n_out, n_in), np.float32)
+    rows = max(1, _CHUNK_VALUES // n_in)
+    for r0 in range(0, n_out, rows):
+        W[r0:r0 + rows] = ref.dequantize(raw[r0:r0 + rows], qtype)
+    return W
+
+
+def resident_bytes(qtype, n_out: int, n_in: int, accuracy_level: int = 4) -> int:
+    """Estimated resident bytes of one prepared OrtLinear (ORT's packed copy + kept inputs).
+
+    4/8-bit prepacked (int8 compute): packed codes + a float32 scale and a float32 block sum per
+    block, plus ORT's copy of the float32 scales (and uint8 zero points), which it keeps; +5%
+    (RSS, 11008 x 4096: Q4_0 38.8 MB measured, estimate 39.5; Q8_0 60.3 / 62.1; Q6_K 79 / 82).
+    Float zero points (not prepacked): codes, scales and zero points as given (Q4_K 33.5 / 32.2).
+    Float: the float32 copy.
+    """
+    qtype = QType(qtype)
+    if qtype in FLOAT_TYPES:
+        return 4 * n_out * n_in
+    bits, bs, _ = _NBITS[qtype]
+    blocks = n_out * (n_in // bs)
+    codes = n_out * n_in * bits // 8
+    zp = blocks if qtype in (QType.Q5_0, QType.Q6_K) else 0
+    if qtype in FLOAT_ZERO_POINT_TYPES:
+        return codes + 8 * blocks
+    per_block = 8 if accuracy_level == 4 else 4
+    return int(1.05 * (codes + per_block * blocks + 4 * blocks + zp))
+
+
+class OrtLinear:
+    """x @ W.T through onnxruntime sessions holding W (prepared once, by ``prepare()`` or at the
+    first call; see the module docstring for what each type becomes).  A weight larger than
+    ``SESSION_BYTES`` of file bytes is split by rows over several sessions, built one after the
+    other, which bounds the transient peak of ``prepare()`` (our converted inputs + ORT's copy of
+    them + its prepacked copy: ~4x the chunk's file bytes) and costs one more ``run`` per chunk."""
+
+    def __init__(self, m: Matrix, threads: int | None = None, accuracy_level: int = 4, spin: bool = False):
+        qtype = QType(m.qtype)
+        if qtype not in SUPPORTED:
+            raise UnsupportedOnBackend(
+                f"{m.name or 'weight'}: {qtype.name} has no exact onnxruntime mapping "
+                f"(supported: {', '.join(q.name for q in SUPPORTED)}); use the numba backend")
+        self.matrix = m
+        self.qtype = qtype
+        self.n_out, self.n_in = m.n_out, m.n_in
+        self.nbytes = m.nbytes
+        self.threads = threads or default_threads()
+        self.accuracy_level = accuracy_level
+        self.spin = spin
+        self.sessions: list | None = None       # [(first row, session)] once prepared
+
+    @property
+    def resident_bytes(self) -> int:
+        return resident_bytes(self.qtype, self.n_out, self.n_in, self.accuracy_level)
+
+    def prepare(self, release: bool = True) -> None:
+        """Build the session(s); then drop the pages under the rows, as NumbaLinear does (ORT
+        holds its own copy; a fused linear's stacked copy relies on it to leave RSS).
+        ``release=False`` keeps them, for a caller that builds a second copy from the rows."""
+        if self.sessions is not None:
+            return
+        raw = self.matrix.data                                              # [n_out, row_bytes]
+        rows = max(1, SESSION_BYTES // max(1, raw.shape[1]))
+        sessions = []
+        for r0 in range(0, self.n_out, rows):
+            sessions.append((r0, self._session(raw[r0:r0 + rows])))
+        self.sessions = sessions
+        if release:
+            release_view_pages(raw)
+
+    def _session(self, raw: np.ndarray):
+        n_out = raw.shape[0]
+        if qt.is_quantized(self.qtype):
+            attrs, inits = _nbits_inputs(raw, self.qtype, n_out, self.n_in)
+            node = ("MatMulNBits", ["A", "B", "S"] + (["Z"] if "Z" in inits else []),
+                    dict(domain="com.microsoft", K=self.n_in, N=n_out, accuracy_level=self.accuracy_level, **attrs))
+        else:
+            inits = {"W": _float_weight(raw, self.qtype, n_out, self.n_in)}
+            node = ("Gemm", ["A", "W"], dict(transB=1))
+        # ORT copies in-memory external initializers into its own buffers (then prepacks B and
+        # frees its copy of it), so ``inits`` can go as soon as the session exists
+        # (tests/test_kernels_ort.py::test_session_owns_its_weights proves it)
+        return _session(node, inits, self.n_in, n_out, self.threads, self.spin)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
+        if self.sessions is None:
+            self.prepare()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.n_in:
+            raise ValueError(f"OrtLinear: x has shape {x.shape}, the weight has n_in={self.n_in}")
+        feed = {"A": x}
+        if len(self.sessions) == 1:
+            return self.sessions[0][1].run(None, feed)[0]
+        return np.concatenate([s.run(None, feed)[0] for _, s in self.sessions], axis=1)
+
+
+def _session(node, inits: dict[str, np.ndarray], n_in: int, n_out: int, threads: int, spin: bool):
+    """A session over one node, its weight inputs given as in-memory external initializers."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    op, inputs, attrs = node
+    tensors = []
+    for name, arr in inits.items():
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", f"edgebox-memory-{name}"), ("offset", "0"), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        tensors.append(t)
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["Y"], **attrs)], "edgebox_linear",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["T", n_in])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", n_out])], initializer=tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.log_severity_level = 3
+    # no arena: each session's arena would keep its largest call's buffers for good (a 128-row
+    # prefill through a 7B FFN weight leaves ~6 MB in each of 64 sessions)
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
+    so.add_external_initializers(list(inits), [ort.OrtValue.ortvalue_from_numpy(a) for a in inits.values()])
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
