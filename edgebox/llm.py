@@ -18,7 +18,7 @@ from .chat import render_chat
 from .errors import ContextOverflowError, EdgeboxError
 from .gguf_loader import LoadedModel, load_gguf
 from .chips.chip import Box
-from .kernels.backend import DEFAULT_BACKEND
+from .kernels.backend import BACKENDS, DEFAULT_BACKEND
 from .model import KVCache, Transformer
 from .sampler import Sampler, SamplingParams, StopMatcher
 
@@ -36,8 +36,12 @@ def load(path: str | os.PathLike | None = None, chips: int = 1, n_ctx: int | Non
 
     ``path`` None loads the bundled default model. ``chips=1`` runs the whole model on one device
     (the ``host`` profile unless ``profile`` names another); more chips use ``r100-edge``.
-    ``backend``: "numba" (the JIT kernels) or "ref" (the numpy reference, slow and exact).
+    ``backend``: "numba" (the JIT kernels), "onnxruntime" (its MatMulNBits for the matmuls),
+    "auto" (numba or onnxruntime per weight shape and batch size, timed on this CPU once and
+    cached: ``kernels.autotune``) or "ref" (the numpy reference, slow and exact).
     """
+    if backend not in BACKENDS:
+        raise EdgeboxError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     loaded = load_gguf(default_model_path() if path is None else path)
     box = Box(loaded.args, loaded.weights, chips, profile=profile, backend=backend, source=loaded.file.path.name)
     return Model(loaded, box, n_ctx=n_ctx)

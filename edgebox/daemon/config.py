@@ -55,6 +55,8 @@ class DaemonConfig(BaseModel):
     model: Path | None = Field(None, description="GGUF model to serve (default: the bundled tiny model)")
     chips: int = Field(4, ge=1, le=64, description="chips to split the model over (the box has four)")
     ctx: int | None = Field(None, ge=16, description="context size (default: min(4096, the model's))")
+    backend: str = Field("auto", pattern="^(numba|onnxruntime|auto|ref)$",
+                         description="matmul kernels: numba, onnxruntime, auto (the faster per shape, timed once and cached) or ref")
     max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together at most")
     kv_budget_mib: float | None = Field(None, gt=0, description="KV cache budget in MiB (default: max_batch full contexts)")
     models_dir: Path | None = Field(None, description="load_model accepts only files under this directory (default: the model's directory)")

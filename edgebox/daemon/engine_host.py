@@ -25,8 +25,10 @@ class Busy(EdgeboxError):
 
 
 class ModelHost:
-    def __init__(self, *, max_batch: int, max_queue: int, kv_budget_bytes: int | None, power=None):
+    def __init__(self, *, max_batch: int, max_queue: int, kv_budget_bytes: int | None, power=None,
+                 backend: str = "auto"):
         self.max_batch, self.max_queue, self.kv_budget_bytes = max_batch, max_queue, kv_budget_bytes
+        self.backend = backend
         self.power = power                    # BoxPower: firmware + governor of the loaded model
         self.state = "unloaded"
         self.info: dict | None = None
@@ -51,7 +53,7 @@ class ModelHost:
             raise Busy("a model is already being loaded or unloaded; retry when it is done")
         try:
             t0 = time.perf_counter()
-            model = edgebox.load(path, chips=chips, n_ctx=ctx)  # ModelError leaves the old model serving
+            model = edgebox.load(path, chips=chips, n_ctx=ctx, backend=self.backend)  # ModelError leaves the old model serving
             with self._lock:
                 old, self._engine, self.state = self._engine, None, "loading"
             before_swap()
@@ -72,7 +74,7 @@ class ModelHost:
                 raise
             info = {
                 "path": str(model.path), "name": Path(model.path).name, "arch": type(model.args).__name__,
-                "n_ctx": model.n_ctx, "n_vocab": model.args.n_vocab, "chips": chips,
+                "n_ctx": model.n_ctx, "n_vocab": model.args.n_vocab, "chips": chips, "backend": self.backend,
                 "size_bytes": Path(model.path).stat().st_size, "load_s": round(time.perf_counter() - t0, 3),
                 "warmup_s": round(engine.warmup_s, 3), "loaded_at": time.time(),
             }

@@ -49,7 +49,7 @@ class Service:
         self.reloads = 0
         self.started_at = time.time()
         self.host = ModelHost(max_batch=self.cfg.max_batch, max_queue=self.cfg.max_in_flight,
-                              kv_budget_bytes=self.cfg.kv_budget_bytes, power=self.power)
+                              kv_budget_bytes=self.cfg.kv_budget_bytes, power=self.power, backend=self.cfg.backend)
         self.telemetry = TelemetrySampler(self.power.fw_root)
         self.last_telemetry: dict | None = None
         self._wake = threading.Event()
