@@ -27,10 +27,16 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 ModelArg = typer.Argument(None, help="GGUF model file (default: the bundled tiny model)", show_default=False)
 
 
-def _load(model: Optional[Path], chips: int = 1, n_ctx: Optional[int] = None, profile: Optional[str] = None):
+def _load(model: Optional[Path], chips: int = 1, n_ctx: Optional[int] = None, profile: Optional[str] = None,
+          backend: str = "numba"):
     import edgebox
 
-    return edgebox.load(model, chips=chips, n_ctx=n_ctx, profile=profile)
+    return edgebox.load(model, chips=chips, n_ctx=n_ctx, profile=profile, backend=backend)
+
+
+def _backend_opt(default: str = "auto"):
+    return typer.Option(default, "--backend", help="matmul kernels: numba, onnxruntime, auto (the faster per shape, "
+                                                   "timed once on this CPU and cached) or ref")
 
 
 @app.command()
@@ -49,11 +55,12 @@ def run(
     system: Optional[str] = typer.Option(None, "--system", help="system message in --chat mode"),
     chips: int = typer.Option(4, "--chips", min=1, help="chips to split the model over (the box has four)"),
     ctx: Optional[int] = typer.Option(None, "--ctx", min=1, help="context size (default: min(4096, the model's))"),
+    backend: str = _backend_opt(),
 ) -> None:
     """Generate text from a prompt, streamed to stdout; a timing line goes to stderr."""
     from .sampler import SamplingParams
 
-    m = _load(model, chips, ctx)
+    m = _load(model, chips, ctx, backend=backend)
     text = prompt
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -100,6 +107,7 @@ def serve(
     model: Optional[Path] = _opt("--model", help="GGUF model to serve (default: the bundled tiny model)"),
     chips: Optional[int] = _opt("--chips", help="chips to split the model over (default 4)"),
     ctx: Optional[int] = _opt("--ctx", help="context size (default: min(4096, the model's))"),
+    backend: Optional[str] = _opt("--backend", help="matmul kernels: numba, onnxruntime, auto or ref (default auto)"),
     max_batch: Optional[int] = _opt("--max-batch", help="sequences decoded together at most (default 8)"),
     kv_budget_mib: Optional[float] = _opt("--kv-budget-mib", help="KV cache budget in MiB"),
     models_dir: Optional[Path] = _opt("--models-dir", help="load_model accepts files under this directory only"),
@@ -294,6 +302,7 @@ def perplexity(
     ctx: int = typer.Option(512, "--ctx", min=4, help="tokens per chunk; the second half of each is scored"),
     chips: int = typer.Option(1, "--chips", min=1, help="chips to split the model over"),
     vs_llama_cpp: bool = typer.Option(False, "--vs-llama-cpp", help="also compute llama.cpp's figure on the same chunks"),
+    backend: str = _backend_opt(),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Perplexity with llama.cpp's method (non-overlapping chunks, second half scored)."""
@@ -306,7 +315,7 @@ def perplexity(
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeboxError(f"cannot read {text_file}: {e}") from None
-    m = _load(model, chips, n_ctx=ctx)
+    m = _load(model, chips, n_ctx=ctx, backend=backend)
     tokens = m.tokenize(text)
     bos = m.tokenizer.bos_id if m.tokenizer.add_bos else None
     ours = compute(m.logits, tokens, ctx, bos)
@@ -332,7 +341,7 @@ def bench(
     prompt: str = typer.Option("64,512", "--prompt", help="prompt lengths to time, comma separated"),
     n_decode: int = typer.Option(32, "--n-decode", min=2, help="decode steps to time"),
     chips: int = typer.Option(1, "--chips", min=1, help="chips to split the model over (1: the host's own speed, as llama.cpp runs)"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="kernel backend (default: the runtime's default)"),
+    backend: str = _backend_opt(),
     concurrency: str = typer.Option("", "--concurrency", help="engine levels, e.g. 1,4,8,16 (adds the hot-standby TTFT)"),
     vs_llama_cpp: bool = typer.Option(False, "--vs-llama-cpp", help="run llama.cpp on the same file and threads, print ratios"),
     rounds: int = typer.Option(1, "--rounds", min=1, help="alternate the runners this many times; best figure of each"),
@@ -397,6 +406,7 @@ def power_simulate(
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="the engine's batch limit at most"),
     chips: int = typer.Option(4, "--chips", min=2, help="chips to split the model over"),
     seed: int = typer.Option(0, "--seed", help="seed of the prompt and generation lengths"),
+    prompt_chunk: Optional[int] = typer.Option(None, "--prompt-chunk", min=1, help="prompt rows per step (governor on: default 32; off: the engine's 128)"),
     json_out: bool = typer.Option(False, "--json", help="print JSON (windows_w, short_windows_w, tokens_per_s, ...)"),
 ) -> None:
     """A dry run (no math) of STREAMS generation streams for SECONDS of device time: power windows, tokens/s, events."""
@@ -405,7 +415,7 @@ def power_simulate(
     from .power.simulate import format_result, run_cli
 
     r = run_cli(model, budget_w=budget, streams=streams, seconds=seconds, governor=governor, freq_mhz=freq, batch=batch,
-                budget_steps=budget_steps, max_batch=max_batch, chips=chips, seed=seed)
+                budget_steps=budget_steps, max_batch=max_batch, chips=chips, seed=seed, prompt_chunk=prompt_chunk)
     typer.echo(json.dumps(r.to_dict(), indent=1) if json_out else format_result(r))
 
 

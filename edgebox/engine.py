@@ -290,6 +290,69 @@ class Engine:
                 tokens_per_s=sum(n for _, n in recent) / span if span > 0.5 else 0.0,
                 steps=self._steps, generated_tokens=self._generated)
 
+    def load(self) -> tuple[int, int, list[tuple[int, int]]]:
+        """(running, queued, the next step's segments): what the scheduler holds now and what it
+        will run next, as ``Box.account_step`` is charged for it: one (rows, context after the
+        step) per sequence (decode rows first, then prompt chunks, oldest first; the step's
+        logits are one per segment), [] when it will not step.  Cheap enough to call after every
+        step (the power governor's feed-forward does).
+
+        Exact when called between steps (a step listener) and nothing is submitted or cancelled
+        before the next step starts: it replays ``_admit`` (FIFO while a slot and KV room last,
+        cached prompts evicted oldest first, a cached prefix reused) and ``_step`` (cancelled
+        sequences leave, context shifts, ``prefill_chunk`` rows of prompts per step)."""
+        with self._cond:
+            running = list(self._running)
+            queue = list(self._queue)
+            cache = [(ids, kv) for ids, kv in self._prompt_cache]
+            limit, chunk = self._batch_limit, self.prefill_chunk
+        n_running, n_queued = len(running), len(queue)
+        # _admit: cancelled requests leave the queue; admit in order while a slot and KV room last
+        used = sum(s.kv.nbytes for s in running)
+        cache_bytes = sum(kv.nbytes for _, kv in cache)
+        slots = limit - len(running)
+        admitted: list[tuple[int, int]] = []            # (prompt tokens, cached prefix)
+        for handle, ids, *_ in queue:
+            if handle.cancelled:
+                continue
+            if slots <= 0:
+                break
+            need = self._reservation(handle.request, len(ids)) * self.kv_bytes_per_token
+            while cache and used + cache_bytes + need > self.kv_budget_bytes:
+                cache_bytes -= cache.pop(0)[1].nbytes
+            if used + cache_bytes + need > self.kv_budget_bytes:
+                break
+            used += need
+            slots -= 1
+            reserved = self._reservation(handle.request, len(ids))
+            best_n = 0
+            for cached_ids, cached_kv in cache:
+                best_n = max(best_n, _common_prefix(cached_ids, ids, min(cached_kv.length, len(ids) - 1, reserved)))
+            admitted.append((len(ids), best_n if best_n >= 4 else 0))
+        # _step: decode rows of the running (not cancelled) sequences, then prompt chunks
+        decode: list[tuple[int, int]] = []
+        reading: list[tuple[int, int]] = []             # (prompt tokens left, context before)
+        for s in running:
+            if s.handle.cancelled:
+                continue
+            if s.prefilling:
+                reading.append((len(s.ids) - s.n_done, s.kv.length))
+            elif s.pending is not None:
+                length = s.kv.length
+                if length + 1 > s.kv.n_ctx:             # _shift_context
+                    length -= (length - min(s.request.n_keep, length // 2)) // 2
+                decode.append((1, length + 1))
+        reading += [(n - cached, cached) for n, cached in admitted]
+        segments = decode
+        budget = chunk
+        for left, at in reading:
+            if budget <= 0:
+                break
+            n = min(budget, left)
+            segments.append((n, at + n))
+            budget -= n
+        return n_running, n_queued, segments
+
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop the scheduler. ``drain``: finish running and queued requests first; otherwise
         cancel them (each still gets its final summary)."""

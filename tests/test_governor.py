@@ -225,6 +225,58 @@ def test_the_batch_loop_lowers_the_limit_only_when_the_clock_cannot(config):
     assert "batch" in [e["kind"] for e in d.events]
 
 
+def test_the_energy_guard_keeps_energy_per_token_near_the_reference_clock(config):
+    """At 12 W, batch 16, the reference clock is 1000 MHz (1200 MHz decode draws 12.5 W).  Spending
+    the whole budget mixes in 1200 MHz steps at ~10 % more energy each; the guard holds energy per
+    step within its 3 % slack (plus the start allowance) of 1000 MHz, and is still faster."""
+    from edgebox.power.governor import reference_level
+
+    budget = Budget(12.0)
+    tab = config.table
+    assert reference_level(tab, budget, 16) == 3 and reference_level(tab, budget, 4) == 4
+    runs = {}
+    for slack in (0.03, None):
+        cfg = replace(config, energy_slack=slack)
+        plant = Plant(cfg, batch=16)
+        plant.run(GovernorState.initial(cfg), budget, 20.0)
+        ref_s, ref_w = float(plant.priced.step_s[3]), float(plant.priced.power_w[3])
+        n = len(plant.levels)
+        runs[slack] = (plant.e / (n * ref_s * ref_w), n * ref_s / plant.t)   # energy and speed vs 1000 MHz
+        allowance = 12.0 * config.energy_start_s / (n * ref_s * ref_w)
+        rep = check(plant.log(), Timeline(((0.0, 12.0),)), 2.0, plant.t, budget=budget)
+        assert rep.ok()
+        if slack is not None:
+            energy, speed = runs[slack]
+            assert energy <= 1 + slack + allowance + 0.002 and speed > 1.02    # + one step's overshoot
+    energy_free, speed_free = runs[None]
+    assert energy_free > 1.05 and speed_free > speed
+
+
+# --- the frontier of clock schedules ------------------------------------------------------------------
+
+def test_the_frontier_is_the_least_energy_of_any_schedule():
+    from edgebox.power.frontier import Frontier
+
+    # two steps at three levels: (seconds, joules); each step's prices rise with the level
+    t = [[3.0, 2.0, 1.5], [3.0, 2.0, 1.5]]
+    e = [[3.0, 3.2, 4.0], [2.8, 3.6, 4.5]]
+    f = Frontier.of(t, e)
+    assert (f.t0_s, f.e0_j) == (6.0, 5.8) and f.fastest_s == 3.0
+    # every static level is on it: nothing is both faster and cheaper than a fixed clock here
+    for lv in range(3):
+        T, E = sum(x[lv] for x in t), sum(x[lv] for x in e)
+        assert f.least_energy_j(T) == pytest.approx(E)
+        assert f.least_time_s(E) == pytest.approx(T)
+    assert f.least_energy_j(4.5) == pytest.approx(6.4)            # A at level 1, B half-way to it
+    assert f.least_energy_j(10.0) == 5.8 and f.least_energy_j(2.9) == math.inf
+    # the prices cross: then a fixed clock is beaten on both counts by a per-step mix
+    t = [[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]
+    e = [[3.0, 3.2, 6.2], [3.0, 5.0, 5.5]]                        # step B's middle level is off its hull
+    f = Frontier.of(t, e)
+    assert f.least_energy_j(4.0) == pytest.approx(7.45)
+    assert f.least_time_s(8.2) < 4.0
+
+
 # --- budget windows ---------------------------------------------------------------------------------
 
 def test_energy_log_windows_and_the_check():
@@ -329,7 +381,7 @@ def test_the_next_step_is_foreseen_exactly():
     """What the governor expects the engine to run next is what the chips are then charged for
     (this test breaks if the engine's scheduling changes under the governor's reading of it)."""
     from edgebox.engine import Engine, Request
-    from edgebox.power.governor import _load_of, _step_of
+    from edgebox.power.governor import _step_of
 
     m = shape_model(chips=4)
     charged, foreseen = [], []
@@ -350,9 +402,9 @@ def test_the_next_step_is_foreseen_exactly():
     def listener(engine):
         if len(hs) == 1:                    # the rest join on the scheduler thread: no race
             hs.extend(engine.submit(request(i)) for i in range(1, 6))
-        running, queued, steps = _load_of(engine)
+        running, queued, segments = engine.load()
         if running + queued:
-            foreseen.append(steps[-1])
+            foreseen.append(_step_of(segments))
 
     e.add_step_listener(listener)
     try:
@@ -366,3 +418,76 @@ def test_the_next_step_is_foreseen_exactly():
         m.close()
     # every step after the first was foreseen by the listener after the step before it
     assert len(charged) > 10 and foreseen[:len(charged) - 1] == charged[1:len(foreseen) + 1]
+
+
+def test_engine_load_predicts_the_next_step_on_a_real_model():
+    """``Engine.load()`` (what the governor prices) names exactly the segments the chips are then
+    charged for, on a real model doing the math: prompt chunks sharing the step, a full batch,
+    a request waiting for KV room (a cached prompt evicted for it), a cached prefix reused, a
+    cancelled queued request and a cancelled running one, a context shift, a batch limit change."""
+    import edgebox
+    from conftest import TEST_MODEL
+    from edgebox.engine import Engine, Request
+    from edgebox.sampler import SamplingParams
+
+    m = edgebox.load(TEST_MODEL, chips=2, n_ctx=64)
+    charged: list[list[tuple[int, int]]] = []
+    logits: list[int] = []
+    real = m.box.account_step
+
+    def account_step(segments, n_logits):
+        charged.append(list(segments))
+        logits.append(n_logits)
+        return real(segments, n_logits)
+
+    m.box.account_step = account_step
+    per_token = sum(c.kv_bytes_per_token for c in m.box.chips)
+    e = Engine(m, max_batch=2, kv_budget_bytes=128 * per_token, prefill_chunk=16, warmup=False)
+    greedy = SamplingParams(temperature=0.0)
+    prefix = "def parse(path):\n    with open(path) as f:\n        return f.read()\n"
+    h: dict[str, object] = {}
+    predicted: dict[int, tuple[int, int, list]] = {}       # step index -> load() after the step before
+    seen = {"waited_for_kv": False}
+
+    def listener(engine):
+        k = len(charged)                    # steps run so far
+        if k == 1:
+            h["B"] = engine.submit(Request(prompt="x " * 40, max_tokens=5, params=greedy))
+            h["E"] = engine.submit(Request(prompt="y " * 8, max_tokens=3, params=greedy))
+        if k == 2:
+            h["E"].cancel()                 # cancelled while queued
+            h["F"] = engine.submit(Request(prompt="z " * 6, max_tokens=4, params=greedy))
+        if h["A"].done and "D" not in h:    # A's cache now holds the prefix: D reuses it
+            h["D"] = engine.submit(Request(prompt=prefix + "def save(path):", max_tokens=4, params=greedy))
+            engine.batch_limit = 3
+        if "D" in h and "C" not in h:       # C holds the whole context (shifts): waits for KV room
+            h["C"] = engine.submit(Request(prompt="w " * 10, max_tokens=70, params=greedy, context_shift=True, n_keep=4))
+        if "C" in h and "G" not in h and h["D"].done:
+            h["G"] = engine.submit(Request(prompt="v " * 5, max_tokens=3, params=greedy))
+            h["B"].cancel()                 # cancelled while running (or already done)
+        running, queued, segments = engine.load()
+        if queued and running < engine.batch_limit:
+            seen["waited_for_kv"] = True
+        predicted[k] = (running, queued, segments)
+
+    e.add_step_listener(listener)
+    try:
+        h["A"] = e.submit(Request(prompt=prefix, max_tokens=6, params=greedy))
+        for _ in range(3000):
+            if "G" in h and all(x.done for x in h.values()):
+                break
+            threading.Event().wait(0.01)
+        summaries = {name: x.result(timeout=60) for name, x in h.items()}
+    finally:
+        e.close()
+        m.box.close()
+    # the step after each listener call is the one load() described (the last call saw none)
+    assert len(charged) > 20
+    for k in range(1, len(charged)):
+        assert predicted[k][2] == charged[k], f"step {k}: load() said {predicted[k]}, the chips ran {charged[k]}"
+        assert logits[k] == len(charged[k])
+    assert predicted[len(charged)][:2] == (0, 0) and predicted[len(charged)][2] == []
+    # the cases were met
+    assert summaries["E"].done_reason == "cancelled" and summaries["D"].cached_prompt_tokens >= 4
+    assert summaries["C"].generated_tokens + summaries["C"].prompt_tokens > 64 or summaries["C"].done_reason == "stop"
+    assert seen["waited_for_kv"] and any(len(s) == 3 for s in charged)

@@ -47,6 +47,23 @@ The control law:
    thermal trip the target is derated.
 6. Idle (nothing running or queued): the lowest clock everywhere.  Nothing polls: the loop runs
    only when the engine steps.
+7. Energy per token (``energy_slack``, default 3 %): above the reference clock (the best static
+   one: the highest level whose decode at the batch fits the budget) each second saved costs
+   ever more energy (voltage rises faster than frequency), so near the budget's edge speed is
+   bought dear.  A second credit sums (1 + slack) x each step's price at the reference clock
+   minus what it measured; while it is negative no step runs above the reference.  Energy per
+   token then stays within the slack of the best static setting's on the same work (plus an
+   allowance of B x ``energy_start_s`` joules at the start and after a budget change), and the
+   rest of the budget is left unspent.  None: the whole budget goes to speed.
+   (No schedule can beat a static clock on both tokens/s and energy per token at once when that
+   clock is on the frontier of its steps' (time, energy); ``frontier.py`` shows which are.)
+
+Third knob: while attached, the governor caps the engine's prompt rows per step at
+``prompt_chunk`` (``DEFAULT_PROMPT_CHUNK`` = 32; None keeps the engine's own 128).  A 128-row
+chunk at batch 4-16 is one 0.2-0.45 s step at one clock, which the adjacent DVFS levels put 3-5 %
+of a 1 s window above or below the steady level, so after a budget step the window could not
+settle within +-2 %; 32-row chunks make every step short enough that it does, for 1-2 % more
+energy per token (see ``edgebox/power/README.md``).
 """
 
 from __future__ import annotations
@@ -86,6 +103,12 @@ class GovernorConfig:
     thermal_guard_c: float = 5.0      # start derating this far under the trip
     over_current_w: float = math.inf  # per chip
     oc_avoid_s: float = 10.0          # after an over-current event, stay under the tripping level
+    # energy per token at most this share above what the steps run would cost at the reference
+    # clock (``reference_level``: the best static clock); None: spend the whole budget on speed,
+    # whatever a token costs
+    energy_slack: float | None = 0.03
+    energy_start_s: float = 0.5       # the guard's allowance at the start and after a budget change (B x this J)
+    energy_bank_s: float = 2.0        # saved energy (vs the slack) carried forward: <= B x this
 
     @classmethod
     def for_box(cls, box, max_batch: int = 16, context: int = 512, **overrides) -> "GovernorConfig":
@@ -139,6 +162,8 @@ class GovernorState:
     log: tuple[tuple[float, float], ...] = ()   # (t, box energy J) after each step, last ~1.2 s
     credit_j: float = 0.0
     k: float = 1.0                    # measured / predicted power of the last steps
+    energy_credit_j: float = 0.0      # (1 + slack) x reference energy - energy spent, summed
+    reference_j: float | None = None  # the step now running, priced at the reference clock
     batch: int = 1                    # sequences in the step now running
     predicted_w: float | None = None  # the table's power for the step now running
     budget_w: float | None = None
@@ -198,6 +223,8 @@ def decide(readings: Readings, state: GovernorState, budget: Budget | float) -> 
     if budget_changed:
         event("budget", old_w=state.budget_w, new_w=budget.watts)
         state = replace(state, credit_j=0.0, previous_budget=(t, state.budget_w))
+    if budget_changed or state.budget_w is None:
+        state = replace(state, energy_credit_j=budget.watts * cfg.energy_start_s)
     state = replace(state, budget_w=budget.watts, last_tick_s=t)
 
     # idle: nothing to run -> lowest clocks; the next work starts a fresh measurement
@@ -289,7 +316,7 @@ def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> De
     t, target_w = sample.t_s, state.target_w or budget.watts * (1.0 - cfg.margin)
 
     # book the step just run: its energy against the credit and against the table (k)
-    log, credit, k = state.log, state.credit_j, state.k
+    log, credit, k, energy_credit = state.log, state.credit_j, state.k, state.energy_credit_j
     dt = 0.0
     if log and t > log[-1][0]:
         dt = t - log[-1][0]
@@ -299,6 +326,9 @@ def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> De
             k = min(2.0, max(0.3, k + cfg.k_gain * (spent / (predicted_w * dt) - k)))
         credit += target_w * dt - spent
         credit = min(budget.watts * cfg.credit_high_s, max(-budget.watts * cfg.credit_low_s, credit))
+        if state.reference_j is not None and cfg.energy_slack is not None and spent >= 0:
+            energy_credit = min(budget.watts * cfg.energy_bank_s, max(-budget.watts * cfg.credit_low_s,
+                                energy_credit + (1.0 + cfg.energy_slack) * state.reference_j - spent))
     if not log or t > log[-1][0]:
         log = _trim(log + ((t, sample.energy_j),), t, budget.long_s + 0.2)
 
@@ -338,6 +368,11 @@ def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> De
         d, p_w, _ = shapes_at(lv)[-1]
         return abs(credit + (target_w - k * p_w) * d)
 
+    # the efficiency guard: above the reference clock only while the energy spent stays within
+    # the slack of what the reference clock would have spent on the same steps
+    reference = reference_level(tab, budget, batch)
+    if cfg.energy_slack is not None and energy_credit < 0:
+        top = min(top, reference)
     # only the two levels around the target take part: a mean power is cheapest as a mix of
     # neighbours (energy per token is convex in the clock), so a big credit is not spent at a
     # far higher, less efficient level
@@ -346,8 +381,19 @@ def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> De
     order = pair + list(range(min(pair) - 1, -1, -1))
     best = next((lv for lv in order if fits(lv)), 0)
     best_w = shapes_at(best)[-1][1]
-    new = replace(state, level=best, log=log, credit_j=credit, k=k, batch=batch, predicted_w=best_w)
+    ref_s, ref_w, _ = shapes_at(reference)[-1]
+    new = replace(state, level=best, log=log, credit_j=credit, k=k, batch=batch, predicted_w=best_w,
+                  energy_credit_j=energy_credit, reference_j=k * ref_s * ref_w)
     return Decision((cfg.levels_mhz[best],) * cfg.n_chips, state.batch_limit, (), new)
+
+
+def reference_level(tab: PowerTable, budget: Budget, batch: int) -> int:
+    """The best static clock for ``batch``: the highest level at which steady decode at that
+    batch draws no more than the budget and a prompt chunk beside it no more than the 100 ms
+    ceiling (the table's prices; decode is most of the time, a chunk a short part of a window)."""
+    fit = [lv for lv in range(tab.n_levels)
+           if tab.power(lv, batch, DECODE) <= budget.watts and tab.power(lv, batch, PREFILL) <= budget.short_watts]
+    return fit[-1] if fit else 0
 
 
 def allowed_top(state: GovernorState, budget: Budget, batch: int, exact: bool = False) -> int:
@@ -509,18 +555,26 @@ class EnergyCounters:
             self._reopen(i)
 
 
+# prompt rows per step while governed: short steps keep the 1 s window within +-2 % (docstring above)
+DEFAULT_PROMPT_CHUNK = 32
+
+
 class PowerGovernor:
     """The governor attached to an engine; implements the daemon's ``PowerControl``.
 
     ``box``: the model's ``Box``.  Its firmware must publish a tree; an in-process firmware
     without one is replaced, before any step runs, by one publishing under ``fw_root`` (or a
     temporary directory).  ``set_budget`` may be called from any thread; it applies at the next
-    step.
+    step.  ``prompt_chunk``: while attached, cap the engine's prompt rows per step at this
+    (restored by ``close``; default ``DEFAULT_PROMPT_CHUNK``); None leaves the engine's own.  Other keywords: ``GovernorConfig``.
     """
 
     def __init__(self, box, budget_w: float = 10.0, *, max_batch: int = 16, fw_root: Path | str | None = None,
-                 context: int = 512, publish_interval_s: float = 0.02, keep_trace: bool = False, **config):
+                 context: int = 512, publish_interval_s: float = 0.02, keep_trace: bool = False,
+                 prompt_chunk: int | None = DEFAULT_PROMPT_CHUNK, **config):
         self.box = box
+        self.prompt_chunk = prompt_chunk
+        self._engine_chunk: int | None = None      # the engine's own prompt chunk, while capped
         self.budget = Budget(budget_w)
         fw = box.firmware
         if getattr(fw, "root", None) is None:
@@ -552,6 +606,13 @@ class PowerGovernor:
     def attach(self, engine) -> "PowerGovernor":
         self.engine = engine
         engine.batch_limit = self.state.batch_limit
+        if self.prompt_chunk is not None and engine.prefill_chunk > self.prompt_chunk:
+            self._engine_chunk, engine.prefill_chunk = engine.prefill_chunk, self.prompt_chunk
+        if engine.prefill_chunk != self.config.table.prefill_chunk:
+            cfg = self.config
+            table = PowerTable.from_box(self.box, cfg.max_batch, cfg.table.context, prefill_chunk=engine.prefill_chunk)
+            self.config = replace(cfg, table=table)
+            self.state = replace(self.state, config=self.config)
         self._prime()
         engine.add_step_listener(self.on_step)
         return self
@@ -568,7 +629,8 @@ class PowerGovernor:
         level = max([lv for lv in range(tab.n_levels) if tab.power(lv, 1, PREFILL) <= target] or [0])
         level = min(level, allowed_top(self.state, self.budget, 1))
         self.state = replace(self.state, log=((t, e),) if e is not None else (), level=level, batch=1,
-                             budget_w=self.budget.watts, target_w=target)
+                             budget_w=self.budget.watts, target_w=target,
+                             energy_credit_j=self.budget.watts * self.config.energy_start_s)
         self._apply(Decision((self.config.levels_mhz[level],) * self.box.n_chips, self.state.batch_limit, (),
                              self.state), None)
 
@@ -652,6 +714,8 @@ class PowerGovernor:
             "freq_mhz": self.config.levels_mhz[s.level],
             "batch_limit": s.batch_limit,
             "model_scale": _r(s.k),
+            "reference_mhz": self.config.levels_mhz[reference_level(self.config.table, budget, s.batch)],
+            "energy_credit_j": _r(s.energy_credit_j),
             "sensor_fault": s.fault,
             "idle": s.idle,
             "throttle_reasons": list(s.reasons),
@@ -660,6 +724,8 @@ class PowerGovernor:
         }
 
     def close(self) -> None:
+        if self._engine_chunk is not None and self.engine is not None:
+            self.engine.prefill_chunk, self._engine_chunk = self._engine_chunk, None
         self.energy.close()
         tmp = getattr(self, "_tmp", None)
         if tmp is not None:
@@ -667,56 +733,17 @@ class PowerGovernor:
 
 
 def _load_of(engine) -> tuple[int, int, tuple[Step, ...] | None]:
-    """(running, queued, the step the engine will run next) after a step.
-
-    ``engine.stats()`` is too slow for every step (it scans the recent steps) and does not say
-    what the next step carries, so until the engine offers a public ``load()`` (running, queued,
-    and the next step's segments as ``Box.account_step`` takes them), they are read from the
-    scheduler's own state, which is safe here: the listener runs
-    on the scheduler thread, between steps.  The next step is built as ``Engine._admit`` and
-    ``Engine._step`` will build it: queued requests admitted FIFO while a slot and KV room last
-    (cached prompt prefixes give way), then one decode row per sequence with a token pending
-    and prompt chunks sharing ``prefill_chunk`` rows, oldest first.  A request submitted from
-    another thread before the next step starts is the one thing this cannot see."""
-    load = getattr(engine, "load", None)
-    if callable(load):          # the public form: (running, queued, [(rows, context after), ...] or None)
-        running, queued, segments = load()
-        return running, queued, None if segments is None else (_step_of(segments),)
-    try:
-        running, queue = list(engine._running), list(engine._queue)
-        used = sum(s.kv.nbytes for s in running)
-        reading = [(len(s.ids) - s.n_done, s.kv.length) for s in running if s.prefilling]
-        decoding = [s.kv.length + 1 for s in running if not s.prefilling and s.pending is not None]
-        slots = engine.batch_limit - len(running)
-        for handle, ids, *_ in queue:
-            if slots <= 0 or handle.cancelled:
-                break
-            need = engine._reservation(handle.request, len(ids)) * engine.kv_bytes_per_token
-            if used + need > engine.kv_budget_bytes:
-                break
-            used += need
-            slots -= 1
-            reading.append((len(ids), 0))      # a prompt-cache hit would read fewer: never more
-        return len(running), len(queue), (_plan(decoding, reading, engine.prefill_chunk),)
-    except (AttributeError, TypeError, ValueError):      # another engine: say nothing about the next step
-        return len(getattr(engine, "_running", ())), len(getattr(engine, "_queue", ())), None
+    """(running, queued, the step the engine will run next) after a step, from the engine's
+    public ``Engine.load()``: the listener runs on the scheduler thread, between steps, where
+    it is exact (a request submitted from another thread before the next step starts is the
+    one thing it cannot see)."""
+    running, queued, segments = engine.load()
+    return running, queued, (_step_of(segments),) if segments else None
 
 
 def _step_of(segments) -> Step:
     """A step from its segments, as ``Box.account_step`` takes them: (rows, context after)."""
     return Step(sum(n for n, _ in segments), sum(n * c for n, c in segments), sum(c for _, c in segments), len(segments))
-
-
-def _plan(decoding: list[int], reading: list[tuple[int, int]], chunk: int) -> Step:
-    rows, pairs, ctx, logits = len(decoding), sum(decoding), sum(decoding), len(decoding)
-    budget = chunk
-    for left, at in reading:
-        if budget <= 0:
-            break
-        n = min(budget, left)
-        rows, pairs, ctx, logits = rows + n, pairs + n * (at + n), ctx + at + n, logits + 1
-        budget -= n
-    return Step(rows, pairs, ctx, logits)
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:

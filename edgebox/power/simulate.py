@@ -22,6 +22,7 @@ after each budget step.
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import tempfile
@@ -52,6 +53,9 @@ class SimOptions:
     freq_mhz: int | None = None        # static clock cap (governor off); None: the top level
     batch: int | None = None           # static batch limit (governor off); None: max_batch
     max_batch: int = 16
+    prompt_chunk: int | None = None    # prompt rows per step: the governor caps the engine's at this
+                                       # (a knob it turns); with the governor off, the engine's own
+    governor_config: dict = field(default_factory=dict)   # GovernorConfig overrides (energy_slack, ...)
     prompt_tokens: tuple[int, int] = (200, 400)
     gen_tokens: tuple[int, int] = (200, 400)
     seed: int = 0
@@ -63,6 +67,8 @@ class SimOptions:
             raise ValueError("simulate: streams >= 1, seconds > 0 and max_batch >= 1 required")
         if self.governor and (self.freq_mhz is not None or self.batch is not None):
             raise ValueError("simulate: --freq and --batch are static settings: use them with --governor off")
+        if self.prompt_chunk is not None and self.prompt_chunk < 1:
+            raise ValueError("simulate: --prompt-chunk must be >= 1")
         if self.batch is not None and not 1 <= self.batch <= self.max_batch:
             raise ValueError(f"simulate: --batch must be in 1..{self.max_batch}")
         Budget(self.budget_w)
@@ -146,11 +152,24 @@ class SimResult:
     protections: dict                  # firmware: over-current and thermal events per chip
     max_temp_c: float
     log: EnergyLog | None = field(default=None, repr=False)   # the box's energy curve (not in JSON)
+    token_log: tuple | None = field(default=None, repr=False)  # (device s, tokens) after every step (not in JSON)
 
     def to_dict(self) -> dict:
-        d = asdict(replace(self, log=None))
+        d = asdict(replace(self, log=None, token_log=None))
         d.pop("log")
+        d.pop("token_log")
         return d
+
+    def at_tokens(self, n: int) -> tuple[float, int, float]:
+        """(device s, tokens, joules) at the end of the first step by which ``n`` tokens were
+        generated (or the run's end): the same work as another run's first ``n`` tokens.  With
+        the same batch limit throughout, two runs of the same workload run the same steps
+        whatever their clocks, so this compares equal work exactly."""
+        t, tokens = self.token_log
+        i = bisect.bisect_left(tokens, n)
+        if i >= len(tokens):
+            return self.device_s, self.tokens, self.energy_j
+        return t[i], tokens[i], self.log.energy_at(t[i])
 
 
 def simulate(make_model: Callable[[], object], opts: SimOptions) -> SimResult:
@@ -164,14 +183,17 @@ def simulate(make_model: Callable[[], object], opts: SimOptions) -> SimResult:
         box.firmware = fw
         p = box.profile
         max_batch = opts.max_batch if opts.governor else (opts.batch or opts.max_batch)
+        chunk = {"prefill_chunk": opts.prompt_chunk} if opts.prompt_chunk and not opts.governor else {}
         engine = Engine(model, max_batch=max_batch, dry_run=True, max_queue=max(64, 4 * opts.streams),
-                        kv_budget_bytes=None)
+                        kv_budget_bytes=None, **chunk)
         # the workload's listener goes first: it books each step to the clock the step ran at,
         # before the governor changes it
         run = _Run(engine, box, opts)
         gov = None
         if opts.governor:
-            gov = PowerGovernor(box, opts.budget_w, max_batch=opts.max_batch, keep_trace=True)
+            chunk = {"prompt_chunk": opts.prompt_chunk} if opts.prompt_chunk else {}  # else the governor's default
+            gov = PowerGovernor(box, opts.budget_w, max_batch=opts.max_batch, keep_trace=True,
+                                **chunk, **opts.governor_config)
             gov.attach(engine)
             run.gov = gov
         else:
@@ -207,6 +229,8 @@ class _Run:
         self.started = False
         self.error: BaseException | None = None
         self.tokens_at: list[tuple[float, int]] = [(0.0, 0)]    # (device s, tokens) each second
+        self.step_t: list[float] = []                           # after every step: device s,
+        self.step_tokens: list[int] = []                        # tokens generated so far
         self.final_tokens = 0
         self.final_s = 0.0
         self.level_time: dict[int, float] = {}
@@ -259,6 +283,8 @@ class _Run:
         b = engine.batch_limit
         self.batch_time[b] = self.batch_time.get(b, 0.0) + dt
         self.last_t = t
+        self.step_t.append(t)
+        self.step_tokens.append(engine.stats().generated_tokens)
         while self.next_step < len(self.steps) and t >= self.steps[self.next_step][0]:
             watts = self.steps[self.next_step][1]
             if self.gov is not None:
@@ -334,7 +360,7 @@ def _result(model, opts: SimOptions, run: _Run, log: EnergyLog, gov, states, wal
     series = [(b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else 0.0 for a, b in zip(run.tokens_at, run.tokens_at[1:])]
     events = list(gov.events) if gov is not None else []
     return SimResult(
-        log=log,
+        log=log, token_log=(run.step_t, run.step_tokens),
         options={**asdict(opts), "budget_steps": [list(s) for s in opts.budget_steps]},
         model=getattr(model, "name", "") or str(getattr(model, "path", "")),
         device_s=round(end, 4), wall_s=round(wall, 3), tokens=tokens,
@@ -360,8 +386,9 @@ def _result(model, opts: SimOptions, run: _Run, log: EnergyLog, gov, states, wal
 
 def run_cli(model: Path | None, *, budget_w: float, streams: int, seconds: float, governor: str,
             freq_mhz: int | None, batch: int | None, budget_steps: str | None, max_batch: int, chips: int,
-            seed: int) -> SimResult:
-    """``edgebox power simulate``: options as the CLI takes them (errors as EdgeboxError)."""
+            seed: int, prompt_chunk: int | None = None) -> SimResult:
+    """``edgebox power simulate``: options as the CLI takes them (errors as EdgeboxError).
+    ``prompt_chunk``: prompt rows per step (the governor's cap, or the engine's with it off)."""
     from ..errors import EdgeboxError
     from .shapes import shape_model, shape_model_of_file
 
@@ -370,7 +397,7 @@ def run_cli(model: Path | None, *, budget_w: float, streams: int, seconds: float
     try:
         opts = SimOptions(streams=streams, seconds=seconds, budget_w=budget_w,
                           budget_steps=parse_budget_steps(budget_steps), governor=governor == "on",
-                          freq_mhz=freq_mhz, batch=batch, max_batch=max_batch, seed=seed)
+                          freq_mhz=freq_mhz, batch=batch, max_batch=max_batch, seed=seed, prompt_chunk=prompt_chunk)
     except ValueError as e:
         raise EdgeboxError(str(e)) from None
     if model is None:
@@ -385,6 +412,8 @@ def format_result(r: SimResult) -> str:
     o = r.options
     mode = (f"governor on, budget {o['budget_w']:g} W" if o["governor"]
             else f"governor off, static clock cap {o['freq_mhz'] or max(r.freq_levels_mhz)} MHz, batch {o['batch'] or o['max_batch']}")
+    if o.get("prompt_chunk"):
+        mode += f", prompt chunk {o['prompt_chunk']} rows"
     rep = r.report
     lines = [
         f"{r.model}: {o['streams']} streams, {r.device_s:.1f} s of device time ({r.wall_s:.1f} s wall), {mode}",
