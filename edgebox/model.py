@@ -150,18 +150,20 @@ def _attention(ops, chip: Chip, layer: int, h: np.ndarray, positions: np.ndarray
                starts: list[int], rows: np.ndarray, a: ModelArgs) -> np.ndarray | None:
     """One chip's attention for its heads: its partial sum of the attention block's output [R, D]."""
     lw = chip.layers[layer]
-    if lw.wq is None:
+    if lw.wqkv is None:
         return None
     R, hd, nh, nkv = len(h), a.head_dim, chip.n_heads, chip.n_kv
 
-    # project to this chip's q / k / v heads (+bias on qwen2)
-    q = _linear(lw.wq, h, lw.bq).reshape(R, nh, hd)  # [R, Hc, hd]
-    k = _linear(lw.wk, h, lw.bk).reshape(R, nkv, hd)  # [R, Hkv_c, hd]
-    v = _linear(lw.wv, h, lw.bv).reshape(R, nkv, hd)  # [R, Hkv_c, hd]
+    # project to this chip's q, k and v heads with one matmul (+bias on qwen2)
+    qkv = lw.wqkv(h)  # [R, (Hc + 2 Hkv_c)*hd]
+    if lw.bqkv is not None:
+        qkv += lw.bqkv
 
-    # rotary position embedding on q and k
-    q = ops.rope(q, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hc, hd]
-    k = ops.rope(k, positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hkv_c, hd]
+    # rotary position embedding on the q and k heads (one call: same positions for both)
+    qk = ops.rope(qkv[:, :(nh + nkv) * hd].reshape(R, nh + nkv, hd), positions,
+                  a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hc + Hkv_c, hd]
+    q, k = qk[:, :nh], qk[:, nh:]  # [R, Hc, hd], [R, Hkv_c, hd]
+    v = qkv[:, (nh + nkv) * hd:].reshape(R, nkv, hd)  # [R, Hkv_c, hd]
 
     # per segment: append k, v to this chip's slice of the cache, attend over all it holds
     att = np.empty((R, nh * hd), np.float32)  # [R, Hc*hd]
@@ -179,15 +181,9 @@ def _attention(ops, chip: Chip, layer: int, h: np.ndarray, positions: np.ndarray
 def _ffn(ops, chip: Chip, layer: int, h: np.ndarray) -> np.ndarray | None:
     """One chip's FFN rows: SwiGLU, then its columns of ffn_down: a partial sum [R, D]."""
     lw = chip.layers[layer]
-    if lw.w_gate is None:
+    if lw.w_gate_up is None:
         return None
-    g = ops.swiglu(lw.w_gate(h), lw.w_up(h))  # [R, Fc]
+    F = chip.n_ffn
+    gate_up = lw.w_gate_up(h)  # [R, 2 Fc]: its gate rows, then its up rows
+    g = ops.swiglu(gate_up[:, :F], gate_up[:, F:])  # [R, Fc]
     return lw.w_down(g)  # [R, D]
-
-
-def _linear(lin, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """x [R, n_in] @ W.T (+ bias [n_out]) -> [R, n_out]."""
-    y = lin(x)
-    if bias is not None:
-        y += bias
-    return y

@@ -8,6 +8,9 @@ Megatron-style, as on real multi-chip boxes:
   ``attn_output`` by the heads the chip computed, ``ffn_down`` by the FFN rows it computed.
 * **Vocab-parallel** ``output`` (rows of the lm head split, logits gathered).
 * Norms and the token embedding are replicated.
+* Column-parallel weights that read the same input are **merged** per chip: a chip's rows of
+  ``attn_q``/``attn_k``/``attn_v`` stacked into one matrix, its rows of ``ffn_gate``/``ffn_up``
+  into another, so it runs one matmul for each (the split of every weight is unchanged).
 
 A row-parallel weight can only be cut between quant blocks of its input features (32 values, 256
 for K-quants), and the column-parallel weight feeding it must be cut at the same places. So the
@@ -134,6 +137,32 @@ class RowParallelLinear:
     @classmethod
     def split(cls, m: Matrix, ranges: list[range]) -> "RowParallelLinear":
         return cls(tuple(ranges), tuple(col_slice(m, r) if len(r) else None for r in ranges))
+
+
+@dataclass(frozen=True)
+class MergedColumnParallelLinear:
+    """Several column-parallel weights that read the same input, computed as one (vLLM's
+    QKVParallelLinear / MergedColumnParallelLinear): y_j = x @ W_j.T, W_j's rows split by its own
+    ranges (chip i holds rows ``parts[j].ranges[i]`` of W_j, as ColumnParallelLinear). Chip i
+    stacks its rows of every W_j into one matrix and gets its slice of every y_j, side by side,
+    from one matmul. No communication after."""
+
+    parts: tuple[ColumnParallelLinear, ...]
+
+    @classmethod
+    def split(cls, ms: list[Matrix], ranges: list[list[range]]) -> "MergedColumnParallelLinear":
+        if len({m.n_in for m in ms}) != 1:
+            raise EdgeboxError(f"{', '.join(m.name for m in ms)}: merged weights must have the same input size")
+        return cls(tuple(ColumnParallelLinear.split(m, r) for m, r in zip(ms, ranges)))
+
+    def shard(self, chip: int) -> tuple[Matrix, ...] | None:
+        """Chip ``chip``'s rows of every weight, in order; None when it holds rows of none."""
+        rows = tuple(p.shards[chip] for p in self.parts)
+        if all(r is None for r in rows):
+            return None
+        if any(r is None for r in rows):
+            raise EdgeboxError(f"chip {chip} holds rows of some of the merged weights but not of all")
+        return rows
 
 
 def vocab_parallel(m: Matrix, ranges: list[range]) -> ColumnParallelLinear:
