@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import quants as gq
 
 from edgebox import quant_types as qt
 from edgebox.errors import EdgeboxError
@@ -30,32 +29,13 @@ from edgebox.gguf_loader import Matrix
 from edgebox.kernels import ort, ref
 from edgebox.kernels.backend import NumbaLinear, NumbaOps, OrtOps, get_ops
 from edgebox.quant_types import QType
+from test_kernels_matmul import make_weight  # the GGUF rows the numba kernels are tested on
 
 EXACT = (QType.Q4_0, QType.Q8_0, QType.Q5_0, QType.Q6_K, QType.F32, QType.F16, QType.BF16)
 FLOAT_ZP = (QType.Q4_1, QType.Q4_K)
 TOL_FLOAT_ACT = 1e-5
 TOL_INT8_ACT = 0.05
 TOL_ZP_DEQUANT = 1e-6
-
-# byte offsets of f16 scale fields in a block, for random-byte weights
-_SCALE_FIELDS = {QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q5_0: (0,), QType.Q4_1: (0, 2),
-                 QType.Q4_K: (0, 2), QType.Q6_K: (208,)}
-
-
-def make_weight(qtype: QType, n_out: int, n_in: int, rng, random_bytes: bool = False) -> np.ndarray:
-    """uint8 [n_out, row_bytes] as a GGUF holds it (F32/F16/BF16 too, as their bytes)."""
-    if not random_bytes:
-        w = rng.standard_normal((n_out, n_in)).astype(np.float32)
-        try:
-            return np.ascontiguousarray(gq.quantize(w, qtype)).view(np.uint8).reshape(n_out, -1)
-        except NotImplementedError:
-            pass
-    bs, ts = qt.block_size(qtype), qt.type_size(qtype)
-    raw = rng.integers(0, 256, (n_out, n_in // bs, ts), dtype=np.uint8)
-    for o in _SCALE_FIELDS[qtype]:
-        d = (rng.uniform(0.5, 2.0, raw.shape[:2]) * 1e-2).astype(np.float16)
-        raw[..., o:o + 2] = d[..., None].view(np.uint8)
-    return raw.reshape(n_out, -1)
 
 
 def shapes(qtype):
