@@ -99,7 +99,7 @@ def bench_edgebox(model_path, threads: int, prompt_lens: tuple[int, ...], n_deco
 
     ids = _prompt(m.args.n_vocab, 64)
     kv = m.new_cache(n_ctx)
-    res.kv_gib = kv_bytes(m, n_ctx) / 2**30
+    res.kv_gib = n_ctx * m.box.kv_bytes_per_token / 2**30
     t = time.perf_counter()
     logits = fwd(np.array(ids, np.int32), np.arange(64, dtype=np.int32), kv, all_logits=False)
     int(np.argmax(logits[0]))
@@ -120,10 +120,6 @@ def bench_edgebox(model_path, threads: int, prompt_lens: tuple[int, ...], n_deco
         out["concurrency"] = [asdict(p) for p in bench_concurrency(m, concurrency)]
         out["hot_standby"] = bench_first_request(m)
     return out
-
-
-def kv_bytes(m, n_ctx: int) -> int:
-    return n_ctx * sum(chip.kv_bytes_per_token for chip in m.box.chips)
 
 
 def bench_llama_cpp(model_path, threads: int, prompt_lens: tuple[int, ...], n_decode: int,

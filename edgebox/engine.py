@@ -216,7 +216,7 @@ class Engine:
         self.dry_run = dry_run
         self._dry_token = next(i for i in range(model.args.n_vocab) if i not in model.tokenizer.eog_ids)
         self._step_listeners: list[Callable[["Engine"], None]] = []
-        self.kv_bytes_per_token = sum(chip.kv_bytes_per_token for chip in model.box.chips)
+        self.kv_bytes_per_token = model.box.kv_bytes_per_token
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else max_batch * model.n_ctx * self.kv_bytes_per_token
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk

@@ -307,6 +307,18 @@ class Box:
                                  f"the chip ({self.profile.name}) has {chip.capacity_bytes / 2**30:.2f} GiB; use more chips or a smaller quant")
         self.threads = ChipThreads(self.chips, n_cores)
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of context costs, over all chips (replicated KV heads included)."""
+        return sum(chip.kv_bytes_per_token for chip in self.chips)
+
+    def publish_firmware(self, root, publish_interval_s: float = 0.02) -> Firmware:
+        """Give the chips a firmware that publishes its hwmon/cpufreq tree under ``root`` (what
+        sensors and the governor read); call before the first step, as a board's firmware runs
+        from power-on."""
+        self.firmware = Firmware(self.profile, self.n_chips, root=root, publish_interval_s=publish_interval_s)
+        return self.firmware
+
     def linears(self) -> list:
         return [m for chip in self.chips for layer in chip.layers
                 for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down) if m is not None] + \

@@ -51,16 +51,13 @@ class BoxPower:
     # -- the model's life ----------------------------------------------------------------------------
     def install(self, model) -> None:
         """Give ``model``'s chips their publishing firmware (and governor) before any step runs."""
-        from firmware_stub import Firmware
-
         from ..power.governor import PowerGovernor
 
         self.detach()
         box = model.box
         self.fw_root.mkdir(parents=True, exist_ok=True)
         _remove_stale_chips(self.fw_root, box.n_chips)
-        firmware = Firmware(box.profile, box.n_chips, root=self.fw_root, publish_interval_s=PUBLISH_INTERVAL_S)
-        box.firmware = firmware
+        firmware = box.publish_firmware(self.fw_root, PUBLISH_INTERVAL_S)
         governor = PowerGovernor(box, self.budget.watts, max_batch=self.max_batch) if self.enforced else None
         with self._lock:
             self._firmware, self._governor = firmware, governor

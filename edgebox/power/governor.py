@@ -578,15 +578,12 @@ class PowerGovernor:
         self.budget = Budget(budget_w)
         fw = box.firmware
         if getattr(fw, "root", None) is None:
-            from firmware_stub import Firmware
-
             from .simulate import scratch_dir
 
             if fw_root is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="edgebox-fw-", dir=scratch_dir())
                 fw_root = self._tmp.name
-            fw = Firmware(box.profile, box.n_chips, root=fw_root, publish_interval_s=publish_interval_s)
-            box.firmware = fw
+            fw = box.publish_firmware(fw_root, publish_interval_s)
         self.firmware = fw
         self.root = Path(fw.root)
         clock = lambda: box.clock_s  # noqa: E731  (sensors are stamped in device time)
