@@ -403,21 +403,18 @@ class Engine:
         return sum(s.kv.nbytes for s in self._running) + sum(kv.nbytes for _, kv in self._prompt_cache)
 
     def _run(self) -> None:
-        told_idle = True  # the step listeners know there is nothing to run
         while True:
             with self._cond:
                 idle = not self._stopping and not self._queue and not self._running
-            if idle and not told_idle:
+            if idle and not self._quiet.is_set():
                 # the last work ended (finished or cancelled): one more call lets the governor
                 # see an idle engine and park the clocks, as no step will call it until new work
-                told_idle = True
                 self._tell_listeners()
                 self._quiet.set()
                 continue
             with self._cond:
                 while not self._stopping and not self._queue and not self._running:
                     self._cond.wait()
-                told_idle = False
                 self._quiet.clear()
                 if self._stopping and not self._drain:
                     self._abort_all()
