@@ -315,7 +315,9 @@ class Box:
     def publish_firmware(self, root, publish_interval_s: float = 0.02) -> Firmware:
         """Give the chips a firmware that publishes its hwmon/cpufreq tree under ``root`` (what
         sensors and the governor read); call before the first step, as a board's firmware runs
-        from power-on."""
+        from power-on.  ``publish_interval_s``: device seconds between sensor updates (a board's
+        INA-class monitor converts every few ms; 20 ms keeps the governor's 100 ms windows well
+        sampled)."""
         self.firmware = Firmware(self.profile, self.n_chips, root=root, publish_interval_s=publish_interval_s)
         return self.firmware
 

@@ -23,10 +23,6 @@ from ..power.budget import Budget
 
 log = logging.getLogger("edgebox.daemon")
 
-# device seconds between the simulated power monitor's updates (a board's INA-class monitor
-# converts every few ms; 20 ms keeps the governor's 100 ms windows well sampled)
-PUBLISH_INTERVAL_S = 0.02
-
 
 class BoxPower:
     def __init__(self, budget_w: float, fw_root: Path | None = None, governor: bool = True, max_batch: int = 8,
@@ -57,7 +53,7 @@ class BoxPower:
         box = model.box
         self.fw_root.mkdir(parents=True, exist_ok=True)
         _remove_stale_chips(self.fw_root, box.n_chips)
-        firmware = box.publish_firmware(self.fw_root, PUBLISH_INTERVAL_S)
+        firmware = box.publish_firmware(self.fw_root)
         governor = PowerGovernor(box, self.budget.watts, max_batch=self.max_batch) if self.enforced else None
         with self._lock:
             self._firmware, self._governor = firmware, governor
