@@ -1,12 +1,11 @@
 """``edgebox bench``: prompt processing, decode, time to first token and memory, side by side with
 llama.cpp on the same file and threads in the same run, and the engine at several concurrency levels.
 
-Each runner (edgebox, llama.cpp) is measured in a process of its own, so its peak RSS is its own
-and neither inherits the other's page cache state or threads; with ``rounds`` > 1 the runners
-alternate and each figure is the best round (the machine is shared and noisy: the ratios, taken
-within one run, mean more than the absolute figures).  Progress goes to stderr.
+Each runner (edgebox, llama.cpp) lives in a process of its own, so its peak RSS is its own and
+neither inherits the other's threads; both stay loaded and take turns at every measurement, so
+each ratio compares the two back to back (see ``run_bench``).  Progress goes to stderr.
 
-    python -m edgebox.bench --child '{"runner": "edgebox", ...}'   # one runner; JSON on stdout
+    python -m edgebox.bench --child '{"runner": "edgebox", ...}'   # one runner, serving JSON lines
 """
 
 from __future__ import annotations
@@ -62,107 +61,110 @@ def _prompt(n_vocab: int, n: int, seed: int = 0) -> list[int]:
     return np.random.RandomState(seed).randint(100, min(n_vocab, 30000), size=n).tolist()
 
 
-def _best(fn, repeats: int) -> float:
-    return min(fn() for _ in range(repeats))
+# -- the runners (each in its own process, serving the parent's measurements one at a time) --------
+#
+# A runner maps the model once and then answers: prompt(n) (seconds to process n tokens over an
+# empty cache), ttft() (a 64-token prompt to its first token, leaving that sequence in the cache)
+# and decode(k) (seconds of each of k greedy steps continuing it).
+
+TTFT_PROMPT = 64
+DECODE_BURST = 8  # decode steps one runner takes before the other takes its turn
 
 
-# -- the runners (each in its own process) --------------------------------------------------------
+class EdgeboxRunner:
+    name = "edgebox"
 
-def bench_edgebox(model_path, threads: int, prompt_lens: tuple[int, ...], n_decode: int, chips: int = 1,
-                  backend: str | None = None, concurrency: tuple[int, ...] = (), repeats: int = 2) -> dict:
-    import numba
+    def __init__(self, model_path, threads: int, n_ctx: int, chips: int = 1, backend: str | None = None):
+        import numba
 
-    import edgebox
+        import edgebox
 
-    numba.set_num_threads(threads)
-    t0 = time.perf_counter()
-    n_ctx = max(*prompt_lens, 64) + n_decode + 8  # the TTFT prompt is 64 tokens
-    kwargs = {"backend": backend} if backend else {}
-    m = edgebox.load(model_path, chips=chips, n_ctx=max(n_ctx, 160) if concurrency else n_ctx, **kwargs)
-    m.prepare(progress=True)
-    res = RunnerResult("edgebox", load_s=time.perf_counter() - t0)
-    _say(f"edgebox: loaded and packed in {res.load_s:.1f} s; warming up the kernels")
-    fwd = m.transformer.forward
-    fwd(np.array(_prompt(m.args.n_vocab, 8), np.int32), np.arange(8, dtype=np.int32), m.new_cache(16), all_logits=False)
+        numba.set_num_threads(threads)
+        t0 = time.perf_counter()
+        kwargs = {"backend": backend} if backend else {}
+        self.model = m = edgebox.load(model_path, chips=chips, n_ctx=n_ctx, **kwargs)
+        m.prepare(progress=True)
+        self.load_s = time.perf_counter() - t0
+        self.kv_gib = n_ctx * m.box.kv_bytes_per_token / 2**30
+        _say(f"edgebox: loaded and packed in {self.load_s:.1f} s; warming up the kernels")
+        self._fwd = m.transformer.forward
+        self._fwd(np.array(_prompt(m.args.n_vocab, 8), np.int32), np.arange(8, dtype=np.int32), m.new_cache(16),
+                  all_logits=False)
+        self._kv = None
+        self._token = 0
 
-    for n in prompt_lens:
-        ids = np.array(_prompt(m.args.n_vocab, n), np.int32)
-
-        def once() -> float:
-            kv = m.new_cache(n + 1)
-            t = time.perf_counter()
-            fwd(ids, np.arange(n, dtype=np.int32), kv, all_logits=False)
-            return time.perf_counter() - t
-
-        res.pp_tok_s[n] = n / _best(once, repeats)
-        _say(f"edgebox: prompt processing {n} tokens: {res.pp_tok_s[n]:.2f} tok/s")
-
-    ids = _prompt(m.args.n_vocab, 64)
-    kv = m.new_cache(n_ctx)
-    res.kv_gib = n_ctx * m.box.kv_bytes_per_token / 2**30
-    t = time.perf_counter()
-    logits = fwd(np.array(ids, np.int32), np.arange(64, dtype=np.int32), kv, all_logits=False)
-    int(np.argmax(logits[0]))
-    res.ttft_s = time.perf_counter() - t
-    steps = []
-    token = 100
-    for i in range(n_decode):
+    def prompt(self, n: int) -> float:
+        ids = np.array(_prompt(self.model.args.n_vocab, n), np.int32)
+        kv = self.model.new_cache(n + 1)
         t = time.perf_counter()
-        logits = fwd(np.array([token], np.int32), np.array([64 + i], np.int32), kv, all_logits=False)
-        token = int(np.argmax(logits[0]))
-        steps.append(time.perf_counter() - t)
-    res.tg_tok_s = 1.0 / statistics.median(steps)
-    del kv
-    res.peak_rss_gib = _peak_rss_bytes() / 2**30
-    _say(f"edgebox: decode {res.tg_tok_s:.2f} tok/s, TTFT {res.ttft_s * 1000:.0f} ms, peak RSS {res.peak_rss_gib:.2f} GiB")
-    out = {"result": asdict(res)}
-    if concurrency:
-        out["concurrency"] = [asdict(p) for p in bench_concurrency(m, concurrency)]
-        out["hot_standby"] = bench_first_request(m)
-    return out
+        self._fwd(ids, np.arange(n, dtype=np.int32), kv, all_logits=False)
+        return time.perf_counter() - t
 
-
-def bench_llama_cpp(model_path, threads: int, prompt_lens: tuple[int, ...], n_decode: int,
-                    repeats: int = 2) -> dict:
-    try:
-        import llama_cpp
-    except ImportError:
-        from .errors import EdgeboxError
-
-        raise EdgeboxError("--vs-llama-cpp needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp, ~10 min)") from None
-    t0 = time.perf_counter()
-    n_ctx = max(*prompt_lens, 64) + n_decode + 8  # the TTFT prompt is 64 tokens
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=512,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
-    n_vocab = llm.n_vocab()
-    res = RunnerResult("llama.cpp", load_s=time.perf_counter() - t0)
-    llm.eval(_prompt(n_vocab, 8))
-    for n in prompt_lens:
-        ids = _prompt(n_vocab, n)
-
-        def once() -> float:
-            llm.reset()
-            t = time.perf_counter()
-            llm.eval(ids)
-            return time.perf_counter() - t
-
-        res.pp_tok_s[n] = n / _best(once, repeats)
-        _say(f"llama.cpp: prompt processing {n} tokens: {res.pp_tok_s[n]:.2f} tok/s")
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(_prompt(n_vocab, 64))
-    int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    res.ttft_s = time.perf_counter() - t
-    steps, token = [], 100
-    for _ in range(n_decode):
+    def ttft(self) -> float:
+        ids = np.array(_prompt(self.model.args.n_vocab, TTFT_PROMPT), np.int32)
+        self._kv = self.model.new_cache(self.model.n_ctx)
         t = time.perf_counter()
-        llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        steps.append(time.perf_counter() - t)
-    res.tg_tok_s = 1.0 / statistics.median(steps)
-    res.peak_rss_gib = _peak_rss_bytes() / 2**30
-    _say(f"llama.cpp: decode {res.tg_tok_s:.2f} tok/s, TTFT {res.ttft_s * 1000:.0f} ms, peak RSS {res.peak_rss_gib:.2f} GiB")
-    return {"result": asdict(res)}
+        logits = self._fwd(ids, np.arange(TTFT_PROMPT, dtype=np.int32), self._kv, all_logits=False)
+        self._token = int(np.argmax(logits[0]))
+        return time.perf_counter() - t
+
+    def decode(self, steps: int) -> list[float]:
+        out = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            logits = self._fwd(np.array([self._token], np.int32), np.array([self._kv.length], np.int32), self._kv,
+                               all_logits=False)
+            self._token = int(np.argmax(logits[0]))
+            out.append(time.perf_counter() - t)
+        return out
+
+    def concurrency(self, levels: list[int]) -> list[dict]:
+        return [asdict(p) for p in bench_concurrency(self.model, tuple(levels))]
+
+    def hot_standby(self) -> dict:
+        return bench_first_request(self.model)
+
+
+class LlamaCppRunner:
+    name = "llama.cpp"
+
+    def __init__(self, model_path, threads: int, n_ctx: int):
+        try:
+            import llama_cpp
+        except ImportError:
+            from .errors import EdgeboxError
+
+            raise EdgeboxError("--vs-llama-cpp needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp, ~10 min)") from None
+        t0 = time.perf_counter()
+        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=512,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.load_s = time.perf_counter() - t0
+        self.kv_gib = 0.0
+        self.llm.eval(_prompt(self.llm.n_vocab(), 8))
+        self._token = 0
+
+    def prompt(self, n: int) -> float:
+        ids = _prompt(self.llm.n_vocab(), n)
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(ids)
+        return time.perf_counter() - t
+
+    def ttft(self) -> float:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(_prompt(self.llm.n_vocab(), TTFT_PROMPT))
+        self._token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return time.perf_counter() - t
+
+    def decode(self, steps: int) -> list[float]:
+        out = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            self.llm.eval([self._token])
+            self._token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(time.perf_counter() - t)
+        return out
 
 
 def bench_concurrency(m, levels: tuple[int, ...], prompt_len: int = 64, gen: int = 48) -> list[ConcurrencyPoint]:
@@ -240,50 +242,104 @@ def bench_startup(model_path, chips: int = 1) -> dict:
     return out
 
 
-# -- the run --------------------------------------------------------------------------------------
+# -- the run: both runners resident, each measurement taken by one and then the other ---------------
 
-def _child(spec: dict) -> dict:
-    """Run one runner in a fresh process; its stderr (progress) passes through."""
-    p = subprocess.run([sys.executable, "-m", "edgebox.bench", "--child", json.dumps(spec)],
-                       stdout=subprocess.PIPE, text=True)
-    lines = [line for line in p.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if p.returncode != 0 or not lines:
+class _Child:
+    """The parent's handle on a runner process: ``call(op, *args)`` runs one measurement there."""
+
+    def __init__(self, spec: dict):
+        self.name = spec["runner"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgebox.bench", "--child", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._reply()  # load_s, kv_gib
+
+    def call(self, op: str, *args):
+        self.proc.stdin.write(json.dumps({"op": op, "args": list(args)}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def _reply(self):
+        for line in self.proc.stdout:  # other output (a library's chatter) is skipped
+            if line.startswith(RESULT_TAG):
+                return json.loads(line[len(RESULT_TAG):])
         from .errors import EdgeboxError
 
-        raise EdgeboxError(f"the {spec['runner']} benchmark process failed (exit {p.returncode}); see its messages above")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+        code = self.proc.wait()
+        raise EdgeboxError(f"the {self.name} benchmark process failed (exit {code}); see its messages above")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
 
 
-def _best_of(rounds: list[dict]) -> dict:
-    """The best figure of each metric over the rounds (noise only ever slows a run down)."""
-    best = dict(rounds[0])
-    for r in rounds[1:]:
-        best["load_s"] = min(best["load_s"], r["load_s"])
-        best["pp_tok_s"] = {n: max(v, r["pp_tok_s"][n]) for n, v in best["pp_tok_s"].items()}
-        best["tg_tok_s"] = max(best["tg_tok_s"], r["tg_tok_s"])
-        best["ttft_s"] = min(best["ttft_s"], r["ttft_s"])
-        best["peak_rss_gib"] = max(best["peak_rss_gib"], r["peak_rss_gib"])
-    return best
+def _paired(children: list[_Child], rounds: int, measure, first: int = 0) -> list[list]:
+    """``measure(child)`` ``rounds`` times per child, the children taking turns (who goes first
+    alternates, starting with round ``first``), so that both see the machine in the same state;
+    per child its values."""
+    values: list[list] = [[] for _ in children]
+    for r in range(first, first + rounds):
+        order = list(range(len(children)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            values[i].append(measure(children[i]))
+    return values
 
 
 def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int = 32, vs_llama_cpp: bool = False,
               chips: int = 1, concurrency: tuple[int, ...] = (), backend: str | None = None, rounds: int = 1,
               startup: bool = False) -> dict:
+    """Each runner in a process of its own (its peak RSS is its own, neither inherits the other's
+    threads). Both stay loaded; every measurement is taken ``rounds`` times, the runners taking
+    turns, so each ratio is the median over rounds of edgebox vs llama.cpp measured back to back
+    (this machine's memory bandwidth drifts by tens of percent over minutes); the absolute figures
+    are each runner's best round."""
     model_path = str(Path(model_path).resolve())
-    base = {"model": model_path, "threads": threads, "prompt_lens": list(prompt_lens), "n_decode": n_decode}
-    ours, theirs, extra = [], [], {}
-    for i in range(rounds):
-        if rounds > 1:
-            _say(f"round {i + 1} of {rounds}")
-        spec = {**base, "runner": "edgebox", "chips": chips, "backend": backend,
-                "concurrency": list(concurrency) if i == 0 else []}
-        got = _child(spec)
-        ours.append(got["result"])
-        extra.update({k: v for k, v in got.items() if k != "result"})
+    n_ctx = max(*prompt_lens, TTFT_PROMPT) + n_decode + 8
+    base = {"model": model_path, "threads": threads}
+    children = [_Child({**base, "runner": "edgebox", "chips": chips, "backend": backend,
+                        "n_ctx": max(n_ctx, 160) if concurrency else n_ctx})]
+    try:
         if vs_llama_cpp:
-            theirs.append(_child({**base, "runner": "llama.cpp"})["result"])
+            children.append(_Child({**base, "runner": "llama.cpp", "n_ctx": n_ctx}))
+        results = [RunnerResult(c.name, load_s=c.ready["load_s"], kv_gib=c.ready["kv_gib"]) for c in children]
+        per_round: dict[str, list[list[float]]] = {}  # metric -> per child, per round (higher is better)
+        for n in prompt_lens:
+            secs = _paired(children, rounds, lambda c: c.call("prompt", n))
+            per_round[f"pp{n}"] = [[n / s for s in v] for v in secs]
+            for res, v in zip(results, per_round[f"pp{n}"]):
+                res.pp_tok_s[n] = max(v)
+                _say(f"{res.name}: prompt processing {n} tokens: {res.pp_tok_s[n]:.2f} tok/s")
+        # decode in bursts, the runners taking turns after every burst: the ratio is the median of
+        # the bursts' back-to-back ratios; a runner's figure is its best round (all its steps)
+        ttfts: list[list[float]] = [[] for _ in children]
+        steps: list[list[list[float]]] = [[] for _ in children]
+        bursts: list[list[float]] = [[] for _ in children]
+        burst = min(DECODE_BURST, n_decode)
+        for r in range(rounds):
+            for i, got in enumerate(_paired(children, 1, lambda c: c.call("ttft"), first=r)):
+                ttfts[i] += got  # a fresh 64-token sequence, which the round's decode continues
+            for i, got in enumerate(_paired(children, n_decode // burst, lambda c: c.call("decode", burst), first=r)):
+                steps[i].append(sum(got, []))
+                bursts[i] += [1.0 / statistics.median(b) for b in got]
+        per_round["tg"] = bursts
+        per_round["ttft"] = [[1.0 / s for s in v] for v in ttfts]
+        for res, tt, st in zip(results, ttfts, steps):
+            res.tg_tok_s, res.ttft_s = max(1.0 / statistics.median(v) for v in st), min(tt)
+            _say(f"{res.name}: decode {res.tg_tok_s:.2f} tok/s, TTFT {res.ttft_s * 1000:.0f} ms")
+        extra = {}
+        if concurrency:
+            extra["concurrency"] = children[0].call("concurrency", list(concurrency))
+            extra["hot_standby"] = children[0].call("hot_standby")
+        for res, c in zip(results, children):
+            res.peak_rss_gib = c.call("peak_rss") / 2**30
+    finally:
+        for c in children:
+            c.close()
+
     report: dict = {"model": model_path, "file_gib": os.path.getsize(model_path) / 2**30, "threads": threads,
-                    "chips": chips, "backend": backend or "default", "rounds": rounds, "edgebox": _best_of(ours)}
+                    "chips": chips, "backend": backend or "default", "rounds": rounds, "edgebox": asdict(results[0])}
     e = report["edgebox"]
     report["memory_ratio"] = e["peak_rss_gib"] / (report["file_gib"] + e["kv_gib"])
     if "concurrency" in extra:
@@ -292,16 +348,14 @@ def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int
         by_c = {p["concurrency"]: p["decode_tok_s"] for p in extra["concurrency"]}
         if 1 in by_c:
             report["batching_gain"] = {str(c): v / by_c[1] for c, v in by_c.items()}
-        pp64 = e["pp_tok_s"].get("64") or e["pp_tok_s"].get(64)
+        pp64 = e["pp_tok_s"].get(64)
         if pp64:
             report["vs_pp64"] = {str(c): v / pp64 for c, v in by_c.items()}
     if vs_llama_cpp:
-        t = report["llama_cpp"] = _best_of(theirs)
-        report["ratio"] = {
-            **{f"pp{n}": e["pp_tok_s"][n] / t["pp_tok_s"][n] for n in e["pp_tok_s"]},
-            "tg": e["tg_tok_s"] / t["tg_tok_s"],
-            "ttft": t["ttft_s"] / e["ttft_s"],
-        }
+        report["llama_cpp"] = asdict(results[1])
+        paired = {k: sorted(a / b for a, b in zip(*v)) for k, v in per_round.items()}  # edgebox / llama.cpp, per round
+        report["ratio"] = {k: statistics.median(v) for k, v in paired.items()}
+        report["ratio_range"] = {k: [v[0], v[-1]] for k, v in paired.items()}
     if startup:
         report["startup"] = bench_startup(model_path, chips)
     return report
@@ -309,25 +363,26 @@ def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int
 
 def format_report(r: dict) -> str:
     e = r["edgebox"]
-    lines = [f"model {r['model']} ({r['file_gib']:.2f} GiB), {r['threads']} threads, {r['chips']} chip(s), "
-             f"backend {r['backend']}, best of {r['rounds']} round(s)"]
-    header = f"{'':<22}{'edgebox':>12}"
     t = r.get("llama_cpp")
+    lines = [f"model {r['model']} ({r['file_gib']:.2f} GiB), {r['threads']} threads, {r['chips']} chip(s), "
+             f"backend {r['backend']}, {r['rounds']} round(s): figures are each runner's best round"
+             + (", ratios the median of the rounds' back-to-back ratios [range]" if t else "")]
+    header = f"{'':<22}{'edgebox':>12}"
     if t:
         header += f"{'llama.cpp':>12}{'ratio':>8}"
     lines.append(header)
 
-    def row(label: str, ours: float, theirs: float | None, ratio: float | None, fmt: str = "{:.2f}") -> str:
+    def row(label: str, key: str, ours: float, theirs: float | None, fmt: str = "{:.2f}") -> str:
         s = f"{label:<22}{fmt.format(ours):>12}"
         if theirs is not None:
-            s += f"{fmt.format(theirs):>12}{ratio:>8.2f}"
+            lo, hi = r["ratio_range"][key]
+            s += f"{fmt.format(theirs):>12}{r['ratio'][key]:>8.2f}  [{lo:.2f}-{hi:.2f}]"
         return s
 
     for n, v in e["pp_tok_s"].items():
-        lines.append(row(f"pp{n} tok/s", v, t["pp_tok_s"][n] if t else None, r["ratio"][f"pp{n}"] if t else None))
-    lines.append(row("decode tok/s", e["tg_tok_s"], t["tg_tok_s"] if t else None, r["ratio"]["tg"] if t else None))
-    lines.append(row("TTFT (64 tok) ms", e["ttft_s"] * 1000, t["ttft_s"] * 1000 if t else None,
-                     r["ratio"]["ttft"] if t else None, "{:.0f}"))
+        lines.append(row(f"pp{n} tok/s", f"pp{n}", v, t["pp_tok_s"][n] if t else None))
+    lines.append(row("decode tok/s", "tg", e["tg_tok_s"], t["tg_tok_s"] if t else None))
+    lines.append(row("TTFT (64 tok) ms", "ttft", e["ttft_s"] * 1000, t["ttft_s"] * 1000 if t else None, "{:.0f}"))
     lines.append(f"{'load s':<22}{e['load_s']:>12.1f}" + (f"{t['load_s']:>12.1f}" if t else ""))
     lines.append(f"{'peak RSS GiB':<22}{e['peak_rss_gib']:>12.2f}" + (f"{t['peak_rss_gib']:>12.2f}" if t else ""))
     lines.append(f"peak RSS / (file + KV {e['kv_gib']:.2f} GiB): {r['memory_ratio']:.3f}")
@@ -350,14 +405,20 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _child_main(spec: dict) -> None:
-    common = (spec["model"], spec["threads"], tuple(spec["prompt_lens"]), spec["n_decode"])
+def _serve(spec: dict) -> None:
+    """A runner process: load, say ready, then answer the parent's calls (one JSON per line on stdin)."""
     if spec["runner"] == "edgebox":
-        out = bench_edgebox(*common, chips=spec["chips"], backend=spec.get("backend"),
-                            concurrency=tuple(spec.get("concurrency", ())))
+        runner = EdgeboxRunner(spec["model"], spec["threads"], spec["n_ctx"], chips=spec["chips"], backend=spec.get("backend"))
     else:
-        out = bench_llama_cpp(*common)
-    print(RESULT_TAG + json.dumps(out), flush=True)
+        runner = LlamaCppRunner(spec["model"], spec["threads"], spec["n_ctx"])
+
+    def reply(value) -> None:
+        print(RESULT_TAG + json.dumps(value), flush=True)
+
+    reply({"load_s": runner.load_s, "kv_gib": runner.kv_gib})
+    for line in sys.stdin:
+        call = json.loads(line)
+        reply(_peak_rss_bytes() if call["op"] == "peak_rss" else getattr(runner, call["op"])(*call["args"]))
 
 
 if __name__ == "__main__":
@@ -365,7 +426,7 @@ if __name__ == "__main__":
         from .errors import EdgeboxError
 
         try:
-            _child_main(json.loads(sys.argv[2]))
+            _serve(json.loads(sys.argv[2]))
         except EdgeboxError as err:
             _say(f"edgebox: error: {err}")
             sys.exit(2)

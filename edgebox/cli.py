@@ -344,7 +344,7 @@ def bench(
     backend: str = _backend_opt(),
     concurrency: str = typer.Option("", "--concurrency", help="engine levels, e.g. 1,4,8,16 (adds the hot-standby TTFT)"),
     vs_llama_cpp: bool = typer.Option(False, "--vs-llama-cpp", help="run llama.cpp on the same file and threads, print ratios"),
-    rounds: int = typer.Option(1, "--rounds", min=1, help="alternate the runners this many times; best figure of each"),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="measure everything this many times, the runners taking turns; ratios are the median of the rounds"),
     startup: bool = typer.Option(False, "--startup", help="also time process start -> first token over an empty and a warm numba cache"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:

@@ -297,16 +297,16 @@ def test_inner_loop_is_simd():
     """
     from edgebox.kernels import matmul_kernels as K
     from edgebox.kernels import matmul_simd
-    f = numba.njit(nogil=True)(K._q4_0_pair.py_func)
-    args = (np.zeros(512, np.uint8), np.zeros(32, np.uint16), np.zeros(64, np.int8),
-            np.zeros(2, np.float32), np.zeros(2, np.float32), 2, 0, np.zeros(16, np.float32))
+    f = numba.njit(nogil=True)(K._q4_0_group.py_func)
+    args = (np.zeros(256, np.uint8), np.zeros(16, np.uint16), np.zeros(64, np.int8),
+            np.zeros(2, np.float32), np.zeros(2, np.float32), 2, 0, np.zeros(8, np.float32))
     f(*args)
     uses_avx2 = "llvm.x86.avx2" in f.inspect_llvm(f.signatures[0])
     assert uses_avx2 == matmul_simd.HAS_AVX2
     if not matmul_simd.HAS_AVX2:
         return  # the generic path's results are checked by test_generic_simd_fallback
     asm = f.inspect_asm(f.signatures[0])
-    assert asm.count("vpmaddubsw") == 16                       # 2 groups x 4 loads x (low, high)
+    assert asm.count("vpmaddubsw") == 24                       # (2 blocks + odd tail) x 4 loads x (low, high)
     assert "vpmaddwd" in asm and "vcvtph2ps" in asm and "vfmadd" in asm
     body = [ln for ln in asm.splitlines() if "vpmaddubsw" in ln]
     assert all("ymm" in ln for ln in body)

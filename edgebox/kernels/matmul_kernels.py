@@ -35,7 +35,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from edgebox.kernels.matmul_simd import (
-    abs_i8, add_i16, add_i32, and_i8, bc4_i8x32, bc_f32, bc_i32, bf16_to_f32, cvt_f32,
+    abs_i8, add_f32, add_i16, add_i32, and_i8, bc4_i8x32, bc_f32, bc_i32, bf16_to_f32, cvt_f32,
     f16_to_f32, fma_f32, hadd_i16, hsum_f32, ld_bf16x8, ld_f16x8, ld_f32x8, ld_i8x8_i32,
     ld_i8x32, ld_u8x8_i32, maddubs, mul_f32, mul_f32_s, mul_i32, nib_hi, nib_lo, or_i8,
     prefetch, shl_i8, shr_i8, sign_i8, st_f32x8, sub_f32, sub_i32, zero_f32,
@@ -44,7 +44,7 @@ from edgebox.kernels.matmul_simd import (
 
 _JIT = dict(nogil=True, cache=True)
 _PJIT = dict(nogil=True, cache=True, parallel=True)
-_PF = 1024          # software prefetch distance in the quant plane, bytes (8 blocks of Q4_0)
+_PF = 4096          # decode's software prefetch distance in the quant plane, bytes (32 blocks of Q4_0)
 
 
 # =============================================================================================
@@ -128,33 +128,33 @@ def _nib_block(q, qo, xq, xo):
 
 
 @njit(**_JIT)
-def _q4_0_pair(q, d, xq, xd, xsd32, nb, g, out):
+def _q4_0_blk(q, d, xq, xd, xsd32, k, b, acc):
+    """acc += the 8 rows' dot products of block k (activation block b)."""
+    D = ld_f16x8(d, 8 * k)
+    a = cvt_f32(hadd_i16(_nib_block(q, 128 * k, xq, 32 * b)))
+    return fma_f32(D, mul_f32_s(bc_f32(xsd32, b), -8.0), fma_f32(a, mul_f32(D, bc_f32(xd, b)), acc))
+
+
+@njit(**_JIT)
+def _q4_0_group(q, d, xq, xd, xsd32, nb, g, out):
     acc0 = zero_f32()
     acc1 = zero_f32()
-    for b in range(nb):
-        k0 = g * nb + b
-        k1 = k0 + nb
-        prefetch(q, 128 * k0 + _PF)
-        prefetch(q, 128 * k0 + _PF + 64)
-        prefetch(q, 128 * k1 + _PF)
-        prefetch(q, 128 * k1 + _PF + 64)
-        a0 = _nib_block(q, 128 * k0, xq, 32 * b)
-        a1 = _nib_block(q, 128 * k1, xq, 32 * b)
-        X = bc_f32(xd, b)
-        C = mul_f32_s(bc_f32(xsd32, b), -8.0)
-        D0 = ld_f16x8(d, 8 * k0)
-        D1 = ld_f16x8(d, 8 * k1)
-        acc0 = fma_f32(D0, C, fma_f32(cvt_f32(hadd_i16(a0)), mul_f32(D0, X), acc0))
-        acc1 = fma_f32(D1, C, fma_f32(cvt_f32(hadd_i16(a1)), mul_f32(D1, X), acc1))
-    st_f32x8(out, 8 * g, acc0)
-    st_f32x8(out, 8 * g + 8, acc1)
+    for b in range(0, nb - 1, 2):
+        k = g * nb + b
+        for i in range(4):
+            prefetch(q, 128 * k + _PF + 64 * i)
+        acc0 = _q4_0_blk(q, d, xq, xd, xsd32, k, b, acc0)
+        acc1 = _q4_0_blk(q, d, xq, xd, xsd32, k + 1, b + 1, acc1)
+    if nb % 2:
+        acc0 = _q4_0_blk(q, d, xq, xd, xsd32, g * nb + nb - 1, nb - 1, acc0)
+    st_f32x8(out, 8 * g, add_f32(acc0, acc1))
 
 
 @njit(**_PJIT)
 def q4_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
     nb = xd.shape[0]
-    for p in prange(out.shape[0] // 16):
-        _q4_0_pair(q, d, xq, xd, xsd32, nb, 2 * p, out)
+    for g in prange(out.shape[0] // 8):
+        _q4_0_group(q, d, xq, xd, xsd32, nb, g, out)
 
 
 @njit(**_JIT)
@@ -217,33 +217,34 @@ def _q8_chunk(w, x):
 
 
 @njit(**_JIT)
-def _q8_0_pair(q, d, xq, xd, nb, g, out):
+def _q8_0_blk(q, d, xq, xd, k, b, acc):
+    """acc += the 8 rows' dot products of block k (activation block b)."""
+    a = zero_i32()
+    for c in range(8):
+        a = add_i32(a, _q8_chunk(ld_i8x32(q, 256 * k + 32 * c), bc4_i8x32(xq, 32 * b + 4 * c)))
+    return fma_f32(cvt_f32(a), mul_f32(ld_f16x8(d, 8 * k), bc_f32(xd, b)), acc)
+
+
+@njit(**_JIT)
+def _q8_0_group(q, d, xq, xd, nb, g, out):
     acc0 = zero_f32()
     acc1 = zero_f32()
-    for b in range(nb):
-        k0 = g * nb + b
-        k1 = k0 + nb
-        a0 = zero_i32()
-        a1 = zero_i32()
-        for c in range(8):
-            if c % 2 == 0:
-                prefetch(q, 256 * k0 + 2 * _PF + 32 * c)
-                prefetch(q, 256 * k1 + 2 * _PF + 32 * c)
-            x = bc4_i8x32(xq, 32 * b + 4 * c)
-            a0 = add_i32(a0, _q8_chunk(ld_i8x32(q, 256 * k0 + 32 * c), x))
-            a1 = add_i32(a1, _q8_chunk(ld_i8x32(q, 256 * k1 + 32 * c), x))
-        X = bc_f32(xd, b)
-        acc0 = fma_f32(cvt_f32(a0), mul_f32(ld_f16x8(d, 8 * k0), X), acc0)
-        acc1 = fma_f32(cvt_f32(a1), mul_f32(ld_f16x8(d, 8 * k1), X), acc1)
-    st_f32x8(out, 8 * g, acc0)
-    st_f32x8(out, 8 * g + 8, acc1)
+    for b in range(0, nb - 1, 2):
+        k = g * nb + b
+        for i in range(8):
+            prefetch(q, 256 * k + 2 * _PF + 64 * i)
+        acc0 = _q8_0_blk(q, d, xq, xd, k, b, acc0)
+        acc1 = _q8_0_blk(q, d, xq, xd, k + 1, b + 1, acc1)
+    if nb % 2:
+        acc0 = _q8_0_blk(q, d, xq, xd, g * nb + nb - 1, nb - 1, acc0)
+    st_f32x8(out, 8 * g, add_f32(acc0, acc1))
 
 
 @njit(**_PJIT)
 def q8_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
     nb = xd.shape[0]
-    for p in prange(out.shape[0] // 16):
-        _q8_0_pair(q, d, xq, xd, nb, 2 * p, out)
+    for g in prange(out.shape[0] // 8):
+        _q8_0_group(q, d, xq, xd, nb, g, out)
 
 
 @njit(**_JIT)
@@ -303,38 +304,31 @@ def _q4_k_sub(q, sc, m, xq, xd, xsd32, k, b, sacc, macc):
 
 
 @njit(**_JIT)
-def _q4_k_pair(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, out):
+def _q4_k_group(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, out):
     nsb = nb // 8
-    acc0 = zero_f32()
-    acc1 = zero_f32()
+    acc = zero_f32()
     for s in range(nsb):
         s0 = zero_f32()
         m0 = zero_f32()
         s1 = zero_f32()
         m1 = zero_f32()
-        for j in range(8):
+        for j in range(0, 8, 2):
             b = 8 * s + j
-            k0 = g * nb + b
-            k1 = k0 + nb
-            prefetch(q, 128 * k0 + _PF)
-            prefetch(q, 128 * k0 + _PF + 64)
-            prefetch(q, 128 * k1 + _PF)
-            prefetch(q, 128 * k1 + _PF + 64)
-            s0, m0 = _q4_k_sub(q, sc, m, xq, xd, xsd32, k0, b, s0, m0)
-            s1, m1 = _q4_k_sub(q, sc, m, xq, xd, xsd32, k1, b, s1, m1)
-        ks0 = g * nsb + s
-        ks1 = ks0 + nsb
-        acc0 = sub_f32(fma_f32(ld_f16x8(d, 8 * ks0), s0, acc0), mul_f32(ld_f16x8(dmin, 8 * ks0), m0))
-        acc1 = sub_f32(fma_f32(ld_f16x8(d, 8 * ks1), s1, acc1), mul_f32(ld_f16x8(dmin, 8 * ks1), m1))
-    st_f32x8(out, 8 * g, acc0)
-    st_f32x8(out, 8 * g + 8, acc1)
+            k = g * nb + b
+            for i in range(4):
+                prefetch(q, 128 * k + _PF + 64 * i)
+            s0, m0 = _q4_k_sub(q, sc, m, xq, xd, xsd32, k, b, s0, m0)
+            s1, m1 = _q4_k_sub(q, sc, m, xq, xd, xsd32, k + 1, b + 1, s1, m1)
+        ks = g * nsb + s
+        acc = sub_f32(fma_f32(ld_f16x8(d, 8 * ks), add_f32(s0, s1), acc), mul_f32(ld_f16x8(dmin, 8 * ks), add_f32(m0, m1)))
+    st_f32x8(out, 8 * g, acc)
 
 
 @njit(**_PJIT)
 def q4_k_mv(q, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, out):
     nb = xd.shape[0]
-    for p in prange(out.shape[0] // 16):
-        _q4_k_pair(q, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, out)
+    for g in prange(out.shape[0] // 8):
+        _q4_k_group(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, out)
 
 
 @njit(**_JIT)
@@ -428,44 +422,40 @@ def _nib5_block(q, qb, k, xq, xo):
 
 
 @njit(**_JIT)
-def _q5_k_pair(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, out):
+def _q5_k_sub(q, qb, sc, m, xq, xd, xsd32, k, b, sacc, macc):
+    isum = mul_i32(_nib5_block(q, qb, k, xq, 32 * b), ld_u8x8_i32(sc, 8 * k))
+    sacc = fma_f32(cvt_f32(isum), bc_f32(xd, b), sacc)
+    macc = fma_f32(cvt_f32(ld_u8x8_i32(m, 8 * k)), bc_f32(xsd32, b), macc)
+    return sacc, macc
+
+
+@njit(**_JIT)
+def _q5_k_group(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, out):
     nsb = nb // 8
-    acc0 = zero_f32()
-    acc1 = zero_f32()
+    acc = zero_f32()
     for s in range(nsb):
         s0 = zero_f32()
         m0 = zero_f32()
         s1 = zero_f32()
         m1 = zero_f32()
-        for j in range(8):
+        for j in range(0, 8, 2):
             b = 8 * s + j
-            k0 = g * nb + b
-            k1 = k0 + nb
-            prefetch(q, 128 * k0 + _PF)
-            prefetch(q, 128 * k0 + _PF + 64)
-            prefetch(qb, 32 * k0 + _PF // 4)
-            prefetch(q, 128 * k1 + _PF)
-            prefetch(q, 128 * k1 + _PF + 64)
-            prefetch(qb, 32 * k1 + _PF // 4)
-            X = bc_f32(xd, b)
-            C = bc_f32(xsd32, b)
-            s0 = fma_f32(cvt_f32(mul_i32(_nib5_block(q, qb, k0, xq, 32 * b), ld_u8x8_i32(sc, 8 * k0))), X, s0)
-            s1 = fma_f32(cvt_f32(mul_i32(_nib5_block(q, qb, k1, xq, 32 * b), ld_u8x8_i32(sc, 8 * k1))), X, s1)
-            m0 = fma_f32(cvt_f32(ld_u8x8_i32(m, 8 * k0)), C, m0)
-            m1 = fma_f32(cvt_f32(ld_u8x8_i32(m, 8 * k1)), C, m1)
-        ks0 = g * nsb + s
-        ks1 = ks0 + nsb
-        acc0 = sub_f32(fma_f32(ld_f16x8(d, 8 * ks0), s0, acc0), mul_f32(ld_f16x8(dmin, 8 * ks0), m0))
-        acc1 = sub_f32(fma_f32(ld_f16x8(d, 8 * ks1), s1, acc1), mul_f32(ld_f16x8(dmin, 8 * ks1), m1))
-    st_f32x8(out, 8 * g, acc0)
-    st_f32x8(out, 8 * g + 8, acc1)
+            k = g * nb + b
+            for i in range(4):
+                prefetch(q, 128 * k + _PF + 64 * i)
+            prefetch(qb, 32 * k + _PF // 4)
+            s0, m0 = _q5_k_sub(q, qb, sc, m, xq, xd, xsd32, k, b, s0, m0)
+            s1, m1 = _q5_k_sub(q, qb, sc, m, xq, xd, xsd32, k + 1, b + 1, s1, m1)
+        ks = g * nsb + s
+        acc = sub_f32(fma_f32(ld_f16x8(d, 8 * ks), add_f32(s0, s1), acc), mul_f32(ld_f16x8(dmin, 8 * ks), add_f32(m0, m1)))
+    st_f32x8(out, 8 * g, acc)
 
 
 @njit(**_PJIT)
 def q5_k_mv(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, out):
     nb = xd.shape[0]
-    for p in prange(out.shape[0] // 16):
-        _q5_k_pair(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, out)
+    for g in prange(out.shape[0] // 8):
+        _q5_k_group(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, out)
 
 
 @njit(**_JIT)
