@@ -345,9 +345,10 @@ class Box:
 
     @staticmethod
     def all_reduce(partials: list[np.ndarray | None]) -> np.ndarray:
-        """Sum of the chips' partial outputs (a ring all-reduce on the hardware)."""
+        """Sum of the chips' partial outputs (a ring all-reduce on the hardware). The partials are
+        the step's own fresh arrays, so the first is summed into in place."""
         parts = [p for p in partials if p is not None]
-        out = parts[0].copy()
+        out = parts[0]
         for p in parts[1:]:
             out += p
         return out

@@ -112,12 +112,20 @@ class NumbaOps:
         from . import attention, elementwise
 
         self._att, self._ew = attention, elementwise
+        self._rope_tables = (None, None)  # (key, (cos, sin)) of the last positions roped
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return self._ew.rms_norm(np.ascontiguousarray(x), w, eps)
 
     def rope(self, x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, scale: float, neox: bool) -> np.ndarray:
-        return self._ew.rope_inplace(np.ascontiguousarray(x), positions, n_rot, base, scale, neox)
+        # every layer (and every chip) of a step ropes the same positions: the tables are made
+        # once per step, not once per layer (a tuple swap, so chip threads may share it)
+        key = (np.asarray(positions).tobytes(), n_rot, base, scale)
+        last_key, tables = self._rope_tables
+        if key != last_key:
+            tables = self._ew.rope_tables(positions, n_rot, base, scale)
+            self._rope_tables = (key, tables)
+        return self._ew.apply_rope(np.ascontiguousarray(x), *tables, neox)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return self._ew.swiglu(gate, up)
