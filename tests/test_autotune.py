@@ -69,7 +69,8 @@ def test_cache_written_keyed_and_reused_without_timing(tmp_path, model, monkeypa
     import numba
     import onnxruntime
     assert data["key"] == {"format": autotune.FORMAT, "cpu": autotune.cpu_model(), "threads": 1,
-                           "numba": numba.__version__, "onnxruntime": onnxruntime.__version__, "accuracy_level": 4}
+                           "numba": numba.__version__, "onnxruntime": onnxruntime.__version__, "accuracy_level": 4,
+                           "kernels": autotune.kernels_digest()}
     entry = data["shapes"]["Q4_0:64x256"]
     assert set(entry["seconds"]) == {NUMBA, ORT} and set(entry["seconds"][ORT]) == set(BUCKETS)
     assert data["shapes"]["Q5_K:16x256"]["ort"] is False
@@ -90,6 +91,13 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("EDGEBOX_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert Tuner(threads=1).path.parent == tmp_path / "home" / ".cache" / "edgebox"
+
+
+def test_edited_kernels_get_a_cache_of_their_own(tmp_path, monkeypatch):
+    """Timings of the old kernels must not choose backends for new ones."""
+    before = Tuner(threads=1, cache_dir=tmp_path).path
+    monkeypatch.setattr(autotune, "kernels_digest", lambda: "edited")
+    assert Tuner(threads=1, cache_dir=tmp_path).path != before
 
 
 def test_only_missing_shapes_are_measured(tmp_path, model):

@@ -17,8 +17,8 @@ unpacked (``ort.runs_well``: float zero points, ~100x slower) are numba only and
 
 The table (seconds per call per backend and bucket, the fastest per bucket, bytes) is cached as
 JSON in ``$EDGEBOX_CACHE_DIR`` or ``~/.cache/edgebox``, in ``autotune-<key>.json`` where the key
-hashes the CPU model string, the thread count, the numba and onnxruntime versions and the ORT
-accuracy level: anything that changes the timings gives a new file.  The next load with the
+hashes the CPU model string, the thread count, the numba and onnxruntime versions, the ORT
+accuracy level and the matmul kernels' source: anything that changes the timings gives a new file.  The next load with the
 same key reads it and times nothing (only shapes missing from it are measured, then the file is
 rewritten); a file that does not parse or does not match its key is ignored and rewritten.
 
@@ -101,12 +101,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def kernels_digest() -> str:
+    """A hash of the matmul kernels' sources: timings taken with other kernels are stale."""
+    h = hashlib.sha256()
+    for name in ("matmul.py", "matmul_kernels.py", "matmul_pack.py", "matmul_simd.py", "ort.py"):
+        h.update(Path(__file__).with_name(name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_fields(threads: int, accuracy_level: int = 4) -> dict:
     import numba
     import onnxruntime
 
     return {"format": FORMAT, "cpu": cpu_model(), "threads": threads, "numba": numba.__version__,
-            "onnxruntime": onnxruntime.__version__, "accuracy_level": accuracy_level}
+            "onnxruntime": onnxruntime.__version__, "accuracy_level": accuracy_level, "kernels": kernels_digest()}
 
 
 def cache_path(fields: dict, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -44,7 +44,7 @@ from edgebox.kernels.matmul_simd import (
 
 _JIT = dict(nogil=True, cache=True)
 _PJIT = dict(nogil=True, cache=True, parallel=True)
-_PF = 4096          # decode's software prefetch distance in the quant plane, bytes (32 blocks of Q4_0)
+_PF = 4096          # software prefetch distance in the quant plane, bytes (32 blocks of Q4_0)
 
 
 # =============================================================================================
@@ -160,6 +160,7 @@ def q4_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
 @njit(**_JIT)
 def _q4_0_quad(q, d, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -168,6 +169,9 @@ def _q4_0_quad(q, d, xq, xd, xsd32, nb, g, t0, T, out):
     for b in range(nb):
         k = g * nb + b
         qo = 128 * k
+        if first:
+            prefetch(q, qo + _PF)
+            prefetch(q, qo + _PF + 64)
         a0 = zero_i16()
         a1 = zero_i16()
         a2 = zero_i16()
@@ -250,6 +254,7 @@ def q8_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
 @njit(**_JIT)
 def _q8_0_quad(q, d, xq, xd, nb, g, t0, T, out):
     n_in = 32 * nb
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -258,6 +263,9 @@ def _q8_0_quad(q, d, xq, xd, nb, g, t0, T, out):
     for b in range(nb):
         k = g * nb + b
         qo = 256 * k
+        if first:
+            for i in range(4):
+                prefetch(q, qo + 2 * _PF + 64 * i)
         a0 = zero_i32()
         a1 = zero_i32()
         a2 = zero_i32()
@@ -338,6 +346,7 @@ def _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     # epilogue plus one FMA, and no per-super-block accumulators (registers stay at 4 + 4).
     n_in = 32 * nb
     nsb = nb // 8
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -351,6 +360,9 @@ def _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
             b = 8 * s + j
             k = g * nb + b
             qo = 128 * k
+            if first:
+                prefetch(q, qo + _PF)
+                prefetch(q, qo + _PF + 64)
             a0 = zero_i16()
             a1 = zero_i16()
             a2 = zero_i16()
@@ -462,6 +474,7 @@ def q5_k_mv(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, out):
 def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     nsb = nb // 8
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -474,6 +487,11 @@ def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
         for j in range(8):
             b = 8 * s + j
             k = g * nb + b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                if j % 2 == 0:
+                    prefetch(qb, 32 * k + _PF // 4)
             e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
             i0 = _nib5_block(q, qb, k, xq, t0 * n_in + 32 * b)
             i1 = _nib5_block(q, qb, k, xq, t1 * n_in + 32 * b)
@@ -599,6 +617,7 @@ def q6_k_mv(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, out):
 def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, out):
     n_in = 32 * nb
     nsb = nb // 8
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -612,6 +631,10 @@ def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, out):
         for j in range(8):
             b = 8 * s + j
             k = g * nb + b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                prefetch(qh, 64 * k + _PF // 2)
             v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
             SA = ld_i8x8_i32(sc, 16 * k)
             SB = ld_i8x8_i32(sc, 16 * k + 8)
@@ -685,6 +708,7 @@ def planes_mv(q, qh, S, M, has_hi, sub16, xq, xd, xs16, xsd16, xsd32, out):
 def _pl_quad(q, qh, S, M, has_hi, sub16, xq, xd, xsd16, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     nsub = 2 * nb if sub16 else nb
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -695,6 +719,9 @@ def _pl_quad(q, qh, S, M, has_hi, sub16, xq, xd, xsd16, xsd32, nb, g, t0, T, out
     m2 = zero_f32()
     m3 = zero_f32()
     for b in range(nb):
+        if first:
+            prefetch(q, 128 * (g * nb + b) + _PF)
+            prefetch(q, 128 * (g * nb + b) + _PF + 64)
         v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, g * nb + b, has_hi)
         acc0, m0 = _pl_tok(v0, v1, v2, v3, v4, v5, v6, v7, S, M, nsub, g, b, sub16,
                            xq, t0 * n_in + 32 * b, xd, xsd16, xsd32, t0 * nb + b, acc0, m0)
