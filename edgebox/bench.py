@@ -273,12 +273,14 @@ class _Child:
             self.proc.wait()
 
 
-def _paired(children: list[_Child], rounds: int, measure, first: int = 0) -> list[list]:
+def _paired(children: list[_Child], rounds: int, measure, first: int = 0, label: str = "") -> list[list]:
     """``measure(child)`` ``rounds`` times per child, the children taking turns (who goes first
     alternates, starting with round ``first``), so that both see the machine in the same state;
-    per child its values."""
+    per child its values. ``label``: say each round on stderr (progress)."""
     values: list[list] = [[] for _ in children]
     for r in range(first, first + rounds):
+        if label:
+            _say(f"{label}: round {r + 1} of {first + rounds}")
         order = list(range(len(children)))
         if r % 2:
             order.reverse()
@@ -306,7 +308,7 @@ def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int
         results = [RunnerResult(c.name, load_s=c.ready["load_s"], kv_gib=c.ready["kv_gib"]) for c in children]
         per_round: dict[str, list[list[float]]] = {}  # metric -> per child, per round (higher is better)
         for n in prompt_lens:
-            secs = _paired(children, rounds, lambda c: c.call("prompt", n))
+            secs = _paired(children, rounds, lambda c: c.call("prompt", n), label=f"prompt processing {n} tokens")
             per_round[f"pp{n}"] = [[n / s for s in v] for v in secs]
             for res, v in zip(results, per_round[f"pp{n}"]):
                 res.pp_tok_s[n] = max(v)
@@ -318,6 +320,7 @@ def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int
         bursts: list[list[float]] = [[] for _ in children]
         burst = min(DECODE_BURST, n_decode)
         for r in range(rounds):
+            _say(f"TTFT and decode: round {r + 1} of {rounds}")
             for i, got in enumerate(_paired(children, 1, lambda c: c.call("ttft"), first=r)):
                 ttfts[i] += got  # a fresh 64-token sequence, which the round's decode continues
             for i, got in enumerate(_paired(children, n_decode // burst, lambda c: c.call("decode", burst), first=r)):

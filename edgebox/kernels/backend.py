@@ -28,6 +28,7 @@ from ..gguf_loader import Matrix
 from . import ref
 
 BACKENDS = ("numba", "onnxruntime", "auto", "ref")
+PARALLEL_DECODE_CONTEXT = 512  # cached tokens from which decode attention runs on every core
 DEFAULT_BACKEND = "numba"
 
 
@@ -135,7 +136,10 @@ class NumbaOps:
         # the engine keeps cache slot == rope position (context shift included), which is
         # what the kernels' causal mask assumes
         if len(q) == 1:
-            return self._att.attention_decode(q[0], k_cache, v_cache, start + 1, kv_of_head=kv_of_head)[None]
+            # over a long context the cache read is worth splitting over the cores (7B, one
+            # chip: 1.00x at 256 cached tokens, 1.05x per step at 1024 and 2048)
+            return self._att.attention_decode(q[0], k_cache, v_cache, start + 1, kv_of_head=kv_of_head,
+                                              parallel=start + 1 >= PARALLEL_DECODE_CONTEXT)[None]
         return self._att.attention_prefill(q, k_cache, v_cache, start, kv_of_head=kv_of_head)
 
 

@@ -14,15 +14,22 @@ converted to float once and fused-multiply-added with the 8 row scales times the
 scale.  No horizontal sums, no per-value float work.
 
 Loop structure
-* ``*_mv`` (T = 1, decode): the parallel loop runs over *pairs* of row groups (Q4_0, Q8_0,
-  Q4_K, Q5_K); the two groups share every activation broadcast and scalar, and stream from two
-  places at once.  A software
-  prefetch runs _PF bytes ahead in the quant plane.  Measured on the 7B shapes (1 thread,
-  150 MB of weights): one group per iteration 14 GB/s, a pair 17 GB/s, probe 16-19 GB/s.
+* ``*_mv`` (T = 1, decode): the parallel loop runs over row groups, and numba's static
+  schedule gives each thread one contiguous run of them, so each thread reads its half of the
+  matrix as *one* sequential stream; inside a group, even and odd blocks feed two independent
+  accumulators (instruction-level parallelism without a second stream).  A software prefetch
+  runs _PF = 4 KiB ahead.  The earlier loop over *pairs* of groups (two streams per thread,
+  1 KiB prefetch) read 15-20 % slower: the 7B Q4_0 matrices swept back to back in one process,
+  pairs vs one stream with 4 KiB prefetch, 30-34 vs 35-36 GB/s when the machine's memory was
+  busy and 34-43 vs 49-55 GB/s when it was not (a longer pair prefetch did not help; 8 KiB
+  did no better than 4).
 * ``*_mm`` (T tokens): one row group x 4 tokens per step, so every weight block unpacked from
   L1 feeds 4 tokens; the parallel loop runs over (row group, token quad) with the token quads
   innermost, so a group's weights stay in L1/L2 while the tokens go by (weights leave DRAM once
-  per call).  Ragged T repeats the last token in the final quad (results discarded).
+  per call), and the group's first quad prefetches _PF ahead (it is the one reading DRAM):
+  7B Q4_0 sweep at T=4 234 -> 355, T=8 311 -> 386, T=16 360 -> 407, T=64 413 -> 425 GFLOP/s,
+  which is what batched decode of 4-16 streams runs on.  Ragged T repeats the last token in
+  the final quad (results discarded).
 
 Shapes: ``G`` row groups of 8 (even), ``nb = n_in / 32`` blocks.  Weight planes and activations
 are passed flat (1-D); outputs are float32 ``[T, G*8]`` flat.  Every kernel releases the GIL.
@@ -236,7 +243,7 @@ def _q8_0_group(q, d, xq, xd, nb, g, out):
     for b in range(0, nb - 1, 2):
         k = g * nb + b
         for i in range(8):
-            prefetch(q, 256 * k + 2 * _PF + 64 * i)
+            prefetch(q, 256 * k + _PF + 64 * i)
         acc0 = _q8_0_blk(q, d, xq, xd, k, b, acc0)
         acc1 = _q8_0_blk(q, d, xq, xd, k + 1, b + 1, acc1)
     if nb % 2:

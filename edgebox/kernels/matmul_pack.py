@@ -76,7 +76,8 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 
 
 def n_groups(n_out: int) -> int:
-    """Row groups of 8, rounded up to an even count (the matvec kernels take groups in pairs)."""
+    """Row groups of 8, rounded up to an even count (a layout the paired kernels of earlier
+    versions needed; kept so that every packed shape and its padding stay as they were)."""
     return (n_out + 2 * ROWS - 1) // (2 * ROWS) * 2
 
 
