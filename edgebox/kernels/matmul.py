@@ -28,26 +28,30 @@ outputs (tests/test_kernels_matmul.py states the measured figures and the tolera
 a reference fed the same int8 activations they agree to float32 rounding (<= 7e-6).  The float
 paths differ from the reference only by summation order.
 
-Measured (tools/bench_matmul.py; AMD EPYC Zen3 guest, 2 cores, AVX2 but no AVX-512/VNNI;
-7B FFN shapes 11008x4096 and 4096x11008; a machine shared with other jobs, so: best over
-rounds, next to a streaming-read probe taken in the same round):
+Measured (tools/bench_matmul.py --T 8 64 --rounds 2, 2026-11-30; AMD EPYC Zen3 guest, 2 cores,
+AVX2 but no AVX-512/VNNI; 7B FFN shapes 11008x4096 and 4096x11008; best over rounds, next to a
+streaming-read probe taken in the same round; the machine's memory bandwidth drifts with its
+neighbours, so read the ratio to the probe, not the absolute figure):
 
-=====  ===========================================  ==========================================
-type   matvec GB/s of file bytes                    matmul GFLOP/s (T=64; T=512 alike)
-=====  ===========================================  ==========================================
-Q4_0   2 thr 28.2-32.5 (probe 28.7-33.6: 97-98%)    2 thr 246-296; 1 thr 144-159 (CPU time)
-       1 thr 17.3-21.4 (probe 18-20)
-Q8_0   2 thr up to 37.8; 1 thr 19.4-21.5 (probe 20)  2 thr 185-212; 1 thr 101-105
-Q4_K   2 thr 26.4-33.7 (probe 28-40: 85-93%)        2 thr 222-261; 1 thr 125-142
-Q5_K   2 thr 18.4-19.8 (probe 25: 73-79%)           2 thr 170-184; 1 thr 100-108
-Q6_K   2 thr 26.6-32.0 (probe 27-33: 98%)           2 thr ~150;    1 thr 83-91
-=====  ===========================================  ==========================================
+=====  ======================================  ============================================
+type   matvec GB/s of file bytes               matmul GFLOP/s, T=8 / T=64 (2 thr; 1 thr)
+=====  ======================================  ============================================
+Q4_0   2 thr 34.0-36.4 (probe 35: 97-104%)     394-395 / 421-434;  199 / 213-218
+       1 thr 22.8-27.5 (probe 33: 69-83%)
+Q8_0   2 thr 36.1-39.8 (104-113%); 1 thr 27-29  243 / 257;  122 / 129
+Q4_K   2 thr 34.0-35.7 (93-101%);  1 thr 24-30  380-381 / 397-407;  189-192 / 199-204
+Q5_K   2 thr 35.0-36.2 (95-101%);  1 thr 24-28  314-323 / 344-345;  160-163 / 172-173
+Q6_K   2 thr 36.8-37.5 (102-107%); 1 thr 25-28  260-263 / 273-278;  131-134 / 137-139
+=====  ======================================  ============================================
 
-Compute ceilings on L3-resident weights, one core: Q4_0 25-33, Q8_0 35-44, Q4_K 22-28, Q5_K 19,
-Q6_K 19-25 GB/s, so one core alone reads at the probe's speed and two come close to it (Q5_K,
-whose 5th-bit unpacking costs most, less so).  For comparison on this machine: llama.cpp Q4_0
-decode ~29.6 GB/s and prefill ~270 GFLOP/s (2 threads); onnxruntime MatMulNBits (Q4_0 format,
-1 thread) ~10 GB/s and 60-90 GFLOP/s; the planes types ~6-8 GB/s of file bytes (1 thread).
+Two threads read at or above the probe, which leaves prefetching to the hardware; the kernels'
+software prefetch 4 KiB ahead is what pushes past it (see matmul_kernels, "Loop structure").
+One core alone reads 23-30 GB/s, near its compute ceiling (Q4_0 on L3-resident weights: 25-33
+GB/s).  For comparison on this machine, in the same
+paired runs (``edgebox bench --vs-llama-cpp``): llama.cpp decodes the 7B Q4_0 file at 9.5 tok/s
+(~35 GB/s of weights) and reads 64-token prompts at ~22 tok/s (~300 GFLOP/s); onnxruntime
+MatMulNBits (Q4_0 format, 1 thread) ~10 GB/s and 60-90 GFLOP/s; the planes types ~6-8 GB/s
+of file bytes (1 thread).
 
 Threads: the kernels are ``parallel=True`` over row groups and use numba's current thread count
 (``numba.set_num_threads``, which is per calling thread), and release the GIL, so several host
