@@ -244,8 +244,10 @@ def swiglu_kernel(gate, up, out):
 
 def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """ref.swiglu: silu(gate) * up, float32 [T, F] (``out`` may be ``gate`` or ``up``)."""
-    gate = _f32(gate, "swiglu: gate", 2)
-    up = _f32(up, "swiglu: up", 2)
+    # The halves of a fused gate/up output are strided views: a kernel compiled for strided rows
+    # does not vectorize (8 x 11008: 343 us), contiguous copies and the vector kernel take 61 us.
+    gate = np.ascontiguousarray(_f32(gate, "swiglu: gate", 2))
+    up = np.ascontiguousarray(_f32(up, "swiglu: up", 2))
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {gate.shape} and up {up.shape} differ")
     out = _out(out, gate.shape, "swiglu")
