@@ -114,6 +114,14 @@ class PackedWeight:
     nbytes: int = 0
 
     @property
+    def kernel_args(self) -> tuple:
+        """The weight's arguments to its path's kernels, in their order (before the activations)."""
+        a = self.arrays
+        if self.path == "planes":
+            return a["q"], a["qh"], a["S"], a["M"], a["qh"].size > 0, self.qtype in (QType.Q2_K, QType.Q3_K)
+        return tuple(a[name] for name in _KERNELS[self.path][2])
+
+    @property
     def file_bytes(self) -> int:
         """The size of the tensor in the GGUF file."""
         return self.n_out * qt.row_bytes(self.qtype, self.n_in)
@@ -121,6 +129,17 @@ class PackedWeight:
     @property
     def n_out_padded(self) -> int:
         return self.n_out if self.path == "float" else P.n_groups(self.n_out) * P.ROWS
+
+
+# Each packed path's kernels (one token, several tokens) and the arrays they take, in order.
+_KERNELS = {
+    "q4_0": (K.q4_0_mv, K.q4_0_mm, ("q", "d")),
+    "q8_0": (K.q8_0_mv, K.q8_0_mm, ("q", "d")),
+    "q4_k": (K.q4_k_mv, K.q4_k_mm, ("q", "sc", "m", "d", "dmin")),
+    "q5_k": (K.q5_k_mv, K.q5_k_mm, ("q", "qb", "sc", "m", "d", "dmin")),
+    "q6_k": (K.q6_k_mv, K.q6_k_mm, ("q", "qh", "sc", "d")),
+    "planes": (K.planes_mv, K.planes_mm, ("q", "qh", "S", "M")),
+}
 
 
 @dataclass(eq=False)
@@ -256,33 +275,11 @@ def _matmul_into(w: PackedWeight, x, out: np.ndarray | None) -> np.ndarray:
     padded = ldo != w.n_out
     res = np.empty((T, ldo), np.float32) if (out is None or padded) else out
     o = res.reshape(-1)
-    xa = qx.arrays()
+    mv, mm, _ = _KERNELS[w.path]
     if T == 1:
-        if w.path == "q4_0":
-            _run(K.q4_0_mv, a["q"], a["d"], *xa, o)
-        elif w.path == "q8_0":
-            _run(K.q8_0_mv, a["q"], a["d"], *xa, o)
-        elif w.path == "q4_k":
-            _run(K.q4_k_mv, a["q"], a["sc"], a["m"], a["d"], a["dmin"], *xa, o)
-        elif w.path == "q5_k":
-            _run(K.q5_k_mv, a["q"], a["qb"], a["sc"], a["m"], a["d"], a["dmin"], *xa, o)
-        elif w.path == "q6_k":
-            _run(K.q6_k_mv, a["q"], a["qh"], a["sc"], a["d"], *xa, o)
-        else:
-            _run(K.planes_mv, a["q"], a["qh"], a["S"], a["M"], a["qh"].size > 0, _sub16(w), *xa, o)
+        _run(mv, *w.kernel_args, *qx.arrays(), o)
     else:
-        if w.path == "q4_0":
-            _run(K.q4_0_mm, a["q"], a["d"], *xa, T, o)
-        elif w.path == "q8_0":
-            _run(K.q8_0_mm, a["q"], a["d"], *xa, T, o)
-        elif w.path == "q4_k":
-            _run(K.q4_k_mm, a["q"], a["sc"], a["m"], a["d"], a["dmin"], *xa, T, o)
-        elif w.path == "q5_k":
-            _run(K.q5_k_mm, a["q"], a["qb"], a["sc"], a["m"], a["d"], a["dmin"], *xa, T, o)
-        elif w.path == "q6_k":
-            _run(K.q6_k_mm, a["q"], a["qh"], a["sc"], a["d"], *xa, T, o)
-        else:
-            _run(K.planes_mm, a["q"], a["qh"], a["S"], a["M"], a["qh"].size > 0, _sub16(w), *xa, T, o)
+        _run(mm, *w.kernel_args, *qx.arrays(), T, o)
     if padded:
         if out is None:
             return np.ascontiguousarray(res[:, :w.n_out])
@@ -291,8 +288,25 @@ def _matmul_into(w: PackedWeight, x, out: np.ndarray | None) -> np.ndarray:
     return res
 
 
-def _sub16(w: PackedWeight) -> bool:
-    return w.qtype in (QType.Q2_K, QType.Q3_K)
+def decoder(w: PackedWeight):
+    """The decode hot path of one quantized weight: a function x float32 [1, n_in] (C-contiguous)
+    -> float32 [1, n_out] running matvec's kernels, with every per-call check and choice made
+    here, once (a 7B token makes ~120 such calls per chip: ~8 us each of Python saved, which a
+    memory-bound step otherwise spends with the memory idle). None for float weights."""
+    if w.path == "float":
+        return None
+    mv, args = _KERNELS[w.path][0], w.kernel_args
+    n_in, nb, ldo, n_out = w.n_in, w.n_in // 32, w.n_out_padded, w.n_out
+
+    def decode(x: np.ndarray) -> np.ndarray:
+        xq, xd = np.empty(n_in, np.int8), np.empty(nb, np.float32)
+        xs16, xsd16, xsd32 = np.empty(2 * nb, np.int32), np.empty(2 * nb, np.float32), np.empty(nb, np.float32)
+        K.quantize_act(x, xq, xd, xs16, xsd16, xsd32)
+        y = np.empty((1, ldo), np.float32)
+        _run(mv, *args, xq, xd, xs16, xsd16, xsd32, y.reshape(-1))
+        return y if ldo == n_out else np.ascontiguousarray(y[:, :n_out])
+
+    return decode
 
 
 def matvec(w: PackedWeight, x, out: np.ndarray | None = None) -> np.ndarray:
