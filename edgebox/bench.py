@@ -54,6 +54,7 @@ class ConcurrencyPoint:
     ttft_p95_s: float
     per_token_p50_s: float
     per_token_p95_s: float
+    pp64_tok_s: float       # 64-token prompt processing taken just before and after this level (mean)
 
 
 def _prompt(n_vocab: int, n: int, seed: int = 0) -> list[int]:
@@ -94,11 +95,7 @@ class EdgeboxRunner:
         self._token = 0
 
     def prompt(self, n: int) -> float:
-        ids = np.array(_prompt(self.model.args.n_vocab, n), np.int32)
-        kv = self.model.new_cache(n + 1)
-        t = time.perf_counter()
-        self._fwd(ids, np.arange(n, dtype=np.int32), kv, all_logits=False)
-        return time.perf_counter() - t
+        return prompt_seconds(self.model, n)
 
     def ttft(self) -> float:
         ids = np.array(_prompt(self.model.args.n_vocab, TTFT_PROMPT), np.int32)
@@ -167,17 +164,29 @@ class LlamaCppRunner:
         return out
 
 
+def prompt_seconds(m, n: int) -> float:
+    """Seconds of one forward pass over an ``n``-token prompt and an empty cache."""
+    ids = np.array(_prompt(m.args.n_vocab, n), np.int32)
+    kv = m.new_cache(n + 1)
+    t = time.perf_counter()
+    m.transformer.forward(ids, np.arange(n, dtype=np.int32), kv, all_logits=False)
+    return time.perf_counter() - t
+
+
 def bench_concurrency(m, levels: tuple[int, ...], prompt_len: int = 64, gen: int = 48) -> list[ConcurrencyPoint]:
     """N streams submitted at once to an engine whose batch limit is N: generated tokens per second
     of wall time (prompt processing included), the decode rate while all N decode together (each
     batched step yields N tokens: N / per-token latency; the prompts are all read in the first
-    steps, so per-token latency is pure decode), TTFT and per-token latency percentiles."""
+    steps, so per-token latency is pure decode), TTFT and per-token latency percentiles; and the
+    64-token prompt-processing rate around the level, which the decode rate is compared with (a
+    rate taken minutes away would compare two states of this VM's memory)."""
     from .engine import Engine, Request
     from .sampler import SamplingParams
 
     out = []
     greedy = SamplingParams(temperature=0.0)
     for c in levels:
+        before = prompt_seconds(m, 64)
         with Engine(m, max_batch=c, max_queue=4 * c, prefill_chunk=512) as e:
             prompts = [m.detokenize(_prompt(m.args.n_vocab, prompt_len, seed=i)) for i in range(c)]
             t = time.perf_counter()
@@ -187,8 +196,9 @@ def bench_concurrency(m, levels: tuple[int, ...], prompt_len: int = 64, gen: int
             e.close(drain=False)
         ttft = sorted(s.ttft_s for s in sums)
         per_tok = sorted(s.decode_s / max(1, s.generated_tokens - 1) for s in sums)
+        pp64 = 2 * 64 / (before + prompt_seconds(m, 64))
         point = ConcurrencyPoint(c, sum(s.generated_tokens for s in sums) / wall, c / _pct(per_tok, 50),
-                                 _pct(ttft, 50), _pct(ttft, 95), _pct(per_tok, 50), _pct(per_tok, 95))
+                                 _pct(ttft, 50), _pct(ttft, 95), _pct(per_tok, 50), _pct(per_tok, 95), pp64)
         _say(f"concurrency {c}: decode {point.decode_tok_s:.2f} tok/s, {point.total_tok_s:.2f} tok/s with prompts, "
              f"TTFT p50 {point.ttft_p50_s:.2f} s p95 {point.ttft_p95_s:.2f} s, per token p50 {point.per_token_p50_s * 1000:.0f} ms")
         out.append(point)
@@ -351,9 +361,7 @@ def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int
         by_c = {p["concurrency"]: p["decode_tok_s"] for p in extra["concurrency"]}
         if 1 in by_c:
             report["batching_gain"] = {str(c): v / by_c[1] for c, v in by_c.items()}
-        pp64 = e["pp_tok_s"].get(64)
-        if pp64:
-            report["vs_pp64"] = {str(c): v / pp64 for c, v in by_c.items()}
+        report["vs_pp64"] = {str(p["concurrency"]): p["decode_tok_s"] / p["pp64_tok_s"] for p in extra["concurrency"]}
     if vs_llama_cpp:
         report["llama_cpp"] = asdict(results[1])
         paired = {k: sorted(a / b for a, b in zip(*v)) for k, v in per_round.items()}  # edgebox / llama.cpp, per round
