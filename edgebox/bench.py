@@ -187,7 +187,8 @@ def bench_concurrency(m, levels: tuple[int, ...], prompt_len: int = 64, gen: int
     greedy = SamplingParams(temperature=0.0)
     for c in levels:
         before = prompt_seconds(m, 64)
-        with Engine(m, max_batch=c, max_queue=4 * c, prefill_chunk=512) as e:
+        # a chunk budget that reads every prompt in the first step: later steps are pure decode
+        with Engine(m, max_batch=c, max_queue=4 * c, prefill_chunk=max(512, c * prompt_len)) as e:
             prompts = [m.detokenize(_prompt(m.args.n_vocab, prompt_len, seed=i)) for i in range(c)]
             t = time.perf_counter()
             handles = [e.submit(Request(prompt=p, max_tokens=gen, params=greedy)) for p in prompts]
