@@ -47,11 +47,10 @@ Q6_K   2 thr 36.8-37.5 (102-107%); 1 thr 25-28  260-263 / 273-278;  131-134 / 13
 Two threads read at or above the probe, which leaves prefetching to the hardware; the kernels'
 software prefetch 4 KiB ahead is what pushes past it (see matmul_kernels, "Loop structure").
 One core alone reads 23-30 GB/s, near its compute ceiling (Q4_0 on L3-resident weights: 25-33
-GB/s).  For comparison on this machine, in the same
-paired runs (``edgebox bench --vs-llama-cpp``): llama.cpp decodes the 7B Q4_0 file at 9.5 tok/s
-(~35 GB/s of weights) and reads 64-token prompts at ~22 tok/s (~300 GFLOP/s); onnxruntime
-MatMulNBits (Q4_0 format, 1 thread) ~10 GB/s and 60-90 GFLOP/s; the planes types ~6-8 GB/s
-of file bytes (1 thread).
+GB/s).  For comparison on this machine, in paired runs (``edgebox bench --vs-llama-cpp``):
+llama.cpp decodes the 7B Q4_0 file at up to 9.5 tok/s (~35 GB/s of weights) and reads 64-token
+prompts at ~22 tok/s (~300 GFLOP/s); onnxruntime MatMulNBits (Q4_0 format, 1 thread) ~10 GB/s
+and 60-90 GFLOP/s; the planes types ~6-8 GB/s of file bytes (1 thread).
 
 Threads: the kernels are ``parallel=True`` over row groups and use numba's current thread count
 (``numba.set_num_threads``, which is per calling thread), and release the GIL, so several host
@@ -116,10 +115,10 @@ class PackedWeight:
     @property
     def kernel_args(self) -> tuple:
         """The weight's arguments to its path's kernels, in their order (before the activations)."""
-        a = self.arrays
-        if self.path == "planes":
-            return a["q"], a["qh"], a["S"], a["M"], a["qh"].size > 0, self.qtype in (QType.Q2_K, QType.Q3_K)
-        return tuple(a[name] for name in _KERNELS[self.path][2])
+        args = tuple(self.arrays[name] for name in _KERNELS[self.path][2])
+        if self.path == "planes":  # and its flags: is there a crumb plane, are sub-blocks 16 wide
+            args += (self.arrays["qh"].size > 0, self.qtype in (QType.Q2_K, QType.Q3_K))
+        return args
 
     @property
     def file_bytes(self) -> int:
