@@ -201,19 +201,6 @@ def test_float_types_ragged_n_in(qtype):
     check(w, dequantize(raw, qtype), X[:1], M.matvec(w, X[0])[None], f"{qtype.name} n_in=37 matvec")
 
 
-@pytest.mark.parametrize("qtype", [t for t in ALL_TYPES if t not in FLOATS], ids=lambda q: q.name)
-def test_decoder_equals_matvec(qtype):
-    """The decode fast path runs matvec's kernels: the same outputs to the bit, padded rows too."""
-    rng = np.random.default_rng(100 + int(qtype))
-    for n_out, k in ((5, 1), (24, 3), (40, 2)):
-        n_in = _n_in(qtype, k)
-        w = M.pack(make_weight(qtype, n_out, n_in, rng), qtype)
-        x = rng.standard_normal((1, n_in)).astype(np.float32)
-        y = M.decoder(w)(x)
-        assert y.shape == (1, n_out) and y.flags.c_contiguous
-        np.testing.assert_array_equal(y[0], M.matvec(w, x[0]))
-
-
 def test_activation_quantization_matches_q8_0():
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((3, 256)) * 3).astype(np.float32)

@@ -60,7 +60,6 @@ class NumbaLinear:
         self.n_out, self.n_in = m.n_out, m.n_in
         self.nbytes = m.nbytes
         self.packed = None
-        self._decode = None  # matmul.decoder: one token's fast path
 
     def prepare(self, release: bool = True) -> None:
         """Repack once; then drop the pages under the rows (``release=False`` keeps them, for a
@@ -68,7 +67,6 @@ class NumbaLinear:
         if self.packed is None:
             m = self.matrix
             self.packed = self._matmul.pack(m.data, m.qtype)
-            self._decode = self._matmul.decoder(self.packed)
             if release and self.packed.path != "float":  # float weights are read in place: keep their pages
                 release_view_pages(m.data)
 
@@ -77,8 +75,6 @@ class NumbaLinear:
             self.prepare()
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) == 1:
-            if self._decode is not None and x.ndim == 2 and x.shape[1] == self.n_in:
-                return self._decode(x)
             return self._matmul.matvec(self.packed, x[0])[None]
         return self._matmul.matmul(self.packed, x)
 

@@ -287,27 +287,6 @@ def _matmul_into(w: PackedWeight, x, out: np.ndarray | None) -> np.ndarray:
     return res
 
 
-def decoder(w: PackedWeight):
-    """The decode hot path of one quantized weight: a function x float32 [1, n_in] (C-contiguous)
-    -> float32 [1, n_out] running matvec's kernels, with every per-call check and choice made
-    here, once (a 7B token makes ~120 such calls per chip: ~8 us each of Python saved, which a
-    memory-bound step otherwise spends with the memory idle). None for float weights."""
-    if w.path == "float":
-        return None
-    mv, args = _KERNELS[w.path][0], w.kernel_args
-    n_in, nb, ldo, n_out = w.n_in, w.n_in // 32, w.n_out_padded, w.n_out
-
-    def decode(x: np.ndarray) -> np.ndarray:
-        xq, xd = np.empty(n_in, np.int8), np.empty(nb, np.float32)
-        xs16, xsd16, xsd32 = np.empty(2 * nb, np.int32), np.empty(2 * nb, np.float32), np.empty(nb, np.float32)
-        K.quantize_act(x, xq, xd, xs16, xsd16, xsd32)
-        y = np.empty((1, ldo), np.float32)
-        _run(mv, *args, xq, xd, xs16, xsd16, xsd32, y.reshape(-1))
-        return y if ldo == n_out else np.ascontiguousarray(y[:, :n_out])
-
-    return decode
-
-
 def matvec(w: PackedWeight, x, out: np.ndarray | None = None) -> np.ndarray:
     """x float32 [n_in] (or QuantizedActivations with T=1) -> float32 [n_out]."""
     if not isinstance(x, QuantizedActivations):

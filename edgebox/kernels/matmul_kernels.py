@@ -20,8 +20,8 @@ Loop structure
   accumulators (instruction-level parallelism without a second stream).  A software prefetch
   runs _PF = 4 KiB ahead.  The earlier loop over *pairs* of groups (two streams per thread,
   1 KiB prefetch) read 15-20 % slower: the 7B Q4_0 matrices swept back to back in one process,
-  pairs vs one stream with 4 KiB prefetch, 30-34 vs 35-36 GB/s when the machine's memory was
-  busy and 34-43 vs 49-55 GB/s when it was not (a longer pair prefetch did not help; 8 KiB
+  pairs vs one stream with 4 KiB prefetch, per matrix shape 30-34 vs 35-38 GB/s when the
+  machine's memory was busy and 33-42 vs 50-55 GB/s when it was not (a longer pair prefetch did not help; 8 KiB
   did no better than 4).
 * ``*_mm`` (T tokens): one row group x 4 tokens per step, so every weight block unpacked from
   L1 feeds 4 tokens; the parallel loop runs over (row group, token quad) with the token quads
