@@ -306,7 +306,7 @@ def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int
     """Each runner in a process of its own (its peak RSS is its own, neither inherits the other's
     threads). Both stay loaded; every measurement is taken ``rounds`` times, the runners taking
     turns, so each ratio is the median over rounds of edgebox vs llama.cpp measured back to back
-    (this machine's memory bandwidth drifts by tens of percent over minutes); the absolute figures
+    (this machine's memory bandwidth drifts by tens of percent within seconds); the absolute figures
     are each runner's best round."""
     model_path = str(Path(model_path).resolve())
     n_ctx = max(*prompt_lens, TTFT_PROMPT) + n_decode + 8
