@@ -201,18 +201,23 @@ def test_float_types_ragged_n_in(qtype):
     check(w, dequantize(raw, qtype), X[:1], M.matvec(w, X[0])[None], f"{qtype.name} n_in=37 matvec")
 
 
-def test_activation_quantization_matches_q8_0():
+@pytest.mark.parametrize("T,n_in", [(3, 256), (1, 4096), (8, 11008), (5, 96), (40, 64)])
+def test_activation_quantization_matches_q8_0(T, n_in):
     rng = np.random.default_rng(5)
-    x = (rng.standard_normal((3, 256)) * 3).astype(np.float32)
-    x[1, :32] = 0.0                                             # an all-zero block: scale 0
+    x = (rng.standard_normal((T, n_in)) * rng.uniform(0.01, 30, (T, 1))).astype(np.float32)
+    x[T // 2, :32] = 0.0                                        # an all-zero block: scale 0
+    x[-1, -32:] = np.arange(32) - 15.5                          # ties: x * (1/d) lands on .5
     qx = M.quantize_activations(x)
-    xb = x.reshape(3, 8, 32)
-    d = np.abs(xb).max(-1) / 127
-    np.testing.assert_allclose(qx.xd.reshape(3, 8), d, rtol=1e-6)
-    inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0)
+    nb = n_in // 32
+    xb = x.reshape(T, nb, 32)
+    # llama.cpp's quantize_row_q8_0: d = amax / 127, id = 1/d (0 for d = 0), q = round(x * id)
+    # (numpy's rint: ties to even, as the kernel's vroundps), bit for bit
+    d = np.abs(xb).max(-1) / np.float32(127)
+    np.testing.assert_array_equal(qx.xd.reshape(T, nb), d)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
     q = np.rint(xb * inv[..., None])
-    assert np.abs(qx.xq.reshape(3, 8, 32) - q).max() <= 1      # at most a tie rounded the other way
-    assert (qx.xq.reshape(3, 8, 32)[1, 0] == 0).all()
+    np.testing.assert_array_equal(qx.xq.reshape(T, nb, 32), q)
+    assert (qx.xq.reshape(T, nb, 32)[T // 2, 0] == 0).all()
     s16 = qx.xq.reshape(-1, 16).astype(np.int32).sum(1)
     np.testing.assert_array_equal(qx.xs16, 32 * s16)
     np.testing.assert_allclose(qx.xsd16, qx.xd.repeat(2) * s16, rtol=1e-6)

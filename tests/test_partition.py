@@ -51,10 +51,11 @@ def test_n_chips_give_one_chips_logits(name, _, chips, tiny_f32):
     # float re-association only: partial sums added in another order (measured up to 6e-5 of the
     # logits' spread: an f32 ulp of difference can flip the f16 rounding of a cached key). With
     # quantized weights the kernels quantize activations to int8, where an ulp can also flip one
-    # int8 step of one value: a rare row then moves by ~1/127 of a block's scale (measured 0.0074).
+    # int8 step of one value: a rare row then moves by ~1/127 of a block's scale (measured 0.0074,
+    # and 0.025 on coder-Q4_0 once the scale became amax / 127 exactly, as llama.cpp computes it).
     row_err = np.abs(many - one).max(axis=1) / float(one.std())
     assert np.median(row_err) < 2e-5, row_err
-    assert row_err.max() < (2e-4 if name.startswith("tiny-") else 0.02), row_err
+    assert row_err.max() < (2e-4 if name.startswith("tiny-") else 0.04), row_err
     assert plan.n_chips == chips
 
 

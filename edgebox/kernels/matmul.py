@@ -224,10 +224,10 @@ def quantize_activations(x: np.ndarray) -> QuantizedActivations:
     xs16 = np.empty(T * 2 * nb, np.int32)
     xsd16 = np.empty(T * 2 * nb, np.float32)
     xsd32 = np.empty(T * nb, np.float32)
-    if T >= 8:
-        _run(K.quantize_act_par, x, xq, xd, xs16, xsd16, xsd32)
+    if T >= 32:
+        _run(K.quantize_act_par, x.reshape(-1), n_in, xq, xd, xs16, xsd16, xsd32)
     else:
-        K.quantize_act(x, xq, xd, xs16, xsd16, xsd32)
+        K.quantize_act(x.reshape(-1), n_in, xq, xd, xs16, xsd16, xsd32)
     return QuantizedActivations(x, xq, xd, xs16, xsd16, xsd32)
 
 

@@ -160,6 +160,17 @@ def ld_i8x8_i32(typingctx, arr, idx):
 
 
 @intrinsic
+def st_f16x8(typingctx, arr, idx, v):
+    """8 float32 lanes rounded to IEEE halves (ties to even, vcvtps2ph) stored to arr[idx:idx+8]
+    (arr: 1-D uint16 bit patterns)."""
+    def cg(context, builder, sig, args):
+        h = builder.bitcast(builder.fptrunc(args[2], _V(ir.HalfType(), 8)), _V(_i16, 8))
+        builder.store(h, _ptr(context, builder, sig.args[0], args[0], args[1], _V(_i16, 8)), align=2)
+        return context.get_dummy_value()
+    return types.none(arr, types.intp, F32x8), cg
+
+
+@intrinsic
 def st_f32x8(typingctx, arr, idx, v):
     def cg(context, builder, sig, args):
         builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], _V(_f32, 8)), align=4)
@@ -423,6 +434,63 @@ def lane_f32(typingctx, a, i):
     def cg(context, builder, sig, args):
         return builder.extract_element(args[0], builder.trunc(args[1], _i32))
     return types.float32(F32x8, types.intp), cg
+
+
+@intrinsic
+def absmax_f32(typingctx, a, b):
+    """max(|a|, |b|) per lane (vandps + vmaxps)."""
+    def cg(context, builder, sig, args):
+        fa = _call(builder, "llvm.fabs.v8f32", _V(_f32, 8), [args[0]])
+        fb = _call(builder, "llvm.fabs.v8f32", _V(_f32, 8), [args[1]])
+        return builder.select(builder.fcmp_ordered(">", fa, fb), fa, fb)
+    return F32x8(F32x8, F32x8), cg
+
+
+@intrinsic
+def hmax_f32(typingctx, a):
+    """Largest of the 8 lanes (pairwise tree) -> float32."""
+    def cg(context, builder, sig, args):
+        v = args[0]
+        n = 8
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n, 2 * n))))
+            v = builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi)
+        return builder.extract_element(v, ir.Constant(_i32, 0))
+    return types.float32(F32x8), cg
+
+
+@intrinsic
+def rint_i32(typingctx, a):
+    """float32 lanes rounded to the nearest int32, ties to even, as np.rint (vroundps + vcvttps2dq)."""
+    def cg(context, builder, sig, args):
+        return builder.fptosi(_call(builder, "llvm.rint.v8f32", _V(_f32, 8), [args[0]]), _V(_i32, 8))
+    return I32x8(F32x8), cg
+
+
+@intrinsic
+def hsum_i32(typingctx, a):
+    """Sum of the 8 int32 lanes -> int32."""
+    def cg(context, builder, sig, args):
+        v = args[0]
+        n = 8
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n, 2 * n))))
+            v = builder.add(lo, hi)
+        return builder.extract_element(v, ir.Constant(_i32, 0))
+    return types.int32(I32x8), cg
+
+
+@intrinsic
+def st_i32x8_i8(typingctx, arr, idx, v):
+    """The low byte of each int32 lane stored to arr[idx:idx+8] (arr: 1-D int8; lanes in range)."""
+    def cg(context, builder, sig, args):
+        builder.store(builder.trunc(args[2], _V(_i8, 8)), _ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 8)), align=1)
+        return context.get_dummy_value()
+    return types.none(arr, types.intp, I32x8), cg
 
 
 # --- scalars ----------------------------------------------------------------------------------
