@@ -120,6 +120,7 @@ class Transformer:
         rows = np.cumsum([0] + [len(seg.tokens) for seg in segments])  # segment i is rows[i]:rows[i+1]
         tokens = np.concatenate([seg.tokens for seg in segments])  # [R]
         positions = np.concatenate([seg.positions for seg in segments])  # [R]
+        decode = _DecodeBatch.of(box, segments, rows, starts)
 
         # token embeddings (replicated on every chip)
         x = ref.get_rows(w.token_embd.data, w.token_embd.qtype, tokens)  # [R, D]
@@ -128,7 +129,7 @@ class Transformer:
             # attention: every chip normalizes, projects and attends for its own heads, then
             # multiplies by its columns of attn_output; an all-reduce sums the partial outputs
             h = box.ops.rms_norm(x, lw.attn_norm, a.rms_eps)  # [R, D]
-            x = x + box.all_reduce(box.run(lambda chip: _attention(box.ops, chip, layer, h, positions, segments, starts, rows, a)))  # [R, D]
+            x = x + box.all_reduce(box.run(lambda chip: _attention(box.ops, chip, layer, h, positions, segments, starts, rows, decode, a)))  # [R, D]
 
             # feed-forward: every chip does its FFN rows (SwiGLU) and its columns of ffn_down
             h = box.ops.rms_norm(x, lw.ffn_norm, a.rms_eps)  # [R, D]
@@ -146,8 +147,28 @@ class Transformer:
         return np.split(logits, np.cumsum(counts)[:-1])
 
 
+@dataclass
+class _DecodeBatch:
+    """The step's one-token segments (two or more: continuous batching's decode), which attend
+    in one call per chip and layer instead of one per sequence."""
+
+    members: set  # their segment indices
+    rows: np.ndarray  # [B] their rows
+    starts: np.ndarray  # [B] int64 the cache slot of each one's new token
+    caches: list  # per chip: the backend's handle on the B sequences' caches (ops.kv_lists)
+
+    @classmethod
+    def of(cls, box: Box, segments: list[Segment], rows: np.ndarray, starts: list[int]) -> "_DecodeBatch | None":
+        dec = [i for i, seg in enumerate(segments) if len(seg.tokens) == 1]
+        if len(dec) < 2:
+            return None
+        caches = [box.ops.kv_lists([segments[i].kv.k[c.index] for i in dec], [segments[i].kv.v[c.index] for i in dec])
+                  if c.n_kv else None for c in box.chips]
+        return cls(set(dec), rows[dec], np.array([starts[i] for i in dec], np.int64), caches)
+
+
 def _attention(ops, chip: Chip, layer: int, h: np.ndarray, positions: np.ndarray, segments: list[Segment],
-               starts: list[int], rows: np.ndarray, a: ModelArgs) -> np.ndarray | None:
+               starts: list[int], rows: np.ndarray, decode: _DecodeBatch | None, a: ModelArgs) -> np.ndarray | None:
     """One chip's attention for its heads: its partial sum of the attention block's output [R, D]."""
     lw = chip.layers[layer]
     if lw.wqkv is None:
@@ -165,9 +186,17 @@ def _attention(ops, chip: Chip, layer: int, h: np.ndarray, positions: np.ndarray
     q, k = qk[:, :nh], qk[:, nh:]  # [R, Hc, hd], [R, Hkv_c, hd]
     v = qkv[:, (nh + nkv) * hd:].reshape(R, nkv, hd)  # [R, Hkv_c, hd]
 
-    # per segment: append k, v to this chip's slice of the cache, attend over all it holds
     att = np.empty((R, nh * hd), np.float32)  # [R, Hc*hd]
+    if decode is not None:
+        # the one-token segments together: each one's k, v into its cache, then attention
+        r = decode.rows
+        att[r] = ops.attention_decode_append(q[r], k[r], v[r], decode.caches[chip.index], layer, decode.starts,
+                                             chip.kv_of_head)  # [B, Hc*hd]
+
+    # every other segment: append k, v to this chip's slice of its cache, attend over all it holds
     for i, seg in enumerate(segments):
+        if decode is not None and i in decode.members:
+            continue
         r0, r1, start = rows[i], rows[i + 1], starts[i]
         kc, vc = seg.kv.k[chip.index][layer], seg.kv.v[chip.index][layer]  # [n_ctx, Hkv_c, hd] f16
         kc[start:start + r1 - r0] = k[r0:r1]

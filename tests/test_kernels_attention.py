@@ -135,6 +135,53 @@ def test_decode_batch_4d_layout():
         A.attention_decode_batch(q, kc[:, None], vc[:, None], lengths, layer=1)
 
 
+@pytest.mark.parametrize("H,Hkv,hd,kv_of_head", [(4, 2, 64, None), (28, 4, 128, None), (3, 3, 16, None),
+                                                 (10, 2, 32, [0] * 7 + [1] * 3)])  # a chip straddling KV heads
+@pytest.mark.parametrize("parallel", [False, True])
+def test_decode_append(H, Hkv, hd, kv_of_head, parallel):
+    """Each sequence its own cache (ragged sizes), the new keys and values written by the kernel."""
+    n_layer, sizes, starts = 3, [70, 5, 300, 33], np.array([69, 0, 151, 20])
+    kc = [RNG.standard_normal((n_layer, n, Hkv, hd)).astype(np.float16) for n in sizes]
+    vc = [RNG.standard_normal((n_layer, n, Hkv, hd)).astype(np.float16) for n in sizes]
+    before = [c.copy() for c in kc + vc]
+    q = queries(4, H, hd, 2.0)
+    k_new = RNG.standard_normal((4, Hkv, hd)).astype(np.float32) * 3
+    v_new = RNG.standard_normal((4, Hkv, hd)).astype(np.float32)
+    caches = A.kv_lists(kc, vc)
+    got = A.attention_decode_append(q, k_new, v_new, caches, 1, starts, kv_of_head=kv_of_head, parallel=parallel)
+    assert got.shape == (4, H * hd)
+    m = np.asarray(kv_of_head) if kv_of_head is not None else np.arange(H) // (H // Hkv)
+    for b, s in enumerate(starts):
+        # the new key and value sit at slot s of layer 1 exactly as numpy rounds them to float16;
+        # nothing else in the caches moved
+        np.testing.assert_array_equal(kc[b][1, s], k_new[b].astype(np.float16))
+        np.testing.assert_array_equal(vc[b][1, s], v_new[b].astype(np.float16))
+        for new, old in ((kc[b], before[b]), (vc[b], before[4 + b])):
+            changed = np.argwhere((new.view(np.uint16) != old.view(np.uint16)).any(axis=(2, 3)))
+            assert set(map(tuple, changed)) <= {(1, s)}
+        keys, values = kc[b][1, :s + 1][:, m], vc[b][1, :s + 1][:, m]    # [s+1, H, hd] per query head
+        want = ref.attention(q[b:b + 1], keys.astype(np.float32), values.astype(np.float32), np.array([s]), np.arange(s + 1))[0]
+        close(got[b], want)
+        np.testing.assert_array_equal(got[b], A.attention_decode(q[b], kc[b][1], vc[b][1], s + 1, kv_of_head=kv_of_head))
+
+
+def test_decode_append_rejects_bad_input():
+    kc = [np.zeros((2, 10, 2, 16), np.float16), np.zeros((2, 6, 2, 16), np.float16)]
+    caches = A.kv_lists(kc, [c.copy() for c in kc])
+    q, k = queries(2, 4, 16), np.zeros((2, 2, 16), np.float32)
+    for bad in (dict(starts=[9, 6]),                    # slot 6 is past the second cache
+                dict(starts=[0, -1]), dict(starts=[0]), dict(layer=2), dict(k=k[:1]), dict(q=q[:, :3])):
+        args = dict(q=q, k=k, starts=[0, 0], layer=0) | bad
+        with pytest.raises(ValueError):
+            A.attention_decode_append(args["q"], args["k"], args["k"], caches, args["layer"], args["starts"])
+    with pytest.raises(ValueError):                     # caches that differ in heads
+        A.kv_lists([kc[0], np.zeros((2, 6, 1, 16), np.float16)], kc)
+    with pytest.raises(ValueError):
+        A.kv_lists([kc[0].astype(np.float32)], [kc[0]])
+    with pytest.raises(ValueError):                     # a strided view
+        A.kv_lists([kc[0][:, ::2]], [kc[0][:, ::2]])
+
+
 # -- prefill -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("H,Hkv,hd", SHAPES)

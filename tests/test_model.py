@@ -48,6 +48,34 @@ def test_same_seed_same_text(model):
     assert a == b and a != c
 
 
+@pytest.mark.parametrize("backend,chips", [("numba", 1), ("numba", 4), ("ref", 1), ("ref", 4)])
+def test_decode_segments_attend_together_as_alone(backend, chips):
+    """Several one-token segments in one step (continuous batching's decode: one attention call
+    per chip and layer) give each sequence the logits, and the cache, it gets decoding alone."""
+    from edgebox.model import Segment
+
+    m = edgebox.load(TEST_MODEL, chips=chips, backend=backend)
+    prompts = [[1, 50, 900, 7], [1, 31], [1, 2000, 15, 400, 3, 9, 8], [1]]  # ragged contexts
+    ctx = [16, 9, 32, 12]                                                     # and cache sizes
+    together, alone = [], []
+    for kvs in (together, alone):
+        for ids, n in zip(prompts, ctx):
+            kvs.append(m.transformer.new_cache(n))
+            m.transformer.forward(np.array(ids, np.int32), np.arange(len(ids), dtype=np.int32), kvs[-1])
+    nxt = [5, 6, 7, 8]
+    segs = [Segment(np.array([t], np.int32), np.array([len(ids)], np.int32), kv) for t, ids, kv in zip(nxt, prompts, together)]
+    got = m.transformer.forward_segments(segs)
+    for t, ids, kv, kv_alone, row in zip(nxt, prompts, together, alone, got):
+        want = m.transformer.forward(np.array([t], np.int32), np.array([len(ids)], np.int32), kv_alone, all_logits=False)
+        # the matmuls of 4 rows and of 1 row sum in different orders (and may round an int8
+        # activation differently): re-association only
+        np.testing.assert_allclose(row, want, atol=2e-3 * float(np.abs(want).max()))
+        assert kv.length == kv_alone.length == len(ids) + 1
+        for a, b in zip(kv.k + kv.v, kv_alone.k + kv_alone.v):
+            np.testing.assert_allclose(a[:, :kv.length].astype(np.float32), b[:, :kv.length].astype(np.float32), atol=2e-2)
+    m.box.close()
+
+
 def test_max_tokens_and_done_reason(model):
     gen = model.stream("x = ", max_tokens=5, params=edgebox.SamplingParams(temperature=0.0))
     text = "".join(gen)

@@ -12,18 +12,20 @@ to float32)::
     attention_decode_batch(q [B, H, hd], k_caches, v_caches, lengths [B],
                            *, layer=None, slots=None, kv_of_head=None,
                            parallel=False)                                       -> [B, H*hd]
+    attention_decode_append(q [B, H, hd], k_new [B, Hkv, hd], v_new, kv_lists(k_caches, v_caches),
+                            layer, starts [B], *, kv_of_head=None, parallel=False) -> [B, H*hd]
     attention_prefill(q [T, H, hd], k_cache [S, Hkv, hd], v_cache, start,
                       *, q_pos=None, k_pos=None, kv_of_head=None, parallel=False) -> [T, H*hd]
 
-In model._attention, per chip and segment (slot index == position; the keys and values of the
-new tokens written to the cache first; ``chip.kv_of_head`` maps the chip's query heads to its
-KV heads, which need not be h // (Hc // Hkv_c) when a chip's heads straddle KV heads)::
+In model._attention, per chip (slot index == position; ``chip.kv_of_head`` maps the chip's
+query heads to its KV heads, which need not be h // (Hc // Hkv_c) when a chip's heads straddle
+KV heads): the step's one-token segments together, one call per layer (``caches`` built once
+per step from those sequences' [n_layer, n_ctx, Hkv, hd] caches), then every other segment
+with its keys and values written to the cache first::
 
+    att[dec] = attention_decode_append(q[dec], k[dec], v[dec], caches, layer, starts[dec], kv_of_head=chip.kv_of_head)
     kc[layer, start:end] = k[r0:r1]; vc[layer, start:end] = v[r0:r1]
-    if r1 - r0 == 1:
-        att[r0] = attention_decode(q[r0], kc[layer], vc[layer], end, kv_of_head=chip.kv_of_head)
-    else:
-        att[r0:r1] = attention_prefill(q[r0:r1], kc[layer], vc[layer], start, kv_of_head=chip.kv_of_head)
+    att[r0:r1] = attention_prefill(q[r0:r1], kc[layer], vc[layer], start, kv_of_head=chip.kv_of_head)
 
 * ``attention_decode`` attends over cache slots ``0 .. n_valid-1``: all of them are visible,
   which is the causal rule whenever the new token's position is the largest in the cache.
@@ -33,6 +35,11 @@ KV heads, which need not be h // (Hc // Hkv_c) when a chip's heads straddle KV h
   ``layer`` and, when row b of q is not slot b, ``slots [B]``), or float16 ``[B, S_max, Hkv, hd]``
   (``layer=None``). Any other layout (a list of per-sequence arrays) would need a typed list or
   a copy per step: stack the slots in one array instead.
+* ``attention_decode_append`` (the engine's decode step): one query per sequence, each cache
+  its own array (a typed List of them: numba passes a list of arrays only that way), the new
+  key and value written by the kernel (float32 -> float16, as numpy's astype) before it attends.
+  Batching the sequences into one call saves a Python call per sequence and layer and lets the
+  parallel variant spread the sequences over the cores.
 * ``attention_prefill``: the T new keys must already be in the cache at slots
   ``start .. start+T-1``; query i sits at position start+i and sees slots ``0 .. start+i``
   (slot index == position). The general masked case of the reference is supported too: pass
@@ -71,17 +78,19 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from edgebox.kernels.elementwise import FM_REDUCE, expf, f16_to_f32
+from edgebox.kernels.elementwise import FM_REDUCE, expf, f16_to_f32, f32_to_f16
+from edgebox.kernels.matmul_simd import ld_f32x8, st_f16x8
 
 __all__ = [
-    "attention_decode", "attention_decode_batch", "attention_prefill",
+    "attention_decode", "attention_decode_batch", "attention_decode_append", "kv_lists", "KVLists", "attention_prefill",
     "threading_layer_is_threadsafe", "head_groups",
-    "decode_batch_kernel", "decode_batch_kernel_parallel",
+    "decode_batch_kernel", "decode_batch_kernel_parallel", "append_kv_kernel",
     "prefill_kernel", "prefill_kernel_parallel", "BLOCK_Q", "BLOCK_K",
 ]
 
@@ -307,15 +316,37 @@ def _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc, w, pa
     """Work item w: sequence w // parts, its KV-head range w % parts (of parts equal ranges)."""
     b = w // parts
     p = w - b * parts
-    Hkv = kc.shape[3]
-    _decode_heads(q[b], kc[slots[b], layer], vc[slots[b], layer], lengths[b], order, hstart,
+    Hkv = hstart.shape[0] - 1
+    _decode_heads(q[b], kc[slots[b]][layer], vc[slots[b]][layer], lengths[b], order, hstart,
                   p * Hkv // parts, (p + 1) * Hkv // parts, out[b], sc)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def append_kv_kernel(k_new, v_new, kc, vc, layer, slots, starts):
+    """The new key and value of each sequence (float32 [B, Hkv, hd]) into slot starts[b] of
+    cache slots[b], layer ``layer``, as float16 bits (kc, vc: as decode_batch_kernel's)."""
+    n = k_new.shape[1] * k_new.shape[2]
+    for b in range(k_new.shape[0]):
+        kd = kc[slots[b]][layer][starts[b]].reshape(-1)  # [Hkv*hd]: one slot is contiguous
+        vd = vc[slots[b]][layer][starts[b]].reshape(-1)
+        ks = k_new[b].reshape(-1)
+        vs = v_new[b].reshape(-1)
+        i = 0
+        while i + 8 <= n:
+            st_f16x8(kd, i, ld_f32x8(ks, i))
+            st_f16x8(vd, i, ld_f32x8(vs, i))
+            i += 8
+        while i < n:
+            kd[i] = f32_to_f16(ks[i])
+            vd[i] = f32_to_f16(vs[i])
+            i += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def decode_batch_kernel(q, kc, vc, layer, slots, lengths, order, hstart, out):
-    """q float32 [B, H, hd]; kc, vc uint16 [n_slots, n_layer, n_ctx, Hkv, hd]; sequence b reads
-    slot slots[b] of layer ``layer``, keys 0..lengths[b]-1 (all visible); (order, hstart): see
+    """q float32 [B, H, hd]; kc, vc uint16 [n_slots, n_layer, n_ctx, Hkv, hd], or a typed List
+    of [n_layer, n_ctx, Hkv, hd] arrays (one per sequence: :func:`kv_lists`); sequence b reads
+    cache slots[b] at layer ``layer``, keys 0..lengths[b]-1 (all visible); (order, hstart): see
     head_groups; out float32 [B, H, hd]."""
     B, H, _ = q.shape
     n_max = 1
@@ -332,7 +363,7 @@ def decode_batch_kernel_parallel(q, kc, vc, layer, slots, lengths, order, hstart
     """decode_batch_kernel with (sequence, KV-head range) items spread over numba's threads."""
     B, H, _ = q.shape
     # split each sequence's heads only as far as needed to give n_threads threads work
-    parts = min(kc.shape[3], max(1, (max(1, n_threads) + B - 1) // B))
+    parts = min(hstart.shape[0] - 1, max(1, (max(1, n_threads) + B - 1) // B))
     n_max = 1
     for b in range(B):
         n_max = max(n_max, lengths[b])
@@ -599,6 +630,76 @@ def attention_decode_batch(q: np.ndarray, k_caches: np.ndarray, v_caches: np.nda
     if B == 0:
         return out.reshape(0, H * hd)
     args = (q, kc, vc, int(layer), slots, lengths, order, hstart, out)
+    if parallel and threading_layer_is_threadsafe():
+        decode_batch_kernel_parallel(*args, numba.get_num_threads())
+    else:
+        decode_batch_kernel(*args)
+    return out.reshape(B, H * hd)
+
+
+class KVLists(NamedTuple):
+    """Several sequences' caches as the kernels read them: typed Lists of their uint16 views
+    (numba passes a list of arrays only that way), with the sizes checked once."""
+
+    k: object  # numba.typed.List of uint16 [n_layer, n_ctx_b, Hkv, hd]
+    v: object
+    n_ctx: np.ndarray  # [B] slots of each cache
+    shape: tuple  # (n_layer, Hkv, hd), the same for all
+
+
+def kv_lists(k_caches, v_caches) -> KVLists:
+    """Several sequences' caches (float16 [n_layer, n_ctx, Hkv, hd] each, same n_layer, Hkv
+    and hd; n_ctx may differ), for :func:`attention_decode_append`. Built once per step (~30 µs
+    for eight sequences), used by every layer."""
+    from numba.typed import List
+
+    if not len(k_caches) or len(k_caches) != len(v_caches):
+        raise ValueError(f"kv_lists: {len(k_caches)} k caches and {len(v_caches)} v caches")
+    views = [_caches(k, v, 4, "kv_lists") for k, v in zip(k_caches, v_caches)]
+    shape = views[0][0].shape
+    for kc, vc in views:
+        if kc.shape[0] != shape[0] or kc.shape[2:] != shape[2:]:
+            raise ValueError(f"kv_lists: caches {shape} and {kc.shape} differ in n_layer, Hkv or hd")
+        if not (kc.flags.c_contiguous and vc.flags.c_contiguous):
+            raise ValueError("kv_lists: every cache must be C-contiguous (one typed List holds one array layout)")
+    return KVLists(List([kc for kc, _ in views]), List([vc for _, vc in views]),
+                   np.array([kc.shape[1] for kc, _ in views], np.int64), (shape[0],) + shape[2:])
+
+
+def attention_decode_append(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, caches: tuple, layer: int,
+                            starts, *, kv_of_head=None, parallel: bool = False) -> np.ndarray:
+    """One new token per sequence: its key and value go into its cache, then its query attends
+    over everything the cache holds -> float32 [B, H*hd].
+
+    q:      float32 [B, H, hd]
+    k_new, v_new: float32 [B, Hkv, hd], written (as float16) to slot starts[b] of layer ``layer``
+    caches: :func:`kv_lists` of the B sequences' caches, in the order of q's rows
+    starts: int [B], the new token's slot; sequence b attends over slots 0..starts[b] (all
+            visible: the new token has the largest position in its cache)
+    """
+    kl, vl = caches.k, caches.v
+    q = _q32(np.asarray(q))
+    k_new, v_new = _q32(np.asarray(k_new)), _q32(np.asarray(v_new))
+    if q.ndim != 3 or k_new.ndim != 3 or k_new.shape != v_new.shape:
+        raise ValueError(f"attention_decode_append: q [B, H, hd] and k, v [B, Hkv, hd], got {q.shape}, {k_new.shape}, {v_new.shape}")
+    B, H, hd = q.shape
+    if k_new.shape[0] != B or len(caches.n_ctx) != B:
+        raise ValueError(f"attention_decode_append: {B} queries, {k_new.shape[0]} new keys, {len(caches.n_ctx)} caches")
+    n_layer, Hkv, hd_kv = caches.shape
+    if k_new.shape[1:] != (Hkv, hd_kv):
+        raise ValueError(f"attention_decode_append: new keys {k_new.shape[1:]}, cache heads {(Hkv, hd_kv)}")
+    if not 0 <= int(layer) < n_layer:
+        raise ValueError(f"attention_decode_append: layer {layer} out of range [0, {n_layer})")
+    order, hstart = _heads(H, hd, Hkv, hd_kv, kv_of_head, "attention_decode_append")
+    starts = np.ascontiguousarray(starts, dtype=np.int64).reshape(-1)
+    if starts.shape[0] != B:
+        raise ValueError(f"attention_decode_append: {B} queries, {starts.shape[0]} starts")
+    if B and (starts.min() < 0 or (starts >= caches.n_ctx).any()):
+        raise ValueError(f"attention_decode_append: starts {starts.tolist()} outside the caches")
+    slots = np.arange(B, dtype=np.int64)
+    append_kv_kernel(k_new, v_new, kl, vl, int(layer), slots, starts)
+    out = np.empty((B, H, hd), np.float32)
+    args = (q, kl, vl, int(layer), slots, starts + 1, order, hstart, out)
     if parallel and threading_layer_is_threadsafe():
         decode_batch_kernel_parallel(*args, numba.get_num_threads())
     else:

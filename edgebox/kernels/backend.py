@@ -104,6 +104,23 @@ class RefOps:
         values = v_cache[:end][:, kv_of_head].astype(np.float32)  # [S, Hc, hd]
         return ref.attention(q, keys, values, positions, cache_pos[:end])
 
+    @staticmethod
+    def kv_lists(k_caches: list[np.ndarray], v_caches: list[np.ndarray]) -> tuple:
+        return list(k_caches), list(v_caches)
+
+    @classmethod
+    def attention_decode_append(cls, q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: tuple, layer: int,
+                                starts: np.ndarray, kv_of_head: np.ndarray) -> np.ndarray:
+        """One new token per sequence: q [B, Hc, hd], k, v [B, Hkv_c, hd]; sequence b's key and
+        value go to slot starts[b] of its cache (caches: ``kv_lists`` of the B caches), then it
+        attends over slots 0..starts[b] -> [B, Hc*hd]."""
+        out = np.empty((len(q), q.shape[1] * q.shape[2]), np.float32)
+        for b, (kc, vc) in enumerate(zip(*caches)):  # caches: (k caches, v caches)
+            s = int(starts[b])
+            kc[layer, s], vc[layer, s] = k[b], v[b]
+            out[b] = cls.attention(q[b:b + 1], kc[layer], vc[layer], s, np.array([s]), np.arange(s + 1), kv_of_head)[0]
+        return out
+
 
 class NumbaOps:
     name = "numba"
@@ -141,6 +158,16 @@ class NumbaOps:
             return self._att.attention_decode(q[0], k_cache, v_cache, start + 1, kv_of_head=kv_of_head,
                                               parallel=start + 1 >= PARALLEL_DECODE_CONTEXT)[None]
         return self._att.attention_prefill(q, k_cache, v_cache, start, kv_of_head=kv_of_head)
+
+    def kv_lists(self, k_caches: list[np.ndarray], v_caches: list[np.ndarray]) -> tuple:
+        return self._att.kv_lists(k_caches, v_caches)
+
+    def attention_decode_append(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: tuple, layer: int,
+                                starts: np.ndarray, kv_of_head: np.ndarray) -> np.ndarray:
+        # spread the sequences over the cores once their caches add up to a long context (the
+        # same rule as one sequence's)
+        return self._att.attention_decode_append(q, k, v, caches, layer, starts, kv_of_head=kv_of_head,
+                                                 parallel=int(starts.sum()) + len(starts) >= PARALLEL_DECODE_CONTEXT)
 
 
 class OrtOps(NumbaOps):

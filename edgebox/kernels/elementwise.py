@@ -30,7 +30,8 @@ division carries a ZeroDivisionError check that stops LLVM from vectorizing the 
 
 Also here, because attention.py and other kernels need them: :func:`f16_to_f32` (an LLVM
 ``fpext half -> float``; numba has no float16 type on the CPU, so float16 arrays are passed as
-their ``uint16`` view, and with F16C the conversion is one ``vcvtph2ps`` per 8 values).
+their ``uint16`` view, and with F16C the conversion is one ``vcvtph2ps`` per 8 values) and its
+inverse :func:`f32_to_f16` (``fptrunc``, for writing the KV cache).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 __all__ = [
-    "f16_to_f32", "bits_to_f32", "expf",
+    "f16_to_f32", "f32_to_f16", "bits_to_f32", "expf",
     "rms_norm", "rms_norm_kernel",
     "rope_tables", "apply_rope", "apply_rope_kernel", "rope_inplace",
     "swiglu", "swiglu_kernel", "silu",
@@ -66,6 +67,19 @@ def f16_to_f32(typingctx, h):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f32_to_f16(typingctx, x):
+    """float32 -> uint16 bits of the nearest IEEE half, ties to even, as numpy's astype(float16)
+    (fptrunc: vcvtps2ph with F16C)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
 
 
 @intrinsic
