@@ -212,7 +212,6 @@ def _ffn(ops, chip: Chip, layer: int, h: np.ndarray) -> np.ndarray | None:
     lw = chip.layers[layer]
     if lw.w_gate_up is None:
         return None
-    F = chip.n_ffn
     gate_up = lw.w_gate_up(h)  # [R, 2 Fc]: its gate rows, then its up rows
-    g = ops.swiglu(gate_up[:, :F], gate_up[:, F:])  # [R, Fc]
+    g = ops.swiglu_halves(gate_up)  # [R, Fc]
     return lw.w_down(g)  # [R, D]

@@ -151,6 +151,17 @@ def test_swiglu(T, F):
     np.testing.assert_array_equal(g2, got)
 
 
+@pytest.mark.parametrize("T,F", [(1, 11008), (8, 2752), (3, 17)])
+def test_swiglu_halves(T, F):
+    """A fused gate/up output read in place equals swiglu of its two halves, bit for bit."""
+    gate_up = (RNG.standard_normal((T, 2 * F)) * 8).astype(np.float32)
+    got = E.swiglu_halves(gate_up)
+    assert got.shape == (T, F)
+    np.testing.assert_array_equal(got, E.swiglu(gate_up[:, :F], gate_up[:, F:]))
+    with pytest.raises(ValueError, match="halves"):
+        E.swiglu_halves(gate_up[:, 1:])
+
+
 def test_softmax():
     x = (RNG.standard_normal((7, 300)) * 10).astype(np.float32)
     x[0, ::3] = -np.inf                      # masked entries get weight 0

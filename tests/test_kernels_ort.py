@@ -213,7 +213,7 @@ def test_ort_refuses_8bit_float_zero_points():
 def test_ort_ops_keep_other_ops_on_numba():
     ops = get_ops("onnxruntime", threads=1)
     assert isinstance(ops, OrtOps) and ops.name == "onnxruntime" and ops.threads == 1
-    for op in ("rms_norm", "rope", "swiglu", "attention"):
+    for op in ("rms_norm", "rope", "swiglu_halves", "attention", "attention_decode_append"):
         assert getattr(type(ops), op) is getattr(NumbaOps, op)
     raw = make_weight(QType.Q4_0, 5, 64, np.random.default_rng(5))
     lin = ops.linear(Matrix("w", QType.Q4_0, 5, 64, raw))

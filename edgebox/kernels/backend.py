@@ -92,8 +92,10 @@ class RefOps:
         return ref.rope(x, positions, n_rot, base, scale, neox)
 
     @staticmethod
-    def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return ref.swiglu(gate, up)
+    def swiglu_halves(gate_up: np.ndarray) -> np.ndarray:
+        """[T, 2F]: each row its gate, then its up -> [T, F]."""
+        F = gate_up.shape[1] // 2
+        return ref.swiglu(gate_up[:, :F], gate_up[:, F:])
 
     @staticmethod
     def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, positions: np.ndarray,
@@ -145,8 +147,8 @@ class NumbaOps:
             self._rope_tables = (key, tables)
         return self._ew.apply_rope(np.ascontiguousarray(x), *tables, neox)
 
-    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return self._ew.swiglu(gate, up)
+    def swiglu_halves(self, gate_up: np.ndarray) -> np.ndarray:
+        return self._ew.swiglu_halves(gate_up)
 
     def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, positions: np.ndarray,
                   cache_pos: np.ndarray, kv_of_head: np.ndarray) -> np.ndarray:
