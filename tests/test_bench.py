@@ -34,6 +34,17 @@ def test_bench_reports_speed_memory_concurrency_and_hot_standby():
     assert "edgebox: decode" in p.stderr  # progress on stderr
 
 
+def test_bench_concurrency_rounds_report_the_median_round_and_the_range():
+    p = _bench(str(TEST_MODEL), "--prompt", "16", "--n-decode", "2", "--concurrency", "2", "--rounds", "3", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    (point,) = r["concurrency"]
+    ratios = point["vs_pp64_range"]
+    assert len(ratios) == 3 and ratios == sorted(ratios)
+    assert r["vs_pp64"]["2"] == point["decode_tok_s"] / point["pp64_tok_s"] == ratios[1]
+    assert p.stderr.count("concurrency 2: decode") == 3  # one progress line per round
+
+
 def test_bench_errors_are_one_line():
     for args, text in ((["--prompt", "x"], "comma-separated"), ([str(REPO / "absent.gguf")], "no such model file")):
         p = _bench(*args)
