@@ -127,7 +127,7 @@ def test_matvec_matmul_all_types(qtype):
             x = rng.standard_normal(n_in).astype(np.float32)
             y = M.matvec(w, x)
             check(w, Wf, x[None], y[None], f"{qtype.name} matvec {n_out}x{n_in} rb={rb}")
-            for T in (1, 3, 17):
+            for T in (1, 3, 8, 12, 17):
                 X = rng.standard_normal((T, n_in)).astype(np.float32)
                 Y = M.matmul(w, X)
                 check(w, Wf, X, Y, f"{qtype.name} matmul T={T} {n_out}x{n_in} rb={rb}")
