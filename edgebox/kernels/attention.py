@@ -33,8 +33,7 @@ with its keys and values written to the cache first::
   its own cache and length. ``k_caches`` is either one array for all slots and layers,
   float16 ``[n_slots, n_layer, n_ctx, Hkv, hd]`` (the layout the engine should hold; pass
   ``layer`` and, when row b of q is not slot b, ``slots [B]``), or float16 ``[B, S_max, Hkv, hd]``
-  (``layer=None``). Any other layout (a list of per-sequence arrays) would need a typed list or
-  a copy per step: stack the slots in one array instead.
+  (``layer=None``); for a list of per-sequence arrays see ``attention_decode_append``.
 * ``attention_decode_append`` (the engine's decode step): one query per sequence, each cache
   its own array (a typed List of them: numba passes a list of arrays only that way), the new
   key and value written by the kernel (float32 -> float16, as numpy's astype) before it attends.

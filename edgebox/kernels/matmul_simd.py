@@ -413,18 +413,22 @@ def sub_f32(typingctx, a, b):
     return F32x8(F32x8, F32x8), cg
 
 
+def _tree(builder, v, combine):
+    """The 8 lanes of v folded pairwise (lanes 0-3 with 4-7, then 0-1 with 2-3, ...) -> a scalar."""
+    n = 8
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n, 2 * n))))
+        v = combine(lo, hi)
+    return builder.extract_element(v, ir.Constant(_i32, 0))
+
+
 @intrinsic
 def hsum_f32(typingctx, a):
     """Sum of the 8 lanes (pairwise tree) -> float32."""
     def cg(context, builder, sig, args):
-        v = args[0]
-        n = 8
-        while n > 1:
-            n //= 2
-            lo = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n, 2 * n))))
-            v = builder.fadd(lo, hi)
-        return builder.extract_element(v, ir.Constant(_i32, 0))
+        return _tree(builder, args[0], builder.fadd)
     return types.float32(F32x8), cg
 
 
@@ -450,14 +454,7 @@ def absmax_f32(typingctx, a, b):
 def hmax_f32(typingctx, a):
     """Largest of the 8 lanes (pairwise tree) -> float32."""
     def cg(context, builder, sig, args):
-        v = args[0]
-        n = 8
-        while n > 1:
-            n //= 2
-            lo = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n, 2 * n))))
-            v = builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi)
-        return builder.extract_element(v, ir.Constant(_i32, 0))
+        return _tree(builder, args[0], lambda lo, hi: builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi))
     return types.float32(F32x8), cg
 
 
@@ -473,14 +470,7 @@ def rint_i32(typingctx, a):
 def hsum_i32(typingctx, a):
     """Sum of the 8 int32 lanes -> int32."""
     def cg(context, builder, sig, args):
-        v = args[0]
-        n = 8
-        while n > 1:
-            n //= 2
-            lo = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, n), list(range(n, 2 * n))))
-            v = builder.add(lo, hi)
-        return builder.extract_element(v, ir.Constant(_i32, 0))
+        return _tree(builder, args[0], builder.add)
     return types.int32(I32x8), cg
 
 
