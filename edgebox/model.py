@@ -174,6 +174,14 @@ def _attention(ops, chip: Chip, layer: int, h: np.ndarray, positions: np.ndarray
     if lw.wqkv is None:
         return None
     R, hd, nh, nkv = len(h), a.head_dim, chip.n_heads, chip.n_kv
+    if R == 1 and len(segments) == 1:
+        # one token of one sequence: the whole block in one compiled call where the backend has
+        # one (chip threads then hold the GIL once per block, not once per step of it)
+        kv = segments[0].kv
+        out = ops.decode_attention_block(lw, h[0], int(positions[0]), kv.k[chip.index], kv.v[chip.index], layer,
+                                         starts[0], nh, nkv, chip.kv_of_head, a)  # [D]
+        if out is not None:
+            return out[None]
 
     # project to this chip's q, k and v heads with one matmul (+bias on qwen2)
     qkv = lw.wqkv(h)  # [R, (Hc + 2 Hkv_c)*hd]
@@ -212,6 +220,10 @@ def _ffn(ops, chip: Chip, layer: int, h: np.ndarray) -> np.ndarray | None:
     lw = chip.layers[layer]
     if lw.w_gate_up is None:
         return None
+    if len(h) == 1:  # one token: in one compiled call where the backend has one
+        out = ops.decode_ffn_block(lw, h[0], chip.n_ffn, h.shape[1])  # [D]
+        if out is not None:
+            return out[None]
     gate_up = lw.w_gate_up(h)  # [R, 2 Fc]: its gate rows, then its up rows
     g = ops.swiglu_halves(gate_up)  # [R, Fc]
     return lw.w_down(g)  # [R, D]

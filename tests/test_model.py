@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
 
 import edgebox
+import tiny_models
 from conftest import TEST_MODEL
+from edgebox.gguf_file import GGUFFile
 from edgebox.model import KVCache
 
 
@@ -73,6 +76,64 @@ def test_decode_segments_attend_together_as_alone(backend, chips):
         assert kv.length == kv_alone.length == len(ids) + 1
         for a, b in zip(kv.k + kv.v, kv_alone.k + kv_alone.v):
             np.testing.assert_allclose(a[:, :kv.length].astype(np.float32), b[:, :kv.length].astype(np.float32), atol=2e-2)
+    m.box.close()
+
+
+def _quantized_copy(src, dst, qtype=gguf.GGMLQuantizationType.Q8_0):
+    """The F32 file ``src`` with its layer matrices quantized (gguf-py's quantizer): a quantized
+    qwen2 (QKV bias, GQA, neox rope) for the one-call decode path."""
+    f = GGUFFile(src)
+    w = gguf.GGUFWriter(str(dst), f.fields["general.architecture"])
+    for key, value in f.fields.items():
+        if key in ("general.architecture", "GGUF.kv_count", "GGUF.tensor_count", "GGUF.version"):
+            continue
+        vtype = f.field_types[key]
+        if isinstance(value, np.ndarray):
+            w.add_key_value(key, value.tolist(), vtype, sub_type=tiny_models._ARRAY_ITEM_TYPES[value.dtype.str])
+        elif vtype == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, vtype)
+    for name, t in f.tensors.items():
+        values = t.data.view(np.float32).reshape(t.shape)
+        if name.startswith("blk.") and name.endswith(".weight") and values.ndim == 2:
+            w.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, np.array(values))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("name", ["coder-Q8_0", "coder-Q4_0", "coder-Q4_K_M", "qwen2-Q8_0"])
+@pytest.mark.parametrize("chips", [1, 4])
+def test_one_call_decode_equals_the_step_by_step_path(name, chips, tiny_f32, tmp_path):
+    """A one-token step runs each chip's attention and FFN block in one compiled call where the
+    weights allow (kernels.fused); it gives the logits and the cache of the step by step path."""
+    from conftest import DATA
+
+    path = (_quantized_copy(tiny_f32("tiny-qwen2"), tmp_path / "qwen2-Q8_0.gguf") if name == "qwen2-Q8_0"
+            else DATA / "models" / f"tiny-deepseek-{name}.gguf")
+    m = edgebox.load(path, chips=chips, backend="numba")
+    ids = [1, 50, 900, 7, 31]
+    kvs = [m.transformer.new_cache(16) for _ in range(2)]
+    for kv in kvs:
+        m.transformer.forward(np.array(ids, np.int32), np.arange(len(ids), dtype=np.int32), kv)
+    one_call = m.transformer.forward(np.array([9], np.int32), np.array([len(ids)], np.int32), kvs[0])
+    layers = [layer for chip in m.box.chips for layer in chip.layers]
+    # the path was taken wherever a chip has the block (Q4_K_M's q/k/v stack holds two types,
+    # two runs: its attention stays step by step)
+    assert all(layer.decode_cache["ffn"] is not None for layer in layers if layer.w_gate_up is not None)
+    if name != "coder-Q4_K_M":
+        assert all(layer.decode_cache["attn"] is not None for layer in layers if layer.wqkv is not None)
+    for layer in layers:
+        layer.decode_cache.update(attn=None, ffn=None)  # the step by step path from here on
+    step_by_step = m.transformer.forward(np.array([9], np.int32), np.array([len(ids)], np.int32), kvs[1])
+    np.testing.assert_allclose(one_call, step_by_step, rtol=0, atol=1e-4 * float(np.abs(step_by_step).max()))
+    for a, b in zip(kvs[0].k + kvs[0].v, kvs[1].k + kvs[1].v):
+        np.testing.assert_array_equal(a[:, :len(ids) + 1], b[:, :len(ids) + 1])
     m.box.close()
 
 

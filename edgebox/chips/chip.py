@@ -19,7 +19,7 @@ import itertools
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -95,6 +95,7 @@ class ChipLayer:
     w_down: object | None  # Linear [D, Fc] (row-parallel)
     attn_shapes: list  # the block's matmuls as the hardware prices them: (n_out, n_in, bytes, int8)
     ffn_shapes: list
+    decode_cache: dict = field(default_factory=dict)  # the backend's one-call decode arguments, made at first use
 
 
 class Chip:

@@ -110,6 +110,14 @@ class RefOps:
     def kv_lists(k_caches: list[np.ndarray], v_caches: list[np.ndarray]) -> tuple:
         return list(k_caches), list(v_caches)
 
+    @staticmethod
+    def decode_attention_block(*args) -> None:
+        return None  # the reference has no one-call path: the model takes the step by step one
+
+    @staticmethod
+    def decode_ffn_block(*args) -> None:
+        return None
+
     @classmethod
     def attention_decode_append(cls, q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: tuple, layer: int,
                                 starts: np.ndarray, kv_of_head: np.ndarray) -> np.ndarray:
@@ -138,6 +146,9 @@ class NumbaOps:
         return self._ew.rms_norm(np.ascontiguousarray(x), w, eps)
 
     def rope(self, x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, scale: float, neox: bool) -> np.ndarray:
+        return self._ew.apply_rope(np.ascontiguousarray(x), *self._tables(positions, n_rot, base, scale), neox)
+
+    def _tables(self, positions, n_rot: int, base: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
         # every layer (and every chip) of a step ropes the same positions: the tables are made
         # once per step, not once per layer (a tuple swap, so chip threads may share it)
         key = (np.asarray(positions).tobytes(), n_rot, base, scale)
@@ -145,7 +156,37 @@ class NumbaOps:
         if key != last_key:
             tables = self._ew.rope_tables(positions, n_rot, base, scale)
             self._rope_tables = (key, tables)
-        return self._ew.apply_rope(np.ascontiguousarray(x), *tables, neox)
+        return tables
+
+    def decode_attention_block(self, lw, h: np.ndarray, position: int, k_cache: np.ndarray, v_cache: np.ndarray,
+                               layer: int, start: int, n_heads: int, n_kv: int, kv_of_head: np.ndarray, a) -> np.ndarray | None:
+        """One token's attention block on one chip in one compiled call (``kernels.fused``):
+        h [D] -> partial sum [D], its key and value appended at slot ``start`` of the chip's
+        caches [n_layer, n_ctx, Hkv_c, hd]; None when the chip's weights cannot go in one call."""
+        from . import fused
+
+        if "attn" not in lw.decode_cache:
+            lw.decode_cache["attn"] = fused.attention_args(lw.wqkv, lw.bqkv, lw.wo)
+            lw.decode_cache["groups"] = self._att.head_groups(n_heads, n_kv, kv_of_head)
+        w = lw.decode_cache["attn"]
+        if w is None:
+            return None
+        cos, sin = self._tables(np.array([position], np.int32), a.n_rot, a.rope_freq_base, a.rope_freq_scale)
+        order, hstart = lw.decode_cache["groups"]
+        return fused.attention_decode_block(h, w[0], w[1], w[2], w[3], w[4], a.n_embd, n_heads, n_kv, a.head_dim,
+                                            cos, sin, a.rope_neox, k_cache.view(np.uint16), v_cache.view(np.uint16),
+                                            layer, start, order, hstart)
+
+    def decode_ffn_block(self, lw, h: np.ndarray, n_ffn: int, n_embd: int) -> np.ndarray | None:
+        """One token's FFN rows on one chip in one compiled call: h [D] -> partial sum [D]."""
+        from . import fused
+
+        if "ffn" not in lw.decode_cache:
+            lw.decode_cache["ffn"] = fused.ffn_args(lw.w_gate_up, lw.w_down)
+        w = lw.decode_cache["ffn"]
+        if w is None:
+            return None
+        return fused.ffn_decode_block(h, w[0], w[1], n_ffn, w[2], w[3], n_embd)
 
     def swiglu_halves(self, gate_up: np.ndarray) -> np.ndarray:
         return self._ew.swiglu_halves(gate_up)

@@ -1,0 +1,151 @@
+"""One chip's half-layer of a one-token decode step as one compiled call.
+
+Why: a decode step of one sequence makes ~8 Python-level calls per chip and half-layer
+(quantize, matmul, rope, two KV writes, attention, quantize, matmul). With four chips on two
+host threads, those calls of two chips per thread contend for the GIL, and the thread that gets
+it later reaches the all-reduce later: on the 7B Q4_0 file that cost 4 chips ~13 ms per token
+over 1 chip. Here the whole half-layer is one ``nogil`` call; the matmul kernels, attention and
+quantization are the same compiled functions the Python path calls, so the results are equal up
+to float re-association (tests/test_model.py compares logits).
+
+Which weights: each linear must be a single run of one of the int8-activation kernel paths
+(Q4_0, Q8_0, Q4_K, Q5_K, Q6_K and the planes types), on numba; anything else (float weights, a
+fused linear of mixed types, onnxruntime) returns None from :func:`attention_args` /
+:func:`ffn_args` and the caller keeps the Python path. The kernel for a weight is chosen at
+compile time from the dtypes of its arrays (:func:`_mv`), so one cached compiled function
+serves every model with the same type mix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from edgebox.kernels import attention as A
+from edgebox.kernels import elementwise as E
+from edgebox.kernels import matmul_kernels as K
+
+__all__ = ["attention_args", "ffn_args", "attention_decode_block", "ffn_decode_block"]
+
+_FUSABLE_PATHS = ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k", "planes")
+
+
+def _mv(w, xq, xd, xs16, xsd16, xsd32, out):
+    """w (a weight's kernel arrays, as PackedWeight.kernel_args) times the quantized activations."""
+    raise NotImplementedError  # compiled only, through the overload below
+
+
+@overload(_mv, jit_options=dict(nogil=True))
+def _mv_overload(w, xq, xd, xs16, xsd16, xsd32, out):
+    ts = list(w.types)
+    sig = tuple(t.dtype.name if isinstance(t, types.Array) else "bool" for t in ts)
+    if sig == ("uint8", "uint16"):
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q4_0_mv(w[0], w[1], xq, xd, xs16, xsd16, xsd32, out)
+    if sig == ("int8", "uint16"):
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q8_0_mv(w[0], w[1], xq, xd, xs16, xsd16, xsd32, out)
+    if sig == ("uint8", "uint8", "uint8", "uint16", "uint16"):
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q4_k_mv(w[0], w[1], w[2], w[3], w[4], xq, xd, xs16, xsd16, xsd32, out)
+    if sig == ("uint8", "uint8", "uint8", "uint8", "uint16", "uint16"):
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q5_k_mv(w[0], w[1], w[2], w[3], w[4], w[5], xq, xd, xs16, xsd16, xsd32, out)
+    if sig == ("uint8", "uint8", "int8", "uint16"):
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q6_k_mv(w[0], w[1], w[2], w[3], xq, xd, xs16, xsd16, xsd32, out)
+    if sig == ("uint8", "uint8", "float32", "float32", "bool", "bool"):
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.planes_mv(w[0], w[1], w[2], w[3], w[4], w[5], xq, xd, xs16, xsd16, xsd32, out)
+    return None
+
+
+@njit(nogil=True, cache=True)
+def _linear(w, n_pad, x):
+    """x float32 [n_in] -> float32 [n_pad] (the weight's rows padded to whole row groups)."""
+    n = x.shape[0]
+    nb = n // 32
+    xq = np.empty(n, np.int8)
+    xd = np.empty(nb, np.float32)
+    xs16 = np.empty(2 * nb, np.int32)
+    xsd16 = np.empty(2 * nb, np.float32)
+    xsd32 = np.empty(nb, np.float32)
+    K.quantize_act(x, n, xq, xd, xs16, xsd16, xsd32)
+    out = np.empty(n_pad, np.float32)
+    _mv(w, xq, xd, xs16, xsd16, xsd32, out)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def attention_decode_block(h, wqkv, n_qkv_pad, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos, sin, neox,
+                           kc, vc, layer, start, order, hstart):
+    """One chip's attention for one token: h float32 [D] -> its partial sum [D]; the token's
+    key and value go to slot ``start`` of kc, vc (uint16 [n_layer, n_ctx, Hkv_c, hd]) and it
+    attends over slots 0..start (the cache holds positions in slot order)."""
+    # project to q, k, v (+bias on qwen2)
+    qkv = _linear(wqkv, n_qkv_pad, h)  # [(Hc + 2 Hkv_c)*hd (padded)]
+    for i in range(bias.shape[0]):
+        qkv[i] += bias[i]
+    # rotary embedding of the q and k heads
+    qk = qkv[:(nh + nkv) * hd].copy().reshape(1, nh + nkv, hd)  # [1, Hc + Hkv_c, hd]
+    E.apply_rope_kernel(qk, cos, sin, neox)
+    # the new key and value into the cache
+    v0 = (nh + nkv) * hd
+    for g in range(nkv):
+        for d in range(hd):
+            kc[layer, start, g, d] = E.f32_to_f16(qk[0, nh + g, d])
+            vc[layer, start, g, d] = E.f32_to_f16(qkv[v0 + g * hd + d])
+    # attention over the cache
+    q = qk[0, :nh].copy()  # [Hc, hd]
+    att = np.empty((nh, hd), np.float32)
+    sc = np.empty((nh, start + 1), np.float32)
+    A._decode_heads(q, kc[layer], vc[layer], start + 1, order, hstart, 0, nkv, att, sc)
+    # this chip's columns of the output projection
+    return _linear(wo, n_o_pad, att.reshape(-1))[:n_embd]
+
+
+@njit(nogil=True, cache=True)
+def ffn_decode_block(h, w_gate_up, n_gu_pad, n_ffn, w_down, n_d_pad, n_embd):
+    """One chip's FFN rows for one token: h float32 [D] -> its partial sum [D]."""
+    gu = _linear(w_gate_up, n_gu_pad, h)  # [2 Fc (padded)]: gate rows, then up rows
+    g = np.empty(n_ffn, np.float32)
+    for i in range(n_ffn):
+        g[i] = E.silu(gu[i]) * gu[n_ffn + i]
+    return _linear(w_down, n_d_pad, g)[:n_embd]
+
+
+# -- which linears can go in: their numba weight for one token, as (kernel arrays, padded rows) --
+
+def _one_token_weight(lin):
+    """The PackedWeight a linear uses for one token, if it is one numba run, else None."""
+    from .backend import AutoLinear, NumbaLinear
+
+    runs = getattr(lin, "_runs", None)
+    if runs is not None:  # a chip's FusedLinear: one run only
+        if lin._runs is None:
+            lin.prepare()
+        if len(lin._runs) != 1:
+            return None
+        lin = lin._runs[0]
+    if isinstance(lin, AutoLinear):
+        lin.prepare()
+        lin = lin.by_bucket[lin._ops._autotune.bucket_of(1)]
+    if not isinstance(lin, NumbaLinear):
+        return None
+    lin.prepare()
+    w = lin.packed
+    if w.path not in _FUSABLE_PATHS:
+        return None
+    return tuple(w.kernel_args), w.n_out_padded
+
+
+def attention_args(wqkv, bqkv, wo):
+    """(wqkv arrays, its padded rows, bias, wo arrays, its padded rows), or None."""
+    a, b = _one_token_weight(wqkv), _one_token_weight(wo)
+    if a is None or b is None:
+        return None
+    bias = np.zeros(0, np.float32) if bqkv is None else np.ascontiguousarray(bqkv, np.float32)
+    return a[0], a[1], bias, b[0], b[1]
+
+
+def ffn_args(w_gate_up, w_down):
+    """(gate/up arrays, its padded rows, down arrays, its padded rows), or None."""
+    a, b = _one_token_weight(w_gate_up), _one_token_weight(w_down)
+    if a is None or b is None:
+        return None
+    return a[0], a[1], b[0], b[1]
