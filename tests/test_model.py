@@ -123,11 +123,9 @@ def test_one_call_decode_equals_the_step_by_step_path(name, chips, tiny_f32, tmp
         m.transformer.forward(np.array(ids, np.int32), np.arange(len(ids), dtype=np.int32), kv)
     one_call = m.transformer.forward(np.array([9], np.int32), np.array([len(ids)], np.int32), kvs[0])
     layers = [layer for chip in m.box.chips for layer in chip.layers]
-    # the path was taken wherever a chip has the block (Q4_K_M's q/k/v stack holds two types,
-    # two runs: its attention stays step by step)
+    # the path was taken wherever a chip has the block (Q4_K_M's q/k/v stacks hold two types)
     assert all(layer.decode_cache["ffn"] is not None for layer in layers if layer.w_gate_up is not None)
-    if name != "coder-Q4_K_M":
-        assert all(layer.decode_cache["attn"] is not None for layer in layers if layer.wqkv is not None)
+    assert all(layer.decode_cache["attn"] is not None for layer in layers if layer.wqkv is not None)
     for layer in layers:
         layer.decode_cache.update(attn=None, ffn=None)  # the step by step path from here on
     step_by_step = m.transformer.forward(np.array([9], np.int32), np.array([len(ids)], np.int32), kvs[1])

@@ -173,7 +173,7 @@ class NumbaOps:
             return None
         cos, sin = self._tables(np.array([position], np.int32), a.n_rot, a.rope_freq_base, a.rope_freq_scale)
         order, hstart = lw.decode_cache["groups"]
-        return fused.attention_decode_block(h, w[0], w[1], w[2], w[3], w[4], a.n_embd, n_heads, n_kv, a.head_dim,
+        return fused.attention_decode_block(h, w[0], w[1], w[2], w[3], a.n_embd, n_heads, n_kv, a.head_dim,
                                             cos, sin, a.rope_neox, k_cache.view(np.uint16), v_cache.view(np.uint16),
                                             layer, start, order, hstart)
 

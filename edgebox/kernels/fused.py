@@ -8,10 +8,10 @@ over 1 chip. Here the whole half-layer is one ``nogil`` call; the matmul kernels
 quantization are the same compiled functions the Python path calls, so the results are equal up
 to float re-association (tests/test_model.py compares logits).
 
-Which weights: each linear must be a single run of one of the int8-activation kernel paths
-(Q4_0, Q8_0, Q4_K, Q5_K, Q6_K and the planes types), on numba; anything else (float weights, a
-fused linear of mixed types, onnxruntime) returns None from :func:`attention_args` /
-:func:`ffn_args` and the caller keeps the Python path. The kernel for a weight is chosen at
+Which weights: numba weights of the int8-activation kernel paths (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K
+and the planes types); a chip's q/k/v stack may hold several runs (Q4_K_M: q and k Q4_K, v
+Q6_K), its gate/up stack one. Anything else (float weights, onnxruntime) returns None from
+:func:`attention_args` / :func:`ffn_args` and the caller keeps the Python path. The kernel for a weight is chosen at
 compile time from the dtypes of its arrays (:func:`_mv`), so one cached compiled function
 serves every model with the same type mix.
 """
@@ -19,7 +19,7 @@ serves every model with the same type mix.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import literal_unroll, njit, types
 from numba.extending import overload
 
 from edgebox.kernels import attention as A
@@ -56,8 +56,8 @@ def _mv_overload(w, xq, xd, xs16, xsd16, xsd32, out):
 
 
 @njit(nogil=True, cache=True)
-def _linear(w, n_pad, x):
-    """x float32 [n_in] -> float32 [n_pad] (the weight's rows padded to whole row groups)."""
+def _quantize(x):
+    """x float32 [n] -> its q8_0 activations (xq, xd, xs16, xsd16, xsd32), as matmul's."""
     n = x.shape[0]
     nb = n // 32
     xq = np.empty(n, np.int8)
@@ -66,19 +66,42 @@ def _linear(w, n_pad, x):
     xsd16 = np.empty(2 * nb, np.float32)
     xsd32 = np.empty(nb, np.float32)
     K.quantize_act(x, n, xq, xd, xs16, xsd16, xsd32)
+    return xq, xd, xs16, xsd16, xsd32
+
+
+@njit(nogil=True, cache=True)
+def _linear(w, n_pad, x):
+    """x float32 [n_in] -> float32 [n_pad] (the weight's rows padded to whole row groups)."""
+    xq, xd, xs16, xsd16, xsd32 = _quantize(x)
     out = np.empty(n_pad, np.float32)
     _mv(w, xq, xd, xs16, xsd16, xsd32, out)
     return out
 
 
 @njit(nogil=True, cache=True)
-def attention_decode_block(h, wqkv, n_qkv_pad, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos, sin, neox,
+def _linear_runs(runs, n_out, x):
+    """x float32 [n_in] -> float32 [n_out] through a stack of runs ((arrays, padded rows, rows)
+    each, one weight type per run), their outputs side by side: x is quantized once."""
+    xq, xd, xs16, xsd16, xsd32 = _quantize(x)
+    out = np.empty(n_out, np.float32)
+    off = 0
+    for run in literal_unroll(runs):
+        y = np.empty(run[1], np.float32)
+        _mv(run[0], xq, xd, xs16, xsd16, xsd32, y)
+        out[off:off + run[2]] = y[:run[2]]
+        off += run[2]
+    return out
+
+
+@njit(nogil=True, cache=True)
+def attention_decode_block(h, wqkv, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos, sin, neox,
                            kc, vc, layer, start, order, hstart):
     """One chip's attention for one token: h float32 [D] -> its partial sum [D]; the token's
     key and value go to slot ``start`` of kc, vc (uint16 [n_layer, n_ctx, Hkv_c, hd]) and it
-    attends over slots 0..start (the cache holds positions in slot order)."""
+    attends over slots 0..start (the cache holds positions in slot order). wqkv: the runs of
+    the chip's q/k/v stack (one per weight type)."""
     # project to q, k, v (+bias on qwen2)
-    qkv = _linear(wqkv, n_qkv_pad, h)  # [(Hc + 2 Hkv_c)*hd (padded)]
+    qkv = _linear_runs(wqkv, (nh + 2 * nkv) * hd, h)  # [(Hc + 2 Hkv_c)*hd]
     for i in range(bias.shape[0]):
         qkv[i] += bias[i]
     # rotary embedding of the q and k heads
@@ -111,17 +134,23 @@ def ffn_decode_block(h, w_gate_up, n_gu_pad, n_ffn, w_down, n_d_pad, n_embd):
 
 # -- which linears can go in: their numba weight for one token, as (kernel arrays, padded rows) --
 
+def _runs(lin):
+    """A linear's one-token weights as ((kernel arrays, padded rows, rows), ...), one per run of
+    a chip's FusedLinear; None if any is not a numba weight of an int8-activation type."""
+    if hasattr(lin, "parts"):  # a chip's FusedLinear
+        lin.prepare()
+        runs = [(_one_token_weight(r), r.n_out) for r in lin._runs]
+    else:
+        runs = [(_one_token_weight(lin), lin.n_out)]
+    if any(w is None for w, _ in runs):
+        return None
+    return tuple((w[0], w[1], n) for w, n in runs)
+
+
 def _one_token_weight(lin):
-    """The PackedWeight a linear uses for one token, if it is one numba run, else None."""
+    """(kernel arrays, padded rows) of the weight a linear uses for one token, if numba's."""
     from .backend import AutoLinear, NumbaLinear
 
-    runs = getattr(lin, "_runs", None)
-    if runs is not None:  # a chip's FusedLinear: one run only
-        if lin._runs is None:
-            lin.prepare()
-        if len(lin._runs) != 1:
-            return None
-        lin = lin._runs[0]
     if isinstance(lin, AutoLinear):
         lin.prepare()
         lin = lin.by_bucket[lin._ops._autotune.bucket_of(1)]
@@ -135,17 +164,17 @@ def _one_token_weight(lin):
 
 
 def attention_args(wqkv, bqkv, wo):
-    """(wqkv arrays, its padded rows, bias, wo arrays, its padded rows), or None."""
-    a, b = _one_token_weight(wqkv), _one_token_weight(wo)
+    """(q/k/v runs, bias, wo arrays, its padded rows), or None."""
+    a, b = _runs(wqkv), _one_token_weight(wo)
     if a is None or b is None:
         return None
     bias = np.zeros(0, np.float32) if bqkv is None else np.ascontiguousarray(bqkv, np.float32)
-    return a[0], a[1], bias, b[0], b[1]
+    return a, bias, b[0], b[1]
 
 
 def ffn_args(w_gate_up, w_down):
     """(gate/up arrays, its padded rows, down arrays, its padded rows), or None."""
-    a, b = _one_token_weight(w_gate_up), _one_token_weight(w_down)
-    if a is None or b is None:
+    a, b = _runs(w_gate_up), _one_token_weight(w_down)
+    if a is None or b is None or len(a) != 1:
         return None
-    return a[0], a[1], b[0], b[1]
+    return a[0][0], a[0][1], b[0], b[1]
