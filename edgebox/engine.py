@@ -595,7 +595,7 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Hot standby: repack the weights, compile and touch every code path once (prefill chunk,
-        batched decode)."""
+        batched decode, a lone sequence's decode)."""
         t0 = time.perf_counter()
         self.model.prepare()
         greedy = SamplingParams(temperature=0.0)
@@ -604,6 +604,8 @@ class Engine:
         handles = [self.submit(Request(prompt=prompt, max_tokens=3, params=greedy)) for _ in range(2)]
         for h in handles:
             h.result()
+        # and one alone: a lone sequence's decode runs the one-call blocks (kernels.fused)
+        self.submit(Request(prompt=prompt, max_tokens=3, params=greedy)).result()
         # the scheduler is quiet when this returns: a listener added next never races its idle call
         self._quiet.wait(5.0)
         with self._cond:

@@ -14,6 +14,11 @@ Q6_K), its gate/up stack one. Anything else (float weights, onnxruntime) returns
 :func:`attention_args` / :func:`ffn_args` and the caller keeps the Python path. The kernel for a weight is chosen at
 compile time from the dtypes of its arrays (:func:`_mv`), so one cached compiled function
 serves every model with the same type mix.
+
+Caching caveat (numba's, as in matmul_simd): the on-disk cache of these functions holds the
+kernels they call as compiled then, and is invalidated by edits to this file only. After
+changing a kernel in matmul_kernels, attention or elementwise, delete
+``edgebox/kernels/__pycache__/fused.*`` (a fresh install or clone has no stale cache).
 """
 
 from __future__ import annotations
