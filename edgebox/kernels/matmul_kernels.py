@@ -28,8 +28,12 @@ Loop structure
   innermost, so a group's weights stay in L1/L2 while the tokens go by (weights leave DRAM once
   per call), and the group's first quad prefetches _PF ahead (it is the one reading DRAM):
   7B Q4_0 sweep at T=4 234 -> 355, T=8 311 -> 386, T=16 360 -> 407, T=64 413 -> 425 GFLOP/s,
-  which is what batched decode of 4-16 streams runs on.  Ragged T repeats the last token in
-  the final quad (results discarded).
+  which is what batched decode of 4-16 streams runs on.  The group's last quad (L1-bound)
+  meanwhile prefetches the next group into L2 (prefetcht1: into L1 it evicted the working
+  set and gained nothing), so DRAM is read during both kinds of pass: Q4_0 T=8 ~360 -> ~390,
+  T=16 ~380 -> ~405 GFLOP/s, Q8_0 T=8 ~220 -> ~237 (old and new alternated, 7B matrices); the
+  K-quant kernels do not have it yet.  Ragged T repeats the last token in the final quad
+  (results discarded).
 
 Shapes: ``G`` row groups of 8 (even), ``nb = n_in / 32`` blocks.  Weight planes and activations
 are passed flat (1-D); outputs are float32 ``[T, G*8]`` flat.  Every kernel releases the GIL.
@@ -45,7 +49,7 @@ from edgebox.kernels.matmul_simd import (
     abs_i8, absmax_f32, add_f32, add_i16, add_i32, and_i8, bc4_i8x32, bc_f32, bc_i32, bf16_to_f32, cvt_f32,
     f16_to_f32, fma_f32, hadd_i16, hmax_f32, hsum_f32, hsum_i32, ld_bf16x8, ld_f16x8, ld_f32x8, ld_i8x8_i32,
     ld_i8x32, ld_u8x8_i32, maddubs, mul_f32, mul_f32_s, mul_i32, nib_hi, nib_lo, or_i8,
-    prefetch, rint_i32, shl_i8, shr_i8, sign_i8, st_f32x8, st_i32x8_i8, sub_f32, sub_i32, zero_f32,
+    prefetch, prefetch_l2, rint_i32, shl_i8, shr_i8, sign_i8, st_f32x8, st_i32x8_i8, sub_f32, sub_i32, zero_f32,
     zero_i16, zero_i32,
 )
 
@@ -173,6 +177,7 @@ def q4_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
 def _q4_0_quad(q, d, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -184,6 +189,9 @@ def _q4_0_quad(q, d, xq, xd, xsd32, nb, g, t0, T, out):
         if first:
             prefetch(q, qo + _PF)
             prefetch(q, qo + _PF + 64)
+        if last:
+            prefetch_l2(q, qo + 128 * nb)
+            prefetch_l2(q, qo + 128 * nb + 64)
         a0 = zero_i16()
         a1 = zero_i16()
         a2 = zero_i16()
@@ -267,6 +275,7 @@ def q8_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
 def _q8_0_quad(q, d, xq, xd, nb, g, t0, T, out):
     n_in = 32 * nb
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -278,6 +287,9 @@ def _q8_0_quad(q, d, xq, xd, nb, g, t0, T, out):
         if first:
             for i in range(4):
                 prefetch(q, qo + 2 * _PF + 64 * i)
+        if last:
+            for i in range(4):
+                prefetch_l2(q, qo + 256 * nb + 64 * i)
         a0 = zero_i32()
         a1 = zero_i32()
         a2 = zero_i32()

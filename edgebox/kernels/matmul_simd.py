@@ -503,17 +503,28 @@ def bf16_to_f32(typingctx, h):
     return types.float32(h), cg
 
 
-@intrinsic
-def prefetch(typingctx, arr, idx):
-    """Software prefetch of the cache line holding arr[idx] (llvm.prefetch: read, keep in all
-    cache levels).  Out-of-range addresses are harmless: a prefetch never faults."""
+def _prefetch_cg(locality):
     def cg(context, builder, sig, args):
         p = builder.bitcast(_ptr(context, builder, sig.args[0], args[0], args[1], _i8), ir.IntType(8).as_pointer())
         fnty = ir.FunctionType(ir.VoidType(), [p.type, _i32, _i32, _i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
         return context.get_dummy_value()
-    return types.none(arr, types.intp), cg
+    return cg
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Software prefetch of the cache line holding arr[idx] (llvm.prefetch: read, keep in all
+    cache levels).  Out-of-range addresses are harmless: a prefetch never faults."""
+    return types.none(arr, types.intp), _prefetch_cg(3)
+
+
+@intrinsic
+def prefetch_l2(typingctx, arr, idx):
+    """prefetch into L2 and below, not L1 (prefetcht1): data wanted a while from now, which
+    should not push out what the core works on."""
+    return types.none(arr, types.intp), _prefetch_cg(2)
 
 
 @intrinsic
