@@ -203,7 +203,7 @@ def _concurrency_round(m, c: int, prompt_len: int, gen: int) -> ConcurrencyPoint
     with Engine(m, max_batch=c, max_queue=4 * c, prefill_chunk=max(512, c * prompt_len)) as e:
         prompts = [m.detokenize(_prompt(m.args.n_vocab, prompt_len, seed=i)) for i in range(c)]
         t = time.perf_counter()
-        handles = [e.submit(Request(prompt=p, max_tokens=gen, params=greedy)) for p in prompts]
+        handles = e.submit_many([Request(prompt=p, max_tokens=gen, params=greedy) for p in prompts])
         sums = [h.result() for h in handles]
         wall = time.perf_counter() - t
         e.close(drain=False)

@@ -254,20 +254,31 @@ class Engine:
     def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
         """Queue a request. Raises (before queueing) ``ContextOverflowError`` for a prompt that
         cannot fit, ``KVBudgetError`` if it can never fit in the KV budget, ``QueueFullError``."""
-        ids, thinking_open, truncated = self._prompt_ids(request)
-        need = self._reservation(request, len(ids)) * self.kv_bytes_per_token
-        if need > self.kv_budget_bytes:
-            raise KVBudgetError(f"request needs {need / 2**20:.0f} MiB of KV cache, the budget is {self.kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise the KV budget")
-        handle = Handle(request, on_event)
-        handle._engine = self
+        return self.submit_many([request], on_event)[0]
+
+    def submit_many(self, requests: list[Request], on_event: Callable[[Event], None] | None = None) -> list[Handle]:
+        """Queue several requests at once: the scheduler sees all of them at its next step (a
+        burst arriving together is admitted together, not split by the moment the scheduler
+        wakes). Raises as ``submit`` before queueing any of them."""
+        entries = []
+        for request in requests:
+            ids, thinking_open, truncated = self._prompt_ids(request)
+            need = self._reservation(request, len(ids)) * self.kv_bytes_per_token
+            if need > self.kv_budget_bytes:
+                raise KVBudgetError(f"request needs {need / 2**20:.0f} MiB of KV cache, the budget is {self.kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise the KV budget")
+            handle = Handle(request, on_event)
+            handle._engine = self
+            entries.append((handle, ids, thinking_open, truncated))
         with self._cond:
             if self._stopping:
                 raise EdgeboxError("the engine is shutting down")
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) + len(entries) > self.max_queue:
                 raise QueueFullError(f"{len(self._queue)} requests are already waiting (max_queue {self.max_queue}); try again later")
-            self._queue.append((handle, ids, time.perf_counter(), thinking_open, truncated))
+            now = time.perf_counter()
+            for handle, ids, thinking_open, truncated in entries:
+                self._queue.append((handle, ids, now, thinking_open, truncated))
             self._cond.notify_all()
-        return handle
+        return [e[0] for e in entries]
 
     def add_step_listener(self, fn: Callable[["Engine"], None]) -> None:
         """Call ``fn(engine)`` on the scheduler thread after every step, and once more when the

@@ -203,6 +203,23 @@ def test_queue_full(model):
     assert all(h.result(timeout=10).done_reason in ("cancelled", "length") for h in hs)
 
 
+def test_submit_many_is_admitted_in_one_step(model):
+    """A burst submitted together starts together: the first step reads every prompt (with one
+    submit after another, an awake scheduler may start a step with only the first)."""
+    e = Engine(model, max_batch=4, prefill_chunk=512, warmup=False)
+    running = []
+    e.add_step_listener(lambda eng: running.append(eng.stats().running))
+    try:
+        hs = e.submit_many([Request(prompt=f"def f{i}(x):", max_tokens=4, params=GREEDY) for i in range(4)])
+        sums = [h.result(timeout=30) for h in hs]
+        assert all(s.ok for s in sums) and running[0] == 4
+        with pytest.raises(QueueFullError):  # all or none: a burst over max_queue queues nothing
+            e.submit_many([Request(prompt="a")] * (e.max_queue + 1))
+        assert e.stats().queued == 0
+    finally:
+        e.close(drain=False)
+
+
 def test_batch_limit_is_a_live_knob(model):
     e = Engine(model, max_batch=4, warmup=False)
     try:
