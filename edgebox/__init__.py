@@ -6,15 +6,15 @@ Public API (tests, tools and the daemon use only this)::
     m = edgebox.load("model.gguf")      # errors are edgebox.ModelError
     m.tokenize("text"); m.detokenize(ids); m.logits(ids); m.generate(prompt, ...)
 
-Names are imported on first use, so ``import edgebox.gguf_file`` (tools) or the CLI's ``--help``
+Names are imported on first use, so ``import edgebox.gguf.file`` (tools) or the CLI's ``--help``
 does not pay for numba and the tokenizer library.
 """
 
-from .errors import ContextOverflowError, EdgeboxError, ModelError
+from edgebox.errors import ContextOverflowError, EdgeboxError, ModelError
 
 _LAZY = {
-    "load": "llm", "Model": "llm", "default_model_path": "llm",
-    "SamplingParams": "sampler",
+    "load": "api", "Model": "api", "default_model_path": "api",
+    "SamplingParams": "text.sampler",
 }
 
 __all__ = ["EdgeboxError", "ModelError", "ContextOverflowError", *_LAZY]

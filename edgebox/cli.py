@@ -13,7 +13,7 @@ from typing import Optional
 import click
 import typer
 
-from .errors import EdgeboxError
+from edgebox.errors import EdgeboxError
 
 try:  # newer typer vendors click as typer._click: its usage errors are not click's classes
     from typer._click.exceptions import ClickException as _TyperClickException
@@ -58,7 +58,7 @@ def run(
     backend: str = _backend_opt(),
 ) -> None:
     """Generate text from a prompt, streamed to stdout; a timing line goes to stderr."""
-    from .sampler import SamplingParams
+    from edgebox.text.sampler import SamplingParams
 
     m = _load(model, chips, ctx, backend=backend)
     text = prompt
@@ -86,7 +86,7 @@ def run(
 @app.command()
 def info(model: Optional[Path] = ModelArg) -> None:
     """Architecture, size, tensor types, context, tokenizer and chat template of a model."""
-    from .model_info import describe
+    from edgebox.commands.info import describe
 
     for key, value in describe(_load(model)):
         typer.echo(f"{key:<16} {value}")
@@ -137,7 +137,7 @@ def serve(
 ) -> None:
     """Serve the model over MQTT 5 until SIGTERM: commands in, streamed replies, telemetry out."""
     flags = {name: value for name, value in locals().items() if name != "config"}  # first: only the options
-    from .daemon.service import run_service
+    from edgebox.daemon.service import run_service
 
     raise typer.Exit(run_service(config, flags))
 
@@ -166,7 +166,7 @@ DeviceOpt = typer.Option(..., "--device", "-d", envvar="EDGEBOX_DEVICE", help="d
 
 
 def _fleet(ctx: typer.Context):
-    from .daemon.client import FleetClient
+    from edgebox.daemon.client import FleetClient
 
     o = dict(ctx.obj)
     o.pop("timeout")
@@ -288,7 +288,7 @@ def plan(
     """Capacity planning: per-chip memory, predicted tok/s and watts at every DVFS level and batch."""
     import json
 
-    from .chips.plan import format_plan, make_plan
+    from edgebox.commands.plan import format_plan, make_plan
 
     m = _load(model, chips, profile=profile)
     p = make_plan(m, budget, context=context)
@@ -309,7 +309,7 @@ def perplexity(
     import json
     from dataclasses import asdict
 
-    from .perplexity import llama_cpp_logits_of, perplexity as compute
+    from edgebox.commands.perplexity import llama_cpp_logits_of, perplexity as compute
 
     try:
         text = text_file.read_text(encoding="utf-8")
@@ -351,7 +351,7 @@ def bench(
     """Prompt processing, decode, TTFT and memory (and engine concurrency), optionally beside llama.cpp."""
     import json
 
-    from .bench import format_report, run_bench
+    from edgebox.commands.bench import format_report, run_bench
 
     try:
         lens = tuple(int(x) for x in prompt.split(",") if x)
@@ -387,7 +387,7 @@ def power_status(
     """Per chip: power, clocks, voltage, temperature and the throttle reasons (budget, thermal, over-current)."""
     import json
 
-    from .power.status import chip_status, format_status
+    from edgebox.power.status import chip_status, format_status
 
     chips = chip_status(fw_root)
     typer.echo(json.dumps({"fw_root": str(fw_root), "chips": chips}, indent=1) if json_out else format_status(chips, fw_root))
@@ -412,7 +412,7 @@ def power_simulate(
     """A dry run (no math) of STREAMS generation streams for SECONDS of device time: power windows, tokens/s, events."""
     import json
 
-    from .power.simulate import format_result, run_cli
+    from edgebox.power.simulate import format_result, run_cli
 
     r = run_cli(model, budget_w=budget, streams=streams, seconds=seconds, governor=governor, freq_mhz=freq, batch=batch,
                 budget_steps=budget_steps, max_batch=max_batch, chips=chips, seed=seed, prompt_chunk=prompt_chunk)

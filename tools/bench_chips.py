@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import edgebox  # noqa: E402
-from edgebox.chips.plan import make_plan  # noqa: E402
+from edgebox.commands.plan import make_plan  # noqa: E402
 
 PROMPT = 64
 

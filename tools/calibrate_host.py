@@ -1,4 +1,4 @@
-"""Measure this machine's roofline numbers for edgebox/chips/profiles/host.toml.
+"""Measure this machine's roofline numbers for edgebox/hw/profiles/host.toml.
 
 Run:  python tools/calibrate_host.py [--threads 2] [--gib 1.0]
 (a benchmark: if OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set on the machine, unset them for
@@ -97,7 +97,7 @@ def edgebox_q4_0_probe(repeats: int) -> tuple[float, float, float] | None:
     the cost model adds it separately."""
     try:
         from edgebox.kernels import matmul as mm
-        from edgebox.quant_types import QType
+        from edgebox.gguf.quant_types import QType
     except Exception:  # noqa: BLE001 - the kernels are optional for this script
         return None
     small = mm.pack(_q4_0_weight(2048, 1024), QType.Q4_0)               # 2 x 576 KiB: each L2

@@ -19,10 +19,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fixtures import tiny_models  # noqa: E402
 
-from edgebox.gguf_file import GGUFFile  # noqa: E402
+from edgebox.gguf.file import GGUFFile  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 

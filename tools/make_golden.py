@@ -3,7 +3,7 @@
     pip install llama-cpp-python        # builds llama.cpp from source (~10 min); never a runtime dependency
     python tools/make_golden.py         # rewrites tests/data/models/*.gguf and tests/data/golden/*
 
-For every tiny model (tools/tiny_models.py) and quant type it records, from llama.cpp:
+For every tiny model (tests/fixtures/tiny_models.py) and quant type it records, from llama.cpp:
 - the prompt's token ids (llama.cpp's tokenizer, BOS added),
 - logits at every prompt position, for the top-64 ids of each row and a fixed set of 1024 ids
   (full rows of a 150k vocabulary would make megabytes of test data),
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fixtures import tiny_models  # noqa: E402
 
 REPO = tiny_models.REPO
 MODELS_DIR = REPO / "tests" / "data" / "models"

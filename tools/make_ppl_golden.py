@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import edgebox  # noqa: E402
-from edgebox.perplexity import llama_cpp_logits_of, perplexity  # noqa: E402
+from edgebox.commands.perplexity import llama_cpp_logits_of, perplexity  # noqa: E402
 
 CTX = 256
 SAMPLE_BYTES = 48_000

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fixtures import tiny_models  # noqa: E402
 
 SEED = 1234
 N_EMBD, N_LAYER, N_HEAD, N_FF = 256, 4, 4, 768
@@ -231,8 +231,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from edgebox.gguf_file import read_fields
-    from edgebox.tokenizer import Tokenizer
+    from edgebox.gguf.file import read_fields
+    from edgebox.text.tokenizer import Tokenizer
 
     torch.manual_seed(SEED)
     torch.set_num_threads(2)

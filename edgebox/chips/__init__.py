@@ -1,1 +1,1 @@
-"""Simulated accelerator chips: profiles (profile.py), the cost model (cost.py)."""
+"""Simulated accelerator chips: partition plan, chips, their host threads, the box."""

@@ -27,10 +27,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..args import ModelArgs
-from ..errors import EdgeboxError
-from ..gguf_loader import Matrix, Weights
-from ..quant_types import block_size
+from edgebox.gguf.args import ModelArgs
+from edgebox.errors import EdgeboxError
+from edgebox.gguf.loader import Matrix, Weights
+from edgebox.gguf.quant_types import block_size
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..errors import EdgeboxError
-from .schemas import API_PREFIX, Topics
+from edgebox.errors import EdgeboxError
+from edgebox.daemon.schemas import API_PREFIX, Topics
 
 
 class ClientError(EdgeboxError):

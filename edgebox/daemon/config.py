@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from ..errors import EdgeboxError
-from .schemas import DEVICE_ID_PATTERN, describe_validation_error
+from edgebox.errors import EdgeboxError
+from edgebox.daemon.schemas import DEVICE_ID_PATTERN, describe_validation_error
 
 PASSWORD_ENV = "EDGEBOX_MQTT_PASSWORD"
 USERNAME_ENV = "EDGEBOX_MQTT_USERNAME"

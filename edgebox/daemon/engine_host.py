@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import EdgeboxError
+from edgebox.errors import EdgeboxError
 
 
 class Unavailable(EdgeboxError):
@@ -47,7 +47,7 @@ class ModelHost:
         new file is known good and new requests are refused, before the old engine is closed
         (the caller cancels its requests there, giving each a reason)."""
         import edgebox
-        from ..engine import Engine
+        from edgebox.engine import Engine
 
         if not self._switch.acquire(blocking=False):
             raise Busy("a model is already being loaded or unloaded; retry when it is done")

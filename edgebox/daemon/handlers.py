@@ -31,14 +31,14 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from ..errors import ContextOverflowError, EdgeboxError
-from .config import DaemonConfig
-from .engine_host import Busy, ModelHost, Unavailable
-from .schemas import (BAD_REQUEST, CONFLICT, EXPIRED, INTERNAL, METHODS, NOT_FOUND, OK, PARAMS, TOO_LARGE,
+from edgebox.errors import ContextOverflowError, EdgeboxError
+from edgebox.daemon.config import DaemonConfig
+from edgebox.daemon.engine_host import Busy, ModelHost, Unavailable
+from edgebox.daemon.schemas import (BAD_REQUEST, CONFLICT, EXPIRED, INTERNAL, METHODS, NOT_FOUND, OK, PARAMS, TOO_LARGE,
                       TOO_MANY, UNAVAILABLE, CancelParams, CommandEnvelope, FinalReply, GenerateParams,
                       LoadModelParams, SetPowerBudgetParams, StreamChunk, Timings, Topics, UnloadModelParams,
                       Usage, describe_validation_error, encode, error_reply, ok_reply, one_line, reply_topic_problem)
-from .transport import Inbound, Transport
+from edgebox.daemon.transport import Inbound, Transport
 
 log = logging.getLogger("edgebox.daemon")
 
@@ -294,8 +294,8 @@ class CommandHandler:
     # -- generate -----------------------------------------------------------------------------------
     def _cmd_generate(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: GenerateParams,
                       deadline: float | None) -> None:
-        from ..engine import KVBudgetError, QueueFullError, Request
-        from ..sampler import SamplingParams
+        from edgebox.engine import KVBudgetError, QueueFullError, Request
+        from edgebox.text.sampler import SamplingParams
 
         cfg = self.box.cfg
         if len(self._jobs) >= cfg.max_in_flight:
@@ -333,7 +333,7 @@ class CommandHandler:
 
     def _on_event(self, job: Job, event) -> None:
         """The engine's thread: stream a chunk, or send the final reply."""
-        from ..engine import Chunk
+        from edgebox.engine import Chunk
 
         if isinstance(event, Chunk):
             with job.lock:

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from ..power.budget import Budget
+from edgebox.power.budget import Budget
 
 log = logging.getLogger("edgebox.daemon")
 
@@ -47,7 +47,7 @@ class BoxPower:
     # -- the model's life ----------------------------------------------------------------------------
     def install(self, model) -> None:
         """Give ``model``'s chips their publishing firmware (and governor) before any step runs."""
-        from ..power.governor import PowerGovernor
+        from edgebox.power.governor import PowerGovernor
 
         self.detach()
         box = model.box

@@ -24,15 +24,15 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import EdgeboxError
-from .config import DaemonConfig, load_config, live_differences
-from .engine_host import ModelHost
-from .handlers import CommandHandler
-from .notify import Notifier
-from .power import BoxPower
-from .schemas import UNAVAILABLE, Topics, encode
-from .telemetry import TelemetrySampler
-from .transport import Transport
+from edgebox.errors import EdgeboxError
+from edgebox.daemon.config import DaemonConfig, load_config, live_differences
+from edgebox.daemon.engine_host import ModelHost
+from edgebox.daemon.handlers import CommandHandler
+from edgebox.daemon.notify import Notifier
+from edgebox.daemon.power import BoxPower
+from edgebox.daemon.schemas import UNAVAILABLE, Topics, encode
+from edgebox.daemon.telemetry import TelemetrySampler
+from edgebox.daemon.transport import Transport
 
 log = logging.getLogger("edgebox.daemon")
 
@@ -83,7 +83,7 @@ class Service:
             self.transport.publish_json(self.topics.state, self.state(), retain=True)
 
     def state(self) -> dict:
-        from .. import __version__
+        from edgebox import __version__
 
         cfg = self.cfg
         public = cfg.public()

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..errors import EdgeboxError
-from ..power.sensors import HostSensor
-from ..power.status import chip_status
+from edgebox.errors import EdgeboxError
+from edgebox.power.sensors import HostSensor
+from edgebox.power.status import chip_status
 
 
 @runtime_checkable

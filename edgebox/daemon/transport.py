@@ -42,8 +42,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .config import DaemonConfig
-from .schemas import Topics, encode
+from edgebox.daemon.config import DaemonConfig
+from edgebox.daemon.schemas import Topics, encode
 
 log = logging.getLogger("edgebox.daemon")
 

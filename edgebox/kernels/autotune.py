@@ -67,9 +67,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import quant_types as qt
-from ..gguf_loader import Matrix
-from ..quant_types import QType
+from edgebox.gguf import quant_types as qt
+from edgebox.gguf.loader import Matrix
+from edgebox.gguf.quant_types import QType
 
 NUMBA, ORT = "numba", "onnxruntime"
 BUCKETS = ("1", "2-8", "9-64", ">64")
@@ -142,7 +142,7 @@ class Tuner:
 
     def __init__(self, threads: int | None = None, cache_dir=None, timer=time.perf_counter, reps: int = REPS,
                  budget_fraction: float = BUDGET_FRACTION, accuracy_level: int = 4):
-        from .ort import default_threads
+        from edgebox.kernels.ort import default_threads
 
         self.threads = threads or default_threads()
         self.timer = timer
@@ -204,8 +204,8 @@ class Tuner:
     def _measure_one(self, m: Matrix) -> dict:
         import numba
 
-        from . import ort
-        from .backend import NumbaLinear
+        from edgebox.kernels import ort
+        from edgebox.kernels.backend import NumbaLinear
 
         qtype = QType(m.qtype)
         entry = {"qtype": qtype.name, "n_out": m.n_out, "n_in": m.n_in, "file_bytes": int(m.nbytes)}

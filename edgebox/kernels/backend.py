@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..gguf_file import release_view_pages
-from ..gguf_loader import Matrix
-from . import ref
+from edgebox.gguf.file import release_view_pages
+from edgebox.gguf.loader import Matrix
+from edgebox.kernels import ref
 
 BACKENDS = ("numba", "onnxruntime", "auto", "ref")
 PARALLEL_DECODE_CONTEXT = 512  # cached tokens from which decode attention runs on every core
@@ -53,7 +53,7 @@ class NumbaLinear:
     ``edgebox.load``: mapping a model stays instant and costs no memory until it runs."""
 
     def __init__(self, m: Matrix):
-        from . import matmul
+        from edgebox.kernels import matmul
 
         self._matmul = matmul
         self.matrix = m
@@ -137,7 +137,7 @@ class NumbaOps:
     linear = NumbaLinear
 
     def __init__(self):
-        from . import attention, elementwise
+        from edgebox.kernels import attention, elementwise
 
         self._att, self._ew = attention, elementwise
         self._rope_tables = (None, None)  # (key, (cos, sin)) of the last positions roped
@@ -163,7 +163,7 @@ class NumbaOps:
         """One token's attention block on one chip in one compiled call (``kernels.fused``):
         h [D] -> partial sum [D], its key and value appended at slot ``start`` of the chip's
         caches [n_layer, n_ctx, Hkv_c, hd]; None when the chip's weights cannot go in one call."""
-        from . import fused
+        from edgebox.kernels import fused
 
         if "attn" not in lw.decode_cache:
             lw.decode_cache["attn"] = fused.attention_args(lw.wqkv, lw.bqkv, lw.wo)
@@ -179,7 +179,7 @@ class NumbaOps:
 
     def decode_ffn_block(self, lw, h: np.ndarray, n_ffn: int, n_embd: int) -> np.ndarray | None:
         """One token's FFN rows on one chip in one compiled call: h [D] -> partial sum [D]."""
-        from . import fused
+        from edgebox.kernels import fused
 
         if "ffn" not in lw.decode_cache:
             lw.decode_cache["ffn"] = fused.ffn_args(lw.w_gate_up, lw.w_down)
@@ -223,7 +223,7 @@ class OrtOps(NumbaOps):
 
     def __init__(self, threads: int | None = None):
         super().__init__()
-        from . import ort
+        from edgebox.kernels import ort
 
         self._ort = ort
         self.threads = threads or ort.default_threads()
@@ -286,7 +286,7 @@ class AutoOps(NumbaOps):
         import threading
         import time
 
-        from . import autotune, ort
+        from edgebox.kernels import autotune, ort
 
         self._ort, self._autotune = ort, autotune
         self.threads = threads or ort.default_threads()

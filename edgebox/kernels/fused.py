@@ -154,7 +154,7 @@ def _runs(lin):
 
 def _one_token_weight(lin):
     """(kernel arrays, padded rows) of the weight a linear uses for one token, if numba's."""
-    from .backend import AutoLinear, NumbaLinear
+    from edgebox.kernels.backend import AutoLinear, NumbaLinear
 
     if isinstance(lin, AutoLinear):
         lin.prepare()

@@ -71,10 +71,10 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from edgebox import quant_types as qt
+from edgebox.gguf import quant_types as qt
 from edgebox.kernels import matmul_kernels as K
 from edgebox.kernels import matmul_pack as P
-from edgebox.quant_types import QType
+from edgebox.gguf.quant_types import QType
 
 # Parallel kernels entered from several host threads at once need a thread-safe layer: omp (or
 # tbb); workqueue aborts the process.  Unless NUMBA_THREADING_LAYER says otherwise, ask for omp

@@ -57,8 +57,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edgebox import quant_types as qt
-from edgebox.quant_types import QType
+from edgebox.gguf import quant_types as qt
+from edgebox.gguf.quant_types import QType
 
 ROWS = 8                 # rows per interleaved group (the 8 lanes of a 256-bit int32 vector)
 QK = 32                  # values per block of the repacked layouts

@@ -69,12 +69,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import quant_types as qt
-from ..errors import EdgeboxError
-from ..gguf_file import release_view_pages
-from ..gguf_loader import Matrix
-from ..quant_types import QType
-from . import ref
+from edgebox.gguf import quant_types as qt
+from edgebox.errors import EdgeboxError
+from edgebox.gguf.file import release_view_pages
+from edgebox.gguf.loader import Matrix
+from edgebox.gguf.quant_types import QType
+from edgebox.kernels import ref
 
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
 NBITS_TYPES = (QType.Q4_0, QType.Q8_0, QType.Q5_0, QType.Q6_K, QType.Q4_1, QType.Q4_K)

@@ -22,8 +22,8 @@ import math
 
 import numpy as np
 
-from edgebox import quant_types as qt
-from edgebox.quant_types import QType
+from edgebox.gguf import quant_types as qt
+from edgebox.gguf.quant_types import QType
 
 # Most float32 a matmul dequantizes at once: a 7B-shaped weight ([11008, 4096] Q4_K is 25 MB of
 # bytes but 180 MB of floats) is walked in row chunks so only one chunk is ever float.

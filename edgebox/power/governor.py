@@ -78,9 +78,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .budget import Budget
-from .sensors import Reading, WrappingCounter, firmware_sensors
-from .table import DECODE, PREFILL, PowerTable, Step
+from edgebox.power.budget import Budget
+from edgebox.power.sensors import Reading, WrappingCounter, firmware_sensors
+from edgebox.power.table import DECODE, PREFILL, PowerTable, Step
 
 # --- configuration, inputs, state ---------------------------------------------------------------
 
@@ -578,7 +578,7 @@ class PowerGovernor:
         self.budget = Budget(budget_w)
         fw = box.firmware
         if getattr(fw, "root", None) is None:
-            from .simulate import scratch_dir
+            from edgebox.power.simulate import scratch_dir
 
             if fw_root is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="edgebox-fw-", dir=scratch_dir())

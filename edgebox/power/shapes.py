@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 
-from ..args import LlamaArgs, ModelArgs
-from ..chips.chip import Box
-from ..chips.profile import ChipProfile
-from ..errors import ModelError
-from ..gguf_loader import LayerWeights, Matrix, Weights
-from ..model import KVCache, Transformer
-from ..quant_types import row_bytes
+from edgebox.gguf.args import LlamaArgs, ModelArgs
+from edgebox.chips.box import Box
+from edgebox.hw.profile import ChipProfile
+from edgebox.errors import ModelError
+from edgebox.gguf.loader import LayerWeights, Matrix, Weights
+from edgebox.model import KVCache, Transformer
+from edgebox.gguf.quant_types import row_bytes
 
 # DeepSeek-LLM-7B (base and chat): the hyper-parameters of its GGUF files.
 DEEPSEEK_7B = LlamaArgs(n_vocab=102400, n_embd=4096, n_layer=30, n_head=32, n_head_kv=32, n_ff=11008,
@@ -146,7 +146,7 @@ def shape_model(args: ModelArgs = DEEPSEEK_7B, qtype: GGMLQuantizationType | str
 def shape_model_of_file(path: str | Path, chips: int = 4, profile: str | ChipProfile | None = None,
                         n_ctx: int = 4096) -> ShapeModel:
     """The shape of a GGUF file (hyper-parameters and tensor types; the header only is read)."""
-    from ..gguf_file import GGUFFile
+    from edgebox.gguf.file import GGUFFile
 
     f = GGUFFile(path)
     args = ModelArgs.from_gguf(f.fields, f.path.name)

@@ -34,9 +34,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..engine import Engine, Request, Summary
-from .budget import Budget, EnergyLog, Timeline, check
-from .governor import PowerGovernor
+from edgebox.engine import Engine, Request, Summary
+from edgebox.power.budget import Budget, EnergyLog, Timeline, check
+from edgebox.power.governor import PowerGovernor
 from firmware_stub import Firmware
 
 WARMUP_S = 2.0        # 1 s windows ending before this are not judged (the first prompts are read)
@@ -389,8 +389,8 @@ def run_cli(model: Path | None, *, budget_w: float, streams: int, seconds: float
             seed: int, prompt_chunk: int | None = None) -> SimResult:
     """``edgebox power simulate``: options as the CLI takes them (errors as EdgeboxError).
     ``prompt_chunk``: prompt rows per step (the governor's cap, or the engine's with it off)."""
-    from ..errors import EdgeboxError
-    from .shapes import shape_model, shape_model_of_file
+    from edgebox.errors import EdgeboxError
+    from edgebox.power.shapes import shape_model, shape_model_of_file
 
     if governor not in ("on", "off"):
         raise EdgeboxError(f"--governor takes on or off, got {governor!r}")

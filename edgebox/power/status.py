@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..errors import EdgeboxError
-from .sensors import firmware_sensors
+from edgebox.errors import EdgeboxError
+from edgebox.power.sensors import firmware_sensors
 
 REASONS = (
     ("budget", "SW Power Cap (budget)"),

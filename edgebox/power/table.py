@@ -30,8 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..chips import cost
-from ..chips.chip import ACT_BYTES, KV_BYTES
+from edgebox.hw import cost
+from edgebox.chips.chip import ACT_BYTES, KV_BYTES
 
 DECODE, PREFILL = 0, 1
 

@@ -1,0 +1,201 @@
+"""``Model``: a loaded GGUF with its tokenizer, the forward pass and simple generation.
+
+This is the public object of ``edgebox.load``; the engine (many requests at once) builds on it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgebox.text.chat import render_chat
+from edgebox.errors import ContextOverflowError, EdgeboxError
+from edgebox.gguf.loader import LoadedModel, load_gguf
+from edgebox.chips.box import Box
+from edgebox.kernels.backend import BACKENDS, DEFAULT_BACKEND
+from edgebox.model import KVCache, Transformer
+from edgebox.text.sampler import Sampler, SamplingParams, StopMatcher
+
+DEFAULT_CTX = 4096
+
+
+def default_model_path() -> Path:
+    """The small model bundled in the package, used when no model is named."""
+    return Path(__file__).parent / "data" / "default.gguf"
+
+
+def load(path: str | os.PathLike | None = None, chips: int = 1, n_ctx: int | None = None,
+         profile: str | None = None, backend: str = DEFAULT_BACKEND) -> "Model":
+    """Map a GGUF model (no weights are copied) and split it over ``chips`` chips.
+
+    ``path`` None loads the bundled default model. ``chips=1`` runs the whole model on one device
+    (the ``host`` profile unless ``profile`` names another); more chips use ``r100-edge``.
+    ``backend``: "numba" (the JIT kernels), "onnxruntime" (its MatMulNBits for the matmuls),
+    "auto" (numba or onnxruntime per weight shape and batch size, timed on this CPU once and
+    cached: ``kernels.autotune``) or "ref" (the numpy reference, slow and exact).
+    """
+    if backend not in BACKENDS:
+        raise EdgeboxError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    loaded = load_gguf(default_model_path() if path is None else path)
+    box = Box(loaded.args, loaded.weights, chips, profile=profile, backend=backend, source=loaded.file.path.name)
+    return Model(loaded, box, n_ctx=n_ctx)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    done_reason: str = ""  # stop | length | eos
+
+    @property
+    def prompt_tok_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        # the first generated token comes out of the prompt pass; the rest are decode steps
+        steps = self.generated_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
+
+
+@dataclass
+class Generation:
+    """An iterator of text pieces for one prompt; ``stats`` is complete once it is exhausted."""
+
+    model: "Model"
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: Sequence[str] = ()
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    tokens: list[int] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[str]:
+        m = self.model
+        n_prompt = len(self.prompt_ids)
+        if n_prompt == 0:
+            raise EdgeboxError("the prompt is empty and the model adds no BOS token; give a prompt")
+        if n_prompt + 1 > m.n_ctx:
+            raise ContextOverflowError(f"the prompt has {n_prompt} tokens but the context holds {m.n_ctx}; shorten the prompt or raise the context size")
+        max_new = min(self.max_tokens, m.n_ctx - n_prompt)
+        sampler = Sampler(self.params)
+        detok = m.tokenizer.stream_decoder()
+        stops = StopMatcher(self.stop)
+        kv = m.new_cache()
+        history = list(self.prompt_ids)
+
+        # prompt processing: one forward pass over the whole prompt, logits of the last token only
+        t0 = time.perf_counter()
+        logits = m.transformer.forward(np.asarray(self.prompt_ids, np.int32), np.arange(n_prompt, dtype=np.int32), kv, all_logits=False)[0]
+        self.stats.prompt_tokens = n_prompt
+        self.stats.prompt_seconds = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self.stats.done_reason = "length"
+        for i in range(max_new):
+            token = sampler.sample(logits, history)
+            if token in m.tokenizer.eog_ids:
+                self.stats.done_reason = "stop"
+                break
+            self.tokens.append(token)
+            history.append(token)
+            self.stats.generated_tokens += 1
+            text, stopped = stops.push(detok.feed(token))
+            if text:
+                yield text
+            if stopped:
+                self.stats.done_reason = "stop"
+                break
+            if i + 1 < max_new:
+                pos = np.array([n_prompt + i], np.int32)
+                logits = m.transformer.forward(np.array([token], np.int32), pos, kv, all_logits=False)[0]
+        else:
+            tail, _ = stops.push(detok.flush())
+            tail += stops.flush()
+            if tail:
+                yield tail
+        self.stats.decode_seconds = time.perf_counter() - t0
+
+
+class Model:
+    def __init__(self, loaded: LoadedModel, box: Box, n_ctx: int | None = None):
+        self.path = loaded.file.path
+        self.file = loaded.file
+        self.args = loaded.args
+        self.tokenizer = loaded.tokenizer
+        self.weights = loaded.weights
+        self.box = box
+        self.transformer = Transformer(loaded.args, loaded.weights, box)
+        self.n_ctx = min(n_ctx or DEFAULT_CTX, self.args.n_ctx_train)
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.file.fields.get("tokenizer.chat_template")
+        return template if isinstance(template, str) else None
+
+    def prepare(self, progress: bool = False) -> None:
+        """Repack the weights for the kernels now (otherwise each is repacked at its first use)."""
+        def show(done: int, total: int) -> None:
+            print(f"\rpreparing weights for the kernels: {done}/{total}", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+        self.box.prepare(show if progress else None)
+
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        return self.transformer.new_cache(n_ctx or self.n_ctx)
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``; adds BOS when the GGUF says add_bos_token (unless told otherwise)."""
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Like ``tokenize``, but a prompt whose text already starts with the BOS token (as chat
+        templates render it) does not get a second one, as llama.cpp avoids."""
+        tok = self.tokenizer
+        if tok.add_bos and tok.bos_id is not None:
+            bos_text = tok.token_to_piece(tok.bos_id).decode("utf-8", "replace")
+            if bos_text and text.startswith(bos_text):
+                return tok.encode(text, add_bos=False)
+        return tok.encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(ids), n_vocab] for a fresh sequence; row i = next-token logits after ids[:i+1]."""
+        if len(ids) > self.n_ctx:
+            raise ContextOverflowError(f"{len(ids)} tokens do not fit in the context of {self.n_ctx}")
+        tokens = np.asarray(ids, np.int32)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.args.n_vocab):
+            raise EdgeboxError(f"token ids must be in [0, {self.args.n_vocab}); got {tokens.min()}..{tokens.max()}")
+        return self.transformer.forward(tokens, np.arange(len(tokens), dtype=np.int32), self.new_cache())
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt for ``messages`` through the GGUF's chat template (llama.cpp --jinja)."""
+        template = self.chat_template
+        if template is None:
+            raise EdgeboxError(f"{self.path.name} has no tokenizer.chat_template; run without chat mode or use a model that has one")
+        tok = self.tokenizer
+        bos = tok.token_to_piece(tok.bos_id).decode("utf-8", "replace") if tok.bos_id is not None else ""
+        eos = tok.token_to_piece(tok.eos_id).decode("utf-8", "replace") if tok.eos_id is not None else ""
+        return render_chat(template, messages, bos_token=bos, eos_token=eos, add_generation_prompt=True)
+
+    def stream(self, prompt: str | list[int], max_tokens: int = 128, params: SamplingParams | None = None,
+               stop: Sequence[str] = ()) -> Generation:
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenize_prompt(prompt)
+        return Generation(self, ids, params or SamplingParams(), max_tokens, tuple(stop))
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> Iterator[str]:
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, seed=seed)
+        return iter(self.stream(prompt, max_tokens, params, stop))

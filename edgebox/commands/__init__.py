@@ -1,0 +1,1 @@
+"""Commands beyond run/serve: bench, perplexity, info, plan."""

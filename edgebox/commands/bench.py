@@ -1,0 +1,459 @@
+"""``edgebox bench``: prompt processing, decode, time to first token and memory, side by side with
+llama.cpp on the same file and threads in the same run, and the engine at several concurrency levels.
+
+Each runner (edgebox, llama.cpp) lives in a process of its own, so its peak RSS is its own and
+neither inherits the other's threads; both stay loaded and take turns at every measurement, so
+each ratio compares the two back to back (see ``run_bench``).  Progress goes to stderr.
+
+    python -m edgebox.commands.bench --child '{"runner": "edgebox", ...}'   # one runner, serving JSON lines
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+RESULT_TAG = "EDGEBOX_BENCH_RESULT "
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class RunnerResult:
+    name: str
+    load_s: float = 0.0
+    pp_tok_s: dict[int, float] = field(default_factory=dict)  # prompt length -> tokens/s
+    tg_tok_s: float = 0.0
+    ttft_s: float = 0.0  # 64-token prompt -> first token
+    peak_rss_gib: float = 0.0
+    kv_gib: float = 0.0  # the KV cache the run allocates (its context)
+
+
+@dataclass
+class ConcurrencyPoint:
+    concurrency: int
+    total_tok_s: float      # generated tokens / wall time, prompt processing included
+    decode_tok_s: float     # while all streams decode: streams / per-token latency (p50)
+    ttft_p50_s: float
+    ttft_p95_s: float
+    per_token_p50_s: float
+    per_token_p95_s: float
+    pp64_tok_s: float       # 64-token prompt processing taken just before and after this level (mean)
+    vs_pp64_range: tuple = ()  # decode_tok_s / pp64_tok_s of every round of this level (this point: the median)
+
+
+def _prompt(n_vocab: int, n: int, seed: int = 0) -> list[int]:
+    """Random ordinary token ids: both runtimes see the same tokens."""
+    return np.random.RandomState(seed).randint(100, min(n_vocab, 30000), size=n).tolist()
+
+
+# -- the runners (each in its own process, serving the parent's measurements one at a time) --------
+#
+# A runner maps the model once and then answers: prompt(n) (seconds to process n tokens over an
+# empty cache), ttft() (a 64-token prompt to its first token, leaving that sequence in the cache)
+# and decode(k) (seconds of each of k greedy steps continuing it).
+
+TTFT_PROMPT = 64
+DECODE_BURST = 8  # decode steps one runner takes before the other takes its turn
+
+
+class EdgeboxRunner:
+    name = "edgebox"
+
+    def __init__(self, model_path, threads: int, n_ctx: int, chips: int = 1, backend: str | None = None):
+        import numba
+
+        import edgebox
+
+        numba.set_num_threads(threads)
+        t0 = time.perf_counter()
+        kwargs = {"backend": backend} if backend else {}
+        self.model = m = edgebox.load(model_path, chips=chips, n_ctx=n_ctx, **kwargs)
+        m.prepare(progress=True)
+        self.load_s = time.perf_counter() - t0
+        self.kv_gib = n_ctx * m.box.kv_bytes_per_token / 2**30
+        _say(f"edgebox: loaded and packed in {self.load_s:.1f} s; warming up the kernels")
+        self._fwd = m.transformer.forward
+        self._fwd(np.array(_prompt(m.args.n_vocab, 8), np.int32), np.arange(8, dtype=np.int32), m.new_cache(16),
+                  all_logits=False)
+        self._kv = None
+        self._token = 0
+
+    def prompt(self, n: int) -> float:
+        return prompt_seconds(self.model, n)
+
+    def ttft(self) -> float:
+        ids = np.array(_prompt(self.model.args.n_vocab, TTFT_PROMPT), np.int32)
+        self._kv = self.model.new_cache(self.model.n_ctx)
+        t = time.perf_counter()
+        logits = self._fwd(ids, np.arange(TTFT_PROMPT, dtype=np.int32), self._kv, all_logits=False)
+        self._token = int(np.argmax(logits[0]))
+        return time.perf_counter() - t
+
+    def decode(self, steps: int) -> list[float]:
+        out = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            logits = self._fwd(np.array([self._token], np.int32), np.array([self._kv.length], np.int32), self._kv,
+                               all_logits=False)
+            self._token = int(np.argmax(logits[0]))
+            out.append(time.perf_counter() - t)
+        return out
+
+    def concurrency(self, levels: list[int], rounds: int = 1) -> list[dict]:
+        return [asdict(p) for p in bench_concurrency(self.model, tuple(levels), rounds=rounds)]
+
+    def hot_standby(self) -> dict:
+        return bench_first_request(self.model)
+
+
+class LlamaCppRunner:
+    name = "llama.cpp"
+
+    def __init__(self, model_path, threads: int, n_ctx: int):
+        try:
+            import llama_cpp
+        except ImportError:
+            from edgebox.errors import EdgeboxError
+
+            raise EdgeboxError("--vs-llama-cpp needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp, ~10 min)") from None
+        t0 = time.perf_counter()
+        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=512,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.load_s = time.perf_counter() - t0
+        self.kv_gib = 0.0
+        self.llm.eval(_prompt(self.llm.n_vocab(), 8))
+        self._token = 0
+
+    def prompt(self, n: int) -> float:
+        ids = _prompt(self.llm.n_vocab(), n)
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(ids)
+        return time.perf_counter() - t
+
+    def ttft(self) -> float:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(_prompt(self.llm.n_vocab(), TTFT_PROMPT))
+        self._token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return time.perf_counter() - t
+
+    def decode(self, steps: int) -> list[float]:
+        out = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            self.llm.eval([self._token])
+            self._token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(time.perf_counter() - t)
+        return out
+
+
+def prompt_seconds(m, n: int) -> float:
+    """Seconds of one forward pass over an ``n``-token prompt and an empty cache."""
+    ids = np.array(_prompt(m.args.n_vocab, n), np.int32)
+    kv = m.new_cache(n + 1)
+    t = time.perf_counter()
+    m.transformer.forward(ids, np.arange(n, dtype=np.int32), kv, all_logits=False)
+    return time.perf_counter() - t
+
+
+def bench_concurrency(m, levels: tuple[int, ...], prompt_len: int = 64, gen: int = 48, rounds: int = 1) -> list[ConcurrencyPoint]:
+    """N streams submitted at once to an engine whose batch limit is N: generated tokens per second
+    of wall time (prompt processing included), the decode rate while all N decode together (each
+    batched step yields N tokens: N / per-token latency; the prompts are all read in the first
+    steps, so per-token latency is pure decode), TTFT and per-token latency percentiles; and the
+    64-token prompt-processing rate around the level, which the decode rate is compared with (a
+    rate taken minutes away would compare two states of this VM's memory). With ``rounds`` > 1
+    each level runs that many times and its point is the round with the median decode / pp64
+    ratio (the machine drifts even within a level's ~20 s: single rounds of 8 streams read 76-84 %)."""
+    out = []
+    for c in levels:
+        runs = [_concurrency_round(m, c, prompt_len, gen) for _ in range(rounds)]
+        ratios = sorted(p.decode_tok_s / p.pp64_tok_s for p in runs)
+        point = min(runs, key=lambda p: abs(p.decode_tok_s / p.pp64_tok_s - ratios[len(ratios) // 2]))
+        point.vs_pp64_range = tuple(ratios)
+        out.append(point)
+    return out
+
+
+def _concurrency_round(m, c: int, prompt_len: int, gen: int) -> ConcurrencyPoint:
+    from edgebox.engine import Engine, Request
+    from edgebox.text.sampler import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0)
+    before = prompt_seconds(m, 64)
+    # a chunk budget that reads every prompt in the first step: later steps are pure decode
+    with Engine(m, max_batch=c, max_queue=4 * c, prefill_chunk=max(512, c * prompt_len)) as e:
+        prompts = [m.detokenize(_prompt(m.args.n_vocab, prompt_len, seed=i)) for i in range(c)]
+        t = time.perf_counter()
+        handles = e.submit_many([Request(prompt=p, max_tokens=gen, params=greedy) for p in prompts])
+        sums = [h.result() for h in handles]
+        wall = time.perf_counter() - t
+        e.close(drain=False)
+    ttft = sorted(s.ttft_s for s in sums)
+    per_tok = sorted(s.decode_s / max(1, s.generated_tokens - 1) for s in sums)
+    pp64 = 2 * 64 / (before + prompt_seconds(m, 64))
+    point = ConcurrencyPoint(c, sum(s.generated_tokens for s in sums) / wall, c / _pct(per_tok, 50),
+                             _pct(ttft, 50), _pct(ttft, 95), _pct(per_tok, 50), _pct(per_tok, 95), pp64)
+    _say(f"concurrency {c}: decode {point.decode_tok_s:.2f} tok/s ({point.decode_tok_s / pp64:.0%} of pp64 {pp64:.1f}), "
+         f"{point.total_tok_s:.2f} tok/s with prompts, TTFT p50 {point.ttft_p50_s:.2f} s p95 {point.ttft_p95_s:.2f} s, "
+         f"per token p50 {point.per_token_p50_s * 1000:.0f} ms")
+    return point
+
+
+def bench_first_request(m, prompt_len: int = 64, steady: int = 4) -> dict:
+    """Hot standby: a new engine (warm-up included in its start) answers its first request, then
+    ``steady`` more one at a time; TTFT of the first vs the median of the rest."""
+    from edgebox.engine import Engine, Request
+    from edgebox.text.sampler import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0)
+    t = time.perf_counter()
+    with Engine(m, max_batch=1) as e:
+        start_s = time.perf_counter() - t
+        ttfts = []
+        for i in range(1 + steady):
+            prompt = m.detokenize(_prompt(m.args.n_vocab, prompt_len, seed=100 + i))
+            ttfts.append(e.submit(Request(prompt=prompt, max_tokens=2, params=greedy)).result().ttft_s)
+        e.close(drain=False)
+    out = {"engine_start_s": start_s, "first_ttft_s": ttfts[0], "steady_ttft_s": statistics.median(ttfts[1:])}
+    out["first_vs_steady"] = out["first_ttft_s"] / out["steady_ttft_s"]
+    _say(f"hot standby: engine start {start_s:.1f} s, first request TTFT {ttfts[0] * 1000:.0f} ms, "
+         f"steady {out['steady_ttft_s'] * 1000:.0f} ms ({out['first_vs_steady']:.2f}x)")
+    return out
+
+
+def _pct(sorted_values: list[float], p: float) -> float:
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+# -- process start: what the numba cache saves ----------------------------------------------------
+
+def bench_startup(model_path, chips: int = 1) -> dict:
+    """Process start -> first generated token (``edgebox run -n 1``), twice over an empty numba
+    cache: the first start compiles every kernel, the second loads them from the cache."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="edgebox-numba-") as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for label in ("first_start_s", "second_start_s"):
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "edgebox.cli", "run", str(model_path), "-p", "hello", "-n", "1",
+                                "--temp", "0", "--chips", str(chips)], env=env, capture_output=True, text=True)
+            out[label] = time.perf_counter() - t
+            if p.returncode != 0:
+                raise RuntimeError(f"edgebox run failed: {p.stderr.strip()[-500:]}")
+            _say(f"startup: {label.replace('_', ' ')[:-2]}: process start -> first token {out[label]:.1f} s")
+    out["compile_s"] = out["first_start_s"] - out["second_start_s"]
+    return out
+
+
+# -- the run: both runners resident, each measurement taken by one and then the other ---------------
+
+class _Child:
+    """The parent's handle on a runner process: ``call(op, *args)`` runs one measurement there."""
+
+    def __init__(self, spec: dict):
+        self.name = spec["runner"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgebox.commands.bench", "--child", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._reply()  # load_s, kv_gib
+
+    def call(self, op: str, *args):
+        self.proc.stdin.write(json.dumps({"op": op, "args": list(args)}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def _reply(self):
+        for line in self.proc.stdout:  # other output (a library's chatter) is skipped
+            if line.startswith(RESULT_TAG):
+                return json.loads(line[len(RESULT_TAG):])
+        from edgebox.errors import EdgeboxError
+
+        code = self.proc.wait()
+        raise EdgeboxError(f"the {self.name} benchmark process failed (exit {code}); see its messages above")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def _paired(children: list[_Child], rounds: int, measure, first: int = 0, label: str = "") -> list[list]:
+    """``measure(child)`` ``rounds`` times per child, the children taking turns (who goes first
+    alternates, starting with round ``first``), so that both see the machine in the same state;
+    per child its values. ``label``: say each round on stderr (progress)."""
+    values: list[list] = [[] for _ in children]
+    for r in range(first, first + rounds):
+        if label:
+            _say(f"{label}: round {r + 1} of {first + rounds}")
+        order = list(range(len(children)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            values[i].append(measure(children[i]))
+    return values
+
+
+def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int = 32, vs_llama_cpp: bool = False,
+              chips: int = 1, concurrency: tuple[int, ...] = (), backend: str | None = None, rounds: int = 1,
+              startup: bool = False) -> dict:
+    """Each runner in a process of its own (its peak RSS is its own, neither inherits the other's
+    threads). Both stay loaded; every measurement is taken ``rounds`` times, the runners taking
+    turns, so each ratio is the median over rounds of edgebox vs llama.cpp measured back to back
+    (this machine's memory bandwidth drifts by tens of percent within seconds); the absolute figures
+    are each runner's best round."""
+    model_path = str(Path(model_path).resolve())
+    n_ctx = max(*prompt_lens, TTFT_PROMPT) + n_decode + 8
+    base = {"model": model_path, "threads": threads}
+    children = [_Child({**base, "runner": "edgebox", "chips": chips, "backend": backend,
+                        "n_ctx": max(n_ctx, 160) if concurrency else n_ctx})]
+    try:
+        if vs_llama_cpp:
+            children.append(_Child({**base, "runner": "llama.cpp", "n_ctx": n_ctx}))
+        results = [RunnerResult(c.name, load_s=c.ready["load_s"], kv_gib=c.ready["kv_gib"]) for c in children]
+        per_round: dict[str, list[list[float]]] = {}  # metric -> per child, per round (higher is better)
+        for n in prompt_lens:
+            secs = _paired(children, rounds, lambda c: c.call("prompt", n), label=f"prompt processing {n} tokens")
+            per_round[f"pp{n}"] = [[n / s for s in v] for v in secs]
+            for res, v in zip(results, per_round[f"pp{n}"]):
+                res.pp_tok_s[n] = max(v)
+                _say(f"{res.name}: prompt processing {n} tokens: {res.pp_tok_s[n]:.2f} tok/s")
+        # decode in bursts, the runners taking turns after every burst: the ratio is the median of
+        # the bursts' back-to-back ratios; a runner's figure is its best round (all its steps)
+        ttfts: list[list[float]] = [[] for _ in children]
+        steps: list[list[list[float]]] = [[] for _ in children]
+        bursts: list[list[float]] = [[] for _ in children]
+        burst = min(DECODE_BURST, n_decode)
+        for r in range(rounds):
+            _say(f"TTFT and decode: round {r + 1} of {rounds}")
+            for i, got in enumerate(_paired(children, 1, lambda c: c.call("ttft"), first=r)):
+                ttfts[i] += got  # a fresh 64-token sequence, which the round's decode continues
+            for i, got in enumerate(_paired(children, n_decode // burst, lambda c: c.call("decode", burst), first=r)):
+                steps[i].append(sum(got, []))
+                bursts[i] += [1.0 / statistics.median(b) for b in got]
+        per_round["tg"] = bursts
+        per_round["ttft"] = [[1.0 / s for s in v] for v in ttfts]
+        for res, tt, st in zip(results, ttfts, steps):
+            res.tg_tok_s, res.ttft_s = max(1.0 / statistics.median(v) for v in st), min(tt)
+            _say(f"{res.name}: decode {res.tg_tok_s:.2f} tok/s, TTFT {res.ttft_s * 1000:.0f} ms")
+        extra = {}
+        if concurrency:
+            extra["concurrency"] = children[0].call("concurrency", list(concurrency), rounds)
+            extra["hot_standby"] = children[0].call("hot_standby")
+        for res, c in zip(results, children):
+            res.peak_rss_gib = c.call("peak_rss") / 2**30
+    finally:
+        for c in children:
+            c.close()
+
+    report: dict = {"model": model_path, "file_gib": os.path.getsize(model_path) / 2**30, "threads": threads,
+                    "chips": chips, "backend": backend or "default", "rounds": rounds, "edgebox": asdict(results[0])}
+    e = report["edgebox"]
+    report["memory_ratio"] = e["peak_rss_gib"] / (report["file_gib"] + e["kv_gib"])
+    if "concurrency" in extra:
+        report["concurrency"] = extra["concurrency"]
+        report["hot_standby"] = extra["hot_standby"]
+        by_c = {p["concurrency"]: p["decode_tok_s"] for p in extra["concurrency"]}
+        if 1 in by_c:
+            report["batching_gain"] = {str(c): v / by_c[1] for c, v in by_c.items()}
+        report["vs_pp64"] = {str(p["concurrency"]): p["decode_tok_s"] / p["pp64_tok_s"] for p in extra["concurrency"]}
+    if vs_llama_cpp:
+        report["llama_cpp"] = asdict(results[1])
+        paired = {k: sorted(a / b for a, b in zip(*v)) for k, v in per_round.items()}  # edgebox / llama.cpp, per round
+        report["ratio"] = {k: statistics.median(v) for k, v in paired.items()}
+        report["ratio_range"] = {k: [v[0], v[-1]] for k, v in paired.items()}
+    if startup:
+        report["startup"] = bench_startup(model_path, chips)
+    return report
+
+
+def format_report(r: dict) -> str:
+    e = r["edgebox"]
+    t = r.get("llama_cpp")
+    lines = [f"model {r['model']} ({r['file_gib']:.2f} GiB), {r['threads']} threads, {r['chips']} chip(s), "
+             f"backend {r['backend']}, {r['rounds']} round(s): figures are each runner's best round"
+             + (", ratios the median of the rounds' back-to-back ratios [range]" if t else "")]
+    header = f"{'':<22}{'edgebox':>12}"
+    if t:
+        header += f"{'llama.cpp':>12}{'ratio':>8}"
+    lines.append(header)
+
+    def row(label: str, key: str, ours: float, theirs: float | None, fmt: str = "{:.2f}") -> str:
+        s = f"{label:<22}{fmt.format(ours):>12}"
+        if theirs is not None:
+            lo, hi = r["ratio_range"][key]
+            s += f"{fmt.format(theirs):>12}{r['ratio'][key]:>8.2f}  [{lo:.2f}-{hi:.2f}]"
+        return s
+
+    for n, v in e["pp_tok_s"].items():
+        lines.append(row(f"pp{n} tok/s", f"pp{n}", v, t["pp_tok_s"][n] if t else None))
+    lines.append(row("decode tok/s", "tg", e["tg_tok_s"], t["tg_tok_s"] if t else None))
+    lines.append(row("TTFT (64 tok) ms", "ttft", e["ttft_s"] * 1000, t["ttft_s"] * 1000 if t else None, "{:.0f}"))
+    lines.append(f"{'load s':<22}{e['load_s']:>12.1f}" + (f"{t['load_s']:>12.1f}" if t else ""))
+    lines.append(f"{'peak RSS GiB':<22}{e['peak_rss_gib']:>12.2f}" + (f"{t['peak_rss_gib']:>12.2f}" if t else ""))
+    lines.append(f"peak RSS / (file + KV {e['kv_gib']:.2f} GiB): {r['memory_ratio']:.3f}")
+    for p in r.get("concurrency", []):
+        gain = r.get("batching_gain", {}).get(str(p["concurrency"]))
+        share = r.get("vs_pp64", {}).get(str(p["concurrency"]))
+        lines.append(f"concurrency {p['concurrency']:>3}: decode {p['decode_tok_s']:7.2f} tok/s"
+                     + (f" ({gain:.2f}x one stream" if gain else " (")
+                     + (f", {share:.0%} of pp64" if share else "")
+                     + (f" [{min(p['vs_pp64_range']):.0%}-{max(p['vs_pp64_range']):.0%}])" if len(p.get("vs_pp64_range", ())) > 1 else ")")
+                     + f" | {p['total_tok_s']:.2f} tok/s with prompts | TTFT p50 {p['ttft_p50_s']:.2f} s p95 {p['ttft_p95_s']:.2f} s"
+                     f" | per token p50 {p['per_token_p50_s'] * 1000:.0f} ms p95 {p['per_token_p95_s'] * 1000:.0f} ms")
+    if "hot_standby" in r:
+        h = r["hot_standby"]
+        lines.append(f"hot standby: engine start {h['engine_start_s']:.1f} s; first request TTFT {h['first_ttft_s'] * 1000:.0f} ms "
+                     f"vs steady {h['steady_ttft_s'] * 1000:.0f} ms ({h['first_vs_steady']:.2f}x)")
+    if "startup" in r:
+        s = r["startup"]
+        lines.append(f"process start -> first token: {s['first_start_s']:.1f} s over an empty numba cache, "
+                     f"{s['second_start_s']:.1f} s from the cache (compiling costs {s['compile_s']:.1f} s)")
+    return "\n".join(lines)
+
+
+def _serve(spec: dict) -> None:
+    """A runner process: load, say ready, then answer the parent's calls (one JSON per line on stdin)."""
+    if spec["runner"] == "edgebox":
+        runner = EdgeboxRunner(spec["model"], spec["threads"], spec["n_ctx"], chips=spec["chips"], backend=spec.get("backend"))
+    else:
+        runner = LlamaCppRunner(spec["model"], spec["threads"], spec["n_ctx"])
+
+    def reply(value) -> None:
+        print(RESULT_TAG + json.dumps(value), flush=True)
+
+    reply({"load_s": runner.load_s, "kv_gib": runner.kv_gib})
+    for line in sys.stdin:
+        call = json.loads(line)
+        reply(_peak_rss_bytes() if call["op"] == "peak_rss" else getattr(runner, call["op"])(*call["args"]))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        from edgebox.errors import EdgeboxError
+
+        try:
+            _serve(json.loads(sys.argv[2]))
+        except EdgeboxError as err:
+            _say(f"edgebox: error: {err}")
+            sys.exit(2)
+    else:
+        sys.exit("usage: python -m edgebox.commands.bench --child SPEC_JSON (edgebox bench is the command)")

@@ -1,0 +1,1 @@
+"""GGUF files: the bounds-checked reader, the loader, ``ModelArgs`` per architecture, the quant-type table."""

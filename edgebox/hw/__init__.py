@@ -1,0 +1,1 @@
+"""The modelled hardware: chip profiles (TOML) and the one step-cost model."""

@@ -1,0 +1,1 @@
+"""Text: the tokenizer from GGUF metadata, chat templates, the sampler and stop strings."""

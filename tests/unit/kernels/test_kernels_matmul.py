@@ -1,0 +1,336 @@
+"""edgebox.kernels.matmul against the numpy reference (llama.cpp test-backend-ops habit).
+
+Every supported type, matvec and matmul, ragged shapes (n_out not a multiple of the 8-row
+groups, n_out = 1, T = 1, 3, 17).  Errors are normalized: ``max|y - ref| / s`` with
+``s = sqrt(mean(x^2 @ (W^2).T))``, the spread a dot product of these inputs and rows has when
+its terms do not cancel (= std(ref) for independent zero-mean data, and still meaningful for a
+single output).  Two comparisons per case:
+
+* exact activations: against ``dequantize(q8_0(x)) @ dequantize(W).T`` in float64, where q8_0(x)
+  are the very int8 activations the kernel used.  This isolates layout/bit errors from the
+  (intended) activation rounding: only float32 rounding and summation order differ.
+  Tolerance 3e-5; measured <= 6.5e-6 (Q3_K), <= 2.7e-6 for the fast types.
+* float activations: against ``x @ dequantize(W).T``, the exact reference.  The int8 paths round
+  every activation to 1/254 of its block's max; measured max 0.020-0.029 (these cases and 256-row ones)
+  (Q4_0 0.026, Q8_0 0.028, Q4_K 0.029, Q5_K 0.026, Q6_K 0.020, planes types 0.021-0.026) for normal
+  x: about 0.6% rms, as llama.cpp's q8_0 activations.  Tolerance 0.05.
+  Float weights (F32/F16/BF16) keep float activations: measured <= 7e-7, tolerance 1e-5.
+
+Weights: gguf.quants.quantize of random normals where gguf can quantize the type (Q4_0, Q8_0,
+Q4_1, Q5_0, Q5_1, BF16, F16, F32), and random bytes with finite f16 scale fields for every
+quantized type (the only source for K-quants; random bytes also hit the extreme codes, e.g.
+15/63 and Q8_0's -128, that int16 overflow bugs need).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numba
+import numpy as np
+import pytest
+from gguf import quants as gq
+
+from edgebox.gguf import quant_types as qt
+from edgebox.kernels import matmul as M
+from tests.fixtures.quant_rows import make_weight
+from edgebox.gguf.quant_types import QType
+
+try:
+    from edgebox.kernels.ref import dequantize
+except ImportError:  # pragma: no cover - the reference is being written beside this
+    dequantize = gq.dequantize
+
+ALL_TYPES = [QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q6_K,
+             QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q5_K,
+             QType.F16, QType.BF16, QType.F32]
+FLOATS = (QType.F16, QType.BF16, QType.F32)
+TOL_EXACT = 3e-5
+TOL_Q8 = 0.05
+TOL_FLOAT = 1e-5
+
+def nerr(a, b, scale) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / (scale + 1e-30))
+
+
+def dot_scale(x: np.ndarray, Wf: np.ndarray) -> float:
+    """sqrt(mean over outputs of sum_k (x_k w_rk)^2): the spread a dot product of these inputs
+    and rows has when its terms do not cancel (= std(x @ W.T) for independent zero-mean data,
+    but not at the mercy of a handful of samples when n_out = 1 and T = 1)."""
+    x2 = x.astype(np.float64) ** 2
+    return float(np.sqrt(np.mean(x2 @ (Wf.astype(np.float64) ** 2).T)))
+
+
+def q8_dequant(qx: M.QuantizedActivations) -> np.ndarray:
+    T, n = qx.x.shape
+    return (qx.xq.reshape(T, n // 32, 32).astype(np.float64)
+            * qx.xd.reshape(T, n // 32, 1).astype(np.float64)).reshape(T, n)
+
+
+def check(w: M.PackedWeight, Wf: np.ndarray, x: np.ndarray, y: np.ndarray, what: str) -> dict:
+    ref = x.astype(np.float64) @ Wf.T.astype(np.float64)
+    assert y.shape == ref.shape and y.dtype == np.float32, what
+    assert np.isfinite(y).all(), what
+    scale = dot_scale(x, Wf)
+    e_float = nerr(y, ref, scale)
+    if w.qtype in FLOATS:
+        assert e_float < TOL_FLOAT, f"{what}: {e_float:.2e}"
+        return {"float": e_float}
+    qx = M.quantize_activations(x)
+    e_exact = nerr(y, q8_dequant(qx) @ Wf.T.astype(np.float64), scale)
+    assert e_exact < TOL_EXACT, f"{what}: vs exact-activation reference {e_exact:.2e}"
+    assert e_float < TOL_Q8, f"{what}: vs float reference {e_float:.3f}"
+    return {"exact": e_exact, "float": e_float}
+
+
+def _n_in(qtype, k):
+    return k * (256 if qt.block_size(qtype) == 256 else 32)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_matvec_matmul_all_types(qtype):
+    rng = np.random.default_rng(int(qtype))
+    cases = [(1, _n_in(qtype, 2)), (13, _n_in(qtype, 3)), (40, _n_in(qtype, 2))]
+    for n_out, n_in in cases:
+        for rb in ((False, True) if qtype not in FLOATS else (False,)):
+            raw = make_weight(qtype, n_out, n_in, rng, random_bytes=rb)
+            before = raw.copy()
+            w = M.pack(raw, qtype)
+            assert (w.qtype, w.n_out, w.n_in) == (qtype, n_out, n_in)
+            np.testing.assert_array_equal(raw, before)            # pack never writes the rows
+            Wf = dequantize(raw, qtype).astype(np.float32)
+            x = rng.standard_normal(n_in).astype(np.float32)
+            y = M.matvec(w, x)
+            check(w, Wf, x[None], y[None], f"{qtype.name} matvec {n_out}x{n_in} rb={rb}")
+            for T in (1, 3, 8, 12, 17):
+                X = rng.standard_normal((T, n_in)).astype(np.float32)
+                Y = M.matmul(w, X)
+                check(w, Wf, X, Y, f"{qtype.name} matmul T={T} {n_out}x{n_in} rb={rb}")
+                # every token of a batch equals its own matvec (same integer sums; the float
+                # epilogues may associate differently)
+                y1 = M.matvec(w, X[T - 1])
+                assert nerr(Y[T - 1], y1, dot_scale(X[T - 1:], Wf)) < TOL_EXACT
+
+
+FAST = [QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", FAST, ids=lambda q: q.name)
+def test_fast_types_7b_like_rows(qtype):
+    """A wider n_in (several K super-blocks, many blocks per row) and many row groups."""
+    rng = np.random.default_rng(7)
+    n_out, n_in = 203, 2048
+    raw = make_weight(qtype, n_out, n_in, rng)
+    w = M.pack(raw, qtype)
+    Wf = dequantize(raw, qtype).astype(np.float32)
+    X = (rng.standard_normal((5, n_in)) * rng.uniform(0.1, 10, n_in)).astype(np.float32)
+    check(w, Wf, X, M.matmul(w, X), f"{qtype.name} 203x2048")
+    check(w, Wf, X[:1], M.matvec(w, X[0])[None], f"{qtype.name} 203x2048 matvec")
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q6_K, QType.F16, QType.Q5_K], ids=lambda q: q.name)
+def test_strided_shard_and_typed_rows(qtype):
+    """Row-parallel shards are column slices of the mmap (non-contiguous rows)."""
+    rng = np.random.default_rng(3)
+    n_in = _n_in(qtype, 4)
+    raw = make_weight(qtype, 24, n_in, rng)
+    half = raw.shape[1] // 2
+    shard = raw[:, half:]                                       # the second half of every row
+    w = M.pack(shard, qtype)
+    assert w.n_in == n_in // 2
+    Wf = dequantize(np.ascontiguousarray(shard), qtype)
+    x = rng.standard_normal(n_in // 2).astype(np.float32)
+    check(w, Wf, x[None], M.matvec(w, x)[None], f"{qtype.name} strided shard")
+    if qtype == QType.F16:                                      # GGUFReader hands out float16 arrays
+        typed = np.ascontiguousarray(raw).view(np.float16)
+        y = M.matvec(M.pack(typed, qtype), rng.standard_normal(n_in).astype(np.float32))
+        assert y.shape == (24,)
+
+
+@pytest.mark.parametrize("qtype", FAST, ids=lambda q: q.name)
+def test_numba_repack_equals_numpy_spec(qtype):
+    """The load-time numba repackers produce exactly the planes of the numpy formulation."""
+    from edgebox.kernels import matmul_pack as P
+    rng = np.random.default_rng(17)
+    for n_out in (5, 16, 27):
+        raw = make_weight(qtype, n_out, 512, rng, random_bytes=True)
+        spec = P.repack(raw, qtype, n_out, 512, use_numba=False)
+        wide = np.concatenate([raw, raw], axis=1)[:, raw.shape[1]:]       # strided rows too
+        for src in (raw, wide):
+            got = P.repack(src, qtype, n_out, 512)
+            assert got.keys() == spec.keys()
+            for k in spec:
+                np.testing.assert_array_equal(got[k], spec[k], err_msg=f"{qtype.name} {k} n_out={n_out}")
+
+
+@pytest.mark.parametrize("qtype", FLOATS, ids=lambda q: q.name)
+def test_float_types_ragged_n_in(qtype):
+    """Float weights have no block size: n_in need not be a multiple of 8 (scalar tail)."""
+    rng = np.random.default_rng(19)
+    n_out, n_in = 11, 37
+    Wf = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    raw = np.ascontiguousarray(gq.quantize(Wf, qtype)).view(np.uint8).reshape(n_out, -1)
+    w = M.pack(raw, qtype)
+    X = rng.standard_normal((3, n_in)).astype(np.float32)
+    check(w, dequantize(raw, qtype), X, M.matmul(w, X), f"{qtype.name} n_in=37")
+    check(w, dequantize(raw, qtype), X[:1], M.matvec(w, X[0])[None], f"{qtype.name} n_in=37 matvec")
+
+
+@pytest.mark.parametrize("T,n_in", [(3, 256), (1, 4096), (8, 11008), (5, 96), (40, 64)])
+def test_activation_quantization_matches_q8_0(T, n_in):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((T, n_in)) * rng.uniform(0.01, 30, (T, 1))).astype(np.float32)
+    x[T // 2, :32] = 0.0                                        # an all-zero block: scale 0
+    x[-1, -32:] = np.arange(32) - 15.5                          # ties: x * (1/d) lands on .5
+    qx = M.quantize_activations(x)
+    nb = n_in // 32
+    xb = x.reshape(T, nb, 32)
+    # llama.cpp's quantize_row_q8_0: d = amax / 127, id = 1/d (0 for d = 0), q = round(x * id)
+    # (numpy's rint: ties to even, as the kernel's vroundps), bit for bit
+    d = np.abs(xb).max(-1) / np.float32(127)
+    np.testing.assert_array_equal(qx.xd.reshape(T, nb), d)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inv[..., None])
+    np.testing.assert_array_equal(qx.xq.reshape(T, nb, 32), q)
+    assert (qx.xq.reshape(T, nb, 32)[T // 2, 0] == 0).all()
+    s16 = qx.xq.reshape(-1, 16).astype(np.int32).sum(1)
+    np.testing.assert_array_equal(qx.xs16, 32 * s16)
+    np.testing.assert_allclose(qx.xsd16, qx.xd.repeat(2) * s16, rtol=1e-6)
+    np.testing.assert_allclose(qx.xsd32, qx.xd * qx.xq.reshape(-1, 32).astype(np.int32).sum(1), rtol=1e-6)
+
+
+def test_reuse_quantized_activations_and_out():
+    rng = np.random.default_rng(11)
+    raw = make_weight(QType.Q4_0, 19, 128, rng)
+    w = M.pack(raw, QType.Q4_0)
+    X = rng.standard_normal((4, 128)).astype(np.float32)
+    qx = M.quantize_activations(X)
+    np.testing.assert_array_equal(M.matmul(w, qx), M.matmul(w, X))
+    out = np.full((4, 19), np.nan, np.float32)
+    r = M.matmul(w, X, out=out)
+    assert r is out
+    np.testing.assert_array_equal(out, M.matmul(w, X))
+    q1 = M.quantize_activations(X[2])
+    np.testing.assert_array_equal(M.matvec(w, q1), M.matvec(w, X[2]))
+
+
+def test_thread_counts_agree_and_concurrent_calls():
+    """Results do not depend on the thread count, and host threads may call at once."""
+    rng = np.random.default_rng(13)
+    ws = [M.pack(make_weight(q, 64, 512, rng), q) for q in FAST]
+    X = rng.standard_normal((6, 512)).astype(np.float32)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        ref = [(M.matvec(w, X[0]), M.matmul(w, X)) for w in ws]
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        for w, (v, m) in zip(ws, ref):
+            np.testing.assert_array_equal(M.matvec(w, X[0]), v)
+            np.testing.assert_array_equal(M.matmul(w, X), m)
+    finally:
+        numba.set_num_threads(old)
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(20):
+                w = ws[i % len(ws)]
+                np.testing.assert_array_equal(M.matvec(w, X[0]), ref[i % len(ws)][0])
+                np.testing.assert_array_equal(M.matmul(w, X), ref[i % len(ws)][1])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_errors():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError):
+        M.pack(np.zeros((4, 10), np.uint8), QType.Q4_0)         # not whole blocks
+    with pytest.raises(ValueError):
+        M.pack(np.zeros((4, 18), np.uint8), QType.IQ4_NL)       # unsupported type
+    w = M.pack(make_weight(QType.Q8_0, 8, 64, rng), QType.Q8_0)
+    with pytest.raises(ValueError):
+        M.matvec(w, np.zeros(32, np.float32))                  # wrong n_in
+    with pytest.raises(ValueError):
+        M.matvec(w, np.zeros((2, 64), np.float32))             # matvec takes one vector
+
+
+def test_packed_sizes():
+    """The fast types read (almost) exactly the file's bytes: decode speed is bytes / bandwidth."""
+    rng = np.random.default_rng(1)
+    for q, ratio in ((QType.Q4_0, 1.0), (QType.Q8_0, 1.0), (QType.Q4_K, 1.028), (QType.Q5_K, 1.023),
+                     (QType.Q6_K, 1.0)):
+        w = M.pack(make_weight(q, 64, 512, rng), q)
+        assert w.nbytes / w.file_bytes == pytest.approx(ratio, abs=0.002), q.name
+
+
+def test_inner_loop_is_simd():
+    """The Q4_0 block loop is vpmaddubsw on 256-bit registers (read the assembly); on a host
+    without AVX2 no AVX2 intrinsic may reach the code (the generic formulation is used instead).
+
+    The cached kernels carry no assembly, so the row-group body is compiled afresh here.
+    """
+    from edgebox.kernels import matmul_kernels as K
+    from edgebox.kernels import matmul_simd
+    f = numba.njit(nogil=True)(K._q4_0_group.py_func)
+    args = (np.zeros(256, np.uint8), np.zeros(16, np.uint16), np.zeros(64, np.int8),
+            np.zeros(2, np.float32), np.zeros(2, np.float32), 2, 0, np.zeros(8, np.float32))
+    f(*args)
+    uses_avx2 = "llvm.x86.avx2" in f.inspect_llvm(f.signatures[0])
+    assert uses_avx2 == matmul_simd.HAS_AVX2
+    if not matmul_simd.HAS_AVX2:
+        return  # the generic path's results are checked by test_generic_simd_fallback
+    asm = f.inspect_asm(f.signatures[0])
+    assert asm.count("vpmaddubsw") == 24                       # (2 blocks + odd tail) x 4 loads x (low, high)
+    assert "vpmaddwd" in asm and "vcvtph2ps" in asm and "vfmadd" in asm
+    body = [ln for ln in asm.splitlines() if "vpmaddubsw" in ln]
+    assert all("ymm" in ln for ln in body)
+
+
+def test_generic_simd_fallback(tmp_path):
+    """The non-AVX2 formulation of the SIMD ops (any LLVM target) gives the same results.
+
+    Runs the Q4_0 and Q8_0 matvec kernels (maddubs, hadd, abs, sign) in a subprocess with
+    EDGEBOX_SIMD_GENERIC=1 and its own numba cache; planes come from the numpy repacker so that
+    only the kernels themselves are compiled there.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = r"""
+import numpy as np, sys
+sys.path.insert(0, %r)
+from edgebox.kernels import matmul_simd
+assert not matmul_simd.HAS_AVX2
+from edgebox.kernels import matmul as M, matmul_kernels as K, matmul_pack as P
+from edgebox.gguf.quant_types import QType
+x = np.load(%r + "/x.npy")
+qx = M.quantize_activations(x)
+for q, kern in ((QType.Q4_0, K.q4_0_mv), (QType.Q8_0, K.q8_0_mv)):
+    for rb in (0, 1):
+        raw = np.load(%r + f"/{q.name}_{rb}.npy")
+        a = P.repack(raw, q, raw.shape[0], 256, use_numba=False)
+        out = np.empty(P.n_groups(raw.shape[0]) * 8, np.float32)
+        kern(a["q"].reshape(-1), a["d"].reshape(-1), *qx.arrays(), out)
+        np.save(%r + f"/{q.name}_{rb}_y.npy", out[:raw.shape[0]])
+""" % (root, str(tmp_path), str(tmp_path), str(tmp_path))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(256).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    for q in (QType.Q4_0, QType.Q8_0):
+        for rb in (0, 1):
+            np.save(tmp_path / f"{q.name}_{rb}.npy", make_weight(q, 16, 256, rng, random_bytes=bool(rb)))
+    env = dict(os.environ, EDGEBOX_SIMD_GENERIC="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for q in (QType.Q4_0, QType.Q8_0):
+        for rb in (0, 1):
+            raw = np.load(tmp_path / f"{q.name}_{rb}.npy")
+            y_generic = np.load(tmp_path / f"{q.name}_{rb}_y.npy")
+            np.testing.assert_array_equal(M.matvec(M.pack(raw, q), x), y_generic)
