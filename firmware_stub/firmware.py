@@ -25,8 +25,8 @@ import os
 import threading
 from pathlib import Path
 
-from edgebox.chips import cost
-from edgebox.chips.profile import ChipProfile, load_profile
+from edgebox.hw import cost
+from edgebox.hw.profile import ChipProfile, load_profile
 from firmware_stub.hwmon import ValueFiles, cpufreq_dir, hwmon_dir, parse_khz
 from firmware_stub.physics import ChipPhysics, ChipState
 

@@ -21,7 +21,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from edgebox.chips.profile import ChipProfile
+from edgebox.hw.profile import ChipProfile
 
 _EPS_S = 1e-12
 
