@@ -32,11 +32,6 @@ def tiny_f32(tmp_path_factory):
     return get
 
 
-def golden(key: str) -> dict[str, np.ndarray]:
-    with np.load(DATA / "golden" / f"{key}.npz") as z:
-        return dict(z)
-
-
 @pytest.fixture
 def micro_gguf(tmp_path):
     def make(name: str = "micro.gguf", **kwargs) -> Path:
