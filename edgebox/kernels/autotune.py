@@ -24,8 +24,7 @@ rewritten); a file that does not parse or does not match its key is ignored and 
 
 Timings taken while other jobs load the machine favour onnxruntime: its thread pool gives an
 unstarted share of a call back to the calling thread, while numba's fork-join waits for a
-descheduled worker (a 7B FFN Q4_0 matvec: numba 0.9 ms and ORT 1.1-1.6 ms on a quiet machine,
-numba 8-35 ms and ORT 1.6-2.7 ms under load).  Each entry records the load average it was taken
+descheduled worker (docs/performance.md has the figures).  Each entry records the load average it was taken
 at (``loadavg``); delete the file to measure again.
 
 The memory rule

@@ -11,39 +11,28 @@ along K, scales [N, k_blocks] float32, zero points uint8 [N, ceil(k_blocks*bits/
 the quantized types it can compute exactly, Gemm for the float types; a type with no mapping
 raises ``UnsupportedOnBackend``.
 
-Float weights go to ``Gemm`` with ``transB=1`` (the MatMul-family op that takes W [N, K] as
-stored, so no transposed copy is made) on a float32 copy: ORT's x86 CPU MatMul does take
-float16, but only with float16 activations, which would round every activation to 11 bits; an
-f16 weight behind a Cast node is constant-folded into the same float32 initializer anyway.  So
-an F16 weight costs twice its file bytes resident on this backend.
+Float weights go to ``Gemm(transB=1)`` (W [N, K] as stored, no transposed copy) on a float32
+copy: ORT's CPU MatMul takes float16 only with float16 activations, which would round every
+activation to 11 bits; so an F16 weight costs twice its file bytes resident here.
 
-Float zero points (Q4_1, Q4_K) put ORT 1.32 on its *unpacked* path: MatMulNBits does not prepack
-B and, on every call, dequantizes the whole weight to a temporary float32 [N, K] before an SGEMM.
-Exact, but measured on 11008 x 4096: 169 ms per matvec (Q4_0 prepacked: 1.4 ms) and +180 MB of
-RSS during each call.  So ``OrtLinear`` builds them (the tests hold them to the reference) but
-the backends do not use them: ``runs_well(qtype)`` is False and "onnxruntime" and "auto" keep
-them on numba, as they do the types with no mapping at all.
+Float zero points (Q4_1, Q4_K) put ORT on its *unpacked* path (the whole weight dequantized to
+float32 on every call: exact, but ~100x slower and +RSS per call), so ``OrtLinear`` builds them
+(the tests hold them to the reference) but ``runs_well`` is False: the backends keep them on
+numba, as they do the types with no mapping.
 
-Activations: ``accuracy_level=4`` lets MatMulNBits quantize A to int8 per block (as numba's
-kernels do, q8_0 per 32), so its error against the float reference is of the same kind as
-numba's (~0.6% rms of the output's spread, tests/test_kernels_ort.py states the figures).
+Activations: ``accuracy_level=4`` lets MatMulNBits quantize A to int8 per block, as numba's
+kernels do, so its error against the float reference is of the same kind (~0.6% rms).
 
-Memory: the converted inputs are handed to ORT as in-memory external initializers, which ORT
-copies into its own buffers (then prepacks B and frees its copy of it: session_state.cc erases a
-constant initializer once every consumer prepacked it), so ``prepare()`` drops them as soon as
-the session exists (tests/test_kernels_ort.py proves ORT never reads them again).  A protobuf
-initializer instead left ~1.6x more resident and tripled the transient peak.  Resident per
-weight, measured (RSS, 11008 x 4096, accuracy_level 4): Q4_0 1.6x the file's bytes (numba
-1.0x), Q8_0 1.3x, Q4_K 1.4x, Q6_K 2.2x, F16 2.0x; ``resident_bytes`` is the estimate the
-auto-tuner's memory rule uses (within 5% of those).  The transient peak of ``prepare()`` is ~4x
-the file bytes of what one session holds, hence ``SESSION_BYTES``.
+Memory: the converted inputs go to ORT as in-memory external initializers, which it copies
+(then prepacks B and frees its copy), so ``prepare()`` drops ours once the session exists (the
+tests prove ORT never reads them again).  ``resident_bytes`` estimates what a prepared weight
+keeps (the auto-tuner's memory rule uses it); a weight over ``SESSION_BYTES`` is split over
+several sessions to bound the transient peak of ``prepare()``.
 
-Threads: each session owns an intra-op pool of ``threads`` (default: numba's thread count in the
-thread that builds the linear), with spinning off (``session.intra_op.allow_spinning = 0``).
-Measured (11008 x 4096 Q4_0, ORT and numba calls alternating as in a forward pass, machine under
-load): spinning makes ORT's own call 3-20% faster and the numba call after it 10-35% slower,
-since the spinning workers hold the cores numba's fork-join needs; and idle pools of hundreds of
-weights must not burn CPU.  No arena either (see ``_session``).
+Threads: each session owns an intra-op pool of ``threads`` (default: numba's count in the
+building thread) with spinning off: spinning workers hold the cores numba's fork-join needs,
+and idle pools of hundreds of weights must not burn CPU.  No arena either (see ``_session``).
+Measurements: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from edgebox.gguf.quant_types import QType
 def fields(blocks: np.ndarray, qtype: QType, *sizes: int) -> list[np.ndarray]:
     """Split blocks [n, type_size] into byte fields [n, size_i], in file order.
 
-    The sizes are derived from the block size in each layout below; checking that they add up to
+    The sizes are derived from the block size in each type's layout; checking that they add up to
     gguf's type_size keeps the layouts written here tied to the one table of the file format.
     """
     if sum(sizes) != qt.type_size(qtype):
