@@ -17,6 +17,8 @@ Which kernel each op takes on the numba backend, and why:
   head; prefill: tiled online softmax), so the cache is never converted per step;
 - rms_norm, rope, SwiGLU: ``kernels.elementwise``;
 - the embedding lookup stays on the reference: it dequantizes only the looked-up rows.
+The weight handles themselves (``RefLinear``, ``NumbaLinear``, ``OrtLinear``, ``AutoLinear``)
+live in ``kernels.linear`` and are importable from here.
 """
 
 from __future__ import annotations
