@@ -2,6 +2,7 @@
 
     python tools/bench_matmul.py                       # Q4_0 Q8_0 Q4_K Q5_K Q6_K, 1 and 2 threads
     python tools/bench_matmul.py --types Q4_0 --T 64 512 --ort
+    python tools/bench_matmul.py --shapes 4096x4096 11008x4096 4096x11008 --T 8 64 --rounds 1
 
 Matvec figures are GB/s of *file* bytes (the GGUF tensor's size: what tok/s is made of), next to
 a memory-bandwidth probe (a numba parallel SIMD streaming read of a 256 MB array) measured in the same run
@@ -114,8 +115,8 @@ def _keep(key, wall_rate, med_rate, cpu_rate, probe, extra=""):
         old[2] = cpu_rate
 
 
-def bench_type(qtype: QType, threads, Ts, reps: int, rng, verbose: bool) -> None:
-    for n_out, n_in in SHAPES:
+def bench_type(qtype: QType, threads, Ts, reps: int, rng, verbose: bool, shapes=SHAPES) -> None:
+    for n_out, n_in in shapes:
         raw = random_weight(qtype, n_out, n_in, rng)
         w0 = M.pack(raw, qtype)
         n_copies = max(2, -(-4 * L3_BYTES // w0.nbytes))
@@ -149,7 +150,7 @@ def bench_type(qtype: QType, threads, Ts, reps: int, rng, verbose: bool) -> None
                 _keep(key, flop / best / 1e9, flop / med / 1e9, flop / cpu / 1e9, probe)
                 if verbose:
                     print(f"  {key}: {flop / best / 1e9:.1f} GFLOP/s", flush=True)
-        del ws, w0
+        ws = w0 = None  # free the copies before the next shape
 
 
 def report() -> None:
@@ -229,15 +230,18 @@ def main() -> None:
     ap.add_argument("--T", nargs="+", type=int, default=[64], help="matmul token counts")
     ap.add_argument("--reps", type=int, default=7, help="timed calls per measurement")
     ap.add_argument("--rounds", type=int, default=2, help="repeat everything, keep the best (busy machines)")
+    ap.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES],
+                    help="weight shapes n_outxn_in (default: the 7B FFN shapes)")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--ort", action="store_true", help="also time onnxruntime MatMulNBits (Q4_0)")
     args = ap.parse_args()
+    shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes)
     rng = np.random.default_rng(0)
     print(f"numba {numba.__version__}; probe 1 thread {(numba.set_num_threads(1), probe_gbs())[1]:.1f} GB/s, "
           f"2 threads {(numba.set_num_threads(2), probe_gbs())[1]:.1f} GB/s", flush=True)
     for r in range(args.rounds):
         for name in args.types:
-            bench_type(QType[name], args.threads, args.T, args.reps, rng, args.verbose)
+            bench_type(QType[name], args.threads, args.T, args.reps, rng, args.verbose, shapes)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     report()
     print(f"threading layer: {numba.threading_layer()}")

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import quants as gguf_quants
 from gguf.constants import GGMLQuantizationType
 
 from edgebox.gguf.args import ModelArgs
@@ -101,12 +102,12 @@ class _WeightReader:
         return Matrix(name, info.qtype, n_out, n_in, info.data)
 
     def vector(self, name: str, n: int) -> np.ndarray:
-        from edgebox.kernels.ref import dequantize
-
         info = self._tensor(name, (n,))
         if info.qtype not in _VECTOR_TYPES:
             raise ModelError(f"{self.source}: tensor {name!r} is {info.qtype.name}; norm weights and biases must be F32, F16 or BF16")
-        return dequantize(info.data, info.qtype).reshape(n)
+        # gguf-py's own decoding of its float types (exact, as kernels.ref's: the loader sits
+        # below the kernels and must not import them); F32 stays a view of the mmap
+        return gguf_quants.dequantize(info.data, info.qtype).reshape(n)
 
     def read(self) -> Weights:
         a = self.args

@@ -2,74 +2,27 @@
 
 Spec: :func:`edgebox.kernels.ref.attention` (causal by position, grouped-query heads: query head
 h reads KV head ``h // (H // Hkv)`` unless ``kv_of_head`` says otherwise, scale 1/sqrt(hd),
-softmax with the max subtracted, float32).
+softmax with the max subtracted, float32); results differ from it by re-association only.
 
-API (all shapes numpy, outermost first; caches are float16 and are read in place, never copied
-to float32)::
+Invariant: cache slot index == position (the engine keeps it, context shift included), so
+decode attends over every filled slot and prefill's query i sees slots ``0 .. start+i``; the
+float16 cache is read in place (its uint16 view, widened in registers), never converted per
+step.  Entry points: ``attention_decode`` (one sequence), ``attention_decode_batch`` (one array
+of caches), ``attention_decode_append`` (the engine's decode step: each sequence's cache its own
+array, in a typed List from ``kv_lists``; the new key and value are written by the kernel, so
+one call per layer serves every sequence), ``attention_prefill`` (the T new keys already cached).
 
-    attention_decode(q [H, hd], k_cache [S, Hkv, hd], v_cache, n_valid,
-                     *, q_pos=None, k_pos=None, kv_of_head=None, parallel=False) -> [H*hd]
-    attention_decode_batch(q [B, H, hd], k_caches, v_caches, lengths [B],
-                           *, layer=None, slots=None, kv_of_head=None,
-                           parallel=False)                                       -> [B, H*hd]
-    attention_decode_append(q [B, H, hd], k_new [B, Hkv, hd], v_new, kv_lists(k_caches, v_caches),
-                            layer, starts [B], *, kv_of_head=None, parallel=False) -> [B, H*hd]
-    attention_prefill(q [T, H, hd], k_cache [S, Hkv, hd], v_cache, start,
-                      *, q_pos=None, k_pos=None, kv_of_head=None, parallel=False) -> [T, H*hd]
+How: decode walks the cache in slot order (one contiguous run of Hkv*hd values per key, which
+the hardware prefetcher follows): all heads' scores, a softmax over float32 scratch, then the
+values; it streams K and V once.  Prefill is flash-attention style: per (KV head, tile of
+BLOCK_Q queries) it widens each BLOCK_K block of K/V once for the whole tile and group and keeps
+an online softmax; key blocks no query of the tile sees are skipped (causal: about half).
 
-In model._attention, per chip (slot index == position; ``chip.kv_of_head`` maps the chip's
-query heads to its KV heads, which need not be h // (Hc // Hkv_c) when a chip's heads straddle
-KV heads): the step's one-token segments together, one call per layer (``caches`` built once
-per step from those sequences' [n_layer, n_ctx, Hkv, hd] caches), then every other segment
-with its keys and values written to the cache first::
-
-    att[dec] = attention_decode_append(q[dec], k[dec], v[dec], caches, layer, starts[dec], kv_of_head=chip.kv_of_head)
-    kc[layer, start:end] = k[r0:r1]; vc[layer, start:end] = v[r0:r1]
-    att[r0:r1] = attention_prefill(q[r0:r1], kc[layer], vc[layer], start, kv_of_head=chip.kv_of_head)
-
-* ``attention_decode`` attends over cache slots ``0 .. n_valid-1``: all of them are visible,
-  which is the causal rule whenever the new token's position is the largest in the cache.
-* ``attention_decode_batch`` (continuous batching): one query per sequence, each sequence with
-  its own cache and length. ``k_caches`` is either one array for all slots and layers,
-  float16 ``[n_slots, n_layer, n_ctx, Hkv, hd]`` (the layout the engine should hold; pass
-  ``layer`` and, when row b of q is not slot b, ``slots [B]``), or float16 ``[B, S_max, Hkv, hd]``
-  (``layer=None``); for a list of per-sequence arrays see ``attention_decode_append``.
-* ``attention_decode_append`` (the engine's decode step): one query per sequence, each cache
-  its own array (a typed List of them: numba passes a list of arrays only that way), the new
-  key and value written by the kernel (float32 -> float16, as numpy's astype) before it attends.
-  Batching the sequences into one call saves a Python call per sequence and layer and lets the
-  parallel variant spread the sequences over the cores.
-* ``attention_prefill``: the T new keys must already be in the cache at slots
-  ``start .. start+T-1``; query i sits at position start+i and sees slots ``0 .. start+i``
-  (slot index == position). The general masked case of the reference is supported too: pass
-  ``q_pos [T]`` and ``k_pos [n_keys]`` (positions of slots 0..n_keys-1); key j is visible to
-  query i iff ``k_pos[j] <= q_pos[i]``, and a query that sees no key is a ValueError, as in ref.
-  Decode takes the same ``q_pos``/``k_pos`` pair (q_pos of length 1).
-
-How: the float16 cache is read as its uint16 view and widened in registers (``vcvtph2ps``, see
-``elementwise.f16_to_f32``). Decode walks the cache in slot order (per slot one contiguous run of
-Hkv*hd values, which the hardware prefetcher follows; a KV-head-major walk jumps a page per key):
-a pass computing the scores of all heads (four keys per pass over each query row), a softmax
-over a [H, n] float32 scratch, a pass accumulating the values (eight keys per pass over each
-output row; with GQA four value rows are widened once for the whole group). It is memory bound
-without GQA: it streams the n*Hkv*hd*4 bytes of K and V once. Prefill is flash-attention style:
-per (KV head, tile of BLOCK_Q queries) it walks key blocks of BLOCK_K, widens each K/V block
-once into float32 scratch for all queries of the tile and all heads of the group, and keeps a
-running max / sum / accumulator per query (online softmax). Key blocks no query of the tile can
-see are skipped, so a causal prefill does about half the work, and nothing larger than a
-BLOCK_K score row is ever built.
-
-Precision: scores, softmax and the weighted sum in float32 (sums reassociated for SIMD; exp is
-``elementwise.expf``, ~1 ulp); the output differs from ref by re-association only (measured
-max abs error ~1e-6 on unit-scale inputs, see tests/test_kernels_attention.py).
-
-Threads: every kernel is ``@njit(nogil=True)``, so host threads (one per simulated chip) run them
-concurrently. The ``parallel=True`` variants (prange over (sequence, KV-head range) items, or
-over KV heads for prefill) are used only when asked for (``parallel=True``) and only on a
-thread-safe numba threading layer (omp or tbb). numba's ``workqueue`` layer aborts the process
-when two host threads launch parallel kernels at once, so on it the wrappers run the serial
-kernel instead (:func:`threading_layer_is_threadsafe`). Intra-op parallelism pays only when a
-core is idle: with several chip threads already sharing the cores, keep ``parallel=False``.
+Threads: every kernel is ``nogil``, so host threads (one per simulated chip) run them at once.
+The ``parallel=True`` variants run only when asked for and only on a thread-safe numba
+threading layer (omp, tbb): ``workqueue`` aborts when two host threads launch parallel kernels,
+so there the serial kernel runs (:func:`threading_layer_is_threadsafe`).  Intra-op parallelism
+pays only when a core is idle: with chip threads already sharing the cores keep it off.
 """
 
 from __future__ import annotations
@@ -82,6 +35,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.typed import List
 
 from edgebox.kernels.elementwise import FM_REDUCE, expf, f16_to_f32, f32_to_f16
 from edgebox.kernels.matmul_simd import ld_f32x8, st_f16x8
@@ -650,8 +604,6 @@ def kv_lists(k_caches, v_caches) -> KVLists:
     """Several sequences' caches (float16 [n_layer, n_ctx, Hkv, hd] each, same n_layer, Hkv
     and hd; n_ctx may differ), for :func:`attention_decode_append`. Built once per step (~30 µs
     for eight sequences), used by every layer."""
-    from numba.typed import List
-
     if not len(k_caches) or len(k_caches) != len(v_caches):
         raise ValueError(f"kv_lists: {len(k_caches)} k caches and {len(v_caches)} v caches")
     views = [_caches(k, v, 4, "kv_lists") for k, v in zip(k_caches, v_caches)]

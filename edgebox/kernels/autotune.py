@@ -24,8 +24,7 @@ rewritten); a file that does not parse or does not match its key is ignored and 
 
 Timings taken while other jobs load the machine favour onnxruntime: its thread pool gives an
 unstarted share of a call back to the calling thread, while numba's fork-join waits for a
-descheduled worker (a 7B FFN Q4_0 matvec: numba 0.9 ms and ORT 1.1-1.6 ms on a quiet machine,
-numba 8-35 ms and ORT 1.6-2.7 ms under load).  Each entry records the load average it was taken
+descheduled worker (docs/performance.md has the figures).  Each entry records the load average it was taken
 at (``loadavg``); delete the file to measure again.
 
 The memory rule
@@ -65,11 +64,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.loader import Matrix
 from edgebox.gguf.quant_types import QType
+from edgebox.kernels import ort
+from edgebox.kernels.linear import NumbaLinear
 
 NUMBA, ORT = "numba", "onnxruntime"
 BUCKETS = ("1", "2-8", "9-64", ">64")
@@ -102,16 +104,19 @@ def cpu_model() -> str:
 
 
 def kernels_digest() -> str:
-    """A hash of the matmul kernels' sources: timings taken with other kernels are stale."""
+    """A hash of the matmul kernels' sources (the shared ones and every type's module):
+    timings taken with other kernels are stale."""
+    here = Path(__file__).parent
     h = hashlib.sha256()
     for name in ("matmul.py", "matmul_kernels.py", "matmul_pack.py", "matmul_simd.py", "ort.py"):
-        h.update(Path(__file__).with_name(name).read_bytes())
+        h.update((here / name).read_bytes())
+    for path in sorted((here / "quants").glob("*.py")):
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
 def cache_fields(threads: int, accuracy_level: int = 4) -> dict:
-    import numba
-    import onnxruntime
+    import onnxruntime  # here, not at the top: a heavy optional dependency, needed only to tune
 
     return {"format": FORMAT, "cpu": cpu_model(), "threads": threads, "numba": numba.__version__,
             "onnxruntime": onnxruntime.__version__, "accuracy_level": accuracy_level, "kernels": kernels_digest()}
@@ -142,9 +147,7 @@ class Tuner:
 
     def __init__(self, threads: int | None = None, cache_dir=None, timer=time.perf_counter, reps: int = REPS,
                  budget_fraction: float = BUDGET_FRACTION, accuracy_level: int = 4):
-        from edgebox.kernels.ort import default_threads
-
-        self.threads = threads or default_threads()
+        self.threads = threads or ort.default_threads()
         self.timer = timer
         self.reps = reps
         self.budget_fraction = budget_fraction
@@ -202,11 +205,6 @@ class Tuner:
             return table
 
     def _measure_one(self, m: Matrix) -> dict:
-        import numba
-
-        from edgebox.kernels import ort
-        from edgebox.kernels.backend import NumbaLinear
-
         qtype = QType(m.qtype)
         entry = {"qtype": qtype.name, "n_out": m.n_out, "n_in": m.n_in, "file_bytes": int(m.nbytes)}
         if not ort.runs_well(qtype):

@@ -17,66 +17,28 @@ Which kernel each op takes on the numba backend, and why:
   head; prefill: tiled online softmax), so the cache is never converted per step;
 - rms_norm, rope, SwiGLU: ``kernels.elementwise``;
 - the embedding lookup stays on the reference: it dequantizes only the looked-up rows.
+The weight handles themselves (``RefLinear``, ``NumbaLinear``, ``OrtLinear``, ``AutoLinear``)
+live in ``kernels.linear`` and are importable from here.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 
-from edgebox.gguf.file import release_view_pages
 from edgebox.gguf.loader import Matrix
-from edgebox.kernels import ref
+from edgebox.kernels import attention, autotune, elementwise, fused, ort, ref
+from edgebox.kernels.linear import AutoLinear, NumbaLinear, OrtLinear, RefLinear
+
+# the weight handles live in kernels.linear; importable from here as before
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "PARALLEL_DECODE_CONTEXT", "get_ops", "RefOps", "NumbaOps", "OrtOps",
+           "AutoOps", "RefLinear", "NumbaLinear", "OrtLinear", "AutoLinear"]
 
 BACKENDS = ("numba", "onnxruntime", "auto", "ref")
 PARALLEL_DECODE_CONTEXT = 512  # cached tokens from which decode attention runs on every core
 DEFAULT_BACKEND = "numba"
-
-
-class RefLinear:
-    """x @ W.T through the numpy reference (dequantizes row chunks per call: slow, exact)."""
-
-    def __init__(self, m: Matrix):
-        self.matrix = m
-        self.n_out, self.n_in = m.n_out, m.n_in
-        self.nbytes = m.nbytes
-
-    def prepare(self) -> None:
-        """Nothing to prepare: the reference reads the file's rows as they are."""
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
-        return ref.matmul(np.ascontiguousarray(x, dtype=np.float32), self.matrix.data, self.matrix.qtype)
-
-
-class NumbaLinear:
-    """x @ W.T through the numba kernels. The weight is repacked once, by ``prepare()`` (the
-    engine's warm-up and the CLI call it with a progress line) or else at its first use, never at
-    ``edgebox.load``: mapping a model stays instant and costs no memory until it runs."""
-
-    def __init__(self, m: Matrix):
-        from edgebox.kernels import matmul
-
-        self._matmul = matmul
-        self.matrix = m
-        self.n_out, self.n_in = m.n_out, m.n_in
-        self.nbytes = m.nbytes
-        self.packed = None
-
-    def prepare(self, release: bool = True) -> None:
-        """Repack once; then drop the pages under the rows (``release=False`` keeps them, for a
-        caller that builds a second copy from the same rows)."""
-        if self.packed is None:
-            m = self.matrix
-            self.packed = self._matmul.pack(m.data, m.qtype)
-            if release and self.packed.path != "float":  # float weights are read in place: keep their pages
-                release_view_pages(m.data)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
-        if self.packed is None:
-            self.prepare()
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if len(x) == 1:
-            return self._matmul.matvec(self.packed, x[0])[None]
-        return self._matmul.matmul(self.packed, x)
 
 
 class RefOps:
@@ -137,8 +99,6 @@ class NumbaOps:
     linear = NumbaLinear
 
     def __init__(self):
-        from edgebox.kernels import attention, elementwise
-
         self._att, self._ew = attention, elementwise
         self._rope_tables = (None, None)  # (key, (cos, sin)) of the last positions roped
 
@@ -163,8 +123,6 @@ class NumbaOps:
         """One token's attention block on one chip in one compiled call (``kernels.fused``):
         h [D] -> partial sum [D], its key and value appended at slot ``start`` of the chip's
         caches [n_layer, n_ctx, Hkv_c, hd]; None when the chip's weights cannot go in one call."""
-        from edgebox.kernels import fused
-
         if "attn" not in lw.decode_cache:
             lw.decode_cache["attn"] = fused.attention_args(lw.wqkv, lw.bqkv, lw.wo)
             lw.decode_cache["groups"] = self._att.head_groups(n_heads, n_kv, kv_of_head)
@@ -179,8 +137,6 @@ class NumbaOps:
 
     def decode_ffn_block(self, lw, h: np.ndarray, n_ffn: int, n_embd: int) -> np.ndarray | None:
         """One token's FFN rows on one chip in one compiled call: h [D] -> partial sum [D]."""
-        from edgebox.kernels import fused
-
         if "ffn" not in lw.decode_cache:
             lw.decode_cache["ffn"] = fused.ffn_args(lw.w_gate_up, lw.w_down)
         w = lw.decode_cache["ffn"]
@@ -223,52 +179,12 @@ class OrtOps(NumbaOps):
 
     def __init__(self, threads: int | None = None):
         super().__init__()
-        from edgebox.kernels import ort
-
-        self._ort = ort
         self.threads = threads or ort.default_threads()
 
     def linear(self, m: Matrix):
-        if not self._ort.runs_well(m.qtype):
+        if not ort.runs_well(m.qtype):
             return NumbaLinear(m)
-        return self._ort.OrtLinear(m, threads=self.threads)
-
-
-class AutoLinear:
-    """A weight on the backend(s) ``AutoOps`` planned for its shape, chosen per call by the
-    batch bucket of ``len(x)``.  Nothing is built until ``prepare()`` (or the first call)."""
-
-    def __init__(self, m: Matrix, ops: "AutoOps"):
-        self.matrix = m
-        self.n_out, self.n_in = m.n_out, m.n_in
-        self.nbytes = m.nbytes
-        self._ops = ops
-        self.by_bucket: dict[str, object] | None = None   # bucket -> NumbaLinear | OrtLinear
-
-    @property
-    def backends(self) -> dict[str, str]:
-        """bucket -> backend name (after prepare)."""
-        return {b: ("onnxruntime" if isinstance(lin, self._ops._ort.OrtLinear) else "numba")
-                for b, lin in (self.by_bucket or {}).items()}
-
-    def prepare(self) -> None:
-        if self.by_bucket is not None:
-            return
-        choice = self._ops.choice(self)
-        built = {}
-        for name in sorted(choice.backends):
-            lin = self._ops._ort.OrtLinear(self.matrix, threads=self._ops.threads) if name == "onnxruntime" \
-                else NumbaLinear(self.matrix)
-            lin.prepare(release=False)      # both copies of a dual shape are built from the rows
-            built[name] = lin
-        if "numba" not in built or built["numba"].packed.path != "float":
-            release_view_pages(self.matrix.data)   # as each backend's own prepare() does
-        self.by_bucket = {b: built[name] for b, name in choice.by_bucket.items()}
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
-        if self.by_bucket is None:
-            self.prepare()
-        return self.by_bucket[self._ops._autotune.bucket_of(len(x))](x)
+        return OrtLinear(m, threads=self.threads)
 
 
 class AutoOps(NumbaOps):
@@ -281,21 +197,17 @@ class AutoOps(NumbaOps):
     """
     name = "auto"
 
+    bucket_of = staticmethod(autotune.bucket_of)
+
     def __init__(self, threads: int | None = None, cache_dir=None, timer=None):
         super().__init__()
-        import threading
-        import time
-
-        from edgebox.kernels import autotune, ort
-
-        self._ort, self._autotune = ort, autotune
         self.threads = threads or ort.default_threads()
         self.tuner = autotune.Tuner(self.threads, cache_dir=cache_dir, timer=timer or time.perf_counter)
-        self.plan: dict[str, "autotune.Choice"] = {}
+        self.plan: dict[str, autotune.Choice] = {}
         self._lock = threading.Lock()
 
     def linear(self, m: Matrix):
-        if not self._ort.runs_well(m.qtype):
+        if not ort.runs_well(m.qtype):
             return NumbaLinear(m)
         return AutoLinear(m, self)
 
@@ -303,22 +215,22 @@ class AutoOps(NumbaOps):
         """Measure (or read from the cache) and plan the shapes of ``linears`` (the Box's
         linears: plain ones, or fused ones whose ``parts`` are stacked at prepare()); returns
         the plan.  ``progress(done, total)`` is called per shape measured (none when cached)."""
-        matrices = [m for lin in linears for m in self._autotune.matrices_of(lin)]
+        matrices = [m for lin in linears for m in autotune.matrices_of(lin)]
         with self._lock:
             if matrices:
                 self.plan.update(self.tuner.plan(matrices, progress))
             return self.plan
 
-    def choice(self, lin: AutoLinear):
+    def choice(self, lin: AutoLinear) -> autotune.Choice:
         m = lin.matrix
-        key = self._autotune.shape_key(m.qtype, m.n_out, m.n_in)
+        key = autotune.shape_key(m.qtype, m.n_out, m.n_in)
         with self._lock:
             if key not in self.plan:
                 self.plan.update(self.tuner.plan([m]))
             return self.plan[key]
 
     def report(self) -> list[str]:
-        return self._autotune.describe(self.plan, self.tuner.load())
+        return autotune.describe(self.plan, self.tuner.load())
 
 
 def get_ops(backend: str, threads: int | None = None):

@@ -8,16 +8,17 @@ over 1 chip. Here the whole half-layer is one ``nogil`` call; the matmul kernels
 quantization are the same compiled functions the Python path calls, so the results are equal up
 to float re-association (tests/test_model.py compares logits).
 
-Which weights: numba weights of the int8-activation kernel paths (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K
-and the planes types); a chip's q/k/v stack may hold several runs (Q4_K_M: q and k Q4_K, v
+Which weights: numba weights of the types the registry marks ``fusable`` (``kernels/quants/``:
+the int8-activation paths); a chip's q/k/v stack may hold several runs (Q4_K_M: q and k Q4_K, v
 Q6_K), its gate/up stack one. Anything else (float weights, onnxruntime) returns None from
-:func:`attention_args` / :func:`ffn_args` and the caller keeps the Python path. The kernel for a weight is chosen at
-compile time from the dtypes of its arrays (:func:`_mv`), so one cached compiled function
-serves every model with the same type mix.
+:func:`attention_args` / :func:`ffn_args` and the caller keeps the Python path. The kernel for a
+weight is chosen at compile time from the numba types of its arrays (:func:`_mv`, matched against
+each path's ``arg_types``), so one cached compiled function serves every model with the same
+type mix.
 
 Caching caveat (numba's, as in matmul_simd): the on-disk cache of these functions holds the
 kernels they call as compiled then, and is invalidated by edits to this file only. After
-changing a kernel in matmul_kernels, attention or elementwise, delete
+changing a kernel in ``kernels/quants/``, matmul_kernels, attention or elementwise, delete
 ``edgebox/kernels/__pycache__/fused.*`` (a fresh install or clone has no stale cache).
 """
 
@@ -30,10 +31,10 @@ from numba.extending import overload
 from edgebox.kernels import attention as A
 from edgebox.kernels import elementwise as E
 from edgebox.kernels import matmul_kernels as K
+from edgebox.kernels.linear import AutoLinear, NumbaLinear
+from edgebox.kernels.quants import registry
 
 __all__ = ["attention_args", "ffn_args", "attention_decode_block", "ffn_decode_block"]
-
-_FUSABLE_PATHS = ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k", "planes")
 
 
 def _mv(w, xq, xd, xs16, xsd16, xsd32, out):
@@ -43,20 +44,20 @@ def _mv(w, xq, xd, xs16, xsd16, xsd32, out):
 
 @overload(_mv, jit_options=dict(nogil=True))
 def _mv_overload(w, xq, xd, xs16, xsd16, xsd32, out):
-    ts = list(w.types)
-    sig = tuple(t.dtype.name if isinstance(t, types.Array) else "bool" for t in ts)
-    if sig == ("uint8", "uint16"):
-        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q4_0_mv(w[0], w[1], xq, xd, xs16, xsd16, xsd32, out)
-    if sig == ("int8", "uint16"):
-        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q8_0_mv(w[0], w[1], xq, xd, xs16, xsd16, xsd32, out)
-    if sig == ("uint8", "uint8", "uint8", "uint16", "uint16"):
-        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q4_k_mv(w[0], w[1], w[2], w[3], w[4], xq, xd, xs16, xsd16, xsd32, out)
-    if sig == ("uint8", "uint8", "uint8", "uint8", "uint16", "uint16"):
-        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q5_k_mv(w[0], w[1], w[2], w[3], w[4], w[5], xq, xd, xs16, xsd16, xsd32, out)
-    if sig == ("uint8", "uint8", "int8", "uint16"):
-        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.q6_k_mv(w[0], w[1], w[2], w[3], xq, xd, xs16, xsd16, xsd32, out)
-    if sig == ("uint8", "uint8", "float32", "float32", "bool", "bool"):
-        return lambda w, xq, xd, xs16, xsd16, xsd32, out: K.planes_mv(w[0], w[1], w[2], w[3], w[4], w[5], xq, xd, xs16, xsd16, xsd32, out)
+    sig = tuple(t.dtype.name if isinstance(t, types.Array) else "bool" for t in w.types)
+    kernels = registry.fusable_paths().get(sig)
+    if kernels is None:
+        return None
+    mv = kernels.mv
+    n = len(sig)
+    if n == 2:
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: mv(w[0], w[1], xq, xd, xs16, xsd16, xsd32, out)
+    if n == 4:
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: mv(w[0], w[1], w[2], w[3], xq, xd, xs16, xsd16, xsd32, out)
+    if n == 5:
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: mv(w[0], w[1], w[2], w[3], w[4], xq, xd, xs16, xsd16, xsd32, out)
+    if n == 6:
+        return lambda w, xq, xd, xs16, xsd16, xsd32, out: mv(w[0], w[1], w[2], w[3], w[4], w[5], xq, xd, xs16, xsd16, xsd32, out)
     return None
 
 
@@ -154,16 +155,13 @@ def _runs(lin):
 
 def _one_token_weight(lin):
     """(kernel arrays, padded rows) of the weight a linear uses for one token, if numba's."""
-    from edgebox.kernels.backend import AutoLinear, NumbaLinear
-
     if isinstance(lin, AutoLinear):
-        lin.prepare()
-        lin = lin.by_bucket[lin._ops._autotune.bucket_of(1)]
+        lin = lin.for_tokens(1)
     if not isinstance(lin, NumbaLinear):
         return None
     lin.prepare()
     w = lin.packed
-    if w.path not in _FUSABLE_PATHS:
+    if not w.kernels.fusable:
         return None
     return tuple(w.kernel_args), w.n_out_padded
 

@@ -7,59 +7,20 @@ API::
     Y = matmul(w, X)              # X float32 [T, n_in] -> float32 [T, n_out]
     qx = quantize_activations(X)  # optional: quantize once, pass qx to several matvec/matmul
 
-Which path each type takes, and why
------------------------------------
-* Q4_0, Q8_0, Q4_K, Q5_K, Q6_K (the types of Q4_0 / Q8_0 / Q4_K_M / Q5_K_M files): repacked at load into
-  interleaved 8-row layouts (``matmul_pack``) and multiplied against int8 activations with the
-  integer dot-product instructions (vpmaddubsw, vpmaddwd; ``matmul_kernels``).  Decode reads each
-  weight byte once, and the arithmetic per byte is small enough that a core keeps up with its
-  share of DRAM bandwidth.  Activations are quantized per 32 values to int8 with a float32
-  scale (llama.cpp's q8_0; llama.cpp uses q8_K per 256 for K-quants, per 32 is finer).
-* Q4_1, Q5_0, Q5_1, Q2_K, Q3_K: the same int8 machinery over a generic layout (4-bit
-  plane + optional 2-bit plane of an unsigned code, exact float32 scale and offset per
-  sub-block).  Correct and SIMD, but the repacked copy is larger than the file (1.2x for Q4_1
-  up to 3x for Q2_K, see matmul_pack), so decode of those files is proportionally slower.
-* F32, F16, BF16: no repacking (the mmap rows are read in place; a copy is made only if the
-  rows are not contiguous), float32 activations, 8-wide FMA dot products per row.
+Each type's layout and kernels are its module's (``kernels/quants/``, found through
+``quants.registry``): quantized weights are repacked once, at load, into 8-row interleaved
+layouts and multiplied against activations quantized per 32 values to int8 (llama.cpp's q8_0),
+so decode reads each weight byte once and keeps up with DRAM; float weights are read in place
+with float32 activations.  Error vs ``x @ dequantize(w).T``: the q8_0 rounding of the
+activations, ~0.6% rms of the output's spread (tests/unit/kernels/test_kernels_matmul.py states
+the tolerances); float paths differ only by summation order.
 
-Error vs. the exact float reference ``x @ dequantize(w).T``: the int8 paths carry the q8_0
-rounding of the activations, ~0.6% rms of the output's spread, max 2-3% over thousands of
-outputs (tests/test_kernels_matmul.py states the measured figures and the tolerances); against
-a reference fed the same int8 activations they agree to float32 rounding (<= 7e-6).  The float
-paths differ from the reference only by summation order.
-
-Measured (tools/bench_matmul.py --T 8 64 --rounds 2, 2026-11-30; AMD EPYC Zen3 guest, 2 cores,
-AVX2 but no AVX-512/VNNI; 7B FFN shapes 11008x4096 and 4096x11008; best over rounds, next to a
-streaming-read probe taken in the same round; the machine's memory bandwidth drifts with its
-neighbours, so read the ratio to the probe, not the absolute figure):
-
-=====  ======================================  ============================================
-type   matvec GB/s of file bytes               matmul GFLOP/s, T=8 / T=64 (2 thr; 1 thr)
-=====  ======================================  ============================================
-Q4_0   2 thr 34.0-36.4 (probe 35: 97-104%)     394-395 / 421-434;  199 / 213-218
-       1 thr 22.8-27.5 (probe 33: 69-83%)
-Q8_0   2 thr 36.1-39.8 (104-113%); 1 thr 27-29  243 / 257;  122 / 129
-Q4_K   2 thr 34.0-35.7 (93-101%);  1 thr 24-30  380-381 / 397-407;  189-192 / 199-204
-Q5_K   2 thr 35.0-36.2 (95-101%);  1 thr 24-28  314-323 / 344-345;  160-163 / 172-173
-Q6_K   2 thr 36.8-37.5 (102-107%); 1 thr 25-28  260-263 / 273-278;  131-134 / 137-139
-=====  ======================================  ============================================
-
-Two threads read at or above the probe, which leaves prefetching to the hardware; the kernels'
-software prefetch 4 KiB ahead is what pushes past it (see matmul_kernels, "Loop structure").
-One core alone reads 23-30 GB/s, near its compute ceiling (Q4_0 on L3-resident weights: 25-33
-GB/s).  For comparison on this machine, in paired runs (``edgebox bench --vs-llama-cpp``):
-llama.cpp decodes the 7B Q4_0 file at up to 9.5 tok/s (~35 GB/s of weights) and reads 64-token
-prompts at ~22 tok/s (~300 GFLOP/s); onnxruntime MatMulNBits (Q4_0 format, 1 thread) ~10 GB/s
-and 60-90 GFLOP/s; the planes types ~6-8 GB/s of file bytes (1 thread).
-
-Threads: the kernels are ``parallel=True`` over row groups and use numba's current thread count
-(``numba.set_num_threads``, which is per calling thread), and release the GIL, so several host
-threads (simulated chips) may call them at once; this module asks numba for the ``omp`` layer,
-which allows that (on ``workqueue`` calls are serialized with a lock instead).  Fork-join kernels
-stall badly when the cores are oversubscribed (a worker thread waiting for a CPU holds up the
-whole call: measured 1.4 ms -> 7-11 ms for a 25 MB matvec while other jobs ran): when several
-chips run concurrently on the 2 host cores, give each chip thread ``numba.set_num_threads(1)``
-and let the chips be the parallelism.
+Threads: the kernels are ``parallel=True`` over row groups with numba's per-thread thread count,
+and release the GIL, so several host threads (simulated chips) may call them at once; that
+needs numba's ``omp`` layer (``workqueue`` calls are serialized with a lock).  Fork-join kernels
+stall when the cores are oversubscribed: chips running concurrently on few cores should each
+take ``numba.set_num_threads(1)`` and be the parallelism themselves.  Measurements:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -72,9 +33,11 @@ import numba
 import numpy as np
 
 from edgebox.gguf import quant_types as qt
+from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_kernels as K
 from edgebox.kernels import matmul_pack as P
-from edgebox.gguf.quant_types import QType
+from edgebox.kernels.quants import registry
+from edgebox.kernels.quants.traits import Kernels
 
 # Parallel kernels entered from several host threads at once need a thread-safe layer: omp (or
 # tbb); workqueue aborts the process.  Unless NUMBA_THREADING_LAYER says otherwise, ask for omp
@@ -89,11 +52,6 @@ if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER ==
         pass
 
 _WQ_LOCK = threading.Lock()
-
-FAST_TYPES = (QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K)
-FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
-SUPPORTED = FAST_TYPES + P.PLANES_TYPES + FLOAT_TYPES
-_FLOAT_KIND = {QType.F32: 0, QType.F16: 1, QType.BF16: 2}
 
 
 @dataclass(eq=False)
@@ -113,12 +71,15 @@ class PackedWeight:
     nbytes: int = 0
 
     @property
+    def kernels(self) -> Kernels:
+        return registry.TYPES[self.qtype].kernels
+
+    @property
     def kernel_args(self) -> tuple:
-        """The weight's arguments to its path's kernels, in their order (before the activations)."""
-        args = tuple(self.arrays[name] for name in _KERNELS[self.path][2])
-        if self.path == "planes":  # and its flags: is there a crumb plane, are sub-blocks 16 wide
-            args += (self.arrays["qh"].size > 0, self.qtype in (QType.Q2_K, QType.Q3_K))
-        return args
+        """The weight's arguments to its path's kernels, in their order (before the activations):
+        its arrays, then its type's constant flags."""
+        k = self.kernels
+        return tuple(self.arrays[name] for name in k.arrays) + k.flags
 
     @property
     def file_bytes(self) -> int:
@@ -128,17 +89,6 @@ class PackedWeight:
     @property
     def n_out_padded(self) -> int:
         return self.n_out if self.path == "float" else P.n_groups(self.n_out) * P.ROWS
-
-
-# Each packed path's kernels (one token, several tokens) and the arrays they take, in order.
-_KERNELS = {
-    "q4_0": (K.q4_0_mv, K.q4_0_mm, ("q", "d")),
-    "q8_0": (K.q8_0_mv, K.q8_0_mm, ("q", "d")),
-    "q4_k": (K.q4_k_mv, K.q4_k_mm, ("q", "sc", "m", "d", "dmin")),
-    "q5_k": (K.q5_k_mv, K.q5_k_mm, ("q", "qb", "sc", "m", "d", "dmin")),
-    "q6_k": (K.q6_k_mv, K.q6_k_mm, ("q", "qh", "sc", "d")),
-    "planes": (K.planes_mv, K.planes_mm, ("q", "qh", "S", "M")),
-}
 
 
 @dataclass(eq=False)
@@ -189,25 +139,25 @@ def pack(raw: np.ndarray, qtype) -> PackedWeight:
     used in place when their rows are contiguous.  Never a dequantized float copy.
     """
     qtype = QType(qtype)
-    if qtype not in SUPPORTED:
+    if qtype not in registry.TYPES:
         raise ValueError(f"matmul: unsupported weight type {qtype.name}")
+    kernels = registry.TYPES[qtype].kernels
     raw = _as_bytes(raw, qtype)
     n_out, row_bytes = raw.shape
     bs, ts = qt.block_size(qtype), qt.type_size(qtype)
     if row_bytes % ts:
         raise ValueError(f"pack: {row_bytes} bytes per row is not a whole number of {qtype.name} blocks")
     n_in = row_bytes // ts * bs
-    if qtype in FLOAT_TYPES:
+    if kernels.repack is None:  # float types: the rows are read in place
         w = raw if raw.flags.c_contiguous else np.ascontiguousarray(raw)
         dt = np.float32 if qtype == QType.F32 else np.uint16
         arrays = {"w": w.view(dt).reshape(-1)}
-        return PackedWeight(qtype, n_out, n_in, "float", arrays, int(w.nbytes))
+        return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(w.nbytes))
     if n_in % 32:
         raise ValueError(f"pack: n_in={n_in} is not a multiple of 32")
-    planes = P.repack(raw, qtype, n_out, n_in)
-    path = qtype.name.lower() if qtype in FAST_TYPES else "planes"
+    planes = kernels.repack(raw, n_out, n_in)
     arrays = {k: v.reshape(-1) for k, v in planes.items()}
-    return PackedWeight(qtype, n_out, n_in, path, arrays, int(sum(v.nbytes for v in arrays.values())))
+    return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(sum(v.nbytes for v in arrays.values())))
 
 
 def quantize_activations(x: np.ndarray) -> QuantizedActivations:
@@ -263,10 +213,10 @@ def _matmul_into(w: PackedWeight, x, out: np.ndarray | None) -> np.ndarray:
     if xf.ndim != 2 or xf.shape[1] != w.n_in:
         raise ValueError(f"matmul: x has shape {xf.shape}, the weight has n_in={w.n_in}")
     T = xf.shape[0]
-    a = w.arrays
+    kernels = w.kernels
     if w.path == "float":
         res = out if out is not None else np.empty((T, w.n_out), np.float32)
-        _run(K.float_mm, a["w"], _FLOAT_KIND[w.qtype], w.n_out, w.n_in, xf.reshape(-1), T, res.reshape(-1))
+        _run(kernels.mm, *w.kernel_args, w.n_out, w.n_in, xf.reshape(-1), T, res.reshape(-1))
         return res
     if qx is None:
         qx = quantize_activations(xf)
@@ -274,11 +224,10 @@ def _matmul_into(w: PackedWeight, x, out: np.ndarray | None) -> np.ndarray:
     padded = ldo != w.n_out
     res = np.empty((T, ldo), np.float32) if (out is None or padded) else out
     o = res.reshape(-1)
-    mv, mm, _ = _KERNELS[w.path]
     if T == 1:
-        _run(mv, *w.kernel_args, *qx.arrays(), o)
+        _run(kernels.mv, *w.kernel_args, *qx.arrays(), o)
     else:
-        _run(mm, *w.kernel_args, *qx.arrays(), T, o)
+        _run(kernels.mm, *w.kernel_args, *qx.arrays(), T, o)
     if padded:
         if out is None:
             return np.ascontiguousarray(res[:, :w.n_out])

@@ -4,82 +4,55 @@
 into the weight inputs of a one-node ONNX graph and opens an ``InferenceSession`` on it (never
 per call); calling it computes ``x @ W.T`` for x float32 [T, n_in].
 
-What each type becomes (the layouts come from the MatMulNBits contract in ORT's op schema: B is
-uint8 [N, k_blocks, block*bits/8] with codes packed low-bits-first along K, scales [N, k_blocks]
-float32, zero points uint8 [N, ceil(k_blocks*bits/8)] or float32 [N, k_blocks], default
-2^(bits-1); value = (code - zero_point) * scale), and what that costs:
+What each type becomes, and whether it is exact, is written in its module (``kernels/quants/``,
+its ``OrtMapping``): MatMulNBits (B uint8 [N, k_blocks, block*bits/8], codes packed low-bits-first
+along K, scales [N, k_blocks] float32, zero points uint8 [N, ceil(k_blocks*bits/8)] or float32
+[N, k_blocks], default 2^(bits-1); value = (code - zero_point) * scale, per ORT's op schema) for
+the quantized types it can compute exactly, Gemm for the float types; a type with no mapping
+raises ``UnsupportedOnBackend``.
 
-=======  =======================================================  ==============================
-type     ORT weight                                               exact?
-=======  =======================================================  ==============================
-Q4_0     MatMulNBits bits=4 block 32, code q, no zero points       bit-exact: default zp 8 is
-         (default 8), scale d                                      Q4_0's own offset
-Q8_0     MatMulNBits bits=8 block 32, code q+128 (q ^ 0x80), no    bit-exact: default zp 128
-         zero points (default 128), scale d
-Q5_0     bits=8 block 32, code q (0..31), uint8 zero point 16      bit-exact
-Q6_K     bits=8 block 16, code q (0..63), uint8 zero point 32,     bit-exact (d*sc is exact in
-         scale d*sc                                                float32)
-Q4_1     bits=4 block 32, scale d, float zero point -m/d           to float32 rounding of the
-Q4_K     bits=4 block 32, scale d*sc, float zero point             zero point (see
-         dmin*m/(d*sc)                                             ``_float_zero_points``)
-F32/F16  Gemm(transB=1) on a float32 copy of W                     exact (f16/bf16 -> f32 is)
-/BF16
-Q5_1     unsupported: 5-bit codes need bits=8, and a float zero point; ORT 1.32's CPU kernel
-Q5_K     refuses 8-bit weights with float zero points ("use uint8 zero points").
-Q2_K     unsupported here (Q3_K would map exactly to bits=4 block 16 with zero point 4, Q2_K
-Q3_K     like Q4_K at block 16); not written: no target model uses them for its big matmuls.
-=======  =======================================================  ==============================
+Float weights go to ``Gemm(transB=1)`` (W [N, K] as stored, no transposed copy) on a float32
+copy: ORT's CPU MatMul takes float16 only with float16 activations, which would round every
+activation to 11 bits; so an F16 weight costs twice its file bytes resident here.
 
-Float weights go to ``Gemm`` with ``transB=1`` (the MatMul-family op that takes W [N, K] as
-stored, so no transposed copy is made) on a float32 copy: ORT's x86 CPU MatMul does take
-float16, but only with float16 activations, which would round every activation to 11 bits; an
-f16 weight behind a Cast node is constant-folded into the same float32 initializer anyway.  So
-an F16 weight costs twice its file bytes resident on this backend.
+Float zero points (Q4_1, Q4_K) put ORT on its *unpacked* path (the whole weight dequantized to
+float32 on every call: exact, but ~100x slower and +RSS per call), so ``OrtLinear`` builds them
+(the tests hold them to the reference) but ``runs_well`` is False: the backends keep them on
+numba, as they do the types with no mapping.
 
-Float zero points (Q4_1, Q4_K) put ORT 1.32 on its *unpacked* path: MatMulNBits does not prepack
-B and, on every call, dequantizes the whole weight to a temporary float32 [N, K] before an SGEMM.
-Exact, but measured on 11008 x 4096: 169 ms per matvec (Q4_0 prepacked: 1.4 ms) and +180 MB of
-RSS during each call.  So ``OrtLinear`` builds them (the tests hold them to the reference) but
-the backends do not use them: ``runs_well(qtype)`` is False and "onnxruntime" and "auto" keep
-them on numba, as they do the types with no mapping at all.
+Activations: ``accuracy_level=4`` lets MatMulNBits quantize A to int8 per block, as numba's
+kernels do, so its error against the float reference is of the same kind (~0.6% rms).
 
-Activations: ``accuracy_level=4`` lets MatMulNBits quantize A to int8 per block (as numba's
-kernels do, q8_0 per 32), so its error against the float reference is of the same kind as
-numba's (~0.6% rms of the output's spread, tests/test_kernels_ort.py states the figures).
+Memory: the converted inputs go to ORT as in-memory external initializers, which it copies
+(then prepacks B and frees its copy), so ``prepare()`` drops ours once the session exists (the
+tests prove ORT never reads them again).  ``resident_bytes`` estimates what a prepared weight
+keeps (the auto-tuner's memory rule uses it); a weight over ``SESSION_BYTES`` is split over
+several sessions to bound the transient peak of ``prepare()``.
 
-Memory: the converted inputs are handed to ORT as in-memory external initializers, which ORT
-copies into its own buffers (then prepacks B and frees its copy of it: session_state.cc erases a
-constant initializer once every consumer prepacked it), so ``prepare()`` drops them as soon as
-the session exists (tests/test_kernels_ort.py proves ORT never reads them again).  A protobuf
-initializer instead left ~1.6x more resident and tripled the transient peak.  Resident per
-weight, measured (RSS, 11008 x 4096, accuracy_level 4): Q4_0 1.6x the file's bytes (numba
-1.0x), Q8_0 1.3x, Q4_K 1.4x, Q6_K 2.2x, F16 2.0x; ``resident_bytes`` is the estimate the
-auto-tuner's memory rule uses (within 5% of those).  The transient peak of ``prepare()`` is ~4x
-the file bytes of what one session holds, hence ``SESSION_BYTES``.
-
-Threads: each session owns an intra-op pool of ``threads`` (default: numba's thread count in the
-thread that builds the linear), with spinning off (``session.intra_op.allow_spinning = 0``).
-Measured (11008 x 4096 Q4_0, ORT and numba calls alternating as in a forward pass, machine under
-load): spinning makes ORT's own call 3-20% faster and the numba call after it 10-35% slower,
-since the spinning workers hold the cores numba's fork-join needs; and idle pools of hundreds of
-weights must not burn CPU.  No arena either (see ``_session``).
+Threads: each session owns an intra-op pool of ``threads`` (default: numba's count in the
+building thread) with spinning off: spinning workers hold the cores numba's fork-join needs,
+and idle pools of hundreds of weights must not burn CPU.  No arena either (see ``_session``).
+Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-from edgebox.gguf import quant_types as qt
 from edgebox.errors import EdgeboxError
+from edgebox.gguf import quant_types as qt
 from edgebox.gguf.file import release_view_pages
 from edgebox.gguf.loader import Matrix
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import ref
+from edgebox.kernels.quants import registry
 
-FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
-NBITS_TYPES = (QType.Q4_0, QType.Q8_0, QType.Q5_0, QType.Q6_K, QType.Q4_1, QType.Q4_K)
+# the types with an onnxruntime mapping (kernels/quants/<type>.py), from the one table
+NBITS_TYPES = tuple(q for q, t in registry.TYPES.items() if t.ort is not None and t.ort.op == "MatMulNBits")
+FLOAT_TYPES = tuple(q for q, t in registry.TYPES.items() if t.ort is not None and t.ort.op == "Gemm")
 SUPPORTED = NBITS_TYPES + FLOAT_TYPES
-FLOAT_ZERO_POINT_TYPES = (QType.Q4_1, QType.Q4_K)
+FLOAT_ZERO_POINT_TYPES = tuple(q for q in NBITS_TYPES if registry.TYPES[q].ort.zero_points == "float")
 
 # rows converted at once: bounds the temporaries of the repack (codes are one byte per value)
 _CHUNK_VALUES = 1 << 22
@@ -103,62 +76,12 @@ def runs_well(qtype) -> bool:
 
 def default_threads() -> int:
     """What numba uses in the calling thread (numba's count is per thread)."""
-    import numba
-
     return numba.get_num_threads()
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF blocks -> MatMulNBits codes, scales, zero points.
-# Each takes uint8 [rows, nsb, type_size] and returns codes uint8 [rows, k_blocks, block],
-# scales float32 [rows, k_blocks], zero points (None | uint8 | float32 [rows, k_blocks]).
-
-def _q4_0(b):
-    d, qs = ref._fields(b.reshape(-1, 18), QType.Q4_0, 2, 16)
-    codes = ref._nibbles(qs)                                                # [n, 32]: value j = code j
-    return codes, ref._f16(d)[:, 0], None
-
-
-def _q8_0(b):
-    d, qs = ref._fields(b.reshape(-1, 34), QType.Q8_0, 2, 32)
-    return qs ^ np.uint8(0x80), ref._f16(d)[:, 0], None                     # q + 128 as uint8
-
-
-def _q5_0(b):
-    d, qh, qs = ref._fields(b.reshape(-1, 22), QType.Q5_0, 2, 4, 16)
-    codes = ref._nibbles(qs) | (ref._bits(qh) << 4)                         # [n, 32] 0..31
-    return codes, ref._f16(d)[:, 0], np.full(len(codes), 16, np.uint8)
-
-
-def _q4_1(b):
-    d, m, qs = ref._fields(b.reshape(-1, 20), QType.Q4_1, 2, 2, 16)
-    scale, zp = _float_zero_points(ref._f16(d)[:, 0], ref._f16(m)[:, 0])
-    return ref._nibbles(qs), scale, zp
-
-
-def _q4_k(b):
-    n = b.shape[0] * b.shape[1]
-    d, dmin, scales, qs = ref._fields(b.reshape(n, 144), QType.Q4_K, 2, 2, 12, 128)
-    sc, mn = ref._scale_min_k4(scales)
-    dl = (ref._f16(d) * sc.astype(np.float32)).reshape(-1)                  # [n*8]
-    ml = (ref._f16(dmin) * mn.astype(np.float32)).reshape(-1)               # [n*8]
-    codes = ref._nibbles(qs.reshape(n * 4, 32)).reshape(n * 8, 32)          # sub-block s = 2g (low), 2g+1 (high)
-    scale, zp = _float_zero_points(dl, -ml)
-    return codes, scale, zp
-
-
-def _q6_k(b):
-    n = b.shape[0] * b.shape[1]
-    ql, qh, sc, d = ref._fields(b.reshape(n, 210), QType.Q6_K, 128, 64, 16, 2)
-    low = ref._nibbles(ql.reshape(n * 2, 64)).reshape(n, 256)
-    codes = (low | (ref._crumbs(qh) << 4)).reshape(n * 16, 16)             # 0..63
-    scale = (ref._f16(d) * sc.view(np.int8).astype(np.float32)).reshape(-1)  # [n*16], exact
-    return codes, scale, np.full(len(codes), 32, np.uint8)
-
-
-# type -> (bits, block_size, converter)
-_NBITS = {QType.Q4_0: (4, 32, _q4_0), QType.Q8_0: (8, 32, _q8_0), QType.Q5_0: (8, 32, _q5_0),
-          QType.Q4_1: (4, 32, _q4_1), QType.Q4_K: (4, 32, _q4_k), QType.Q6_K: (8, 16, _q6_k)}
+# GGUF blocks -> MatMulNBits codes, scales, zero points: each type's ``OrtMapping.convert``, plus
+# the float zero points computed here for the types whose values are scale * code + offset.
 
 # 2^-100: a float32 normal so small that q * it vanishes next to any offset an f16 field can hold
 _TINY = np.float32(2.0 ** -100)
@@ -190,7 +113,8 @@ def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def _nbits_inputs(raw: np.ndarray, qtype: QType, n_out: int, n_in: int) -> tuple[dict, dict]:
     """GGUF rows uint8 [n_out, row_bytes] -> (node attributes, initializers) of MatMulNBits."""
-    bits, bs, convert = _NBITS[qtype]
+    mapping = registry.TYPES[qtype].ort
+    bits, bs = mapping.bits, mapping.block
     ts, gbs = qt.type_size(qtype), qt.block_size(qtype)
     kb = n_in // bs
     B = np.empty((n_out, kb, bs * bits // 8), np.uint8)                     # [N, k_blocks, blob]
@@ -200,7 +124,9 @@ def _nbits_inputs(raw: np.ndarray, qtype: QType, n_out: int, n_in: int) -> tuple
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
         blocks = np.ascontiguousarray(raw[r0:r1]).reshape(r1 - r0, n_in // gbs, ts)
-        codes, scale, zp = convert(blocks)
+        codes, scale, zp = mapping.convert(blocks)
+        if mapping.zero_points == "float":                                  # zp is the offset
+            scale, zp = _float_zero_points(scale, zp)
         B[r0:r1] = _pack_codes(codes.reshape(r1 - r0, kb, bs), bits)
         S[r0:r1] = scale.reshape(r1 - r0, kb)
         if zp is not None:
@@ -234,10 +160,10 @@ def resident_bytes(qtype, n_out: int, n_in: int, accuracy_level: int = 4) -> int
     qtype = QType(qtype)
     if qtype in FLOAT_TYPES:
         return 4 * n_out * n_in
-    bits, bs, _ = _NBITS[qtype]
-    blocks = n_out * (n_in // bs)
-    codes = n_out * n_in * bits // 8
-    zp = blocks if qtype in (QType.Q5_0, QType.Q6_K) else 0
+    mapping = registry.TYPES[qtype].ort
+    blocks = n_out * (n_in // mapping.block)
+    codes = n_out * n_in * mapping.bits // 8
+    zp = blocks if mapping.zero_points == "uint8" else 0
     if qtype in FLOAT_ZERO_POINT_TYPES:
         return codes + 8 * blocks
     per_block = 8 if accuracy_level == 4 else 4
@@ -313,6 +239,7 @@ class OrtLinear:
 
 def _session(node, inits: dict[str, np.ndarray], n_in: int, n_out: int, threads: int, spin: bool):
     """A session over one node, its weight inputs given as in-memory external initializers."""
+    # here, not at the top: heavy optional dependencies, loaded only when a session is built
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -35,9 +35,10 @@ import pytest
 from gguf import quants as gq
 
 from edgebox.gguf import quant_types as qt
-from edgebox.kernels import matmul as M
-from tests.fixtures.quant_rows import make_weight
 from edgebox.gguf.quant_types import QType
+from edgebox.kernels import matmul as M
+from edgebox.kernels.quants import registry
+from tests.fixtures.quant_rows import make_weight
 
 try:
     from edgebox.kernels.ref import dequantize
@@ -153,14 +154,14 @@ def test_strided_shard_and_typed_rows(qtype):
 @pytest.mark.parametrize("qtype", FAST, ids=lambda q: q.name)
 def test_numba_repack_equals_numpy_spec(qtype):
     """The load-time numba repackers produce exactly the planes of the numpy formulation."""
-    from edgebox.kernels import matmul_pack as P
+    repack = registry.get(qtype).kernels.repack
     rng = np.random.default_rng(17)
     for n_out in (5, 16, 27):
         raw = make_weight(qtype, n_out, 512, rng, random_bytes=True)
-        spec = P.repack(raw, qtype, n_out, 512, use_numba=False)
+        spec = repack(raw, n_out, 512, use_numba=False)
         wide = np.concatenate([raw, raw], axis=1)[:, raw.shape[1]:]       # strided rows too
         for src in (raw, wide):
-            got = P.repack(src, qtype, n_out, 512)
+            got = repack(src, n_out, 512)
             assert got.keys() == spec.keys()
             for k in spec:
                 np.testing.assert_array_equal(got[k], spec[k], err_msg=f"{qtype.name} {k} n_out={n_out}")
@@ -278,9 +279,9 @@ def test_inner_loop_is_simd():
 
     The cached kernels carry no assembly, so the row-group body is compiled afresh here.
     """
-    from edgebox.kernels import matmul_kernels as K
     from edgebox.kernels import matmul_simd
-    f = numba.njit(nogil=True)(K._q4_0_group.py_func)
+    from edgebox.kernels.quants import q4_0
+    f = numba.njit(nogil=True)(q4_0._q4_0_group.py_func)
     args = (np.zeros(256, np.uint8), np.zeros(16, np.uint16), np.zeros(64, np.int8),
             np.zeros(2, np.float32), np.zeros(2, np.float32), 2, 0, np.zeros(8, np.float32))
     f(*args)
@@ -302,24 +303,28 @@ def test_generic_simd_fallback(tmp_path):
     EDGEBOX_SIMD_GENERIC=1 and its own numba cache; planes come from the numpy repacker so that
     only the kernels themselves are compiled there.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     code = r"""
 import numpy as np, sys
 sys.path.insert(0, %r)
 from edgebox.kernels import matmul_simd
 assert not matmul_simd.HAS_AVX2
-from edgebox.kernels import matmul as M, matmul_kernels as K, matmul_pack as P
+import edgebox
+assert edgebox.__file__.startswith(%r), edgebox.__file__
+from edgebox.kernels import matmul as M, matmul_pack as P
+from edgebox.kernels.quants import registry
 from edgebox.gguf.quant_types import QType
 x = np.load(%r + "/x.npy")
 qx = M.quantize_activations(x)
-for q, kern in ((QType.Q4_0, K.q4_0_mv), (QType.Q8_0, K.q8_0_mv)):
+for q in (QType.Q4_0, QType.Q8_0):
+    kernels = registry.get(q).kernels
     for rb in (0, 1):
         raw = np.load(%r + f"/{q.name}_{rb}.npy")
-        a = P.repack(raw, q, raw.shape[0], 256, use_numba=False)
+        a = kernels.repack(raw, raw.shape[0], 256, use_numba=False)
         out = np.empty(P.n_groups(raw.shape[0]) * 8, np.float32)
-        kern(a["q"].reshape(-1), a["d"].reshape(-1), *qx.arrays(), out)
+        kernels.mv(a["q"].reshape(-1), a["d"].reshape(-1), *qx.arrays(), out)
         np.save(%r + f"/{q.name}_{rb}_y.npy", out[:raw.shape[0]])
-""" % (root, str(tmp_path), str(tmp_path), str(tmp_path))
+""" % (root, root, str(tmp_path), str(tmp_path), str(tmp_path))
     rng = np.random.default_rng(0)
     x = rng.standard_normal(256).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

@@ -1,0 +1,182 @@
+"""Q4_0: blocks of 32 values, an f16 scale d and 4-bit codes q: w = d * (q - 8).
+
+Repacked: nib plane q (0..15) [G, nb, 4, 32], d f16 [G, nb, 8] (as compact as the file).
+Kernel: one block is 4 loads of 32 bytes, 8 vpmaddubsw (unsigned nibble x signed activation),
+int16 sums (8 * 2 * 15 * 127 = 30480 < 32767: no overflow), one vpmaddwd; the -8 is applied in
+float as d * (-8 * xd * sum x).  ORT: MatMulNBits bits=4 block 32, code q, default zero point 8
+(Q4_0's own offset): bit-exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from edgebox.gguf import quant_types as qt
+from edgebox.gguf.quant_types import QType
+from edgebox.kernels import matmul_pack as P
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _nib_block, _quad, _store4
+from edgebox.kernels.matmul_pack import ROWS
+from edgebox.kernels.matmul_simd import (
+    add_f32, add_i16, bc4_i8x32, bc_f32, cvt_f32,
+    fma_f32, hadd_i16, ld_f16x8, ld_i8x32, maddubs, mul_f32, mul_f32_s, nib_hi, nib_lo, prefetch, prefetch_l2, st_f32x8, zero_f32,
+    zero_i16,
+)
+from edgebox.kernels.quants import gguf_blocks as gb
+from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
+
+
+# ---------------------------------------------------------------------------------------------
+# reference dequantize (numpy)
+
+def dequantize(blocks: np.ndarray) -> np.ndarray:
+    # 2 bytes d (f16), 16 bytes qs (nibbles): x = d * (q - 8)
+    qk = qt.block_size(QType.Q4_0)
+    d, qs = gb.fields(blocks, QType.Q4_0, 2, qk // 2)
+    q = gb.nibbles(qs).astype(np.int8) - np.int8(8)                           # [n, 32]
+    return gb.f16(d) * q.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# repacking
+
+@njit(**P.RJIT)
+def _repack_q4_0(raw, n_out, q, d):
+    G, nb = q.shape[0], q.shape[1]
+    for g in prange(G):
+        for r in range(ROWS):
+            row = ROWS * g + r
+            for b in range(nb):
+                o = 18 * b
+                if row < n_out:
+                    d[g, b, r] = np.uint16(raw[row, o]) | (np.uint16(raw[row, o + 1]) << 8)
+                else:
+                    d[g, b, r] = 0
+                for l in range(4):
+                    for i in range(4):
+                        q[g, b, l, 4 * r + i] = raw[row, o + 2 + 4 * l + i] if row < n_out else 0
+
+
+def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
+    G, nb = P.n_groups(n_out), n_in // P.QK
+    out = {"q": P.aligned_empty((G, nb, 4, 32), np.uint8), "d": P.aligned_empty((G, nb, ROWS), np.uint16)}
+    if use_numba:
+        # a strided shard (column slice of the mmap) is copied to contiguous rows first: one
+        # compiled repacker instead of two, for a transient shard-sized copy
+        _repack_q4_0(np.ascontiguousarray(raw), n_out, out["q"], out["d"])
+        return out
+    return P.repack_by_chunks(raw, QType.Q4_0, n_out, out, _fill)
+
+
+def _fill(out, part, b, g0, g1):
+    """The numpy formulation (the numba repacker's spec)."""
+    nb = b.shape[1]
+    # GGUF byte j of a block = value j (low nibble) | value j+16 (high): already the nib
+    # plane pairing, so only the 4-byte groups move.
+    qs = b[..., 2:18]                                          # [rows, nb, 16]
+    out["q"][g0:g1] = qs.reshape(-1, ROWS, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(-1, nb, 4, 32)
+    out["d"][g0:g1] = P.per_row(P.f16_bits(b[..., 0:2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+@njit(**_JIT)
+def _q4_0_blk(q, d, xq, xd, xsd32, k, b, acc):
+    """acc += the 8 rows' dot products of block k (activation block b)."""
+    D = ld_f16x8(d, 8 * k)
+    a = cvt_f32(hadd_i16(_nib_block(q, 128 * k, xq, 32 * b)))
+    return fma_f32(D, mul_f32_s(bc_f32(xsd32, b), -8.0), fma_f32(a, mul_f32(D, bc_f32(xd, b)), acc))
+
+
+@njit(**_JIT)
+def _q4_0_group(q, d, xq, xd, xsd32, nb, g, out):
+    acc0 = zero_f32()
+    acc1 = zero_f32()
+    for b in range(0, nb - 1, 2):
+        k = g * nb + b
+        for i in range(4):
+            prefetch(q, 128 * k + _PF + 64 * i)
+        acc0 = _q4_0_blk(q, d, xq, xd, xsd32, k, b, acc0)
+        acc1 = _q4_0_blk(q, d, xq, xd, xsd32, k + 1, b + 1, acc1)
+    if nb % 2:
+        acc0 = _q4_0_blk(q, d, xq, xd, xsd32, g * nb + nb - 1, nb - 1, acc0)
+    st_f32x8(out, 8 * g, add_f32(acc0, acc1))
+
+
+@njit(**_PJIT)
+def q4_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
+    nb = xd.shape[0]
+    for g in prange(out.shape[0] // 8):
+        _q4_0_group(q, d, xq, xd, xsd32, nb, g, out)
+
+
+@njit(**_JIT)
+def _q4_0_quad(q, d, xq, xd, xsd32, nb, g, t0, T, out):
+    n_in = 32 * nb
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
+    t0, t1, t2, t3 = _quad(T, t0)
+    acc0 = zero_f32()
+    acc1 = zero_f32()
+    acc2 = zero_f32()
+    acc3 = zero_f32()
+    for b in range(nb):
+        k = g * nb + b
+        qo = 128 * k
+        if first:
+            prefetch(q, qo + _PF)
+            prefetch(q, qo + _PF + 64)
+        if last:
+            prefetch_l2(q, qo + 128 * nb)
+            prefetch_l2(q, qo + 128 * nb + 64)
+        a0 = zero_i16()
+        a1 = zero_i16()
+        a2 = zero_i16()
+        a3 = zero_i16()
+        for l in range(4):
+            w = ld_i8x32(q, qo + 32 * l)
+            lo = nib_lo(w)
+            hi = nib_hi(w)
+            xo = 32 * b + 4 * l
+            a0 = add_i16(a0, maddubs(lo, bc4_i8x32(xq, t0 * n_in + xo)))
+            a1 = add_i16(a1, maddubs(lo, bc4_i8x32(xq, t1 * n_in + xo)))
+            a2 = add_i16(a2, maddubs(lo, bc4_i8x32(xq, t2 * n_in + xo)))
+            a3 = add_i16(a3, maddubs(lo, bc4_i8x32(xq, t3 * n_in + xo)))
+            a0 = add_i16(a0, maddubs(hi, bc4_i8x32(xq, t0 * n_in + xo + 16)))
+            a1 = add_i16(a1, maddubs(hi, bc4_i8x32(xq, t1 * n_in + xo + 16)))
+            a2 = add_i16(a2, maddubs(hi, bc4_i8x32(xq, t2 * n_in + xo + 16)))
+            a3 = add_i16(a3, maddubs(hi, bc4_i8x32(xq, t3 * n_in + xo + 16)))
+        D = ld_f16x8(d, 8 * k)
+        D8 = mul_f32_s(D, -8.0)
+        e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
+        acc0 = fma_f32(D8, bc_f32(xsd32, e0), fma_f32(cvt_f32(hadd_i16(a0)), mul_f32(D, bc_f32(xd, e0)), acc0))
+        acc1 = fma_f32(D8, bc_f32(xsd32, e1), fma_f32(cvt_f32(hadd_i16(a1)), mul_f32(D, bc_f32(xd, e1)), acc1))
+        acc2 = fma_f32(D8, bc_f32(xsd32, e2), fma_f32(cvt_f32(hadd_i16(a2)), mul_f32(D, bc_f32(xd, e2)), acc2))
+        acc3 = fma_f32(D8, bc_f32(xsd32, e3), fma_f32(cvt_f32(hadd_i16(a3)), mul_f32(D, bc_f32(xd, e3)), acc3))
+    _store4(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
+
+
+@njit(**_PJIT)
+def q4_0_mm(q, d, xq, xd, xs16, xsd16, xsd32, T, out):
+    nb = xd.shape[0] // T
+    G = out.shape[0] // T // 8
+    nt = (T + 3) // 4
+    for it in prange(G * nt):
+        g = it // nt
+        _q4_0_quad(q, d, xq, xd, xsd32, nb, g, 4 * (it - g * nt), T, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime
+
+def _ort_codes(b):
+    d, qs = gb.fields(b.reshape(-1, 18), QType.Q4_0, 2, 16)
+    codes = gb.nibbles(qs)                                                # [n, 32]: value j = code j
+    return codes, gb.f16(d)[:, 0], None
+
+
+TRAITS = QuantTraits(
+    QType.Q4_0, dequantize,
+    Kernels("q4_0", ("q", "d"), ("uint8", "uint16"), q4_0_mv, q4_0_mm, repack, fusable=True),
+    OrtMapping("MatMulNBits", bits=4, block=32, convert=_ort_codes))

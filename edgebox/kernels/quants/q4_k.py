@@ -1,0 +1,232 @@
+"""Q4_K: super-blocks of 256 values: f16 d and dmin, 8 sub-blocks of 32 with 6-bit scale sc and
+min m, 4-bit codes q: w = d*sc * q - dmin*m.
+
+Repacked: nib plane q [G, nb, 4, 32] (one 32-value sub-block per block), sc / m u8 [G, nb, 8],
+d / dmin f16 [G, nb/8, 8] (+2.8% over the file, for unpacking the 6-bit scales to bytes).
+Kernel: per sub-block the Q4_0 int16 block sum, times the 8 rows' 6-bit scales (vpmulld), to
+float, times the activation scale into a per-super-block accumulator; the min term accumulates
+m * (xd * sum x) beside it; per super-block acc += d * sacc - dmin * macc.  ORT: MatMulNBits
+bits=4 block 32, scale d*sc, float zero point dmin*m/(d*sc): exact to float32 rounding, but
+unpacked in ORT (slow), so the backends keep it on numba.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from edgebox.gguf import quant_types as qt
+from edgebox.gguf.quant_types import QType
+from edgebox.kernels import matmul_pack as P
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _nib_block, _quad, _store4
+from edgebox.kernels.matmul_pack import ROWS
+from edgebox.kernels.matmul_simd import (
+    add_f32, add_i16, bc4_i8x32, bc_f32, cvt_f32,
+    fma_f32, hadd_i16, ld_f16x8, ld_i8x32, ld_u8x8_i32, maddubs, mul_f32, mul_f32_s, mul_i32, nib_hi, nib_lo, prefetch, st_f32x8, sub_f32, zero_f32,
+    zero_i16,
+)
+from edgebox.kernels.quants import gguf_blocks as gb
+from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
+
+
+# ---------------------------------------------------------------------------------------------
+# reference dequantize (numpy)
+
+def dequantize(blocks: np.ndarray) -> np.ndarray:
+    # 2 bytes d (f16), 2 bytes dmin (f16), 12 bytes scales+mins (8 x 6-bit each),
+    # 128 bytes qs: each 32-byte group holds sub-block 2g in its low nibbles, 2g+1 in its high.
+    # x = d*sc * q - dmin*m
+    qk = qt.block_size(QType.Q4_K)
+    n = blocks.shape[0]
+    d, dmin, scales, qs = gb.fields(blocks, QType.Q4_K, 2, 2, 12, qk // 2)
+    sc, mn = gb.scale_min_k4(scales)
+    dl = gb.f16(d) * sc.astype(np.float32)                                    # [n, 8]
+    ml = gb.f16(dmin) * mn.astype(np.float32)                                 # [n, 8]
+    q = gb.nibbles(qs.reshape(n * 4, 32)).reshape(n, 8, 32).astype(np.float32)
+    return (dl[:, :, None] * q - ml[:, :, None]).reshape(n, qk)
+
+
+# ---------------------------------------------------------------------------------------------
+# repacking
+
+@njit(**P.RJIT)
+def _repack_q4_k(raw, n_out, q, sc, m, d, dmin):
+    G, nsb = d.shape[0], d.shape[1]
+    for g in prange(G):
+        for r in range(ROWS):
+            row = ROWS * g + r
+            for s in range(nsb):
+                o = 144 * s
+                if row >= n_out:
+                    d[g, s, r] = 0
+                    dmin[g, s, r] = 0
+                    for j in range(8):
+                        sc[g, 8 * s + j, r] = 0
+                        m[g, 8 * s + j, r] = 0
+                        for l in range(4):
+                            for i in range(4):
+                                q[g, 8 * s + j, l, 4 * r + i] = 0
+                    continue
+                d[g, s, r] = np.uint16(raw[row, o]) | (np.uint16(raw[row, o + 1]) << 8)
+                dmin[g, s, r] = np.uint16(raw[row, o + 2]) | (np.uint16(raw[row, o + 3]) << 8)
+                for j in range(8):
+                    # 6-bit scale and min of sub-block j (ggml's get_scale_min_k4)
+                    if j < 4:
+                        sc[g, 8 * s + j, r] = raw[row, o + 4 + j] & 63
+                        m[g, 8 * s + j, r] = raw[row, o + 8 + j] & 63
+                    else:
+                        sc[g, 8 * s + j, r] = (raw[row, o + 8 + j] & 0x0F) | ((raw[row, o + j] >> 6) << 4)
+                        m[g, 8 * s + j, r] = (raw[row, o + 8 + j] >> 4) | ((raw[row, o + 4 + j] >> 6) << 4)
+                    # value v of sub-block j: nibble j % 2 of qs[32 * (j // 2) + v]
+                    qo = o + 16 + 32 * (j // 2)
+                    sh = 4 * (j % 2)
+                    for l in range(4):
+                        for i in range(4):
+                            lo = (raw[row, qo + 4 * l + i] >> sh) & 0x0F
+                            hi = (raw[row, qo + 16 + 4 * l + i] >> sh) & 0x0F
+                            q[g, 8 * s + j, l, 4 * r + i] = lo | (hi << 4)
+
+
+def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
+    G, nb, nsb = P.n_groups(n_out), n_in // P.QK, n_in // 256
+    out = {"q": P.aligned_empty((G, nb, 4, 32), np.uint8),
+           "sc": P.aligned_empty((G, nb, ROWS), np.uint8),
+           "m": P.aligned_empty((G, nb, ROWS), np.uint8),
+           "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
+           "dmin": P.aligned_empty((G, nsb, ROWS), np.uint16)}
+    if use_numba:
+        _repack_q4_k(np.ascontiguousarray(raw), n_out, out["q"], out["sc"], out["m"], out["d"], out["dmin"])
+        return out
+    return P.repack_by_chunks(raw, QType.Q4_K, n_out, out, _fill)
+
+
+def _fill(out, part, b, g0, g1):
+    """The numpy formulation (the numba repacker's spec)."""
+    rows, ns = b.shape[:2]
+    out["d"][g0:g1] = P.per_row(P.f16_bits(b[..., 0:2]))
+    out["dmin"][g0:g1] = P.per_row(P.f16_bits(b[..., 2:4]))
+    sc, mn = P.scale_min_k4(b[..., 4:16])                       # [rows, ns, 8]
+    out["sc"][g0:g1] = P.per_row(sc.reshape(rows, -1))
+    out["m"][g0:g1] = P.per_row(mn.reshape(rows, -1))
+    v = P.nibbles32(b[..., 16:144].reshape(rows, ns, 4, 32)).reshape(rows, -1)
+    out["q"][g0:g1] = P.nib_plane(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+@njit(**_JIT)
+def _q4_k_sub(q, sc, m, xq, xd, xsd32, k, b, sacc, macc):
+    isum = mul_i32(hadd_i16(_nib_block(q, 128 * k, xq, 32 * b)), ld_u8x8_i32(sc, 8 * k))
+    sacc = fma_f32(cvt_f32(isum), bc_f32(xd, b), sacc)
+    macc = fma_f32(cvt_f32(ld_u8x8_i32(m, 8 * k)), bc_f32(xsd32, b), macc)
+    return sacc, macc
+
+
+@njit(**_JIT)
+def _q4_k_group(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, out):
+    nsb = nb // 8
+    acc = zero_f32()
+    for s in range(nsb):
+        s0 = zero_f32()
+        m0 = zero_f32()
+        s1 = zero_f32()
+        m1 = zero_f32()
+        for j in range(0, 8, 2):
+            b = 8 * s + j
+            k = g * nb + b
+            for i in range(4):
+                prefetch(q, 128 * k + _PF + 64 * i)
+            s0, m0 = _q4_k_sub(q, sc, m, xq, xd, xsd32, k, b, s0, m0)
+            s1, m1 = _q4_k_sub(q, sc, m, xq, xd, xsd32, k + 1, b + 1, s1, m1)
+        ks = g * nsb + s
+        acc = sub_f32(fma_f32(ld_f16x8(d, 8 * ks), add_f32(s0, s1), acc), mul_f32(ld_f16x8(dmin, 8 * ks), add_f32(m0, m1)))
+    st_f32x8(out, 8 * g, acc)
+
+
+@njit(**_PJIT)
+def q4_k_mv(q, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, out):
+    nb = xd.shape[0]
+    for g in prange(out.shape[0] // 8):
+        _q4_k_group(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, out)
+
+
+@njit(**_JIT)
+def _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
+    # Per sub-block the 8 rows' d*sc and -dmin*m are formed once (exact in float32: an f16
+    # times a 6-bit integer) and shared by the 4 tokens, so each token needs only the Q4_0
+    # epilogue plus one FMA, and no per-super-block accumulators (registers stay at 4 + 4).
+    n_in = 32 * nb
+    nsb = nb // 8
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    t0, t1, t2, t3 = _quad(T, t0)
+    acc0 = zero_f32()
+    acc1 = zero_f32()
+    acc2 = zero_f32()
+    acc3 = zero_f32()
+    for s in range(nsb):
+        ks = g * nsb + s
+        D = ld_f16x8(d, 8 * ks)
+        NDM = mul_f32_s(ld_f16x8(dmin, 8 * ks), -1.0)
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            qo = 128 * k
+            if first:
+                prefetch(q, qo + _PF)
+                prefetch(q, qo + _PF + 64)
+            a0 = zero_i16()
+            a1 = zero_i16()
+            a2 = zero_i16()
+            a3 = zero_i16()
+            for l in range(4):
+                w = ld_i8x32(q, qo + 32 * l)
+                lo = nib_lo(w)
+                hi = nib_hi(w)
+                xo = 32 * b + 4 * l
+                a0 = add_i16(a0, maddubs(lo, bc4_i8x32(xq, t0 * n_in + xo)))
+                a1 = add_i16(a1, maddubs(lo, bc4_i8x32(xq, t1 * n_in + xo)))
+                a2 = add_i16(a2, maddubs(lo, bc4_i8x32(xq, t2 * n_in + xo)))
+                a3 = add_i16(a3, maddubs(lo, bc4_i8x32(xq, t3 * n_in + xo)))
+                a0 = add_i16(a0, maddubs(hi, bc4_i8x32(xq, t0 * n_in + xo + 16)))
+                a1 = add_i16(a1, maddubs(hi, bc4_i8x32(xq, t1 * n_in + xo + 16)))
+                a2 = add_i16(a2, maddubs(hi, bc4_i8x32(xq, t2 * n_in + xo + 16)))
+                a3 = add_i16(a3, maddubs(hi, bc4_i8x32(xq, t3 * n_in + xo + 16)))
+            DS = mul_f32(D, cvt_f32(ld_u8x8_i32(sc, 8 * k)))
+            DM = mul_f32(NDM, cvt_f32(ld_u8x8_i32(m, 8 * k)))
+            e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
+            acc0 = fma_f32(DM, bc_f32(xsd32, e0), fma_f32(cvt_f32(hadd_i16(a0)), mul_f32(DS, bc_f32(xd, e0)), acc0))
+            acc1 = fma_f32(DM, bc_f32(xsd32, e1), fma_f32(cvt_f32(hadd_i16(a1)), mul_f32(DS, bc_f32(xd, e1)), acc1))
+            acc2 = fma_f32(DM, bc_f32(xsd32, e2), fma_f32(cvt_f32(hadd_i16(a2)), mul_f32(DS, bc_f32(xd, e2)), acc2))
+            acc3 = fma_f32(DM, bc_f32(xsd32, e3), fma_f32(cvt_f32(hadd_i16(a3)), mul_f32(DS, bc_f32(xd, e3)), acc3))
+    _store4(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
+
+
+@njit(**_PJIT)
+def q4_k_mm(q, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
+    nb = xd.shape[0] // T
+    G = out.shape[0] // T // 8
+    nt = (T + 3) // 4
+    for it in prange(G * nt):
+        g = it // nt
+        _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, 4 * (it - g * nt), T, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime
+
+def _ort_codes(b):
+    n = b.shape[0] * b.shape[1]
+    d, dmin, scales, qs = gb.fields(b.reshape(n, 144), QType.Q4_K, 2, 2, 12, 128)
+    sc, mn = gb.scale_min_k4(scales)
+    dl = (gb.f16(d) * sc.astype(np.float32)).reshape(-1)                  # [n*8]
+    ml = (gb.f16(dmin) * mn.astype(np.float32)).reshape(-1)               # [n*8]
+    codes = gb.nibbles(qs.reshape(n * 4, 32)).reshape(n * 8, 32)          # sub-block s = 2g (low), 2g+1 (high)
+    return codes, dl, -ml                                                   # w = dl * q + offset
+
+
+TRAITS = QuantTraits(
+    QType.Q4_K, dequantize,
+    Kernels("q4_k", ("q", "sc", "m", "d", "dmin"), ("uint8", "uint8", "uint8", "uint16", "uint16"),
+            q4_k_mv, q4_k_mm, repack, fusable=True),
+    OrtMapping("MatMulNBits", bits=4, block=32, convert=_ort_codes, zero_points="float"))

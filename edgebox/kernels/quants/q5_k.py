@@ -1,0 +1,247 @@
+"""Q5_K: Q4_K with a 5th bit per code (qh), codes 0..31: w = d*sc * q - dmin*m.
+
+Repacked: as Q4_K (nib plane = q & 15) plus a bit plane qb = q >> 4 [G, nb, 32] (bit c of byte
+4r+i: the 5th bit of chunk c's value); +2.3% over the file.  Kernel: four vpmaddubsw products fit
+int16 (4 * 2*31*127 = 31496), so a block takes two vpmaddwd instead of Q4_K's one; the rest is
+Q4_K.  ORT: none (8-bit codes with float zero points are refused by ORT's CPU kernel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from edgebox.gguf import quant_types as qt
+from edgebox.gguf.quant_types import QType
+from edgebox.kernels import matmul_pack as P
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _quad, _store4
+from edgebox.kernels.matmul_pack import ROWS
+from edgebox.kernels.matmul_simd import (
+    add_f32, add_i16, add_i32, and_i8, bc4_i8x32, bc_f32, cvt_f32,
+    fma_f32, hadd_i16, ld_f16x8, ld_i8x32, ld_u8x8_i32, maddubs, mul_f32, mul_f32_s, mul_i32, nib_hi, nib_lo, or_i8,
+    prefetch, shl_i8, shr_i8, st_f32x8, sub_f32, zero_f32,
+    zero_i16,
+)
+from edgebox.kernels.quants import gguf_blocks as gb
+from edgebox.kernels.quants.traits import Kernels, QuantTraits
+
+
+# ---------------------------------------------------------------------------------------------
+# reference dequantize (numpy)
+
+def dequantize(blocks: np.ndarray) -> np.ndarray:
+    # 2 bytes d (f16), 2 bytes dmin (f16), 12 bytes scales+mins, 32 bytes qh (5th bit of value
+    # 32*s + l is bit s of qh[l]), 128 bytes qs (nibbles as in Q4_K): x = d*sc * q - dmin*m
+    qk = qt.block_size(QType.Q5_K)
+    n = blocks.shape[0]
+    d, dmin, scales, qh, qs = gb.fields(blocks, QType.Q5_K, 2, 2, 12, qk // 8, qk // 2)
+    sc, mn = gb.scale_min_k4(scales)
+    dl = gb.f16(d) * sc.astype(np.float32)                                    # [n, 8]
+    ml = gb.f16(dmin) * mn.astype(np.float32)                                 # [n, 8]
+    low = gb.nibbles(qs.reshape(n * 4, 32)).reshape(n, 8, 32)
+    high = (qh.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = (low | (high << 4)).astype(np.float32)                              # [n, 8, 32]
+    return (dl[:, :, None] * q - ml[:, :, None]).reshape(n, qk)
+
+
+# ---------------------------------------------------------------------------------------------
+# repacking
+
+@njit(**P.RJIT)
+def _repack_q5_k(raw, n_out, q, qb, sc, m, d, dmin):
+    G, nsb = d.shape[0], d.shape[1]
+    for g in prange(G):
+        for r in range(ROWS):
+            row = ROWS * g + r
+            for s in range(nsb):
+                o = 176 * s
+                if row >= n_out:
+                    d[g, s, r] = 0
+                    dmin[g, s, r] = 0
+                    for j in range(8):
+                        sc[g, 8 * s + j, r] = 0
+                        m[g, 8 * s + j, r] = 0
+                        for l in range(4):
+                            for i in range(4):
+                                q[g, 8 * s + j, l, 4 * r + i] = 0
+                        for i in range(4):
+                            qb[g, 8 * s + j, 4 * r + i] = 0
+                    continue
+                d[g, s, r] = np.uint16(raw[row, o]) | (np.uint16(raw[row, o + 1]) << 8)
+                dmin[g, s, r] = np.uint16(raw[row, o + 2]) | (np.uint16(raw[row, o + 3]) << 8)
+                for j in range(8):
+                    if j < 4:
+                        sc[g, 8 * s + j, r] = raw[row, o + 4 + j] & 63
+                        m[g, 8 * s + j, r] = raw[row, o + 8 + j] & 63
+                    else:
+                        sc[g, 8 * s + j, r] = (raw[row, o + 8 + j] & 0x0F) | ((raw[row, o + j] >> 6) << 4)
+                        m[g, 8 * s + j, r] = (raw[row, o + 8 + j] >> 4) | ((raw[row, o + 4 + j] >> 6) << 4)
+                    # value v of sub-block j: nibble j % 2 of qs[32 * (j // 2) + v], 5th bit = bit j of qh[v]
+                    qo = o + 48 + 32 * (j // 2)
+                    sh = 4 * (j % 2)
+                    for l in range(4):
+                        for i in range(4):
+                            lo = (raw[row, qo + 4 * l + i] >> sh) & 0x0F
+                            hi = (raw[row, qo + 16 + 4 * l + i] >> sh) & 0x0F
+                            q[g, 8 * s + j, l, 4 * r + i] = lo | (hi << 4)
+                    for i in range(4):
+                        x = 0
+                        for c in range(8):
+                            x |= ((raw[row, o + 16 + 4 * c + i] >> j) & 1) << c
+                        qb[g, 8 * s + j, 4 * r + i] = x
+
+
+def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
+    G, nb, nsb = P.n_groups(n_out), n_in // P.QK, n_in // 256
+    out = {"q": P.aligned_empty((G, nb, 4, 32), np.uint8),
+           "qb": P.aligned_empty((G, nb, 32), np.uint8),
+           "sc": P.aligned_empty((G, nb, ROWS), np.uint8),
+           "m": P.aligned_empty((G, nb, ROWS), np.uint8),
+           "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
+           "dmin": P.aligned_empty((G, nsb, ROWS), np.uint16)}
+    if use_numba:
+        _repack_q5_k(np.ascontiguousarray(raw), n_out, out["q"], out["qb"], out["sc"], out["m"], out["d"], out["dmin"])
+        return out
+    return P.repack_by_chunks(raw, QType.Q5_K, n_out, out, _fill)
+
+
+def _codes(b: np.ndarray) -> np.ndarray:
+    """blocks [rows, nblk, 176] -> the 5-bit codes uint8 [rows, n_in]."""
+    rows, nblk = b.shape[:2]
+    low = P.nibbles32(b[..., 48:176].reshape(rows, nblk, 4, 32)).reshape(rows, nblk, 256)
+    hi = (b[..., None, 16:48] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+    v = low | (hi.reshape(rows, nblk, 256) << 4)
+    return v.reshape(rows, -1)
+
+
+def _fill(out, part, b, g0, g1):
+    """The numpy formulation (the numba repacker's spec)."""
+    rows, ns = b.shape[:2]
+    out["d"][g0:g1] = P.per_row(P.f16_bits(b[..., 0:2]))
+    out["dmin"][g0:g1] = P.per_row(P.f16_bits(b[..., 2:4]))
+    sc, mn = P.scale_min_k4(b[..., 4:16])
+    out["sc"][g0:g1] = P.per_row(sc.reshape(rows, -1))
+    out["m"][g0:g1] = P.per_row(mn.reshape(rows, -1))
+    v = _codes(b)
+    out["q"][g0:g1] = P.nib_plane(v)
+    out["qb"][g0:g1] = P.bit_plane(v >> 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+@njit(**_JIT)
+def _bit4(hb, c):
+    """Bit c of every byte moved to bit 4 (0x10)."""
+    if c < 4:
+        return and_i8(shl_i8(hb, 4 - c), 0x10)
+    if c == 4:
+        return and_i8(hb, 0x10)
+    return and_i8(shr_i8(hb, c - 4), 0x10)
+
+
+@njit(**_JIT)
+def _nib5_block(q, qb, k, xq, xo):
+    """int32 row sums of one Q5_K block (32 values x 8 rows) against x[xo:xo+32]."""
+    hb = ld_i8x32(qb, 32 * k)
+    ia = zero_i16()
+    ib = zero_i16()
+    for l in range(4):
+        w = ld_i8x32(q, 128 * k + 32 * l)
+        lo = or_i8(nib_lo(w), _bit4(hb, l))
+        hi = or_i8(nib_hi(w), _bit4(hb, l + 4))
+        p = add_i16(maddubs(lo, bc4_i8x32(xq, xo + 4 * l)), maddubs(hi, bc4_i8x32(xq, xo + 16 + 4 * l)))
+        if l < 2:
+            ia = add_i16(ia, p)
+        else:
+            ib = add_i16(ib, p)
+    return add_i32(hadd_i16(ia), hadd_i16(ib))
+
+
+@njit(**_JIT)
+def _q5_k_sub(q, qb, sc, m, xq, xd, xsd32, k, b, sacc, macc):
+    isum = mul_i32(_nib5_block(q, qb, k, xq, 32 * b), ld_u8x8_i32(sc, 8 * k))
+    sacc = fma_f32(cvt_f32(isum), bc_f32(xd, b), sacc)
+    macc = fma_f32(cvt_f32(ld_u8x8_i32(m, 8 * k)), bc_f32(xsd32, b), macc)
+    return sacc, macc
+
+
+@njit(**_JIT)
+def _q5_k_group(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, out):
+    nsb = nb // 8
+    acc = zero_f32()
+    for s in range(nsb):
+        s0 = zero_f32()
+        m0 = zero_f32()
+        s1 = zero_f32()
+        m1 = zero_f32()
+        for j in range(0, 8, 2):
+            b = 8 * s + j
+            k = g * nb + b
+            for i in range(4):
+                prefetch(q, 128 * k + _PF + 64 * i)
+            prefetch(qb, 32 * k + _PF // 4)
+            s0, m0 = _q5_k_sub(q, qb, sc, m, xq, xd, xsd32, k, b, s0, m0)
+            s1, m1 = _q5_k_sub(q, qb, sc, m, xq, xd, xsd32, k + 1, b + 1, s1, m1)
+        ks = g * nsb + s
+        acc = sub_f32(fma_f32(ld_f16x8(d, 8 * ks), add_f32(s0, s1), acc), mul_f32(ld_f16x8(dmin, 8 * ks), add_f32(m0, m1)))
+    st_f32x8(out, 8 * g, acc)
+
+
+@njit(**_PJIT)
+def q5_k_mv(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, out):
+    nb = xd.shape[0]
+    for g in prange(out.shape[0] // 8):
+        _q5_k_group(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, out)
+
+
+@njit(**_JIT)
+def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
+    n_in = 32 * nb
+    nsb = nb // 8
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    t0, t1, t2, t3 = _quad(T, t0)
+    acc0 = zero_f32()
+    acc1 = zero_f32()
+    acc2 = zero_f32()
+    acc3 = zero_f32()
+    for s in range(nsb):
+        ks = g * nsb + s
+        D = ld_f16x8(d, 8 * ks)
+        NDM = mul_f32_s(ld_f16x8(dmin, 8 * ks), -1.0)
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                if j % 2 == 0:
+                    prefetch(qb, 32 * k + _PF // 4)
+            e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
+            i0 = _nib5_block(q, qb, k, xq, t0 * n_in + 32 * b)
+            i1 = _nib5_block(q, qb, k, xq, t1 * n_in + 32 * b)
+            i2 = _nib5_block(q, qb, k, xq, t2 * n_in + 32 * b)
+            i3 = _nib5_block(q, qb, k, xq, t3 * n_in + 32 * b)
+            DS = mul_f32(D, cvt_f32(ld_u8x8_i32(sc, 8 * k)))
+            DM = mul_f32(NDM, cvt_f32(ld_u8x8_i32(m, 8 * k)))
+            acc0 = fma_f32(DM, bc_f32(xsd32, e0), fma_f32(cvt_f32(i0), mul_f32(DS, bc_f32(xd, e0)), acc0))
+            acc1 = fma_f32(DM, bc_f32(xsd32, e1), fma_f32(cvt_f32(i1), mul_f32(DS, bc_f32(xd, e1)), acc1))
+            acc2 = fma_f32(DM, bc_f32(xsd32, e2), fma_f32(cvt_f32(i2), mul_f32(DS, bc_f32(xd, e2)), acc2))
+            acc3 = fma_f32(DM, bc_f32(xsd32, e3), fma_f32(cvt_f32(i3), mul_f32(DS, bc_f32(xd, e3)), acc3))
+    _store4(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
+
+
+@njit(**_PJIT)
+def q5_k_mm(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
+    nb = xd.shape[0] // T
+    G = out.shape[0] // T // 8
+    nt = (T + 3) // 4
+    for it in prange(G * nt):
+        g = it // nt
+        _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, 4 * (it - g * nt), T, out)
+
+
+TRAITS = QuantTraits(
+    QType.Q5_K, dequantize,
+    Kernels("q5_k", ("q", "qb", "sc", "m", "d", "dmin"), ("uint8", "uint8", "uint8", "uint8", "uint16", "uint16"),
+            q5_k_mv, q5_k_mm, repack, fusable=True))

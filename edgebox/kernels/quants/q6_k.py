@@ -1,0 +1,221 @@
+"""Q6_K: super-blocks of 256 values: f16 d, 16 int8 scales sc (one per 16 values), 6-bit codes q
+(low 4 bits ql, high 2 bits qh): w = d*sc * (q - 32).
+
+Repacked: nib plane q = low 4 bits, crumb plane qh = high 2 bits [G, nb, 2, 32], sc int8
+[G, n_in/16, 8], d f16 [G, nb/8, 8] (as compact as the file).  Kernel: chunks 0-3 of a block are
+sub-block 2b (low nibbles), 4-7 sub-block 2b+1 (high nibbles); two vpmaddubsw products fit int16
+(2 * 2*63*127 = 32004), so pairs are summed before vpmaddwd; the -32 is an int32 subtract of
+32 * sum(x) per 16, before the (signed) scale multiply.  ORT: MatMulNBits bits=8 block 16, code
+q, uint8 zero point 32, scale d*sc (exact in float32): bit-exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from edgebox.gguf import quant_types as qt
+from edgebox.gguf.quant_types import QType
+from edgebox.kernels import matmul_pack as P
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _chunks8, _dot16, _quad, _store4
+from edgebox.kernels.matmul_pack import ROWS
+from edgebox.kernels.matmul_simd import (
+    add_i32, bc_f32, bc_i32, cvt_f32,
+    fma_f32, ld_f16x8, ld_i8x8_i32,
+    mul_i32, prefetch, st_f32x8, sub_i32, zero_f32,
+)
+from edgebox.kernels.quants import gguf_blocks as gb
+from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
+
+
+# ---------------------------------------------------------------------------------------------
+# reference dequantize (numpy)
+
+def dequantize(blocks: np.ndarray) -> np.ndarray:
+    # 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits), 16 bytes scales (int8, one per
+    # 16 values), 2 bytes d (f16): x = d*sc * (q - 32).
+    # Per half of 128 values (64 ql bytes, 32 qh bytes), value 32*j + l has its low nibble in
+    # nibble j // 2 of ql[32*(j % 2) + l] and its high bits in bits 2j..2j+1 of qh[l].
+    qk = qt.block_size(QType.Q6_K)
+    n = blocks.shape[0]
+    ql, qh, scales, d = gb.fields(blocks, QType.Q6_K, qk // 2, qk // 4, qk // 16, 2)
+    low = gb.nibbles(ql.reshape(n * 2, 64)).reshape(n, qk)
+    q = (low | (gb.crumbs(qh) << 4)).astype(np.int8) - np.int8(32)            # [n, 256]
+    dl = gb.f16(d) * scales.view(np.int8).astype(np.float32)                  # [n, 16]
+    return (dl[:, :, None] * q.reshape(n, qk // 16, 16).astype(np.float32)).reshape(n, qk)
+
+
+# ---------------------------------------------------------------------------------------------
+# repacking
+
+@njit(**P.RJIT)
+def _repack_q6_k(raw, n_out, q, qh, sc, d):
+    G, nsb = d.shape[0], d.shape[1]
+    for g in prange(G):
+        v = np.empty(256, np.uint8)
+        for r in range(ROWS):
+            row = ROWS * g + r
+            for s in range(nsb):
+                o = 210 * s
+                if row < n_out:
+                    d[g, s, r] = np.uint16(raw[row, o + 208]) | (np.uint16(raw[row, o + 209]) << 8)
+                    for u in range(16):
+                        sc[g, 16 * s + u, r] = np.int8(raw[row, o + 192 + u])
+                    # value 128h + 32j + l: low nibble j // 2 of ql[64h + 32(j % 2) + l],
+                    # high bits 2j.. of qh[32h + l]
+                    for h in range(2):
+                        for j in range(4):
+                            for l in range(32):
+                                lo = (raw[row, o + 64 * h + 32 * (j % 2) + l] >> (4 * (j // 2))) & 0x0F
+                                hb = (raw[row, o + 128 + 32 * h + l] >> (2 * j)) & 3
+                                v[128 * h + 32 * j + l] = lo | (hb << 4)
+                else:
+                    d[g, s, r] = 0
+                    for u in range(16):
+                        sc[g, 16 * s + u, r] = 0
+                    v[:] = 0
+                for jj in range(8):
+                    b = 8 * s + jj
+                    for l in range(4):
+                        for i in range(4):
+                            q[g, b, l, 4 * r + i] = (v[32 * jj + 4 * l + i] & 0x0F) | \
+                                ((v[32 * jj + 16 + 4 * l + i] & 0x0F) << 4)
+                    for h2 in range(2):
+                        for i in range(4):
+                            x = 0
+                            for s2 in range(4):
+                                x |= (v[32 * jj + 4 * (4 * h2 + s2) + i] >> 4) << (2 * s2)
+                            qh[g, b, h2, 4 * r + i] = x
+
+
+def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
+    G, nb, nsb = P.n_groups(n_out), n_in // P.QK, n_in // 256
+    out = {"q": P.aligned_empty((G, nb, 4, 32), np.uint8),
+           "qh": P.aligned_empty((G, nb, 2, 32), np.uint8),
+           "sc": P.aligned_empty((G, n_in // 16, ROWS), np.int8),
+           "d": P.aligned_empty((G, nsb, ROWS), np.uint16)}
+    if use_numba:
+        _repack_q6_k(np.ascontiguousarray(raw), n_out, out["q"], out["qh"], out["sc"], out["d"])
+        return out
+    return P.repack_by_chunks(raw, QType.Q6_K, n_out, out, _fill)
+
+
+def _fill(out, part, b, g0, g1):
+    """The numpy formulation (the numba repacker's spec)."""
+    rows, ns = b.shape[:2]
+    low = P.nibbles32(b[..., 0:128].reshape(rows, ns, 2, 64)).reshape(rows, ns, 256)
+    v = (low | (P.crumbs(b[..., 128:192]) << 4)).reshape(rows, -1)
+    out["q"][g0:g1] = P.nib_plane(v)
+    out["qh"][g0:g1] = P.crumb_plane(v >> 4)
+    out["sc"][g0:g1] = P.per_row(b[..., 192:208].reshape(rows, -1).view(np.int8))
+    out["d"][g0:g1] = P.per_row(P.f16_bits(b[..., 208:210]))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+@njit(**_JIT)
+def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
+    """facc += xd * (sc_A*(dot_A - 32 sum_A) + sc_B*(dot_B - 32 sum_B)) for block e of a token."""
+    ia = sub_i32(_dot16(v0, v1, v2, v3, xq, xo), bc_i32(xs16, 2 * e))
+    ib = sub_i32(_dot16(v4, v5, v6, v7, xq, xo + 16), bc_i32(xs16, 2 * e + 1))
+    return fma_f32(cvt_f32(add_i32(mul_i32(ia, SA), mul_i32(ib, SB))), bc_f32(xd, e), facc)
+
+
+@njit(**_JIT)
+def _q6_k_blk(q, qh, sc, xq, xs16, xd, k, b, facc):
+    v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
+    return _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, ld_i8x8_i32(sc, 16 * k), ld_i8x8_i32(sc, 16 * k + 8),
+                   xq, 32 * b, xs16, b, xd, facc)
+
+
+@njit(**_JIT)
+def _q6_k_group(q, qh, sc, d, xq, xd, xs16, nb, g, out):
+    # One group per iteration: a pair would keep 16 chunk vectors live and spill (measured
+    # 18 vs 21 GB/s on 1 thread).
+    nsb = nb // 8
+    acc = zero_f32()
+    for s in range(nsb):
+        f = zero_f32()
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            prefetch(q, 128 * k + _PF)
+            prefetch(q, 128 * k + _PF + 64)
+            prefetch(qh, 64 * k + _PF // 2)
+            f = _q6_k_blk(q, qh, sc, xq, xs16, xd, k, b, f)
+        acc = fma_f32(ld_f16x8(d, 8 * (g * nsb + s)), f, acc)
+    st_f32x8(out, 8 * g, acc)
+
+
+@njit(**_PJIT)
+def q6_k_mv(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, out):
+    nb = xd.shape[0]
+    for g in prange(out.shape[0] // 8):
+        _q6_k_group(q, qh, sc, d, xq, xd, xs16, nb, g, out)
+
+
+@njit(**_JIT)
+def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, out):
+    n_in = 32 * nb
+    nsb = nb // 8
+    first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    t0, t1, t2, t3 = _quad(T, t0)
+    acc0 = zero_f32()
+    acc1 = zero_f32()
+    acc2 = zero_f32()
+    acc3 = zero_f32()
+    for s in range(nsb):
+        f0 = zero_f32()
+        f1 = zero_f32()
+        f2 = zero_f32()
+        f3 = zero_f32()
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                prefetch(qh, 64 * k + _PF // 2)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
+            SA = ld_i8x8_i32(sc, 16 * k)
+            SB = ld_i8x8_i32(sc, 16 * k + 8)
+            f0 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, xd, f0)
+            f1 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t1 * n_in + 32 * b, xs16, t1 * nb + b, xd, f1)
+            f2 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t2 * n_in + 32 * b, xs16, t2 * nb + b, xd, f2)
+            f3 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t3 * n_in + 32 * b, xs16, t3 * nb + b, xd, f3)
+        D = ld_f16x8(d, 8 * (g * nsb + s))
+        acc0 = fma_f32(D, f0, acc0)
+        acc1 = fma_f32(D, f1, acc1)
+        acc2 = fma_f32(D, f2, acc2)
+        acc3 = fma_f32(D, f3, acc3)
+    _store4(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
+
+
+@njit(**_PJIT)
+def q6_k_mm(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, T, out):
+    nb = xd.shape[0] // T
+    G = out.shape[0] // T // 8
+    nt = (T + 3) // 4
+    for it in prange(G * nt):
+        g = it // nt
+        _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, 4 * (it - g * nt), T, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime
+
+def _ort_codes(b):
+    n = b.shape[0] * b.shape[1]
+    ql, qh, sc, d = gb.fields(b.reshape(n, 210), QType.Q6_K, 128, 64, 16, 2)
+    low = gb.nibbles(ql.reshape(n * 2, 64)).reshape(n, 256)
+    codes = (low | (gb.crumbs(qh) << 4)).reshape(n * 16, 16)             # 0..63
+    scale = (gb.f16(d) * sc.view(np.int8).astype(np.float32)).reshape(-1)  # [n*16], exact
+    return codes, scale, np.full(len(codes), 32, np.uint8)
+
+
+TRAITS = QuantTraits(
+    QType.Q6_K, dequantize,
+    Kernels("q6_k", ("q", "qh", "sc", "d"), ("uint8", "uint8", "int8", "uint16"), q6_k_mv, q6_k_mm, repack,
+            fusable=True),
+    OrtMapping("MatMulNBits", bits=8, block=16, convert=_ort_codes, zero_points="uint8"))
