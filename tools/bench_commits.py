@@ -1,14 +1,17 @@
 """Paired speed of two checkouts of edgebox: is the new commit as fast as the old one?
 
     python tools/bench_commits.py OLD_DIR NEW_DIR MODEL [--prompt 64] [--rounds 5] [--threads 2] [--chips 1]
+                                  [--decode 32] [--burst 2]
 
 Measures pp64 (one forward pass over a 64-token prompt, tok/s) and decode (greedy steps after a
 64-token prompt, tok/s) of the same model file in one ``edgebox bench`` child process per checkout
 (cwd and PYTHONPATH = that checkout, so each runs its own code). Both stay loaded and take turns at
-every measurement, who goes first alternating: pp64 once per round, decode in bursts of 8 steps.
-This machine's memory bandwidth drifts by tens of percent within seconds, so only measurements
-taken back to back compare the code rather than the machine's state: the verdict is the median
-[range] of the paired new/old ratios; each side's figure alone is its best round.
+every measurement, who goes first alternating: per round pp64 twice each, then decode in bursts
+of 2 steps. This machine's memory bandwidth drifts by tens of percent within seconds and other
+users' processes take the cores in turns, so only measurements taken back to back compare the code
+rather than the machine's state: the verdict is the median [range] of the paired new/old ratios (a
+burst counts its fastest step: the machine only ever slows a step down). Each side's figure alone
+is its best (pp64: best turn; decode: best round's median step, as ``edgebox bench`` reports).
 
 The child protocol and its handle (``_Child``, ``_paired``) are imported from NEW_DIR's bench module.
 Progress goes to stderr, the summary to stdout.
@@ -53,7 +56,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chips", type=int, default=1)
-    ap.add_argument("--decode", type=int, default=32, help="decode steps per round (bursts of 8)")
+    ap.add_argument("--decode", type=int, default=32, help="decode steps per round")
+    ap.add_argument("--burst", type=int, default=2, help="decode steps per turn")
     a = ap.parse_args()
     old, new, model = a.old.resolve(), a.new.resolve(), str(a.model.resolve())
 
@@ -70,7 +74,6 @@ def main() -> None:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             self.ready = self._reply()
 
-    burst = min(bench.DECODE_BURST, a.decode)
     spec = {"runner": "edgebox", "model": model, "threads": a.threads, "chips": a.chips, "backend": None,
             "n_ctx": max(a.prompt, bench.TTFT_PROMPT) + a.decode + 8}
     sides = {"old": describe(old), "new": describe(new)}
@@ -79,20 +82,21 @@ def main() -> None:
         for name, checkout in (("old", old), ("new", new)):
             bench._say(f"{name}: loading {model} in {checkout}")
             children.append(CheckoutChild(name, checkout, spec))
-        pp: list[list[float]] = [[], []]       # per side, per round: tok/s
-        tg: list[list[float]] = [[], []]       # per side, per round: tok/s of the round's median step
-        tg_bursts: list[list[float]] = [[], []]  # per side, per burst: tok/s of the burst's median step
+        pp: list[list[float]] = [[], []]         # per side, per turn: tok/s
+        tg: list[list[float]] = [[], []]         # per side, per round: tok/s of the round's median step
+        tg_bursts: list[list[float]] = [[], []]  # per side, per burst: tok/s of the burst's fastest step
         for r in range(-1, a.rounds):  # round -1 warms up (a first call may compile kernels): not counted
-            secs = bench._paired(children, 1, lambda c: c.call("prompt", a.prompt), first=r)
+            warm = r < 0
+            secs = bench._paired(children, 1 if warm else 2, lambda c: c.call("prompt", a.prompt), first=r)
             bench._paired(children, 1, lambda c: c.call("ttft"), first=r)  # the sequence the decode continues
-            steps = bench._paired(children, a.decode // burst if r >= 0 else 1, lambda c: c.call("decode", burst), first=r)
-            if r < 0:
+            steps = bench._paired(children, 1 if warm else a.decode // a.burst, lambda c: c.call("decode", a.burst), first=r)
+            if warm:
                 continue
             for i in (0, 1):
-                pp[i].append(a.prompt / secs[i][0])
+                pp[i] += [a.prompt / s for s in secs[i]]
                 tg[i].append(1.0 / statistics.median(sum(steps[i], [])))
-                tg_bursts[i] += [1.0 / statistics.median(b) for b in steps[i]]
-            bench._say(f"round {r + 1} of {a.rounds}: pp{a.prompt} {pp[0][-1]:.2f} -> {pp[1][-1]:.2f} tok/s, "
+                tg_bursts[i] += [1.0 / min(b) for b in steps[i]]
+            bench._say(f"round {r + 1} of {a.rounds}: pp{a.prompt} {max(pp[0][-2:]):.2f} -> {max(pp[1][-2:]):.2f} tok/s, "
                        f"decode {tg[0][-1]:.2f} -> {tg[1][-1]:.2f} tok/s")
     finally:
         for c in children:
