@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--chips", type=int, default=1)
     ap.add_argument("--decode", type=int, default=32, help="decode steps per round")
     ap.add_argument("--burst", type=int, default=2, help="decode steps per turn")
+    ap.add_argument("--save", metavar="JSON", help="also write every measurement (seconds) there")
     a = ap.parse_args()
     old, new, model = a.old.resolve(), a.new.resolve(), str(a.model.resolve())
 
@@ -76,15 +77,15 @@ def main() -> None:
 
     spec = {"runner": "edgebox", "model": model, "threads": a.threads, "chips": a.chips, "backend": None,
             "n_ctx": max(a.prompt, bench.TTFT_PROMPT) + a.decode + 8}
-    sides = {"old": describe(old), "new": describe(new)}
+    run = {"model": model, "threads": a.threads, "chips": a.chips, "rounds": a.rounds, "prompt": a.prompt,
+           "sides": {"old": describe(old), "new": describe(new)},
+           "pp_s": [[], []],      # per side (old, new), per turn: seconds of the prompt
+           "decode_s": [[], []]}  # per side, per round, per burst: seconds of each step
     children = []
     try:
         for name, checkout in (("old", old), ("new", new)):
             bench._say(f"{name}: loading {model} in {checkout}")
             children.append(CheckoutChild(name, checkout, spec))
-        pp: list[list[float]] = [[], []]         # per side, per turn: tok/s
-        tg: list[list[float]] = [[], []]         # per side, per round: tok/s of the round's median step
-        tg_bursts: list[list[float]] = [[], []]  # per side, per burst: tok/s of the burst's fastest step
         for r in range(-1, a.rounds):  # round -1 warms up (a first call may compile kernels): not counted
             warm = r < 0
             secs = bench._paired(children, 1 if warm else 2, lambda c: c.call("prompt", a.prompt), first=r)
@@ -93,24 +94,36 @@ def main() -> None:
             if warm:
                 continue
             for i in (0, 1):
-                pp[i] += [a.prompt / s for s in secs[i]]
-                tg[i].append(1.0 / statistics.median(sum(steps[i], [])))
-                tg_bursts[i] += [1.0 / min(b) for b in steps[i]]
-            bench._say(f"round {r + 1} of {a.rounds}: pp{a.prompt} {max(pp[0][-2:]):.2f} -> {max(pp[1][-2:]):.2f} tok/s, "
-                       f"decode {tg[0][-1]:.2f} -> {tg[1][-1]:.2f} tok/s")
+                run["pp_s"][i] += secs[i]
+                run["decode_s"][i].append(steps[i])
+            bench._say(f"round {r + 1} of {a.rounds}: pp{a.prompt} {a.prompt / min(secs[0]):.2f} -> "
+                       f"{a.prompt / min(secs[1]):.2f} tok/s, decode {1 / _median_step(steps[0]):.2f} -> "
+                       f"{1 / _median_step(steps[1]):.2f} tok/s")
     finally:
         for c in children:
             c.close()
+    if a.save:
+        Path(a.save).write_text(json.dumps(run))
+    print(report(run))
 
-    print(f"{model}, {a.threads} threads, {a.chips} chip(s), {a.rounds} rounds")
-    for name, text in sides.items():
-        print(f"  {name}: {text}")
-    print(f"{'':<16}{'old best':>10}{'new best':>10}   new/old: median [range] of the paired ratios")
-    for label, best, paired in ((f"pp{a.prompt} tok/s", pp, pp), ("decode tok/s", tg, tg_bursts)):
+
+def _median_step(bursts: list[list[float]]) -> float:
+    return statistics.median(sum(bursts, []))
+
+
+def report(run: dict) -> str:
+    """Each side's best, and the median [range] of the paired new/old ratios."""
+    pp = [[run["prompt"] / s for s in side] for side in run["pp_s"]]
+    tg_best = [max(1 / _median_step(bursts) for bursts in side) for side in run["decode_s"]]
+    tg_bursts = [[1 / min(b) for bursts in side for b in bursts] for side in run["decode_s"]]
+    lines = [f"{run['model']}, {run['threads']} threads, {run['chips']} chip(s), {run['rounds']} rounds"]
+    lines += [f"  {name}: {text}" for name, text in run["sides"].items()]
+    lines.append(f"{'':<16}{'old best':>10}{'new best':>10}   new/old: median [range] of the paired ratios")
+    for label, best, paired in ((f"pp{run['prompt']} tok/s", [max(v) for v in pp], pp), ("decode tok/s", tg_best, tg_bursts)):
         ratios = sorted(n / o for o, n in zip(*paired))
-        print(f"{label:<16}{max(best[0]):>10.2f}{max(best[1]):>10.2f}   {statistics.median(ratios):.3f} "
-              f"[{ratios[0]:.3f}-{ratios[-1]:.3f}] over {len(ratios)} pairs")
-
+        lines.append(f"{label:<16}{best[0]:>10.2f}{best[1]:>10.2f}   {statistics.median(ratios):.3f} "
+                     f"[{ratios[0]:.3f}-{ratios[-1]:.3f}] over {len(ratios)} pairs")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
