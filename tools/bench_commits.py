@@ -10,8 +10,9 @@ every measurement, who goes first alternating: per round pp64 twice each, then d
 of 2 steps. This machine's memory bandwidth drifts by tens of percent within seconds and other
 users' processes take the cores in turns, so only measurements taken back to back compare the code
 rather than the machine's state: the verdict is the median [range] of the paired new/old ratios (a
-burst counts its fastest step: the machine only ever slows a step down). Each side's figure alone
-is its best (pp64: best turn; decode: best round's median step, as ``edgebox bench`` reports).
+burst counts its fastest step: the machine only ever slows a step down) with the median's 95 %
+confidence interval, which says whether the run can tell a 2 % change at all. Each side's figure
+alone is its best (pp64: best turn; decode: best round's median step, as ``edgebox bench`` does).
 
 The child protocol and its handle (``_Child``, ``_paired``) are imported from NEW_DIR's bench module.
 Progress goes to stderr, the summary to stdout.
@@ -121,8 +122,13 @@ def report(run: dict) -> str:
     lines.append(f"{'':<16}{'old best':>10}{'new best':>10}   new/old: median [range] of the paired ratios")
     for label, best, paired in ((f"pp{run['prompt']} tok/s", [max(v) for v in pp], pp), ("decode tok/s", tg_best, tg_bursts)):
         ratios = sorted(n / o for o, n in zip(*paired))
+        # the median's 95 % confidence interval, free of any assumed distribution: the order statistics
+        # of rank n/2 -+ 0.98 sqrt(n), 1-based (binomial(n, 1/2) approximated normally). Wider than the
+        # effect in question: take more rounds
+        k = max(0, int(len(ratios) / 2 - 0.98 * len(ratios) ** 0.5) - 1)
         lines.append(f"{label:<16}{best[0]:>10.2f}{best[1]:>10.2f}   {statistics.median(ratios):.3f} "
-                     f"[{ratios[0]:.3f}-{ratios[-1]:.3f}] over {len(ratios)} pairs")
+                     f"[{ratios[0]:.3f}-{ratios[-1]:.3f}] over {len(ratios)} pairs; the median's 95 % CI "
+                     f"{ratios[k]:.3f}-{ratios[-1 - k]:.3f}")
     return "\n".join(lines)
 
 if __name__ == "__main__":
