@@ -133,5 +133,6 @@ def report(run: dict) -> str:
                      f"{ratios[k]:.3f}-{ratios[-1 - k]:.3f}")
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     main()
