@@ -10,8 +10,8 @@ every measurement, who goes first alternating: per round pp64 four times each, t
 bursts of 2 steps. This machine's memory bandwidth drifts by tens of percent within seconds and other
 users' processes take the cores in turns, so only measurements taken back to back compare the code
 rather than the machine's state: the verdict is the median [range] of the paired new/old ratios (a
-burst counts its fastest step: the machine only ever slows a step down) with the median's 95 %
-confidence interval, which says whether the run can tell a 2 % change at all. Each side's figure
+burst counts its fastest step: the machine only ever slows a step down) with a 95 % confidence
+interval over the rounds' medians, which says whether the run can tell a 2 % change at all. Each side's figure
 alone is its best (pp64: best turn; decode: best round's median step, as ``edgebox bench`` does).
 
 The child protocol and its handle (``_Child``, ``_paired``) are imported from NEW_DIR's bench module.
@@ -116,21 +116,27 @@ def _median_step(bursts: list[list[float]]) -> float:
 
 def report(run: dict) -> str:
     """Each side's best, and the median [range] of the paired new/old ratios."""
-    pp = [[run["prompt"] / s for s in side] for side in run["pp_s"]]
-    tg_best = [max(1 / _median_step(bursts) for bursts in side) for side in run["decode_s"]]
-    tg_bursts = [[1 / min(b) for bursts in side for b in bursts] for side in run["decode_s"]]
-    lines = [f"{run['model']}, {run['threads']} threads, {run['chips']} chip(s), {run['rounds']} rounds"]
+    prompt, rounds = run["prompt"], run["rounds"]
+    pp_ratios = [o / n for o, n in zip(*run["pp_s"])]  # seconds old / new = speed new / old
+    per_round = len(pp_ratios) // rounds
+    ratios = {f"pp{prompt} tok/s": [pp_ratios[r * per_round:(r + 1) * per_round] for r in range(rounds)],
+              "decode tok/s": [[min(o) / min(n) for o, n in zip(*bursts)] for bursts in zip(*run["decode_s"])]}
+    best = {f"pp{prompt} tok/s": [prompt / min(side) for side in run["pp_s"]],
+            "decode tok/s": [max(1 / _median_step(bursts) for bursts in side) for side in run["decode_s"]]}
+    lines = [f"{run['model']}, {run['threads']} threads, {run['chips']} chip(s), {rounds} rounds"]
     lines += [f"  {name}: {text}" for name, text in run["sides"].items()]
     lines.append(f"{'':<16}{'old best':>10}{'new best':>10}   new/old: median [range] of the paired ratios")
-    for label, best, paired in ((f"pp{run['prompt']} tok/s", [max(v) for v in pp], pp), ("decode tok/s", tg_best, tg_bursts)):
-        ratios = sorted(n / o for o, n in zip(*paired))
-        # the median's 95 % confidence interval, free of any assumed distribution: the order statistics
-        # of rank n/2 -+ 0.98 sqrt(n), 1-based (binomial(n, 1/2) approximated normally). Wider than the
+    for label, by_round in ratios.items():
+        pairs = sorted(sum(by_round, []))
+        # the median's 95 % confidence interval, free of any assumed distribution, over the rounds'
+        # medians (the pairs of a round share the machine's state, so rounds are the independent
+        # samples): the order statistics of rank n/2 -+ 0.98 sqrt(n), 1-based. Wider than the
         # effect in question: take more rounds
-        k = max(0, int(len(ratios) / 2 - 0.98 * len(ratios) ** 0.5) - 1)
-        lines.append(f"{label:<16}{best[0]:>10.2f}{best[1]:>10.2f}   {statistics.median(ratios):.3f} "
-                     f"[{ratios[0]:.3f}-{ratios[-1]:.3f}] over {len(ratios)} pairs; the median's 95 % CI "
-                     f"{ratios[k]:.3f}-{ratios[-1 - k]:.3f}")
+        meds = sorted(statistics.median(v) for v in by_round)
+        k = max(0, int(rounds / 2 - 0.98 * rounds ** 0.5) - 1)
+        lines.append(f"{label:<16}{best[label][0]:>10.2f}{best[label][1]:>10.2f}   {statistics.median(pairs):.3f} "
+                     f"[{pairs[0]:.3f}-{pairs[-1]:.3f}] over {len(pairs)} pairs; 95 % CI over the rounds "
+                     f"{meds[k]:.3f}-{meds[-1 - k]:.3f}")
     return "\n".join(lines)
 
 
