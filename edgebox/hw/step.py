@@ -160,3 +160,21 @@ def step_cost(work: StepWork, step: Step, freq_mhz) -> StepCost:
               + cost.busy_energy_j(p, f, link_s, 0.0, 0.0, link_bytes=link_bytes))
     return StepCost(work_s + link_s, link_s, busy, idle, chip_ops, chip_bytes, link_bytes, busy_j, energy,
                     work.to_chip @ compute, work.to_chip @ memory)
+
+
+class Decode(NamedTuple):
+    """Steady batched decode at each clock column (box totals)."""
+
+    tokens_per_s: np.ndarray      # [L] all sequences together
+    power_w: np.ndarray           # [L] all chips, mean over the step
+    joules_per_token: np.ndarray  # [L]
+    step_s: np.ndarray            # [L]
+    compute_bound: np.ndarray     # [L] bool: the chips' compute terms outweigh their DRAM terms
+
+
+def steady_decode(work: StepWork, batch: int, context: int, freq_mhz) -> Decode:
+    """``batch`` sequences each decoding one token with ``context`` positions to attend to."""
+    c = step_cost(work, Step.decode(batch, context), freq_mhz)
+    energy_j = c.energy_j.sum(axis=0)
+    return Decode(batch / c.step_s, energy_j / c.step_s, energy_j / batch, c.step_s,
+                  c.compute_s.sum(axis=0) > c.memory_s.sum(axis=0))
