@@ -36,7 +36,7 @@ def _per_clocks(fn):
     def at(profile: ChipProfile, freq_mhz):
         if not isinstance(freq_mhz, np.ndarray):
             return fn(profile, freq_mhz)
-        key = (id(profile), freq_mhz.shape, freq_mhz.tobytes())
+        key = (id(profile), freq_mhz.dtype.str, freq_mhz.shape, freq_mhz.tobytes())
         hit = cache.get(key)
         if hit is None or hit[0] is not profile:
             if len(cache) > 1024:
