@@ -1,6 +1,6 @@
 """Per-chip physical state integrated over device time: energy, temperature, protections.
 
-Energy per interval comes from ``edgebox.chips.cost`` (one formula for prediction and for the
+Energy per interval comes from ``edgebox.hw.cost`` (one formula for prediction and for the
 simulated hardware).  Temperature follows a first-order thermal RC to ambient, stepped with the
 exact exponential solution for constant power over an interval, so a long idle interval and
 many short ones give the same temperature::

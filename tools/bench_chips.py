@@ -12,7 +12,7 @@ shards computed concurrently on host threads, with an explicit all-reduce per ha
 charges device time to the chips (which one chip does too). A burst's figure is the median of
 its step times. Alongside, the ``host`` chip profile (this machine,
 calibrated by tools/calibrate_host.py) predicts decode tok/s exactly as ``edgebox plan`` does
-(``make_plan`` -> ``cost.predict_decode``, one chip, at the context the measured steps attend
+(``make_plan`` -> ``hw.step.steady_decode``, one chip, at the context the measured steps attend
 over), and the prediction is compared with both measurements.
 
 Progress goes to stderr; the summary (or ``--json``) to stdout.

@@ -3,32 +3,20 @@
     python tools/bench_power.py [MODEL.gguf] [--seconds 60] [--budgets 6,8,10,12] [--streams 1,4,16]
                                 [--prompt-chunk N] [--energy-slack X|none] [--json OUT]
 
-For each stream count, every static (DVFS level, batch limit) setting runs once with the
-governor off (``power simulate --governor off --freq F --batch B``); a setting "stays within" a
-budget when its power trace passes the same test the governor is held to (>= 99 % of rolling
-1 s windows within the budget after the first 2 s, the worst <= 105 %, every 100 ms window
-<= 120 %).  Then, per budget x streams: the governor's run, the best static setting within the
-budget (most tokens/s), and the "N W mode" clock cap (Jetson nvpmodel's idea: the highest level
-whose predicted full-load power fits the budget, batch unrestricted).  Per stream count, one more
-governor run with the budget stepping 10 -> 7 -> 10 W gives the settle times.
+Per stream count, every static (DVFS level, batch limit) runs once with the governor off; a
+setting "stays within" a budget when its trace passes the test the governor is held to (>= 99 %
+of rolling 1 s windows within the budget after 2 s, the worst <= 105 %, every 100 ms <= 120 %).
+Per budget x streams: the governor's run, the best static setting within the budget, and the
+"N W mode" clock cap (the highest level whose predicted full-load power fits).  Per stream
+count, a governor run with the budget stepping 10 -> 7 -> 10 W gives the settle times.
 
-Same work.  Every run lasts the same device time, so a faster run does more work: the energy of
-the first prompts, read before any token comes out (all streams start at once), is spread over
-more tokens, and the run stops at another point of its requests.  So tokens/s and J/token are
-compared on the same work: each run up to the end of the step by which it had generated G
-tokens, G the fewest of the runs compared.  With the same batch limit the engine runs the very
-same steps whatever the clocks, so this is exactly the same work.
+Same work: every run lasts the same device time, so runs are compared up to the step by which
+each had generated G tokens (G the fewest of the runs compared); at one batch limit the engine
+runs the very same steps whatever the clocks.  The bound: per batch limit, the static runs'
+steps priced at every level (``StepPricer``, the one step-cost model the chips are charged
+with) give ``Frontier``, the least energy any clock schedule can spend on them in a given time.
 
-The bound.  For each batch limit, the steps of the static runs at that limit are priced at every
-level (``StepPricer``, the chips' own accounting) and ``Frontier`` gives the least energy any
-clock schedule (per step, dithering included, knowing the future) can spend on them in a given
-time.  "least J/tok at target tok/s": over every batch limit, the least energy per token of any
-schedule at least as fast as the targets ask (faster than the cap and >= 90 % of the best
-static): when it is not below the cap's J/tok, no governor can beat the cap on both counts.
-
-Without MODEL the full DeepSeek-LLM-7B shape (Q4_0) is used without a file (the dry run needs
-only the shape); with MODEL, that file's shape.  Deterministic: the same options print the same
-table.  Wall time: ten minutes or so on two cores (147 static runs of 60 s).
+Without MODEL the DeepSeek-LLM-7B shape (Q4_0) is used without a file.  Deterministic.
 """
 
 from __future__ import annotations
@@ -65,8 +53,7 @@ def recording(make):
         real = m.box.account_step
 
         def account_step(segments, n_logits):
-            steps.append(Step(sum(n for n, _ in segments), sum(n * c for n, c in segments),
-                              sum(c for _, c in segments), n_logits))
+            steps.append(Step.of(segments, n_logits))
             return real(segments, n_logits)
 
         m.box.account_step = account_step

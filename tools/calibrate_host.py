@@ -1,27 +1,16 @@
 """Measure this machine's roofline numbers for edgebox/hw/profiles/host.toml.
 
 Run:  python tools/calibrate_host.py [--threads 2] [--gib 1.0]
-(a benchmark: if OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set on the machine, unset them for
-this command only, e.g. ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/...``).
+(a benchmark: if OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set on the machine, unset them for this
+command only, e.g. ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/...``).
 
-What it measures, each the best of a few repeats (the other engineers share the 2 cores, so
-the best run is the one least disturbed):
-
-* read bandwidth: a numba sum over a float32 array far larger than the L3 cache, one chunk per
-  host thread: the rate a streaming matvec can at best read weights at.
-* int8 ops/s: numba int8 x int8 -> int32 dot products over L1-resident rows, one row set per
-  thread: the compute roof of integer-dot kernels, counted as 2 ops per multiply-add.
-* fp32 ops/s: numpy float32 matmul (BLAS sgemm, 2 ops per multiply-add).
-* launch overhead: a Python call into a trivial ``@njit`` function, the fixed cost every
-  edgebox kernel call pays on the host.
-* when edgebox's own kernels import (``edgebox.kernels.matmul``): a Q4_0 matvec on a weight
-  that fits in L2 (its compute roof: ops/s with no DRAM traffic, 2 ops per weight) and on one
-  far larger than L3 (the rate it streams weights from DRAM).  These are the numbers the host
-  profile's int8 roof and bandwidth should describe, since the cost model predicts *edgebox's*
-  decode speed on this machine, not the hardware's ideal.
-
-It prints the values in the profile's units, and ops per cycle at the nominal clock read from
-/proc/cpuinfo (``cpu MHz``), so they can be pasted into host.toml.
+Each figure is the best of a few repeats (the cores are shared: the best run is the least
+disturbed): read bandwidth (a numba float32 sum far larger than L3, one chunk per host thread),
+int8 ops/s (L1-resident int8 dot products, 2 ops per multiply-add), fp32 ops/s (BLAS sgemm),
+the launch overhead (a Python call into a trivial ``@njit`` function) and, when edgebox's
+kernels import, its Q4_0 matvec in L2 (the compute roof) and streaming from DRAM: the host
+profile describes edgebox's own decode on this machine, not the hardware's ideal.  Printed in
+the profile's units, with ops per cycle at /proc/cpuinfo's clock.
 """
 
 from __future__ import annotations
@@ -46,7 +35,7 @@ def _stream_sum(a):                                     # a: float32 [n] -> floa
 
 def _on_threads(fn, parts) -> None:
     """fn(part) for each part on its own host thread (the kernels release the GIL), as the
-    simulated chips run; a prange reduction here did not vectorize and read 3x slower."""
+    simulated chips run."""
     threads = [threading.Thread(target=fn, args=(p,)) for p in parts]
     for t in threads:
         t.start()

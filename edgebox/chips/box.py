@@ -8,6 +8,7 @@ activity to the firmware, which turns it into energy, power and temperature.
 
 from __future__ import annotations
 
+import functools
 
 import numpy as np
 
@@ -15,11 +16,11 @@ from edgebox.gguf.args import ModelArgs
 from edgebox.errors import ModelError
 from edgebox.gguf.loader import Weights
 from edgebox.kernels.backend import DEFAULT_BACKEND, get_ops
-from edgebox.hw import cost
 from edgebox.chips.partition import (MergedColumnParallelLinear, PartitionPlan, RowParallelLinear, vocab_parallel)
 from edgebox.hw.profile import ChipProfile, load_profile
 from firmware_stub.firmware import Firmware
-from edgebox.chips.chip import ACT_BYTES, KV_BYTES, Chip, ChipLayer, FusedLinear, _matmul_shapes, _slice
+from edgebox.chips.accounting import Accounting
+from edgebox.chips.chip import Chip, ChipLayer, FusedLinear, _matmul_shapes, _slice
 from edgebox.chips.threads import ChipThreads, _kernel_threads, host_cores
 
 
@@ -128,98 +129,23 @@ class Box:
         self.threads.close()
 
     # -- device time -----------------------------------------------------------------------------
+    @functools.cached_property
+    def accounting(self) -> Accounting:
+        """The chips' device time and what they report to the firmware (built at first use)."""
+        return Accounting(self.chips, self.args, self.profile)
+
     @property
     def clock_s(self) -> float:
         """Device time of the box: the chips meet at every all-reduce, so they share it."""
-        return max(chip.clock_s for chip in self.chips)
+        return self.accounting.clock_s
 
     def freq_mhz(self, chip: Chip) -> float:
-        return self.firmware.freq_mhz(chip.index) if self.firmware is not None else self.profile.max_mhz
+        return self.accounting.freq_mhz(chip, self.firmware)
 
     def account_step(self, segments: list[tuple[int, int]], n_logits: int) -> float:
-        """Charge every chip for one forward step and report it to the firmware.
-
-        ``segments``: (rows, context after the step) of each sequence in the step; ``n_logits``:
-        rows whose logits were computed. Each op costs the roofline time at the chip's current
-        clock plus the launch overhead; at every all-reduce the chips wait for the slowest (idle
-        time), then spend the ring's time on the link. Half-layers with the same shapes cost the
-        same, so each distinct one is priced once per step. Returns the step's device seconds.
-        """
-        a, p, chips = self.args, self.profile, self.chips
-        R = sum(n for n, _ in segments)
-        attn_pairs = sum(n * ctx for n, ctx in segments)  # query x key pairs
-        ctx_total = sum(ctx for _, ctx in segments)
-        freqs = [self.freq_mhz(c) for c in chips]
-        t0 = self.clock_s
-        busy = np.zeros(len(chips))  # device seconds each chip computes in this step
-        ops = np.zeros(len(chips))
-        nbytes = np.zeros(len(chips))
-        step_s = 0.0  # wall of the lock-stepped box
-        priced: dict = {}
-
-        def half_layer(kind: str, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            key = (kind, tuple(tuple((c.attn_matmuls if kind == "attn" else c.ffn_matmuls)[layer]) for c in chips))
-            if key not in priced:
-                t, o, b = np.zeros(len(chips)), np.zeros(len(chips)), np.zeros(len(chips))
-                for i, c in enumerate(chips):
-                    work = [(2 * R * n_out * n_in, w_bytes + R * (n_in + n_out) * ACT_BYTES, int8)
-                            for n_out, n_in, w_bytes, int8 in key[1][i]]
-                    work.append((2 * R * a.n_embd, 2 * R * a.n_embd * 4, False))  # rms_norm (replicated)
-                    if kind == "attn" and c.n_heads:
-                        work.append((4 * attn_pairs * c.n_heads * a.head_dim,
-                                     2 * ctx_total * c.n_kv * a.head_dim * KV_BYTES, False))  # attention over the cache
-                    t[i], o[i], b[i] = self._price(freqs[i], work)
-                priced[key] = (t, o, b)
-            return priced[key]
-
-        n_allreduce = 0
-        for layer in range(a.n_layer):
-            for kind in ("attn", "ffn"):
-                t, o, b = half_layer(kind, layer)
-                busy += t
-                ops += o
-                nbytes += b
-                step_s += t.max()
-                n_allreduce += 1
-        # the vocab-parallel lm head
-        head = [self._price(freqs[i], [(2 * n_logits * n_out * n_in, w_bytes, int8) for n_out, n_in, w_bytes, int8 in c.head_matmuls])
-                for i, c in enumerate(chips)]
-        busy += [h[0] for h in head]
-        ops += [h[1] for h in head]
-        nbytes += [h[2] for h in head]
-        step_s += max(h[0] for h in head)
-
-        link_s = link_sent = 0.0
-        if self.n_chips > 1:
-            ar_bytes = R * a.n_embd * ACT_BYTES
-            gather_bytes = n_logits * a.n_vocab * 4
-            link_s = (n_allreduce * cost.link_time(p, ar_bytes, self.n_chips, "allreduce")
-                      + cost.link_time(p, gather_bytes, self.n_chips, "allgather"))
-            link_sent = (n_allreduce * cost.link_bytes_sent(ar_bytes, self.n_chips, "allreduce")
-                         + cost.link_bytes_sent(gather_bytes, self.n_chips, "allgather"))
-        step_s += link_s
-        for i, chip in enumerate(chips):
-            self._report(chip, float(busy[i]), float(ops[i]), float(nbytes[i]), idle_s=float(t0 + step_s - link_s - chip.clock_s - busy[i]))
-            if link_s:
-                self._report(chip, link_s, 0.0, 0.0, link_bytes=link_sent)
-        return step_s
-
-    def _price(self, f: float, work: list[tuple[float, float, bool]]) -> tuple[float, float, float]:
-        """(device seconds, ops, bytes) of a list of ops run back to back at clock f."""
-        seconds = sum(cost.op_time(self.profile, f, o, b, int8) for o, b, int8 in work)
-        return seconds, sum(w[0] for w in work), sum(w[1] for w in work)
-
-    def _report(self, chip: Chip, busy_s: float, ops: float, nbytes: float, idle_s: float = 0.0,
-                link_bytes: float = 0.0) -> None:
-        if idle_s > 0:
-            chip.clock_s += idle_s
-            if self.firmware is not None:
-                self.firmware.idle(chip.index, idle_s)
-        chip.clock_s += busy_s
-        if self.firmware is not None and busy_s > 0:
-            self.firmware.activity(chip.index, busy_s, ops, nbytes, link_bytes=link_bytes)
+        """Charge every chip for one forward step (``Accounting.charge``); the step's device seconds."""
+        return self.accounting.charge(segments, n_logits, self.firmware)
 
     def idle_until(self, t_s: float) -> None:
         """Every chip idles (clock-gated) until device time ``t_s``."""
-        for chip in self.chips:
-            self._report(chip, 0.0, 0.0, 0.0, idle_s=t_s - chip.clock_s)
+        self.accounting.idle_until(t_s, self.firmware)

@@ -18,10 +18,7 @@ from edgebox.gguf.loader import Matrix
 from edgebox.gguf.quant_types import is_quantized
 from edgebox.chips.partition import (ChipShard)
 from edgebox.hw.profile import ChipProfile
-
-
-KV_BYTES = 2  # float16 cache
-ACT_BYTES = 2  # activations cross the links as fp16
+from edgebox.hw.step import KV_BYTES
 
 
 class FusedLinear:

@@ -1,16 +1,18 @@
 """Capacity planning (``edgebox plan``): what a box of N chips does with a model, before buying it.
 
 Per-chip memory comes from the real partition plan of the file (uneven splits included); speed
-and power per (DVFS level, batch) from the cost model's ``predict_decode``, the same functions the
-firmware integrates and the governor's feed-forward table uses.
+and power per (DVFS level, batch) from steady decode priced by the one step-cost model
+(``edgebox.hw.step.step_cost``) on the box's own shards: what the chips would be charged.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from edgebox.api import Model
-from edgebox.hw import cost
+from edgebox.hw.step import steady_decode
 
 
 @dataclass(frozen=True)
@@ -41,21 +43,18 @@ class Plan:
 
 
 def make_plan(m: Model, budget_w: float, batches: tuple[int, ...] = (1, 2, 4, 8, 16), context: int = 512) -> Plan:
-    box, a = m.box, m.args
+    """``m``: anything with a ``box`` (a loaded model, or a dry-run shape); ``context``: the
+    positions each sequence attends to."""
+    box = m.box
     p = box.profile
-    weight_bytes = sum(t.nbytes for t in m.file.tensors.values())
-    n_params = sum(t.n_values for t in m.file.tensors.values())
-    work = cost.decode_workload(n_layer=a.n_layer, n_embd=a.n_embd, n_vocab=a.n_vocab,
-                                kv_dim=a.n_head_kv * a.head_dim, n_params=n_params,
-                                weight_bytes=weight_bytes, context=context)
     kv_per_seq = [chip.kv_bytes_per_token * context for chip in box.chips]
     free = [p.capacity_bytes - chip.weight_bytes for chip in box.chips]
     fits = min(int(f // kv) if kv else 10**6 for f, kv in zip(free, kv_per_seq))
-    points = [
-        PlanPoint(level.freq_mhz, b, e.tokens_per_s, e.power_w, e.joules_per_token, e.bound)
-        for level in p.levels for b in batches if b <= max(fits, 1)
-        for e in [cost.predict_decode(p, box.n_chips, level.freq_mhz, b, **work)]
-    ]
+    freqs = np.array(p.freqs_mhz, float)
+    decode = {b: steady_decode(box.accounting.work, b, context, freqs) for b in batches if b <= max(fits, 1)}
+    points = [PlanPoint(level.freq_mhz, b, float(d.tokens_per_s[lv]), float(d.power_w[lv]), float(d.joules_per_token[lv]),
+                        "compute" if d.compute_bound[lv] else "memory")
+              for lv, level in enumerate(p.levels) for b, d in decode.items()]
     within = [pt for pt in points if pt.power_w <= budget_w]
     best = max(within, key=lambda pt: pt.tokens_per_s) if within else None
     return Plan(p.name, box.n_chips, context, [c.weight_bytes / 2**30 for c in box.chips],

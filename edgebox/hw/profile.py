@@ -1,8 +1,9 @@
 """Chip profiles: every physical assumption about a chip kind, loaded from a commented TOML file.
 
 A profile is data only (frozen, validated once at load); the formulas that use it live in
-``edgebox.chips.cost`` and the state that integrates it over time in ``firmware_stub``.  The
-TOML files in ``edgebox/hw/profiles/`` carry the reasoning behind each number as comments;
+``edgebox.hw.cost`` (per interval) and ``edgebox.hw.step`` (per step), the state that integrates
+them over time in ``firmware_stub``.  The TOML files in ``edgebox/hw/profiles/`` carry the
+reasoning behind each number as comments;
 ``load_profile("r100-edge")`` finds a shipped one by name, ``load_profile(path)`` reads any file.
 
 File layout (all keys required unless marked optional; units are in the key names)::

@@ -285,7 +285,7 @@ def test_runtime_cap_and_protection_combine(r100):
 def test_a_60s_dry_run_publishes_cheaply(tmp_path, r100):
     fw = Firmware(r100, 4, root=tmp_path, publish_interval_s=0.02)
     t0 = time.perf_counter()
-    step_s = cost.predict_decode(r100, 4, r100.max_mhz, 1, weight_bytes=3.9e9, flops_per_token=1.4e10).step_s
+    step_s = cost.op_time(r100, r100.max_mhz, 3.5e9, 0.975e9)   # about a 7B decode step
     while fw.time_s(0) < 60.0:
         for chip in range(4):
             fw.activity(chip, step_s, 3.5e9, 0.975e9)

@@ -6,21 +6,37 @@ import dataclasses
 import re
 import tomllib
 
+import numpy as np
 import pytest
 
 from edgebox.hw import cost
 from edgebox.hw.profile import PROFILE_DIR, ChipProfile, available_profiles, load_profile, parse_profile
+from edgebox.hw.step import Decode, StepWork, steady_decode
 from edgebox.errors import EdgeboxError
+from edgebox.power.shapes import DEEPSEEK_7B, shape_model
 
-# DeepSeek-LLM-7B, Q4_0 (the calibration target stated in r100-edge.toml)
-DEEPSEEK_7B = cost.decode_workload(n_layer=30, n_embd=4096, n_vocab=102400, kv_dim=4096, n_params=7e9,
-                                   weight_bytes=3.9e9, context=256)
 BUDGET_W = 10.0
+CONTEXT = 256  # positions each sequence attends to in the calibration
 
 
 @pytest.fixture(scope="module")
 def r100() -> ChipProfile:
     return load_profile("r100-edge")
+
+
+@pytest.fixture(scope="module")
+def deepseek(r100) -> StepWork:
+    """DeepSeek-LLM-7B, Q4_0, on 4 r100-edge chips (the calibration target in r100-edge.toml):
+    the work of the box's real shards, without a file."""
+    m = shape_model(DEEPSEEK_7B, "Q4_0", chips=4, profile=r100)
+    yield m.box.accounting.work
+    m.close()
+
+
+def decode(work: StepWork, freq_mhz: float, batch: int) -> Decode:
+    """Steady decode at one clock, as scalars."""
+    d = steady_decode(work, batch, CONTEXT, np.array([float(freq_mhz)]))
+    return Decode(*(x[0] for x in d))
 
 
 def _raw(name: str) -> dict:
@@ -89,53 +105,56 @@ def test_missing_field_and_missing_file_and_bad_toml(tmp_path):
 
 # --- calibration claims ------------------------------------------------------------------------
 
-def test_full_clock_needs_a_budget(r100):
+def test_full_clock_needs_a_budget(r100, deepseek):
     """Claim 1: four chips at full clock draw clearly more than 10 W on 7B decode."""
-    top = cost.predict_decode(r100, 4, r100.max_mhz, 1, **DEEPSEEK_7B)
+    top = decode(deepseek, r100.max_mhz, 1)
     assert top.power_w > 1.3 * BUDGET_W
 
 
-def test_about_30_tokens_per_s_within_10_w(r100):
-    """Claim 2: at the best level within 10 W, batch-1 decode runs at about 30 tok/s."""
-    within = [cost.predict_decode(r100, 4, f, 1, **DEEPSEEK_7B) for f in r100.freqs_mhz]
+def test_about_30_tokens_per_s_within_10_w(r100, deepseek):
+    """Claim 2 (the seed headline): at the best level within 10 W, batch-1 decode runs at about 30 tok/s."""
+    within = [decode(deepseek, f, 1) for f in r100.freqs_mhz]
     within = [e for e in within if e.power_w <= BUDGET_W]
     best = max(within, key=lambda e: e.tokens_per_s)
     assert 27.0 <= best.tokens_per_s <= 33.0
     assert best.power_w > 0.8 * BUDGET_W        # the budget is used, not wasted
 
 
-def test_the_calibration_table_in_the_toml_matches_the_model(r100):
-    """The per-level table in r100-edge.toml's comments is what predict_decode computes."""
+def test_the_calibration_table_in_the_toml_matches_the_model(r100, deepseek):
+    """The per-level table in r100-edge.toml's comments is what the step-cost model computes."""
     rows = re.findall(r"^#\s+(\d{3,4})((?:\s+[0-9.]+){9})\s*$", (PROFILE_DIR / "r100-edge.toml").read_text(), re.M)
     assert [int(mhz) for mhz, _ in rows] == list(r100.freqs_mhz)
     for mhz, numbers in rows:
         vals = [float(x) for x in numbers.split()]
         for i, batch in enumerate((1, 4, 16)):
-            e = cost.predict_decode(r100, 4, int(mhz), batch, **DEEPSEEK_7B)
+            e = decode(deepseek, int(mhz), batch)
             tps, watts, jpt = vals[3 * i: 3 * i + 3]
             assert (tps, watts) == pytest.approx((e.tokens_per_s, e.power_w), abs=0.051), (mhz, batch)
             assert jpt == pytest.approx(e.joules_per_token, abs=0.00051), (mhz, batch)
 
 
-def test_dvfs_trades_speed_for_power_on_decode(r100):
+def test_dvfs_trades_speed_for_power_on_decode(r100, deepseek):
     """Lower clocks are slower (the fabric limit) and draw less: DVFS is not free."""
-    est = [cost.predict_decode(r100, 4, f, 1, **DEEPSEEK_7B) for f in r100.freqs_mhz]
-    tps = [e.tokens_per_s for e in est]
-    watts = [e.power_w for e in est]
+    est = steady_decode(deepseek, 1, CONTEXT, np.array(r100.freqs_mhz, float))
+    tps, watts = list(est.tokens_per_s), list(est.power_w)
     assert tps == sorted(tps) and len(set(tps)) == len(tps)
     assert watts == sorted(watts)
-    assert all(e.bound == "memory" for e in est)
+    assert not est.compute_bound.any()          # memory-bound at every level
 
 
-def test_batching_raises_throughput_per_watt(r100):
-    one = cost.predict_decode(r100, 4, 1000, 1, **DEEPSEEK_7B)
-    sixteen = cost.predict_decode(r100, 4, 1000, 16, **DEEPSEEK_7B)
+def test_batching_raises_throughput_per_watt(deepseek):
+    one = decode(deepseek, 1000, 1)
+    sixteen = decode(deepseek, 1000, 16)
     assert sixteen.tokens_per_s > 8 * one.tokens_per_s
     assert sixteen.joules_per_token < one.joules_per_token / 5
 
 
 def test_7b_fits_in_chip_memory(r100):
-    assert DEEPSEEK_7B["weight_bytes"] / 4 < r100.capacity_bytes
+    box = shape_model(DEEPSEEK_7B, "Q4_0", chips=4, profile=r100).box
+    try:
+        assert all(c.weight_bytes + 4096 * c.kv_bytes_per_token < r100.capacity_bytes for c in box.chips)
+    finally:
+        box.close()
 
 
 # --- cost model --------------------------------------------------------------------------------
@@ -213,7 +232,12 @@ def test_static_power_scales_with_voltage_squared(r100):
 
 def test_host_profile_is_one_level_and_predicts_a_plausible_speed():
     host = load_profile("host")
-    est = cost.predict_decode(host, 1, host.max_mhz, 1, **DEEPSEEK_7B)
+    m = shape_model(DEEPSEEK_7B, "Q4_0", chips=1, profile=host)
+    try:
+        est = decode(m.box.accounting.work, host.max_mhz, 1)
+    finally:
+        m.close()
+    assert len(host.levels) == 1
     assert 1.0 < est.tokens_per_s < 20.0       # a 2-core VM decodes 7B Q4_0 at a few tok/s
 
 

@@ -7,8 +7,10 @@ import math
 import threading
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
+from edgebox.hw.step import step_cost
 from edgebox.power.budget import Budget, EnergyLog, Timeline, check
 from edgebox.power.governor import (Decision, EnergyCounters, GovernorConfig, GovernorState, PowerGovernor, Readings,
                                     Sample, decide, modulate)
@@ -73,22 +75,36 @@ class Plant:
 
 # --- the step model ---------------------------------------------------------------------------------
 
-def test_the_pricer_is_the_chips_own_accounting(model):
-    """StepPricer prices a step exactly as Box.account_step charges it (time and energy)."""
+def test_the_chips_are_charged_the_one_step_cost(model):
+    """Box.account_step charges ``step_cost`` at the chips' clocks: the seconds it returns and the
+    energy the firmware integrates from what the chips report."""
     box = model.box
-    pricer = StepPricer(box)
     fw = box.firmware
     for segments, n_logits in (([(1, 300)] * 16, 16), ([(68, 368)] + [(1, 500)] * 3, 4), ([(128, 256)], 1)):
-        step = Step(sum(n for n, _ in segments), sum(n * c for n, c in segments), sum(c for _, c in segments), n_logits)
-        priced = pricer.price(step)
         for lv in (0, 3, 5):
+            f = box.profile.levels[lv].freq_mhz
             for c in range(box.n_chips):
-                fw.set_max_freq(c, box.profile.levels[lv].freq_mhz)
-            e0 = sum(fw.state(c).energy_j for c in range(box.n_chips))
+                fw.set_max_freq(c, f)
+            expected = step_cost(box.accounting.work, Step.of(segments, n_logits), np.full((box.n_chips, 1), float(f)))
+            e0 = [fw.state(c).energy_j for c in range(box.n_chips)]
             seconds = box.account_step(segments, n_logits)
-            e1 = sum(fw.state(c).energy_j for c in range(box.n_chips))
-            assert priced.step_s[lv] == pytest.approx(seconds, rel=1e-9)
-            assert priced.power_w[lv] == pytest.approx((e1 - e0) / seconds, rel=1e-6)
+            e1 = [fw.state(c).energy_j for c in range(box.n_chips)]
+            assert seconds == pytest.approx(float(expected.step_s[0]), rel=1e-12)
+            assert [b - a for a, b in zip(e0, e1)] == pytest.approx(list(expected.energy_j[:, 0]), rel=1e-9)
+
+
+def test_the_pricer_is_the_one_step_cost_at_every_level(model):
+    """StepPricer is ``step_cost`` with every chip at each level; every level at once equals one at a time."""
+    box = model.box
+    pricer = StepPricer(box)
+    for step in (Step.decode(16, 300), Step.of([(68, 368)] + [(1, 500)] * 3, 4), Step.of([(128, 256)], 1)):
+        priced = pricer.price(step)
+        for lv, f in enumerate(box.profile.freqs_mhz):
+            one = step_cost(box.accounting.work, step, np.array([float(f)]))
+            assert priced.step_s[lv] == pytest.approx(float(one.step_s[0]), rel=1e-12)
+            assert priced.power_w[lv] == pytest.approx(float(one.energy_j.sum() / one.step_s[0]), rel=1e-12)
+            busy_w = one.busy_j[:, 0] / one.busy_s[:, 0]
+            assert (priced.busy_w[lv], priced.chip_peak_w[lv]) == pytest.approx((busy_w.sum(), busy_w.max()), rel=1e-12)
 
 
 def test_the_table_and_the_clock_cap(config):
