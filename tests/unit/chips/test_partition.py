@@ -10,7 +10,8 @@ import pytest
 
 import edgebox
 from tests.fixtures.paths import REPO
-from edgebox.chips.partition import PartitionPlan, _deal, col_slice
+from edgebox.chips.partition import PartitionPlan, _deal
+from edgebox.chips.tp import col_slice
 
 CODER_Q4_K_M = REPO / "tests" / "data" / "models" / "tiny-deepseek-coder-Q4_K_M.gguf"
 CODER_Q4_0 = REPO / "tests" / "data" / "models" / "tiny-deepseek-coder-Q4_0.gguf"
@@ -146,7 +147,7 @@ def test_fused_linear_equals_the_separate_ones(backend, layer, rows):
 
 def test_fused_linear_f32_and_ragged_row_counts(tiny_f32):
     """Float weights, and parts whose row counts are not multiples of the kernels' 8-row groups."""
-    from edgebox.chips.partition import row_slice
+    from edgebox.chips.tp import row_slice
     from edgebox.kernels.backend import get_ops
 
     m = edgebox.load(tiny_f32("tiny-qwen2"))
@@ -179,7 +180,7 @@ def test_merged_shards_stack_each_chips_rows():
 
 
 def test_merged_split_rules():
-    from edgebox.chips.partition import MergedColumnParallelLinear
+    from edgebox.chips.tp import MergedColumnParallelLinear
     from edgebox.gguf.loader import Matrix
     from edgebox.gguf.quant_types import QType
 
