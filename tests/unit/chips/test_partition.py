@@ -344,3 +344,16 @@ def test_chip_threads_wait_for_helpers_when_the_callers_own_chip_fails():
         assert finished == [0]  # the helper's chip was done before the error was raised
     finally:
         threads.close()
+
+
+def test_chip_threads_pass_a_blocks_arguments_to_every_chip():
+    """``run(fn, *args)``: fn(chip, *args) on every chip (the box passes a block and its inputs,
+    no closure per call), on the helper's chips and the caller's alike."""
+    from edgebox.chips.threads import ChipThreads
+
+    for n_cores in (1, 2):
+        threads = ChipThreads([0, 1, 2], n_cores=n_cores)
+        try:
+            assert threads.run(lambda c, a, b: (c, a, b), "x", 5) == [(0, "x", 5), (1, "x", 5), (2, "x", 5)]
+        finally:
+            threads.close()
