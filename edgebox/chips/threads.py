@@ -71,13 +71,13 @@ class ChipThreads:
 
     ``run(fn, *args)`` starts every helper on its group (one lock release each), runs the caller's
     group, then waits for each helper (one lock acquire each): per call two hand-offs per helper
-    (a lock round trip between two threads costs ~43 µs on this 2-core VM), no task queue, no
-    futures. The kernels release the GIL, so the groups compute at the same time. More threads
-    than cores would only add stalls at every all-reduce (measured with the earlier thread pool
-    on 2 cores, 7B Q4_0 decode: 4 threads 3.7 tok/s, 2 threads 4.7), so the kernels inside each
-    thread use the cores left to it (numba's thread count is per calling thread; the caller's is
-    set for its group and restored after). Helpers start at the first run (a dry run starts none), again in a forked
-    child, and stop at ``close()`` or when this object is collected.
+    (each a lock round trip between threads, tens of µs, paid ~60 times a decode token), no task
+    queue, no futures, no closure. The kernels release the GIL, so the groups compute at the same
+    time. More threads than cores would only add stalls at every all-reduce, so the kernels
+    inside each thread use the cores left to it (numba's thread count is per calling thread; the
+    caller's is set for its group and restored after). Helpers start at the first run (a dry run
+    starts none), again in a forked child, and stop at ``close()`` or when this object is
+    collected.
     """
 
     def __init__(self, chips: list, n_cores: int | None = None):
