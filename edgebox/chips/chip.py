@@ -1,8 +1,8 @@
 """A chip: its shard of every layer (weights prepared for the kernel backend) and its device clock.
 
 A chip's rows of q/k/v and of gate/up are each merged into one ``FusedLinear``, so one kernel call
-replaces one per weight. What a chip computes with its shards is ``chips.blocks``'; which rows
-and columns it holds is ``chips.tp``'s.
+replaces one per weight. Which rows and columns a chip holds is decided in ``chips.tp``; what it
+computes with them, in ``chips.blocks``.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Chip:
     which of its query heads read which of its KV heads, and its device clock."""
 
     def __init__(self, shard: ChipShard, layers: list[ChipLayer], lm_head, replicated_bytes: int,
-                 profile: ChipProfile, args: ModelArgs, ops=None):
+                 profile: ChipProfile, args: ModelArgs, ops):
         self.index = shard.chip
         self.args = args
         self.ops = ops  # the kernel backend its blocks run on (the box's)
