@@ -82,7 +82,8 @@ class RowParallelLinear:
     (on quant-block boundaries: ``col_slice`` refuses any other cut), computes
     x[:, ranges[i]] @ W[:, ranges[i]].T, a partial sum of the full y; an all-reduce adds the
     partials. ``attn_output`` is cut by the query heads each chip computed, ``ffn_down`` by its
-    FFN rows, so a chip's input is exactly the output of its column-parallel half."""
+    FFN rows, so a chip's input is exactly the output of its column-parallel half; the plan deals
+    out whole blocks, unevenly where their count does not divide (a chip may get none)."""
 
     ranges: tuple[range, ...]
     shards: tuple[Matrix | None, ...]
