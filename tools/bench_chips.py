@@ -6,8 +6,7 @@ Measures decode tok/s (batch 1, after a 64-token prompt) with the model on one c
 N chips. Both stay loaded and take turns, a burst of ``--steps`` decode steps each per round (who
 goes first alternates), because this VM's memory bandwidth drifts by tens of percent within
 seconds: the ratio of a round compares two bursts taken back to back, and the figure reported is
-the median of those ratios. (Loading the two in turn, 3 s apart, mixed the machine's states and
-read 0.71-0.82 where back-to-back bursts read 0.90.) The N-chip run splits every weight into
+the median of those ratios (loading the two in turn mixes the machine's states). The N-chip run splits every weight into
 shards computed concurrently on host threads, with an explicit all-reduce per half-layer, and
 charges device time to the chips (which one chip does too). A burst's figure is the median of
 its step times. Alongside, the ``host`` chip profile (this machine,

@@ -1,9 +1,12 @@
 """The box: N chips running one model tensor-parallel, with collectives, device time and firmware.
 
-The ``Box`` runs the chips concurrently on ``ChipThreads``, does the all-reduce and gather
-explicitly, and after each step charges every chip the time its work takes on the modelled
-hardware (roofline at its current DVFS level, launch overheads, ring collectives) and reports that
-activity to the firmware, which turns it into energy, power and temperature.
+The ``Box`` places each layer's shards on the chips (``chips.tp`` says how each weight is cut),
+runs a block on every chip at once on ``ChipThreads`` (``chips.blocks`` says what a chip
+computes) and joins the partial outputs with an explicit all-reduce, or the lm head's slices with
+a gather: one thread hand-off per block, so a caller (``model.Transformer``) sees a plain forward
+pass and never touches a chip. After each step it charges every chip the time its work takes on
+the modelled hardware (roofline at its current DVFS level, launch overheads, ring collectives)
+and reports that activity to the firmware, which turns it into energy, power and temperature.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from edgebox.gguf.args import ModelArgs
 from edgebox.errors import ModelError
 from edgebox.gguf.loader import Weights
 from edgebox.kernels.backend import DEFAULT_BACKEND, get_ops
-from edgebox.chips.partition import (MergedColumnParallelLinear, PartitionPlan, RowParallelLinear, vocab_parallel)
+from edgebox.chips import blocks
+from edgebox.chips.accounting import Accounting
+from edgebox.chips.blocks import AttentionStep
+from edgebox.chips.partition import PartitionPlan
+from edgebox.chips.tp import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelLinear
 from edgebox.hw.profile import ChipProfile, load_profile
 from firmware_stub.firmware import Firmware
-from edgebox.chips.accounting import Accounting
-from edgebox.chips.chip import Chip, ChipLayer, FusedLinear, _matmul_shapes, _slice
+from edgebox.chips.chip import Chip, ChipLayer
 from edgebox.chips.threads import ChipThreads, _kernel_threads, host_cores
 
 
@@ -41,38 +47,35 @@ class Box:
         n_cores = host_cores()
         n_threads = min(n_chips, n_cores)
         self.ops = get_ops(backend) if n_threads == 1 else get_ops(backend, threads=_kernel_threads(n_threads, n_cores))
-        hd = args.head_dim
-        shards = self.plan.shards
-        lin = lambda m: self.ops.linear(m) if m is not None else None  # noqa: E731
-        fused = lambda parts: FusedLinear(self.ops, parts) if parts is not None else None  # noqa: E731
-        per_chip_layers: list[list[ChipLayer]] = [[] for _ in range(n_chips)]
-        head_cols = [range(s.heads.start * hd, s.heads.stop * hd) for s in shards]
-        kv_rows = [range(s.kv_heads.start * hd, s.kv_heads.stop * hd) for s in shards]
-        ffn = [s.ffn for s in shards]
-        for lw in weights.layers:
-            qkv = MergedColumnParallelLinear.split([lw.wq, lw.wk, lw.wv], [head_cols, kv_rows, kv_rows])
-            o = RowParallelLinear.split(lw.wo, head_cols)
-            gate_up = MergedColumnParallelLinear.split([lw.w_gate, lw.w_up], [ffn, ffn])
-            down = RowParallelLinear.split(lw.w_down, ffn)
-            for i, s in enumerate(shards):
-                biases = [_slice(lw.bq, s.heads, hd), _slice(lw.bk, s.kv_heads, hd), _slice(lw.bv, s.kv_heads, hd)]
-                per_chip_layers[i].append(ChipLayer(
-                    wqkv=fused(qkv.shard(i)),
-                    bqkv=np.concatenate(biases) if all(b is not None for b in biases) else None,
-                    wo=lin(o.shards[i]),
-                    w_gate_up=fused(gate_up.shard(i)),
-                    w_down=lin(down.shards[i]),
-                    attn_shapes=_matmul_shapes(*(qkv.shard(i) or ()), o.shards[i]),
-                    ffn_shapes=_matmul_shapes(*(gate_up.shard(i) or ()), down.shards[i])))
-        head = vocab_parallel(weights.output, [s.vocab for s in shards])
-        replicated = weights.token_embd.nbytes + sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in weights.layers)
-        self.chips = [Chip(s, per_chip_layers[i], lin(head.shards[i]), replicated, self.profile, args)
-                      for i, s in enumerate(shards)]
-        for chip in self.chips:
-            if chip.weight_bytes > chip.capacity_bytes:
-                raise ModelError(f"{source}: the model needs {chip.weight_bytes / 2**30:.2f} GiB per chip on {n_chips} chip(s), "
-                                 f"the chip ({self.profile.name}) has {chip.capacity_bytes / 2**30:.2f} GiB; use more chips or a smaller quant")
+        self.chips = self._place(args, weights, source)
         self.threads = ChipThreads(self.chips, n_cores)
+
+    def _place(self, args: ModelArgs, weights: Weights, source: str) -> list[Chip]:
+        """Cut every weight along the plan and give each chip its shards (views into the mmap)."""
+        hd, shards, ops = args.head_dim, self.plan.shards, self.ops
+        per_chip_layers: list[list[ChipLayer]] = [[] for _ in shards]
+        for lw in weights.layers:
+            qkv = QKVParallelLinear.of(lw.wq, lw.wk, lw.wv, lw.bq, lw.bk, lw.bv, shards, hd)
+            o = RowParallelLinear.attn_output(lw.wo, shards, hd)
+            gate_up = MergedColumnParallelLinear.gate_up(lw.w_gate, lw.w_up, shards)
+            down = RowParallelLinear.ffn_down(lw.w_down, shards)
+            for i, layers in enumerate(per_chip_layers):
+                layers.append(ChipLayer.place(ops, i, qkv, o, gate_up, down))
+        head = VocabParallelLinear.of(weights.output, shards)
+        replicated = weights.token_embd.nbytes + sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in weights.layers)
+        chips = [Chip(s, per_chip_layers[i], ops.linear(head.shards[i]) if head.shards[i] is not None else None,
+                      replicated, self.profile, args, ops)
+                 for i, s in enumerate(shards)]
+        for chip in chips:
+            if chip.weight_bytes > chip.capacity_bytes:
+                raise ModelError(f"{source}: the model needs {chip.weight_bytes / 2**30:.2f} GiB per chip on {self.n_chips} chip(s), "
+                                 f"the chip ({self.profile.name}) has {chip.capacity_bytes / 2**30:.2f} GiB; use more chips or a smaller quant")
+        return chips
+
+    @property
+    def kv_heads(self) -> list[int]:
+        """KV heads each chip holds (a KV cache keeps one slice per chip)."""
+        return [chip.n_kv for chip in self.chips]
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -105,10 +108,31 @@ class Box:
             if progress is not None and (i % 16 == 0 or i == len(todo)):
                 progress(i, len(todo))
 
+    # -- the tensor-parallel blocks --------------------------------------------------------------
+    def attention_step(self, positions: np.ndarray, rows: np.ndarray, starts: list[int], caches: list) -> AttentionStep:
+        """The step's attention inputs, once per step: rope ``positions`` [R]; segment i is rows
+        ``rows[i]:rows[i+1]``, its keys and values go to KV cache ``caches[i]`` from slot
+        ``starts[i]`` on (its one-token segments batched when there are two or more)."""
+        return AttentionStep.of(self.ops, self.chips, positions, rows, starts, caches)
+
+    def attention(self, layer: int, h: np.ndarray, step: AttentionStep) -> np.ndarray:
+        """Attention block ``layer`` of the normalized rows h [R, D]: every chip attends for its
+        heads and projects by its columns of attn_output; the partial sums are all-reduced."""
+        return self.all_reduce(self.threads.run(blocks.attention, layer, h, step))  # [R, D]
+
+    def ffn(self, layer: int, h: np.ndarray) -> np.ndarray:
+        """FFN block ``layer`` of h [R, D]: every chip does its FFN rows (SwiGLU) and its columns of
+        ffn_down; the partial sums are all-reduced."""
+        return self.all_reduce(self.threads.run(blocks.ffn, layer, h))  # [R, D]
+
+    def lm_head(self, x: np.ndarray) -> np.ndarray:
+        """Logits [K, V] of the normalized rows x [K, D]: every chip its vocabulary slice, gathered."""
+        return self.gather(self.threads.run(blocks.lm_head, x))
+
     # -- execution -------------------------------------------------------------------------------
-    def run(self, fn) -> list:
-        """[fn(chip) for every chip], concurrently on the chip threads; results in chip order."""
-        return self.threads.run(fn)
+    def run(self, fn, *args) -> list:
+        """[fn(chip, *args) for every chip], concurrently on the chip threads; results in chip order."""
+        return self.threads.run(fn, *args)
 
     @staticmethod
     def all_reduce(partials: list[np.ndarray | None]) -> np.ndarray:

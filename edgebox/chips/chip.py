@@ -1,7 +1,8 @@
 """A chip: its shard of every layer (weights prepared for the kernel backend) and its device clock.
 
 A chip's rows of q/k/v and of gate/up are each merged into one ``FusedLinear``, so one kernel call
-replaces one per weight.
+replaces one per weight. Which rows and columns a chip holds is decided in ``chips.tp``; what it
+computes with them, in ``chips.blocks``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from edgebox.gguf.args import ModelArgs
 from edgebox.gguf.file import release_view_pages
 from edgebox.gguf.loader import Matrix
 from edgebox.gguf.quant_types import is_quantized
-from edgebox.chips.partition import (ChipShard)
+from edgebox.chips.partition import ChipShard
+from edgebox.chips.tp import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from edgebox.hw.profile import ChipProfile
 from edgebox.hw.step import KV_BYTES
 
@@ -78,11 +80,29 @@ class ChipLayer:
     ffn_shapes: list
     decode_cache: dict = field(default_factory=dict)  # the backend's one-call decode arguments, made at first use
 
+    @classmethod
+    def place(cls, ops, chip: int, qkv: QKVParallelLinear, o: RowParallelLinear,
+              gate_up: MergedColumnParallelLinear, down: RowParallelLinear) -> "ChipLayer":
+        """Chip ``chip``'s shard of one layer, cut from the layer's parallel linears."""
+        qkv_rows, gate_up_rows = qkv.shard(chip), gate_up.shard(chip)
+        return cls(wqkv=FusedLinear(ops, qkv_rows) if qkv_rows is not None else None,
+                   bqkv=qkv.biases[chip],
+                   wo=ops.linear(o.shards[chip]) if o.shards[chip] is not None else None,
+                   w_gate_up=FusedLinear(ops, gate_up_rows) if gate_up_rows is not None else None,
+                   w_down=ops.linear(down.shards[chip]) if down.shards[chip] is not None else None,
+                   attn_shapes=_matmul_shapes(*(qkv_rows or ()), o.shards[chip]),
+                   ffn_shapes=_matmul_shapes(*(gate_up_rows or ()), down.shards[chip]))
+
 
 class Chip:
+    """One chip: its shards of every layer and of the lm head, the kernels they run on (``ops``),
+    which of its query heads read which of its KV heads, and its device clock."""
+
     def __init__(self, shard: ChipShard, layers: list[ChipLayer], lm_head, replicated_bytes: int,
-                 profile: ChipProfile, args: ModelArgs):
+                 profile: ChipProfile, args: ModelArgs, ops):
         self.index = shard.chip
+        self.args = args
+        self.ops = ops  # the kernel backend its blocks run on (the box's)
         self.shard = shard
         self.layers = layers
         self.lm_head = lm_head  # Linear [vocab_i, D] or None
@@ -110,9 +130,3 @@ class Chip:
 def _matmul_shapes(*ms) -> list[tuple[int, int, int, bool]]:
     """(n_out, n_in, bytes, int8?) of each matrix or linear that is not None."""
     return [(m.n_out, m.n_in, m.nbytes, is_quantized(getattr(m, "matrix", m).qtype)) for m in ms if m is not None]
-
-
-def _slice(v: np.ndarray | None, r: range, hd: int) -> np.ndarray | None:
-    return None if v is None or not len(r) else v[r.start * hd:r.stop * hd]
-
-

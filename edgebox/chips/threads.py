@@ -9,6 +9,7 @@ from typing import Callable
 
 from edgebox.chips.partition import _deal
 
+
 def host_cores() -> int:
     """Cores this process may run on (its CPU affinity, where the OS has one)."""
     try:
@@ -34,7 +35,7 @@ class _Helper:
         self.done = threading.Lock()
         self.go.acquire()
         self.done.acquire()
-        self.job: Callable[[], list] | None = None
+        self.job: tuple | None = None  # (fn, args, chips): run fn(chip, *args) for each chip
         self.result: list | None = None
         self.error: BaseException | None = None
         self.stop = False
@@ -49,7 +50,8 @@ def _helper_loop(h: _Helper, kernel_threads: int) -> None:
         if h.stop:
             return
         try:
-            h.result = h.job()
+            fn, args, chips = h.job
+            h.result = [fn(chip, *args) for chip in chips]
         except BaseException as e:  # noqa: BLE001 -- handed to the caller, which raises it
             h.error = e
         h.job = None
@@ -67,15 +69,15 @@ class ChipThreads:
     group of chips; the calling thread runs the last (never larger) group itself, beside the
     serial work between runs (norms, all-reduces), and helper threads run the others.
 
-    ``run(fn)`` starts every helper on its group (one lock release each), runs the caller's
+    ``run(fn, *args)`` starts every helper on its group (one lock release each), runs the caller's
     group, then waits for each helper (one lock acquire each): per call two hand-offs per helper
-    (a lock round trip between two threads costs ~43 µs on this 2-core VM), no task queue, no
-    futures. The kernels release the GIL, so the groups compute at the same time. More threads
-    than cores would only add stalls at every all-reduce (measured with the earlier thread pool
-    on 2 cores, 7B Q4_0 decode: 4 threads 3.7 tok/s, 2 threads 4.7), so the kernels inside each
-    thread use the cores left to it (numba's thread count is per calling thread; the caller's is
-    set for its group and restored after). Helpers start at the first run (a dry run starts none), again in a forked
-    child, and stop at ``close()`` or when this object is collected.
+    (each a lock round trip between threads, tens of µs, paid ~60 times a decode token), no task
+    queue, no futures, no closure. The kernels release the GIL, so the groups compute at the same
+    time. More threads than cores would only add stalls at every all-reduce, so the kernels
+    inside each thread use the cores left to it (numba's thread count is per calling thread; the
+    caller's is set for its group and restored after). Helpers start at the first run (a dry run
+    starts none), again in a forked child, and stop at ``close()`` or when this object is
+    collected.
     """
 
     def __init__(self, chips: list, n_cores: int | None = None):
@@ -100,22 +102,22 @@ class ChipThreads:
         self._pid = os.getpid()
         self._stopper = weakref.finalize(self, _stop_helpers, self._helpers)
 
-    def run(self, fn: Callable) -> list:
-        """[fn(chip) for every chip], the groups concurrently; results in chip order."""
+    def run(self, fn: Callable, *args) -> list:
+        """[fn(chip, *args) for every chip], the groups concurrently; results in chip order."""
         if len(self.groups) == 1:
-            return [fn(chip) for chip in self.groups[0]]
+            return [fn(chip, *args) for chip in self.groups[0]]
         import numba
 
         with self._lock:  # one run at a time: the helpers have one job slot each
             if self._pid != os.getpid():  # first run, or a fork left the helpers behind
                 self._start()
             for h, group in zip(self._helpers, self.groups):
-                h.job = lambda group=group: [fn(chip) for chip in group]
+                h.job = (fn, args, group)
                 h.go.release()
             prev = numba.get_num_threads()
             numba.set_num_threads(self.kernel_threads)
             try:
-                mine = [fn(chip) for chip in self.groups[-1]]
+                mine = [fn(chip, *args) for chip in self.groups[-1]]
             finally:
                 numba.set_num_threads(prev)
                 theirs, error = [], None

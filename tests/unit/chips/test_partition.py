@@ -10,7 +10,8 @@ import pytest
 
 import edgebox
 from tests.fixtures.paths import REPO
-from edgebox.chips.partition import PartitionPlan, _deal, col_slice
+from edgebox.chips.partition import PartitionPlan, _deal
+from edgebox.chips.tp import col_slice
 
 CODER_Q4_K_M = REPO / "tests" / "data" / "models" / "tiny-deepseek-coder-Q4_K_M.gguf"
 CODER_Q4_0 = REPO / "tests" / "data" / "models" / "tiny-deepseek-coder-Q4_0.gguf"
@@ -146,7 +147,7 @@ def test_fused_linear_equals_the_separate_ones(backend, layer, rows):
 
 def test_fused_linear_f32_and_ragged_row_counts(tiny_f32):
     """Float weights, and parts whose row counts are not multiples of the kernels' 8-row groups."""
-    from edgebox.chips.partition import row_slice
+    from edgebox.chips.tp import row_slice
     from edgebox.kernels.backend import get_ops
 
     m = edgebox.load(tiny_f32("tiny-qwen2"))
@@ -179,7 +180,7 @@ def test_merged_shards_stack_each_chips_rows():
 
 
 def test_merged_split_rules():
-    from edgebox.chips.partition import MergedColumnParallelLinear
+    from edgebox.chips.tp import MergedColumnParallelLinear
     from edgebox.gguf.loader import Matrix
     from edgebox.gguf.quant_types import QType
 
@@ -343,3 +344,16 @@ def test_chip_threads_wait_for_helpers_when_the_callers_own_chip_fails():
         assert finished == [0]  # the helper's chip was done before the error was raised
     finally:
         threads.close()
+
+
+def test_chip_threads_pass_a_blocks_arguments_to_every_chip():
+    """``run(fn, *args)``: fn(chip, *args) on every chip (the box passes a block and its inputs,
+    no closure per call), on the helper's chips and the caller's alike."""
+    from edgebox.chips.threads import ChipThreads
+
+    for n_cores in (1, 2):
+        threads = ChipThreads([0, 1, 2], n_cores=n_cores)
+        try:
+            assert threads.run(lambda c, a, b: (c, a, b), "x", 5) == [(0, "x", 5), (1, "x", 5), (2, "x", 5)]
+        finally:
+            threads.close()

@@ -213,3 +213,24 @@ def test_engine_on_four_chips_matches_one_chip():
             e.close(drain=False)
             m.box.close()
     assert texts[4] == texts[1]
+
+
+def test_transformer_never_touches_a_chip():
+    """The forward pass sees only the box's blocks (box.attention / box.ffn / box.lm_head), as
+    gpt-fast's model sees its tp.py: no chip, no per-chip attribute, no closure handed to the box."""
+    import ast
+    import inspect
+
+    from edgebox.model import transformer
+
+    tree = ast.parse(inspect.getsource(transformer))
+    per_chip = {"chips", "index", "kv_of_head", "decode_cache", "n_kv", "n_heads", "wqkv", "run",
+                "threads", "all_reduce", "gather"}
+    assert not [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in per_chip]
+    assert not [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id.lower() in ("chip", "chips")]
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert {m for m in imported if m.startswith("edgebox.chips")} == {"edgebox.chips.box"}
+    called = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+              and isinstance(n.func.value, ast.Name) and n.func.value.id == "box"}
+    assert {"attention", "ffn", "lm_head"} <= called
