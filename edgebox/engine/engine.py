@@ -16,31 +16,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 from edgebox.api import Model
-from edgebox.engine.request import (Event, Handle, KVBudgetError, Queued, QueueFullError, Request, Summary,
-                                    prompt_ids, reservation)
-from edgebox.engine.scheduler import StepPlan, schedule
+from edgebox.engine.request import EngineStats, Event, Handle, Queued, QueueFullError, Request, Summary, TokenRate
+from edgebox.engine.scheduler import PromptCache, StepPlan, schedule
 from edgebox.engine.sequence import Sequence
 from edgebox.errors import EdgeboxError
-from edgebox.model.kv_cache import KVCache, step_cost
+from edgebox.model.kv_cache import step_cost
 from edgebox.text.sampler import SamplingParams
 
 RATE_WINDOW_S = 5.0  # EngineStats.tokens_per_s looks back this far
-
-
-@dataclass
-class EngineStats:
-    running: int
-    queued: int
-    batch_limit: int
-    kv_used_bytes: int
-    kv_budget_bytes: int
-    tokens_per_s: float  # generated tokens per second over the last few seconds
-    steps: int
-    generated_tokens: int
 
 
 class Engine:
@@ -61,17 +47,16 @@ class Engine:
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else max_batch * model.n_ctx * self.kv_bytes_per_token
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.prompt_cache_entries = prompt_cache_entries
         self._batch_limit = max_batch
         self._queue: deque[Queued] = deque()
         self._running: list[Sequence] = []
-        self._prompt_cache: deque[tuple[list[int], KVCache]] = deque()  # finished sequences, most recent last
+        self._prompt_cache = PromptCache(prompt_cache_entries)
         self._cond = threading.Condition()
         self._stopping = False
         self._drain = True
         self._steps = 0
         self._generated = 0
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self._rate = TokenRate(RATE_WINDOW_S)
         self.warmup_s = 0.0
         self._quiet = threading.Event()  # set while idle with the listeners told so
         self._quiet.set()
@@ -101,14 +86,8 @@ class Engine:
         """Queue several requests at once: the scheduler sees all of them at its next step (a
         burst arriving together is admitted together, not split by the moment the scheduler
         wakes). Raises as ``submit`` before queueing any of them."""
-        entries = []
-        for request in requests:
-            ids, thinking_open, truncated = prompt_ids(self.model, request)
-            reserved = reservation(request, len(ids), self.model.n_ctx)
-            need = reserved * self.kv_bytes_per_token
-            if need > self.kv_budget_bytes:
-                raise KVBudgetError(f"request needs {need / 2**20:.0f} MiB of KV cache, the budget is {self.kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise the KV budget")
-            entries.append(Queued(Handle(request, on_event, self._wake), ids, reserved, thinking_open, truncated))
+        entries = [Queued.prepare(self.model, Handle(r, on_event, self._wake), self.kv_budget_bytes,
+                                  self.kv_bytes_per_token) for r in requests]
         with self._cond:
             if self._stopping:
                 raise EdgeboxError("the engine is shutting down")
@@ -133,14 +112,11 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._cond:
-            now = time.perf_counter()
-            recent = [(t, n) for t, n in self._recent if now - t < RATE_WINDOW_S]
-            span = now - recent[0][0] if recent else 0.0
             return EngineStats(
                 running=len(self._running), queued=len(self._queue), batch_limit=self._batch_limit,
-                kv_used_bytes=self._kv_used(), kv_budget_bytes=self.kv_budget_bytes,
-                tokens_per_s=sum(n for _, n in recent) / span if span > 0.5 else 0.0,
-                steps=self._steps, generated_tokens=self._generated)
+                kv_used_bytes=sum(s.kv.nbytes for s in self._running) + self._prompt_cache.nbytes,
+                kv_budget_bytes=self.kv_budget_bytes, tokens_per_s=self._rate.per_s(), steps=self._steps,
+                generated_tokens=self._generated)
 
     def load(self) -> tuple[int, int, list[tuple[int, int]]]:
         """(running, queued, the next step's cost: (rows, context after the step) per segment, []
@@ -167,9 +143,6 @@ class Engine:
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
-
-    def _kv_used(self) -> int:
-        return sum(s.kv.nbytes for s in self._running) + sum(kv.nbytes for _, kv in self._prompt_cache)
 
     def _plan(self) -> StepPlan:
         return schedule(self._running, self._queue, self._prompt_cache, batch_limit=self._batch_limit,
@@ -226,7 +199,7 @@ class Engine:
             kv = self.model.new_cache(a.queued.reserved)
             if a.prefix_from is not None:
                 kv.copy_prefix(a.prefix_from, a.cached)  # a copy costs far less than its prefill
-            s = Sequence(a.queued, kv, self.model.tokenizer)
+            s = Sequence(a.queued, kv, self.model.tokenizer, self.dry_run)
             self._running.append(s)
             if a.rows:
                 joined.append((s, a.rows))
@@ -237,8 +210,8 @@ class Engine:
             self._finish(s, "cancelled")
         for s in plan.shift:
             s.shift_context(self.model.args)
-        prefill = list(plan.prefill) + joined
-        segments = [s.decode_segment() for s in plan.decode] + [s.prompt_segment(n) for s, n in prefill]
+        work = [(s, 1) for s in plan.decode] + list(plan.prefill) + joined  # (sequence, rows) in the step's order
+        segments = [s.segment(n) for s, n in work]
         if not segments:
             return
         # the chips' device time, then the math (a dry run only moves the caches on)
@@ -250,56 +223,33 @@ class Engine:
         else:
             logits = self.model.transformer.forward_segments(segments)
 
+        # every sequence with a next token samples it, shows its text and may end
         produced = 0
-        for s, row in zip(plan.decode, logits):
-            s.next_pos += 1
-            self._sample(s, row)
-            produced += 1
-        for (s, n), row in zip(prefill, logits[len(plan.decode):]):
-            s.n_done += n
-            s.next_pos += n
+        for (s, n), row in zip(work, logits):
+            s.advance(n)
             if not s.prefilling:
-                self._sample(s, row)
+                reason = s.next_token(None if row is None else row[0], self._dry_token)
+                if reason is not None:
+                    self._finish(s, reason)
                 produced += 1
         with self._cond:
             self._steps += 1
             self._generated += produced
-            now = time.perf_counter()
-            self._recent.append((now, produced))
-            while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
-                self._recent.popleft()
+            self._rate.add(produced)
         self._tell_listeners()
 
     def _tell_listeners(self) -> None:
         for fn in self._step_listeners:
             fn(self)
 
-    def _sample(self, s: Sequence, row) -> None:
-        """The sequence's next token from its logits row [1, V] (a dry run's fixed token for None)."""
-        if s.t_first == 0.0:
-            s.t_first = time.perf_counter()
-        token = self._dry_token if row is None else s.completion.sample(row[0])
-        text = s.completion.push(token)
-        if not self.dry_run:  # a dry run makes no text
-            s.emit(text)
-        if s.completion.done_reason is not None:
-            return self._finish(s, s.completion.done_reason)
-        if s.context_full and not s.request.context_shift:
-            return self._finish(s, "length")
-        s.pending = token
-
     def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
         if s not in self._running:
             return
-        if reason in ("length", "stop") and error is None and not self.dry_run:
-            s.emit(s.completion.finish(reason))  # what the detokenizer and the stop matcher held
-        s.flush_reasoning()
+        s.end(reason, error)
         with self._cond:
             self._running.remove(s)
-            if reason in ("stop", "length") and not s.shifted and s.kv.length >= 4 and self.prompt_cache_entries:
-                self._prompt_cache.append((s.ids + s.completion.tokens, s.kv))
-                while len(self._prompt_cache) > self.prompt_cache_entries:
-                    self._prompt_cache.popleft()
+            if reason in ("stop", "length") and not s.shifted:
+                self._prompt_cache.remember(s.ids + s.completion.tokens, s.kv)
             self._cond.notify_all()
         s.handle._emit(s.summary(reason, error))
 
@@ -320,6 +270,6 @@ class Engine:
         self._quiet.wait(5.0)
         with self._cond:
             self._prompt_cache.clear()
-            self._recent.clear()
+            self._rate.clear()
             self._steps = self._generated = 0
         self.warmup_s = time.perf_counter() - t0

@@ -1,5 +1,7 @@
 """What a caller hands the engine and gets back: ``Request`` in, a ``Handle`` that yields
-``Chunk``s and ends with one ``Summary``; the errors a submit can raise before queueing.
+``Chunk``s and ends with one ``Summary``; the errors a submit can raise before queueing;
+``EngineStats``; and a request's life before it runs (``Queued``: its prompt's tokens, its KV
+reservation).
 
 Handles are thread-safe: iterate one (or pass ``on_event``) on any thread, ``cancel()`` at any
 time; the scheduler thread is the only one that emits.
@@ -11,6 +13,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -144,6 +147,41 @@ class Handle:
             self._done.set()
 
 
+@dataclass
+class EngineStats:
+    running: int
+    queued: int
+    batch_limit: int
+    kv_used_bytes: int
+    kv_budget_bytes: int
+    tokens_per_s: float  # generated tokens per second over the last few seconds
+    steps: int
+    generated_tokens: int
+
+
+class TokenRate:
+    """Generated tokens per second over the last ``window_s`` seconds of steps."""
+
+    def __init__(self, window_s: float = 5.0):
+        self.window_s = window_s
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+
+    def add(self, tokens: int) -> None:
+        now = time.perf_counter()
+        self._recent.append((now, tokens))
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+
+    def per_s(self) -> float:
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in self._recent if now - t < self.window_s]
+        span = now - recent[0][0] if recent else 0.0
+        return sum(n for _, n in recent) / span if span > 0.5 else 0.0
+
+    def clear(self) -> None:
+        self._recent.clear()
+
+
 @dataclass(eq=False)
 class Queued:
     """A request waiting for a slot, its prompt already tokenized (on the submitter's thread)."""
@@ -154,6 +192,16 @@ class Queued:
     thinking_open: bool  # the chat template opened a <think> block
     truncated: int  # prompt tokens dropped
     t_submit: float = 0.0  # set when it joins the queue
+
+    @classmethod
+    def prepare(cls, model, handle: Handle, kv_budget_bytes: int, kv_bytes_per_token: int) -> "Queued":
+        """Tokenize the request's prompt and reserve its KV; raises as ``Engine.submit`` does."""
+        ids, thinking_open, truncated = prompt_ids(model, handle.request)
+        reserved = reservation(handle.request, len(ids), model.n_ctx)
+        need = reserved * kv_bytes_per_token
+        if need > kv_budget_bytes:
+            raise KVBudgetError(f"request needs {need / 2**20:.0f} MiB of KV cache, the budget is {kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise the KV budget")
+        return cls(handle, ids, reserved, thinking_open, truncated)
 
     def cancelled_summary(self) -> Summary:
         waited = time.perf_counter() - self.t_submit

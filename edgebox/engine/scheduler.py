@@ -18,6 +18,7 @@ governor prices is what the chips are then charged for).
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Sequence as Seq
 
@@ -26,6 +27,25 @@ from edgebox.engine.sequence import Sequence, context_shift
 from edgebox.model.kv_cache import KVCache
 
 MIN_CACHED_PREFIX = 4  # a shorter common prefix is not worth the copy
+
+
+class PromptCache(deque):
+    """Finished sequences' (tokens, KV cache), most recent last, at most ``entries``: a request
+    that shares a prefix with one copies it instead of computing it."""
+
+    def __init__(self, entries: int):
+        super().__init__()
+        self.entries = entries
+
+    def remember(self, ids: list[int], kv: KVCache) -> None:
+        if self.entries and kv.length >= MIN_CACHED_PREFIX:
+            self.append((ids, kv))
+            while len(self) > self.entries:
+                self.popleft()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(kv.nbytes for _, kv in self)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def context_shift(length: int, n_keep: int) -> tuple[int, int]:
 class Sequence:
     """One running request (see the module docstring)."""
 
-    def __init__(self, queued: Queued, kv: KVCache, tokenizer):
+    def __init__(self, queued: Queued, kv: KVCache, tokenizer, dry_run: bool = False):
         r = queued.handle.request
         self.handle, self.request, self.ids, self.kv = queued.handle, r, queued.ids, kv
         self.n_done = kv.length  # prompt tokens already in the cache (prompt cache hit)
@@ -41,6 +41,7 @@ class Sequence:
         self.text: list[str] = []
         self.seq = 0
         self.shifted = False
+        self.dry_run = dry_run  # its tokens are a dry run's fixed one: no text
         self.truncated = queued.truncated
         self.t_submit, self.t_start, self.t_first = queued.t_submit, time.perf_counter(), 0.0
 
@@ -54,12 +55,18 @@ class Sequence:
         return self.kv.length + 1 > self.kv.n_ctx
 
     # -- the forward pass ----------------------------------------------------------------------
-    def decode_segment(self) -> Segment:
-        return Segment(np.array([self.pending], np.int32), np.array([self.next_pos], np.int32), self.kv)
-
-    def prompt_segment(self, n: int) -> Segment:
+    def segment(self, n: int) -> Segment:
+        """Its part of the step: the next ``n`` prompt tokens, or the pending token (n = 1)."""
+        if not self.prefilling:
+            return Segment(np.array([self.pending], np.int32), np.array([self.next_pos], np.int32), self.kv)
         return Segment(np.array(self.ids[self.n_done:self.n_done + n], np.int32),
                        np.arange(self.next_pos, self.next_pos + n, dtype=np.int32), self.kv)
+
+    def advance(self, n: int) -> None:
+        """The step put its ``n`` tokens in the cache."""
+        if self.prefilling:
+            self.n_done += n
+        self.next_pos += n
 
     def shift_context(self, args) -> None:
         """Make room for the next token (only sequences with ``context_shift`` get here: the
@@ -70,16 +77,37 @@ class Sequence:
         self.shifted = True
 
     # -- output --------------------------------------------------------------------------------
+    def next_token(self, logits: np.ndarray | None, dry_token: int) -> str | None:
+        """Sample the next token from ``logits`` [V] (a dry run's are None: ``dry_token``, and no
+        text), show its text; returns why the sequence ends here (stop | length), or None."""
+        if self.t_first == 0.0:
+            self.t_first = time.perf_counter()
+        c = self.completion
+        token = dry_token if logits is None else c.sample(logits)
+        text = c.push(token)
+        if not self.dry_run:
+            self.emit(text)
+        if c.done_reason is not None:
+            return c.done_reason
+        if self.context_full and not self.request.context_shift:
+            return "length"
+        self.pending = token
+        return None
+
+    def end(self, reason: str, error: str | None) -> None:
+        """Show what is still held back: at a stop or length the text the completion held, then
+        the reasoning split's tail."""
+        if reason in ("length", "stop") and error is None and not self.dry_run:
+            self.emit(self.completion.finish(reason))
+        for reasoning, piece in self.reasoning.flush():
+            self.handle._emit(Chunk(self.request.request_id, self.seq, piece, reasoning))
+            self.seq += 1
+
     def emit(self, text: str) -> None:
         if not text:
             return
         self.text.append(text)
         for reasoning, piece in self.reasoning.push(text):
-            self.handle._emit(Chunk(self.request.request_id, self.seq, piece, reasoning))
-            self.seq += 1
-
-    def flush_reasoning(self) -> None:
-        for reasoning, piece in self.reasoning.flush():
             self.handle._emit(Chunk(self.request.request_id, self.seq, piece, reasoning))
             self.seq += 1
 
