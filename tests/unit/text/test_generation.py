@@ -1,10 +1,12 @@
-"""Completion: the one set of end-of-generation rules (Model.generate and the engine use it)."""
+"""Completion: the one set of end-of-generation rules (Model.generate and the engine use it), and
+StopMatcher (streaming stop strings)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from edgebox.text.generation import Completion
+from edgebox.text.generation import Completion, StopMatcher
 from edgebox.text.sampler import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -84,3 +86,74 @@ def test_the_sampler_sees_prompt_and_generated_tokens():
     assert c.sample(logits) == 2
     c.push(2)
     assert c.sample(logits) == 3 and c.history == [1, 2]
+
+
+# --- StopMatcher ----------------------------------------------------------------------------------
+
+def run_stops(stops, pieces) -> tuple[str, bool]:
+    """Everything a client would see, and whether the stream stopped."""
+    m = StopMatcher(stops)
+    shown = ""
+    for piece in pieces:
+        emit, stopped = m.push(piece)
+        shown += emit
+        if stopped:
+            return shown, True
+    return shown + m.flush(), False
+
+
+def test_stop_string_split_across_pushes_is_held_back_and_dropped():
+    m = StopMatcher(["</s>"])
+    assert m.push("Hello <") == ("Hello ", False)
+    assert m.push("/") == ("", False)
+    assert m.push("s") == ("", False)
+    assert m.push("> more") == ("", True)
+    assert m.matched == "</s>" and m.stopped
+    assert m.push("later") == ("", True) and m.flush() == ""
+
+
+def test_a_false_start_is_released_as_soon_as_it_cannot_be_a_stop():
+    m = StopMatcher(["</s>"])
+    assert m.push("a <") == ("a ", False)
+    assert m.push("b") == ("<b", False)
+    assert m.push("plain") == ("plain", False)  # nothing held when no suffix can start a stop
+
+
+def test_multiple_stops_first_one_to_complete_wins():
+    assert run_stops(["User:", "\n\n"], ["Answer.", "\n", "\nUser: hi"]) == ("Answer.", True)
+    assert run_stops(["User:", "\n\n"], ["Answer. User", ":"]) == ("Answer. ", True)
+    # "bc" completes before "abcd" could: a char-by-char stream would stop there too
+    assert run_stops(["abcd", "bc"], ["abcd"]) == ("a", True)
+    assert run_stops(["abcd", "bc"], list("abcd")) == ("a", True)
+
+
+def test_result_does_not_depend_on_how_the_text_is_split():
+    text = "The answer is 42.<|EOT|>### Instruction: more"
+    stops = ["### Instruction", "<|EOT|>", "42!"]
+    whole = run_stops(stops, [text])
+    assert whole == ("The answer is 42.", True)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cuts = sorted(rng.choice(np.arange(1, len(text)), size=rng.integers(1, 12), replace=False).tolist())
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        assert run_stops(stops, pieces) == whole
+
+
+def test_no_false_holdback_at_the_end():
+    m = StopMatcher(["</s>", "\nUser:"])
+    assert m.push("ends with a partial </") == ("ends with a partial ", False)
+    assert m.push("\nUs") == ("</", False)  # "</" is released; "\nUs" may still become "\nUser:"
+    assert m.flush() == "\nUs"  # the stream ended: the held-back text is shown, nothing lost
+    assert m.flush() == ""
+
+
+def test_stop_at_the_very_start_and_no_stops_at_all():
+    assert StopMatcher(["</s>"]).push("</s>tail") == ("", True)
+    m = StopMatcher([])
+    assert m.push("anything </s>") == ("anything </s>", False) and m.flush() == ""
+
+
+def test_a_single_string_is_one_stop_and_empty_stops_are_refused():
+    assert run_stops("END", ["the EN", "D"]) == ("the ", True)
+    with pytest.raises(ValueError, match="non-empty"):
+        StopMatcher(["ok", ""])
