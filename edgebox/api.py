@@ -55,7 +55,7 @@ class GenerationStats:
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
-    done_reason: str = ""  # stop | length | eos
+    done_reason: str = ""  # stop | length
 
     @property
     def prompt_tok_per_s(self) -> float:
