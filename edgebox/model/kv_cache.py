@@ -66,7 +66,6 @@ class Segment:
     all_logits: bool = False  # logits of every row, or only of the last one
 
 
-
 def step_cost(segments: Sequence[Segment]) -> tuple[list[tuple[int, int]], int]:
     """The shape ``Box.account_step`` charges a forward pass over ``segments`` by (call it before
     the pass): (rows, context after the pass) per segment, and how many rows' logits it makes."""
