@@ -20,7 +20,9 @@ from edgebox.gguf.loader import LoadedModel, load_gguf
 from edgebox.chips.box import Box
 from edgebox.kernels.backend import BACKENDS, DEFAULT_BACKEND
 from edgebox.model import KVCache, Transformer
-from edgebox.text.sampler import Sampler, SamplingParams, StopMatcher
+from edgebox.model.kv_cache import Segment, step_cost
+from edgebox.text.generation import Completion
+from edgebox.text.sampler import SamplingParams
 
 DEFAULT_CTX = 4096
 
@@ -53,7 +55,7 @@ class GenerationStats:
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
-    done_reason: str = ""  # stop | length | eos
+    done_reason: str = ""  # stop | length
 
     @property
     def prompt_tok_per_s(self) -> float:
@@ -68,7 +70,10 @@ class GenerationStats:
 
 @dataclass
 class Generation:
-    """An iterator of text pieces for one prompt; ``stats`` is complete once it is exhausted."""
+    """An iterator of text pieces for one prompt; ``stats`` is complete once it is exhausted.
+
+    The end-of-generation, stop-string and max-token rules are ``Completion``'s (the engine's
+    too); the context is the model's: generation also ends when it is full."""
 
     model: "Model"
     prompt_ids: list[int]
@@ -85,43 +90,32 @@ class Generation:
             raise EdgeboxError("the prompt is empty and the model adds no BOS token; give a prompt")
         if n_prompt + 1 > m.n_ctx:
             raise ContextOverflowError(f"the prompt has {n_prompt} tokens but the context holds {m.n_ctx}; shorten the prompt or raise the context size")
-        max_new = min(self.max_tokens, m.n_ctx - n_prompt)
-        sampler = Sampler(self.params)
-        detok = m.tokenizer.stream_decoder()
-        stops = StopMatcher(self.stop)
+        completion = Completion(m.tokenizer, self.prompt_ids, self.params, min(self.max_tokens, m.n_ctx - n_prompt), self.stop)
+        self.tokens = completion.tokens
         kv = m.new_cache()
-        history = list(self.prompt_ids)
 
         # prompt processing: one forward pass over the whole prompt, logits of the last token only
         t0 = time.perf_counter()
-        logits = m.transformer.forward(np.asarray(self.prompt_ids, np.int32), np.arange(n_prompt, dtype=np.int32), kv, all_logits=False)[0]
+        logits = m.forward(np.asarray(self.prompt_ids, np.int32), np.arange(n_prompt, dtype=np.int32), kv, all_logits=False)[0]
         self.stats.prompt_tokens = n_prompt
         self.stats.prompt_seconds = time.perf_counter() - t0
 
+        # decode: sample, show the text, feed the token back until the completion ends
         t0 = time.perf_counter()
-        self.stats.done_reason = "length"
-        for i in range(max_new):
-            token = sampler.sample(logits, history)
-            if token in m.tokenizer.eog_ids:
-                self.stats.done_reason = "stop"
-                break
-            self.tokens.append(token)
-            history.append(token)
-            self.stats.generated_tokens += 1
-            text, stopped = stops.push(detok.feed(token))
+        while True:
+            token = completion.sample(logits)
+            text = completion.push(token)
+            self.stats.generated_tokens = len(completion.tokens)
             if text:
                 yield text
-            if stopped:
-                self.stats.done_reason = "stop"
+            if completion.done_reason is not None:
                 break
-            if i + 1 < max_new:
-                pos = np.array([n_prompt + i], np.int32)
-                logits = m.transformer.forward(np.array([token], np.int32), pos, kv, all_logits=False)[0]
-        else:
-            tail, _ = stops.push(detok.flush())
-            tail += stops.flush()
-            if tail:
-                yield tail
+            pos = np.array([n_prompt + len(completion.tokens) - 1], np.int32)
+            logits = m.forward(np.array([token], np.int32), pos, kv, all_logits=False)[0]
+        tail = completion.finish()
+        if tail:
+            yield tail
+        self.stats.done_reason = completion.done_reason
         self.stats.decode_seconds = time.perf_counter() - t0
 
 
@@ -176,7 +170,13 @@ class Model:
         tokens = np.asarray(ids, np.int32)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.args.n_vocab):
             raise EdgeboxError(f"token ids must be in [0, {self.args.n_vocab}); got {tokens.min()}..{tokens.max()}")
-        return self.transformer.forward(tokens, np.arange(len(tokens), dtype=np.int32), self.new_cache())
+        return self.forward(tokens, np.arange(len(tokens), dtype=np.int32), self.new_cache())
+
+    def forward(self, tokens: np.ndarray, positions: np.ndarray, kv: KVCache, all_logits: bool = True) -> np.ndarray:
+        """``Transformer.forward`` with the chips charged for it: logits [T, V] (or [1, V])."""
+        segment = Segment(tokens, positions, kv, all_logits)
+        self.box.account_step(*step_cost([segment]))
+        return self.transformer.forward_segments([segment])[0]
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt for ``messages`` through the GGUF's chat template (llama.cpp --jinja)."""

@@ -66,3 +66,8 @@ class Segment:
     all_logits: bool = False  # logits of every row, or only of the last one
 
 
+def step_cost(segments: Sequence[Segment]) -> tuple[list[tuple[int, int]], int]:
+    """The shape ``Box.account_step`` charges a forward pass over ``segments`` by (call it before
+    the pass): (rows, context after the pass) per segment, and how many rows' logits it makes."""
+    shape = [(len(seg.tokens), seg.kv.length + len(seg.tokens)) for seg in segments]
+    return shape, sum(len(seg.tokens) if seg.all_logits else 1 for seg in segments)

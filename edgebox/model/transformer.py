@@ -38,13 +38,12 @@ class Transformer:
         """
         return self.forward_segments([Segment(tokens, positions, kv, all_logits)])[0]
 
-    def forward_segments(self, segments: list[Segment], dry_run: bool = False) -> list[np.ndarray] | None:
+    def forward_segments(self, segments: list[Segment]) -> list[np.ndarray]:
         """Several sequences in one pass (continuous batching): the rows of every segment go
         through each weight matrix together, so a weight is read once per step, not once per
         sequence; attention is per segment over its own cache. Appends each segment's keys and
-        values to its cache and charges the chips' device time for the step. Returns per segment
-        logits [n, V] or [1, V]; ``dry_run`` skips the math (and returns None) but keeps the
-        caches' lengths and the device time exactly as a real step would."""
+        values to its cache. Returns per segment logits [n, V] or [1, V]. Math only: the caller
+        charges the chips' device time (``kv_cache.step_cost``)."""
         a, w, box = self.args, self.weights, self.box
         starts = []
         for seg in segments:
@@ -53,12 +52,6 @@ class Transformer:
                 raise ContextOverflowError(f"{seg.kv.length + n} tokens do not fit in the context of {seg.kv.n_ctx}; shorten the prompt or raise the context size")
             starts.append(seg.kv.length)
             seg.kv.pos[seg.kv.length:seg.kv.length + n] = seg.positions
-        n_logits = sum(len(seg.tokens) if seg.all_logits else 1 for seg in segments)
-        box.account_step([(len(seg.tokens), seg.kv.length + len(seg.tokens)) for seg in segments], n_logits)
-        if dry_run:
-            for seg in segments:
-                seg.kv.length += len(seg.tokens)
-            return None
         rows = np.cumsum([0] + [len(seg.tokens) for seg in segments])  # segment i is rows[i]:rows[i+1]
         tokens = np.concatenate([seg.tokens for seg in segments])  # [R]
         positions = np.concatenate([seg.positions for seg in segments])  # [R]

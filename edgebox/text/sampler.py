@@ -1,4 +1,4 @@
-"""Token sampling and streaming stop strings.
+"""Token sampling: logits -> one token id.
 
 The sampler is separate from the model and owns its random generator (as in llama2.c), so the
 same seed and the same logits give the same tokens whatever else runs in the process.
@@ -223,66 +223,3 @@ def _top_p_cut(sorted_vals: np.ndarray, total: float, vmax: float, top_p: float)
     mass = np.cumsum(np.exp(sorted_vals.astype(np.float64) - vmax)) / total
     reach = np.flatnonzero(mass >= top_p)
     return int(reach[0]) + 1 if reach.size else -1
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text without emitting any part of them.
-
-    ``push(text)`` returns ``(emit, stopped)``: the text safe to show now. Text that could be
-    the start of a stop string is held back until it is known; when a stop string completes,
-    the text before it is emitted, ``stopped`` is True and the stop string itself is dropped.
-    ``flush()`` returns what is still held back once the stream has ended without a stop.
-
-    The match is the stop string that *completes* first (on a tie, the longest), which is what
-    a character-by-character stream would see, so the result does not depend on how the text
-    was split into pushes.
-    """
-
-    def __init__(self, stops: Sequence[str] = ()):
-        if isinstance(stops, str):
-            stops = (stops,)  # a lone string is one stop string, not a set of characters
-        stops = tuple(stops)
-        for s in stops:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
-        self.stops: tuple[str, ...] = tuple(dict.fromkeys(stops))
-        self.stopped = False
-        self.matched: str | None = None  # the stop string that ended the stream
-        self._held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        if self.stopped:
-            return "", True
-        if not self.stops:
-            return text, False
-        buf = self._held + text
-
-        best_end, best = -1, None
-        for stop in self.stops:
-            start = buf.find(stop)
-            if start < 0:
-                continue
-            end = start + len(stop)
-            if best is None or end < best_end or (end == best_end and len(stop) > len(best)):
-                best_end, best = end, stop
-        if best is not None:
-            self.stopped, self.matched, self._held = True, best, ""
-            return buf[: best_end - len(best)], True
-
-        hold = self._partial_suffix(buf)
-        self._held = buf[len(buf) - hold:] if hold else ""
-        return buf[: len(buf) - hold], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return "" if self.stopped else held
-
-    def _partial_suffix(self, buf: str) -> int:
-        """Length of the longest suffix of ``buf`` that is a proper prefix of some stop string."""
-        longest = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(buf)), longest, -1):
-                if buf.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest

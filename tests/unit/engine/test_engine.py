@@ -291,3 +291,20 @@ def test_first_request_is_hot(model):
         assert first < 3 * steady + 0.25, (first, steady)
     finally:
         e.close(drain=False)
+
+
+def test_model_generate_and_the_engine_charge_the_chips_alike(model):
+    """One cost rule (kv_cache.step_cost): a request alone in the engine is charged the device
+    time ``Model.generate`` is charged for the same prompt and tokens."""
+    prompt, n = "def mean(xs):", 6
+    t0 = model.box.clock_s
+    text = "".join(model.stream(prompt, max_tokens=n, params=GREEDY))
+    alone = model.box.clock_s - t0
+    e = Engine(model, max_batch=2, prefill_chunk=512, warmup=False)
+    try:
+        t0 = model.box.clock_s
+        s = e.generate(Request(prompt=prompt, max_tokens=n, params=GREEDY))
+        engine = model.box.clock_s - t0
+    finally:
+        e.close(drain=False)
+    assert s.text == text and alone > 0 and abs(engine - alone) < 1e-9 * alone

@@ -1,4 +1,4 @@
-"""Sampler (llama.cpp's default chain) and StopMatcher (streaming stop strings)."""
+"""Sampler (llama.cpp's default chain)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from edgebox.text.sampler import Sampler, SamplingParams, StopMatcher
+from edgebox.text.sampler import Sampler, SamplingParams
 
 # Only the filters under test: every other one disabled.
 PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
@@ -260,74 +260,3 @@ def test_bad_logits_are_refused(logits):
 def test_history_ids_out_of_range_are_refused():
     with pytest.raises(ValueError, match="history token ids"):
         sampler(repeat_penalty=1.1).sample(np.zeros(4, np.float32), [1, 4])
-
-
-# --- StopMatcher ----------------------------------------------------------------------------------
-
-def run(stops, pieces) -> tuple[str, bool]:
-    """Everything a client would see, and whether the stream stopped."""
-    m = StopMatcher(stops)
-    shown = ""
-    for piece in pieces:
-        emit, stopped = m.push(piece)
-        shown += emit
-        if stopped:
-            return shown, True
-    return shown + m.flush(), False
-
-
-def test_stop_string_split_across_pushes_is_held_back_and_dropped():
-    m = StopMatcher(["</s>"])
-    assert m.push("Hello <") == ("Hello ", False)
-    assert m.push("/") == ("", False)
-    assert m.push("s") == ("", False)
-    assert m.push("> more") == ("", True)
-    assert m.matched == "</s>" and m.stopped
-    assert m.push("later") == ("", True) and m.flush() == ""
-
-
-def test_a_false_start_is_released_as_soon_as_it_cannot_be_a_stop():
-    m = StopMatcher(["</s>"])
-    assert m.push("a <") == ("a ", False)
-    assert m.push("b") == ("<b", False)
-    assert m.push("plain") == ("plain", False)  # nothing held when no suffix can start a stop
-
-
-def test_multiple_stops_first_one_to_complete_wins():
-    assert run(["User:", "\n\n"], ["Answer.", "\n", "\nUser: hi"]) == ("Answer.", True)
-    assert run(["User:", "\n\n"], ["Answer. User", ":"]) == ("Answer. ", True)
-    # "bc" completes before "abcd" could: a char-by-char stream would stop there too
-    assert run(["abcd", "bc"], ["abcd"]) == ("a", True)
-    assert run(["abcd", "bc"], list("abcd")) == ("a", True)
-
-
-def test_result_does_not_depend_on_how_the_text_is_split():
-    text = "The answer is 42.<|EOT|>### Instruction: more"
-    stops = ["### Instruction", "<|EOT|>", "42!"]
-    whole = run(stops, [text])
-    assert whole == ("The answer is 42.", True)
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        cuts = sorted(rng.choice(np.arange(1, len(text)), size=rng.integers(1, 12), replace=False).tolist())
-        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-        assert run(stops, pieces) == whole
-
-
-def test_no_false_holdback_at_the_end():
-    m = StopMatcher(["</s>", "\nUser:"])
-    assert m.push("ends with a partial </") == ("ends with a partial ", False)
-    assert m.push("\nUs") == ("</", False)  # "</" is released; "\nUs" may still become "\nUser:"
-    assert m.flush() == "\nUs"  # the stream ended: the held-back text is shown, nothing lost
-    assert m.flush() == ""
-
-
-def test_stop_at_the_very_start_and_no_stops_at_all():
-    assert StopMatcher(["</s>"]).push("</s>tail") == ("", True)
-    m = StopMatcher([])
-    assert m.push("anything </s>") == ("anything </s>", False) and m.flush() == ""
-
-
-def test_a_single_string_is_one_stop_and_empty_stops_are_refused():
-    assert run("END", ["the EN", "D"]) == ("the ", True)
-    with pytest.raises(ValueError, match="non-empty"):
-        StopMatcher(["ok", ""])

@@ -1,0 +1,240 @@
+"""What a caller hands the engine and gets back: ``Request`` in, a ``Handle`` that yields
+``Chunk``s and ends with one ``Summary``; the errors a submit can raise before queueing;
+``EngineStats``; and a request's life before it runs (``Queued``: its prompt's tokens, its KV
+reservation).
+
+Handles are thread-safe: iterate one (or pass ``on_event``) on any thread, ``cancel()`` at any
+time; the scheduler thread is the only one that emits.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from edgebox.errors import ContextOverflowError, EdgeboxError
+from edgebox.text.chat import THINK_OPEN
+from edgebox.text.sampler import SamplingParams
+
+
+class QueueFullError(EdgeboxError):
+    """Too many requests are waiting; try again later (HTTP/MQTT code 429)."""
+
+
+class KVBudgetError(EdgeboxError):
+    """A request needs more KV cache than the whole budget (code 413)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str | None = None  # raw prompt text, or
+    messages: tuple[dict, ...] | list[dict] | None = None  # chat messages through the GGUF chat template
+    max_tokens: int = 128
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    context_shift: bool = False  # when the context fills: drop old tokens (keeping n_keep) instead of stopping
+    n_keep: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise EdgeboxError("a request needs exactly one of 'prompt' or 'messages'")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise EdgeboxError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.n_keep < 0:
+            raise EdgeboxError(f"n_keep must be >= 0, got {self.n_keep}")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    request_id: str
+    seq: int  # 0, 1, 2, ... per request
+    text: str
+    reasoning: bool = False  # DeepSeek-R1 <think> text (llama.cpp --reasoning-format deepseek)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The final word on a request, like ollama's final response."""
+
+    request_id: str
+    done_reason: str  # stop | length | cancelled | error
+    text: str  # everything generated (reasoning tags removed)
+    content: str
+    reasoning: str
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens reused from the prompt cache
+    generated_tokens: int = 0
+    queue_s: float = 0.0
+    ttft_s: float = 0.0  # submit -> first token
+    prompt_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    error: str | None = None
+    prompt_truncated: int = 0  # tokens dropped from an over-long prompt (context_shift)
+
+    @property
+    def ok(self) -> bool:
+        return self.done_reason != "error"
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_s if self.generated_tokens > 1 and self.decode_s > 0 else 0.0
+
+
+Event = Chunk | Summary
+
+
+class Handle:
+    """One submitted request: iterate it for ``Chunk``s; ``summary`` once done."""
+
+    def __init__(self, request: Request, on_event: Callable[[Event], None] | None,
+                 wake: Callable[[], None] | None = None):
+        self.request = request
+        self.request_id = request.request_id
+        self.summary: Summary | None = None
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._on_event = on_event
+        self._wake = wake  # tells the scheduler (asleep when idle) to look at the cancel now
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the next scheduler step (milliseconds)."""
+        self._cancelled.set()
+        if self._wake is not None:
+            self._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            event = self._events.get()
+            if isinstance(event, Summary):
+                return
+            yield event
+
+    def text(self) -> str:
+        """Wait for the end and return the whole generated text."""
+        return self.result().text
+
+    def result(self, timeout: float | None = None) -> Summary:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        return self.summary
+
+    def _emit(self, event: Event) -> None:
+        if isinstance(event, Summary):
+            self.summary = event
+        self._events.put(event)
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # a consumer's bug must not stop the scheduler
+                pass
+        if isinstance(event, Summary):
+            self._done.set()
+
+
+@dataclass
+class EngineStats:
+    running: int
+    queued: int
+    batch_limit: int
+    kv_used_bytes: int
+    kv_budget_bytes: int
+    tokens_per_s: float  # generated tokens per second over the last few seconds
+    steps: int
+    generated_tokens: int
+
+
+class TokenRate:
+    """Generated tokens per second over the last ``window_s`` seconds of steps."""
+
+    def __init__(self, window_s: float = 5.0):
+        self.window_s = window_s
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+
+    def add(self, tokens: int) -> None:
+        now = time.perf_counter()
+        self._recent.append((now, tokens))
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+
+    def per_s(self) -> float:
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in self._recent if now - t < self.window_s]
+        span = now - recent[0][0] if recent else 0.0
+        return sum(n for _, n in recent) / span if span > 0.5 else 0.0
+
+    def clear(self) -> None:
+        self._recent.clear()
+
+
+@dataclass(eq=False)
+class Queued:
+    """A request waiting for a slot, its prompt already tokenized (on the submitter's thread)."""
+
+    handle: Handle
+    ids: list[int]  # the prompt's tokens (truncated when it was too long and context_shift is on)
+    reserved: int  # KV slots it holds once running: ``reservation``
+    thinking_open: bool  # the chat template opened a <think> block
+    truncated: int  # prompt tokens dropped
+    t_submit: float = 0.0  # set when it joins the queue
+
+    @classmethod
+    def prepare(cls, model, handle: Handle, kv_budget_bytes: int, kv_bytes_per_token: int) -> "Queued":
+        """Tokenize the request's prompt and reserve its KV; raises as ``Engine.submit`` does."""
+        ids, thinking_open, truncated = prompt_ids(model, handle.request)
+        reserved = reservation(handle.request, len(ids), model.n_ctx)
+        need = reserved * kv_bytes_per_token
+        if need > kv_budget_bytes:
+            raise KVBudgetError(f"request needs {need / 2**20:.0f} MiB of KV cache, the budget is {kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise the KV budget")
+        return cls(handle, ids, reserved, thinking_open, truncated)
+
+    def cancelled_summary(self) -> Summary:
+        waited = time.perf_counter() - self.t_submit
+        return Summary(self.handle.request_id, "cancelled", "", "", "", prompt_tokens=len(self.ids),
+                       queue_s=waited, total_s=waited)
+
+
+def reservation(r: Request, n_prompt: int, n_ctx: int) -> int:
+    """KV slots a request holds while it runs: its prompt plus max_tokens, within the context
+    (all of it when it may shift the context)."""
+    return n_ctx if r.context_shift else min(n_ctx, n_prompt + r.max_tokens)
+
+
+def prompt_ids(model, r: Request) -> tuple[list[int], bool, int]:
+    """(the prompt's tokens, whether the chat template left a <think> block open, tokens dropped).
+
+    A prompt that fills the context is refused, or with ``context_shift`` truncated as llama.cpp
+    does: keep ``n_keep`` tokens, drop whole blocks of half the rest after them."""
+    if r.messages is not None:
+        text = model.render_chat(list(r.messages))
+        thinking_open = text.rstrip().endswith(THINK_OPEN)
+    else:
+        text, thinking_open = r.prompt, False
+    ids = model.tokenize_prompt(text)
+    if not ids:
+        raise EdgeboxError("the prompt is empty and the model adds no BOS token; give a prompt")
+    n_ctx, truncated = model.n_ctx, 0
+    if len(ids) >= n_ctx:
+        if not r.context_shift:
+            raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the context holds {n_ctx} (and at least one must be generated); shorten it or enable context_shift")
+        n_keep = min(r.n_keep, n_ctx // 2)
+        block = (n_ctx - n_keep) // 2
+        erased = (len(ids) - n_keep - block) // block
+        kept = ids[:n_keep] + ids[n_keep + erased * block:]
+        truncated, ids = len(ids) - len(kept), kept
+    return ids, thinking_open, truncated

@@ -1,0 +1,124 @@
+"""A request being served: its prompt's progress through the cache, the token the next decode
+step feeds, its ``Completion`` (the text rules) and its reasoning split, timings.
+
+Invariants: ``n_done`` prompt tokens are in the cache (``kv.length == n_done`` while the prompt
+is read); afterwards every step feeds ``pending`` at ``next_pos``. Only the scheduler thread
+touches a sequence.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edgebox.engine.request import Chunk, Queued, Summary
+from edgebox.model.kv_cache import KVCache, Segment
+from edgebox.text.chat import ReasoningStream, split_reasoning
+from edgebox.text.generation import Completion
+
+
+def context_shift(length: int, n_keep: int) -> tuple[int, int]:
+    """llama.cpp's context shift of a full cache holding ``length`` slots: (slots kept at the
+    start, slots dropped after them): half of what follows the first ``n_keep``."""
+    n_keep = min(n_keep, length // 2)
+    return n_keep, (length - n_keep) // 2
+
+
+class Sequence:
+    """One running request (see the module docstring)."""
+
+    def __init__(self, queued: Queued, kv: KVCache, tokenizer, dry_run: bool = False):
+        r = queued.handle.request
+        self.handle, self.request, self.ids, self.kv = queued.handle, r, queued.ids, kv
+        self.n_done = kv.length  # prompt tokens already in the cache (prompt cache hit)
+        self.cached = kv.length
+        self.next_pos = kv.length
+        self.completion = Completion(tokenizer, queued.ids, r.params, r.max_tokens, r.stop)
+        self.thinking_open = queued.thinking_open
+        self.reasoning = ReasoningStream(queued.thinking_open)
+        self.pending: int | None = None  # the sampled token to feed in the next decode step
+        self.text: list[str] = []
+        self.seq = 0
+        self.shifted = False
+        self.dry_run = dry_run  # its tokens are a dry run's fixed one: no text
+        self.truncated = queued.truncated
+        self.t_submit, self.t_start, self.t_first = queued.t_submit, time.perf_counter(), 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_done < len(self.ids)
+
+    @property
+    def context_full(self) -> bool:
+        """The next decode token has no slot (it ends the sequence unless it shifts the context)."""
+        return self.kv.length + 1 > self.kv.n_ctx
+
+    # -- the forward pass ----------------------------------------------------------------------
+    def segment(self, n: int) -> Segment:
+        """Its part of the step: the next ``n`` prompt tokens, or the pending token (n = 1)."""
+        if not self.prefilling:
+            return Segment(np.array([self.pending], np.int32), np.array([self.next_pos], np.int32), self.kv)
+        return Segment(np.array(self.ids[self.n_done:self.n_done + n], np.int32),
+                       np.arange(self.next_pos, self.next_pos + n, dtype=np.int32), self.kv)
+
+    def advance(self, n: int) -> None:
+        """The step put its ``n`` tokens in the cache."""
+        if self.prefilling:
+            self.n_done += n
+        self.next_pos += n
+
+    def shift_context(self, args) -> None:
+        """Make room for the next token (only sequences with ``context_shift`` get here: the
+        others ended at a full context)."""
+        n_keep, n_discard = context_shift(self.kv.length, self.request.n_keep)
+        self.kv.shift(n_keep, n_discard, args)
+        self.next_pos -= n_discard
+        self.shifted = True
+
+    # -- output --------------------------------------------------------------------------------
+    def next_token(self, logits: np.ndarray | None, dry_token: int) -> str | None:
+        """Sample the next token from ``logits`` [V] (a dry run's are None: ``dry_token``, and no
+        text), show its text; returns why the sequence ends here (stop | length), or None."""
+        if self.t_first == 0.0:
+            self.t_first = time.perf_counter()
+        c = self.completion
+        token = dry_token if logits is None else c.sample(logits)
+        text = c.push(token)
+        if not self.dry_run:
+            self.emit(text)
+        if c.done_reason is not None:
+            return c.done_reason
+        if self.context_full and not self.request.context_shift:
+            return "length"
+        self.pending = token
+        return None
+
+    def end(self, reason: str, error: str | None) -> None:
+        """Show what is still held back: at a stop or length the text the completion held, then
+        the reasoning split's tail."""
+        if reason in ("length", "stop") and error is None and not self.dry_run:
+            self.emit(self.completion.finish(reason))
+        for reasoning, piece in self.reasoning.flush():
+            self.handle._emit(Chunk(self.request.request_id, self.seq, piece, reasoning))
+            self.seq += 1
+
+    def emit(self, text: str) -> None:
+        if not text:
+            return
+        self.text.append(text)
+        for reasoning, piece in self.reasoning.push(text):
+            self.handle._emit(Chunk(self.request.request_id, self.seq, piece, reasoning))
+            self.seq += 1
+
+    def summary(self, reason: str, error: str | None) -> Summary:
+        now = time.perf_counter()
+        full = "".join(self.text)
+        reasoning_text, content = split_reasoning(full, thinking_open=self.thinking_open)
+        first = self.t_first or now
+        return Summary(
+            request_id=self.request.request_id, done_reason=reason, text=full, content=content,
+            reasoning=reasoning_text, prompt_tokens=len(self.ids), cached_prompt_tokens=self.cached,
+            generated_tokens=len(self.completion.tokens), queue_s=self.t_start - self.t_submit,
+            ttft_s=first - self.t_submit, prompt_s=first - self.t_start, decode_s=now - first,
+            total_s=now - self.t_submit, error=error, prompt_truncated=self.truncated)

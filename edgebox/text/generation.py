@@ -1,0 +1,132 @@
+"""One sequence's generation after its prompt: pick tokens, decide the end, stream the text.
+
+``Completion`` is the one place these rules live, for ``Model.generate`` (one sequence) and the
+engine (many at once), so the two give the same text for the same logits:
+
+- the sampler sees the prompt and every generated token (its repeat-penalty window);
+- an end-of-generation token ends it with "stop" and is not part of the output;
+- a stop string ends it with "stop": the text before it is shown, the stop string is not;
+- ``max_tokens`` generated tokens end it with "length"; so does ``finish("length")`` from the
+  caller (a full context);
+- the text streams: the detokenizer holds an incomplete UTF-8 character and the stop matcher
+  what could begin a stop string. ``finish`` releases what is held: at "length" both, at an
+  end-of-generation token what the stop matcher held (it can no longer become a stop string);
+  after a stop string nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from edgebox.text.sampler import Sampler, SamplingParams
+
+
+class Completion:
+    """The generated part of one sequence: ``push`` each next token (``sample`` picks it from
+    logits), show the text it returns, and once ``done_reason`` is set show ``finish()``."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int,
+                 stop: Sequence[str] = ()):
+        self.sampler = Sampler(params)
+        self.eog_ids = tokenizer.eog_ids
+        self.detok = tokenizer.stream_decoder()
+        self.stops = StopMatcher(stop)
+        self.max_tokens = max_tokens
+        self.history: list[int] = list(prompt_ids)  # what the sampler's repeat penalty looks back on
+        self.tokens: list[int] = []  # generated, end-of-generation excluded
+        self.done_reason: str | None = None  # stop | length once it has ended
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The next token for ``logits`` (float32 [n_vocab]) after everything so far."""
+        return self.sampler.sample(logits, self.history)
+
+    def push(self, token: int) -> str:
+        """Take the next token; returns the text it makes safe to show (often "", never part of a
+        stop string). Sets ``done_reason`` when this token ends the generation."""
+        if token in self.eog_ids:
+            self.done_reason = "stop"
+            return ""
+        self.tokens.append(token)
+        self.history.append(token)
+        text, stopped = self.stops.push(self.detok.feed(token))
+        if stopped:
+            self.done_reason = "stop"
+        elif len(self.tokens) >= self.max_tokens:
+            self.done_reason = "length"
+        return text
+
+    def finish(self, reason: str | None = None) -> str:
+        """End the generation (with ``reason`` when the caller ends it, e.g. "length" at a full
+        context) and return the text still held back."""
+        if reason is not None:
+            self.done_reason = reason
+        if self.stops.stopped:
+            return ""
+        if self.done_reason == "length":
+            return self.stops.push(self.detok.flush())[0] + self.stops.flush()
+        return self.stops.flush()
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text without emitting any part of them.
+
+    ``push(text)`` returns ``(emit, stopped)``: the text safe to show now. Text that could be
+    the start of a stop string is held back until it is known; when a stop string completes,
+    the text before it is emitted, ``stopped`` is True and the stop string itself is dropped.
+    ``flush()`` returns what is still held back once the stream has ended without a stop.
+
+    The match is the stop string that *completes* first (on a tie, the longest), which is what
+    a character-by-character stream would see, so the result does not depend on how the text
+    was split into pushes.
+    """
+
+    def __init__(self, stops: Sequence[str] = ()):
+        if isinstance(stops, str):
+            stops = (stops,)  # a lone string is one stop string, not a set of characters
+        stops = tuple(stops)
+        for s in stops:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        self.stops: tuple[str, ...] = tuple(dict.fromkeys(stops))
+        self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the stream
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+
+        best_end, best = -1, None
+        for stop in self.stops:
+            start = buf.find(stop)
+            if start < 0:
+                continue
+            end = start + len(stop)
+            if best is None or end < best_end or (end == best_end and len(stop) > len(best)):
+                best_end, best = end, stop
+        if best is not None:
+            self.stopped, self.matched, self._held = True, best, ""
+            return buf[: best_end - len(best)], True
+
+        hold = self._partial_suffix(buf)
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+    def _partial_suffix(self, buf: str) -> int:
+        """Length of the longest suffix of ``buf`` that is a proper prefix of some stop string."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(buf)), longest, -1):
+                if buf.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
