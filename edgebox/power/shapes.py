@@ -6,7 +6,7 @@ DeepSeek-LLM-7B shape can run where the file is not (CI): ``shape_model(DEEPSEEK
 builds the same ``Box`` (same shards, same per-chip bytes, same device time and power) over
 zero-stride views of a single byte, which report the full ``nbytes`` and occupy nothing.
 
-``ShapeModel`` is the part of ``edgebox.llm.Model`` the engine uses; its tokenizer counts one
+``ShapeModel`` is the part of ``edgebox.api.Model`` the engine uses; its tokenizer counts one
 token per whitespace-separated word, so a workload states its prompt lengths exactly, whichever
 model the shape came from.  It cannot generate text (a dry run samples nothing).
 """
