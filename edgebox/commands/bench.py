@@ -175,14 +175,12 @@ def prompt_seconds(m, n: int) -> float:
 
 
 def bench_concurrency(m, levels: tuple[int, ...], prompt_len: int = 64, gen: int = 48, rounds: int = 1) -> list[ConcurrencyPoint]:
-    """N streams submitted at once to an engine whose batch limit is N: generated tokens per second
-    of wall time (prompt processing included), the decode rate while all N decode together (each
-    batched step yields N tokens: N / per-token latency; the prompts are all read in the first
-    steps, so per-token latency is pure decode), TTFT and per-token latency percentiles; and the
-    64-token prompt-processing rate around the level, which the decode rate is compared with (a
-    rate taken minutes away would compare two states of this VM's memory). With ``rounds`` > 1
-    each level runs that many times and its point is the round with the median decode / pp64
-    ratio (the machine drifts even within a level's ~20 s: single rounds of 8 streams read 76-84 %)."""
+    """N streams submitted at once to an engine whose batch limit is N: wall tokens/s (prompts
+    included), the decode rate while all N decode (N / per-token latency: the prompts are all read
+    in the first steps), TTFT and latency percentiles, and the 64-token prompt rate taken around
+    the level, which the decode rate is compared with (memory bandwidth drifts, so the reference
+    must be measured in the same minute).  With ``rounds`` > 1 a level's point is its round with
+    the median decode / pp64 ratio, since the machine drifts even within a level."""
     out = []
     for c in levels:
         runs = [_concurrency_round(m, c, prompt_len, gen) for _ in range(rounds)]

@@ -46,8 +46,9 @@ DRAIN_METHODS = ("cancel", "get_status")  # still served while draining; the res
 REMEMBERED_REQUESTS = 4096                # finished request_ids kept to recognise redeliveries
 
 
-class Box(Protocol):
-    """What the handlers need from the service."""
+class DaemonServices(Protocol):
+    """What the command handlers need from the daemon's ``Service``: its settings, the budget,
+    and publishing events, state and status."""
 
     cfg: DaemonConfig
 
@@ -91,8 +92,8 @@ class _Rejected(Exception):
 
 
 class CommandHandler:
-    def __init__(self, box: Box, transport: Transport, host: ModelHost, topics: Topics):
-        self.box, self.transport, self.host, self.topics = box, transport, host, topics
+    def __init__(self, service: DaemonServices, transport: Transport, host: ModelHost, topics: Topics):
+        self.service, self.transport, self.host, self.topics = service, transport, host, topics
         self._inbox: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()  # bounded by ReceiveMaximum; None wakes
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
@@ -197,7 +198,7 @@ class CommandHandler:
             return
         if inbound.payload is None:
             return self._reject(inbound, None, route, TOO_LARGE,
-                                f"payload of {inbound.size} bytes exceeds max_payload_bytes ({self.box.cfg.max_payload_bytes})")
+                                f"payload of {inbound.size} bytes exceeds max_payload_bytes ({self.service.cfg.max_payload_bytes})")
         try:
             data = json.loads(inbound.payload)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -235,7 +236,7 @@ class CommandHandler:
             self.counters["duplicates"] += 1
             log.warning("duplicate request_id %r on %s (%s): answered once", envelope.request_id, method,
                         "still running" if earlier else "already answered")
-            self.box.publish_event("duplicate_request", request_id=envelope.request_id, method=method,
+            self.service.publish_event("duplicate_request", request_id=envelope.request_id, method=method,
                                    redelivered=inbound.dup)
             if earlier is None:
                 self.transport.ack(inbound)
@@ -281,7 +282,7 @@ class CommandHandler:
         self.counters["rejected"] += 1
         method = self.topics.method_of(inbound.topic)
         log.warning("rejected %s command %s with %d: %s", method or "?", request_id or "(no request_id)", code, message)
-        self.box.publish_event("bad_request", request_id=request_id, method=method, code=code, message=one_line(message),
+        self.service.publish_event("bad_request", request_id=request_id, method=method, code=code, message=one_line(message),
                                reply_topic=route.topic if route else None)
         if route is None or reply_topic_problem(route.topic, self.topics):
             self.transport.ack(inbound)  # nowhere to answer; the event above is the only trace
@@ -297,7 +298,7 @@ class CommandHandler:
         from edgebox.engine import KVBudgetError, QueueFullError, Request
         from edgebox.text.sampler import SamplingParams
 
-        cfg = self.box.cfg
+        cfg = self.service.cfg
         if len(self._jobs) >= cfg.max_in_flight:
             raise _Rejected(TOO_MANY, f"{len(self._jobs)} requests in flight (max_in_flight {cfg.max_in_flight}); retry later")
         if p.max_tokens > cfg.max_tokens_limit:
@@ -400,18 +401,18 @@ class CommandHandler:
         self._reply_ok(inbound, request_id, route, {"target": p.target, "cancelled": len(mine)})
 
     def _cmd_get_status(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p, deadline) -> None:
-        self._reply_ok(inbound, request_id, route, self.box.status())
+        self._reply_ok(inbound, request_id, route, self.service.status())
 
     def _cmd_set_power_budget(self, inbound: Inbound, request_id: str, route: Route, key: tuple,
                               p: SetPowerBudgetParams, deadline) -> None:
         try:
-            result = self.box.set_budget(p.watts)
+            result = self.service.set_budget(p.watts)
         except ValueError as e:
             raise _Rejected(BAD_REQUEST, f"budget {p.watts} W refused: {e}") from None
         self._reply_ok(inbound, request_id, route, result)
 
     def _cmd_load_model(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: LoadModelParams, deadline) -> None:
-        cfg = self.box.cfg
+        cfg = self.service.cfg
         allowed = cfg.allowed_models_dir.resolve()
         path = Path(p.path) if Path(p.path).is_absolute() else allowed / p.path
         path = path.resolve()
@@ -442,22 +443,22 @@ class CommandHandler:
             if path is None:
                 self.host.unload(before_close=lambda: self.cancel_all(UNAVAILABLE, why))
                 result: dict = {"state": "unloaded"}
-                self.box.publish_event("model_unloaded")
+                self.service.publish_event("model_unloaded")
             else:
-                self.box.publish_event("model_loading", path=str(path))
+                self.service.publish_event("model_loading", path=str(path))
                 result = self.host.load(path, chips, ctx, before_swap=lambda: self.cancel_all(UNAVAILABLE, why))
-                self.box.publish_event("model_loaded", **result)
-            self.box.publish_state()
+                self.service.publish_event("model_loaded", **result)
+            self.service.publish_state()
             self._reply_ok(inbound, request_id, route, result)
         except Busy as e:
             self._reject(inbound, request_id, route, CONFLICT, str(e))
         except EdgeboxError as e:  # ModelError: not a GGUF, unsupported, ...: the old model keeps serving
-            self.box.publish_event("error", message=one_line(str(e)), method="load_model")
-            self.box.publish_state()
+            self.service.publish_event("error", message=one_line(str(e)), method="load_model")
+            self.service.publish_state()
             self._reject(inbound, request_id, route, BAD_REQUEST, str(e))
         except Exception as e:
             log.exception("model switch failed")
-            self.box.publish_state()
+            self.service.publish_state()
             self._reject(inbound, request_id, route, INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
 

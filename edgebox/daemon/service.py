@@ -60,7 +60,7 @@ class Service:
         self.transport: Transport | None = None
         self.handler: CommandHandler | None = None
 
-    # -- the Box interface the handlers use ------------------------------------------------------
+    # -- the DaemonServices interface the handlers use ---------------------------------------------
     def set_budget(self, watts: float) -> dict:
         enforced = self.power.enforced
         self.power.set_budget(watts)  # ValueError -> 400

@@ -1,9 +1,9 @@
 """Read a GGUF file's header, metadata and tensor table; map the tensor data without copying.
 
 Why not ``gguf.GGUFReader``: it builds a numpy view for every part of every metadata string, which
-costs ~4 s and ~330 MB on a 102k-token vocabulary. Here string arrays are decoded in one pass over a
-``memoryview`` and numeric arrays in bulk with ``np.frombuffer``, so a 7B file's header parses in a
-fraction of that. The constants (value types, tensor types, block sizes) still come from gguf-py.
+costs seconds and hundreds of MB on a 100k-token vocabulary. Here string arrays are decoded in one
+pass over a ``memoryview`` and numeric arrays in bulk with ``np.frombuffer``. The constants (value
+types, tensor types, block sizes) still come from gguf-py.
 
 Every count and length read from the file is checked against the bytes that are left before it is
 used, so a truncated or hostile file fails fast with one clear line instead of a hang or a

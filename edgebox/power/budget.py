@@ -1,6 +1,6 @@
 """The power budget as windows of energy: a rolling 1 s average and a 100 ms ceiling.
 
-The budget (NOTES.md "Power budget") is a statement about energy in windows, not about any
+The budget (edgebox/power/README.md) is a statement about energy in windows, not about any
 instantaneous reading: average power <= B over every rolling 1 s window and <= 1.2 B over every
 100 ms window.  Two tools here:
 

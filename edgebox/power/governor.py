@@ -1,69 +1,43 @@
 """The power governor: hold the box's measured power inside the budget at the best tokens/s.
 
-Two parts, kept apart so the control law is testable on hand-made numbers:
+``decide`` (a tick, every ``inner_s`` of device time: guards, protections, thermal derating,
+budget changes, the batch loop) and ``modulate`` (after every engine step: the next step's
+clock) are pure functions returning a ``Decision``, so the control law is testable on hand-made
+numbers.  ``PowerGovernor`` is the loop around them, an engine step listener (scheduler thread,
+device time): it reads the chips' hwmon files, writes each chip's ``cpufreq/scaling_max_freq``
+(a board's actuator) and sets ``engine.batch_limit``.
 
-* pure functions: ``decide(readings, state, budget)`` runs a tick (every ``inner_s`` ≈ 100 ms of
-  device time: sensor guards, protections, thermal derating, budget changes, the batch loop);
-  ``modulate(sample, state, budget)`` runs after every engine step and picks the clock for the
-  next one.  Both return ``Decision(freqs_mhz, batch_limit, events, state)``; nothing is
-  mutated, no file or clock is touched.
-* ``PowerGovernor``: the loop around them, hung on the engine as a step listener (the scheduler
-  thread calls it after every step, in device time).  It reads the chips through the hwmon reader
-  from the firmware's published tree, writes each chip's ``cpufreq/scaling_max_freq`` (the
-  actuator a real board has) and sets ``engine.batch_limit``.
-
-Why the clock is chosen per step, not per 100 ms.  The DVFS levels are coarse (each ~25 % more
-power than the one below) and the budget has a 100 ms ceiling of 1.2 B.  A level whose power is
-over the budget but under the ceiling can be used part of the time, but steps are not alike: a
-prompt chunk lasts 4-7 decode steps, and the last, partial chunk of a prompt sits on the
-roofline ridge and draws 15-17 % more than decode.  Holding such a level for 100 ms blind would
-break the ceiling when that step comes; choosing per step, with the energy of the last 100 ms
-measured and the step the engine will run next priced exactly (``table.StepPricer``, the same
-formulas the chips are charged by), uses it whenever the windows allow and never otherwise.
-The 100 ms tick does what needs the full sensor set.
+Why per step, not per tick: the DVFS levels are coarse and steps are not alike (the last,
+partial chunk of a prompt sits on the roofline ridge and draws more than decode), so a level
+over the budget but under the 100 ms ceiling is safe only for a known step.  The next step is
+priced exactly (``table.StepPricer``: the formulas the chips are charged by) against the
+measured energy of the trailing windows.
 
 The control law:
 
-1. Energy, not power, is measured: the chips' summed ``energy1_input`` counters after each step
-   give that step's energy and the trailing 1 s and 100 ms windows exactly.
-2. A credit (joules) integrates target power (budget less a margin) minus measured power.  Each
-   step runs at one of the two levels around the target, the one that brings the credit nearer
-   zero (a first-order sigma-delta): the mean power *is* the target whatever the model's error,
-   and neighbours are the cheapest mix (energy per token is convex in the clock).  The next
-   step's power comes from the feed-forward model scaled by ``k`` (measured over predicted, ~1),
-   so a budget step is met by the very next step.
-3. Hard limits filter the candidates first: the next step must keep every 100 ms window ending
-   in it under the ceiling and every 1 s window under the budget (the part of a window before a
-   budget change is allowed the old budget: a budget applies from when it is set), and no chip
-   may near its over-current rating.
-4. Batch (outer loop, ~1 s, hysteresis): the table says which batch limit gives the most tokens/s
-   at the target; it changes for a clear gain (3 % up, 15 % down: a lower limit idles slots), or
-   at once when even the lowest clock at the current batch would be over budget.
-5. Guards: a sensor that is invalid, stale, or without an energy counter puts every chip at the
-   lowest clock and the batch at what the table says is safe there (an event names the chip and
-   the problem) until every sensor reads well for two ticks; so does an error in the governor
-   itself.  Firmware protections (thermal trip, over-current) are reported as throttle reasons;
-   after an over-current event the level that tripped is avoided for a while, and near the
-   thermal trip the target is derated.
-6. Idle (nothing running or queued): the lowest clock everywhere.  Nothing polls: the loop runs
-   only when the engine steps.
-7. Energy per token (``energy_slack``, default 3 %): above the reference clock (the best static
-   one: the highest level whose decode at the batch fits the budget) each second saved costs
-   ever more energy (voltage rises faster than frequency), so near the budget's edge speed is
-   bought dear.  A second credit sums (1 + slack) x each step's price at the reference clock
-   minus what it measured; while it is negative no step runs above the reference.  Energy per
-   token then stays within the slack of the best static setting's on the same work (plus an
-   allowance of B x ``energy_start_s`` joules at the start and after a budget change), and the
-   rest of the budget is left unspent.  None: the whole budget goes to speed.
-   (No schedule can beat a static clock on both tokens/s and energy per token at once when that
-   clock is on the frontier of its steps' (time, energy); ``frontier.py`` shows which are.)
+1. Energy, not power: the chips' summed ``energy1_input`` after each step gives that step's
+   energy and the trailing 1 s and 100 ms windows exactly.
+2. Sigma-delta: a credit (J) integrates target (budget less ``margin``) minus measured power;
+   each step runs at whichever of the two levels around the target brings the credit nearer
+   zero.  The mean is the target whatever the model's error, and neighbours are the cheapest mix
+   (energy per token is convex in the clock).  Prices are scaled by ``k`` (measured/predicted).
+3. Hard limits first: every 100 ms window ending in the next step under the ceiling, every 1 s
+   window under the budget (the part before a budget change at the old budget), no chip near its
+   over-current rating.
+4. Batch (every ``outer_s``, with hysteresis: a lower limit idles slots): the table's best limit
+   at the target; at once when even the lowest clock at the current batch is over budget.
+5. Guards: a sensor invalid, stale or without an energy counter, or a governor error -> lowest
+   clock and the table's safe batch until every sensor reads well for two ticks.  A level that
+   tripped over-current is avoided for ``oc_avoid_s``; near the thermal trip the target is derated.
+6. Idle: lowest clock everywhere; nothing polls (the loop runs only when the engine steps).
+7. Energy per token (``energy_slack``): above the reference clock (the best static one) each
+   second saved costs ever more energy, so a second credit sums (1 + slack) x each step's price
+   at the reference clock minus the energy measured, and while it is negative no step runs above
+   the reference.  None: the whole budget goes to speed.
 
-Third knob: while attached, the governor caps the engine's prompt rows per step at
-``prompt_chunk`` (``DEFAULT_PROMPT_CHUNK`` = 32; None keeps the engine's own 128).  A 128-row
-chunk at batch 4-16 is one 0.2-0.45 s step at one clock, which the adjacent DVFS levels put 3-5 %
-of a 1 s window above or below the steady level, so after a budget step the window could not
-settle within +-2 %; 32-row chunks make every step short enough that it does, for 1-2 % more
-energy per token (see ``edgebox/power/README.md``).
+While attached, the engine's prompt rows per step are capped at ``prompt_chunk``: a long chunk
+is one long step at one coarse level, which moves a 1 s window too far for it to settle after a
+budget step.  Figures: docs/performance.md, "Governor and power".
 """
 
 from __future__ import annotations
@@ -566,7 +540,7 @@ class PowerGovernor:
     without one is replaced, before any step runs, by one publishing under ``fw_root`` (or a
     temporary directory).  ``set_budget`` may be called from any thread; it applies at the next
     step.  ``prompt_chunk``: while attached, cap the engine's prompt rows per step at this
-    (restored by ``close``; default ``DEFAULT_PROMPT_CHUNK``); None leaves the engine's own.  Other keywords: ``GovernorConfig``.
+    (restored by ``close``); None leaves the engine's own.  Other keywords: ``GovernorConfig``.
     """
 
     def __init__(self, box, budget_w: float = 10.0, *, max_batch: int = 16, fw_root: Path | str | None = None,

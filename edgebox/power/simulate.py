@@ -14,10 +14,9 @@ What is measured is the ground truth, not the governor's view: the firmware is w
 every activity or idle report (constant power inside each) is logged per chip, and the box's
 energy curve is their sum.  The governor meanwhile sees only the hwmon files.
 
-Output (``SimResult.to_dict()``): ``windows_w`` (1 s windows, one per second), ``short_windows_w``
-(100 ms), ``tokens_per_s``, ``joules_per_token``, ``freq_levels_mhz``, ``freq_time_s`` (device
-seconds at each level), ``events``, the budget report on rolling windows, and the settle time
-after each budget step.
+Output: ``SimResult`` (``to_dict()`` is the ``--json`` form): 1 s and 100 ms windows, tokens/s,
+J/token, time per clock level and batch limit, events, the budget report, the settling per budget
+step.
 """
 
 from __future__ import annotations
@@ -94,8 +93,8 @@ def parse_budget_steps(text: str | None) -> tuple[tuple[float, float], ...]:
 
 def scratch_dir() -> str | None:
     """Where a simulated firmware tree goes: a RAM filesystem when there is one.  The stub rewrites
-    its files tens of thousands of times a minute; on a journaled disk a truncating write costs
-    milliseconds (measured 4 ms here), on tmpfs ~0.1 ms."""
+    its files tens of thousands of times a minute, and a truncating write on a journaled disk
+    costs milliseconds, on tmpfs a fraction of one."""
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
