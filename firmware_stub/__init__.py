@@ -7,7 +7,7 @@ board.  In-process: ``Firmware``; as its own process: ``python -m firmware_stub`
 """
 
 from firmware_stub.firmware import Firmware
-from firmware_stub.hwmon import DEFAULT_ROOT, chip_dir, cpufreq_dir, hwmon_dir
+from firmware_stub.hwmon import DEFAULT_ROOT, chip_dir, cpufreq_dir, hwmon_dir, scratch_root
 from firmware_stub.physics import ChipState, thermal_step
 
-__all__ = ["DEFAULT_ROOT", "ChipState", "Firmware", "chip_dir", "cpufreq_dir", "hwmon_dir", "thermal_step"]
+__all__ = ["DEFAULT_ROOT", "ChipState", "Firmware", "chip_dir", "cpufreq_dir", "hwmon_dir", "scratch_root", "thermal_step"]

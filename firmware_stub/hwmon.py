@@ -43,6 +43,14 @@ from pathlib import Path
 DEFAULT_ROOT = Path("/run/edgebox/fw")
 
 
+def scratch_root() -> str | None:
+    """Where a throwaway firmware tree goes (simulations, dry runs): a RAM filesystem when there
+    is one.  The tree is rewritten tens of thousands of times a minute; a truncating write on a
+    journaled disk costs milliseconds, on tmpfs a fraction of one."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 def chip_dir(root: Path, chip: int) -> Path:
     return Path(root) / f"chip{chip}"
 

@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebox.power.budget import Budget
+from firmware_stub import scratch_root
 from edgebox.power.sensors import Reading, WrappingCounter, firmware_sensors
 from edgebox.power.table import DECODE, PREFILL, PowerTable, Step
 
@@ -552,10 +553,8 @@ class PowerGovernor:
         self.budget = Budget(budget_w)
         fw = box.firmware
         if getattr(fw, "root", None) is None:
-            from edgebox.power.simulate import scratch_dir
-
             if fw_root is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="edgebox-fw-", dir=scratch_dir())
+                self._tmp = tempfile.TemporaryDirectory(prefix="edgebox-fw-", dir=scratch_root())
                 fw_root = self._tmp.name
             fw = box.publish_firmware(fw_root, publish_interval_s)
         self.firmware = fw

@@ -22,7 +22,6 @@ step.
 from __future__ import annotations
 
 import bisect
-import os
 import random
 import tempfile
 import threading
@@ -36,7 +35,7 @@ import numpy as np
 from edgebox.engine import Engine, Request, Summary
 from edgebox.power.budget import Budget, EnergyLog, Timeline, check
 from edgebox.power.governor import PowerGovernor
-from firmware_stub import Firmware
+from firmware_stub import Firmware, scratch_root
 
 WARMUP_S = 2.0        # 1 s windows ending before this are not judged (the first prompts are read)
 SETTLE_S = 2.0        # nor those ending this soon after a budget step (the settle time is reported)
@@ -89,14 +88,6 @@ def parse_budget_steps(text: str | None) -> tuple[tuple[float, float], ...]:
         except ValueError:
             raise ValueError(f"--budget-steps: {part!r} is not SECONDS:WATTS (e.g. 20:7,40:10)") from None
     return tuple(sorted(out))
-
-
-def scratch_dir() -> str | None:
-    """Where a simulated firmware tree goes: a RAM filesystem when there is one.  The stub rewrites
-    its files tens of thousands of times a minute, and a truncating write on a journaled disk
-    costs milliseconds, on tmpfs a fraction of one."""
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 class TracingFirmware(Firmware):
@@ -177,7 +168,7 @@ def simulate(make_model: Callable[[], object], opts: SimOptions) -> SimResult:
     wall0 = time.perf_counter()
     model = make_model()
     box = model.box
-    with tempfile.TemporaryDirectory(prefix="edgebox-sim-", dir=scratch_dir()) as root:
+    with tempfile.TemporaryDirectory(prefix="edgebox-sim-", dir=scratch_root()) as root:
         fw = TracingFirmware(box.profile, box.n_chips, root=root, publish_interval_s=opts.publish_interval_s)
         box.firmware = fw
         p = box.profile
