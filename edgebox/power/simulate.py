@@ -186,6 +186,7 @@ def simulate(make_model: Callable[[], object], opts: SimOptions) -> SimResult:
                                 **chunk, **opts.governor_config)
             gov.attach(engine)
             run.gov = gov
+            engine.add_step_listener(run.after_governor)
         else:
             cap = opts.freq_mhz if opts.freq_mhz is not None else p.max_mhz
             for chip in range(box.n_chips):
@@ -218,6 +219,7 @@ class _Run:
         self.stopped = False
         self.started = False
         self.error: BaseException | None = None
+        self.n_events: int | None = None                        # the governor's events in the run
         self.tokens_at: list[tuple[float, int]] = [(0.0, 0)]    # (device s, tokens) each second
         self.step_t: list[float] = []                           # after every step: device s,
         self.step_tokens: list[int] = []                        # tokens generated so far
@@ -291,6 +293,13 @@ class _Run:
             self.final_s = t
             self._stop()
 
+    def after_governor(self, engine: Engine) -> None:
+        """Count the governor's events once it has seen the final step: what it logs later (the
+        idle tick after the cancels, which the engine's close may or may not let happen) is not
+        part of the run."""
+        if self.stopped and self.n_events is None:
+            self.n_events = len(self.gov.events)
+
     def _stop(self) -> None:
         self.stopped = True
         for h in self.handles:
@@ -348,7 +357,7 @@ def _result(model, opts: SimOptions, run: _Run, log: EnergyLog, gov, states, wal
     energy = log.energy_at(end)
     tokens = run.final_tokens
     series = [(b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else 0.0 for a, b in zip(run.tokens_at, run.tokens_at[1:])]
-    events = list(gov.events) if gov is not None else []
+    events = list(gov.events)[:run.n_events] if gov is not None else []
     return SimResult(
         log=log, token_log=(run.step_t, run.step_tokens),
         options={**asdict(opts), "budget_steps": [list(s) for s in opts.budget_steps]},
