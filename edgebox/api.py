@@ -8,19 +8,19 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgebox.text.chat import render_chat
+from edgebox.chips.box import Box
 from edgebox.errors import ContextOverflowError, EdgeboxError
 from edgebox.gguf.loader import LoadedModel, load_gguf
-from edgebox.chips.box import Box
 from edgebox.kernels.backend import BACKENDS, DEFAULT_BACKEND
 from edgebox.model import KVCache, Transformer
 from edgebox.model.kv_cache import Segment, step_cost
+from edgebox.text.chat import render_chat
 from edgebox.text.generation import Completion
 from edgebox.text.sampler import SamplingParams
 
@@ -33,7 +33,7 @@ def default_model_path() -> Path:
 
 
 def load(path: str | os.PathLike | None = None, chips: int = 1, n_ctx: int | None = None,
-         profile: str | None = None, backend: str = DEFAULT_BACKEND) -> "Model":
+         profile: str | None = None, backend: str = DEFAULT_BACKEND) -> Model:
     """Map a GGUF model (no weights are copied) and split it over ``chips`` chips.
 
     ``path`` None loads the bundled default model. ``chips=1`` runs the whole model on one device
@@ -75,7 +75,7 @@ class Generation:
     The end-of-generation, stop-string and max-token rules are ``Completion``'s (the engine's
     too); the context is the model's: generation also ends when it is full."""
 
-    model: "Model"
+    model: Model
     prompt_ids: list[int]
     params: SamplingParams
     max_tokens: int

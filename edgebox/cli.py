@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import click
 import typer
@@ -27,7 +26,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 ModelArg = typer.Argument(None, help="GGUF model file (default: the bundled tiny model)", show_default=False)
 
 
-def _load(model: Optional[Path], chips: int = 1, n_ctx: Optional[int] = None, profile: Optional[str] = None,
+def _load(model: Path | None, chips: int = 1, n_ctx: int | None = None, profile: str | None = None,
           backend: str = "numba"):
     import edgebox
 
@@ -41,7 +40,7 @@ def _backend_opt(default: str = "auto"):
 
 @app.command()
 def run(
-    model: Optional[Path] = ModelArg,
+    model: Path | None = ModelArg,
     prompt: str = typer.Option("", "-p", "--prompt", help="the prompt (or the user message with --chat)"),
     n_predict: int = typer.Option(128, "-n", "--n-predict", min=1, help="tokens to generate at most"),
     temp: float = typer.Option(0.8, "--temp", help="temperature; 0 = greedy"),
@@ -49,12 +48,12 @@ def run(
     top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling threshold (1 = off)"),
     min_p: float = typer.Option(0.05, "--min-p", help="drop tokens below min_p x the top probability (0 = off)"),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="penalty for recently seen tokens (1 = off)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="RNG seed: the same seed gives the same text"),
+    seed: int | None = typer.Option(None, "--seed", help="RNG seed: the same seed gives the same text"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt with the GGUF's chat template (llama.cpp --jinja)"),
-    system: Optional[str] = typer.Option(None, "--system", help="system message in --chat mode"),
+    system: str | None = typer.Option(None, "--system", help="system message in --chat mode"),
     chips: int = typer.Option(4, "--chips", min=1, help="chips to split the model over (the box has four)"),
-    ctx: Optional[int] = typer.Option(None, "--ctx", min=1, help="context size (default: min(4096, the model's))"),
+    ctx: int | None = typer.Option(None, "--ctx", min=1, help="context size (default: min(4096, the model's))"),
     backend: str = _backend_opt(),
 ) -> None:
     """Generate text from a prompt, streamed to stdout; a timing line goes to stderr."""
@@ -84,7 +83,7 @@ def run(
 
 
 @app.command()
-def info(model: Optional[Path] = ModelArg) -> None:
+def info(model: Path | None = ModelArg) -> None:
     """Architecture, size, tensor types, context, tokenizer and chat template of a model."""
     from edgebox.commands.info import describe
 
@@ -103,37 +102,37 @@ def _opt(*names: str, help: str):
 
 @app.command()
 def serve(
-    config: Optional[Path] = _opt("--config", "-c", help="TOML config file (flags override it)"),
-    model: Optional[Path] = _opt("--model", help="GGUF model to serve (default: the bundled tiny model)"),
-    chips: Optional[int] = _opt("--chips", help="chips to split the model over (default 4)"),
-    ctx: Optional[int] = _opt("--ctx", help="context size (default: min(4096, the model's))"),
-    backend: Optional[str] = _opt("--backend", help="matmul kernels: numba, onnxruntime, auto or ref (default auto)"),
-    max_batch: Optional[int] = _opt("--max-batch", help="sequences decoded together at most (default 8)"),
-    kv_budget_mib: Optional[float] = _opt("--kv-budget-mib", help="KV cache budget in MiB"),
-    models_dir: Optional[Path] = _opt("--models-dir", help="load_model accepts files under this directory only"),
-    device_id: Optional[str] = _opt("--device-id", help="this box's name in topics (default: the hostname)"),
-    broker: Optional[str] = _opt("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)"),
-    username: Optional[str] = _opt("--username", help="broker user (password: config file or EDGEBOX_MQTT_PASSWORD)"),
-    password_file: Optional[Path] = _opt("--password-file", help="file holding the broker password"),
-    ca_file: Optional[Path] = _opt("--ca-file", help="CA bundle for mqtts://"),
-    cert_file: Optional[Path] = _opt("--cert-file", help="client certificate for mqtts://"),
-    key_file: Optional[Path] = _opt("--key-file", help="client key for mqtts://"),
-    client_id: Optional[str] = _opt("--client-id", help="MQTT client id (default edgebox-DEVICE_ID)"),
-    keepalive_s: Optional[int] = _opt("--keepalive-s", help="MQTT keepalive seconds (default 30)"),
-    session_expiry_s: Optional[int] = _opt("--session-expiry-s", help="broker keeps queued commands this long while we are away (default 7 days)"),
-    reconnect_min_s: Optional[float] = _opt("--reconnect-min-s", help="first reconnect delay (default 0.5)"),
-    reconnect_max_s: Optional[float] = _opt("--reconnect-max-s", help="longest reconnect delay (default 30)"),
-    max_queued_messages: Optional[int] = _opt("--max-queued-messages", help="outgoing messages held while the broker is away (default 4096)"),
-    budget: Optional[float] = _opt("--budget", help="power budget in watts (default 10)"),
-    max_in_flight: Optional[int] = _opt("--max-in-flight", help="generate requests running or queued; more get 429 (default 16)"),
-    max_payload_bytes: Optional[int] = _opt("--max-payload-bytes", help="larger command payloads get 413 (default 262144)"),
-    max_tokens_limit: Optional[int] = _opt("--max-tokens-limit", help="largest max_tokens a request may ask (default 4096)"),
-    telemetry_interval_s: Optional[float] = _opt("--telemetry-interval-s", help="seconds between telemetry messages (default 5)"),
-    drain_timeout_s: Optional[float] = _opt("--drain-timeout-s", help="on SIGTERM, time for running requests to finish (default 30)"),
-    governor: Optional[bool] = _opt("--governor/--no-governor", help="hold the budget with the power governor (default on)"),
-    fw_root: Optional[Path] = _opt("--fw-root", help="where the chips' firmware publishes its hwmon tree (default $RUNTIME_DIRECTORY/fw)"),
-    log_level: Optional[str] = _opt("--log-level", help="debug, info, warning or error (default info)"),
-    config_version: Optional[str] = _opt("--config-version", help="a label for this configuration, reported in state"),
+    config: Path | None = _opt("--config", "-c", help="TOML config file (flags override it)"),
+    model: Path | None = _opt("--model", help="GGUF model to serve (default: the bundled tiny model)"),
+    chips: int | None = _opt("--chips", help="chips to split the model over (default 4)"),
+    ctx: int | None = _opt("--ctx", help="context size (default: min(4096, the model's))"),
+    backend: str | None = _opt("--backend", help="matmul kernels: numba, onnxruntime, auto or ref (default auto)"),
+    max_batch: int | None = _opt("--max-batch", help="sequences decoded together at most (default 8)"),
+    kv_budget_mib: float | None = _opt("--kv-budget-mib", help="KV cache budget in MiB"),
+    models_dir: Path | None = _opt("--models-dir", help="load_model accepts files under this directory only"),
+    device_id: str | None = _opt("--device-id", help="this box's name in topics (default: the hostname)"),
+    broker: str | None = _opt("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)"),
+    username: str | None = _opt("--username", help="broker user (password: config file or EDGEBOX_MQTT_PASSWORD)"),
+    password_file: Path | None = _opt("--password-file", help="file holding the broker password"),
+    ca_file: Path | None = _opt("--ca-file", help="CA bundle for mqtts://"),
+    cert_file: Path | None = _opt("--cert-file", help="client certificate for mqtts://"),
+    key_file: Path | None = _opt("--key-file", help="client key for mqtts://"),
+    client_id: str | None = _opt("--client-id", help="MQTT client id (default edgebox-DEVICE_ID)"),
+    keepalive_s: int | None = _opt("--keepalive-s", help="MQTT keepalive seconds (default 30)"),
+    session_expiry_s: int | None = _opt("--session-expiry-s", help="broker keeps queued commands this long while we are away (default 7 days)"),
+    reconnect_min_s: float | None = _opt("--reconnect-min-s", help="first reconnect delay (default 0.5)"),
+    reconnect_max_s: float | None = _opt("--reconnect-max-s", help="longest reconnect delay (default 30)"),
+    max_queued_messages: int | None = _opt("--max-queued-messages", help="outgoing messages held while the broker is away (default 4096)"),
+    budget: float | None = _opt("--budget", help="power budget in watts (default 10)"),
+    max_in_flight: int | None = _opt("--max-in-flight", help="generate requests running or queued; more get 429 (default 16)"),
+    max_payload_bytes: int | None = _opt("--max-payload-bytes", help="larger command payloads get 413 (default 262144)"),
+    max_tokens_limit: int | None = _opt("--max-tokens-limit", help="largest max_tokens a request may ask (default 4096)"),
+    telemetry_interval_s: float | None = _opt("--telemetry-interval-s", help="seconds between telemetry messages (default 5)"),
+    drain_timeout_s: float | None = _opt("--drain-timeout-s", help="on SIGTERM, time for running requests to finish (default 30)"),
+    governor: bool | None = _opt("--governor/--no-governor", help="hold the budget with the power governor (default on)"),
+    fw_root: Path | None = _opt("--fw-root", help="where the chips' firmware publishes its hwmon tree (default $RUNTIME_DIRECTORY/fw)"),
+    log_level: str | None = _opt("--log-level", help="debug, info, warning or error (default info)"),
+    config_version: str | None = _opt("--config-version", help="a label for this configuration, reported in state"),
 ) -> None:
     """Serve the model over MQTT 5 until SIGTERM: commands in, streamed replies, telemetry out."""
     flags = {name: value for name, value in locals().items() if name != "config"}  # first: only the options
@@ -150,10 +149,10 @@ app.add_typer(client_app, name="client")
 def client_options(
     ctx: typer.Context,
     broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", envvar="EDGEBOX_BROKER", help="mqtt://HOST:PORT or mqtts://HOST:PORT"),
-    username: Optional[str] = typer.Option(None, "--username", envvar="EDGEBOX_MQTT_USERNAME", help="broker user (password: EDGEBOX_MQTT_PASSWORD)"),
-    ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="CA bundle for mqtts://"),
-    cert_file: Optional[Path] = typer.Option(None, "--cert-file", help="client certificate for mqtts://"),
-    key_file: Optional[Path] = typer.Option(None, "--key-file", help="client key for mqtts://"),
+    username: str | None = typer.Option(None, "--username", envvar="EDGEBOX_MQTT_USERNAME", help="broker user (password: EDGEBOX_MQTT_PASSWORD)"),
+    ca_file: Path | None = typer.Option(None, "--ca-file", help="CA bundle for mqtts://"),
+    cert_file: Path | None = typer.Option(None, "--cert-file", help="client certificate for mqtts://"),
+    key_file: Path | None = typer.Option(None, "--key-file", help="client key for mqtts://"),
     timeout: float = typer.Option(60.0, "--timeout", help="seconds to wait for the final reply"),
 ) -> None:
     import os
@@ -180,10 +179,10 @@ def client_generate(
     prompt: str = typer.Option(..., "-p", "--prompt", help="the prompt (the user message with --chat)"),
     n_predict: int = typer.Option(128, "-n", "--n-predict", min=1, help="tokens to generate at most"),
     temp: float = typer.Option(0.8, "--temp", help="temperature; 0 = greedy"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="RNG seed"),
+    seed: int | None = typer.Option(None, "--seed", help="RNG seed"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="send as chat messages (the box applies the model's template)"),
-    system: Optional[str] = typer.Option(None, "--system", help="system message with --chat"),
+    system: str | None = typer.Option(None, "--system", help="system message with --chat"),
 ) -> None:
     """Stream a completion from DEVICE to stdout; usage and timings go to stderr."""
     params: dict = {"max_tokens": n_predict, "temperature": temp, "stop": stop}
@@ -278,9 +277,9 @@ def client_unload_model(ctx: typer.Context, device: str = DeviceOpt,
 
 @app.command()
 def plan(
-    model: Optional[Path] = ModelArg,
+    model: Path | None = ModelArg,
     chips: int = typer.Option(4, "--chips", min=1, help="chips in the box"),
-    profile: Optional[str] = typer.Option(None, "--profile", help="chip profile name or TOML path (default r100-edge; host for 1 chip)"),
+    profile: str | None = typer.Option(None, "--profile", help="chip profile name or TOML path (default r100-edge; host for 1 chip)"),
     budget: float = typer.Option(10.0, "--budget", help="power budget in watts"),
     context: int = typer.Option(512, "--context", min=1, help="tokens of context per sequence"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
@@ -309,7 +308,8 @@ def perplexity(
     import json
     from dataclasses import asdict
 
-    from edgebox.commands.perplexity import llama_cpp_logits_of, perplexity as compute
+    from edgebox.commands.perplexity import llama_cpp_logits_of
+    from edgebox.commands.perplexity import perplexity as compute
 
     try:
         text = text_file.read_text(encoding="utf-8")
@@ -336,7 +336,7 @@ def perplexity(
 
 @app.command()
 def bench(
-    model: Optional[Path] = ModelArg,
+    model: Path | None = ModelArg,
     threads: int = typer.Option(2, "--threads", "-t", min=1, help="threads for edgebox and llama.cpp alike"),
     prompt: str = typer.Option("64,512", "--prompt", help="prompt lengths to time, comma separated"),
     n_decode: int = typer.Option(32, "--n-decode", min=2, help="decode steps to time"),
@@ -395,18 +395,18 @@ def power_status(
 
 @power_app.command("simulate")
 def power_simulate(
-    model: Optional[Path] = typer.Argument(None, help="GGUF file whose shape to run (default: DeepSeek-LLM-7B Q4_0, no file needed)", show_default=False),
+    model: Path | None = typer.Argument(None, help="GGUF file whose shape to run (default: DeepSeek-LLM-7B Q4_0, no file needed)", show_default=False),
     budget: float = typer.Option(10.0, "--budget", help="power budget in watts (1 s average; 1.2x over 100 ms)"),
     streams: int = typer.Option(4, "--streams", min=1, help="concurrent generation streams, each request after request"),
     seconds: float = typer.Option(60.0, "--seconds", help="device seconds to simulate"),
     governor: str = typer.Option("on", "--governor", help="on, or off for static settings"),
-    freq: Optional[int] = typer.Option(None, "--freq", help="static clock cap in MHz (with --governor off)"),
-    batch: Optional[int] = typer.Option(None, "--batch", help="static batch limit (with --governor off)"),
-    budget_steps: Optional[str] = typer.Option(None, "--budget-steps", help="budget changes as SECONDS:WATTS,... e.g. 20:7,40:10"),
+    freq: int | None = typer.Option(None, "--freq", help="static clock cap in MHz (with --governor off)"),
+    batch: int | None = typer.Option(None, "--batch", help="static batch limit (with --governor off)"),
+    budget_steps: str | None = typer.Option(None, "--budget-steps", help="budget changes as SECONDS:WATTS,... e.g. 20:7,40:10"),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="the engine's batch limit at most"),
     chips: int = typer.Option(4, "--chips", min=2, help="chips to split the model over"),
     seed: int = typer.Option(0, "--seed", help="seed of the prompt and generation lengths"),
-    prompt_chunk: Optional[int] = typer.Option(None, "--prompt-chunk", min=1, help="prompt rows per step (governor on: default 32; off: the engine's 128)"),
+    prompt_chunk: int | None = typer.Option(None, "--prompt-chunk", min=1, help="prompt rows per step (governor on: default 32; off: the engine's 128)"),
     json_out: bool = typer.Option(False, "--json", help="print JSON (windows_w, short_windows_w, tokens_per_s, ...)"),
 ) -> None:
     """A dry run (no math) of STREAMS generation streams for SECONDS of device time: power windows, tokens/s, events."""

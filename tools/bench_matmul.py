@@ -33,9 +33,9 @@ from numba import njit, prange
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from edgebox.gguf import quant_types as qt  # noqa: E402
+from edgebox.gguf.quant_types import QType  # noqa: E402
 from edgebox.kernels import matmul as M  # noqa: E402
 from edgebox.kernels import matmul_simd as S  # noqa: E402
-from edgebox.gguf.quant_types import QType  # noqa: E402
 
 L3_BYTES = 32 * 2**20
 SHAPES = ((11008, 4096), (4096, 11008))          # (n_out, n_in): ffn_gate/up, ffn_down

@@ -85,8 +85,8 @@ def edgebox_q4_0_probe(repeats: int) -> tuple[float, float, float] | None:
     matvec, or None without it.  The in-cache rate has the per-call overhead taken out, as
     the cost model adds it separately."""
     try:
-        from edgebox.kernels import matmul as mm
         from edgebox.gguf.quant_types import QType
+        from edgebox.kernels import matmul as mm
     except Exception:  # noqa: BLE001 - the kernels are optional for this script
         return None
     small = mm.pack(_q4_0_weight(2048, 1024), QType.Q4_0)               # 2 x 576 KiB: each L2

@@ -20,9 +20,8 @@ import gguf
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures import tiny_models  # noqa: E402
-
 from edgebox.gguf.file import GGUFFile  # noqa: E402
+from tests.fixtures import tiny_models  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -78,7 +77,7 @@ def write_raw(out: Path, qtype: Q, seed: int = 0) -> Path:
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     t0 = time.time()
-    for k, (name, shape) in enumerate(shapes):
+    for k, (_name, shape) in enumerate(shapes):
         if len(shape) == 1:
             w.write_tensor_data(np.ones(shape, np.float32))
         else:

@@ -8,7 +8,7 @@ per-interval formulas, so what the governor's table predicts is what the sensors
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -45,7 +45,7 @@ class AttentionStep:
 
     @classmethod
     def of(cls, ops, chips: list[Chip], positions: np.ndarray, rows: np.ndarray, starts: list[int],
-           caches: list) -> "AttentionStep":
+           caches: list) -> AttentionStep:
         dec = [i for i in range(len(caches)) if rows[i + 1] - rows[i] == 1]
         decode = None
         if len(dec) >= 2:

@@ -15,20 +15,19 @@ import functools
 
 import numpy as np
 
-from edgebox.gguf.args import ModelArgs
-from edgebox.errors import ModelError
-from edgebox.gguf.loader import Weights
-from edgebox.kernels.backend import DEFAULT_BACKEND, get_ops
 from edgebox.chips import blocks
 from edgebox.chips.accounting import Accounting
 from edgebox.chips.blocks import AttentionStep
-from edgebox.chips.partition import PartitionPlan
-from edgebox.chips.tp import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelLinear
-from edgebox.hw.profile import ChipProfile, load_profile
-from firmware_stub.firmware import Firmware
 from edgebox.chips.chip import Chip, ChipLayer
+from edgebox.chips.partition import PartitionPlan
 from edgebox.chips.threads import ChipThreads, _kernel_threads, host_cores
-
+from edgebox.chips.tp import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelLinear
+from edgebox.errors import ModelError
+from edgebox.gguf.args import ModelArgs
+from edgebox.gguf.loader import Weights
+from edgebox.hw.profile import ChipProfile, load_profile
+from edgebox.kernels.backend import DEFAULT_BACKEND, get_ops
+from firmware_stub.firmware import Firmware
 
 
 class Box:

@@ -8,17 +8,17 @@ computes with them, in ``chips.blocks``.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
+from edgebox.chips.partition import ChipShard
+from edgebox.chips.tp import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from edgebox.gguf.args import ModelArgs
 from edgebox.gguf.file import release_view_pages
 from edgebox.gguf.loader import Matrix
 from edgebox.gguf.quant_types import is_quantized
-from edgebox.chips.partition import ChipShard
-from edgebox.chips.tp import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from edgebox.hw.profile import ChipProfile
 from edgebox.hw.step import KV_BYTES
 
@@ -82,7 +82,7 @@ class ChipLayer:
 
     @classmethod
     def place(cls, ops, chip: int, qkv: QKVParallelLinear, o: RowParallelLinear,
-              gate_up: MergedColumnParallelLinear, down: RowParallelLinear) -> "ChipLayer":
+              gate_up: MergedColumnParallelLinear, down: RowParallelLinear) -> ChipLayer:
         """Chip ``chip``'s shard of one layer, cut from the layer's parallel linears."""
         qkv_rows, gate_up_rows = qkv.shard(chip), gate_up.shard(chip)
         return cls(wqkv=FusedLinear(ops, qkv_rows) if qkv_rows is not None else None,

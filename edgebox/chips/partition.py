@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from edgebox.gguf.args import ModelArgs
 from edgebox.errors import EdgeboxError
+from edgebox.gguf.args import ModelArgs
 from edgebox.gguf.loader import Weights
 from edgebox.gguf.quant_types import block_size
 
@@ -56,7 +56,7 @@ class PartitionPlan:
     ffn_unit: int  # FFN rows that always stay together
 
     @classmethod
-    def build(cls, args: ModelArgs, weights: Weights, n_chips: int) -> "PartitionPlan":
+    def build(cls, args: ModelArgs, weights: Weights, n_chips: int) -> PartitionPlan:
         if n_chips < 1:
             raise EdgeboxError(f"chips must be >= 1, got {n_chips}")
         hd = args.head_dim

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 from edgebox.chips.partition import _deal
 

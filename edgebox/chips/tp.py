@@ -15,15 +15,15 @@ whose range is empty holds None.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
+from edgebox.chips.partition import ChipShard
 from edgebox.errors import EdgeboxError
 from edgebox.gguf.loader import Matrix
 from edgebox.gguf.quant_types import block_size
-from edgebox.chips.partition import ChipShard
 
 
 def row_slice(m: Matrix, rows: range) -> Matrix:
@@ -72,7 +72,7 @@ class VocabParallelLinear(ColumnParallelLinear):
     its slice and the box gathers them in chip order."""
 
     @classmethod
-    def of(cls, m: Matrix, shards: Sequence[ChipShard]) -> "VocabParallelLinear":
+    def of(cls, m: Matrix, shards: Sequence[ChipShard]) -> VocabParallelLinear:
         return cls.split(m, [s.vocab for s in shards])
 
 
@@ -89,15 +89,15 @@ class RowParallelLinear:
     shards: tuple[Matrix | None, ...]
 
     @classmethod
-    def split(cls, m: Matrix, ranges: list[range]) -> "RowParallelLinear":
+    def split(cls, m: Matrix, ranges: list[range]) -> RowParallelLinear:
         return cls(tuple(ranges), tuple(col_slice(m, r) if len(r) else None for r in ranges))
 
     @classmethod
-    def attn_output(cls, wo: Matrix, shards: Sequence[ChipShard], hd: int) -> "RowParallelLinear":
+    def attn_output(cls, wo: Matrix, shards: Sequence[ChipShard], hd: int) -> RowParallelLinear:
         return cls.split(wo, head_rows(shards, hd))
 
     @classmethod
-    def ffn_down(cls, w_down: Matrix, shards: Sequence[ChipShard]) -> "RowParallelLinear":
+    def ffn_down(cls, w_down: Matrix, shards: Sequence[ChipShard]) -> RowParallelLinear:
         return cls.split(w_down, [s.ffn for s in shards])
 
 
@@ -118,7 +118,7 @@ class MergedColumnParallelLinear:
         return cls(tuple(ColumnParallelLinear.split(m, r) for m, r in zip(ms, ranges)))
 
     @classmethod
-    def gate_up(cls, w_gate: Matrix, w_up: Matrix, shards: Sequence[ChipShard]) -> "MergedColumnParallelLinear":
+    def gate_up(cls, w_gate: Matrix, w_up: Matrix, shards: Sequence[ChipShard]) -> MergedColumnParallelLinear:
         ffn = [s.ffn for s in shards]
         return cls.split([w_gate, w_up], [ffn, ffn])
 
@@ -142,7 +142,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
     @classmethod
     def of(cls, wq: Matrix, wk: Matrix, wv: Matrix, bq: np.ndarray | None, bk: np.ndarray | None,
-           bv: np.ndarray | None, shards: Sequence[ChipShard], hd: int) -> "QKVParallelLinear":
+           bv: np.ndarray | None, shards: Sequence[ChipShard], hd: int) -> QKVParallelLinear:
         q, kv = head_rows(shards, hd), kv_head_rows(shards, hd)
         merged = MergedColumnParallelLinear.split([wq, wk, wv], [q, kv, kv])
         biases = tuple(np.concatenate([bq[q[i].start:q[i].stop], bk[kv[i].start:kv[i].stop], bv[kv[i].start:kv[i].stop]])

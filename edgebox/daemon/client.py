@@ -20,8 +20,8 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -29,8 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgebox.errors import EdgeboxError
 from edgebox.daemon.schemas import API_PREFIX, Topics
+from edgebox.errors import EdgeboxError
 
 
 class ClientError(EdgeboxError):
@@ -80,7 +80,7 @@ class FleetClient:
         self.reply_filter = f"{API_PREFIX}/+/reply/{self.client_id}"
 
     # -- connection --------------------------------------------------------------------------------
-    def connect(self) -> "FleetClient":
+    def connect(self) -> FleetClient:
         props = Properties(PacketTypes.CONNECT)
         # a short persistent session, so replies survive a broker restart in the middle of a stream.
         # clean_start=False from the first connect: Mosquitto does not persist a session that began
@@ -107,7 +107,7 @@ class FleetClient:
         finally:
             self.client.loop_stop()
 
-    def __enter__(self) -> "FleetClient":
+    def __enter__(self) -> FleetClient:
         return self.connect()
 
     def __exit__(self, *exc) -> None:

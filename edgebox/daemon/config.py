@@ -19,14 +19,15 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from edgebox.errors import EdgeboxError
 from edgebox.daemon.schemas import DEVICE_ID_PATTERN, describe_validation_error
+from edgebox.errors import EdgeboxError
 
 PASSWORD_ENV = "EDGEBOX_MQTT_PASSWORD"
 USERNAME_ENV = "EDGEBOX_MQTT_USERNAME"
@@ -100,7 +101,7 @@ class DaemonConfig(BaseModel):
         if parts.username or parts.password:
             raise ValueError("put credentials in username/password settings, not in the broker URL")
         try:
-            parts.port
+            _ = parts.port  # urllib parses the port lazily: reading it validates it
         except ValueError:
             raise ValueError(f"{v!r} has a bad port") from None
         return v

@@ -31,14 +31,40 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from edgebox.errors import ContextOverflowError, EdgeboxError
 from edgebox.daemon.config import DaemonConfig
 from edgebox.daemon.engine_host import Busy, ModelHost, Unavailable
-from edgebox.daemon.schemas import (BAD_REQUEST, CONFLICT, EXPIRED, INTERNAL, METHODS, NOT_FOUND, OK, PARAMS, TOO_LARGE,
-                      TOO_MANY, UNAVAILABLE, CancelParams, CommandEnvelope, FinalReply, GenerateParams,
-                      LoadModelParams, SetPowerBudgetParams, StreamChunk, Timings, Topics, UnloadModelParams,
-                      Usage, describe_validation_error, encode, error_reply, ok_reply, one_line, reply_topic_problem)
+from edgebox.daemon.schemas import (
+    BAD_REQUEST,
+    CONFLICT,
+    EXPIRED,
+    INTERNAL,
+    METHODS,
+    NOT_FOUND,
+    OK,
+    PARAMS,
+    TOO_LARGE,
+    TOO_MANY,
+    UNAVAILABLE,
+    CancelParams,
+    CommandEnvelope,
+    FinalReply,
+    GenerateParams,
+    LoadModelParams,
+    SetPowerBudgetParams,
+    StreamChunk,
+    Timings,
+    Topics,
+    UnloadModelParams,
+    Usage,
+    describe_validation_error,
+    encode,
+    error_reply,
+    ok_reply,
+    one_line,
+    reply_topic_problem,
+)
 from edgebox.daemon.transport import Inbound, Transport
+from edgebox.errors import ContextOverflowError, EdgeboxError
 
 log = logging.getLogger("edgebox.daemon")
 

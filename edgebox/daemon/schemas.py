@@ -123,7 +123,7 @@ class GenerateParams(_Strict):
     n_keep: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _one_input(self) -> "GenerateParams":
+    def _one_input(self) -> GenerateParams:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if any(not s or len(s) > 256 for s in self.stop):

@@ -21,11 +21,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from edgebox.errors import EdgeboxError
-from edgebox.daemon.config import DaemonConfig, load_config, live_differences
+from edgebox.daemon.config import DaemonConfig, live_differences, load_config
 from edgebox.daemon.engine_host import ModelHost
 from edgebox.daemon.handlers import CommandHandler
 from edgebox.daemon.notify import Notifier
@@ -33,6 +33,7 @@ from edgebox.daemon.power import BoxPower
 from edgebox.daemon.schemas import UNAVAILABLE, Topics, encode
 from edgebox.daemon.telemetry import TelemetrySampler
 from edgebox.daemon.transport import Transport
+from edgebox.errors import EdgeboxError
 
 log = logging.getLogger("edgebox.daemon")
 

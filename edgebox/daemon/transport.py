@@ -33,8 +33,8 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -166,7 +166,7 @@ class Transport:
     def publish_json(self, topic: str, message, **kwargs) -> bool:
         return self.publish(topic, encode(message), **kwargs)
 
-    def _enqueue(self, m: "_Outgoing") -> bool:
+    def _enqueue(self, m: _Outgoing) -> bool:
         with self._lock:
             if self._holding or self._outbox:  # behind what waits already: keep the order
                 if not m.final and len(self._outbox) >= self.cfg.max_queued_messages:
@@ -181,7 +181,7 @@ class Transport:
             self._outbox.append(m)
         return True
 
-    def _hand_to_paho(self, m: "_Outgoing") -> bool:
+    def _hand_to_paho(self, m: _Outgoing) -> bool:
         info = self.client.publish(m.topic, m.payload, qos=1, retain=m.retain, properties=_props(m.correlation))
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             return False

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from edgebox.api import Model
 from edgebox.engine.request import EngineStats, Event, Handle, Queued, QueueFullError, Request, Summary, TokenRate
@@ -42,7 +42,7 @@ class Engine:
         # experiments in device time); every sequence "generates" one fixed ordinary token
         self.dry_run = dry_run
         self._dry_token = next(i for i in range(model.args.n_vocab) if i not in model.tokenizer.eog_ids)
-        self._step_listeners: list[Callable[["Engine"], None]] = []
+        self._step_listeners: list[Callable[[Engine], None]] = []
         self.kv_bytes_per_token = model.box.kv_bytes_per_token
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else max_batch * model.n_ctx * self.kv_bytes_per_token
         self.max_queue = max_queue
@@ -100,7 +100,7 @@ class Engine:
             self._cond.notify_all()
         return [q.handle for q in entries]
 
-    def add_step_listener(self, fn: Callable[["Engine"], None]) -> None:
+    def add_step_listener(self, fn: Callable[[Engine], None]) -> None:
         """Call ``fn(engine)`` on the scheduler thread after every step, and once more when the
         last request ends and the engine goes idle (the governor's hook: it reads sensors in
         device time and turns the knobs between steps; idle, it parks the clocks)."""
@@ -133,7 +133,7 @@ class Engine:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,8 +14,8 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from edgebox.errors import ContextOverflowError, EdgeboxError
 from edgebox.text.chat import THINK_OPEN
@@ -194,7 +194,7 @@ class Queued:
     t_submit: float = 0.0  # set when it joins the queue
 
     @classmethod
-    def prepare(cls, model, handle: Handle, kv_budget_bytes: int, kv_bytes_per_token: int) -> "Queued":
+    def prepare(cls, model, handle: Handle, kv_budget_bytes: int, kv_bytes_per_token: int) -> Queued:
         """Tokenize the request's prompt and reserve its KV; raises as ``Engine.submit`` does."""
         ids, thinking_open, truncated = prompt_ids(model, handle.request)
         reserved = reservation(handle.request, len(ids), model.n_ctx)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Iterable, Sequence as Seq
 
 from edgebox.engine.request import Queued
 from edgebox.engine.sequence import Sequence, context_shift

@@ -57,7 +57,7 @@ class ModelArgs:
         return self.n_head // self.n_head_kv
 
     @classmethod
-    def from_gguf(cls, fields: dict[str, object], source: str = "") -> "ModelArgs":
+    def from_gguf(cls, fields: dict[str, object], source: str = "") -> ModelArgs:
         arch = fields.get("general.architecture")
         args_cls = ARCHITECTURES.get(arch) if isinstance(arch, str) else None
         if args_cls is None:
@@ -65,7 +65,7 @@ class ModelArgs:
         return args_cls._from_fields(fields, source)
 
     @classmethod
-    def _from_fields(cls, fields: dict[str, object], source: str) -> "ModelArgs":
+    def _from_fields(cls, fields: dict[str, object], source: str) -> ModelArgs:
         a = cls.arch
 
         def get(key: str, default=None):

@@ -13,8 +13,8 @@ import numpy as np
 from gguf import quants as gguf_quants
 from gguf.constants import GGMLQuantizationType
 
-from edgebox.gguf.args import ModelArgs
 from edgebox.errors import ModelError
+from edgebox.gguf.args import ModelArgs
 from edgebox.gguf.file import GGUFFile, TensorInfo
 from edgebox.gguf.quant_types import SUPPORTED
 from edgebox.text.tokenizer import Tokenizer

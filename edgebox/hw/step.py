@@ -15,8 +15,9 @@ Every collective is a ring on the links, spent busy by every chip.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,16 +39,16 @@ class Step(NamedTuple):
     n_logits: int    # rows whose logits are computed
 
     @classmethod
-    def of(cls, segments: Sequence[tuple[int, int]], n_logits: int) -> "Step":
+    def of(cls, segments: Sequence[tuple[int, int]], n_logits: int) -> Step:
         """From (rows, context after the step) of each sequence."""
         return cls(sum(n for n, _ in segments), sum(n * c for n, c in segments), sum(c for _, c in segments), n_logits)
 
     @classmethod
-    def decode(cls, batch: int, context: int) -> "Step":
+    def decode(cls, batch: int, context: int) -> Step:
         return cls(batch, batch * context, batch * context, batch)
 
     @classmethod
-    def with_prompt(cls, decoding: int, context: int, prompt_rows: int, prompt_at: int, last_chunk: bool = True) -> "Step":
+    def with_prompt(cls, decoding: int, context: int, prompt_rows: int, prompt_at: int, last_chunk: bool = True) -> Step:
         """``decoding`` sequences at ``context`` plus ``prompt_rows`` of a prompt whose first
         row is at position ``prompt_at``."""
         end = prompt_at + prompt_rows

@@ -38,8 +38,27 @@ import numpy as np
 from numba import njit, prange
 
 from edgebox.kernels.matmul_simd import (
-    absmax_f32, add_i16, add_i32, and_i8, bc4_i8x32, hadd_i16, hmax_f32, hsum_i32, ld_f32x8, ld_i8x32, maddubs, mul_f32_s, nib_hi, nib_lo, or_i8,
-    rint_i32, shl_i8, shr_i8, st_f32x8, st_i32x8_i8, zero_i16,
+    absmax_f32,
+    add_i16,
+    add_i32,
+    and_i8,
+    bc4_i8x32,
+    hadd_i16,
+    hmax_f32,
+    hsum_i32,
+    ld_f32x8,
+    ld_i8x32,
+    maddubs,
+    mul_f32_s,
+    nib_hi,
+    nib_lo,
+    or_i8,
+    rint_i32,
+    shl_i8,
+    shr_i8,
+    st_f32x8,
+    st_i32x8_i8,
+    zero_i16,
 )
 
 _JIT = dict(nogil=True, cache=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
 from edgebox.gguf.args import ModelArgs
 from edgebox.kernels import ref
-
 
 
 class KVCache:
@@ -32,7 +31,7 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
 
-    def copy_prefix(self, other: "KVCache", n: int) -> None:
+    def copy_prefix(self, other: KVCache, n: int) -> None:
         """Take the first ``n`` slots of ``other`` (the prompt cache)."""
         for dst, src in zip(self.k + self.v, other.k + other.v):
             dst[:, :n] = src[:, :n]

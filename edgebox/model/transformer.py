@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgebox.gguf.args import ModelArgs
-from edgebox.errors import ContextOverflowError
 from edgebox.chips.box import Box
+from edgebox.errors import ContextOverflowError
+from edgebox.gguf.args import ModelArgs
 from edgebox.gguf.loader import Weights
 from edgebox.kernels import ref
 from edgebox.model.kv_cache import KVCache, Segment

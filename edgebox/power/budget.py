@@ -45,7 +45,7 @@ class Budget:
     def short_watts(self) -> float:
         return self.watts * self.short_factor
 
-    def with_watts(self, watts: float) -> "Budget":
+    def with_watts(self, watts: float) -> Budget:
         return Budget(watts, self.long_s, self.short_s, self.short_factor)
 
 

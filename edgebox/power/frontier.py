@@ -31,7 +31,7 @@ class Frontier:
     e_j: np.ndarray        # ... and total joules (rising)
 
     @classmethod
-    def of(cls, seconds: np.ndarray, joules: np.ndarray) -> "Frontier":
+    def of(cls, seconds: np.ndarray, joules: np.ndarray) -> Frontier:
         """``seconds``, ``joules``: [steps, levels] (a step absent at a level: inf)."""
         seconds, joules = np.asarray(seconds, float), np.asarray(joules, float)
         # identical steps move together: their moves have the same price

@@ -53,9 +53,9 @@ from pathlib import Path
 import numpy as np
 
 from edgebox.power.budget import Budget
-from firmware_stub import scratch_root
 from edgebox.power.sensors import Reading, WrappingCounter, firmware_sensors
 from edgebox.power.table import DECODE, PREFILL, PowerTable, Step
+from firmware_stub import scratch_root
 
 # --- configuration, inputs, state ---------------------------------------------------------------
 
@@ -86,7 +86,7 @@ class GovernorConfig:
     energy_bank_s: float = 2.0        # saved energy (vs the slack) carried forward: <= B x this
 
     @classmethod
-    def for_box(cls, box, max_batch: int = 16, context: int = 512, **overrides) -> "GovernorConfig":
+    def for_box(cls, box, max_batch: int = 16, context: int = 512, **overrides) -> GovernorConfig:
         p = box.profile
         return cls(table=PowerTable.from_box(box, max_batch, context), n_chips=box.n_chips,
                    throttle_c=p.throttle_c, over_current_w=p.over_current_w, **overrides)
@@ -158,7 +158,7 @@ class GovernorState:
     oc_until_s: float = -math.inf
 
     @classmethod
-    def initial(cls, config: GovernorConfig, batch_limit: int | None = None) -> "GovernorState":
+    def initial(cls, config: GovernorConfig, batch_limit: int | None = None) -> GovernorState:
         return cls(config=config, batch_limit=batch_limit or config.max_batch)
 
     @property
@@ -573,7 +573,7 @@ class PowerGovernor:
         self._force_tick = False
 
     # -- wiring ---------------------------------------------------------------------------------
-    def attach(self, engine) -> "PowerGovernor":
+    def attach(self, engine) -> PowerGovernor:
         self.engine = engine
         engine.batch_limit = self.state.batch_limit
         if self.prompt_chunk is not None and engine.prefill_chunk > self.prompt_chunk:

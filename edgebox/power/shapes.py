@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 
-from edgebox.gguf.args import LlamaArgs, ModelArgs
 from edgebox.chips.box import Box
-from edgebox.hw.profile import ChipProfile
 from edgebox.errors import ModelError
+from edgebox.gguf.args import LlamaArgs, ModelArgs
 from edgebox.gguf.loader import LayerWeights, Matrix, Weights
-from edgebox.model import KVCache, Transformer
 from edgebox.gguf.quant_types import row_bytes
+from edgebox.hw.profile import ChipProfile
+from edgebox.model import KVCache, Transformer
 
 # DeepSeek-LLM-7B (base and chat): the hyper-parameters of its GGUF files.
 DEEPSEEK_7B = LlamaArgs(n_vocab=102400, n_embd=4096, n_layer=30, n_head=32, n_head_kv=32, n_ff=11008,

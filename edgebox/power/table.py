@@ -66,7 +66,7 @@ class PowerTable:
     pricer: StepPricer = field(compare=False, repr=False, default=None)
 
     @classmethod
-    def from_box(cls, box, max_batch: int = 16, context: int = 512, prefill_chunk: int = 128) -> "PowerTable":
+    def from_box(cls, box, max_batch: int = 16, context: int = 512, prefill_chunk: int = 128) -> PowerTable:
         """``context``: positions each decoding sequence attends to, a typical mid-request value
         (the governor prices the real steps; this table only steers the batch loop)."""
         pricer = StepPricer(box)

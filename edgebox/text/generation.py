@@ -16,7 +16,7 @@ engine (many at once), so the two give the same text for the same logits:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -25,8 +25,8 @@ random stream then stays aligned whatever the parameters or the number of candid
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -27,9 +27,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import edgebox
-from tests.fixtures.paths import TEST_MODEL
 from edgebox.daemon.client import ClientError, FleetClient
 from tests.fixtures.mosquitto import MOSQUITTO, Mosquitto, free_port
+from tests.fixtures.paths import TEST_MODEL
 
 # No broker, no daemon tests: fail loudly rather than skip (.ci/run installs mosquitto).
 assert MOSQUITTO is not None, "mosquitto is not installed: apt-get install mosquitto (.ci/run does)"
@@ -58,7 +58,7 @@ class Daemon:
         self.log_path = self.dir / "daemon.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait_ready: bool = True, timeout: float = 120.0) -> "Daemon":  # a cold numba cache compiles
+    def start(self, wait_ready: bool = True, timeout: float = 120.0) -> Daemon:  # a cold numba cache compiles
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             model = [] if "--model" in self.args else ["--model", str(TEST_MODEL)]

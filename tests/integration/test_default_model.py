@@ -6,9 +6,9 @@ import json
 import math
 
 import edgebox
+from edgebox.commands.perplexity import perplexity
 from tests.fixtures import tiny_models
 from tests.fixtures.paths import DATA, REPO
-from edgebox.commands.perplexity import perplexity
 
 RECORD = json.loads((REPO / "edgebox" / "data" / "default.json").read_text())
 GOLDEN = json.loads((DATA / "golden" / "perplexity.json").read_text())

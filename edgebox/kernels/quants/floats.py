@@ -15,11 +15,17 @@ from numba.extending import overload
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels.matmul_kernels import _JIT, _PJIT
 from edgebox.kernels.matmul_simd import (
-    bf16_to_f32, f16_to_f32, fma_f32, hsum_f32, ld_bf16x8, ld_f16x8, ld_f32x8, zero_f32,
+    bf16_to_f32,
+    f16_to_f32,
+    fma_f32,
+    hsum_f32,
+    ld_bf16x8,
+    ld_f16x8,
+    ld_f32x8,
+    zero_f32,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
-
 
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)

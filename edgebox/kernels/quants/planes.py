@@ -23,8 +23,16 @@ from edgebox.kernels import matmul_pack as P
 from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _chunks8, _dot16, _quad, _store4
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
-    add_i32, bc_f32, cvt_f32,
-    fma_f32, ld_f32x8, mul_f32, prefetch, st_f32x8, sub_f32, zero_f32,
+    add_i32,
+    bc_f32,
+    cvt_f32,
+    fma_f32,
+    ld_f32x8,
+    mul_f32,
+    prefetch,
+    st_f32x8,
+    sub_f32,
+    zero_f32,
 )
 from edgebox.kernels.quants.traits import Kernels
 

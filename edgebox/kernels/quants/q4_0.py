@@ -18,13 +18,28 @@ from edgebox.kernels import matmul_pack as P
 from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _nib_block, _quad, _store4
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
-    add_f32, add_i16, bc4_i8x32, bc_f32, cvt_f32,
-    fma_f32, hadd_i16, ld_f16x8, ld_i8x32, maddubs, mul_f32, mul_f32_s, nib_hi, nib_lo, prefetch, prefetch_l2, st_f32x8, zero_f32,
+    add_f32,
+    add_i16,
+    bc4_i8x32,
+    bc_f32,
+    cvt_f32,
+    fma_f32,
+    hadd_i16,
+    ld_f16x8,
+    ld_i8x32,
+    maddubs,
+    mul_f32,
+    mul_f32_s,
+    nib_hi,
+    nib_lo,
+    prefetch,
+    prefetch_l2,
+    st_f32x8,
+    zero_f32,
     zero_i16,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
-
 
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)

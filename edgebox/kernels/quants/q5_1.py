@@ -15,7 +15,6 @@ from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants import planes
 from edgebox.kernels.quants.traits import QuantTraits
 
-
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)
 

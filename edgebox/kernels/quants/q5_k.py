@@ -17,14 +17,35 @@ from edgebox.kernels import matmul_pack as P
 from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _quad, _store4
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
-    add_f32, add_i16, add_i32, and_i8, bc4_i8x32, bc_f32, cvt_f32,
-    fma_f32, hadd_i16, ld_f16x8, ld_i8x32, ld_u8x8_i32, maddubs, mul_f32, mul_f32_s, mul_i32, nib_hi, nib_lo, or_i8,
-    prefetch, shl_i8, shr_i8, st_f32x8, sub_f32, zero_f32,
+    add_f32,
+    add_i16,
+    add_i32,
+    and_i8,
+    bc4_i8x32,
+    bc_f32,
+    cvt_f32,
+    fma_f32,
+    hadd_i16,
+    ld_f16x8,
+    ld_i8x32,
+    ld_u8x8_i32,
+    maddubs,
+    mul_f32,
+    mul_f32_s,
+    mul_i32,
+    nib_hi,
+    nib_lo,
+    or_i8,
+    prefetch,
+    shl_i8,
+    shr_i8,
+    st_f32x8,
+    sub_f32,
+    zero_f32,
     zero_i16,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, QuantTraits
-
 
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)

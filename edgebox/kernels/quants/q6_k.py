@@ -20,13 +20,21 @@ from edgebox.kernels import matmul_pack as P
 from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _chunks8, _dot16, _quad, _store4
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
-    add_i32, bc_f32, bc_i32, cvt_f32,
-    fma_f32, ld_f16x8, ld_i8x8_i32,
-    mul_i32, prefetch, st_f32x8, sub_i32, zero_f32,
+    add_i32,
+    bc_f32,
+    bc_i32,
+    cvt_f32,
+    fma_f32,
+    ld_f16x8,
+    ld_i8x8_i32,
+    mul_i32,
+    prefetch,
+    st_f32x8,
+    sub_i32,
+    zero_f32,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
-
 
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)

@@ -6,8 +6,8 @@ Block sizes are not here: they come only from ``edgebox.gguf.quant_types`` (gguf
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from edgebox.gguf.quant_types import QType
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import edgebox
-from tests.fixtures.paths import REPO
 from edgebox.chips.partition import PartitionPlan, _deal
 from edgebox.chips.tp import col_slice
+from tests.fixtures.paths import REPO
 
 CODER_Q4_K_M = REPO / "tests" / "data" / "models" / "tiny-deepseek-coder-Q4_K_M.gguf"
 CODER_Q4_0 = REPO / "tests" / "data" / "models" / "tiny-deepseek-coder-Q4_0.gguf"

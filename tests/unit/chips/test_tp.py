@@ -8,8 +8,13 @@ import pytest
 
 import edgebox
 from edgebox.chips.partition import ChipShard, PartitionPlan
-from edgebox.chips.tp import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                              VocabParallelLinear)
+from edgebox.chips.tp import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelLinear,
+)
 from edgebox.gguf.loader import Matrix
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels.backend import get_ops

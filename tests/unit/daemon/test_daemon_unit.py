@@ -16,13 +16,18 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from edgebox.daemon.config import (FLAG_SETTINGS, LIVE_SETTINGS, ConfigError, DaemonConfig, live_differences,
-                                   load_config)
+from edgebox.daemon.config import FLAG_SETTINGS, LIVE_SETTINGS, ConfigError, DaemonConfig, live_differences, load_config
 from edgebox.daemon.notify import Notifier
 from edgebox.daemon.power import BoxPower
+from edgebox.daemon.schemas import (
+    CommandEnvelope,
+    GenerateParams,
+    SetPowerBudgetParams,
+    Topics,
+    describe_validation_error,
+    reply_topic_problem,
+)
 from edgebox.daemon.telemetry import TelemetrySampler
-from edgebox.daemon.schemas import (CommandEnvelope, GenerateParams, SetPowerBudgetParams, Topics,
-                                    describe_validation_error, reply_topic_problem)
 
 REPO = Path(__file__).resolve().parents[3]
 DEPLOY = REPO / "deploy"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import edgebox
-from tests.fixtures.paths import TEST_MODEL
 from edgebox.engine import Chunk, Engine, KVBudgetError, QueueFullError, Request
+from tests.fixtures.paths import TEST_MODEL
 
 GREEDY = edgebox.SamplingParams(temperature=0.0)
 

@@ -9,10 +9,10 @@ import tomllib
 import numpy as np
 import pytest
 
+from edgebox.errors import EdgeboxError
 from edgebox.hw import cost
 from edgebox.hw.profile import PROFILE_DIR, ChipProfile, available_profiles, load_profile, parse_profile
 from edgebox.hw.step import Decode, StepWork, steady_decode
-from edgebox.errors import EdgeboxError
 from edgebox.power.shapes import DEEPSEEK_7B, shape_model
 
 BUDGET_W = 10.0

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from firmware_stub import Firmware
 from edgebox.hw import cost
 from edgebox.hw.profile import load_profile
 from edgebox.hw.step import ACT_BYTES, KV_BYTES, ChipWork, Step, StepWork, step_cost
+from firmware_stub import Firmware
 
 D, HD, VOCAB = 64, 16, 1000
 

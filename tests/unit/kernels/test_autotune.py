@@ -16,10 +16,10 @@ from gguf import quants as gq
 
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.loader import Matrix
+from edgebox.gguf.quant_types import QType
 from edgebox.kernels import autotune, ort, ref
 from edgebox.kernels.autotune import BUCKETS, NUMBA, ORT, Tuner, plan_shapes
 from edgebox.kernels.backend import AutoLinear, AutoOps, NumbaLinear, get_ops
-from edgebox.gguf.quant_types import QType
 
 REPS = 2
 CALLS_PER_SHAPE = len(BUCKETS) * REPS * 2 * 2      # buckets x reps x backends x (start, stop)

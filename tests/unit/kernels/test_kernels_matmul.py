@@ -306,25 +306,26 @@ def test_generic_simd_fallback(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     code = r"""
 import numpy as np, sys
-sys.path.insert(0, %r)
+ROOT, TMP = sys.argv[1], sys.argv[2]
+sys.path.insert(0, ROOT)
 from edgebox.kernels import matmul_simd
 assert not matmul_simd.HAS_AVX2
 import edgebox
-assert edgebox.__file__.startswith(%r), edgebox.__file__
+assert edgebox.__file__.startswith(ROOT), edgebox.__file__
 from edgebox.kernels import matmul as M, matmul_pack as P
 from edgebox.kernels.quants import registry
 from edgebox.gguf.quant_types import QType
-x = np.load(%r + "/x.npy")
+x = np.load(TMP + "/x.npy")
 qx = M.quantize_activations(x)
 for q in (QType.Q4_0, QType.Q8_0):
     kernels = registry.get(q).kernels
     for rb in (0, 1):
-        raw = np.load(%r + f"/{q.name}_{rb}.npy")
+        raw = np.load(TMP + f"/{q.name}_{rb}.npy")
         a = kernels.repack(raw, raw.shape[0], 256, use_numba=False)
         out = np.empty(P.n_groups(raw.shape[0]) * 8, np.float32)
         kernels.mv(a["q"].reshape(-1), a["d"].reshape(-1), *qx.arrays(), out)
-        np.save(%r + f"/{q.name}_{rb}_y.npy", out[:raw.shape[0]])
-""" % (root, root, str(tmp_path), str(tmp_path), str(tmp_path))
+        np.save(TMP + f"/{q.name}_{rb}_y.npy", out[:raw.shape[0]])
+"""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(256).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -332,7 +333,7 @@ for q in (QType.Q4_0, QType.Q8_0):
         for rb in (0, 1):
             np.save(tmp_path / f"{q.name}_{rb}.npy", make_weight(q, 16, 256, rng, random_bytes=bool(rb)))
     env = dict(os.environ, EDGEBOX_SIMD_GENERIC="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    r = subprocess.run([sys.executable, "-c", code, root, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     for q in (QType.Q4_0, QType.Q8_0):
         for rb in (0, 1):

@@ -23,12 +23,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgebox.gguf import quant_types as qt
 from edgebox.errors import EdgeboxError
+from edgebox.gguf import quant_types as qt
 from edgebox.gguf.loader import Matrix
+from edgebox.gguf.quant_types import QType
 from edgebox.kernels import ort, ref
 from edgebox.kernels.backend import NumbaLinear, NumbaOps, OrtOps, get_ops
-from edgebox.gguf.quant_types import QType
 from tests.fixtures.quant_rows import make_weight  # the GGUF rows the numba kernels are tested on
 
 EXACT = (QType.Q4_0, QType.Q8_0, QType.Q5_0, QType.Q6_K, QType.F32, QType.F16, QType.BF16)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from edgebox.gguf import quant_types as qt
+from edgebox.gguf.loader import Matrix
 from edgebox.kernels import fused, matmul, ort, ref
 from edgebox.kernels.linear import NumbaLinear
 from edgebox.kernels.quants import registry
-from edgebox.gguf.loader import Matrix
 from tests.fixtures.quant_rows import make_weight
 
 TYPES = list(registry.TYPES)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from edgebox.gguf import quant_types as qt
-from edgebox.kernels import ref
 from edgebox.gguf.quant_types import QType
+from edgebox.kernels import ref
 
 # Types gguf-py 0.19 can quantize (it only dequantizes K-quants).
 GGUF_QUANTIZES = {QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0,

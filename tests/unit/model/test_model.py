@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import edgebox
-from tests.fixtures import tiny_models
-from tests.fixtures.paths import TEST_MODEL
 from edgebox.gguf.file import GGUFFile
 from edgebox.model import KVCache
+from tests.fixtures import tiny_models
+from tests.fixtures.paths import TEST_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,17 @@ import pytest
 
 from edgebox.hw.step import step_cost
 from edgebox.power.budget import Budget, EnergyLog, Timeline, check
-from edgebox.power.governor import (Decision, EnergyCounters, GovernorConfig, GovernorState, PowerGovernor, Readings,
-                                    Sample, decide, modulate)
+from edgebox.power.governor import (
+    Decision,
+    EnergyCounters,
+    GovernorConfig,
+    GovernorState,
+    PowerGovernor,
+    Readings,
+    Sample,
+    decide,
+    modulate,
+)
 from edgebox.power.sensors import Reading
 from edgebox.power.shapes import DEEPSEEK_7B, shape_model
 from edgebox.power.status import chip_status, format_status
@@ -442,9 +451,9 @@ def test_engine_load_predicts_the_next_step_on_a_real_model():
     a request waiting for KV room (a cached prompt evicted for it), a cached prefix reused, a
     cancelled queued request and a cancelled running one, a context shift, a batch limit change."""
     import edgebox
-    from tests.fixtures.paths import TEST_MODEL
     from edgebox.engine import Engine, Request
     from edgebox.text.sampler import SamplingParams
+    from tests.fixtures.paths import TEST_MODEL
 
     m = edgebox.load(TEST_MODEL, chips=2, n_ctx=64)
     charged: list[list[tuple[int, int]]] = []

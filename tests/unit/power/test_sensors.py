@@ -8,8 +8,15 @@ import pytest
 
 from edgebox.hw import cost
 from edgebox.hw.profile import load_profile
-from edgebox.power.sensors import (HostSensor, HwmonSensor, PowercapSensor, WrappingCounter, firmware_sensors,
-                                   hwmon_sensors, rapl_sensors)
+from edgebox.power.sensors import (
+    HostSensor,
+    HwmonSensor,
+    PowercapSensor,
+    WrappingCounter,
+    firmware_sensors,
+    hwmon_sensors,
+    rapl_sensors,
+)
 from firmware_stub import Firmware, cpufreq_dir
 
 

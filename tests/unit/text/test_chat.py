@@ -7,9 +7,9 @@ from datetime import datetime
 
 import pytest
 
-from tests.fixtures.paths import DATA
-from edgebox.text.chat import render_chat, split_reasoning
 from edgebox.errors import EdgeboxError
+from edgebox.text.chat import render_chat, split_reasoning
+from tests.fixtures.paths import DATA
 
 TEMPLATES = DATA / "chat_templates"
 EXPECTED = json.loads((TEMPLATES / "expected.json").read_text(encoding="utf-8"))

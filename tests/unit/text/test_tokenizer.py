@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.paths import DATA
 from edgebox.errors import ModelError
 from edgebox.gguf.file import read_fields
 from edgebox.text.tokenizer import Tokenizer
+from tests.fixtures.paths import DATA
 
 
 def shared_vocab_dir() -> Path:
