@@ -13,7 +13,9 @@ does not pay for numba and the tokenizer library.
 from edgebox.errors import ContextOverflowError, EdgeboxError, ModelError
 
 _LAZY = {
-    "load": "api", "Model": "api", "default_model_path": "api",
+    "load": "api",
+    "Model": "api",
+    "default_model_path": "api",
     "SamplingParams": "text.sampler",
 }
 

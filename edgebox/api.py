@@ -32,8 +32,13 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "data" / "default.gguf"
 
 
-def load(path: str | os.PathLike | None = None, chips: int = 1, n_ctx: int | None = None,
-         profile: str | None = None, backend: str = DEFAULT_BACKEND) -> Model:
+def load(
+    path: str | os.PathLike | None = None,
+    chips: int = 1,
+    n_ctx: int | None = None,
+    profile: str | None = None,
+    backend: str = DEFAULT_BACKEND,
+) -> Model:
     """Map a GGUF model (no weights are copied) and split it over ``chips`` chips.
 
     ``path`` None loads the bundled default model. ``chips=1`` runs the whole model on one device
@@ -89,7 +94,9 @@ class Generation:
         if n_prompt == 0:
             raise EdgeboxError("the prompt is empty and the model adds no BOS token; give a prompt")
         if n_prompt + 1 > m.n_ctx:
-            raise ContextOverflowError(f"the prompt has {n_prompt} tokens but the context holds {m.n_ctx}; shorten the prompt or raise the context size")
+            raise ContextOverflowError(
+                f"the prompt has {n_prompt} tokens but the context holds {m.n_ctx}; shorten the prompt or raise the context size"
+            )
         completion = Completion(m.tokenizer, self.prompt_ids, self.params, min(self.max_tokens, m.n_ctx - n_prompt), self.stop)
         self.tokens = completion.tokens
         kv = m.new_cache()
@@ -137,9 +144,14 @@ class Model:
 
     def prepare(self, progress: bool = False) -> None:
         """Repack the weights for the kernels now (otherwise each is repacked at its first use)."""
+
         def show(done: int, total: int) -> None:
-            print(f"\rpreparing weights for the kernels: {done}/{total}", end="" if done < total else "\n",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\rpreparing weights for the kernels: {done}/{total}",
+                end="" if done < total else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
 
         self.box.prepare(show if progress else None)
 
@@ -182,20 +194,33 @@ class Model:
         """The prompt for ``messages`` through the GGUF's chat template (llama.cpp --jinja)."""
         template = self.chat_template
         if template is None:
-            raise EdgeboxError(f"{self.path.name} has no tokenizer.chat_template; run without chat mode or use a model that has one")
+            raise EdgeboxError(
+                f"{self.path.name} has no tokenizer.chat_template; run without chat mode or use a model that has one"
+            )
         tok = self.tokenizer
         bos = tok.token_to_piece(tok.bos_id).decode("utf-8", "replace") if tok.bos_id is not None else ""
         eos = tok.token_to_piece(tok.eos_id).decode("utf-8", "replace") if tok.eos_id is not None else ""
         return render_chat(template, messages, bos_token=bos, eos_token=eos, add_generation_prompt=True)
 
-    def stream(self, prompt: str | list[int], max_tokens: int = 128, params: SamplingParams | None = None,
-               stop: Sequence[str] = ()) -> Generation:
+    def stream(
+        self, prompt: str | list[int], max_tokens: int = 128, params: SamplingParams | None = None, stop: Sequence[str] = ()
+    ) -> Generation:
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenize_prompt(prompt)
         return Generation(self, ids, params or SamplingParams(), max_tokens, tuple(stop))
 
-    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
-                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] = ()) -> Iterator[str]:
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, seed=seed)
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int = 128,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[str]:
+        params = SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed
+        )
         return iter(self.stream(prompt, max_tokens, params, stop))

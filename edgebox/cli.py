@@ -20,22 +20,28 @@ except ImportError:  # older typer raises click's own
     _TyperClickException = click.ClickException
 _TyperAbort = getattr(typer, "Abort", click.exceptions.Abort)
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="edgebox: run DeepSeek-class GGUF models on power-capped edge boxes.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="edgebox: run DeepSeek-class GGUF models on power-capped edge boxes.",
+)
 
 ModelArg = typer.Argument(None, help="GGUF model file (default: the bundled tiny model)", show_default=False)
 
 
-def _load(model: Path | None, chips: int = 1, n_ctx: int | None = None, profile: str | None = None,
-          backend: str = "numba"):
+def _load(model: Path | None, chips: int = 1, n_ctx: int | None = None, profile: str | None = None, backend: str = "numba"):
     import edgebox
 
     return edgebox.load(model, chips=chips, n_ctx=n_ctx, profile=profile, backend=backend)
 
 
 def _backend_opt(default: str = "auto"):
-    return typer.Option(default, "--backend", help="matmul kernels: numba, onnxruntime, auto (the faster per shape, "
-                                                   "timed once on this CPU and cached) or ref")
+    return typer.Option(
+        default,
+        "--backend",
+        help="matmul kernels: numba, onnxruntime, auto (the faster per shape, timed once on this CPU and cached) or ref",
+    )
 
 
 @app.command()
@@ -65,8 +71,7 @@ def run(
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         text = m.render_chat(messages)
     try:
-        params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, seed=seed)
+        params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     except ValueError as e:
         raise EdgeboxError(str(e)) from None
     ids = m.tokenize_prompt(text)
@@ -77,9 +82,11 @@ def run(
         sys.stdout.flush()
     sys.stdout.write("\n")
     s = gen.stats
-    print(f"prompt: {s.prompt_tokens} tokens, {s.prompt_tok_per_s:.1f} tok/s | "
-          f"decode: {s.generated_tokens} tokens, {s.decode_tok_per_s:.1f} tok/s | stop: {s.done_reason}",
-          file=sys.stderr)
+    print(
+        f"prompt: {s.prompt_tokens} tokens, {s.prompt_tok_per_s:.1f} tok/s | "
+        f"decode: {s.generated_tokens} tokens, {s.decode_tok_per_s:.1f} tok/s | stop: {s.done_reason}",
+        file=sys.stderr,
+    )
 
 
 @app.command()
@@ -95,6 +102,7 @@ def info(model: Path | None = ModelArg) -> None:
 # Every setting of edgebox.daemon.config.DaemonConfig is a flag here (a test checks it), except the
 # broker password: argv is readable by every user, so it comes from the config file or the
 # environment. Flags left unset fall back to the config file, then to the defaults.
+
 
 def _opt(*names: str, help: str):
     return typer.Option(None, *names, help=help, show_default=False)
@@ -119,18 +127,26 @@ def serve(
     key_file: Path | None = _opt("--key-file", help="client key for mqtts://"),
     client_id: str | None = _opt("--client-id", help="MQTT client id (default edgebox-DEVICE_ID)"),
     keepalive_s: int | None = _opt("--keepalive-s", help="MQTT keepalive seconds (default 30)"),
-    session_expiry_s: int | None = _opt("--session-expiry-s", help="broker keeps queued commands this long while we are away (default 7 days)"),
+    session_expiry_s: int | None = _opt(
+        "--session-expiry-s", help="broker keeps queued commands this long while we are away (default 7 days)"
+    ),
     reconnect_min_s: float | None = _opt("--reconnect-min-s", help="first reconnect delay (default 0.5)"),
     reconnect_max_s: float | None = _opt("--reconnect-max-s", help="longest reconnect delay (default 30)"),
-    max_queued_messages: int | None = _opt("--max-queued-messages", help="outgoing messages held while the broker is away (default 4096)"),
+    max_queued_messages: int | None = _opt(
+        "--max-queued-messages", help="outgoing messages held while the broker is away (default 4096)"
+    ),
     budget: float | None = _opt("--budget", help="power budget in watts (default 10)"),
     max_in_flight: int | None = _opt("--max-in-flight", help="generate requests running or queued; more get 429 (default 16)"),
     max_payload_bytes: int | None = _opt("--max-payload-bytes", help="larger command payloads get 413 (default 262144)"),
     max_tokens_limit: int | None = _opt("--max-tokens-limit", help="largest max_tokens a request may ask (default 4096)"),
     telemetry_interval_s: float | None = _opt("--telemetry-interval-s", help="seconds between telemetry messages (default 5)"),
-    drain_timeout_s: float | None = _opt("--drain-timeout-s", help="on SIGTERM, time for running requests to finish (default 30)"),
+    drain_timeout_s: float | None = _opt(
+        "--drain-timeout-s", help="on SIGTERM, time for running requests to finish (default 30)"
+    ),
     governor: bool | None = _opt("--governor/--no-governor", help="hold the budget with the power governor (default on)"),
-    fw_root: Path | None = _opt("--fw-root", help="where the chips' firmware publishes its hwmon tree (default $RUNTIME_DIRECTORY/fw)"),
+    fw_root: Path | None = _opt(
+        "--fw-root", help="where the chips' firmware publishes its hwmon tree (default $RUNTIME_DIRECTORY/fw)"
+    ),
     log_level: str | None = _opt("--log-level", help="debug, info, warning or error (default info)"),
     config_version: str | None = _opt("--config-version", help="a label for this configuration, reported in state"),
 ) -> None:
@@ -148,8 +164,12 @@ app.add_typer(client_app, name="client")
 @client_app.callback()
 def client_options(
     ctx: typer.Context,
-    broker: str = typer.Option("mqtt://127.0.0.1:1883", "--broker", envvar="EDGEBOX_BROKER", help="mqtt://HOST:PORT or mqtts://HOST:PORT"),
-    username: str | None = typer.Option(None, "--username", envvar="EDGEBOX_MQTT_USERNAME", help="broker user (password: EDGEBOX_MQTT_PASSWORD)"),
+    broker: str = typer.Option(
+        "mqtt://127.0.0.1:1883", "--broker", envvar="EDGEBOX_BROKER", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
+    ),
+    username: str | None = typer.Option(
+        None, "--username", envvar="EDGEBOX_MQTT_USERNAME", help="broker user (password: EDGEBOX_MQTT_PASSWORD)"
+    ),
     ca_file: Path | None = typer.Option(None, "--ca-file", help="CA bundle for mqtts://"),
     cert_file: Path | None = typer.Option(None, "--cert-file", help="client certificate for mqtts://"),
     key_file: Path | None = typer.Option(None, "--key-file", help="client key for mqtts://"),
@@ -157,8 +177,15 @@ def client_options(
 ) -> None:
     import os
 
-    ctx.obj = dict(broker=broker, username=username, password=os.environ.get("EDGEBOX_MQTT_PASSWORD") or None,
-                   ca_file=ca_file, cert_file=cert_file, key_file=key_file, timeout=timeout)
+    ctx.obj = dict(
+        broker=broker,
+        username=username,
+        password=os.environ.get("EDGEBOX_MQTT_PASSWORD") or None,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        timeout=timeout,
+    )
 
 
 DeviceOpt = typer.Option(..., "--device", "-d", envvar="EDGEBOX_DEVICE", help="device id (or EDGEBOX_DEVICE)")
@@ -202,8 +229,11 @@ def client_generate(
         final = fleet.call(device, "generate", params, timeout=ctx.obj["timeout"], on_chunk=show)
     sys.stdout.write("\n")
     u, t = final.get("usage", {}), final.get("timings", {})
-    print(f"{device}: prompt {u.get('prompt_tokens')} tokens | generated {u.get('completion_tokens')} tokens, "
-          f"{t.get('decode_tokens_per_s')} tok/s | {t.get('total_ms')} ms | stop: {final.get('done_reason')}", file=sys.stderr)
+    print(
+        f"{device}: prompt {u.get('prompt_tokens')} tokens | generated {u.get('completion_tokens')} tokens, "
+        f"{t.get('decode_tokens_per_s')} tok/s | {t.get('total_ms')} ms | stop: {final.get('done_reason')}",
+        file=sys.stderr,
+    )
 
 
 @client_app.command("status")
@@ -217,8 +247,9 @@ def client_status(ctx: typer.Context, device: str = DeviceOpt) -> None:
 
 
 @client_app.command("budget")
-def client_budget(ctx: typer.Context, watts: float = typer.Argument(..., help="power budget in watts"),
-                  device: str = DeviceOpt) -> None:
+def client_budget(
+    ctx: typer.Context, watts: float = typer.Argument(..., help="power budget in watts"), device: str = DeviceOpt
+) -> None:
     """Set DEVICE's power budget."""
     with _fleet(ctx) as fleet:
         result = fleet.call(device, "set_power_budget", {"watts": watts}, timeout=ctx.obj["timeout"])["result"]
@@ -226,8 +257,11 @@ def client_budget(ctx: typer.Context, watts: float = typer.Argument(..., help="p
 
 
 @client_app.command("devices")
-def client_devices(ctx: typer.Context, wait: float = typer.Option(0.5, "--wait", help="seconds to collect retained status"),
-                   as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+def client_devices(
+    ctx: typer.Context,
+    wait: float = typer.Option(0.5, "--wait", help="seconds to collect retained status"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
     """Every box the broker knows of: online or offline, model, budget (from retained topics)."""
     import json
     import time
@@ -248,8 +282,9 @@ def client_devices(ctx: typer.Context, wait: float = typer.Option(0.5, "--wait",
 
 
 @client_app.command("cancel")
-def client_cancel(ctx: typer.Context, target: str = typer.Argument(..., help="request_id of the generate"),
-                  device: str = DeviceOpt) -> None:
+def client_cancel(
+    ctx: typer.Context, target: str = typer.Argument(..., help="request_id of the generate"), device: str = DeviceOpt
+) -> None:
     """Cancel a running generate on DEVICE."""
     with _fleet(ctx) as fleet:
         fleet.call(device, "cancel", {"target": target}, timeout=ctx.obj["timeout"])
@@ -257,9 +292,12 @@ def client_cancel(ctx: typer.Context, target: str = typer.Argument(..., help="re
 
 
 @client_app.command("load-model")
-def client_load_model(ctx: typer.Context, path: str = typer.Argument(..., help="GGUF path on the box (under its models_dir)"),
-                      device: str = DeviceOpt,
-                      force: bool = typer.Option(False, "--force", help="cancel requests in flight instead of refusing")) -> None:
+def client_load_model(
+    ctx: typer.Context,
+    path: str = typer.Argument(..., help="GGUF path on the box (under its models_dir)"),
+    device: str = DeviceOpt,
+    force: bool = typer.Option(False, "--force", help="cancel requests in flight instead of refusing"),
+) -> None:
     """Load another model on DEVICE (the old one serves until the new file is known good)."""
     with _fleet(ctx) as fleet:
         result = fleet.call(device, "load_model", {"path": path, "force": force}, timeout=ctx.obj["timeout"])["result"]
@@ -267,8 +305,11 @@ def client_load_model(ctx: typer.Context, path: str = typer.Argument(..., help="
 
 
 @client_app.command("unload-model")
-def client_unload_model(ctx: typer.Context, device: str = DeviceOpt,
-                        force: bool = typer.Option(False, "--force", help="cancel requests in flight instead of refusing")) -> None:
+def client_unload_model(
+    ctx: typer.Context,
+    device: str = DeviceOpt,
+    force: bool = typer.Option(False, "--force", help="cancel requests in flight instead of refusing"),
+) -> None:
     """Unload DEVICE's model (generate then answers 503 until load-model)."""
     with _fleet(ctx) as fleet:
         fleet.call(device, "unload_model", {"force": force}, timeout=ctx.obj["timeout"])
@@ -279,7 +320,9 @@ def client_unload_model(ctx: typer.Context, device: str = DeviceOpt,
 def plan(
     model: Path | None = ModelArg,
     chips: int = typer.Option(4, "--chips", min=1, help="chips in the box"),
-    profile: str | None = typer.Option(None, "--profile", help="chip profile name or TOML path (default r100-edge; host for 1 chip)"),
+    profile: str | None = typer.Option(
+        None, "--profile", help="chip profile name or TOML path (default r100-edge; host for 1 chip)"
+    ),
     budget: float = typer.Option(10.0, "--budget", help="power budget in watts"),
     context: int = typer.Option(512, "--context", min=1, help="tokens of context per sequence"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
@@ -327,7 +370,9 @@ def perplexity(
     if json_out:
         typer.echo(json.dumps(out, indent=1))
         return
-    typer.echo(f"edgebox:   PPL = {ours.ppl:.4f} +/- {ours.ppl_err:.5f}  ({ours.n_chunks} chunks of {ctx}, {ours.scored_tokens} tokens scored, {ours.seconds:.1f} s)")
+    typer.echo(
+        f"edgebox:   PPL = {ours.ppl:.4f} +/- {ours.ppl_err:.5f}  ({ours.n_chunks} chunks of {ctx}, {ours.scored_tokens} tokens scored, {ours.seconds:.1f} s)"
+    )
     if vs_llama_cpp:
         theirs = out["llama_cpp"]
         typer.echo(f"llama.cpp: PPL = {theirs['ppl']:.4f} +/- {theirs['ppl_err']:.5f}  ({theirs['seconds']:.1f} s)")
@@ -340,12 +385,21 @@ def bench(
     threads: int = typer.Option(2, "--threads", "-t", min=1, help="threads for edgebox and llama.cpp alike"),
     prompt: str = typer.Option("64,512", "--prompt", help="prompt lengths to time, comma separated"),
     n_decode: int = typer.Option(32, "--n-decode", min=2, help="decode steps to time"),
-    chips: int = typer.Option(1, "--chips", min=1, help="chips to split the model over (1: the host's own speed, as llama.cpp runs)"),
+    chips: int = typer.Option(
+        1, "--chips", min=1, help="chips to split the model over (1: the host's own speed, as llama.cpp runs)"
+    ),
     backend: str = _backend_opt(),
     concurrency: str = typer.Option("", "--concurrency", help="engine levels, e.g. 1,4,8,16 (adds the hot-standby TTFT)"),
     vs_llama_cpp: bool = typer.Option(False, "--vs-llama-cpp", help="run llama.cpp on the same file and threads, print ratios"),
-    rounds: int = typer.Option(1, "--rounds", min=1, help="measure everything this many times, the runners taking turns; ratios are the median of the rounds"),
-    startup: bool = typer.Option(False, "--startup", help="also time process start -> first token over an empty and a warm numba cache"),
+    rounds: int = typer.Option(
+        1,
+        "--rounds",
+        min=1,
+        help="measure everything this many times, the runners taking turns; ratios are the median of the rounds",
+    ),
+    startup: bool = typer.Option(
+        False, "--startup", help="also time process start -> first token over an empty and a warm numba cache"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Prompt processing, decode, TTFT and memory (and engine concurrency), optionally beside llama.cpp."""
@@ -357,7 +411,9 @@ def bench(
         lens = tuple(int(x) for x in prompt.split(",") if x)
         levels = tuple(int(x) for x in concurrency.split(",") if x)
     except ValueError:
-        raise EdgeboxError(f"--prompt and --concurrency take comma-separated integers, got {prompt!r} / {concurrency!r}") from None
+        raise EdgeboxError(
+            f"--prompt and --concurrency take comma-separated integers, got {prompt!r} / {concurrency!r}"
+        ) from None
     if not lens or min(lens) < 1 or (levels and min(levels) < 1):
         raise EdgeboxError("--prompt and --concurrency need positive integers")
     path = model or _default_model()
@@ -395,7 +451,9 @@ def power_status(
 
 @power_app.command("simulate")
 def power_simulate(
-    model: Path | None = typer.Argument(None, help="GGUF file whose shape to run (default: DeepSeek-LLM-7B Q4_0, no file needed)", show_default=False),
+    model: Path | None = typer.Argument(
+        None, help="GGUF file whose shape to run (default: DeepSeek-LLM-7B Q4_0, no file needed)", show_default=False
+    ),
     budget: float = typer.Option(10.0, "--budget", help="power budget in watts (1 s average; 1.2x over 100 ms)"),
     streams: int = typer.Option(4, "--streams", min=1, help="concurrent generation streams, each request after request"),
     seconds: float = typer.Option(60.0, "--seconds", help="device seconds to simulate"),
@@ -406,7 +464,9 @@ def power_simulate(
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="the engine's batch limit at most"),
     chips: int = typer.Option(4, "--chips", min=2, help="chips to split the model over"),
     seed: int = typer.Option(0, "--seed", help="seed of the prompt and generation lengths"),
-    prompt_chunk: int | None = typer.Option(None, "--prompt-chunk", min=1, help="prompt rows per step (governor on: default 32; off: the engine's 128)"),
+    prompt_chunk: int | None = typer.Option(
+        None, "--prompt-chunk", min=1, help="prompt rows per step (governor on: default 32; off: the engine's 128)"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print JSON (windows_w, short_windows_w, tokens_per_s, ...)"),
 ) -> None:
     """A dry run (no math) of STREAMS generation streams for SECONDS of device time: power windows, tokens/s, events."""
@@ -414,8 +474,20 @@ def power_simulate(
 
     from edgebox.power.simulate import format_result, run_cli
 
-    r = run_cli(model, budget_w=budget, streams=streams, seconds=seconds, governor=governor, freq_mhz=freq, batch=batch,
-                budget_steps=budget_steps, max_batch=max_batch, chips=chips, seed=seed, prompt_chunk=prompt_chunk)
+    r = run_cli(
+        model,
+        budget_w=budget,
+        streams=streams,
+        seconds=seconds,
+        governor=governor,
+        freq_mhz=freq,
+        batch=batch,
+        budget_steps=budget_steps,
+        max_batch=max_batch,
+        chips=chips,
+        seed=seed,
+        prompt_chunk=prompt_chunk,
+    )
     typer.echo(json.dumps(r.to_dict(), indent=1) if json_out else format_result(r))
 
 

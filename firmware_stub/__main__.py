@@ -38,9 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        fw = Firmware(args.profile, args.chips, root=args.root, energy_wrap_uj=args.energy_wrap_uj,
-                      publish_interval_s=args.tick_s, average_interval_s=args.average_interval_s,
-                      start_max_mhz=None)
+        fw = Firmware(
+            args.profile,
+            args.chips,
+            root=args.root,
+            energy_wrap_uj=args.energy_wrap_uj,
+            publish_interval_s=args.tick_s,
+            average_interval_s=args.average_interval_s,
+            start_max_mhz=None,
+        )
     except (EdgeboxError, ValueError, OSError) as e:
         print(f"edgebox-fw: {e}", file=sys.stderr)
         return 2

@@ -32,9 +32,16 @@ from firmware_stub.physics import ChipPhysics, ChipState
 
 
 class Firmware:
-    def __init__(self, profile: ChipProfile | str, n_chips: int, root: Path | str | None = None,
-                 energy_wrap_uj: int = 2**32, publish_interval_s: float = 0.05,
-                 average_interval_s: float = 0.1, start_max_mhz: int | None = None):
+    def __init__(
+        self,
+        profile: ChipProfile | str,
+        n_chips: int,
+        root: Path | str | None = None,
+        energy_wrap_uj: int = 2**32,
+        publish_interval_s: float = 0.05,
+        average_interval_s: float = 0.1,
+        start_max_mhz: int | None = None,
+    ):
         """profile: a ChipProfile or a shipped profile's name/path.
         root: directory to publish the hwmon/cpufreq tree in (None: in-memory only).
         energy_wrap_uj: energy1_input wraps to 0 at this value (µJ).
@@ -51,20 +58,20 @@ class Firmware:
         self.publish_interval_s = publish_interval_s
         self.average_interval_s = average_interval_s
         start = self.profile.max_mhz if start_max_mhz is None else start_max_mhz
-        self._chips = [ChipPhysics(self.profile, i, publish_interval_s, average_interval_s, start)
-                       for i in range(n_chips)]
+        self._chips = [ChipPhysics(self.profile, i, publish_interval_s, average_interval_s, start) for i in range(n_chips)]
         self._locks = [threading.Lock() for _ in range(n_chips)]
         self._tickers = [functools.partial(self._on_tick, i) for i in range(n_chips)]
         self.root = Path(root) if root is not None else None
         self._hwmon: list[ValueFiles] = []
         self._cpufreq: list[ValueFiles] = []
-        self.refused_writes = [0] * n_chips       # scaling_max_freq writes refused (garbage)
+        self.refused_writes = [0] * n_chips  # scaling_max_freq writes refused (garbage)
         if self.root is not None:
             self._create_tree()
 
     # --- what the chips call ----------------------------------------------------------------
-    def activity(self, chip: int, seconds: float, ops: float = 0.0, nbytes: float = 0.0, *,
-                 int8: bool = True, link_bytes: float = 0.0) -> None:
+    def activity(
+        self, chip: int, seconds: float, ops: float = 0.0, nbytes: float = 0.0, *, int8: bool = True, link_bytes: float = 0.0
+    ) -> None:
         """The chip was busy for ``seconds`` of device time at its current clock, doing ``ops``
         operations and moving ``nbytes`` from DRAM (and ``link_bytes`` over the link)."""
         if seconds < 0 or ops < 0 or nbytes < 0 or link_bytes < 0:
@@ -158,10 +165,10 @@ class Firmware:
         files = self._cpufreq[chip]
         text = files.read("scaling_max_freq")
         if text is None or text.strip() == "" or text.strip() == files.cached("scaling_max_freq"):
-            return                  # unchanged, or caught mid-write: look again next tick
+            return  # unchanged, or caught mid-write: look again next tick
         khz = parse_khz(text)
         files.forget("scaling_max_freq")
-        if khz is None:             # refused, like -EINVAL: the previous value stays
+        if khz is None:  # refused, like -EINVAL: the previous value stays
             self.refused_writes[chip] += 1
             files.write("scaling_max_freq", self.max_freq_mhz(chip) * 1000)
             return

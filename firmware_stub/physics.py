@@ -37,17 +37,17 @@ class ChipState:
     """A consistent snapshot of one chip, in SI units (the files carry hwmon units)."""
 
     chip: int
-    time_s: float             # the chip's device time
-    freq_mhz: int             # the clock it runs at now (after protections)
-    max_freq_mhz: int         # the runtime's cap (scaling_max_freq)
+    time_s: float  # the chip's device time
+    freq_mhz: int  # the clock it runs at now (after protections)
+    max_freq_mhz: int  # the runtime's cap (scaling_max_freq)
     voltage_mv: int
-    power_w: float            # mean over the last publish interval (power1_input)
-    average_power_w: float    # mean over the averaging interval (power1_average)
-    last_interval_power_w: float   # the last reported interval's power (what over-current sees)
-    energy_j: float           # since start, not wrapped
-    energy_counter_uj: int    # energy1_input: wraps
+    power_w: float  # mean over the last publish interval (power1_input)
+    average_power_w: float  # mean over the averaging interval (power1_average)
+    last_interval_power_w: float  # the last reported interval's power (what over-current sees)
+    energy_j: float  # since start, not wrapped
+    energy_counter_uj: int  # energy1_input: wraps
     temp_c: float
-    throttle_reasons: tuple[str, ...]   # subset of ("thermal", "critical", "over_current")
+    throttle_reasons: tuple[str, ...]  # subset of ("thermal", "critical", "over_current")
     oc_events: int
     thermal_events: int
 
@@ -55,29 +55,28 @@ class ChipState:
 class ChipPhysics:
     """The integrated state of one chip.  Not thread-safe by itself (Firmware locks it)."""
 
-    def __init__(self, profile: ChipProfile, chip: int, tick_s: float, average_interval_s: float,
-                 start_max_mhz: int):
+    def __init__(self, profile: ChipProfile, chip: int, tick_s: float, average_interval_s: float, start_max_mhz: int):
         self.profile = profile
         self.chip = chip
         self.tick_s = tick_s
         self.average_interval_s = average_interval_s
-        self.time_s = 0.0                       # device seconds
+        self.time_s = 0.0  # device seconds
         self.energy_j = 0.0
         self.temp_c = profile.ambient_c
-        self.max_level = profile.level_index(start_max_mhz)   # from scaling_max_freq
+        self.max_level = profile.level_index(start_max_mhz)  # from scaling_max_freq
         self.thermal_throttled = False
         self.critical = False
-        self.oc_cap_level: int | None = None    # clock cap while the over-current hold lasts
+        self.oc_cap_level: int | None = None  # clock cap while the over-current hold lasts
         self.oc_until_s = 0.0
-        self.over_limit = False                 # the previous interval was over the limit
+        self.over_limit = False  # the previous interval was over the limit
         self.oc_events = 0
         self.thermal_events = 0
         self.last_interval_power_w = 0.0
         self.next_tick_s = tick_s
-        self.tick_start_s = 0.0                 # start of the current publish interval
+        self.tick_start_s = 0.0  # start of the current publish interval
         self.tick_start_energy_j = 0.0
-        self.tick_power_w = 0.0                 # mean power of the last completed tick
-        self.snapshots: deque[tuple[float, float]] = deque([(0.0, 0.0)])   # (time_s, energy_j)
+        self.tick_power_w = 0.0  # mean power of the last completed tick
+        self.snapshots: deque[tuple[float, float]] = deque([(0.0, 0.0)])  # (time_s, energy_j)
 
     # --- clock -----------------------------------------------------------------------------
     def level(self) -> int:

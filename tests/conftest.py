@@ -25,7 +25,8 @@ def tiny_f32(tmp_path_factory):
             expected = record["models"][f"{name}-F32"]["sha256"]
             assert tiny_models.sha256(path) == expected, (
                 f"tests/fixtures/tiny_models.py no longer builds the {name} file the golden data was made from; "
-                "run tools/make_golden.py again")
+                "run tools/make_golden.py again"
+            )
             built[name] = path
         return built[name]
 

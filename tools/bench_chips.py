@@ -71,8 +71,13 @@ def predict_host(m, context: int) -> dict:
     """The host profile's batch-1 decode tok/s for this model, as ``edgebox plan`` computes it."""
     plan = make_plan(m, budget_w=float("inf"), batches=(1,), context=context)
     point = max(plan.points, key=lambda p: p.freq_mhz)  # the host has one clock
-    return {"profile": plan.profile, "context": context, "freq_mhz": point.freq_mhz,
-            "tokens_per_s": point.tokens_per_s, "bound": point.bound}
+    return {
+        "profile": plan.profile,
+        "context": context,
+        "freq_mhz": point.freq_mhz,
+        "tokens_per_s": point.tokens_per_s,
+        "bound": point.bound,
+    }
 
 
 def main() -> None:
@@ -95,7 +100,7 @@ def main() -> None:
         prediction = predict_host(decoders[1].m, context=(PROMPT + 2 + n_ctx) // 2)
     rates: dict[int, list[float]] = {n: [] for n in configs}
     for r in range(a.rounds):
-        for n in (configs if r % 2 == 0 else configs[::-1]):
+        for n in configs if r % 2 == 0 else configs[::-1]:
             rates[n].append(1.0 / statistics.median(decoders[n].burst(a.steps)))
         log(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{n} chip(s) {rates[n][-1]:.2f}" for n in configs) + " tok/s")
     for d in decoders.values():
@@ -114,8 +119,7 @@ def main() -> None:
     }
     if prediction is not None:
         pred = prediction["tokens_per_s"]
-        result["host_prediction"] = dict(prediction, predicted_over_measured={
-            str(n): pred / best[n] for n in configs})
+        result["host_prediction"] = dict(prediction, predicted_over_measured={str(n): pred / best[n] for n in configs})
 
     if a.json:
         print(json.dumps(result, indent=2))
@@ -123,12 +127,16 @@ def main() -> None:
     print(f"{result['model']}: decode tok/s, best (median) of {a.rounds} rounds x {a.steps} steps, the two back to back")
     for n in configs:
         print(f"  {n} chip(s): {best[n]:6.2f} ({med[n]:.2f})")
-    print(f"  {a.chips} chips / 1 chip: {result['ratio']['best']:.3f} (best), "
-          f"{result['ratio']['median_of_rounds']:.3f} (median of per-round ratios)")
+    print(
+        f"  {a.chips} chips / 1 chip: {result['ratio']['best']:.3f} (best), "
+        f"{result['ratio']['median_of_rounds']:.3f} (median of per-round ratios)"
+    )
     if prediction is not None:
         p = result["host_prediction"]
-        print(f"  host profile predicts {p['tokens_per_s']:.2f} tok/s ({p['bound']}-bound, context {p['context']}): "
-              + ", ".join(f"{v:.2f}x the {n}-chip measurement" for n, v in p["predicted_over_measured"].items()))
+        print(
+            f"  host profile predicts {p['tokens_per_s']:.2f} tok/s ({p['bound']}-bound, context {p['context']}): "
+            + ", ".join(f"{v:.2f}x the {n}-chip measurement" for n, v in p["predicted_over_measured"].items())
+        )
 
 
 if __name__ == "__main__":

@@ -40,13 +40,20 @@ def bench_module(checkout: Path) -> str:
 def describe(checkout: Path) -> str:
     """The checkout's commit, and proof that its child imports its own edgebox (not an installed copy)."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    where = subprocess.run([sys.executable, "-c", "import edgebox; print(edgebox.__file__)"], cwd=checkout, env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [sys.executable, "-c", "import edgebox; print(edgebox.__file__)"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if not Path(where).resolve().is_relative_to(checkout):
         raise SystemExit(f"{checkout}: the child would import edgebox from {where}")
     head = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
     return f"{checkout} @ {head.stdout.strip()[:70]}" + (" (+ uncommitted changes)" if dirty else "")
 
 
@@ -73,17 +80,34 @@ def main() -> None:
 
         def __init__(self, name: str, checkout: Path, spec: dict):
             self.name = name
-            self.proc = subprocess.Popen([sys.executable, "-m", bench_module(checkout), "--child", json.dumps(spec)],
-                                         cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", bench_module(checkout), "--child", json.dumps(spec)],
+                cwd=checkout,
+                env={**os.environ, "PYTHONPATH": str(checkout)},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             self.ready = self._reply()
 
-    spec = {"runner": "edgebox", "model": model, "threads": a.threads, "chips": a.chips, "backend": None,
-            "n_ctx": max(a.prompt, bench.TTFT_PROMPT) + a.decode + 8}
-    run = {"model": model, "threads": a.threads, "chips": a.chips, "rounds": a.rounds, "prompt": a.prompt,
-           "sides": {"old": describe(old), "new": describe(new)},
-           "pp_s": [[], []],      # per side (old, new), per turn: seconds of the prompt
-           "decode_s": [[], []]}  # per side, per round, per burst: seconds of each step
+    spec = {
+        "runner": "edgebox",
+        "model": model,
+        "threads": a.threads,
+        "chips": a.chips,
+        "backend": None,
+        "n_ctx": max(a.prompt, bench.TTFT_PROMPT) + a.decode + 8,
+    }
+    run = {
+        "model": model,
+        "threads": a.threads,
+        "chips": a.chips,
+        "rounds": a.rounds,
+        "prompt": a.prompt,
+        "sides": {"old": describe(old), "new": describe(new)},
+        "pp_s": [[], []],  # per side (old, new), per turn: seconds of the prompt
+        "decode_s": [[], []],
+    }  # per side, per round, per burst: seconds of each step
     children = []
     try:
         for name, checkout in (("old", old), ("new", new)):
@@ -99,9 +123,11 @@ def main() -> None:
             for i in (0, 1):
                 run["pp_s"][i] += secs[i]
                 run["decode_s"][i].append(steps[i])
-            bench._say(f"round {r + 1} of {a.rounds}: pp{a.prompt} {a.prompt / min(secs[0]):.2f} -> "
-                       f"{a.prompt / min(secs[1]):.2f} tok/s (best), decode {1 / _median_step(steps[0]):.2f} -> "
-                       f"{1 / _median_step(steps[1]):.2f} tok/s")
+            bench._say(
+                f"round {r + 1} of {a.rounds}: pp{a.prompt} {a.prompt / min(secs[0]):.2f} -> "
+                f"{a.prompt / min(secs[1]):.2f} tok/s (best), decode {1 / _median_step(steps[0]):.2f} -> "
+                f"{1 / _median_step(steps[1]):.2f} tok/s"
+            )
     finally:
         for c in children:
             c.close()
@@ -119,10 +145,14 @@ def report(run: dict) -> str:
     prompt, rounds = run["prompt"], run["rounds"]
     pp_ratios = [o / n for o, n in zip(*run["pp_s"])]  # seconds old / new = speed new / old
     per_round = len(pp_ratios) // rounds
-    ratios = {f"pp{prompt} tok/s": [pp_ratios[r * per_round:(r + 1) * per_round] for r in range(rounds)],
-              "decode tok/s": [[min(o) / min(n) for o, n in zip(*bursts)] for bursts in zip(*run["decode_s"])]}
-    best = {f"pp{prompt} tok/s": [prompt / min(side) for side in run["pp_s"]],
-            "decode tok/s": [max(1 / _median_step(bursts) for bursts in side) for side in run["decode_s"]]}
+    ratios = {
+        f"pp{prompt} tok/s": [pp_ratios[r * per_round : (r + 1) * per_round] for r in range(rounds)],
+        "decode tok/s": [[min(o) / min(n) for o, n in zip(*bursts)] for bursts in zip(*run["decode_s"])],
+    }
+    best = {
+        f"pp{prompt} tok/s": [prompt / min(side) for side in run["pp_s"]],
+        "decode tok/s": [max(1 / _median_step(bursts) for bursts in side) for side in run["decode_s"]],
+    }
     lines = [f"{run['model']}, {run['threads']} threads, {run['chips']} chip(s), {rounds} rounds"]
     lines += [f"  {name}: {text}" for name, text in run["sides"].items()]
     lines.append(f"{'':<16}{'old best':>10}{'new best':>10}   new/old: median [range] of the paired ratios")
@@ -133,10 +163,12 @@ def report(run: dict) -> str:
         # samples): the order statistics of rank n/2 -+ 0.98 sqrt(n), 1-based. Wider than the
         # effect in question: take more rounds
         meds = sorted(statistics.median(v) for v in by_round)
-        k = max(0, int(rounds / 2 - 0.98 * rounds ** 0.5) - 1)
-        lines.append(f"{label:<16}{best[label][0]:>10.2f}{best[label][1]:>10.2f}   {statistics.median(pairs):.3f} "
-                     f"[{pairs[0]:.3f}-{pairs[-1]:.3f}] over {len(pairs)} pairs; 95 % CI over the rounds "
-                     f"{meds[k]:.3f}-{meds[-1 - k]:.3f}")
+        k = max(0, int(rounds / 2 - 0.98 * rounds**0.5) - 1)
+        lines.append(
+            f"{label:<16}{best[label][0]:>10.2f}{best[label][1]:>10.2f}   {statistics.median(pairs):.3f} "
+            f"[{pairs[0]:.3f}-{pairs[-1]:.3f}] over {len(pairs)} pairs; 95 % CI over the rounds "
+            f"{meds[k]:.3f}-{meds[-1 - k]:.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ from edgebox.kernels import matmul as M  # noqa: E402
 from edgebox.kernels import matmul_simd as S  # noqa: E402
 
 L3_BYTES = 32 * 2**20
-SHAPES = ((11008, 4096), (4096, 11008))          # (n_out, n_in): ffn_gate/up, ffn_down
+SHAPES = ((11008, 4096), (4096, 11008))  # (n_out, n_in): ffn_gate/up, ffn_down
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -84,11 +84,20 @@ def random_weight(qtype: QType, n_out: int, n_in: int, rng) -> np.ndarray:
     the values; correctness is the tests' job)."""
     bs, ts = qt.block_size(qtype), qt.type_size(qtype)
     raw = rng.integers(0, 256, (n_out, n_in // bs, ts), dtype=np.uint8)
-    offs = {QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q4_K: (0, 2), QType.Q6_K: (208,),
-            QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q2_K: (80, 82),
-            QType.Q3_K: (108,), QType.Q5_K: (0, 2)}.get(qtype, ())
+    offs = {
+        QType.Q4_0: (0,),
+        QType.Q8_0: (0,),
+        QType.Q4_K: (0, 2),
+        QType.Q6_K: (208,),
+        QType.Q4_1: (0, 2),
+        QType.Q5_0: (0,),
+        QType.Q5_1: (0, 2),
+        QType.Q2_K: (80, 82),
+        QType.Q3_K: (108,),
+        QType.Q5_K: (0, 2),
+    }.get(qtype, ())
     for o in offs:
-        raw[..., o:o + 2] = np.full(raw.shape[:2], 1e-3, np.float16)[..., None].view(np.uint8)
+        raw[..., o : o + 2] = np.full(raw.shape[:2], 1e-3, np.float16)[..., None].view(np.uint8)
     return raw.reshape(n_out, -1)
 
 
@@ -131,10 +140,17 @@ def bench_type(qtype: QType, threads, Ts, reps: int, rng, verbose: bool, shapes=
             def mv():
                 for w in ws:
                     M.matvec(w, x)
+
             best, med, cpu = (v / len(ws) for v in timeit(mv, reps))
             key = (qtype.name, n_out, n_in, nt, "mv")
-            _keep(key, file_bytes / best / 1e9, file_bytes / med / 1e9, file_bytes / cpu / 1e9, probe,
-                  f"packed {w0.nbytes / file_bytes:.3f}x")
+            _keep(
+                key,
+                file_bytes / best / 1e9,
+                file_bytes / med / 1e9,
+                file_bytes / cpu / 1e9,
+                probe,
+                f"packed {w0.nbytes / file_bytes:.3f}x",
+            )
             if verbose:
                 print(f"  {key}: {file_bytes / best / 1e9:.1f} GB/s, probe {probe:.1f}", flush=True)
             for T in Ts:
@@ -145,6 +161,7 @@ def bench_type(qtype: QType, threads, Ts, reps: int, rng, verbose: bool, shapes=
                 def mm():
                     for w in ws[:2]:
                         M.matmul(w, X)
+
                 best, med, cpu = (v / 2 for v in timeit(mm, max(2, reps // 2)))
                 key = (qtype.name, n_out, n_in, nt, f"mm{T}")
                 _keep(key, flop / best / 1e9, flop / med / 1e9, flop / cpu / 1e9, probe)
@@ -154,14 +171,18 @@ def bench_type(qtype: QType, threads, Ts, reps: int, rng, verbose: bool, shapes=
 
 
 def report() -> None:
-    print("\nbest over rounds; [median]; cpu = per second of the calling thread's CPU time "
-          "(1 thread: the kernel's speed when not preempted); probe = same round's streaming read")
+    print(
+        "\nbest over rounds; [median]; cpu = per second of the calling thread's CPU time "
+        "(1 thread: the kernel's speed when not preempted); probe = same round's streaming read"
+    )
     for (name, n_out, n_in, nt, kind), (wall, med, cpu, probe, extra) in _BEST.items():
         shape = f"{n_out}x{n_in}"
         if kind == "mv":
             c = f"cpu {cpu:5.1f}" if nt == 1 else " " * 9
-            print(f"{name:5s} {shape:11s} thr={nt} matvec     {wall:6.1f} GB/s      [{med:5.1f}] {c}"
-                  f"  probe {probe:5.1f} GB/s  ({wall / probe:4.0%})  {extra}")
+            print(
+                f"{name:5s} {shape:11s} thr={nt} matvec     {wall:6.1f} GB/s      [{med:5.1f}] {c}"
+                f"  probe {probe:5.1f} GB/s  ({wall / probe:4.0%})  {extra}"
+            )
         else:
             c = f"cpu {cpu:5.1f}" if nt == 1 else " " * 9
             print(f"{name:5s} {shape:11s} thr={nt} matmul T={kind[2:]:<4s}{wall:6.1f} GFLOP/s [{med:5.1f}] {c}")
@@ -187,20 +208,34 @@ def bench_ort(threads, Ts, reps: int, rng) -> None:
         for _ in range(n_copies):
             Bq = rng.integers(0, 256, (n_out, nb, 16), dtype=np.uint8)
             S = np.full((n_out * nb,), 1e-3, np.float32)
-            node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft",
-                                    K=n_in, N=n_out, bits=4, block_size=32, accuracy_level=4)
+            node = helper.make_node(
+                "MatMulNBits",
+                ["A", "B", "S"],
+                ["Y"],
+                domain="com.microsoft",
+                K=n_in,
+                N=n_out,
+                bits=4,
+                block_size=32,
+                accuracy_level=4,
+            )
             graph = helper.make_graph(
-                [node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["T", n_in])],
+                [node],
+                "g",
+                [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["T", n_in])],
                 [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", n_out])],
-                initializer=[helper.make_tensor("B", TensorProto.UINT8, Bq.shape, Bq.tobytes(), raw=True),
-                             helper.make_tensor("S", TensorProto.FLOAT, S.shape, S.tobytes(), raw=True)])
-            models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                                  helper.make_opsetid("com.microsoft", 1)]))
+                initializer=[
+                    helper.make_tensor("B", TensorProto.UINT8, Bq.shape, Bq.tobytes(), raw=True),
+                    helper.make_tensor("S", TensorProto.FLOAT, S.shape, S.tobytes(), raw=True),
+                ],
+            )
+            models.append(
+                helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+            )
         for nt in threads:
             so = ort.SessionOptions()
             so.intra_op_num_threads = nt
-            sess = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-                    for m in models]
+            sess = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]) for m in models]
             for T in (1, *Ts):
                 A = rng.standard_normal((T, n_in)).astype(np.float32)
                 for s_ in sess:
@@ -210,16 +245,23 @@ def bench_ort(threads, Ts, reps: int, rng) -> None:
                 def run():
                     for s_ in use:
                         s_.run(None, {"A": A})
+
                 best, med, _ = timeit(run, reps)
                 best /= len(use)
                 med /= len(use)
                 if T == 1:
-                    print(f"ORT   {n_out:5d}x{n_in:<5d} thr={nt} matvec     {file_bytes / best / 1e9:6.1f} GB/s      "
-                          f"[{file_bytes / med / 1e9:5.1f}]  probe {probe_gbs():5.1f} GB/s", flush=True)
+                    print(
+                        f"ORT   {n_out:5d}x{n_in:<5d} thr={nt} matvec     {file_bytes / best / 1e9:6.1f} GB/s      "
+                        f"[{file_bytes / med / 1e9:5.1f}]  probe {probe_gbs():5.1f} GB/s",
+                        flush=True,
+                    )
                 else:
                     flop = 2.0 * T * n_out * n_in
-                    print(f"ORT   {n_out:5d}x{n_in:<5d} thr={nt} matmul T={T:<4d}{flop / best / 1e9:6.1f} GFLOP/s "
-                          f"[{flop / med / 1e9:5.1f}]", flush=True)
+                    print(
+                        f"ORT   {n_out:5d}x{n_in:<5d} thr={nt} matmul T={T:<4d}{flop / best / 1e9:6.1f} GFLOP/s "
+                        f"[{flop / med / 1e9:5.1f}]",
+                        flush=True,
+                    )
             del sess
 
 
@@ -230,15 +272,22 @@ def main() -> None:
     ap.add_argument("--T", nargs="+", type=int, default=[64], help="matmul token counts")
     ap.add_argument("--reps", type=int, default=7, help="timed calls per measurement")
     ap.add_argument("--rounds", type=int, default=2, help="repeat everything, keep the best (busy machines)")
-    ap.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES],
-                    help="weight shapes n_outxn_in (default: the 7B FFN shapes)")
+    ap.add_argument(
+        "--shapes",
+        nargs="+",
+        default=[f"{o}x{i}" for o, i in SHAPES],
+        help="weight shapes n_outxn_in (default: the 7B FFN shapes)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--ort", action="store_true", help="also time onnxruntime MatMulNBits (Q4_0)")
     args = ap.parse_args()
     shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes)
     rng = np.random.default_rng(0)
-    print(f"numba {numba.__version__}; probe 1 thread {(numba.set_num_threads(1), probe_gbs())[1]:.1f} GB/s, "
-          f"2 threads {(numba.set_num_threads(2), probe_gbs())[1]:.1f} GB/s", flush=True)
+    print(
+        f"numba {numba.__version__}; probe 1 thread {(numba.set_num_threads(1), probe_gbs())[1]:.1f} GB/s, "
+        f"2 threads {(numba.set_num_threads(2), probe_gbs())[1]:.1f} GB/s",
+        flush=True,
+    )
     for r in range(args.rounds):
         for name in args.types:
             bench_type(QType[name], args.threads, args.T, args.reps, rng, args.verbose, shapes)

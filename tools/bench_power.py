@@ -77,10 +77,10 @@ class Bound:
     def __init__(self, pricer: StepPricer):
         self.pricer = pricer
         self.priced: dict[Step, tuple[np.ndarray, np.ndarray]] = {}
-        self.sequences: dict[int, tuple[list[Step], object]] = {}     # batch -> (steps, a run of them)
+        self.sequences: dict[int, tuple[list[Step], object]] = {}  # batch -> (steps, a run of them)
 
     def add(self, batch: int, steps: list[Step], run) -> None:
-        self.sequences[batch] = (list(steps[:len(run.token_log[0])]), run)
+        self.sequences[batch] = (list(steps[: len(run.token_log[0])]), run)
 
     def _frontier(self, batch: int, n_tokens: int) -> tuple[Frontier, int] | None:
         """None: the run at the top clock did not reach ``n_tokens`` (no schedule at this batch
@@ -91,7 +91,7 @@ class Bound:
         if i >= len(tokens):
             return None
         seconds, joules = [], []
-        for s in steps[:i + 1]:
+        for s in steps[: i + 1]:
             if s not in self.priced:
                 p = self.pricer.price(s)
                 self.priced[s] = (p.step_s, p.step_s * p.power_w)
@@ -127,10 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="6,8,10,12")
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--prompt-chunk", type=int, default=None,
-                    help="the governor caps the engine's prompt rows per step at this (default: the governor's, 32)")
-    ap.add_argument("--energy-slack", default=None,
-                    help="the governor's energy-per-token slack over the reference clock (default: the governor's; 'none': off)")
+    ap.add_argument(
+        "--prompt-chunk",
+        type=int,
+        default=None,
+        help="the governor caps the engine's prompt rows per step at this (default: the governor's, 32)",
+    )
+    ap.add_argument(
+        "--energy-slack",
+        default=None,
+        help="the governor's energy-per-token slack over the reference clock (default: the governor's; 'none': off)",
+    )
     ap.add_argument("--json", type=Path, help="also write every number as JSON here")
     args = ap.parse_args(argv)
     budgets = [float(x) for x in args.budgets.split(",")]
@@ -159,16 +166,25 @@ def main(argv: list[str] | None = None) -> int:
         static = {}
         bound = Bound(pricer)
         for b in range(1, min(n, args.max_batch) + 1):
-            for f in reversed(levels):          # the top level's run covers the most work: record its steps
+            for f in reversed(levels):  # the top level's run covers the most work: record its steps
                 rec_make, rec = recording(make) if b not in bound.sequences else (make, None)
-                r = simulate(rec_make, SimOptions(streams=n, seconds=args.seconds, governor=False, freq_mhz=f, batch=b,
-                                                  max_batch=args.max_batch))
+                r = simulate(
+                    rec_make,
+                    SimOptions(streams=n, seconds=args.seconds, governor=False, freq_mhz=f, batch=b, max_batch=args.max_batch),
+                )
                 if rec is not None:
                     bound.add(b, rec, r)
                 static[(f, b)] = r
         print(f"  static sweep: {n} streams ({time.perf_counter() - wall0:.0f} s)", file=sys.stderr)
-        steps = simulate(make, governed(streams=n, seconds=args.seconds, budget_w=10.0,
-                                        budget_steps=((args.seconds / 3, 7.0), (2 * args.seconds / 3, 10.0))))
+        steps = simulate(
+            make,
+            governed(
+                streams=n,
+                seconds=args.seconds,
+                budget_w=10.0,
+                budget_steps=((args.seconds / 3, 7.0), (2 * args.seconds / 3, 10.0)),
+            ),
+        )
         steps_out[n] = steps.settle
         for w in budgets:
             gov = simulate(make, governed(streams=n, seconds=args.seconds, budget_w=w))
@@ -189,28 +205,43 @@ def main(argv: list[str] | None = None) -> int:
             most_tok = bound.most_tokens_per_s(g_tokens, c["j_per_token"])
             ends = np.arange(WARMUP_S + 1.0, gov.device_s, 0.01)
             roll = np.array([gov.log.average_w(t - 1.0, t) for t in ends])
-            rows.append({
-                "budget_w": w, "streams": n, "same_work_tokens": g_tokens,
-                "governor_tok_s": g["tokens_per_s"], "governor_j_tok": g["j_per_token"],
-                "governor_60s_tok_s": gov.tokens_per_s, "governor_60s_j_tok": gov.joules_per_token,
-                "governor_ok": gov.report["ok"], "within_fraction": gov.report["long_within_fraction"],
-                "worst_1s_ratio": gov.report["worst_long_ratio"], "worst_100ms_ratio": gov.report["worst_short_ratio"],
-                "mean_power_w": gov.mean_power_w,
-                "steady_within_2pct": float(np.mean(np.abs(roll - roll.mean()) <= 0.02 * roll.mean())),
-                "best_static": list(best[1]) if best else None,
-                "best_static_tok_s": s["tokens_per_s"] if s else None,
-                "best_static_j_tok": s["j_per_token"] if s else None,
-                "best_static_60s_tok_s": best[2].tokens_per_s if best else None,
-                "best_static_60s_j_tok": best[2].joules_per_token if best else None,
-                "ratio": g["tokens_per_s"] / s["tokens_per_s"] if s else None,
-                "energy_ratio": s["j_per_token"] / g["j_per_token"] if s else None,
-                "energy_ratio_60s": best[2].joules_per_token / gov.joules_per_token if best else None,
-                "cap_mhz": cap_f, "cap_tok_s": c["tokens_per_s"], "cap_j_tok": c["j_per_token"], "cap_within": cap_ok,
-                "least_j_tok_at_targets": least_j, "targets_tok_s": want,
-                "most_tok_s_at_cap_j": most_tok,
-                "freq_time_s": gov.freq_time_s, "batch_time_s": gov.batch_time_s, "events": len(gov.events),
-                "oc_events": sum(gov.protections["over_current_events"]), "max_temp_c": gov.max_temp_c,
-            })
+            rows.append(
+                {
+                    "budget_w": w,
+                    "streams": n,
+                    "same_work_tokens": g_tokens,
+                    "governor_tok_s": g["tokens_per_s"],
+                    "governor_j_tok": g["j_per_token"],
+                    "governor_60s_tok_s": gov.tokens_per_s,
+                    "governor_60s_j_tok": gov.joules_per_token,
+                    "governor_ok": gov.report["ok"],
+                    "within_fraction": gov.report["long_within_fraction"],
+                    "worst_1s_ratio": gov.report["worst_long_ratio"],
+                    "worst_100ms_ratio": gov.report["worst_short_ratio"],
+                    "mean_power_w": gov.mean_power_w,
+                    "steady_within_2pct": float(np.mean(np.abs(roll - roll.mean()) <= 0.02 * roll.mean())),
+                    "best_static": list(best[1]) if best else None,
+                    "best_static_tok_s": s["tokens_per_s"] if s else None,
+                    "best_static_j_tok": s["j_per_token"] if s else None,
+                    "best_static_60s_tok_s": best[2].tokens_per_s if best else None,
+                    "best_static_60s_j_tok": best[2].joules_per_token if best else None,
+                    "ratio": g["tokens_per_s"] / s["tokens_per_s"] if s else None,
+                    "energy_ratio": s["j_per_token"] / g["j_per_token"] if s else None,
+                    "energy_ratio_60s": best[2].joules_per_token / gov.joules_per_token if best else None,
+                    "cap_mhz": cap_f,
+                    "cap_tok_s": c["tokens_per_s"],
+                    "cap_j_tok": c["j_per_token"],
+                    "cap_within": cap_ok,
+                    "least_j_tok_at_targets": least_j,
+                    "targets_tok_s": want,
+                    "most_tok_s_at_cap_j": most_tok,
+                    "freq_time_s": gov.freq_time_s,
+                    "batch_time_s": gov.batch_time_s,
+                    "events": len(gov.events),
+                    "oc_events": sum(gov.protections["over_current_events"]),
+                    "max_temp_c": gov.max_temp_c,
+                }
+            )
             print(f"  done: {w:g} W x {n} streams ({time.perf_counter() - wall0:.0f} s)", file=sys.stderr)
     probe.close()
 
@@ -219,22 +250,28 @@ def main(argv: list[str] | None = None) -> int:
     extra = [f"governor prompt chunk {args.prompt_chunk or DEFAULT_PROMPT_CHUNK}"]
     if gov_config:
         extra.append(f"governor {gov_config}")
-    print(f"edgebox power governor vs static settings: {name or 'DeepSeek-LLM-7B shape'}, {probe.box.n_chips} chips, "
-          f"{probe.box.profile.name}, {args.seconds:g} s of device time per run, streams of requests with "
-          f"200-400-token prompts and 200-400 generated tokens" + (f"; {', '.join(extra)}" if extra else ""))
+    print(
+        f"edgebox power governor vs static settings: {name or 'DeepSeek-LLM-7B shape'}, {probe.box.n_chips} chips, "
+        f"{probe.box.profile.name}, {args.seconds:g} s of device time per run, streams of requests with "
+        f"200-400-token prompts and 200-400 generated tokens" + (f"; {', '.join(extra)}" if extra else "")
+    )
     print()
-    hdr = (f"{'budget':>6} {'streams':>7} | {'gov tok/s':>9} {'J/tok':>6} | {'best static':>11} {'tok/s':>6} {'J/tok':>6} | "
-           f"{'ratio':>5} {'J ratio':>7} | {'cap MHz':>7} {'tok/s':>6} {'J/tok':>6} | {'least J/tok':>11} | "
-           f"{'worst 1s':>8} {'in budget':>9} {'worst 100ms':>11}")
+    hdr = (
+        f"{'budget':>6} {'streams':>7} | {'gov tok/s':>9} {'J/tok':>6} | {'best static':>11} {'tok/s':>6} {'J/tok':>6} | "
+        f"{'ratio':>5} {'J ratio':>7} | {'cap MHz':>7} {'tok/s':>6} {'J/tok':>6} | {'least J/tok':>11} | "
+        f"{'worst 1s':>8} {'in budget':>9} {'worst 100ms':>11}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         best = f"({r['best_static'][0]},{r['best_static'][1]})" if r["best_static"] else "none fits"
-        print(f"{r['budget_w']:>5g}W {r['streams']:>7} | {r['governor_tok_s']:>9.1f} {r['governor_j_tok']:>6.4f} | "
-              f"{best:>11} {r['best_static_tok_s'] or 0:>6.1f} {r['best_static_j_tok'] or 0:>6.4f} | "
-              f"{(r['ratio'] or 0):>5.3f} {(r['energy_ratio'] or 0):>7.3f} | {r['cap_mhz']:>7} {r['cap_tok_s']:>6.1f} {r['cap_j_tok']:>6.4f} | "
-              f"{r['least_j_tok_at_targets']:>11.4f} | "
-              f"{r['worst_1s_ratio'] * 100:>7.1f}% {r['within_fraction'] * 100:>8.1f}% {r['worst_100ms_ratio'] * 100:>10.1f}%")
+        print(
+            f"{r['budget_w']:>5g}W {r['streams']:>7} | {r['governor_tok_s']:>9.1f} {r['governor_j_tok']:>6.4f} | "
+            f"{best:>11} {r['best_static_tok_s'] or 0:>6.1f} {r['best_static_j_tok'] or 0:>6.4f} | "
+            f"{(r['ratio'] or 0):>5.3f} {(r['energy_ratio'] or 0):>7.3f} | {r['cap_mhz']:>7} {r['cap_tok_s']:>6.1f} {r['cap_j_tok']:>6.4f} | "
+            f"{r['least_j_tok_at_targets']:>11.4f} | "
+            f"{r['worst_1s_ratio'] * 100:>7.1f}% {r['within_fraction'] * 100:>8.1f}% {r['worst_100ms_ratio'] * 100:>10.1f}%"
+        )
     print()
     print("tokens/s and J/tok on the same work (each run's first G tokens, G the fewest of the three runs);")
     print("ratio = governor tok/s / best static tok/s; J ratio = best static J/tok / governor J/tok (>= 0.95 wanted);")
@@ -242,13 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     print("the cap and >= 90 % of the best static (>= the cap's J/tok: beating the cap on both counts is impossible);")
     print("worst 1s / worst 100ms = the worst rolling window / budget; in budget = share of rolling 1 s windows <= budget.")
     print()
-    print(f"{'budget':>6} {'streams':>7} | {'G tokens':>8} | {'gov 60 s tok/s':>14} {'J/tok':>6} {'J ratio':>7} | "
-          f"{'most tok/s at cap J/tok':>23} | {'mean W':>6} {'steady ±2 %':>11}")
+    print(
+        f"{'budget':>6} {'streams':>7} | {'G tokens':>8} | {'gov 60 s tok/s':>14} {'J/tok':>6} {'J ratio':>7} | "
+        f"{'most tok/s at cap J/tok':>23} | {'mean W':>6} {'steady ±2 %':>11}"
+    )
     for r in rows:
-        print(f"{r['budget_w']:>5g}W {r['streams']:>7} | {r['same_work_tokens']:>8} | {r['governor_60s_tok_s']:>14.1f} "
-              f"{r['governor_60s_j_tok']:>6.4f} {(r['energy_ratio_60s'] or 0):>7.3f} | "
-              f"{r['most_tok_s_at_cap_j']:>10.1f} ({r['most_tok_s_at_cap_j'] / r['cap_tok_s']:>5.3f}x cap) | "
-              f"{r['mean_power_w']:>6.2f} {r['steady_within_2pct'] * 100:>10.1f}%")
+        print(
+            f"{r['budget_w']:>5g}W {r['streams']:>7} | {r['same_work_tokens']:>8} | {r['governor_60s_tok_s']:>14.1f} "
+            f"{r['governor_60s_j_tok']:>6.4f} {(r['energy_ratio_60s'] or 0):>7.3f} | "
+            f"{r['most_tok_s_at_cap_j']:>10.1f} ({r['most_tok_s_at_cap_j'] / r['cap_tok_s']:>5.3f}x cap) | "
+            f"{r['mean_power_w']:>6.2f} {r['steady_within_2pct'] * 100:>10.1f}%"
+        )
     print("gov 60 s: over the whole run (equal time, as the earlier table had it); most tok/s at cap J/tok: the fastest")
     print("any clock schedule can be on the same work without spending more per token than the cap; steady ±2 %: share")
     print("of rolling 1 s windows (after 3 s) within ±2 % of the run's mean.")
@@ -258,13 +299,25 @@ def main(argv: list[str] | None = None) -> int:
     for n, settle in steps_out.items():
         for s in settle:
             prev = 10.0 if s["budget_w"] == 7.0 else 7.0
-            print(f"{n:>7} | {prev:>3g} -> {s['budget_w']:<3g} {s['steady_w']:>8.2f} {_f(s['reach_s']):>7} {_f(s['settle_s']):>8} {_f(s['stays_s']):>7}")
+            print(
+                f"{n:>7} | {prev:>3g} -> {s['budget_w']:<3g} {s['steady_w']:>8.2f} {_f(s['reach_s']):>7} {_f(s['settle_s']):>8} {_f(s['stays_s']):>7}"
+            )
     print("reach: first window within the budget and ±2 % of steady; settle: ... and staying so for 1 s;")
     print("stays: ... and staying so to the end of the phase ('-': the steady state itself leaves the ±2 % band).")
     print(f"\nwall time {time.perf_counter() - wall0:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "settle": steps_out, "seconds": args.seconds,
-                                         "prompt_chunk": args.prompt_chunk, "governor_config": gov_config}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "settle": steps_out,
+                    "seconds": args.seconds,
+                    "prompt_chunk": args.prompt_chunk,
+                    "governor_config": gov_config,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -26,7 +26,7 @@ from numba import get_num_threads, njit, prange, set_num_threads
 
 
 @njit(nogil=True, fastmath=True, cache=False)
-def _stream_sum(a):                                     # a: float32 [n] -> float32
+def _stream_sum(a):  # a: float32 [n] -> float32
     s = np.float32(0.0)
     for i in range(a.shape[0]):
         s += a[i]
@@ -44,7 +44,7 @@ def _on_threads(fn, parts) -> None:
 
 
 @njit(parallel=True, fastmath=True, cache=False)
-def _int8_dots(w, x, reps, n_threads):                  # w: int8 [rows, n], x: int8 [n]
+def _int8_dots(w, x, reps, n_threads):  # w: int8 [rows, n], x: int8 [n]
     out = np.zeros(n_threads, dtype=np.int64)
     for t in prange(n_threads):
         total = 0
@@ -89,9 +89,9 @@ def edgebox_q4_0_probe(repeats: int) -> tuple[float, float, float] | None:
         from edgebox.kernels import matmul as mm
     except Exception:  # noqa: BLE001 - the kernels are optional for this script
         return None
-    small = mm.pack(_q4_0_weight(2048, 1024), QType.Q4_0)               # 2 x 576 KiB: each L2
+    small = mm.pack(_q4_0_weight(2048, 1024), QType.Q4_0)  # 2 x 576 KiB: each L2
     tiny = mm.pack(_q4_0_weight(8, 32), QType.Q4_0)
-    big = mm.pack(_q4_0_weight(16384, 8192), QType.Q4_0)                # ~72 MiB: DRAM
+    big = mm.pack(_q4_0_weight(16384, 8192), QType.Q4_0)  # ~72 MiB: DRAM
     x_small = np.ones(1024, np.float32)
     x_big = np.ones(8192, np.float32)
     qx_small = mm.quantize_activations(x_small)
@@ -128,14 +128,14 @@ def main() -> None:
     set_num_threads(min(args.threads, get_num_threads()))
     n_threads = get_num_threads()
 
-    a = np.ones(int(args.gib * 2**30) // 4, dtype=np.float32)          # float32 [n], touched
-    _stream_sum(a[:1024])                                              # compile
+    a = np.ones(int(args.gib * 2**30) // 4, dtype=np.float32)  # float32 [n], touched
+    _stream_sum(a[:1024])  # compile
     parts = np.array_split(a, n_threads)
     read_s = _best(lambda: _on_threads(_stream_sum, parts), args.repeats)
     read_gbps = a.nbytes / read_s / 1e9
     del a
 
-    rows, width, reps = 64, 256, 2000                                  # 16 KiB of weights: L1
+    rows, width, reps = 64, 256, 2000  # 16 KiB of weights: L1
     w = np.random.default_rng(0).integers(-8, 8, (rows, width), dtype=np.int8)
     x = np.random.default_rng(1).integers(-128, 128, width, dtype=np.int8)
     _int8_dots(w, x, 1, n_threads)

@@ -41,7 +41,12 @@ def _random_blocks(rng: np.random.Generator, n_rows: int, n_in: int, qtype: Q) -
 def write_raw(out: Path, qtype: Q, seed: int = 0) -> Path:
     vocab = GGUFFile(tiny_models.vocab_path("deepseek-llm"))
     f = vocab.fields
-    n_vocab, d, n_ff, n_layer = len(f["tokenizer.ggml.tokens"]), f["llama.embedding_length"], f["llama.feed_forward_length"], f["llama.block_count"]
+    n_vocab, d, n_ff, n_layer = (
+        len(f["tokenizer.ggml.tokens"]),
+        f["llama.embedding_length"],
+        f["llama.feed_forward_length"],
+        f["llama.block_count"],
+    )
     rng = np.random.default_rng(seed)
 
     w = gguf.GGUFWriter(str(out), "llama")
@@ -61,9 +66,17 @@ def write_raw(out: Path, qtype: Q, seed: int = 0) -> Path:
     shapes: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (n_vocab, d))]
     for i in range(n_layer):
         p = f"blk.{i}."
-        shapes += [(p + "attn_norm.weight", (d,)), (p + "attn_q.weight", (d, d)), (p + "attn_k.weight", (d, d)),
-                   (p + "attn_v.weight", (d, d)), (p + "attn_output.weight", (d, d)), (p + "ffn_norm.weight", (d,)),
-                   (p + "ffn_gate.weight", (n_ff, d)), (p + "ffn_up.weight", (n_ff, d)), (p + "ffn_down.weight", (d, n_ff))]
+        shapes += [
+            (p + "attn_norm.weight", (d,)),
+            (p + "attn_q.weight", (d, d)),
+            (p + "attn_k.weight", (d, d)),
+            (p + "attn_v.weight", (d, d)),
+            (p + "attn_output.weight", (d, d)),
+            (p + "ffn_norm.weight", (d,)),
+            (p + "ffn_gate.weight", (n_ff, d)),
+            (p + "ffn_up.weight", (n_ff, d)),
+            (p + "ffn_down.weight", (d, n_ff)),
+        ]
     shapes += [("output_norm.weight", (d,)), ("output.weight", (n_vocab, d))]
 
     for name, shape in shapes:

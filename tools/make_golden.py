@@ -65,11 +65,10 @@ def quantize(src: Path, dst: Path, ftype_name: str) -> None:
 def golden(model_path: Path, out: Path) -> None:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=512, n_batch=512, n_threads=2,
-                          logits_all=True, verbose=False, seed=0)
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=512, n_batch=512, n_threads=2, logits_all=True, verbose=False, seed=0)
     ids = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
     llm.eval(ids)
-    logits = np.array(llm.scores[:len(ids)], dtype=np.float32)  # [T, V]
+    logits = np.array(llm.scores[: len(ids)], dtype=np.float32)  # [T, V]
 
     # greedy continuation from llama.cpp's own logits
     greedy, last = [], logits[-1]
@@ -112,8 +111,10 @@ def main() -> None:
                 key = f"{name}-{q}"
                 print(f"golden {key}", flush=True)
                 golden(path, GOLDEN_DIR / f"{key}.npz")
-                record["models"][key] = {"sha256": tiny_models.sha256(path),
-                                         "path": str(path.relative_to(REPO)) if q != "F32" else None}
+                record["models"][key] = {
+                    "sha256": tiny_models.sha256(path),
+                    "path": str(path.relative_to(REPO)) if q != "F32" else None,
+                }
     (GOLDEN_DIR / "record.json").write_text(json.dumps(record, indent=1) + "\n")
 
 

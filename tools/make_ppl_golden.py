@@ -31,8 +31,13 @@ def main() -> None:
     text = (train_dir / "heldout.txt").read_text()[:SAMPLE_BYTES]
     sample = REPO / "tests" / "data" / "heldout_sample.txt"
     sample.write_text(text)
-    out = {"ctx": CTX, "sample": str(sample.relative_to(REPO)), "vocab": 32256,
-           "untrained_heldout_ppl": math.exp(record["untrained_heldout_loss"]), "variants": {}}
+    out = {
+        "ctx": CTX,
+        "sample": str(sample.relative_to(REPO)),
+        "vocab": 32256,
+        "untrained_heldout_ppl": math.exp(record["untrained_heldout_loss"]),
+        "variants": {},
+    }
     for variant in ("F16", "Q8_0", "Q4_K_M", "Q4_0"):
         path = train_dir / record["files"][variant]["name"]
         m = edgebox.load(path, n_ctx=CTX)
@@ -40,10 +45,15 @@ def main() -> None:
         bos = m.tokenizer.bos_id if m.tokenizer.add_bos else None
         ours = perplexity(m.logits, tokens, CTX, bos)
         theirs = perplexity(llama_cpp_logits_of(str(path), CTX), tokens, CTX, bos)
-        out["variants"][variant] = {"sha256": record["files"][variant]["sha256"], "edgebox": asdict(ours),
-                                    "llama_cpp": asdict(theirs)}
-        print(f"{variant}: edgebox {ours.ppl:.4f} +/- {ours.ppl_err:.4f}, llama.cpp {theirs.ppl:.4f} +/- {theirs.ppl_err:.4f}",
-              flush=True)
+        out["variants"][variant] = {
+            "sha256": record["files"][variant]["sha256"],
+            "edgebox": asdict(ours),
+            "llama_cpp": asdict(theirs),
+        }
+        print(
+            f"{variant}: edgebox {ours.ppl:.4f} +/- {ours.ppl_err:.4f}, llama.cpp {theirs.ppl:.4f} +/- {theirs.ppl_err:.4f}",
+            flush=True,
+        )
     (REPO / "tests" / "data" / "golden" / "perplexity.json").write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -51,19 +51,25 @@ def main() -> None:
     llm = llama_cpp.Llama(model_path=str(vocab_path), vocab_only=True, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
 
-    requests = [(text, add_bos, parse_special) for text in TEXTS for add_bos, parse_special in ((False, True), (False, False), (True, True))]
+    requests = [
+        (text, add_bos, parse_special)
+        for text in TEXTS
+        for add_bos, parse_special in ((False, True), (False, False), (True, True))
+    ]
     requests += [(text, False, False) for text in llama_cpp_test_strings(vocab_dir / "ggml-vocab-qwen2.gguf.inp")]
     cases = []
     for text, add_bos, parse_special in requests:
         ids = llm.tokenize(text.encode(), add_bos=add_bos, special=parse_special)
-        cases.append({
-            "text": text,
-            "add_bos": add_bos,
-            "parse_special": parse_special,
-            "ids": ids,
-            # the pieces of token_to_piece(special=True) joined: control tokens as their text
-            "detokenized": llm.detokenize(ids, special=True).decode("utf-8", errors="replace"),
-        })
+        cases.append(
+            {
+                "text": text,
+                "add_bos": add_bos,
+                "parse_special": parse_special,
+                "ids": ids,
+                # the pieces of token_to_piece(special=True) joined: control tokens as their text
+                "detokenized": llm.detokenize(ids, special=True).decode("utf-8", errors="replace"),
+            }
+        )
     eog_ids = [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
 
     golden = {

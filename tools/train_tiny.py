@@ -90,7 +90,7 @@ def build_model(torch, n_vocab: int):
     sin = torch.cat([angles.sin(), angles.sin()], -1)
 
     def rotate_half(x):
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
         return torch.cat([-x2, x1], -1)
 
     class Block(nn.Module):
@@ -140,8 +140,8 @@ def batches(ids: np.ndarray, rng: np.random.RandomState):
     n = (len(ids) - 1) // SEQ
     while True:
         for start in rng.permutation(n)[: (n // BATCH) * BATCH].reshape(-1, BATCH):
-            x = np.stack([ids[s * SEQ:(s + 1) * SEQ] for s in start])
-            y = np.stack([ids[s * SEQ + 1:(s + 1) * SEQ + 1] for s in start])
+            x = np.stack([ids[s * SEQ : (s + 1) * SEQ] for s in start])
+            y = np.stack([ids[s * SEQ + 1 : (s + 1) * SEQ + 1] for s in start])
             yield x, y
 
 
@@ -152,8 +152,8 @@ def evaluate(torch, model, ids: np.ndarray, max_batches: int = 40) -> float:
     with torch.no_grad():
         for b in range(0, min(n, max_batches * BATCH), BATCH):
             idx = range(b, min(b + BATCH, n))
-            x = torch.from_numpy(np.stack([ids[s * SEQ:(s + 1) * SEQ] for s in idx]))
-            y = torch.from_numpy(np.stack([ids[s * SEQ + 1:(s + 1) * SEQ + 1] for s in idx]))
+            x = torch.from_numpy(np.stack([ids[s * SEQ : (s + 1) * SEQ] for s in idx]))
+            y = torch.from_numpy(np.stack([ids[s * SEQ + 1 : (s + 1) * SEQ + 1] for s in idx]))
             losses.append(torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
     model.train()
     return float(np.mean(losses))
@@ -173,8 +173,10 @@ def export(model, out: Path, ftype: str) -> Path:
     dtype = np.float32 if ftype == "F32" else np.float16
     w = gguf.GGUFWriter(str(out), "llama")
     w.add_name("edgebox-tiny-coder")
-    w.add_description("edgebox default model: DeepSeek-Coder architecture (~10.6 M parameters) trained on the CPython "
-                      "standard library by tools/train_tiny.py")
+    w.add_description(
+        "edgebox default model: DeepSeek-Coder architecture (~10.6 M parameters) trained on the CPython "
+        "standard library by tools/train_tiny.py"
+    )
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if ftype == "F32" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_context_length(N_CTX)
     w.add_embedding_length(N_EMBD)
@@ -226,8 +228,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="train edgebox's tiny default model")
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="train exactly this many steps instead (the record's 'steps' reproduces a run)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="train exactly this many steps instead (the record's 'steps' reproduces a run)"
+    )
     args = ap.parse_args()
     import torch
 
@@ -241,10 +244,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_gguf_fields(read_fields(tiny_models.vocab_path("deepseek-coder")), "deepseek-coder")
     train_files, held_files, root = stdlib_files()
-    train_ids, held_ids = cached_tokens(tok, train_files, out / "train_ids.npy"), cached_tokens(tok, held_files, out / "heldout_ids.npy")
+    train_ids, held_ids = (
+        cached_tokens(tok, train_files, out / "train_ids.npy"),
+        cached_tokens(tok, held_files, out / "heldout_ids.npy"),
+    )
     (out / "heldout.txt").write_text("".join(p.read_text(encoding="utf-8", errors="replace") for p in held_files))
-    print(f"data: {len(train_files)} train files ({len(train_ids)} tokens), {len(held_files)} held out ({len(held_ids)} tokens), "
-          f"tokenized in {time.time() - t_start:.0f} s", flush=True)
+    print(
+        f"data: {len(train_files)} train files ({len(train_ids)} tokens), {len(held_files)} held out ({len(held_ids)} tokens), "
+        f"tokenized in {time.time() - t_start:.0f} s",
+        flush=True,
+    )
 
     model = build_model(torch, tok.n_vocab)
     n_params = sum(p.numel() for p in model.parameters())
@@ -272,22 +281,37 @@ def main() -> None:
         losses.append(loss.item())
         step += 1
         if step % 25 == 0:
-            print(f"step {step} loss {np.mean(losses[-25:]):.3f} lr {3e-3 * max(lr_scale, 0.02):.2e} "
-                  f"({elapsed:.0f}/{budget_s:.0f} s)", flush=True)
+            print(
+                f"step {step} loss {np.mean(losses[-25:]):.3f} lr {3e-3 * max(lr_scale, 0.02):.2e} "
+                f"({elapsed:.0f}/{budget_s:.0f} s)",
+                flush=True,
+            )
     train_s = time.time() - t0
     held_loss = evaluate(torch, model, held_ids)
-    print(f"held-out loss {held_loss:.3f} (ppl {math.exp(held_loss):.1f}); untrained {untrained:.3f} "
-          f"(ppl {math.exp(untrained):.0f}); vocabulary {tok.n_vocab}", flush=True)
+    print(
+        f"held-out loss {held_loss:.3f} (ppl {math.exp(held_loss):.1f}); untrained {untrained:.3f} "
+        f"(ppl {math.exp(untrained):.0f}); vocabulary {tok.n_vocab}",
+        flush=True,
+    )
 
     files = {"F32": export(model, out / "tiny-coder-F32.gguf", "F32"), "F16": export(model, out / "tiny-coder-F16.gguf", "F16")}
     for q in ("Q8_0", "Q4_0", "Q4_K_M"):
         files[q] = quantize(files["F32"], out / f"tiny-coder-{q}.gguf", q)
     record = {
-        "seed": SEED, "python": sys.version.split()[0], "stdlib": str(root), "torch": torch.__version__,
-        "n_params": n_params, "steps": step, "tokens_seen": step * SEQ * BATCH, "train_seconds": round(train_s),
-        "total_seconds": round(time.time() - t_start), "train_loss_last50": float(np.mean(losses[-50:])),
-        "heldout_loss": held_loss, "untrained_heldout_loss": untrained,
-        "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(held_ids)),
+        "seed": SEED,
+        "python": sys.version.split()[0],
+        "stdlib": str(root),
+        "torch": torch.__version__,
+        "n_params": n_params,
+        "steps": step,
+        "tokens_seen": step * SEQ * BATCH,
+        "train_seconds": round(train_s),
+        "total_seconds": round(time.time() - t_start),
+        "train_loss_last50": float(np.mean(losses[-50:])),
+        "heldout_loss": held_loss,
+        "untrained_heldout_loss": untrained,
+        "train_tokens": int(len(train_ids)),
+        "heldout_tokens": int(len(held_ids)),
         "heldout_files": [str(p.relative_to(root)) for p in held_files],
         "files": {k: {"name": v.name, "sha256": tiny_models.sha256(v), "bytes": v.stat().st_size} for k, v in files.items()},
     }

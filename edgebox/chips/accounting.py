@@ -19,8 +19,13 @@ from edgebox.hw.step import ChipWork, Step, StepCost, StepWork, step_cost
 
 def chip_work(chip) -> ChipWork:
     """What a ``Chip`` holds, as the cost model prices it."""
-    return ChipWork(attn=tuple(tuple(s) for s in chip.attn_matmuls), ffn=tuple(tuple(s) for s in chip.ffn_matmuls),
-                    head=tuple(chip.head_matmuls), n_heads=chip.n_heads, n_kv=chip.n_kv)
+    return ChipWork(
+        attn=tuple(tuple(s) for s in chip.attn_matmuls),
+        ffn=tuple(tuple(s) for s in chip.ffn_matmuls),
+        head=tuple(chip.head_matmuls),
+        n_heads=chip.n_heads,
+        n_kv=chip.n_kv,
+    )
 
 
 class Accounting:
@@ -54,8 +59,14 @@ class Accounting:
         step_s = float(c.step_s[0])
         for i, chip in enumerate(self.chips):
             busy_s = float(c.busy_s[i, 0])
-            self._report(chip, firmware, busy_s, float(c.ops[i]), float(c.dram_bytes[i]),
-                         idle_s=t0 + step_s - c.link_s - chip.clock_s - busy_s)
+            self._report(
+                chip,
+                firmware,
+                busy_s,
+                float(c.ops[i]),
+                float(c.dram_bytes[i]),
+                idle_s=t0 + step_s - c.link_s - chip.clock_s - busy_s,
+            )
             if c.link_s:
                 self._report(chip, firmware, c.link_s, 0.0, 0.0, link_bytes=c.link_bytes)
         return step_s
@@ -66,8 +77,7 @@ class Accounting:
             self._report(chip, firmware, 0.0, 0.0, 0.0, idle_s=t_s - chip.clock_s)
 
     @staticmethod
-    def _report(chip, firmware, busy_s: float, ops: float, nbytes: float, idle_s: float = 0.0,
-                link_bytes: float = 0.0) -> None:
+    def _report(chip, firmware, busy_s: float, ops: float, nbytes: float, idle_s: float = 0.0, link_bytes: float = 0.0) -> None:
         if idle_s > 0:
             chip.clock_s += idle_s
             if firmware is not None:

@@ -44,13 +44,16 @@ class AttentionStep:
     decode: DecodeBatch | None  # its one-token segments, batched
 
     @classmethod
-    def of(cls, ops, chips: list[Chip], positions: np.ndarray, rows: np.ndarray, starts: list[int],
-           caches: list) -> AttentionStep:
+    def of(
+        cls, ops, chips: list[Chip], positions: np.ndarray, rows: np.ndarray, starts: list[int], caches: list
+    ) -> AttentionStep:
         dec = [i for i in range(len(caches)) if rows[i + 1] - rows[i] == 1]
         decode = None
         if len(dec) >= 2:
-            lists = [ops.kv_lists([caches[i].k[c.index] for i in dec], [caches[i].v[c.index] for i in dec])
-                     if c.n_kv else None for c in chips]
+            lists = [
+                ops.kv_lists([caches[i].k[c.index] for i in dec], [caches[i].v[c.index] for i in dec]) if c.n_kv else None
+                for c in chips
+            ]
             decode = DecodeBatch(set(dec), rows[dec], np.array([starts[i] for i in dec], np.int64), lists)
         return cls(positions, rows, starts, caches, decode)
 
@@ -66,8 +69,9 @@ def attention(chip: Chip, layer: int, h: np.ndarray, step: AttentionStep) -> np.
     if R == 1 and len(caches) == 1:
         # one token of one sequence: the whole block in one compiled call where the backend has one
         kv = caches[0]
-        out = ops.decode_attention_block(lw, h[0], int(positions[0]), kv.k[chip.index], kv.v[chip.index], layer,
-                                         step.starts[0], nh, nkv, chip.kv_of_head, a)  # [D]
+        out = ops.decode_attention_block(
+            lw, h[0], int(positions[0]), kv.k[chip.index], kv.v[chip.index], layer, step.starts[0], nh, nkv, chip.kv_of_head, a
+        )  # [D]
         if out is not None:
             return out[None]
 
@@ -77,17 +81,19 @@ def attention(chip: Chip, layer: int, h: np.ndarray, step: AttentionStep) -> np.
         qkv += lw.bqkv
 
     # rotary position embedding on the q and k heads (one call: same positions for both)
-    qk = ops.rope(qkv[:, :(nh + nkv) * hd].reshape(R, nh + nkv, hd), positions,
-                  a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox)  # [R, Hc + Hkv_c, hd]
+    qk = ops.rope(
+        qkv[:, : (nh + nkv) * hd].reshape(R, nh + nkv, hd), positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale, a.rope_neox
+    )  # [R, Hc + Hkv_c, hd]
     q, k = qk[:, :nh], qk[:, nh:]  # [R, Hc, hd], [R, Hkv_c, hd]
-    v = qkv[:, (nh + nkv) * hd:].reshape(R, nkv, hd)  # [R, Hkv_c, hd]
+    v = qkv[:, (nh + nkv) * hd :].reshape(R, nkv, hd)  # [R, Hkv_c, hd]
 
     att = np.empty((R, nh * hd), np.float32)  # [R, Hc*hd]
     if decode is not None:
         # the one-token segments together: each one's k, v into its cache, then attention
         r = decode.rows
-        att[r] = ops.attention_decode_append(q[r], k[r], v[r], decode.caches[chip.index], layer, decode.starts,
-                                             chip.kv_of_head)  # [B, Hc*hd]
+        att[r] = ops.attention_decode_append(
+            q[r], k[r], v[r], decode.caches[chip.index], layer, decode.starts, chip.kv_of_head
+        )  # [B, Hc*hd]
 
     # every other segment: append k, v to this chip's slice of its cache, attend over all it holds
     rows, starts = step.rows, step.starts
@@ -96,8 +102,8 @@ def attention(chip: Chip, layer: int, h: np.ndarray, step: AttentionStep) -> np.
             continue
         r0, r1, start = rows[i], rows[i + 1], starts[i]
         kc, vc = kv.k[chip.index][layer], kv.v[chip.index][layer]  # [n_ctx, Hkv_c, hd] f16
-        kc[start:start + r1 - r0] = k[r0:r1]
-        vc[start:start + r1 - r0] = v[r0:r1]
+        kc[start : start + r1 - r0] = k[r0:r1]
+        vc[start : start + r1 - r0] = v[r0:r1]
         att[r0:r1] = ops.attention(q[r0:r1], kc, vc, start, positions[r0:r1], kv.pos, chip.kv_of_head)
 
     # this chip's columns of the output projection: a partial sum

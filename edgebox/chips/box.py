@@ -33,11 +33,21 @@ from firmware_stub.firmware import Firmware
 class Box:
     """N chips running one model tensor-parallel, plus the firmware that watches them."""
 
-    def __init__(self, args: ModelArgs, weights: Weights, n_chips: int = 1, profile: str | ChipProfile | None = None,
-                 backend: str = DEFAULT_BACKEND, firmware=None, source: str = ""):
+    def __init__(
+        self,
+        args: ModelArgs,
+        weights: Weights,
+        n_chips: int = 1,
+        profile: str | ChipProfile | None = None,
+        backend: str = DEFAULT_BACKEND,
+        firmware=None,
+        source: str = "",
+    ):
         self.args = args
         self.n_chips = n_chips
-        self.profile = profile if isinstance(profile, ChipProfile) else load_profile(profile or ("host" if n_chips == 1 else "r100-edge"))
+        self.profile = (
+            profile if isinstance(profile, ChipProfile) else load_profile(profile or ("host" if n_chips == 1 else "r100-edge"))
+        )
         self.plan = PartitionPlan.build(args, weights, n_chips)
         # the chips' management firmware (in-process; publishes hwmon files when given a root)
         self.firmware = firmware if firmware is not None else Firmware(self.profile, n_chips)
@@ -62,13 +72,24 @@ class Box:
                 layers.append(ChipLayer.place(ops, i, qkv, o, gate_up, down))
         head = VocabParallelLinear.of(weights.output, shards)
         replicated = weights.token_embd.nbytes + sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in weights.layers)
-        chips = [Chip(s, per_chip_layers[i], ops.linear(head.shards[i]) if head.shards[i] is not None else None,
-                      replicated, self.profile, args, ops)
-                 for i, s in enumerate(shards)]
+        chips = [
+            Chip(
+                s,
+                per_chip_layers[i],
+                ops.linear(head.shards[i]) if head.shards[i] is not None else None,
+                replicated,
+                self.profile,
+                args,
+                ops,
+            )
+            for i, s in enumerate(shards)
+        ]
         for chip in chips:
             if chip.weight_bytes > chip.capacity_bytes:
-                raise ModelError(f"{source}: the model needs {chip.weight_bytes / 2**30:.2f} GiB per chip on {self.n_chips} chip(s), "
-                                 f"the chip ({self.profile.name}) has {chip.capacity_bytes / 2**30:.2f} GiB; use more chips or a smaller quant")
+                raise ModelError(
+                    f"{source}: the model needs {chip.weight_bytes / 2**30:.2f} GiB per chip on {self.n_chips} chip(s), "
+                    f"the chip ({self.profile.name}) has {chip.capacity_bytes / 2**30:.2f} GiB; use more chips or a smaller quant"
+                )
         return chips
 
     @property
@@ -91,9 +112,13 @@ class Box:
         return self.firmware
 
     def linears(self) -> list:
-        return [m for chip in self.chips for layer in chip.layers
-                for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down) if m is not None] + \
-               [chip.lm_head for chip in self.chips if chip.lm_head is not None]
+        return [
+            m
+            for chip in self.chips
+            for layer in chip.layers
+            for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+            if m is not None
+        ] + [chip.lm_head for chip in self.chips if chip.lm_head is not None]
 
     def prepare(self, progress=None) -> None:
         """Repack every weight for the kernels now rather than at first use; ``progress(done,

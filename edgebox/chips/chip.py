@@ -51,8 +51,7 @@ class FusedLinear:
                 runs.append(self._ops.linear(group[0]))
             else:
                 stacked = np.concatenate([p.data for p in group])  # [sum n_out, row_bytes]
-                runs.append(self._ops.linear(Matrix("+".join(p.name for p in group), qtype,
-                                                    len(stacked), self.n_in, stacked)))
+                runs.append(self._ops.linear(Matrix("+".join(p.name for p in group), qtype, len(stacked), self.n_in, stacked)))
             runs[-1].prepare()
             if len(group) > 1:
                 for p in group:  # the stacked copy replaced them
@@ -81,25 +80,42 @@ class ChipLayer:
     decode_cache: dict = field(default_factory=dict)  # the backend's one-call decode arguments, made at first use
 
     @classmethod
-    def place(cls, ops, chip: int, qkv: QKVParallelLinear, o: RowParallelLinear,
-              gate_up: MergedColumnParallelLinear, down: RowParallelLinear) -> ChipLayer:
+    def place(
+        cls,
+        ops,
+        chip: int,
+        qkv: QKVParallelLinear,
+        o: RowParallelLinear,
+        gate_up: MergedColumnParallelLinear,
+        down: RowParallelLinear,
+    ) -> ChipLayer:
         """Chip ``chip``'s shard of one layer, cut from the layer's parallel linears."""
         qkv_rows, gate_up_rows = qkv.shard(chip), gate_up.shard(chip)
-        return cls(wqkv=FusedLinear(ops, qkv_rows) if qkv_rows is not None else None,
-                   bqkv=qkv.biases[chip],
-                   wo=ops.linear(o.shards[chip]) if o.shards[chip] is not None else None,
-                   w_gate_up=FusedLinear(ops, gate_up_rows) if gate_up_rows is not None else None,
-                   w_down=ops.linear(down.shards[chip]) if down.shards[chip] is not None else None,
-                   attn_shapes=_matmul_shapes(*(qkv_rows or ()), o.shards[chip]),
-                   ffn_shapes=_matmul_shapes(*(gate_up_rows or ()), down.shards[chip]))
+        return cls(
+            wqkv=FusedLinear(ops, qkv_rows) if qkv_rows is not None else None,
+            bqkv=qkv.biases[chip],
+            wo=ops.linear(o.shards[chip]) if o.shards[chip] is not None else None,
+            w_gate_up=FusedLinear(ops, gate_up_rows) if gate_up_rows is not None else None,
+            w_down=ops.linear(down.shards[chip]) if down.shards[chip] is not None else None,
+            attn_shapes=_matmul_shapes(*(qkv_rows or ()), o.shards[chip]),
+            ffn_shapes=_matmul_shapes(*(gate_up_rows or ()), down.shards[chip]),
+        )
 
 
 class Chip:
     """One chip: its shards of every layer and of the lm head, the kernels they run on (``ops``),
     which of its query heads read which of its KV heads, and its device clock."""
 
-    def __init__(self, shard: ChipShard, layers: list[ChipLayer], lm_head, replicated_bytes: int,
-                 profile: ChipProfile, args: ModelArgs, ops):
+    def __init__(
+        self,
+        shard: ChipShard,
+        layers: list[ChipLayer],
+        lm_head,
+        replicated_bytes: int,
+        profile: ChipProfile,
+        args: ModelArgs,
+        ops,
+    ):
         self.index = shard.chip
         self.args = args
         self.ops = ops  # the kernel backend its blocks run on (the box's)
@@ -112,9 +128,11 @@ class Chip:
         self.n_ffn = len(shard.ffn)
         # local KV head of each local query head (GQA, with replicated KV heads)
         self.kv_of_head = np.array([h // args.n_gqa - shard.kv_heads.start for h in shard.heads], np.intp)
-        self.weight_bytes = replicated_bytes + sum(
-            m.nbytes for layer in layers for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
-            if m is not None) + (lm_head.nbytes if lm_head is not None else 0)
+        self.weight_bytes = (
+            replicated_bytes
+            + sum(m.nbytes for layer in layers for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down) if m is not None)
+            + (lm_head.nbytes if lm_head is not None else 0)
+        )
         self.kv_bytes_per_token = 2 * args.n_layer * self.n_kv * hd * KV_BYTES
         self.clock_s = 0.0
         # per layer, the matmuls of each half-layer as (n_out, n_in, weight bytes, int8?)

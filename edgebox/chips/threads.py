@@ -83,7 +83,7 @@ class ChipThreads:
     def __init__(self, chips: list, n_cores: int | None = None):
         n_cores = n_cores or host_cores()
         n_threads = max(1, min(len(chips), n_cores))
-        self.groups = [chips[r.start:r.stop] for r in _deal(len(chips), n_threads)]  # [thread][chip]
+        self.groups = [chips[r.start : r.stop] for r in _deal(len(chips), n_threads)]  # [thread][chip]
         self.kernel_threads = _kernel_threads(n_threads, n_cores) if n_threads > 1 else None
         self._helpers: list[_Helper] = []  # one per group but the last
         self._pid = 0  # the process the helpers run in
@@ -97,8 +97,7 @@ class ChipThreads:
     def _start(self) -> None:
         self._helpers = [_Helper() for _ in self.groups[:-1]]
         for i, h in enumerate(self._helpers):
-            threading.Thread(target=_helper_loop, args=(h, self.kernel_threads), name=f"chip-thread-{i}",
-                             daemon=True).start()
+            threading.Thread(target=_helper_loop, args=(h, self.kernel_threads), name=f"chip-thread-{i}", daemon=True).start()
         self._pid = os.getpid()
         self._stopper = weakref.finalize(self, _stop_helpers, self._helpers)
 
@@ -133,5 +132,3 @@ class ChipThreads:
     def close(self) -> None:
         if self._stopper is not None:
             self._stopper()
-
-

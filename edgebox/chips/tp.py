@@ -28,7 +28,7 @@ from edgebox.gguf.quant_types import block_size
 
 def row_slice(m: Matrix, rows: range) -> Matrix:
     """Rows [start, stop) of a matrix: a view into the mmap."""
-    return Matrix(f"{m.name}[rows {rows.start}:{rows.stop}]", m.qtype, len(rows), m.n_in, m.data[rows.start:rows.stop])
+    return Matrix(f"{m.name}[rows {rows.start}:{rows.stop}]", m.qtype, len(rows), m.n_in, m.data[rows.start : rows.stop])
 
 
 def col_slice(m: Matrix, cols: range) -> Matrix:
@@ -141,11 +141,23 @@ class QKVParallelLinear(MergedColumnParallelLinear):
     biases: tuple[np.ndarray | None, ...] = ()  # per chip: its q, k, v bias rows concatenated
 
     @classmethod
-    def of(cls, wq: Matrix, wk: Matrix, wv: Matrix, bq: np.ndarray | None, bk: np.ndarray | None,
-           bv: np.ndarray | None, shards: Sequence[ChipShard], hd: int) -> QKVParallelLinear:
+    def of(
+        cls,
+        wq: Matrix,
+        wk: Matrix,
+        wv: Matrix,
+        bq: np.ndarray | None,
+        bk: np.ndarray | None,
+        bv: np.ndarray | None,
+        shards: Sequence[ChipShard],
+        hd: int,
+    ) -> QKVParallelLinear:
         q, kv = head_rows(shards, hd), kv_head_rows(shards, hd)
         merged = MergedColumnParallelLinear.split([wq, wk, wv], [q, kv, kv])
-        biases = tuple(np.concatenate([bq[q[i].start:q[i].stop], bk[kv[i].start:kv[i].stop], bv[kv[i].start:kv[i].stop]])
-                       if bq is not None and bk is not None and bv is not None and len(q[i]) else None
-                       for i in range(len(shards)))
+        biases = tuple(
+            np.concatenate([bq[q[i].start : q[i].stop], bk[kv[i].start : kv[i].stop], bv[kv[i].start : kv[i].stop]])
+            if bq is not None and bk is not None and bv is not None and len(q[i])
+            else None
+            for i in range(len(shards))
+        )
         return cls(merged.parts, biases)

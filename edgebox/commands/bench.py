@@ -48,13 +48,13 @@ class RunnerResult:
 @dataclass
 class ConcurrencyPoint:
     concurrency: int
-    total_tok_s: float      # generated tokens / wall time, prompt processing included
-    decode_tok_s: float     # while all streams decode: streams / per-token latency (p50)
+    total_tok_s: float  # generated tokens / wall time, prompt processing included
+    decode_tok_s: float  # while all streams decode: streams / per-token latency (p50)
     ttft_p50_s: float
     ttft_p95_s: float
     per_token_p50_s: float
     per_token_p95_s: float
-    pp64_tok_s: float       # 64-token prompt processing taken just before and after this level (mean)
+    pp64_tok_s: float  # 64-token prompt processing taken just before and after this level (mean)
     vs_pp64_range: tuple = ()  # decode_tok_s / pp64_tok_s of every round of this level (this point: the median)
 
 
@@ -90,8 +90,7 @@ class EdgeboxRunner:
         self.kv_gib = n_ctx * m.box.kv_bytes_per_token / 2**30
         _say(f"edgebox: loaded and packed in {self.load_s:.1f} s; warming up the kernels")
         self._fwd = m.transformer.forward
-        self._fwd(np.array(_prompt(m.args.n_vocab, 8), np.int32), np.arange(8, dtype=np.int32), m.new_cache(16),
-                  all_logits=False)
+        self._fwd(np.array(_prompt(m.args.n_vocab, 8), np.int32), np.arange(8, dtype=np.int32), m.new_cache(16), all_logits=False)
         self._kv = None
         self._token = 0
 
@@ -110,8 +109,9 @@ class EdgeboxRunner:
         out = []
         for _ in range(steps):
             t = time.perf_counter()
-            logits = self._fwd(np.array([self._token], np.int32), np.array([self._kv.length], np.int32), self._kv,
-                               all_logits=False)
+            logits = self._fwd(
+                np.array([self._token], np.int32), np.array([self._kv.length], np.int32), self._kv, all_logits=False
+            )
             self._token = int(np.argmax(logits[0]))
             out.append(time.perf_counter() - t)
         return out
@@ -132,10 +132,13 @@ class LlamaCppRunner:
         except ImportError:
             from edgebox.errors import EdgeboxError
 
-            raise EdgeboxError("--vs-llama-cpp needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp, ~10 min)") from None
+            raise EdgeboxError(
+                "--vs-llama-cpp needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp, ~10 min)"
+            ) from None
         t0 = time.perf_counter()
-        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=512,
-                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = llama_cpp.Llama(
+            model_path=str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
         self.load_s = time.perf_counter() - t0
         self.kv_gib = 0.0
         self.llm.eval(_prompt(self.llm.n_vocab(), 8))
@@ -208,11 +211,21 @@ def _concurrency_round(m, c: int, prompt_len: int, gen: int) -> ConcurrencyPoint
     ttft = sorted(s.ttft_s for s in sums)
     per_tok = sorted(s.decode_s / max(1, s.generated_tokens - 1) for s in sums)
     pp64 = 2 * 64 / (before + prompt_seconds(m, 64))
-    point = ConcurrencyPoint(c, sum(s.generated_tokens for s in sums) / wall, c / _pct(per_tok, 50),
-                             _pct(ttft, 50), _pct(ttft, 95), _pct(per_tok, 50), _pct(per_tok, 95), pp64)
-    _say(f"concurrency {c}: decode {point.decode_tok_s:.2f} tok/s ({point.decode_tok_s / pp64:.0%} of pp64 {pp64:.1f}), "
-         f"{point.total_tok_s:.2f} tok/s with prompts, TTFT p50 {point.ttft_p50_s:.2f} s p95 {point.ttft_p95_s:.2f} s, "
-         f"per token p50 {point.per_token_p50_s * 1000:.0f} ms")
+    point = ConcurrencyPoint(
+        c,
+        sum(s.generated_tokens for s in sums) / wall,
+        c / _pct(per_tok, 50),
+        _pct(ttft, 50),
+        _pct(ttft, 95),
+        _pct(per_tok, 50),
+        _pct(per_tok, 95),
+        pp64,
+    )
+    _say(
+        f"concurrency {c}: decode {point.decode_tok_s:.2f} tok/s ({point.decode_tok_s / pp64:.0%} of pp64 {pp64:.1f}), "
+        f"{point.total_tok_s:.2f} tok/s with prompts, TTFT p50 {point.ttft_p50_s:.2f} s p95 {point.ttft_p95_s:.2f} s, "
+        f"per token p50 {point.per_token_p50_s * 1000:.0f} ms"
+    )
     return point
 
 
@@ -233,8 +246,10 @@ def bench_first_request(m, prompt_len: int = 64, steady: int = 4) -> dict:
         e.close(drain=False)
     out = {"engine_start_s": start_s, "first_ttft_s": ttfts[0], "steady_ttft_s": statistics.median(ttfts[1:])}
     out["first_vs_steady"] = out["first_ttft_s"] / out["steady_ttft_s"]
-    _say(f"hot standby: engine start {start_s:.1f} s, first request TTFT {ttfts[0] * 1000:.0f} ms, "
-         f"steady {out['steady_ttft_s'] * 1000:.0f} ms ({out['first_vs_steady']:.2f}x)")
+    _say(
+        f"hot standby: engine start {start_s:.1f} s, first request TTFT {ttfts[0] * 1000:.0f} ms, "
+        f"steady {out['steady_ttft_s'] * 1000:.0f} ms ({out['first_vs_steady']:.2f}x)"
+    )
     return out
 
 
@@ -245,6 +260,7 @@ def _pct(sorted_values: list[float], p: float) -> float:
 
 # -- process start: what the numba cache saves ----------------------------------------------------
 
+
 def bench_startup(model_path, chips: int = 1) -> dict:
     """Process start -> first generated token (``edgebox run -n 1``), twice over an empty numba
     cache: the first start compiles every kernel, the second loads them from the cache."""
@@ -253,8 +269,26 @@ def bench_startup(model_path, chips: int = 1) -> dict:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         for label in ("first_start_s", "second_start_s"):
             t = time.perf_counter()
-            p = subprocess.run([sys.executable, "-m", "edgebox.cli", "run", str(model_path), "-p", "hello", "-n", "1",
-                                "--temp", "0", "--chips", str(chips)], env=env, capture_output=True, text=True)
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgebox.cli",
+                    "run",
+                    str(model_path),
+                    "-p",
+                    "hello",
+                    "-n",
+                    "1",
+                    "--temp",
+                    "0",
+                    "--chips",
+                    str(chips),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             out[label] = time.perf_counter() - t
             if p.returncode != 0:
                 raise RuntimeError(f"edgebox run failed: {p.stderr.strip()[-500:]}")
@@ -265,13 +299,18 @@ def bench_startup(model_path, chips: int = 1) -> dict:
 
 # -- the run: both runners resident, each measurement taken by one and then the other ---------------
 
+
 class _Child:
     """The parent's handle on a runner process: ``call(op, *args)`` runs one measurement there."""
 
     def __init__(self, spec: dict):
         self.name = spec["runner"]
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgebox.commands.bench", "--child", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgebox.commands.bench", "--child", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.ready = self._reply()  # load_s, kv_gib
 
     def call(self, op: str, *args):
@@ -282,7 +321,7 @@ class _Child:
     def _reply(self):
         for line in self.proc.stdout:  # other output (a library's chatter) is skipped
             if line.startswith(RESULT_TAG):
-                return json.loads(line[len(RESULT_TAG):])
+                return json.loads(line[len(RESULT_TAG) :])
         from edgebox.errors import EdgeboxError
 
         code = self.proc.wait()
@@ -310,9 +349,18 @@ def _paired(children: list[_Child], rounds: int, measure, first: int = 0, label:
     return values
 
 
-def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int = 32, vs_llama_cpp: bool = False,
-              chips: int = 1, concurrency: tuple[int, ...] = (), backend: str | None = None, rounds: int = 1,
-              startup: bool = False) -> dict:
+def run_bench(
+    model_path,
+    threads: int = 2,
+    prompt_lens=(64, 512),
+    n_decode: int = 32,
+    vs_llama_cpp: bool = False,
+    chips: int = 1,
+    concurrency: tuple[int, ...] = (),
+    backend: str | None = None,
+    rounds: int = 1,
+    startup: bool = False,
+) -> dict:
     """Each runner in a process of its own (its peak RSS is its own, neither inherits the other's
     threads). Both stay loaded; every measurement is taken ``rounds`` times, the runners taking
     turns, so each ratio is the median over rounds of edgebox vs llama.cpp measured back to back
@@ -321,8 +369,11 @@ def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int
     model_path = str(Path(model_path).resolve())
     n_ctx = max(*prompt_lens, TTFT_PROMPT) + n_decode + 8
     base = {"model": model_path, "threads": threads}
-    children = [_Child({**base, "runner": "edgebox", "chips": chips, "backend": backend,
-                        "n_ctx": max(n_ctx, 160) if concurrency else n_ctx})]
+    children = [
+        _Child(
+            {**base, "runner": "edgebox", "chips": chips, "backend": backend, "n_ctx": max(n_ctx, 160) if concurrency else n_ctx}
+        )
+    ]
     try:
         if vs_llama_cpp:
             children.append(_Child({**base, "runner": "llama.cpp", "n_ctx": n_ctx}))
@@ -362,8 +413,15 @@ def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int
         for c in children:
             c.close()
 
-    report: dict = {"model": model_path, "file_gib": os.path.getsize(model_path) / 2**30, "threads": threads,
-                    "chips": chips, "backend": backend or "default", "rounds": rounds, "edgebox": asdict(results[0])}
+    report: dict = {
+        "model": model_path,
+        "file_gib": os.path.getsize(model_path) / 2**30,
+        "threads": threads,
+        "chips": chips,
+        "backend": backend or "default",
+        "rounds": rounds,
+        "edgebox": asdict(results[0]),
+    }
     e = report["edgebox"]
     report["memory_ratio"] = e["peak_rss_gib"] / (report["file_gib"] + e["kv_gib"])
     if "concurrency" in extra:
@@ -386,9 +444,11 @@ def run_bench(model_path, threads: int = 2, prompt_lens=(64, 512), n_decode: int
 def format_report(r: dict) -> str:
     e = r["edgebox"]
     t = r.get("llama_cpp")
-    lines = [f"model {r['model']} ({r['file_gib']:.2f} GiB), {r['threads']} threads, {r['chips']} chip(s), "
-             f"backend {r['backend']}, {r['rounds']} round(s): figures are each runner's best round"
-             + (", ratios the median of the rounds' back-to-back ratios [range]" if t else "")]
+    lines = [
+        f"model {r['model']} ({r['file_gib']:.2f} GiB), {r['threads']} threads, {r['chips']} chip(s), "
+        f"backend {r['backend']}, {r['rounds']} round(s): figures are each runner's best round"
+        + (", ratios the median of the rounds' back-to-back ratios [range]" if t else "")
+    ]
     header = f"{'':<22}{'edgebox':>12}"
     if t:
         header += f"{'llama.cpp':>12}{'ratio':>8}"
@@ -411,20 +471,26 @@ def format_report(r: dict) -> str:
     for p in r.get("concurrency", []):
         gain = r.get("batching_gain", {}).get(str(p["concurrency"]))
         share = r.get("vs_pp64", {}).get(str(p["concurrency"]))
-        lines.append(f"concurrency {p['concurrency']:>3}: decode {p['decode_tok_s']:7.2f} tok/s"
-                     + (f" ({gain:.2f}x one stream" if gain else " (")
-                     + (f", {share:.0%} of pp64" if share else "")
-                     + (f" [{min(p['vs_pp64_range']):.0%}-{max(p['vs_pp64_range']):.0%}])" if len(p.get("vs_pp64_range", ())) > 1 else ")")
-                     + f" | {p['total_tok_s']:.2f} tok/s with prompts | TTFT p50 {p['ttft_p50_s']:.2f} s p95 {p['ttft_p95_s']:.2f} s"
-                     f" | per token p50 {p['per_token_p50_s'] * 1000:.0f} ms p95 {p['per_token_p95_s'] * 1000:.0f} ms")
+        lines.append(
+            f"concurrency {p['concurrency']:>3}: decode {p['decode_tok_s']:7.2f} tok/s"
+            + (f" ({gain:.2f}x one stream" if gain else " (")
+            + (f", {share:.0%} of pp64" if share else "")
+            + (f" [{min(p['vs_pp64_range']):.0%}-{max(p['vs_pp64_range']):.0%}])" if len(p.get("vs_pp64_range", ())) > 1 else ")")
+            + f" | {p['total_tok_s']:.2f} tok/s with prompts | TTFT p50 {p['ttft_p50_s']:.2f} s p95 {p['ttft_p95_s']:.2f} s"
+            f" | per token p50 {p['per_token_p50_s'] * 1000:.0f} ms p95 {p['per_token_p95_s'] * 1000:.0f} ms"
+        )
     if "hot_standby" in r:
         h = r["hot_standby"]
-        lines.append(f"hot standby: engine start {h['engine_start_s']:.1f} s; first request TTFT {h['first_ttft_s'] * 1000:.0f} ms "
-                     f"vs steady {h['steady_ttft_s'] * 1000:.0f} ms ({h['first_vs_steady']:.2f}x)")
+        lines.append(
+            f"hot standby: engine start {h['engine_start_s']:.1f} s; first request TTFT {h['first_ttft_s'] * 1000:.0f} ms "
+            f"vs steady {h['steady_ttft_s'] * 1000:.0f} ms ({h['first_vs_steady']:.2f}x)"
+        )
     if "startup" in r:
         s = r["startup"]
-        lines.append(f"process start -> first token: {s['first_start_s']:.1f} s over an empty numba cache, "
-                     f"{s['second_start_s']:.1f} s from the cache (compiling costs {s['compile_s']:.1f} s)")
+        lines.append(
+            f"process start -> first token: {s['first_start_s']:.1f} s over an empty numba cache, "
+            f"{s['second_start_s']:.1f} s from the cache (compiling costs {s['compile_s']:.1f} s)"
+        )
     return "\n".join(lines)
 
 

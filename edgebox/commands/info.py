@@ -31,7 +31,10 @@ def describe(m: Model) -> list[tuple[str, str]]:
         ("context", f"{a.n_ctx_train} trained, {m.n_ctx} used"),
         ("rope", rope),
         ("embeddings", "tied (output = token_embd)" if m.weights.tied_embeddings else "separate output matrix"),
-        ("tokenizer", f"{f.fields.get('tokenizer.ggml.model')} / {f.fields.get('tokenizer.ggml.pre')}, {tok.n_vocab} tokens, BOS {'added' if tok.add_bos else 'not added'}"),
+        (
+            "tokenizer",
+            f"{f.fields.get('tokenizer.ggml.model')} / {f.fields.get('tokenizer.ggml.pre')}, {tok.n_vocab} tokens, BOS {'added' if tok.add_bos else 'not added'}",
+        ),
         ("chat template", "yes" if m.chat_template else "no"),
     ]
     description = f.fields.get("general.description")

@@ -35,10 +35,12 @@ def chunk_tokens(tokens: Sequence[int], n_ctx: int, bos_id: int | None) -> list[
     if n_ctx < 4:
         raise EdgeboxError(f"--ctx must be at least 4, got {n_ctx}")
     if len(tokens) < 2 * n_ctx:
-        raise EdgeboxError(f"the text tokenizes to {len(tokens)} tokens; perplexity with --ctx {n_ctx} needs at least {2 * n_ctx}")
+        raise EdgeboxError(
+            f"the text tokenizes to {len(tokens)} tokens; perplexity with --ctx {n_ctx} needs at least {2 * n_ctx}"
+        )
     chunks = []
     for i in range(len(tokens) // n_ctx):
-        chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
+        chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
         if bos_id is not None:
             chunk[0] = bos_id
         chunks.append(chunk)
@@ -52,8 +54,8 @@ def chunk_nll(logits: np.ndarray, chunk: Sequence[int]) -> np.ndarray:
     """
     n_ctx = len(chunk)
     first = n_ctx // 2
-    rows = logits[first:n_ctx - 1].astype(np.float64)  # [n_scored, V]
-    targets = np.asarray(chunk[first + 1:n_ctx])  # [n_scored]
+    rows = logits[first : n_ctx - 1].astype(np.float64)  # [n_scored, V]
+    targets = np.asarray(chunk[first + 1 : n_ctx])  # [n_scored]
     top = rows.max(axis=1, keepdims=True)
     log_z = np.log(np.exp(rows - top).sum(axis=1)) + top[:, 0]
     return log_z - rows[np.arange(len(targets)), targets]
@@ -62,14 +64,15 @@ def chunk_nll(logits: np.ndarray, chunk: Sequence[int]) -> np.ndarray:
 def summarize(nll: np.ndarray, n_chunks: int, n_ctx: int, seconds: float = 0.0) -> PerplexityResult:
     count = len(nll)
     mean = float(nll.mean())
-    var = float((nll ** 2).mean() - mean * mean)
+    var = float((nll**2).mean() - mean * mean)
     err = math.sqrt(var / (count - 1)) if var > 0 and count > 1 else 0.0
     ppl = math.exp(mean)
     return PerplexityResult(ppl, err * ppl, n_chunks, n_ctx, count, seconds)
 
 
-def perplexity(logits_of: Callable[[list[int]], np.ndarray], tokens: Sequence[int], n_ctx: int,
-               bos_id: int | None, progress: bool = True) -> PerplexityResult:
+def perplexity(
+    logits_of: Callable[[list[int]], np.ndarray], tokens: Sequence[int], n_ctx: int, bos_id: int | None, progress: bool = True
+) -> PerplexityResult:
     """Perplexity with any evaluator ``logits_of(chunk) -> [n_ctx, V]`` (edgebox or llama.cpp)."""
     import time
 
@@ -91,13 +94,14 @@ def llama_cpp_logits_of(model_path: str, n_ctx: int, n_threads: int = 2) -> Call
     try:
         import llama_cpp
     except ImportError:
-        raise EdgeboxError("--vs-llama-cpp needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp, ~10 min)") from None
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
-                          logits_all=True, verbose=False)
+        raise EdgeboxError(
+            "--vs-llama-cpp needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp, ~10 min)"
+        ) from None
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads, logits_all=True, verbose=False)
 
     def logits_of(chunk: list[int]) -> np.ndarray:
         llm.reset()
         llm.eval(chunk)
-        return np.array(llm.scores[:len(chunk)], dtype=np.float32)
+        return np.array(llm.scores[: len(chunk)], dtype=np.float32)
 
     return logits_of

@@ -52,21 +52,41 @@ def make_plan(m: Model, budget_w: float, batches: tuple[int, ...] = (1, 2, 4, 8,
     fits = min(int(f // kv) if kv else 10**6 for f, kv in zip(free, kv_per_seq))
     freqs = np.array(p.freqs_mhz, float)
     decode = {b: steady_decode(box.accounting.work, b, context, freqs) for b in batches if b <= max(fits, 1)}
-    points = [PlanPoint(level.freq_mhz, b, float(d.tokens_per_s[lv]), float(d.power_w[lv]), float(d.joules_per_token[lv]),
-                        "compute" if d.compute_bound[lv] else "memory")
-              for lv, level in enumerate(p.levels) for b, d in decode.items()]
+    points = [
+        PlanPoint(
+            level.freq_mhz,
+            b,
+            float(d.tokens_per_s[lv]),
+            float(d.power_w[lv]),
+            float(d.joules_per_token[lv]),
+            "compute" if d.compute_bound[lv] else "memory",
+        )
+        for lv, level in enumerate(p.levels)
+        for b, d in decode.items()
+    ]
     within = [pt for pt in points if pt.power_w <= budget_w]
     best = max(within, key=lambda pt: pt.tokens_per_s) if within else None
-    return Plan(p.name, box.n_chips, context, [c.weight_bytes / 2**30 for c in box.chips],
-                [c.kv_bytes_per_token / 2**20 for c in box.chips], p.capacity_bytes / 2**30, fits,
-                points, budget_w, best)
+    return Plan(
+        p.name,
+        box.n_chips,
+        context,
+        [c.weight_bytes / 2**30 for c in box.chips],
+        [c.kv_bytes_per_token / 2**20 for c in box.chips],
+        p.capacity_bytes / 2**30,
+        fits,
+        points,
+        budget_w,
+        best,
+    )
 
 
 def format_plan(plan: Plan) -> str:
     lines = [
         f"profile {plan.profile}, {plan.n_chips} chip(s), context {plan.context} tokens, budget {plan.budget_w:g} W",
-        "per chip: weights " + ", ".join(f"{g:.2f}" for g in plan.weights_gib_per_chip)
-        + f" GiB of {plan.capacity_gib:g} GiB; KV cache " + ", ".join(f"{k * 1024:.0f}" for k in plan.kv_mib_per_token_per_chip)
+        "per chip: weights "
+        + ", ".join(f"{g:.2f}" for g in plan.weights_gib_per_chip)
+        + f" GiB of {plan.capacity_gib:g} GiB; KV cache "
+        + ", ".join(f"{k * 1024:.0f}" for k in plan.kv_mib_per_token_per_chip)
         + f" KiB per token; room for {plan.max_batch_that_fits} sequences of {plan.context} tokens",
         "",
     ]
@@ -82,8 +102,10 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     if plan.best:
         b = plan.best
-        lines.append(f"best within {plan.budget_w:g} W: {b.freq_mhz} MHz, batch {b.batch}: {b.tokens_per_s:.1f} tok/s "
-                     f"at {b.power_w:.2f} W ({b.joules_per_token:.3f} J/token, {b.bound}-bound)")
+        lines.append(
+            f"best within {plan.budget_w:g} W: {b.freq_mhz} MHz, batch {b.batch}: {b.tokens_per_s:.1f} tok/s "
+            f"at {b.power_w:.2f} W ({b.joules_per_token:.3f} J/token, {b.bound}-bound)"
+        )
     else:
         lines.append(f"nothing fits in {plan.budget_w:g} W, even at the lowest clock")
     return "\n".join(lines)

@@ -46,10 +46,19 @@ class CommandFailed(EdgeboxError):
 
 
 class FleetClient:
-    def __init__(self, broker: str = "mqtt://127.0.0.1:1883", *, username: str | None = None,
-                 password: str | None = None, ca_file: Path | None = None, cert_file: Path | None = None,
-                 key_file: Path | None = None, client_id: str | None = None, connect_timeout: float = 10.0,
-                 session_expiry_s: int = 300):
+    def __init__(
+        self,
+        broker: str = "mqtt://127.0.0.1:1883",
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        client_id: str | None = None,
+        connect_timeout: float = 10.0,
+        session_expiry_s: int = 300,
+    ):
         parts = urlsplit(broker)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ClientError(f"broker {broker!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
@@ -70,8 +79,12 @@ class FleetClient:
         if username or password:
             c.username_pw_set(username, password)
         if parts.scheme == "mqtts":
-            c.tls_set(ca_certs=str(ca_file) if ca_file else None, certfile=str(cert_file) if cert_file else None,
-                      keyfile=str(key_file) if key_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            c.tls_set(
+                ca_certs=str(ca_file) if ca_file else None,
+                certfile=str(cert_file) if cert_file else None,
+                keyfile=str(key_file) if key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         c.reconnect_delay_set(0.2, 5)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
@@ -94,7 +107,9 @@ class FleetClient:
         self._answered.wait(self.connect_timeout)
         if not self._connected.is_set():
             self.close()
-            raise ClientError(self._refused or f"broker {self.broker} did not accept the connection within {self.connect_timeout:g} s")
+            raise ClientError(
+                self._refused or f"broker {self.broker} did not accept the connection within {self.connect_timeout:g} s"
+            )
         self._subscribe(self.reply_filter)
         return self
 
@@ -124,20 +139,37 @@ class FleetClient:
             raise ClientError(self._refused)
 
     # -- commands ------------------------------------------------------------------------------------
-    def call(self, device: str, method: str, params: dict | None = None, *, timeout: float = 60.0,
-             on_chunk: Callable[[dict], None] | None = None, request_id: str | None = None,
-             expiry_s: int | None = None) -> dict:
+    def call(
+        self,
+        device: str,
+        method: str,
+        params: dict | None = None,
+        *,
+        timeout: float = 60.0,
+        on_chunk: Callable[[dict], None] | None = None,
+        request_id: str | None = None,
+        expiry_s: int | None = None,
+    ) -> dict:
         """Send a command and wait for its final reply (chunks go to ``on_chunk`` on this thread).
         Raises CommandFailed for an error reply, ClientError when nothing comes back in time."""
-        final = self.call_raw(device, method, params, timeout=timeout, on_chunk=on_chunk,
-                              request_id=request_id, expiry_s=expiry_s)
+        final = self.call_raw(
+            device, method, params, timeout=timeout, on_chunk=on_chunk, request_id=request_id, expiry_s=expiry_s
+        )
         if final.get("status") != "ok":
             raise CommandFailed(final)
         return final
 
-    def call_raw(self, device: str, method: str, params: dict | None = None, *, timeout: float = 60.0,
-                 on_chunk: Callable[[dict], None] | None = None, request_id: str | None = None,
-                 expiry_s: int | None = None) -> dict:
+    def call_raw(
+        self,
+        device: str,
+        method: str,
+        params: dict | None = None,
+        *,
+        timeout: float = 60.0,
+        on_chunk: Callable[[dict], None] | None = None,
+        request_id: str | None = None,
+        expiry_s: int | None = None,
+    ) -> dict:
         """Like ``call`` but returns an error reply instead of raising."""
         topics = Topics(device)
         request_id = request_id or uuid.uuid4().hex
@@ -161,7 +193,9 @@ class FleetClient:
                 try:
                     message = inbox.get(timeout=max(0.0, left)) if left > 0 else inbox.get_nowait()
                 except queue.Empty:
-                    raise ClientError(f"no reply from {device} within {timeout:g} s; is it online? (edgebox client devices)") from None
+                    raise ClientError(
+                        f"no reply from {device} within {timeout:g} s; is it online? (edgebox client devices)"
+                    ) from None
                 if message.get("done"):
                     return message
                 if on_chunk is not None:

@@ -34,10 +34,18 @@ USERNAME_ENV = "EDGEBOX_MQTT_USERNAME"
 CREDENTIAL_NAME = "mqtt-password"  # LoadCredential=mqtt-password:/etc/edgebox/mqtt-password
 
 # applied by SIGHUP without a restart
-LIVE_SETTINGS = frozenset({
-    "budget", "max_in_flight", "max_payload_bytes", "max_tokens_limit", "telemetry_interval_s",
-    "drain_timeout_s", "log_level", "config_version",
-})
+LIVE_SETTINGS = frozenset(
+    {
+        "budget",
+        "max_in_flight",
+        "max_payload_bytes",
+        "max_tokens_limit",
+        "telemetry_interval_s",
+        "drain_timeout_s",
+        "log_level",
+        "config_version",
+    }
+)
 
 
 class ConfigError(EdgeboxError):
@@ -56,15 +64,23 @@ class DaemonConfig(BaseModel):
     model: Path | None = Field(None, description="GGUF model to serve (default: the bundled tiny model)")
     chips: int = Field(4, ge=1, le=64, description="chips to split the model over (the box has four)")
     ctx: int | None = Field(None, ge=16, description="context size (default: min(4096, the model's))")
-    backend: str = Field("auto", pattern="^(numba|onnxruntime|auto|ref)$",
-                         description="matmul kernels: numba, onnxruntime, auto (the faster per shape, timed once and cached) or ref")
+    backend: str = Field(
+        "auto",
+        pattern="^(numba|onnxruntime|auto|ref)$",
+        description="matmul kernels: numba, onnxruntime, auto (the faster per shape, timed once and cached) or ref",
+    )
     max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together at most")
     kv_budget_mib: float | None = Field(None, gt=0, description="KV cache budget in MiB (default: max_batch full contexts)")
-    models_dir: Path | None = Field(None, description="load_model accepts only files under this directory (default: the model's directory)")
+    models_dir: Path | None = Field(
+        None, description="load_model accepts only files under this directory (default: the model's directory)"
+    )
 
     # the broker
-    device_id: str = Field(default_factory=_default_device_id, pattern=DEVICE_ID_PATTERN,
-                           description="this box's name in topics (default: the hostname)")
+    device_id: str = Field(
+        default_factory=_default_device_id,
+        pattern=DEVICE_ID_PATTERN,
+        description="this box's name in topics (default: the hostname)",
+    )
     broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT or mqtts://HOST:PORT")
     username: str | None = Field(None, description=f"broker user name (or {USERNAME_ENV})")
     password: SecretStr | None = Field(None, description=f"config file or {PASSWORD_ENV} only, never a flag")
@@ -72,9 +88,13 @@ class DaemonConfig(BaseModel):
     ca_file: Path | None = Field(None, description="CA bundle for mqtts:// (default: the system's)")
     cert_file: Path | None = Field(None, description="client certificate for mqtts://")
     key_file: Path | None = Field(None, description="client key for mqtts://")
-    client_id: str | None = Field(None, max_length=128, description="MQTT client id (default: edgebox-DEVICE_ID); the persistent session is keyed by it")
+    client_id: str | None = Field(
+        None, max_length=128, description="MQTT client id (default: edgebox-DEVICE_ID); the persistent session is keyed by it"
+    )
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the Last Will fires ~1.5x this after a silent loss")
-    session_expiry_s: int = Field(7 * 86400, ge=0, description="how long the broker keeps our session (queued commands) while we are away")
+    session_expiry_s: int = Field(
+        7 * 86400, ge=0, description="how long the broker keeps our session (queued commands) while we are away"
+    )
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles up to reconnect_max_s")
     reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
     max_queued_messages: int = Field(4096, ge=16, description="outgoing messages paho may hold while the broker is away")
@@ -85,10 +105,15 @@ class DaemonConfig(BaseModel):
     max_payload_bytes: int = Field(256 * 1024, ge=1024, description="larger command payloads get 413")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     telemetry_interval_s: float = Field(5.0, ge=0.1, description="seconds between telemetry messages")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long running requests may finish before they are cancelled")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM: how long running requests may finish before they are cancelled"
+    )
     governor: bool = Field(True, description="hold the budget with the power governor (false: the budget is only recorded)")
-    fw_root: Path | None = Field(None, description="where the chips' firmware publishes its hwmon/cpufreq tree "
-                                                   "(default: $RUNTIME_DIRECTORY/fw, else a temporary directory)")
+    fw_root: Path | None = Field(
+        None,
+        description="where the chips' firmware publishes its hwmon/cpufreq tree "
+        "(default: $RUNTIME_DIRECTORY/fw, else a temporary directory)",
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
     config_version: str = Field("", max_length=128, description="operator's label for this configuration, reported in state")
 
@@ -141,6 +166,7 @@ class DaemonConfig(BaseModel):
         if self.model is not None:
             return self.model.resolve().parent
         import edgebox
+
         return edgebox.default_model_path().resolve().parent
 
     def resolved_password(self, env: Mapping[str, str] = os.environ) -> str | None:
@@ -191,8 +217,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     return flat
 
 
-def load_config(path: Path | None = None, flags: Mapping[str, Any] | None = None,
-                env: Mapping[str, str] = os.environ) -> DaemonConfig:
+def load_config(
+    path: Path | None = None, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] = os.environ
+) -> DaemonConfig:
     values: dict[str, Any] = read_toml(path) if path is not None else {}
     if env.get(USERNAME_ENV):
         values["username"] = env[USERNAME_ENV]
@@ -200,7 +227,9 @@ def load_config(path: Path | None = None, flags: Mapping[str, Any] | None = None
         values["password"] = env[PASSWORD_ENV]
     for key, value in (flags or {}).items():
         if key == "password":
-            raise ConfigError(f"the password is never a flag (argv is visible to every user); use {PASSWORD_ENV} or the config file")
+            raise ConfigError(
+                f"the password is never a flag (argv is visible to every user); use {PASSWORD_ENV} or the config file"
+            )
         if value is not None:
             values[key] = value
     try:

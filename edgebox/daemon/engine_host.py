@@ -25,24 +25,22 @@ class Busy(EdgeboxError):
 
 
 class ModelHost:
-    def __init__(self, *, max_batch: int, max_queue: int, kv_budget_bytes: int | None, power=None,
-                 backend: str = "auto"):
+    def __init__(self, *, max_batch: int, max_queue: int, kv_budget_bytes: int | None, power=None, backend: str = "auto"):
         self.max_batch, self.max_queue, self.kv_budget_bytes = max_batch, max_queue, kv_budget_bytes
         self.backend = backend
-        self.power = power                    # BoxPower: firmware + governor of the loaded model
+        self.power = power  # BoxPower: firmware + governor of the loaded model
         self.state = "unloaded"
         self.info: dict | None = None
         self._model = None
         self._engine = None
-        self._lock = threading.Lock()         # guards the fields above
-        self._switch = threading.Lock()       # one load/unload at a time
+        self._lock = threading.Lock()  # guards the fields above
+        self._switch = threading.Lock()  # one load/unload at a time
 
     @property
     def busy(self) -> bool:
         return self._switch.locked()
 
-    def load(self, path: Path | None, chips: int, ctx: int | None,
-             before_swap: Callable[[], None] = lambda: None) -> dict:
+    def load(self, path: Path | None, chips: int, ctx: int | None, before_swap: Callable[[], None] = lambda: None) -> dict:
         """Open ``path`` (None: the bundled model), then swap it in. ``before_swap`` runs once the
         new file is known good and new requests are refused, before the old engine is closed
         (the caller cancels its requests there, giving each a reason)."""
@@ -61,9 +59,8 @@ class ModelHost:
                 old.close(drain=False)
             try:
                 if self.power is not None:
-                    self.power.install(model)         # before the warm-up's first step
-                engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue,
-                                kv_budget_bytes=self.kv_budget_bytes)
+                    self.power.install(model)  # before the warm-up's first step
+                engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue, kv_budget_bytes=self.kv_budget_bytes)
                 if self.power is not None:
                     self.power.attach(engine)
             except Exception:
@@ -73,10 +70,17 @@ class ModelHost:
                     self._model, self.info, self.state = None, None, "unloaded"
                 raise
             info = {
-                "path": str(model.path), "name": Path(model.path).name, "arch": type(model.args).__name__,
-                "n_ctx": model.n_ctx, "n_vocab": model.args.n_vocab, "chips": chips, "backend": self.backend,
-                "size_bytes": Path(model.path).stat().st_size, "load_s": round(time.perf_counter() - t0, 3),
-                "warmup_s": round(engine.warmup_s, 3), "loaded_at": time.time(),
+                "path": str(model.path),
+                "name": Path(model.path).name,
+                "arch": type(model.args).__name__,
+                "n_ctx": model.n_ctx,
+                "n_vocab": model.args.n_vocab,
+                "chips": chips,
+                "backend": self.backend,
+                "size_bytes": Path(model.path).stat().st_size,
+                "load_s": round(time.perf_counter() - t0, 3),
+                "warmup_s": round(engine.warmup_s, 3),
+                "loaded_at": time.time(),
             }
             with self._lock:
                 self._model, self._engine, self.info, self.state = model, engine, info, "ready"
@@ -105,8 +109,11 @@ class ModelHost:
         with self._lock:
             engine, state = self._engine, self.state
         if engine is None:
-            raise Unavailable("a model is loading; retry in a few seconds" if state == "loading"
-                              else "no model is loaded; send load_model first")
+            raise Unavailable(
+                "a model is loading; retry in a few seconds"
+                if state == "loading"
+                else "no model is loaded; send load_model first"
+            )
         try:
             return engine.submit(request, on_event=on_event)
         except EdgeboxError:
@@ -126,9 +133,16 @@ class ModelHost:
         if engine is None:
             return None
         s = engine.stats()
-        return {"running": s.running, "queued": s.queued, "batch_limit": s.batch_limit,
-                "tokens_per_s": round(s.tokens_per_s, 2), "kv_used_bytes": s.kv_used_bytes,
-                "kv_budget_bytes": s.kv_budget_bytes, "steps": s.steps, "generated_tokens": s.generated_tokens}
+        return {
+            "running": s.running,
+            "queued": s.queued,
+            "batch_limit": s.batch_limit,
+            "tokens_per_s": round(s.tokens_per_s, 2),
+            "kv_used_bytes": s.kv_used_bytes,
+            "kv_budget_bytes": s.kv_budget_bytes,
+            "steps": s.steps,
+            "generated_tokens": s.generated_tokens,
+        }
 
     @property
     def engine(self):

@@ -69,7 +69,7 @@ from edgebox.errors import ContextOverflowError, EdgeboxError
 log = logging.getLogger("edgebox.daemon")
 
 DRAIN_METHODS = ("cancel", "get_status")  # still served while draining; the rest wait for the next run
-REMEMBERED_REQUESTS = 4096                # finished request_ids kept to recognise redeliveries
+REMEMBERED_REQUESTS = 4096  # finished request_ids kept to recognise redeliveries
 
 
 class DaemonServices(Protocol):
@@ -103,9 +103,9 @@ class Job:
     deadline: float | None  # monotonic; the first token must come before it
     handle: object = None
     next_seq: int = 0
-    started: bool = False   # a token has come out (before that, a cancel can answer at once)
+    started: bool = False  # a token has come out (before that, a cancel can answer at once)
     finished: bool = False  # the final reply is out; later engine events are ignored
-    broken: bool = False    # a chunk could not be queued: the final must be an error
+    broken: bool = False  # a chunk could not be queued: the final must be an error
     cancel_reason: tuple[int, str] | None = None  # why *we* cancelled it; None: the client did, or nobody
     acks: list[Inbound] = field(default_factory=list)  # duplicates delivered while it ran
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -207,8 +207,13 @@ class CommandHandler:
                     self._dispatch(inbound)
                 except Exception as e:  # a bug must cost one command, not the daemon
                     log.exception("command on %s failed", inbound.topic)
-                    self._reject(inbound, None, Route(inbound.response_topic, inbound.correlation)
-                                 if inbound.response_topic else None, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+                    self._reject(
+                        inbound,
+                        None,
+                        Route(inbound.response_topic, inbound.correlation) if inbound.response_topic else None,
+                        INTERNAL,
+                        f"internal error: {type(e).__name__}: {e}",
+                    )
             self._expire_waiting()
 
     def _dispatch(self, inbound: Inbound) -> None:
@@ -223,27 +228,38 @@ class CommandHandler:
             self.transport.ack(inbound)  # the deletion of a retained command (ours, below): nothing to do
             return
         if inbound.payload is None:
-            return self._reject(inbound, None, route, TOO_LARGE,
-                                f"payload of {inbound.size} bytes exceeds max_payload_bytes ({self.service.cfg.max_payload_bytes})")
+            return self._reject(
+                inbound,
+                None,
+                route,
+                TOO_LARGE,
+                f"payload of {inbound.size} bytes exceeds max_payload_bytes ({self.service.cfg.max_payload_bytes})",
+            )
         try:
             data = json.loads(inbound.payload)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             return self._reject(inbound, None, route, BAD_REQUEST, f"payload is not JSON: {type(e).__name__}: {e}")
         if not isinstance(data, dict):
-            return self._reject(inbound, None, route, BAD_REQUEST, "payload must be a JSON object {\"request_id\": ..., \"params\": {...}}")
+            return self._reject(
+                inbound, None, route, BAD_REQUEST, 'payload must be a JSON object {"request_id": ..., "params": {...}}'
+            )
         request_id = data.get("request_id") if isinstance(data.get("request_id"), str) else None
         if route is None and isinstance(data.get("reply_to"), str):
             route = Route(data["reply_to"], None)
         if inbound.retain:
             # a retained command would run again at every restart: clear it and refuse it
             self.transport.publish(inbound.topic, b"", retain=True)
-            return self._reject(inbound, request_id, route, BAD_REQUEST, "commands must not be retained; the retained copy was cleared")
+            return self._reject(
+                inbound, request_id, route, BAD_REQUEST, "commands must not be retained; the retained copy was cleared"
+            )
         try:
             envelope = CommandEnvelope.model_validate(data)
         except ValidationError as e:
             return self._reject(inbound, request_id, route, BAD_REQUEST, describe_validation_error(e))
         if route is None:
-            return self._reject(inbound, request_id, None, BAD_REQUEST, "no Response Topic (MQTT 5) or reply_to (MQTT 3.1.1): nowhere to reply")
+            return self._reject(
+                inbound, request_id, None, BAD_REQUEST, "no Response Topic (MQTT 5) or reply_to (MQTT 3.1.1): nowhere to reply"
+            )
         problem = reply_topic_problem(route.topic, self.topics)
         if problem:
             return self._reject(inbound, request_id, None, BAD_REQUEST, f"{problem} ({route.topic!r})")
@@ -260,10 +276,15 @@ class CommandHandler:
                 self._forget_old()
         if earlier is not False:
             self.counters["duplicates"] += 1
-            log.warning("duplicate request_id %r on %s (%s): answered once", envelope.request_id, method,
-                        "still running" if earlier else "already answered")
-            self.service.publish_event("duplicate_request", request_id=envelope.request_id, method=method,
-                                   redelivered=inbound.dup)
+            log.warning(
+                "duplicate request_id %r on %s (%s): answered once",
+                envelope.request_id,
+                method,
+                "still running" if earlier else "already answered",
+            )
+            self.service.publish_event(
+                "duplicate_request", request_id=envelope.request_id, method=method, redelivered=inbound.dup
+            )
             if earlier is None:
                 self.transport.ack(inbound)
             return
@@ -302,14 +323,21 @@ class CommandHandler:
         def acknowledge() -> None:
             for inbound in acks:
                 self.transport.ack(inbound)
+
         self.transport.publish_final(route.topic, encode(reply), route.correlation, acknowledge)
 
     def _reject(self, inbound: Inbound, request_id: str | None, route: Route | None, code: int, message: str) -> None:
         self.counters["rejected"] += 1
         method = self.topics.method_of(inbound.topic)
         log.warning("rejected %s command %s with %d: %s", method or "?", request_id or "(no request_id)", code, message)
-        self.service.publish_event("bad_request", request_id=request_id, method=method, code=code, message=one_line(message),
-                               reply_topic=route.topic if route else None)
+        self.service.publish_event(
+            "bad_request",
+            request_id=request_id,
+            method=method,
+            code=code,
+            message=one_line(message),
+            reply_topic=route.topic if route else None,
+        )
         if route is None or reply_topic_problem(route.topic, self.topics):
             self.transport.ack(inbound)  # nowhere to answer; the event above is the only trace
             return
@@ -319,8 +347,9 @@ class CommandHandler:
         self._send_final(route, ok_reply(request_id, result), [inbound])
 
     # -- generate -----------------------------------------------------------------------------------
-    def _cmd_generate(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: GenerateParams,
-                      deadline: float | None) -> None:
+    def _cmd_generate(
+        self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: GenerateParams, deadline: float | None
+    ) -> None:
         from edgebox.engine import KVBudgetError, QueueFullError, Request
         from edgebox.text.sampler import SamplingParams
 
@@ -330,11 +359,25 @@ class CommandHandler:
         if p.max_tokens > cfg.max_tokens_limit:
             raise _Rejected(BAD_REQUEST, f"params.max_tokens {p.max_tokens} exceeds this box's limit of {cfg.max_tokens_limit}")
         try:
-            sampling = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-                                      repeat_penalty=p.repeat_penalty, repeat_last_n=p.repeat_last_n, seed=p.seed)
-            request = Request(prompt=p.prompt, messages=None if p.messages is None else tuple(m.model_dump() for m in p.messages),
-                              max_tokens=p.max_tokens, params=sampling, stop=tuple(p.stop),
-                              context_shift=p.context_shift, n_keep=p.n_keep, request_id=uuid.uuid4().hex)
+            sampling = SamplingParams(
+                temperature=p.temperature,
+                top_k=p.top_k,
+                top_p=p.top_p,
+                min_p=p.min_p,
+                repeat_penalty=p.repeat_penalty,
+                repeat_last_n=p.repeat_last_n,
+                seed=p.seed,
+            )
+            request = Request(
+                prompt=p.prompt,
+                messages=None if p.messages is None else tuple(m.model_dump() for m in p.messages),
+                max_tokens=p.max_tokens,
+                params=sampling,
+                stop=tuple(p.stop),
+                context_shift=p.context_shift,
+                n_keep=p.n_keep,
+                request_id=uuid.uuid4().hex,
+            )
         except (ValueError, EdgeboxError) as e:
             raise _Rejected(BAD_REQUEST, str(e)) from None
 
@@ -348,10 +391,17 @@ class CommandHandler:
             with self._lock:
                 self._jobs.pop(job.engine_id, None)
                 self._seen[key] = None
-            code = (TOO_LARGE if isinstance(e, (ContextOverflowError, KVBudgetError)) else
-                    TOO_MANY if isinstance(e, QueueFullError) else
-                    UNAVAILABLE if isinstance(e, Unavailable) else
-                    BAD_REQUEST if isinstance(e, EdgeboxError) else INTERNAL)
+            code = (
+                TOO_LARGE
+                if isinstance(e, (ContextOverflowError, KVBudgetError))
+                else TOO_MANY
+                if isinstance(e, QueueFullError)
+                else UNAVAILABLE
+                if isinstance(e, Unavailable)
+                else BAD_REQUEST
+                if isinstance(e, EdgeboxError)
+                else INTERNAL
+            )
             raise _Rejected(code, str(e) if isinstance(e, EdgeboxError) else f"internal error: {type(e).__name__}: {e}") from None
         job.handle = handle
         if job.cancel_reason is not None or job.finished:  # cancelled before submit returned
@@ -367,8 +417,9 @@ class CommandHandler:
                 job.started = True
                 if job.finished or not job.stream or job.cancel_reason is not None:
                     return
-                chunk = StreamChunk(request_id=job.request_id, seq=job.next_seq, delta=event.text,
-                                    reasoning=True if event.reasoning else None)
+                chunk = StreamChunk(
+                    request_id=job.request_id, seq=job.next_seq, delta=event.text, reasoning=True if event.reasoning else None
+                )
                 job.next_seq += 1
                 queued = self.transport.publish(job.route.topic, encode(chunk), correlation=job.route.correlation)
                 if not queued:
@@ -377,7 +428,9 @@ class CommandHandler:
                     job.broken = True
             if not queued:
                 log.warning("generate %s: outgoing queue full; ending the stream with an error", job.request_id)
-                self._cancel_job(job, UNAVAILABLE, "the reply stream broke: the broker was unreachable and the outgoing queue filled up; retry")
+                self._cancel_job(
+                    job, UNAVAILABLE, "the reply stream broke: the broker was unreachable and the outgoing queue filled up; retry"
+                )
             return
 
         s = event  # Summary: the last event of the request
@@ -389,19 +442,34 @@ class CommandHandler:
         else:
             reply = FinalReply(request_id=job.request_id, seq=0, status="ok", code=OK)
         reply.done_reason = s.done_reason
-        reply.usage = Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.generated_tokens,
-                            total_tokens=s.prompt_tokens + s.generated_tokens,
-                            cached_prompt_tokens=s.cached_prompt_tokens, prompt_truncated=s.prompt_truncated)
-        reply.timings = Timings(queue_ms=_ms(s.queue_s), ttft_ms=_ms(s.ttft_s), prompt_ms=_ms(s.prompt_s),
-                                decode_ms=_ms(s.decode_s), total_ms=_ms(s.total_s),
-                                decode_tokens_per_s=round(s.decode_tok_per_s, 2))
+        reply.usage = Usage(
+            prompt_tokens=s.prompt_tokens,
+            completion_tokens=s.generated_tokens,
+            total_tokens=s.prompt_tokens + s.generated_tokens,
+            cached_prompt_tokens=s.cached_prompt_tokens,
+            prompt_truncated=s.prompt_truncated,
+        )
+        reply.timings = Timings(
+            queue_ms=_ms(s.queue_s),
+            ttft_ms=_ms(s.ttft_s),
+            prompt_ms=_ms(s.prompt_s),
+            decode_ms=_ms(s.decode_s),
+            total_ms=_ms(s.total_s),
+            decode_tokens_per_s=round(s.decode_tok_per_s, 2),
+        )
         if not job.stream:
             reply.text, reply.content, reply.reasoning = s.text, s.content, s.reasoning or None
         if job.inbound.dup:
             reply.redelivered = True
         if self._finish(job, reply):
-            log.info("generate %s: %s, %d+%d tokens, %.0f ms", job.request_id, s.done_reason, s.prompt_tokens,
-                     s.generated_tokens, s.total_s * 1000)
+            log.info(
+                "generate %s: %s, %d+%d tokens, %.0f ms",
+                job.request_id,
+                s.done_reason,
+                s.prompt_tokens,
+                s.generated_tokens,
+                s.total_s * 1000,
+            )
 
     def _has_deadlines(self) -> bool:
         return any(j.deadline is not None and not j.started for j in list(self._jobs.values()))
@@ -412,7 +480,9 @@ class CommandHandler:
         for job in list(self._jobs.values()):
             if job.deadline is not None and not job.started and now > job.deadline and job.cancel_reason is None:
                 log.warning("generate %s expired before its first token", job.request_id)
-                self._cancel_job(job, EXPIRED, "expired before its first token (Message Expiry Interval / expires_at passed while it waited)")
+                self._cancel_job(
+                    job, EXPIRED, "expired before its first token (Message Expiry Interval / expires_at passed while it waited)"
+                )
 
     # -- the other commands ------------------------------------------------------------------------------
     def _cmd_cancel(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: CancelParams, deadline) -> None:
@@ -429,8 +499,9 @@ class CommandHandler:
     def _cmd_get_status(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p, deadline) -> None:
         self._reply_ok(inbound, request_id, route, self.service.status())
 
-    def _cmd_set_power_budget(self, inbound: Inbound, request_id: str, route: Route, key: tuple,
-                              p: SetPowerBudgetParams, deadline) -> None:
+    def _cmd_set_power_budget(
+        self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: SetPowerBudgetParams, deadline
+    ) -> None:
         try:
             result = self.service.set_budget(p.watts)
         except ValueError as e:
@@ -448,21 +519,29 @@ class CommandHandler:
             raise _Rejected(NOT_FOUND, f"model file {path} not found")
         self._check_switch_allowed(p.force, "load a model")
         chips, ctx = p.chips or cfg.chips, p.ctx or cfg.ctx
-        threading.Thread(target=self._switch_model, name="edgebox-load", daemon=True,
-                         args=(inbound, request_id, route, path, chips, ctx)).start()
+        threading.Thread(
+            target=self._switch_model, name="edgebox-load", daemon=True, args=(inbound, request_id, route, path, chips, ctx)
+        ).start()
 
-    def _cmd_unload_model(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: UnloadModelParams, deadline) -> None:
+    def _cmd_unload_model(
+        self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: UnloadModelParams, deadline
+    ) -> None:
         self._check_switch_allowed(p.force, "unload the model")
-        threading.Thread(target=self._switch_model, name="edgebox-unload", daemon=True,
-                         args=(inbound, request_id, route, None, 0, None)).start()
+        threading.Thread(
+            target=self._switch_model, name="edgebox-unload", daemon=True, args=(inbound, request_id, route, None, 0, None)
+        ).start()
 
     def _check_switch_allowed(self, force: bool, what: str) -> None:
         if self.host.busy:
             raise _Rejected(CONFLICT, "a model is already being loaded or unloaded; retry when it is done")
         if self._jobs and not force:
-            raise _Rejected(CONFLICT, f"{len(self._jobs)} requests in flight; cancel them, wait, or send \"force\": true to {what} anyway")
+            raise _Rejected(
+                CONFLICT, f'{len(self._jobs)} requests in flight; cancel them, wait, or send "force": true to {what} anyway'
+            )
 
-    def _switch_model(self, inbound: Inbound, request_id: str, route: Route, path: Path | None, chips: int, ctx: int | None) -> None:
+    def _switch_model(
+        self, inbound: Inbound, request_id: str, route: Route, path: Path | None, chips: int, ctx: int | None
+    ) -> None:
         """Its own thread: loading a 7B model takes seconds; cancel and get_status keep working."""
         why = "cancelled: the model is being replaced" if path else "cancelled: the model was unloaded"
         try:

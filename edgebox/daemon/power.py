@@ -25,15 +25,16 @@ log = logging.getLogger("edgebox.daemon")
 
 
 class BoxPower:
-    def __init__(self, budget_w: float, fw_root: Path | None = None, governor: bool = True, max_batch: int = 8,
-                 env: dict | None = None):
+    def __init__(
+        self, budget_w: float, fw_root: Path | None = None, governor: bool = True, max_batch: int = 8, env: dict | None = None
+    ):
         env = os.environ if env is None else env
-        self.budget = Budget(budget_w)          # ValueError for a budget no governor can hold
+        self.budget = Budget(budget_w)  # ValueError for a budget no governor can hold
         self.enforced = governor
         self.max_batch = max_batch
         self._tmp = None
         if fw_root is None:
-            runtime = env.get("RUNTIME_DIRECTORY")   # systemd's RuntimeDirectory= (/run/edgebox)
+            runtime = env.get("RUNTIME_DIRECTORY")  # systemd's RuntimeDirectory= (/run/edgebox)
             if runtime:
                 fw_root = Path(runtime.split(":")[0]) / "fw"
             else:
@@ -78,7 +79,7 @@ class BoxPower:
 
     # -- PowerControl ----------------------------------------------------------------------------------
     def set_budget(self, watts: float) -> None:
-        budget = self.budget.with_watts(float(watts))   # ValueError -> the caller's 400
+        budget = self.budget.with_watts(float(watts))  # ValueError -> the caller's 400
         with self._lock:
             self.budget = budget
             governor = self._governor
@@ -90,8 +91,12 @@ class BoxPower:
             governor, budget = self._governor, self.budget
         if governor is not None:
             return {"enforced": True, **governor.status()}
-        return {"enforced": self.enforced, "budget_w": budget.watts, "short_ceiling_w": round(budget.short_watts, 4),
-                "reason": "the governor is off (governor = false)" if not self.enforced else "no model is loaded"}
+        return {
+            "enforced": self.enforced,
+            "budget_w": budget.watts,
+            "short_ceiling_w": round(budget.short_watts, 4),
+            "reason": "the governor is off (governor = false)" if not self.enforced else "no model is loaded",
+        }
 
     def close(self) -> None:
         self.detach()

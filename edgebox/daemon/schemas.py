@@ -36,7 +36,16 @@ METHODS = ("generate", "cancel", "load_model", "unload_model", "set_power_budget
 MAX_TOPIC_BYTES = 512
 
 OK, BAD_REQUEST, NOT_FOUND, EXPIRED, CONFLICT, TOO_LARGE, TOO_MANY, INTERNAL, UNAVAILABLE = (
-    200, 400, 404, 408, 409, 413, 429, 500, 503)
+    200,
+    400,
+    404,
+    408,
+    409,
+    413,
+    429,
+    500,
+    503,
+)
 
 
 class Topics:
@@ -57,7 +66,7 @@ class Topics:
 
     def method_of(self, topic: str) -> str | None:
         head = f"{self.prefix}/cmd/"
-        return topic[len(head):] if topic.startswith(head) else None
+        return topic[len(head) :] if topic.startswith(head) else None
 
     def reply(self, client_id: str) -> str:
         """The Response Topic a controller called ``client_id`` should use with this device."""
@@ -81,6 +90,7 @@ def reply_topic_problem(topic: str, topics: Topics) -> str | None:
 
 
 # -- commands ------------------------------------------------------------------------------------
+
 
 class _Strict(BaseModel):
     # strict: "10" is not an int and true is not a number; forbid: a typo ("max_token") is an error
@@ -155,13 +165,18 @@ class GetStatusParams(_Strict):
 
 
 PARAMS: dict[str, type[_Strict]] = {
-    "generate": GenerateParams, "cancel": CancelParams, "load_model": LoadModelParams,
-    "unload_model": UnloadModelParams, "set_power_budget": SetPowerBudgetParams, "get_status": GetStatusParams,
+    "generate": GenerateParams,
+    "cancel": CancelParams,
+    "load_model": LoadModelParams,
+    "unload_model": UnloadModelParams,
+    "set_power_budget": SetPowerBudgetParams,
+    "get_status": GetStatusParams,
 }
 assert tuple(PARAMS) == METHODS
 
 
 # -- replies ---------------------------------------------------------------------------------------
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -194,11 +209,11 @@ class FinalReply(BaseModel):
     done: Literal[True] = True
     status: Literal["ok", "error"]
     code: int
-    message: str | None = None       # errors: one line saying what and what to do
-    done_reason: str | None = None   # generate: stop | length | cancelled | error
+    message: str | None = None  # errors: one line saying what and what to do
+    done_reason: str | None = None  # generate: stop | length | cancelled | error
     usage: Usage | None = None
     timings: Timings | None = None
-    text: str | None = None          # generate with stream=false: the whole answer
+    text: str | None = None  # generate with stream=false: the whole answer
     content: str | None = None
     reasoning: str | None = None
     result: dict[str, Any] | None = None  # other commands: what they did

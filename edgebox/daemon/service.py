@@ -39,8 +39,9 @@ log = logging.getLogger("edgebox.daemon")
 
 
 class Service:
-    def __init__(self, config_path: Path | None = None, flags: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] = os.environ):
+    def __init__(
+        self, config_path: Path | None = None, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] = os.environ
+    ):
         self.config_path, self.flags, self.env = config_path, dict(flags or {}), env
         self.cfg: DaemonConfig = load_config(config_path, self.flags, env)
         self.power = BoxPower(self.cfg.budget, self.cfg.fw_root, self.cfg.governor, self.cfg.max_batch, env=env)
@@ -49,8 +50,13 @@ class Service:
         self.notifier = Notifier(env)
         self.reloads = 0
         self.started_at = time.time()
-        self.host = ModelHost(max_batch=self.cfg.max_batch, max_queue=self.cfg.max_in_flight,
-                              kv_budget_bytes=self.cfg.kv_budget_bytes, power=self.power, backend=self.cfg.backend)
+        self.host = ModelHost(
+            max_batch=self.cfg.max_batch,
+            max_queue=self.cfg.max_in_flight,
+            kv_budget_bytes=self.cfg.kv_budget_bytes,
+            power=self.power,
+            backend=self.cfg.backend,
+        )
         self.telemetry = TelemetrySampler(self.power.fw_root)
         self.last_telemetry: dict | None = None
         self._wake = threading.Event()
@@ -76,8 +82,9 @@ class Service:
 
     def publish_event(self, kind: str, **fields) -> None:
         if self.transport is not None:
-            self.transport.publish_json(self.topics.event, {"event": kind, "ts": time.time(),
-                                                            "device_id": self.cfg.device_id, **fields})
+            self.transport.publish_json(
+                self.topics.event, {"event": kind, "ts": time.time(), "device_id": self.cfg.device_id, **fields}
+            )
 
     def publish_state(self) -> None:
         if self.transport is not None:
@@ -95,11 +102,18 @@ class Service:
             "budget_w": self.budget_w,
             "budget_enforced": self.power.enforced,
             "chips": cfg.chips,
-            "config": {"version": cfg.config_version, "path": str(self.config_path) if self.config_path else None,
-                       "sha256": hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:16],
-                       "reloads": self.reloads},
-            "limits": {"max_in_flight": cfg.max_in_flight, "max_payload_bytes": cfg.max_payload_bytes,
-                       "max_tokens": cfg.max_tokens_limit, "max_batch": cfg.max_batch},
+            "config": {
+                "version": cfg.config_version,
+                "path": str(self.config_path) if self.config_path else None,
+                "sha256": hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:16],
+                "reloads": self.reloads,
+            },
+            "limits": {
+                "max_in_flight": cfg.max_in_flight,
+                "max_payload_bytes": cfg.max_payload_bytes,
+                "max_tokens": cfg.max_tokens_limit,
+                "max_batch": cfg.max_batch,
+            },
             "version": __version__,
             "ts": time.time(),
         }
@@ -129,9 +143,14 @@ class Service:
 
         password = cfg.resolved_password(self.env)
         online = {"state": "online", "device_id": cfg.device_id, "pid": os.getpid(), "since": time.time()}
-        self.transport = Transport(cfg, self.topics, password=password, on_inbound=self._on_inbound,
-                                   on_connected=lambda session_present: self._on_connected(online),
-                                   will_payload=encode({"state": "offline", "device_id": cfg.device_id, "reason": "connection lost"}))
+        self.transport = Transport(
+            cfg,
+            self.topics,
+            password=password,
+            on_inbound=self._on_inbound,
+            on_connected=lambda session_present: self._on_connected(online),
+            will_payload=encode({"state": "offline", "device_id": cfg.device_id, "reason": "connection lost"}),
+        )
         self.handler = CommandHandler(self, self.transport, self.host, self.topics)
         self.handler.start()
         self.notifier.status(f"connecting to {cfg.broker}")
@@ -185,8 +204,11 @@ class Service:
         cfg = self.cfg
         self._draining = True
         self.notifier.stopping("draining")
-        log.info("stopping: draining %d requests in flight (up to %.0f s)", self.handler.in_flight if self.handler else 0,
-                 cfg.drain_timeout_s)
+        log.info(
+            "stopping: draining %d requests in flight (up to %.0f s)",
+            self.handler.in_flight if self.handler else 0,
+            cfg.drain_timeout_s,
+        )
         if self.handler is not None:
             self.handler.start_draining()
             self.publish_state()
@@ -244,16 +266,18 @@ class Service:
             return
         handler = self.handler
         engine = self.host.stats()
-        sample.update({
-            "device_id": self.cfg.device_id,
-            "engine": engine,
-            "batch": engine["running"] if engine else 0,
-            "queue": engine["queued"] if engine else 0,
-            "tokens_per_s": engine["tokens_per_s"] if engine else 0.0,
-            "in_flight": handler.in_flight if handler else 0,
-            "budget_w": self.budget_w,
-            "power": power,
-        })
+        sample.update(
+            {
+                "device_id": self.cfg.device_id,
+                "engine": engine,
+                "batch": engine["running"] if engine else 0,
+                "queue": engine["queued"] if engine else 0,
+                "tokens_per_s": engine["tokens_per_s"] if engine else 0.0,
+                "in_flight": handler.in_flight if handler else 0,
+                "budget_w": self.budget_w,
+                "power": power,
+            }
+        )
         self.last_telemetry = sample
         self.transport.publish_json(self.topics.telemetry, sample, qos=0)
         for kind, fields in events:
@@ -294,14 +318,19 @@ class Service:
         if "max_in_flight" in live:
             self.host.set_max_queue(new.max_in_flight)
             if self.transport and new.max_in_flight + 16 > self.transport.receive_maximum:
-                log.warning("max_in_flight %d exceeds what this connection's ReceiveMaximum allows; restart to apply fully",
-                            new.max_in_flight)
+                log.warning(
+                    "max_in_flight %d exceeds what this connection's ReceiveMaximum allows; restart to apply fully",
+                    new.max_in_flight,
+                )
         if "max_payload_bytes" in live and self.transport:
             self.transport.payload_limit = new.max_payload_bytes
         if "log_level" in live:
             logging.getLogger("edgebox").setLevel(new.log_level.upper())
-        log.info("configuration reloaded: applied %s%s", ", ".join(live) or "nothing new",
-                 f"; restart to apply {', '.join(restart)}" if restart else "")
+        log.info(
+            "configuration reloaded: applied %s%s",
+            ", ".join(live) or "nothing new",
+            f"; restart to apply {', '.join(restart)}" if restart else "",
+        )
         self.publish_event("config_reloaded", applied=live, restart_required=restart)
         self.publish_state()
         self.notifier.ready(f"reloaded ({len(live)} settings applied)")

@@ -56,8 +56,12 @@ class TelemetrySampler:
             "ts": time.time(),
             "chips": chips,
             "power_w": round(sum(c["power_w"] or 0.0 for c in chips), 4) if chips else None,
-            "host": {"cpu_percent": host.cpu_percent, "rss_bytes": host.rss_bytes,
-                     "mem_available_bytes": vm.available, "mem_total_bytes": vm.total},
+            "host": {
+                "cpu_percent": host.cpu_percent,
+                "rss_bytes": host.rss_bytes,
+                "mem_available_bytes": vm.available,
+                "mem_total_bytes": vm.total,
+            },
         }, events
 
     def _chips(self) -> list[dict]:
@@ -65,5 +69,5 @@ class TelemetrySampler:
             return []
         try:
             return chip_status(self.fw_root)
-        except EdgeboxError:        # no tree yet (the firmware starts with the model)
+        except EdgeboxError:  # no tree yet (the firmware starts with the model)
             return []

@@ -48,8 +48,14 @@ from edgebox.daemon.schemas import Topics, encode
 log = logging.getLogger("edgebox.daemon")
 
 # CONNACK reason codes that retrying will not fix
-_REFUSALS = {"Bad user name or password", "Not authorized", "Banned", "Client identifier not valid",
-             "Bad authentication method", "Unsupported protocol version"}
+_REFUSALS = {
+    "Bad user name or password",
+    "Not authorized",
+    "Banned",
+    "Client identifier not valid",
+    "Bad authentication method",
+    "Unsupported protocol version",
+}
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,16 @@ class Inbound:
 
 
 class Transport:
-    def __init__(self, cfg: DaemonConfig, topics: Topics, *, password: str | None,
-                 on_inbound: Callable[[Inbound], None], on_connected: Callable[[bool], None],
-                 will_payload: bytes):
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        topics: Topics,
+        *,
+        password: str | None,
+        on_inbound: Callable[[Inbound], None],
+        on_connected: Callable[[bool], None],
+        will_payload: bytes,
+    ):
         self.cfg = cfg
         self.topics = topics
         self._on_inbound = on_inbound
@@ -89,20 +102,22 @@ class Transport:
         self._lock = threading.Lock()
         self._tracked: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None] | None]] = []  # with paho, not yet acked
         self._outbox: deque[_Outgoing] = deque()  # not yet given to paho (reconnecting, or paho's queue full)
-        self._holding = False   # from a disconnect until what paho held then is acknowledged
+        self._holding = False  # from a disconnect until what paho held then is acknowledged
         self._held_since = 0.0
         self._delivered = threading.Event()
         self._stopping = threading.Event()
         self._last_connect_error = ""
 
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.mqtt_client_id, protocol=mqtt.MQTTv5,
-                        manual_ack=True)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.mqtt_client_id, protocol=mqtt.MQTTv5, manual_ack=True)
         if cfg.username or password:
             c.username_pw_set(cfg.username, password)
         if cfg.broker_tls:
-            c.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                      certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                      keyfile=str(cfg.key_file) if cfg.key_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            c.tls_set(
+                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                keyfile=str(cfg.key_file) if cfg.key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         c.will_set(topics.status, will_payload, qos=1, retain=True)
         c.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)
         c.max_queued_messages_set(cfg.max_queued_messages)
@@ -126,8 +141,9 @@ class Transport:
         # and this size a command still arrives, to be answered with 413
         props.MaximumPacketSize = max(4 * self.cfg.max_payload_bytes, 2**20) + 65536
         self._acker.start()
-        self.client.connect_async(self.cfg.broker_host, self.cfg.broker_port, keepalive=self.cfg.keepalive_s,
-                                  clean_start=False, properties=props)
+        self.client.connect_async(
+            self.cfg.broker_host, self.cfg.broker_port, keepalive=self.cfg.keepalive_s, clean_start=False, properties=props
+        )
         self.client.loop_start()  # paho's network thread; it retries the first connection too
 
     def stop(self, offline_payload: bytes, timeout: float = 5.0) -> None:
@@ -145,19 +161,23 @@ class Transport:
         self._acker.join(2.0)
 
     # -- publishing ----------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                correlation: bytes | None = None) -> bool:
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, correlation: bytes | None = None
+    ) -> bool:
         """Queue a message; False when it cannot be (the outbox is full, or QoS 0 while
         disconnected). QoS 1 messages reach the broker in order, across reconnects."""
         if qos == 0:
             if not self.connected:
                 return False
-            return self.client.publish(topic, payload, qos=0, retain=retain, properties=_props(correlation)).rc \
+            return (
+                self.client.publish(topic, payload, qos=0, retain=retain, properties=_props(correlation)).rc
                 == MQTTErrorCode.MQTT_ERR_SUCCESS
+            )
         return self._enqueue(_Outgoing(topic, payload, retain, correlation, None, final=False))
 
-    def publish_final(self, topic: str, payload: bytes, correlation: bytes | None,
-                      on_delivered: Callable[[], None] | None) -> None:
+    def publish_final(
+        self, topic: str, payload: bytes, correlation: bytes | None, on_delivered: Callable[[], None] | None
+    ) -> None:
         """A final reply is never refused. ``on_delivered`` runs (on the ack thread) once the
         broker has it."""
         self._enqueue(_Outgoing(topic, payload, False, correlation, on_delivered, final=True))
@@ -194,8 +214,9 @@ class Transport:
         if inbound.qos == 0:
             return
         if inbound.generation != self.generation or not self.connected:
-            log.debug("not acknowledging mid %d from connection %d: the broker will redeliver it", inbound.mid,
-                      inbound.generation)
+            log.debug(
+                "not acknowledging mid %d from connection %d: the broker will redeliver it", inbound.mid, inbound.generation
+            )
             return
         self.client.ack(inbound.mid, inbound.qos)
 
@@ -229,8 +250,13 @@ class Transport:
         first = not self.ever_connected
         self.ever_connected = True
         self._last_connect_error = ""
-        log.info("%s to %s as %s (session present: %s)", "connected" if first else "reconnected",
-                 self.cfg.broker, self.cfg.mqtt_client_id, flags.session_present)
+        log.info(
+            "%s to %s as %s (session present: %s)",
+            "connected" if first else "reconnected",
+            self.cfg.broker,
+            self.cfg.mqtt_client_id,
+            flags.session_present,
+        )
         # subscribe on every connect: the broker may have lost the session (restart without persistence).
         # retainAsPublished: a command published with retain is seen as such and refused at once,
         # rather than run now and replayed at every restart
@@ -267,19 +293,27 @@ class Transport:
         props = msg.properties
         size = len(msg.payload)
         inbound = Inbound(
-            topic=msg.topic, payload=msg.payload if size <= self.payload_limit else None, size=size,
-            mid=msg.mid, qos=msg.qos, dup=bool(msg.dup), retain=bool(msg.retain),
+            topic=msg.topic,
+            payload=msg.payload if size <= self.payload_limit else None,
+            size=size,
+            mid=msg.mid,
+            qos=msg.qos,
+            dup=bool(msg.dup),
+            retain=bool(msg.retain),
             response_topic=getattr(props, "ResponseTopic", None) or None,
             correlation=getattr(props, "CorrelationData", None),
             expiry_remaining_s=getattr(props, "MessageExpiryInterval", None),
-            received=time.monotonic(), generation=self.generation)
+            received=time.monotonic(),
+            generation=self.generation,
+        )
         self._on_inbound(inbound)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if reason_code.is_failure:
             # e.g. "Not authorized": the ACL forbids a reply topic
-            log.warning("the broker refused message %d: %s (replies must go under %s...)", mid, reason_code,
-                        self.topics.reply_prefix)
+            log.warning(
+                "the broker refused message %d: %s (replies must go under %s...)", mid, reason_code, self.topics.reply_prefix
+            )
         self._delivered.set()
 
     # -- delivery tracking (own thread: paho calls on_publish holding its message lock) ------------
@@ -308,8 +342,7 @@ class Transport:
             if self._holding and self._tracked:
                 if time.monotonic() - self._held_since < 10.0:
                     return  # paho's resends are not all acknowledged yet
-                log.warning("%d messages unacknowledged 10 s after reconnecting; releasing the outbox anyway",
-                            len(self._tracked))
+                log.warning("%d messages unacknowledged 10 s after reconnecting; releasing the outbox anyway", len(self._tracked))
         while True:
             with self._lock:
                 if not self._outbox:

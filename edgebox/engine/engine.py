@@ -34,9 +34,18 @@ class Engine:
     ``warmup=False``, runs a warm-up request first (hot standby: the first real request then costs
     what any other does)."""
 
-    def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64,
-                 kv_budget_bytes: int | None = None, prefill_chunk: int = 128,
-                 prompt_cache_entries: int = 4, warmup: bool = True, dry_run: bool = False):
+    def __init__(
+        self,
+        model: Model,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        kv_budget_bytes: int | None = None,
+        prefill_chunk: int = 128,
+        prompt_cache_entries: int = 4,
+        warmup: bool = True,
+        dry_run: bool = False,
+    ):
         self.model = model
         # dry run: the scheduler, chips, firmware and governor run, the math does not (power
         # experiments in device time); every sequence "generates" one fixed ordinary token
@@ -44,7 +53,9 @@ class Engine:
         self._dry_token = next(i for i in range(model.args.n_vocab) if i not in model.tokenizer.eog_ids)
         self._step_listeners: list[Callable[[Engine], None]] = []
         self.kv_bytes_per_token = model.box.kv_bytes_per_token
-        self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else max_batch * model.n_ctx * self.kv_bytes_per_token
+        self.kv_budget_bytes = (
+            kv_budget_bytes if kv_budget_bytes is not None else max_batch * model.n_ctx * self.kv_bytes_per_token
+        )
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self._batch_limit = max_batch
@@ -86,13 +97,17 @@ class Engine:
         """Queue several requests at once: the scheduler sees all of them at its next step (a
         burst arriving together is admitted together, not split by the moment the scheduler
         wakes). Raises as ``submit`` before queueing any of them."""
-        entries = [Queued.prepare(self.model, Handle(r, on_event, self._wake), self.kv_budget_bytes,
-                                  self.kv_bytes_per_token) for r in requests]
+        entries = [
+            Queued.prepare(self.model, Handle(r, on_event, self._wake), self.kv_budget_bytes, self.kv_bytes_per_token)
+            for r in requests
+        ]
         with self._cond:
             if self._stopping:
                 raise EdgeboxError("the engine is shutting down")
             if len(self._queue) + len(entries) > self.max_queue:
-                raise QueueFullError(f"{len(self._queue)} requests are already waiting (max_queue {self.max_queue}); try again later")
+                raise QueueFullError(
+                    f"{len(self._queue)} requests are already waiting (max_queue {self.max_queue}); try again later"
+                )
             now = time.perf_counter()
             for q in entries:
                 q.t_submit = now
@@ -113,10 +128,15 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._cond:
             return EngineStats(
-                running=len(self._running), queued=len(self._queue), batch_limit=self._batch_limit,
+                running=len(self._running),
+                queued=len(self._queue),
+                batch_limit=self._batch_limit,
                 kv_used_bytes=sum(s.kv.nbytes for s in self._running) + self._prompt_cache.nbytes,
-                kv_budget_bytes=self.kv_budget_bytes, tokens_per_s=self._rate.per_s(), steps=self._steps,
-                generated_tokens=self._generated)
+                kv_budget_bytes=self.kv_budget_bytes,
+                tokens_per_s=self._rate.per_s(),
+                steps=self._steps,
+                generated_tokens=self._generated,
+            )
 
     def load(self) -> tuple[int, int, list[tuple[int, int]]]:
         """(running, queued, the next step's cost: (rows, context after the step) per segment, []
@@ -145,9 +165,15 @@ class Engine:
             self._cond.notify_all()
 
     def _plan(self) -> StepPlan:
-        return schedule(self._running, self._queue, self._prompt_cache, batch_limit=self._batch_limit,
-                        prefill_chunk=self.prefill_chunk, kv_budget_bytes=self.kv_budget_bytes,
-                        kv_bytes_per_token=self.kv_bytes_per_token)
+        return schedule(
+            self._running,
+            self._queue,
+            self._prompt_cache,
+            batch_limit=self._batch_limit,
+            prefill_chunk=self.prefill_chunk,
+            kv_budget_bytes=self.kv_budget_bytes,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+        )
 
     def _run(self) -> None:
         while True:

@@ -93,8 +93,7 @@ Event = Chunk | Summary
 class Handle:
     """One submitted request: iterate it for ``Chunk``s; ``summary`` once done."""
 
-    def __init__(self, request: Request, on_event: Callable[[Event], None] | None,
-                 wake: Callable[[], None] | None = None):
+    def __init__(self, request: Request, on_event: Callable[[Event], None] | None, wake: Callable[[], None] | None = None):
         self.request = request
         self.request_id = request.request_id
         self.summary: Summary | None = None
@@ -200,13 +199,16 @@ class Queued:
         reserved = reservation(handle.request, len(ids), model.n_ctx)
         need = reserved * kv_bytes_per_token
         if need > kv_budget_bytes:
-            raise KVBudgetError(f"request needs {need / 2**20:.0f} MiB of KV cache, the budget is {kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise the KV budget")
+            raise KVBudgetError(
+                f"request needs {need / 2**20:.0f} MiB of KV cache, the budget is {kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise the KV budget"
+            )
         return cls(handle, ids, reserved, thinking_open, truncated)
 
     def cancelled_summary(self) -> Summary:
         waited = time.perf_counter() - self.t_submit
-        return Summary(self.handle.request_id, "cancelled", "", "", "", prompt_tokens=len(self.ids),
-                       queue_s=waited, total_s=waited)
+        return Summary(
+            self.handle.request_id, "cancelled", "", "", "", prompt_tokens=len(self.ids), queue_s=waited, total_s=waited
+        )
 
 
 def reservation(r: Request, n_prompt: int, n_ctx: int) -> int:
@@ -231,10 +233,12 @@ def prompt_ids(model, r: Request) -> tuple[list[int], bool, int]:
     n_ctx, truncated = model.n_ctx, 0
     if len(ids) >= n_ctx:
         if not r.context_shift:
-            raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the context holds {n_ctx} (and at least one must be generated); shorten it or enable context_shift")
+            raise ContextOverflowError(
+                f"the prompt has {len(ids)} tokens but the context holds {n_ctx} (and at least one must be generated); shorten it or enable context_shift"
+            )
         n_keep = min(r.n_keep, n_ctx // 2)
         block = (n_ctx - n_keep) // 2
         erased = (len(ids) - n_keep - block) // block
-        kept = ids[:n_keep] + ids[n_keep + erased * block:]
+        kept = ids[:n_keep] + ids[n_keep + erased * block :]
         truncated, ids = len(ids) - len(kept), kept
     return ids, thinking_open, truncated

@@ -72,8 +72,16 @@ class StepPlan:
     n_logits: int  # one per segment: the last row's
 
 
-def schedule(running: Seq[Sequence], queue: Iterable[Queued], prompt_cache: Seq[tuple[list[int], KVCache]], *,
-             batch_limit: int, prefill_chunk: int, kv_budget_bytes: int, kv_bytes_per_token: int) -> StepPlan:
+def schedule(
+    running: Seq[Sequence],
+    queue: Iterable[Queued],
+    prompt_cache: Seq[tuple[list[int], KVCache]],
+    *,
+    batch_limit: int,
+    prefill_chunk: int,
+    kv_budget_bytes: int,
+    kv_bytes_per_token: int,
+) -> StepPlan:
     """The next step's plan (see the module docstring); reads, never writes."""
     # 1. cancelled requests leave
     dropped = tuple(q for q in queue if q.handle.cancelled)
@@ -130,8 +138,9 @@ def schedule(running: Seq[Sequence], queue: Iterable[Queued], prompt_cache: Seq[
             cost.append((n, cached + n))
             budget -= n
         admitted.append(Admission(q, source, cached, n))
-    return StepPlan(dropped, cancelled, evicted, tuple(admitted), tuple(shift), tuple(decode), tuple(prefill),
-                    tuple(cost), len(cost))
+    return StepPlan(
+        dropped, cancelled, evicted, tuple(admitted), tuple(shift), tuple(decode), tuple(prefill), tuple(cost), len(cost)
+    )
 
 
 def _cached_prefix(q: Queued, prompt_cache: Iterable[tuple[list[int], KVCache]]) -> tuple[KVCache | None, int]:

@@ -59,8 +59,11 @@ class Sequence:
         """Its part of the step: the next ``n`` prompt tokens, or the pending token (n = 1)."""
         if not self.prefilling:
             return Segment(np.array([self.pending], np.int32), np.array([self.next_pos], np.int32), self.kv)
-        return Segment(np.array(self.ids[self.n_done:self.n_done + n], np.int32),
-                       np.arange(self.next_pos, self.next_pos + n, dtype=np.int32), self.kv)
+        return Segment(
+            np.array(self.ids[self.n_done : self.n_done + n], np.int32),
+            np.arange(self.next_pos, self.next_pos + n, dtype=np.int32),
+            self.kv,
+        )
 
     def advance(self, n: int) -> None:
         """The step put its ``n`` tokens in the cache."""
@@ -117,8 +120,19 @@ class Sequence:
         reasoning_text, content = split_reasoning(full, thinking_open=self.thinking_open)
         first = self.t_first or now
         return Summary(
-            request_id=self.request.request_id, done_reason=reason, text=full, content=content,
-            reasoning=reasoning_text, prompt_tokens=len(self.ids), cached_prompt_tokens=self.cached,
-            generated_tokens=len(self.completion.tokens), queue_s=self.t_start - self.t_submit,
-            ttft_s=first - self.t_submit, prompt_s=first - self.t_start, decode_s=now - first,
-            total_s=now - self.t_submit, error=error, prompt_truncated=self.truncated)
+            request_id=self.request.request_id,
+            done_reason=reason,
+            text=full,
+            content=content,
+            reasoning=reasoning_text,
+            prompt_tokens=len(self.ids),
+            cached_prompt_tokens=self.cached,
+            generated_tokens=len(self.completion.tokens),
+            queue_s=self.t_start - self.t_submit,
+            ttft_s=first - self.t_submit,
+            prompt_s=first - self.t_start,
+            decode_s=now - first,
+            total_s=now - self.t_submit,
+            error=error,
+            prompt_truncated=self.truncated,
+        )

@@ -45,7 +45,9 @@ class ModelArgs:
         if self.n_rot > self.head_dim or self.n_rot % 2:
             raise ModelError(f"{where}rope.dimension_count {self.n_rot} must be even and at most the head size {self.head_dim}")
         if not (self.rope_freq_base > 0 and self.rope_freq_scale > 0 and 0 < self.rms_eps < 1):
-            raise ModelError(f"{where}rope freq_base {self.rope_freq_base}, scale {self.rope_freq_scale} or rms epsilon {self.rms_eps} out of range")
+            raise ModelError(
+                f"{where}rope freq_base {self.rope_freq_base}, scale {self.rope_freq_scale} or rms epsilon {self.rms_eps} out of range"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -61,7 +63,9 @@ class ModelArgs:
         arch = fields.get("general.architecture")
         args_cls = ARCHITECTURES.get(arch) if isinstance(arch, str) else None
         if args_cls is None:
-            raise ModelError(f"{source}: architecture {arch!r} is not supported (general.architecture); edgebox runs {', '.join(ARCHITECTURES)}")
+            raise ModelError(
+                f"{source}: architecture {arch!r} is not supported (general.architecture); edgebox runs {', '.join(ARCHITECTURES)}"
+            )
         return args_cls._from_fields(fields, source)
 
     @classmethod
@@ -83,7 +87,9 @@ class ModelArgs:
                 raise ModelError(f"{source}: {a}.rope.scaling.factor is {factor}, expected > 0")
             freq_scale = 1.0 / factor
         elif scaling not in ("none", None):
-            raise ModelError(f"{source}: rope scaling {scaling!r} ({a}.rope.scaling.type) is not supported; edgebox supports none and linear")
+            raise ModelError(
+                f"{source}: rope scaling {scaling!r} ({a}.rope.scaling.type) is not supported; edgebox supports none and linear"
+            )
         tokens = fields.get("tokenizer.ggml.tokens")
         n_vocab = fields.get(f"{a}.vocab_size", len(tokens) if tokens is not None else None)
         if n_vocab is None:
@@ -125,7 +131,12 @@ class Qwen2Args(ModelArgs):
 ARCHITECTURES: dict[str, type[ModelArgs]] = {c.arch: c for c in (LlamaArgs, Qwen2Args)}
 
 _GGUF_NAMES = {
-    "n_vocab": "vocab_size", "n_embd": "embedding_length", "n_layer": "block_count",
-    "n_head": "attention.head_count", "n_head_kv": "attention.head_count_kv",
-    "n_ff": "feed_forward_length", "n_ctx_train": "context_length", "n_rot": "rope.dimension_count",
+    "n_vocab": "vocab_size",
+    "n_embd": "embedding_length",
+    "n_layer": "block_count",
+    "n_head": "attention.head_count",
+    "n_head_kv": "attention.head_count_kv",
+    "n_ff": "feed_forward_length",
+    "n_ctx_train": "context_length",
+    "n_rot": "rope.dimension_count",
 }

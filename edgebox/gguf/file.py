@@ -91,7 +91,9 @@ class GGUFFile:
 
     # -- cursor over the header -------------------------------------------------------------
     def _fail(self, what: str) -> ModelError:
-        return ModelError(f"{self.path.name}: {what} (file is {self.file_size} bytes); the file is broken or not a GGUF model, re-download or re-convert it")
+        return ModelError(
+            f"{self.path.name}: {what} (file is {self.file_size} bytes); the file is broken or not a GGUF model, re-download or re-convert it"
+        )
 
     def _need(self, n: int, what: str) -> None:
         if n < 0 or self._pos + n > self.file_size:
@@ -114,7 +116,7 @@ class GGUFFile:
     def _string(self, what: str) -> str:
         n = self._u64(f"length of {what}")
         self._need(n, what)
-        raw = bytes(self._buf[self._pos:self._pos + n])
+        raw = bytes(self._buf[self._pos : self._pos + n])
         self._pos += n
         return raw.decode("utf-8", errors="replace")
 
@@ -139,11 +141,15 @@ class GGUFFile:
         if item_type == GGUFValueType.STRING:
             # each string takes at least its 8-byte length
             if count * 8 > remaining:
-                raise self._fail(f"truncated or corrupt header: metadata {key!r} claims {count} strings, more than the file can hold")
+                raise self._fail(
+                    f"truncated or corrupt header: metadata {key!r} claims {count} strings, more than the file can hold"
+                )
             return self._string_array(count, key)
         if item_type == GGUFValueType.ARRAY:
             if count * 12 > remaining:
-                raise self._fail(f"truncated or corrupt header: metadata {key!r} claims {count} nested arrays, more than the file can hold")
+                raise self._fail(
+                    f"truncated or corrupt header: metadata {key!r} claims {count} nested arrays, more than the file can hold"
+                )
             return [self._array(key) for _ in range(count)]
         _, dtype = _SCALARS[item_type]
         nbytes = count * np.dtype(dtype).itemsize
@@ -166,7 +172,7 @@ class GGUFFile:
             pos += 8
             if pos + n > end:
                 raise self._fail(f"truncated header: string array {key!r}")
-            append(str(buf[pos:pos + n], "utf-8", "replace"))
+            append(str(buf[pos : pos + n], "utf-8", "replace"))
             pos += n
         self._pos = pos
         return out
@@ -175,18 +181,24 @@ class GGUFFile:
     def _parse(self) -> None:
         magic = bytes(self._buf[0:4])
         if magic != GGUF_MAGIC:
-            raise ModelError(f"{self.path.name} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); convert it with llama.cpp's convert_hf_to_gguf.py")
+            raise ModelError(
+                f"{self.path.name} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); convert it with llama.cpp's convert_hf_to_gguf.py"
+            )
         self._pos = 4
         self.version = self._u32("version")
         if self.version not in SUPPORTED_VERSIONS:
             if self.version & 0xFFFF == 0 and (self.version >> 16) in SUPPORTED_VERSIONS:
                 raise ModelError(f"{self.path.name} is a big-endian GGUF; edgebox reads little-endian files only")
-            raise ModelError(f"{self.path.name} has GGUF version {self.version}; edgebox supports versions {', '.join(map(str, SUPPORTED_VERSIONS))} (re-convert with a current llama.cpp)")
+            raise ModelError(
+                f"{self.path.name} has GGUF version {self.version}; edgebox supports versions {', '.join(map(str, SUPPORTED_VERSIONS))} (re-convert with a current llama.cpp)"
+            )
         n_tensors = self._u64("tensor count")
         n_kv = self._u64("metadata count")
         # Smallest possible entries: a KV is 8 (key len) + 4 (type) + 1 byte, a tensor info 8 + 4 + 4 + 8.
         if n_kv * 13 > self.file_size or n_tensors * 24 > self.file_size:
-            raise self._fail(f"truncated or corrupt header: it claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold")
+            raise self._fail(
+                f"truncated or corrupt header: it claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold"
+            )
 
         for _ in range(n_kv):
             key = self._string("metadata key")
@@ -236,7 +248,7 @@ class GGUFFile:
         nbytes = n_rows * row_bytes
         if offset + nbytes > self.file_size:
             raise self._fail(f"truncated data: tensor {name!r} ends at byte {offset + nbytes}")
-        data = file_bytes[offset:offset + nbytes].reshape(n_rows, row_bytes)
+        data = file_bytes[offset : offset + nbytes].reshape(n_rows, row_bytes)
         return TensorInfo(name, qtype, shape, offset, nbytes, data)
 
 

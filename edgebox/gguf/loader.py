@@ -77,7 +77,9 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
     args = ModelArgs.from_gguf(file.fields, source)
     tokenizer = Tokenizer.from_gguf_fields(file.fields, source)
     if tokenizer.n_vocab != args.n_vocab:
-        raise ModelError(f"{source}: vocabulary size mismatch: tokenizer.ggml.tokens has {tokenizer.n_vocab} tokens, {args.arch}.vocab_size says {args.n_vocab}")
+        raise ModelError(
+            f"{source}: vocabulary size mismatch: tokenizer.ggml.tokens has {tokenizer.n_vocab} tokens, {args.arch}.vocab_size says {args.n_vocab}"
+        )
     weights = _WeightReader(file, args).read()
     return LoadedModel(file, args, tokenizer, weights)
 
@@ -92,9 +94,13 @@ class _WeightReader:
             raise ModelError(f"{self.source}: tensor {name!r} is missing; the file is incomplete or not a {self.args.arch} model")
         if not isinstance(info.qtype, GGMLQuantizationType) or info.qtype not in SUPPORTED:
             type_name = getattr(info.qtype, "name", f"type id {info.qtype}")
-            raise ModelError(f"{self.source}: tensor {name!r} has type {type_name}, which edgebox does not support; use one of {', '.join(t.name for t in SUPPORTED)}")
+            raise ModelError(
+                f"{self.source}: tensor {name!r} has type {type_name}, which edgebox does not support; use one of {', '.join(t.name for t in SUPPORTED)}"
+            )
         if info.shape != shape:
-            raise ModelError(f"{self.source}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} from the model's hyper-parameters")
+            raise ModelError(
+                f"{self.source}: tensor {name!r} has shape {list(info.shape)}, expected {list(shape)} from the model's hyper-parameters"
+            )
         return info
 
     def matrix(self, name: str, n_out: int, n_in: int) -> Matrix:
@@ -104,7 +110,9 @@ class _WeightReader:
     def vector(self, name: str, n: int) -> np.ndarray:
         info = self._tensor(name, (n,))
         if info.qtype not in _VECTOR_TYPES:
-            raise ModelError(f"{self.source}: tensor {name!r} is {info.qtype.name}; norm weights and biases must be F32, F16 or BF16")
+            raise ModelError(
+                f"{self.source}: tensor {name!r} is {info.qtype.name}; norm weights and biases must be F32, F16 or BF16"
+            )
         # gguf-py's own decoding of its float types (exact, as kernels.ref's: the loader sits
         # below the kernels and must not import them); F32 stays a view of the mmap
         return gguf_quants.dequantize(info.data, info.qtype).reshape(n)
@@ -116,20 +124,22 @@ class _WeightReader:
         for i in range(a.n_layer):
             p = f"blk.{i}."
             bias = (lambda name, n: self.vector(p + name, n)) if a.qkv_bias else (lambda name, n: None)
-            layers.append(LayerWeights(
-                attn_norm=self.vector(p + "attn_norm.weight", a.n_embd),
-                wq=self.matrix(p + "attn_q.weight", q_dim, a.n_embd),
-                wk=self.matrix(p + "attn_k.weight", kv_dim, a.n_embd),
-                wv=self.matrix(p + "attn_v.weight", kv_dim, a.n_embd),
-                wo=self.matrix(p + "attn_output.weight", a.n_embd, q_dim),
-                bq=bias("attn_q.bias", q_dim),
-                bk=bias("attn_k.bias", kv_dim),
-                bv=bias("attn_v.bias", kv_dim),
-                ffn_norm=self.vector(p + "ffn_norm.weight", a.n_embd),
-                w_gate=self.matrix(p + "ffn_gate.weight", a.n_ff, a.n_embd),
-                w_up=self.matrix(p + "ffn_up.weight", a.n_ff, a.n_embd),
-                w_down=self.matrix(p + "ffn_down.weight", a.n_embd, a.n_ff),
-            ))
+            layers.append(
+                LayerWeights(
+                    attn_norm=self.vector(p + "attn_norm.weight", a.n_embd),
+                    wq=self.matrix(p + "attn_q.weight", q_dim, a.n_embd),
+                    wk=self.matrix(p + "attn_k.weight", kv_dim, a.n_embd),
+                    wv=self.matrix(p + "attn_v.weight", kv_dim, a.n_embd),
+                    wo=self.matrix(p + "attn_output.weight", a.n_embd, q_dim),
+                    bq=bias("attn_q.bias", q_dim),
+                    bk=bias("attn_k.bias", kv_dim),
+                    bv=bias("attn_v.bias", kv_dim),
+                    ffn_norm=self.vector(p + "ffn_norm.weight", a.n_embd),
+                    w_gate=self.matrix(p + "ffn_gate.weight", a.n_ff, a.n_embd),
+                    w_up=self.matrix(p + "ffn_up.weight", a.n_ff, a.n_embd),
+                    w_down=self.matrix(p + "ffn_down.weight", a.n_embd, a.n_ff),
+                )
+            )
         token_embd = self.matrix("token_embd.weight", a.n_vocab, a.n_embd)
         tied = "output.weight" not in self.file.tensors
         output = token_embd if tied else self.matrix("output.weight", a.n_vocab, a.n_embd)

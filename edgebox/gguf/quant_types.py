@@ -13,9 +13,19 @@ QType = GGMLQuantizationType
 # The types the loader accepts for weights; everything else is refused at load with the
 # tensor's name.  Order: float types, legacy 32-value blocks, K-quants (256-value super-blocks).
 SUPPORTED: tuple[QType, ...] = (
-    QType.F32, QType.F16, QType.BF16,
-    QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-    QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+    QType.F32,
+    QType.F16,
+    QType.BF16,
+    QType.Q4_0,
+    QType.Q4_1,
+    QType.Q5_0,
+    QType.Q5_1,
+    QType.Q8_0,
+    QType.Q2_K,
+    QType.Q3_K,
+    QType.Q4_K,
+    QType.Q5_K,
+    QType.Q6_K,
 )
 
 

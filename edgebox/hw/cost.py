@@ -45,6 +45,7 @@ def _per_clocks(fn):
             out.setflags(write=False)
             hit = cache[key] = (profile, out)
         return hit[1]
+
     return at
 
 
@@ -74,7 +75,9 @@ def peak_ops_per_s(profile: ChipProfile, freq_mhz, int8=True):
 def bandwidth_bytes_per_s(profile: ChipProfile, freq_mhz):
     """Achievable DRAM read rate at a clock: the fabric caps it below DRAM's own rate."""
     fabric = profile.fabric_bytes_per_cycle * freq_mhz * 1e6
-    return np.minimum(profile.dram_bytes_per_s, fabric) if isinstance(fabric, np.ndarray) else min(profile.dram_bytes_per_s, fabric)
+    return (
+        np.minimum(profile.dram_bytes_per_s, fabric) if isinstance(fabric, np.ndarray) else min(profile.dram_bytes_per_s, fabric)
+    )
 
 
 def roofline_s(profile: ChipProfile, freq_mhz, ops, nbytes, int8=True):
@@ -158,7 +161,9 @@ def busy_energy_j(profile: ChipProfile, freq_mhz, seconds, ops, nbytes, int8: bo
     """Energy of a busy interval (see the module docstring for the formula)."""
     util = mac_utilization(profile, freq_mhz, seconds, ops, int8)
     activity = profile.busy_activity + (1.0 - profile.busy_activity) * util
-    return (static_power_w(profile, freq_mhz) * seconds
-            + switching_power_full_w(profile, freq_mhz) * activity * seconds
-            + nbytes * profile.dram_j_per_byte
-            + link_bytes * profile.link_j_per_byte)
+    return (
+        static_power_w(profile, freq_mhz) * seconds
+        + switching_power_full_w(profile, freq_mhz) * activity * seconds
+        + nbytes * profile.dram_j_per_byte
+        + link_bytes * profile.link_j_per_byte
+    )

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from edgebox.errors import EdgeboxError
 
-PROFILE_DIR = Path(__file__).parent / "profiles"   # shipped profiles (package data)
+PROFILE_DIR = Path(__file__).parent / "profiles"  # shipped profiles (package data)
 DEFAULT_PROFILE = "r100-edge"
 
 
@@ -49,34 +49,34 @@ class ChipProfile:
     """One chip kind.  Quantities are per chip; units are in the field names."""
 
     name: str
-    hwmon_name: str                      # hwmon `name` attribute: no '-', no whitespace
+    hwmon_name: str  # hwmon `name` attribute: no '-', no whitespace
     description: str
-    source: str                          # the file it came from (for messages)
-    levels: tuple[DvfsLevel, ...]        # ascending frequency, non-decreasing voltage
-    reference_mv: int                    # voltage static_w_at_reference is quoted at
-    int8_ops_per_cycle: float            # ops (a multiply-add is 2) per clock, int8 x int8
+    source: str  # the file it came from (for messages)
+    levels: tuple[DvfsLevel, ...]  # ascending frequency, non-decreasing voltage
+    reference_mv: int  # voltage static_w_at_reference is quoted at
+    int8_ops_per_cycle: float  # ops (a multiply-add is 2) per clock, int8 x int8
     fp16_ops_per_cycle: float
-    launch_overhead_s: float             # fixed cost of starting one op
-    capacity_bytes: int                  # device memory
-    dram_bytes_per_s: float              # sustained DRAM read rate, clock-independent
-    fabric_bytes_per_cycle: float        # on-chip fabric limit: bandwidth(f) = min(dram, this x f)
-    dram_j_per_byte: float               # DRAM + PHY + controller energy per byte moved
-    static_w_at_reference: float         # leakage + always-on logic at reference_mv
-    c_eff_f: float                       # switched capacitance at full MAC utilization (farads)
-    busy_activity: float                 # fraction of c_eff switching whenever busy (fabric, SRAM, control)
-    idle_activity: float                 # fraction switching when idle (clock tree behind clock gating)
-    over_current_w: float                # instantaneous power that trips the over-current guard
-    over_current_drop_levels: int        # DVFS levels the guard drops the clock by
-    over_current_hold_s: float           # how long the guard holds the lower clock after the last trip
-    link_bytes_per_s: float              # chip-to-chip link, per direction
-    link_latency_s: float                # per message hop
+    launch_overhead_s: float  # fixed cost of starting one op
+    capacity_bytes: int  # device memory
+    dram_bytes_per_s: float  # sustained DRAM read rate, clock-independent
+    fabric_bytes_per_cycle: float  # on-chip fabric limit: bandwidth(f) = min(dram, this x f)
+    dram_j_per_byte: float  # DRAM + PHY + controller energy per byte moved
+    static_w_at_reference: float  # leakage + always-on logic at reference_mv
+    c_eff_f: float  # switched capacitance at full MAC utilization (farads)
+    busy_activity: float  # fraction of c_eff switching whenever busy (fabric, SRAM, control)
+    idle_activity: float  # fraction switching when idle (clock tree behind clock gating)
+    over_current_w: float  # instantaneous power that trips the over-current guard
+    over_current_drop_levels: int  # DVFS levels the guard drops the clock by
+    over_current_hold_s: float  # how long the guard holds the lower clock after the last trip
+    link_bytes_per_s: float  # chip-to-chip link, per direction
+    link_latency_s: float  # per message hop
     link_j_per_byte: float
-    thermal_resistance_c_per_w: float    # junction to ambient
+    thermal_resistance_c_per_w: float  # junction to ambient
     thermal_capacitance_j_per_c: float
     ambient_c: float
-    throttle_c: float                    # thermal trip: forced lowest clock (hwmon temp1_max)
-    throttle_hysteresis_c: float         # released below throttle_c - this (temp1_max_hyst)
-    critical_c: float                    # hwmon temp1_crit; reported as a critical throttle reason
+    throttle_c: float  # thermal trip: forced lowest clock (hwmon temp1_max)
+    throttle_hysteresis_c: float  # released below throttle_c - this (temp1_max_hyst)
+    critical_c: float  # hwmon temp1_crit; reported as a critical throttle reason
 
     # --- derived ------------------------------------------------------------------------------
     @property
@@ -211,8 +211,9 @@ class _Fields:
             raise self.bad(table, key, f"expected a string, got {v!r}")
         return v
 
-    def number(self, table: str, key: str, lo: float = -math.inf, hi: float = math.inf,
-               strict: bool = False, integer: bool = False) -> float:
+    def number(
+        self, table: str, key: str, lo: float = -math.inf, hi: float = math.inf, strict: bool = False, integer: bool = False
+    ) -> float:
         v = self._get(table, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise self.bad(table, key, f"expected a finite number, got {v!r}")
@@ -229,8 +230,11 @@ class _Fields:
             raise self.bad("dvfs", "levels", "expected a non-empty list of [mhz, mv] pairs")
         out: list[DvfsLevel] = []
         for i, pair in enumerate(raw):
-            if (not isinstance(pair, list) or len(pair) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+            ):
                 raise self.bad("dvfs", "levels", f"entry {i} is {pair!r}, expected [mhz, mv] integers")
             mhz, mv = pair
             if not (1 <= mhz <= 100_000 and 1 <= mv <= 5000):

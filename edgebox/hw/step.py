@@ -24,7 +24,7 @@ import numpy as np
 from edgebox.hw import cost
 from edgebox.hw.profile import ChipProfile
 
-KV_BYTES = 2   # float16 KV cache
+KV_BYTES = 2  # float16 KV cache
 ACT_BYTES = 2  # activations cross the links as fp16
 
 Matmul = tuple[int, int, int, bool]  # (n_out, n_in, weight bytes, int8?) of a matrix as a chip holds it
@@ -33,10 +33,10 @@ Matmul = tuple[int, int, int, bool]  # (n_out, n_in, weight bytes, int8?) of a m
 class Step(NamedTuple):
     """The four numbers a step's cost depends on."""
 
-    rows: int        # tokens through every matrix (one per decoding sequence + the prompt rows)
+    rows: int  # tokens through every matrix (one per decoding sequence + the prompt rows)
     attn_pairs: int  # sum over sequences of rows x context after the step (query-key pairs)
-    ctx_total: int   # sum over sequences of the context after the step (KV read once per sequence)
-    n_logits: int    # rows whose logits are computed
+    ctx_total: int  # sum over sequences of the context after the step (KV read once per sequence)
+    n_logits: int  # rows whose logits are computed
 
     @classmethod
     def of(cls, segments: Sequence[tuple[int, int]], n_logits: int) -> Step:
@@ -52,8 +52,12 @@ class Step(NamedTuple):
         """``decoding`` sequences at ``context`` plus ``prompt_rows`` of a prompt whose first
         row is at position ``prompt_at``."""
         end = prompt_at + prompt_rows
-        return cls(decoding + prompt_rows, decoding * context + prompt_rows * end, decoding * context + end,
-                   decoding + (1 if last_chunk else 0))
+        return cls(
+            decoding + prompt_rows,
+            decoding * context + prompt_rows * end,
+            decoding * context + end,
+            decoding + (1 if last_chunk else 0),
+        )
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,10 @@ class ChipWork:
     """What one chip holds of the model, as the hardware prices it."""
 
     attn: tuple[tuple[Matmul, ...], ...]  # per layer, the attention half's matmuls (q, k, v, o)
-    ffn: tuple[tuple[Matmul, ...], ...]   # per layer, the FFN half's matmuls (gate, up, down)
-    head: tuple[Matmul, ...]              # its vocabulary slice of the lm head
-    n_heads: int                          # query heads it attends with
-    n_kv: int                             # KV heads it caches
+    ffn: tuple[tuple[Matmul, ...], ...]  # per layer, the FFN half's matmuls (gate, up, down)
+    head: tuple[Matmul, ...]  # its vocabulary slice of the lm head
+    n_heads: int  # query heads it attends with
+    n_kv: int  # KV heads it caches
 
 
 class StepWork:
@@ -102,11 +106,11 @@ class StepWork:
             for n_out, n_in, w_bytes, int8 in c.head:
                 rows.append((i, h, 0, 0, 2 * n_out * n_in, w_bytes, 0, 0, int8))
         r = np.array(rows, dtype=object)
-        self.op_chip = r[:, 0].astype(np.intp)                                   # [J]
-        self.ops_of = r[:, 2:5].astype(float)                                    # [J, 3] x (rows, pairs, logits)
-        self.bytes_of = r[:, 5:8].astype(float)                                  # [J, 3] x (1, rows, ctx)
-        self.int8 = r[:, 8].astype(bool)[:, None]                                # [J, 1]
-        self.counts = np.array(counts, float)                                    # [H]
+        self.op_chip = r[:, 0].astype(np.intp)  # [J]
+        self.ops_of = r[:, 2:5].astype(float)  # [J, 3] x (rows, pairs, logits)
+        self.bytes_of = r[:, 5:8].astype(float)  # [J, 3] x (1, rows, ctx)
+        self.int8 = r[:, 8].astype(bool)[:, None]  # [J, 1]
+        self.counts = np.array(counts, float)  # [H]
         n, n_half = self.n_chips, len(counts)
         # sums over ops as matrix products: into (chip, half) cells, and per chip times the count
         self.to_cell = np.zeros((n * n_half, len(rows)))
@@ -119,17 +123,17 @@ class StepWork:
 class StepCost(NamedTuple):
     """A step's cost; ``[n, L]``: per chip and per clock column of ``freq_mhz``."""
 
-    step_s: np.ndarray      # [L] the box's wall: lock-stepped half-layers, then the link
-    link_s: float           # ring collectives, every chip busy on the link
-    busy_s: np.ndarray      # [n, L] each chip's compute
-    idle_s: np.ndarray      # [n, L] each chip waiting for the slowest at the all-reduces
-    ops: np.ndarray         # [n]
+    step_s: np.ndarray  # [L] the box's wall: lock-stepped half-layers, then the link
+    link_s: float  # ring collectives, every chip busy on the link
+    busy_s: np.ndarray  # [n, L] each chip's compute
+    idle_s: np.ndarray  # [n, L] each chip waiting for the slowest at the all-reduces
+    ops: np.ndarray  # [n]
     dram_bytes: np.ndarray  # [n]
-    link_bytes: float       # each chip sends
-    busy_j: np.ndarray      # [n, L] energy of the compute
-    energy_j: np.ndarray    # [n, L] compute + idle + link
-    compute_s: np.ndarray   # [n, L] the roofline terms summed over the chip's ops (what bounds it)
-    memory_s: np.ndarray    # [n, L]
+    link_bytes: float  # each chip sends
+    busy_j: np.ndarray  # [n, L] energy of the compute
+    energy_j: np.ndarray  # [n, L] compute + idle + link
+    compute_s: np.ndarray  # [n, L] the roofline terms summed over the chip's ops (what bounds it)
+    memory_s: np.ndarray  # [n, L]
 
 
 def step_cost(work: StepWork, step: Step, freq_mhz) -> StepCost:
@@ -139,43 +143,53 @@ def step_cost(work: StepWork, step: Step, freq_mhz) -> StepCost:
     """
     p, n = work.profile, work.n_chips
     R, P, C, L = step
-    f = np.asarray(freq_mhz, float)                                                # [L] or [n, L] MHz
-    f_op = f[work.op_chip] if f.ndim == 2 else f                                   # [J, L] or [L]
-    ops = work.ops_of @ np.array((R, P, L), float)                                 # [J] (exact: integers)
-    nbytes = work.bytes_of @ np.array((1, R, C), float)                            # [J]
+    f = np.asarray(freq_mhz, float)  # [L] or [n, L] MHz
+    f_op = f[work.op_chip] if f.ndim == 2 else f  # [J, L] or [L]
+    ops = work.ops_of @ np.array((R, P, L), float)  # [J] (exact: integers)
+    nbytes = work.bytes_of @ np.array((1, R, C), float)  # [J]
     compute, memory = cost.roofline_s(p, f_op, ops[:, None], nbytes[:, None], work.int8)
-    t = cost.op_seconds(p, compute, memory)                                        # [J, L]
-    cell = (work.to_cell @ t).reshape(n, work.n_half, -1)                          # [n, H, L]
-    busy = work.to_chip @ t                                                        # [n, L]
-    work_s = work.counts @ cell.max(axis=0)                                        # [L] lock-stepped
+    t = cost.op_seconds(p, compute, memory)  # [J, L]
+    cell = (work.to_cell @ t).reshape(n, work.n_half, -1)  # [n, H, L]
+    busy = work.to_chip @ t  # [n, L]
+    work_s = work.counts @ cell.max(axis=0)  # [L] lock-stepped
     link_s = link_bytes = 0.0
     if n > 1:
         ar, gather = R * work.n_embd * ACT_BYTES, L * work.n_vocab * 4
-        link_s = (work.n_allreduce * cost.link_time(p, ar, n, "allreduce") + cost.link_time(p, gather, n, "allgather"))
-        link_bytes = (work.n_allreduce * cost.link_bytes_sent(ar, n, "allreduce")
-                      + cost.link_bytes_sent(gather, n, "allgather"))
-    chip_ops, chip_bytes = work.to_chip @ ops, work.to_chip @ nbytes               # [n]
+        link_s = work.n_allreduce * cost.link_time(p, ar, n, "allreduce") + cost.link_time(p, gather, n, "allgather")
+        link_bytes = work.n_allreduce * cost.link_bytes_sent(ar, n, "allreduce") + cost.link_bytes_sent(gather, n, "allgather")
+    chip_ops, chip_bytes = work.to_chip @ ops, work.to_chip @ nbytes  # [n]
     idle = np.maximum(work_s[None, :] - busy, 0.0)
     busy_j = cost.busy_energy_j(p, f, busy, chip_ops[:, None], chip_bytes[:, None])
-    energy = (busy_j + cost.idle_power_w(p, f) * idle
-              + cost.busy_energy_j(p, f, link_s, 0.0, 0.0, link_bytes=link_bytes))
-    return StepCost(work_s + link_s, link_s, busy, idle, chip_ops, chip_bytes, link_bytes, busy_j, energy,
-                    work.to_chip @ compute, work.to_chip @ memory)
+    energy = busy_j + cost.idle_power_w(p, f) * idle + cost.busy_energy_j(p, f, link_s, 0.0, 0.0, link_bytes=link_bytes)
+    return StepCost(
+        work_s + link_s,
+        link_s,
+        busy,
+        idle,
+        chip_ops,
+        chip_bytes,
+        link_bytes,
+        busy_j,
+        energy,
+        work.to_chip @ compute,
+        work.to_chip @ memory,
+    )
 
 
 class Decode(NamedTuple):
     """Steady batched decode at each clock column (box totals)."""
 
-    tokens_per_s: np.ndarray      # [L] all sequences together
-    power_w: np.ndarray           # [L] all chips, mean over the step
+    tokens_per_s: np.ndarray  # [L] all sequences together
+    power_w: np.ndarray  # [L] all chips, mean over the step
     joules_per_token: np.ndarray  # [L]
-    step_s: np.ndarray            # [L]
-    compute_bound: np.ndarray     # [L] bool: the chips' compute terms outweigh their DRAM terms
+    step_s: np.ndarray  # [L]
+    compute_bound: np.ndarray  # [L] bool: the chips' compute terms outweigh their DRAM terms
 
 
 def steady_decode(work: StepWork, batch: int, context: int, freq_mhz) -> Decode:
     """``batch`` sequences each decoding one token with ``context`` positions to attend to."""
     c = step_cost(work, Step.decode(batch, context), freq_mhz)
     energy_j = c.energy_j.sum(axis=0)
-    return Decode(batch / c.step_s, energy_j / c.step_s, energy_j / batch, c.step_s,
-                  c.compute_s.sum(axis=0) > c.memory_s.sum(axis=0))
+    return Decode(
+        batch / c.step_s, energy_j / c.step_s, energy_j / batch, c.step_s, c.compute_s.sum(axis=0) > c.memory_s.sum(axis=0)
+    )

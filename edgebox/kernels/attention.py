@@ -41,10 +41,21 @@ from edgebox.kernels.elementwise import FM_REDUCE, expf, f16_to_f32, f32_to_f16
 from edgebox.kernels.matmul_simd import ld_f32x8, st_f16x8
 
 __all__ = [
-    "attention_decode", "attention_decode_batch", "attention_decode_append", "kv_lists", "KVLists", "attention_prefill",
-    "threading_layer_is_threadsafe", "head_groups",
-    "decode_batch_kernel", "decode_batch_kernel_parallel", "append_kv_kernel",
-    "prefill_kernel", "prefill_kernel_parallel", "BLOCK_Q", "BLOCK_K",
+    "attention_decode",
+    "attention_decode_batch",
+    "attention_decode_append",
+    "kv_lists",
+    "KVLists",
+    "attention_prefill",
+    "threading_layer_is_threadsafe",
+    "head_groups",
+    "decode_batch_kernel",
+    "decode_batch_kernel_parallel",
+    "append_kv_kernel",
+    "prefill_kernel",
+    "prefill_kernel_parallel",
+    "BLOCK_Q",
+    "BLOCK_K",
 ]
 
 # Same choice as edgebox.kernels.matmul, so the import order does not matter: omp is required
@@ -52,12 +63,13 @@ __all__ = [
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
     try:
         from numba.np.ufunc import omppool  # noqa: F401
+
         numba.config.THREADING_LAYER = "omp"
     except ImportError:
         pass
 
-BLOCK_Q = 32      # queries per prefill tile
-BLOCK_K = 64      # keys per prefill block (K and V block in float32: 2 * 64 * hd * 4 bytes)
+BLOCK_Q = 32  # queries per prefill tile
+BLOCK_K = 64  # keys per prefill block (K and V block in float32: 2 * 64 * hd * 4 bytes)
 
 
 def threading_layer_is_threadsafe() -> bool:
@@ -67,10 +79,10 @@ def threading_layer_is_threadsafe() -> bool:
     been detected") when two threads launch parallel kernels at the same time.
     """
     try:
-        layer = numba.threading_layer()            # the layer in use, once a parallel kernel ran
+        layer = numba.threading_layer()  # the layer in use, once a parallel kernel ran
     except ValueError:
-        layer = numba.config.THREADING_LAYER       # what will be chosen at the first launch
-        if layer == "default":                     # the first of the priority list that loads
+        layer = numba.config.THREADING_LAYER  # what will be chosen at the first launch
+        if layer == "default":  # the first of the priority list that loads
             for name in numba.config.THREADING_LAYER_PRIORITY:
                 try:
                     __import__(f"numba.np.ufunc.{name}pool" if name != "workqueue" else "numba.np.ufunc.workqueue")
@@ -89,6 +101,7 @@ def threading_layer_is_threadsafe() -> bool:
 # head g are order[hstart[g]:hstart[g+1]]. The default is GQA's h // (H // Hkv); a chip whose
 # contiguous range of query heads straddles KV heads unevenly (heads 0..9 with 7 per KV head:
 # 7 on KV head 0, 3 on KV head 1) passes its own map (``kv_of_head``).
+
 
 def head_groups(H: int, Hkv: int, kv_of_head=None) -> tuple[np.ndarray, np.ndarray]:
     """(order int64 [H], hstart int64 [Hkv+1]) for the map query head -> KV head.
@@ -127,6 +140,7 @@ def _custom_groups(key: bytes, H: int, Hkv: int) -> tuple[np.ndarray, np.ndarray
 
 # ---------------------------------------------------------------------------------------------
 # Decode
+
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
 def _decode_scores(q, kc, n, order, hstart, g0, g1, sc):
@@ -196,10 +210,13 @@ def _decode_values(vc, n, order, hstart, g0, g1, sc, out):
                     p6 = sc[h, s + 6]
                     p7 = sc[h, s + 7]
                     for d in range(hd):
-                        out[h, d] += (((p0 * f16_to_f32(vc[s, g, d]) + p1 * f16_to_f32(vc[s + 1, g, d]))
-                                       + (p2 * f16_to_f32(vc[s + 2, g, d]) + p3 * f16_to_f32(vc[s + 3, g, d])))
-                                      + ((p4 * f16_to_f32(vc[s + 4, g, d]) + p5 * f16_to_f32(vc[s + 5, g, d]))
-                                         + (p6 * f16_to_f32(vc[s + 6, g, d]) + p7 * f16_to_f32(vc[s + 7, g, d]))))
+                        out[h, d] += (
+                            (p0 * f16_to_f32(vc[s, g, d]) + p1 * f16_to_f32(vc[s + 1, g, d]))
+                            + (p2 * f16_to_f32(vc[s + 2, g, d]) + p3 * f16_to_f32(vc[s + 3, g, d]))
+                        ) + (
+                            (p4 * f16_to_f32(vc[s + 4, g, d]) + p5 * f16_to_f32(vc[s + 5, g, d]))
+                            + (p6 * f16_to_f32(vc[s + 6, g, d]) + p7 * f16_to_f32(vc[s + 7, g, d]))
+                        )
             s += 8
     else:
         vb = np.empty((4, hd), np.float32)
@@ -270,8 +287,18 @@ def _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc, w, pa
     b = w // parts
     p = w - b * parts
     Hkv = hstart.shape[0] - 1
-    _decode_heads(q[b], kc[slots[b]][layer], vc[slots[b]][layer], lengths[b], order, hstart,
-                  p * Hkv // parts, (p + 1) * Hkv // parts, out[b], sc)
+    _decode_heads(
+        q[b],
+        kc[slots[b]][layer],
+        vc[slots[b]][layer],
+        lengths[b],
+        order,
+        hstart,
+        p * Hkv // parts,
+        (p + 1) * Hkv // parts,
+        out[b],
+        sc,
+    )
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -329,6 +356,7 @@ def decode_batch_kernel_parallel(q, kc, vc, layer, slots, lengths, order, hstart
 # ---------------------------------------------------------------------------------------------
 # Prefill
 
+
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
 def _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, srow, m, l, acc):
     """All queries of q [T, H, hd], for the query heads of KV head g, over keys 0..len(k_pos)-1.
@@ -356,11 +384,11 @@ def _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, 
             for d in range(hd):
                 acc[r, d] = 0.0
         for blk in range(kmin.shape[0]):
-            if kmin[blk] > qmax:                  # no query of this tile sees this block
+            if kmin[blk] > qmax:  # no query of this tile sees this block
                 continue
             s0 = blk * BK
             sk = min(BK, n_keys - s0)
-            for c in range(sk):                   # widen the K and V block once
+            for c in range(sk):  # widen the K and V block once
                 for d in range(hd):
                     kb[c, d] = f16_to_f32(kc[s0 + c, g, d])
                     vb[c, d] = f16_to_f32(vc[s0 + c, g, d])
@@ -404,7 +432,7 @@ def _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, 
                     if bmax == -np.inf:
                         continue
                     m_old = m[r]
-                    if bmax > m_old:              # rescale what was accumulated so far
+                    if bmax > m_old:  # rescale what was accumulated so far
                         alpha = expf(m_old - bmax)
                         m[r] = bmax
                         l[r] *= alpha
@@ -418,7 +446,7 @@ def _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, 
                         tot += srow[c]
                     l[r] += tot
                     c = 0
-                    while c + 8 <= sk:            # 8 keys per pass over the accumulator row
+                    while c + 8 <= sk:  # 8 keys per pass over the accumulator row
                         p0 = srow[c]
                         p1 = srow[c + 1]
                         p2 = srow[c + 2]
@@ -428,10 +456,9 @@ def _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, 
                         p6 = srow[c + 6]
                         p7 = srow[c + 7]
                         for d in range(hd):
-                            acc[r, d] += (((p0 * vb[c, d] + p1 * vb[c + 1, d])
-                                           + (p2 * vb[c + 2, d] + p3 * vb[c + 3, d]))
-                                          + ((p4 * vb[c + 4, d] + p5 * vb[c + 5, d])
-                                             + (p6 * vb[c + 6, d] + p7 * vb[c + 7, d])))
+                            acc[r, d] += ((p0 * vb[c, d] + p1 * vb[c + 1, d]) + (p2 * vb[c + 2, d] + p3 * vb[c + 3, d])) + (
+                                (p4 * vb[c + 4, d] + p5 * vb[c + 5, d]) + (p6 * vb[c + 6, d] + p7 * vb[c + 7, d])
+                            )
                         c += 8
                     while c < sk:
                         p0 = srow[c]
@@ -502,15 +529,24 @@ def prefill_kernel_parallel(q, kc, vc, q_pos, k_pos, order, hstart, out):
     acc = np.empty((Hkv, rows, hd), np.float32)
     for g in prange(Hkv):
         gi = np.int64(g)
-        _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, gi, out,
-                      kb[gi], vb[gi], srow[gi], m[gi], l[gi], acc[gi])
+        _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, gi, out, kb[gi], vb[gi], srow[gi], m[gi], l[gi], acc[gi])
 
 
 # ---------------------------------------------------------------------------------------------
 # Python wrappers: validate, view float16 as uint16, allocate the output
 
-def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_valid: int, *,
-                     q_pos=None, k_pos=None, kv_of_head=None, parallel: bool = False) -> np.ndarray:
+
+def attention_decode(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    n_valid: int,
+    *,
+    q_pos=None,
+    k_pos=None,
+    kv_of_head=None,
+    parallel: bool = False,
+) -> np.ndarray:
     """One query token over cache slots 0..n_valid-1 (all visible) -> float32 [H*hd].
 
     q: float32 [H, hd] (or [1, H, hd]); k_cache, v_cache: float16 [S, Hkv, hd], S >= n_valid.
@@ -525,8 +561,9 @@ def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_
     if q_pos is not None or k_pos is not None:
         if q_pos is None or k_pos is None:
             raise ValueError("attention_decode: pass both q_pos and k_pos, or neither")
-        out = attention_prefill(q[None], k_cache, v_cache, 0, q_pos=q_pos, k_pos=np.asarray(k_pos)[:n_valid],
-                                kv_of_head=kv_of_head, parallel=parallel)
+        out = attention_prefill(
+            q[None], k_cache, v_cache, 0, q_pos=q_pos, k_pos=np.asarray(k_pos)[:n_valid], kv_of_head=kv_of_head, parallel=parallel
+        )
         return out.reshape(-1)
     q = _q32(q)
     kc, vc = _caches(k_cache, v_cache, 3, "attention_decode")
@@ -538,8 +575,7 @@ def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_
     # a batch of one over the engine layout [n_slots=1, n_layer=1, S, Hkv, hd] (views, no copy):
     # one compiled kernel serves both entry points
     out = np.empty((1, H, hd), np.float32)
-    args = (q[None], kc[None, None], vc[None, None], 0, np.zeros(1, np.int64), np.array([n], np.int64),
-            order, hstart, out)
+    args = (q[None], kc[None, None], vc[None, None], 0, np.zeros(1, np.int64), np.array([n], np.int64), order, hstart, out)
     if parallel and threading_layer_is_threadsafe():
         decode_batch_kernel_parallel(*args, numba.get_num_threads())
     else:
@@ -547,9 +583,17 @@ def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_
     return out.reshape(H * hd)
 
 
-def attention_decode_batch(q: np.ndarray, k_caches: np.ndarray, v_caches: np.ndarray, lengths, *,
-                           layer: int | None = None, slots=None, kv_of_head=None,
-                           parallel: bool = False) -> np.ndarray:
+def attention_decode_batch(
+    q: np.ndarray,
+    k_caches: np.ndarray,
+    v_caches: np.ndarray,
+    lengths,
+    *,
+    layer: int | None = None,
+    slots=None,
+    kv_of_head=None,
+    parallel: bool = False,
+) -> np.ndarray:
     """One query per sequence, each over its own cache -> float32 [B, H*hd].
 
     q:          float32 [B, H, hd]
@@ -564,7 +608,7 @@ def attention_decode_batch(q: np.ndarray, k_caches: np.ndarray, v_caches: np.nda
         raise ValueError(f"attention_decode_batch: q must be [B, H, hd], got shape {q.shape}")
     if layer is None:
         kc, vc = _caches(k_caches, v_caches, 4, "attention_decode_batch")
-        kc, vc, layer = kc[:, None], vc[:, None], 0          # views: [n_seq, 1, S_max, Hkv, hd]
+        kc, vc, layer = kc[:, None], vc[:, None], 0  # views: [n_seq, 1, S_max, Hkv, hd]
     else:
         kc, vc = _caches(k_caches, v_caches, 5, "attention_decode_batch")
         if not 0 <= int(layer) < kc.shape[1]:
@@ -613,12 +657,25 @@ def kv_lists(k_caches, v_caches) -> KVLists:
             raise ValueError(f"kv_lists: caches {shape} and {kc.shape} differ in n_layer, Hkv or hd")
         if not (kc.flags.c_contiguous and vc.flags.c_contiguous):
             raise ValueError("kv_lists: every cache must be C-contiguous (one typed List holds one array layout)")
-    return KVLists(List([kc for kc, _ in views]), List([vc for _, vc in views]),
-                   np.array([kc.shape[1] for kc, _ in views], np.int64), (shape[0],) + shape[2:])
+    return KVLists(
+        List([kc for kc, _ in views]),
+        List([vc for _, vc in views]),
+        np.array([kc.shape[1] for kc, _ in views], np.int64),
+        (shape[0],) + shape[2:],
+    )
 
 
-def attention_decode_append(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, caches: tuple, layer: int,
-                            starts, *, kv_of_head=None, parallel: bool = False) -> np.ndarray:
+def attention_decode_append(
+    q: np.ndarray,
+    k_new: np.ndarray,
+    v_new: np.ndarray,
+    caches: tuple,
+    layer: int,
+    starts,
+    *,
+    kv_of_head=None,
+    parallel: bool = False,
+) -> np.ndarray:
     """One new token per sequence: its key and value go into its cache, then its query attends
     over everything the cache holds -> float32 [B, H*hd].
 
@@ -632,7 +689,9 @@ def attention_decode_append(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray,
     q = _q32(np.asarray(q))
     k_new, v_new = _q32(np.asarray(k_new)), _q32(np.asarray(v_new))
     if q.ndim != 3 or k_new.ndim != 3 or k_new.shape != v_new.shape:
-        raise ValueError(f"attention_decode_append: q [B, H, hd] and k, v [B, Hkv, hd], got {q.shape}, {k_new.shape}, {v_new.shape}")
+        raise ValueError(
+            f"attention_decode_append: q [B, H, hd] and k, v [B, Hkv, hd], got {q.shape}, {k_new.shape}, {v_new.shape}"
+        )
     B, H, hd = q.shape
     if k_new.shape[0] != B or len(caches.n_ctx) != B:
         raise ValueError(f"attention_decode_append: {B} queries, {k_new.shape[0]} new keys, {len(caches.n_ctx)} caches")
@@ -658,8 +717,17 @@ def attention_decode_append(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray,
     return out.reshape(B, H * hd)
 
 
-def attention_prefill(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, *,
-                      q_pos=None, k_pos=None, kv_of_head=None, parallel: bool = False) -> np.ndarray:
+def attention_prefill(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    start: int,
+    *,
+    q_pos=None,
+    k_pos=None,
+    kv_of_head=None,
+    parallel: bool = False,
+) -> np.ndarray:
     """Causal attention of T new tokens whose keys are already cached -> float32 [T, H*hd].
 
     q: float32 [T, H, hd]; k_cache, v_cache: float16 [S, Hkv, hd]. By default query i is at

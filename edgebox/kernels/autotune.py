@@ -75,8 +75,8 @@ from edgebox.kernels.linear import NumbaLinear
 
 NUMBA, ORT = "numba", "onnxruntime"
 BUCKETS = ("1", "2-8", "9-64", ">64")
-BUCKET_T = {"1": 1, "2-8": 4, "9-64": 32, ">64": 128}      # T timed for each bucket
-SHARE = {"1": 0.5, "2-8": 0.3, "9-64": 0.1, ">64": 0.1}     # token mix of the cost, decode first
+BUCKET_T = {"1": 1, "2-8": 4, "9-64": 32, ">64": 128}  # T timed for each bucket
+SHARE = {"1": 0.5, "2-8": 0.3, "9-64": 0.1, ">64": 0.1}  # token mix of the cost, decode first
 MARGIN = 0.03
 BUDGET_FRACTION = 0.05
 TUNE_BYTES = 32 * 2**20
@@ -118,8 +118,15 @@ def kernels_digest() -> str:
 def cache_fields(threads: int, accuracy_level: int = 4) -> dict:
     import onnxruntime  # here, not at the top: a heavy optional dependency, needed only to tune
 
-    return {"format": FORMAT, "cpu": cpu_model(), "threads": threads, "numba": numba.__version__,
-            "onnxruntime": onnxruntime.__version__, "accuracy_level": accuracy_level, "kernels": kernels_digest()}
+    return {
+        "format": FORMAT,
+        "cpu": cpu_model(),
+        "threads": threads,
+        "numba": numba.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "accuracy_level": accuracy_level,
+        "kernels": kernels_digest(),
+    }
 
 
 def cache_path(fields: dict, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -131,6 +138,7 @@ def cache_path(fields: dict, cache_dir: str | os.PathLike | None = None) -> Path
 @dataclass
 class Choice:
     """The plan for one shape: which backend serves each bucket, and what it costs."""
+
     key: str
     by_bucket: dict[str, str]
     count: int
@@ -145,8 +153,15 @@ class Tuner:
     """Measures (or reads from the cache) and plans. ``timer`` is the clock every timing reads
     (tests pass a counting one to prove a cached load times nothing)."""
 
-    def __init__(self, threads: int | None = None, cache_dir=None, timer=time.perf_counter, reps: int = REPS,
-                 budget_fraction: float = BUDGET_FRACTION, accuracy_level: int = 4):
+    def __init__(
+        self,
+        threads: int | None = None,
+        cache_dir=None,
+        timer=time.perf_counter,
+        reps: int = REPS,
+        budget_fraction: float = BUDGET_FRACTION,
+        accuracy_level: int = 4,
+    ):
         self.threads = threads or ort.default_threads()
         self.timer = timer
         self.reps = reps
@@ -155,7 +170,7 @@ class Tuner:
         self.fields = cache_fields(self.threads, accuracy_level)
         self.path = cache_path(self.fields, cache_dir)
         self.table: dict[str, dict] | None = None
-        self.tune_seconds = 0.0        # wall time spent measuring in this process
+        self.tune_seconds = 0.0  # wall time spent measuring in this process
         self._lock = threading.Lock()
 
     # -- the cache ---------------------------------------------------------------------------------
@@ -164,11 +179,14 @@ class Tuner:
             self.table = {}
             try:
                 data = json.loads(self.path.read_text())
-                if data.get("key") == self.fields and isinstance(data.get("shapes"), dict) and \
-                        all(_valid_entry(e) for e in data["shapes"].values()):
+                if (
+                    data.get("key") == self.fields
+                    and isinstance(data.get("shapes"), dict)
+                    and all(_valid_entry(e) for e in data["shapes"].values())
+                ):
                     self.table = data["shapes"]
             except (OSError, ValueError, AttributeError, TypeError):
-                pass                    # missing or corrupt: measured again and rewritten
+                pass  # missing or corrupt: measured again and rewritten
         return self.table
 
     def save(self) -> None:
@@ -214,10 +232,10 @@ class Tuner:
         part = Matrix(m.name, m.qtype, rows, m.n_in, m.rows(rows) if isinstance(m, StackedMatrix) else m.data[:rows])
         numba_lin = NumbaLinear(part)
         ort_lin = ort.OrtLinear(part, threads=self.threads, accuracy_level=self.accuracy_level)
-        numba_lin.prepare(release=False)    # the rows are the real weight's: its own prepare() drops them
+        numba_lin.prepare(release=False)  # the rows are the real weight's: its own prepare() drops them
         try:
             ort_lin.prepare(release=False)
-        except Exception as e:              # an ORT that cannot build it (version, shape): numba only
+        except Exception as e:  # an ORT that cannot build it (version, shape): numba only
             entry.update(ort=False, error=f"{type(e).__name__}: {e}"[:300], fastest={b: NUMBA for b in BUCKETS})
             return entry
         cands = {NUMBA: numba_lin, ORT: ort_lin}
@@ -230,7 +248,7 @@ class Tuner:
                 x = rng.standard_normal((BUCKET_T[b], m.n_in)).astype(np.float32)
                 times = {NUMBA: [], ORT: []}
                 for lin in cands.values():
-                    lin(x)                                      # warm-up (and JIT, first time)
+                    lin(x)  # warm-up (and JIT, first time)
                 for r in range(self.reps):
                     for name in (NUMBA, ORT) if r % 2 == 0 else (ORT, NUMBA):
                         lin = cands[name]
@@ -241,10 +259,17 @@ class Tuner:
                     seconds[name][b] = statistics.median(times[name]) * m.n_out / rows
         finally:
             numba.set_num_threads(saved)
-        entry.update(ort=True, rows_timed=rows, seconds=seconds, loadavg=os.getloadavg()[0],
-                     fastest={b: ORT if seconds[ORT][b] < seconds[NUMBA][b] else NUMBA for b in BUCKETS},
-                     bytes={NUMBA: int(numba_lin.packed.nbytes * m.n_out / rows),
-                            ORT: ort.resident_bytes(qtype, m.n_out, m.n_in, self.accuracy_level)})
+        entry.update(
+            ort=True,
+            rows_timed=rows,
+            seconds=seconds,
+            loadavg=os.getloadavg()[0],
+            fastest={b: ORT if seconds[ORT][b] < seconds[NUMBA][b] else NUMBA for b in BUCKETS},
+            bytes={
+                NUMBA: int(numba_lin.packed.nbytes * m.n_out / rows),
+                ORT: ort.resident_bytes(qtype, m.n_out, m.n_in, self.accuracy_level),
+            },
+        )
         return entry
 
     # -- planning ----------------------------------------------------------------------------------
@@ -266,6 +291,7 @@ class StackedMatrix:
     """A run of same-type weights that a fused linear stacks into one matrix when it is prepared
     (``chips.chip.FusedLinear``): the shape the backend will see.  Its rows are only copied
     when the tuner times it."""
+
     parts: tuple
 
     @property
@@ -320,7 +346,7 @@ def cost(seconds: dict[str, float], buckets=BUCKETS) -> float:
 def plan_shapes(entries: dict[str, dict], counts: dict[str, int], budget: float) -> dict[str, Choice]:
     """The memory rule as a pure function of the measured entries (tested on its own)."""
     plan = {k: Choice(k, {b: NUMBA for b in BUCKETS}, counts[k]) for k in entries}
-    options = []   # (seconds per token saved over the model, extra bytes, key, by_bucket)
+    options = []  # (seconds per token saved over the model, extra bytes, key, by_bucket)
     for k, e in entries.items():
         if not e.get("ort"):
             continue
@@ -355,8 +381,9 @@ def _valid_entry(e) -> bool:
     if not e.get("ort"):
         return True
     try:
-        return all(float(e["seconds"][n][b]) >= 0 for n in (NUMBA, ORT) for b in BUCKETS) and \
-            all(int(e["bytes"][n]) >= 0 for n in (NUMBA, ORT))
+        return all(float(e["seconds"][n][b]) >= 0 for n in (NUMBA, ORT) for b in BUCKETS) and all(
+            int(e["bytes"][n]) >= 0 for n in (NUMBA, ORT)
+        )
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -375,4 +402,3 @@ def describe(plan: dict[str, Choice], table: dict[str, dict]) -> list[str]:
         pick = "/".join(ch.by_bucket[b] for b in BUCKETS) if len(ch.backends) > 1 else ch.by_bucket["1"]
         lines.append(f"{k:22s} x{ch.count:<3d} ms numba/ort {cells} -> {pick} (+{ch.extra_bytes / 2**20:.0f} MB)")
     return lines
-

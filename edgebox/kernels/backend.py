@@ -33,8 +33,20 @@ from edgebox.kernels import attention, autotune, elementwise, fused, ort, ref
 from edgebox.kernels.linear import AutoLinear, NumbaLinear, OrtLinear, RefLinear
 
 # the weight handles live in kernels.linear; importable from here as before
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "PARALLEL_DECODE_CONTEXT", "get_ops", "RefOps", "NumbaOps", "OrtOps",
-           "AutoOps", "RefLinear", "NumbaLinear", "OrtLinear", "AutoLinear"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "PARALLEL_DECODE_CONTEXT",
+    "get_ops",
+    "RefOps",
+    "NumbaOps",
+    "OrtOps",
+    "AutoOps",
+    "RefLinear",
+    "NumbaLinear",
+    "OrtLinear",
+    "AutoLinear",
+]
 
 BACKENDS = ("numba", "onnxruntime", "auto", "ref")
 PARALLEL_DECODE_CONTEXT = 512  # cached tokens from which decode attention runs on every core
@@ -60,8 +72,15 @@ class RefOps:
         return ref.swiglu(gate_up[:, :F], gate_up[:, F:])
 
     @staticmethod
-    def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, positions: np.ndarray,
-                  cache_pos: np.ndarray, kv_of_head: np.ndarray) -> np.ndarray:
+    def attention(
+        q: np.ndarray,
+        k_cache: np.ndarray,
+        v_cache: np.ndarray,
+        start: int,
+        positions: np.ndarray,
+        cache_pos: np.ndarray,
+        kv_of_head: np.ndarray,
+    ) -> np.ndarray:
         """q [T, Hc, hd] at ``positions`` over cache slots [0, start + T) ([S, Hkv_c, hd] f16) -> [T, Hc*hd]."""
         end = start + len(q)
         keys = k_cache[:end][:, kv_of_head].astype(np.float32)  # [S, Hc, hd] (the KV head of each query head)
@@ -81,8 +100,9 @@ class RefOps:
         return None
 
     @classmethod
-    def attention_decode_append(cls, q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: tuple, layer: int,
-                                starts: np.ndarray, kv_of_head: np.ndarray) -> np.ndarray:
+    def attention_decode_append(
+        cls, q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: tuple, layer: int, starts: np.ndarray, kv_of_head: np.ndarray
+    ) -> np.ndarray:
         """One new token per sequence: q [B, Hc, hd], k, v [B, Hkv_c, hd]; sequence b's key and
         value go to slot starts[b] of its cache (caches: ``kv_lists`` of the B caches), then it
         attends over slots 0..starts[b] -> [B, Hc*hd]."""
@@ -90,7 +110,7 @@ class RefOps:
         for b, (kc, vc) in enumerate(zip(*caches)):  # caches: (k caches, v caches)
             s = int(starts[b])
             kc[layer, s], vc[layer, s] = k[b], v[b]
-            out[b] = cls.attention(q[b:b + 1], kc[layer], vc[layer], s, np.array([s]), np.arange(s + 1), kv_of_head)[0]
+            out[b] = cls.attention(q[b : b + 1], kc[layer], vc[layer], s, np.array([s]), np.arange(s + 1), kv_of_head)[0]
         return out
 
 
@@ -118,8 +138,20 @@ class NumbaOps:
             self._rope_tables = (key, tables)
         return tables
 
-    def decode_attention_block(self, lw, h: np.ndarray, position: int, k_cache: np.ndarray, v_cache: np.ndarray,
-                               layer: int, start: int, n_heads: int, n_kv: int, kv_of_head: np.ndarray, a) -> np.ndarray | None:
+    def decode_attention_block(
+        self,
+        lw,
+        h: np.ndarray,
+        position: int,
+        k_cache: np.ndarray,
+        v_cache: np.ndarray,
+        layer: int,
+        start: int,
+        n_heads: int,
+        n_kv: int,
+        kv_of_head: np.ndarray,
+        a,
+    ) -> np.ndarray | None:
         """One token's attention block on one chip in one compiled call (``kernels.fused``):
         h [D] -> partial sum [D], its key and value appended at slot ``start`` of the chip's
         caches [n_layer, n_ctx, Hkv_c, hd]; None when the chip's weights cannot go in one call."""
@@ -131,9 +163,26 @@ class NumbaOps:
             return None
         cos, sin = self._tables(np.array([position], np.int32), a.n_rot, a.rope_freq_base, a.rope_freq_scale)
         order, hstart = lw.decode_cache["groups"]
-        return fused.attention_decode_block(h, w[0], w[1], w[2], w[3], a.n_embd, n_heads, n_kv, a.head_dim,
-                                            cos, sin, a.rope_neox, k_cache.view(np.uint16), v_cache.view(np.uint16),
-                                            layer, start, order, hstart)
+        return fused.attention_decode_block(
+            h,
+            w[0],
+            w[1],
+            w[2],
+            w[3],
+            a.n_embd,
+            n_heads,
+            n_kv,
+            a.head_dim,
+            cos,
+            sin,
+            a.rope_neox,
+            k_cache.view(np.uint16),
+            v_cache.view(np.uint16),
+            layer,
+            start,
+            order,
+            hstart,
+        )
 
     def decode_ffn_block(self, lw, h: np.ndarray, n_ffn: int, n_embd: int) -> np.ndarray | None:
         """One token's FFN rows on one chip in one compiled call: h [D] -> partial sum [D]."""
@@ -147,26 +196,44 @@ class NumbaOps:
     def swiglu_halves(self, gate_up: np.ndarray) -> np.ndarray:
         return self._ew.swiglu_halves(gate_up)
 
-    def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, positions: np.ndarray,
-                  cache_pos: np.ndarray, kv_of_head: np.ndarray) -> np.ndarray:
+    def attention(
+        self,
+        q: np.ndarray,
+        k_cache: np.ndarray,
+        v_cache: np.ndarray,
+        start: int,
+        positions: np.ndarray,
+        cache_pos: np.ndarray,
+        kv_of_head: np.ndarray,
+    ) -> np.ndarray:
         # the engine keeps cache slot == rope position (context shift included), which is
         # what the kernels' causal mask assumes
         if len(q) == 1:
             # over a long context the cache read is worth splitting over the cores (7B, one
             # chip: 1.00x at 256 cached tokens, 1.05x per step at 1024 and 2048)
-            return self._att.attention_decode(q[0], k_cache, v_cache, start + 1, kv_of_head=kv_of_head,
-                                              parallel=start + 1 >= PARALLEL_DECODE_CONTEXT)[None]
+            return self._att.attention_decode(
+                q[0], k_cache, v_cache, start + 1, kv_of_head=kv_of_head, parallel=start + 1 >= PARALLEL_DECODE_CONTEXT
+            )[None]
         return self._att.attention_prefill(q, k_cache, v_cache, start, kv_of_head=kv_of_head)
 
     def kv_lists(self, k_caches: list[np.ndarray], v_caches: list[np.ndarray]) -> tuple:
         return self._att.kv_lists(k_caches, v_caches)
 
-    def attention_decode_append(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: tuple, layer: int,
-                                starts: np.ndarray, kv_of_head: np.ndarray) -> np.ndarray:
+    def attention_decode_append(
+        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: tuple, layer: int, starts: np.ndarray, kv_of_head: np.ndarray
+    ) -> np.ndarray:
         # spread the sequences over the cores once their caches add up to a long context (the
         # same rule as one sequence's)
-        return self._att.attention_decode_append(q, k, v, caches, layer, starts, kv_of_head=kv_of_head,
-                                                 parallel=int(starts.sum()) + len(starts) >= PARALLEL_DECODE_CONTEXT)
+        return self._att.attention_decode_append(
+            q,
+            k,
+            v,
+            caches,
+            layer,
+            starts,
+            kv_of_head=kv_of_head,
+            parallel=int(starts.sum()) + len(starts) >= PARALLEL_DECODE_CONTEXT,
+        )
 
 
 class OrtOps(NumbaOps):
@@ -175,6 +242,7 @@ class OrtOps(NumbaOps):
 
     ``threads``: each session's intra-op pool (default: numba's thread count in this thread).
     """
+
     name = "onnxruntime"
 
     def __init__(self, threads: int | None = None):
@@ -195,6 +263,7 @@ class AutoOps(NumbaOps):
     before preparing the weights: the memory budget needs the whole model); a linear prepared
     without it is planned alone at its ``prepare()``.  ``plan`` / ``report()`` show the choices.
     """
+
     name = "auto"
 
     bucket_of = staticmethod(autotune.bucket_of)

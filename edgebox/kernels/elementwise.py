@@ -42,11 +42,25 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 __all__ = [
-    "f16_to_f32", "f32_to_f16", "bits_to_f32", "expf",
-    "rms_norm", "rms_norm_kernel",
-    "rope_tables", "apply_rope", "apply_rope_kernel", "rope_inplace",
-    "swiglu", "swiglu_kernel", "swiglu_halves", "swiglu_halves_kernel", "silu",
-    "softmax", "softmax_kernel", "argmax", "argmax_kernel",
+    "f16_to_f32",
+    "f32_to_f16",
+    "bits_to_f32",
+    "expf",
+    "rms_norm",
+    "rms_norm_kernel",
+    "rope_tables",
+    "apply_rope",
+    "apply_rope_kernel",
+    "rope_inplace",
+    "swiglu",
+    "swiglu_kernel",
+    "swiglu_halves",
+    "swiglu_halves_kernel",
+    "silu",
+    "softmax",
+    "softmax_kernel",
+    "argmax",
+    "argmax_kernel",
 ]
 
 # fastmath flags for reductions only: reassociation (so LLVM may vectorize a sum) and FMA
@@ -56,6 +70,7 @@ FM_REDUCE = {"reassoc", "contract"}
 
 # ---------------------------------------------------------------------------------------------
 # LLVM intrinsics: bit casts numba does not offer for scalars.
+
 
 @intrinsic
 def f16_to_f32(typingctx, h):
@@ -103,10 +118,10 @@ def bits_to_f32(typingctx, i):
 # exp
 
 _LOG2E = np.float32(1.44269504088896341)
-_LN2_HI = np.float32(0.693359375)         # exact in a few bits, so n * _LN2_HI is exact
+_LN2_HI = np.float32(0.693359375)  # exact in a few bits, so n * _LN2_HI is exact
 _LN2_LO = np.float32(-2.12194440e-4)
-_EXP_HI = np.float32(88.73)               # above: inf (the polynomial overflows by itself)
-_EXP_LO = np.float32(-104.0)              # below: 0 (2^-150 rounds to zero)
+_EXP_HI = np.float32(88.73)  # above: inf (the polynomial overflows by itself)
+_EXP_LO = np.float32(-104.0)  # below: 0 (2^-150 rounds to zero)
 _P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
 _P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
 
@@ -138,12 +153,13 @@ def expf(x):
 # ---------------------------------------------------------------------------------------------
 # RMS norm
 
+
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
 def _sum_squares_f64(row):
     s = 0.0
     for i in range(row.shape[0]):
         v = row[i]
-        s += np.float64(v * v)       # square in float32, add in float64 (ggml_vec / ref)
+        s += np.float64(v * v)  # square in float32, add in float64 (ggml_vec / ref)
     return s
 
 
@@ -173,8 +189,8 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = 
 # ---------------------------------------------------------------------------------------------
 # Rope
 
-def rope_tables(positions: np.ndarray, n_rot: int, freq_base: float,
-                freq_scale: float) -> tuple[np.ndarray, np.ndarray]:
+
+def rope_tables(positions: np.ndarray, n_rot: int, freq_base: float, freq_scale: float) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin float32 [T, n_rot/2] of theta[t, i] = pos[t] * freq_scale * freq_base^(-2i/n_rot).
 
     Exactly ref.rope's angles (float64, rounded once). Compute once per forward and share them
@@ -183,7 +199,7 @@ def rope_tables(positions: np.ndarray, n_rot: int, freq_base: float,
     if n_rot <= 0 or n_rot % 2:
         raise ValueError(f"rope: n_rot={n_rot} must be even and > 0")
     half = n_rot // 2
-    inv_freq = float(freq_base) ** (-2.0 * np.arange(half) / n_rot)                  # [half]
+    inv_freq = float(freq_base) ** (-2.0 * np.arange(half) / n_rot)  # [half]
     theta = np.asarray(positions, dtype=np.float64).reshape(-1)[:, None] * float(freq_scale) * inv_freq
     return np.ascontiguousarray(np.cos(theta), np.float32), np.ascontiguousarray(np.sin(theta), np.float32)
 
@@ -226,8 +242,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> n
     return x
 
 
-def rope_inplace(x: np.ndarray, positions: np.ndarray, n_rot: int, freq_base: float, freq_scale: float,
-                 neox: bool) -> np.ndarray:
+def rope_inplace(x: np.ndarray, positions: np.ndarray, n_rot: int, freq_base: float, freq_scale: float, neox: bool) -> np.ndarray:
     """ref.rope, in place on x float32 [T, H, hd]; returns x."""
     if isinstance(x, np.ndarray) and x.ndim == 3 and not 0 < n_rot <= x.shape[2]:
         raise ValueError(f"rope: n_rot={n_rot} must be even and in (0, {x.shape[2]}]")
@@ -240,6 +255,7 @@ def rope_inplace(x: np.ndarray, positions: np.ndarray, n_rot: int, freq_base: fl
 
 # ---------------------------------------------------------------------------------------------
 # SwiGLU, softmax, argmax
+
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def silu(g):
@@ -260,9 +276,9 @@ def swiglu_kernel(gate, up, out):
 def swiglu_halves_kernel(gate_up, T, F, out):
     """out [T*F] = silu(gate) * up where row t of gate_up (flat [T*2F]) is its gate, then its up."""
     for t in range(T):
-        g = gate_up[2 * t * F:2 * t * F + F]
-        u = gate_up[2 * t * F + F:2 * t * F + 2 * F]
-        o = out[t * F:t * F + F]
+        g = gate_up[2 * t * F : 2 * t * F + F]
+        u = gate_up[2 * t * F + F : 2 * t * F + 2 * F]
+        o = out[t * F : t * F + F]
         for i in range(F):
             o[i] = silu(g[i]) * u[i]
 
@@ -357,6 +373,7 @@ def argmax(x: np.ndarray) -> int:
 # ---------------------------------------------------------------------------------------------
 # helpers
 
+
 def _desc(a) -> str:
     return f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
 
@@ -373,7 +390,6 @@ def _f32(a, what: str, ndim: int) -> np.ndarray:
 def _out(out, shape, what: str) -> np.ndarray:
     if out is None:
         return np.empty(shape, np.float32)
-    if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == tuple(shape)
-            and out.flags.writeable):
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == tuple(shape) and out.flags.writeable):
         raise ValueError(f"{what}: out must be a writable float32 array of shape {tuple(shape)}, got {_desc(out)}")
     return out

@@ -94,14 +94,13 @@ def _linear_runs(runs, n_out, x):
     for run in literal_unroll(runs):
         y = np.empty(run[1], np.float32)
         _mv(run[0], xq, xd, xs16, xsd16, xsd32, y)
-        out[off:off + run[2]] = y[:run[2]]
+        out[off : off + run[2]] = y[: run[2]]
         off += run[2]
     return out
 
 
 @njit(nogil=True, cache=True)
-def attention_decode_block(h, wqkv, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos, sin, neox,
-                           kc, vc, layer, start, order, hstart):
+def attention_decode_block(h, wqkv, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos, sin, neox, kc, vc, layer, start, order, hstart):
     """One chip's attention for one token: h float32 [D] -> its partial sum [D]; the token's
     key and value go to slot ``start`` of kc, vc (uint16 [n_layer, n_ctx, Hkv_c, hd]) and it
     attends over slots 0..start (the cache holds positions in slot order). wqkv: the runs of
@@ -111,7 +110,7 @@ def attention_decode_block(h, wqkv, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos,
     for i in range(bias.shape[0]):
         qkv[i] += bias[i]
     # rotary embedding of the q and k heads
-    qk = qkv[:(nh + nkv) * hd].copy().reshape(1, nh + nkv, hd)  # [1, Hc + Hkv_c, hd]
+    qk = qkv[: (nh + nkv) * hd].copy().reshape(1, nh + nkv, hd)  # [1, Hc + Hkv_c, hd]
     E.apply_rope_kernel(qk, cos, sin, neox)
     # the new key and value into the cache
     v0 = (nh + nkv) * hd
@@ -139,6 +138,7 @@ def ffn_decode_block(h, w_gate_up, n_gu_pad, n_ffn, w_down, n_d_pad, n_embd):
 
 
 # -- which linears can go in: their numba weight for one token, as (kernel arrays, padded rows) --
+
 
 def _runs(lin):
     """A linear's one-token weights as ((kernel arrays, padded rows, rows), ...), one per run of

@@ -75,13 +75,12 @@ class AutoLinear:
         self.n_out, self.n_in = m.n_out, m.n_in
         self.nbytes = m.nbytes
         self._planner = planner
-        self.by_bucket: dict[str, object] | None = None   # bucket -> NumbaLinear | OrtLinear
+        self.by_bucket: dict[str, object] | None = None  # bucket -> NumbaLinear | OrtLinear
 
     @property
     def backends(self) -> dict[str, str]:
         """bucket -> backend name (after prepare)."""
-        return {b: ("onnxruntime" if isinstance(lin, OrtLinear) else "numba")
-                for b, lin in (self.by_bucket or {}).items()}
+        return {b: ("onnxruntime" if isinstance(lin, OrtLinear) else "numba") for b, lin in (self.by_bucket or {}).items()}
 
     def prepare(self) -> None:
         if self.by_bucket is not None:
@@ -89,12 +88,11 @@ class AutoLinear:
         choice = self._planner.choice(self)
         built = {}
         for name in sorted(choice.backends):
-            lin = OrtLinear(self.matrix, threads=self._planner.threads) if name == "onnxruntime" \
-                else NumbaLinear(self.matrix)
-            lin.prepare(release=False)      # both copies of a dual shape are built from the rows
+            lin = OrtLinear(self.matrix, threads=self._planner.threads) if name == "onnxruntime" else NumbaLinear(self.matrix)
+            lin.prepare(release=False)  # both copies of a dual shape are built from the rows
             built[name] = lin
         if "numba" not in built or built["numba"].packed.path != "float":
-            release_view_pages(self.matrix.data)   # as each backend's own prepare() does
+            release_view_pages(self.matrix.data)  # as each backend's own prepare() does
         self.by_bucket = {b: built[name] for b, name in choice.by_bucket.items()}
 
     def for_tokens(self, T: int):

@@ -47,6 +47,7 @@ from edgebox.kernels.quants.traits import Kernels
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
     try:
         from numba.np.ufunc import omppool  # noqa: F401
+
         numba.config.THREADING_LAYER = "omp"
     except ImportError:
         pass
@@ -63,6 +64,7 @@ class PackedWeight:
     arrays: the kernel's arrays (flat views of the repacked copy, or of the mmap for float types)
     nbytes: bytes a matvec reads (the figure bandwidths are computed from)
     """
+
     qtype: QType
     n_out: int
     n_in: int
@@ -100,6 +102,7 @@ class QuantizedActivations:
     xs16:  int32 [T*2nb], 32 x the sums of xq per 16 values (Q6_K's offset, ready to subtract)
     xsd16: float32 [T*2nb] = xd * (sum per 16);  xsd32: float32 [T*nb] = xd * (sum per 32)
     """
+
     x: np.ndarray
     xq: np.ndarray
     xd: np.ndarray
@@ -195,7 +198,7 @@ def _threading_layer() -> str:
     if not _LAYER:
         try:
             _LAYER.append(numba.threading_layer())
-        except ValueError:          # no parallel kernel has run yet
+        except ValueError:  # no parallel kernel has run yet
             return "unknown"
     return _LAYER[0]
 
@@ -230,8 +233,8 @@ def _matmul_into(w: PackedWeight, x, out: np.ndarray | None) -> np.ndarray:
         _run(kernels.mm, *w.kernel_args, *qx.arrays(), T, o)
     if padded:
         if out is None:
-            return np.ascontiguousarray(res[:, :w.n_out])
-        out[...] = res[:, :w.n_out]
+            return np.ascontiguousarray(res[:, : w.n_out])
+        out[...] = res[:, : w.n_out]
         return out
     return res
 

@@ -63,11 +63,12 @@ from edgebox.kernels.matmul_simd import (
 
 _JIT = dict(nogil=True, cache=True)
 _PJIT = dict(nogil=True, cache=True, parallel=True)
-_PF = 4096          # software prefetch distance in the quant plane, bytes (32 blocks of Q4_0)
+_PF = 4096  # software prefetch distance in the quant plane, bytes (32 blocks of Q4_0)
 
 
 # =============================================================================================
 # activations
+
 
 @njit(**_JIT)
 def _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32):
@@ -135,6 +136,7 @@ def _quad(T, t0):
 
 # =============================================================================================
 # block dot products shared by several types
+
 
 @njit(**_JIT)
 def _nib_block(q, qo, xq, xo):

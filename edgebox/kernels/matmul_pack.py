@@ -37,9 +37,9 @@ import numpy as np
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 
-ROWS = 8                 # rows per interleaved group (the 8 lanes of a 256-bit int32 vector)
-QK = 32                  # values per block of the repacked layouts
-CHUNK_ROWS = 4096        # rows repacked at a time by the numpy path (bounds the temporaries)
+ROWS = 8  # rows per interleaved group (the 8 lanes of a 256-bit int32 vector)
+QK = 32  # values per block of the repacked layouts
+CHUNK_ROWS = 4096  # rows repacked at a time by the numpy path (bounds the temporaries)
 
 # the numba repackers (load time: ~0.3-1.7 GB/s instead of numpy's ~0.1) take the raw rows
 # [n_out, row_bytes] and fill the preallocated planes; rows >= n_out (the padding) are zero
@@ -53,7 +53,7 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     n = int(np.prod(shape)) * dtype.itemsize
     buf = np.empty(n + align, dtype=np.uint8)
     off = (-buf.ctypes.data) % align
-    return buf[off:off + n].view(dtype).reshape(shape)
+    return buf[off : off + n].view(dtype).reshape(shape)
 
 
 def n_groups(n_out: int) -> int:
@@ -64,6 +64,7 @@ def n_groups(n_out: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # chunk transforms: values [rows, n_in] -> x8 planes
+
 
 def chunks(vals: np.ndarray) -> np.ndarray:
     """[8G', n_in] -> [G', nb, 8 chunks, 8 rows, 4]."""
@@ -82,14 +83,14 @@ def crumb_plane(vals: np.ndarray) -> np.ndarray:
     """2-bit values [8G', n_in] -> uint8 [G', nb, 2, 32]."""
     c = chunks(vals).astype(np.uint8)
     G_, nb = c.shape[:2]
-    c = c.reshape(G_, nb, 2, 4, 32)                        # [.., h, s, 32]: chunk 4h + s
+    c = c.reshape(G_, nb, 2, 4, 32)  # [.., h, s, 32]: chunk 4h + s
     out = c[:, :, :, 0] | (c[:, :, :, 1] << 2) | (c[:, :, :, 2] << 4) | (c[:, :, :, 3] << 6)
     return out
 
 
 def bit_plane(vals: np.ndarray) -> np.ndarray:
     """1-bit values [8G', n_in] -> uint8 [G', nb, 32]: bit c of byte 4r+i = chunk c's value."""
-    c = chunks(vals).astype(np.uint8)                    # [G', nb, 8 chunks, 8 rows, 4]
+    c = chunks(vals).astype(np.uint8)  # [G', nb, 8 chunks, 8 rows, 4]
     out = np.zeros(c.shape[:2] + (ROWS, 4), np.uint8)
     for k in range(8):
         out |= (c[:, :, k] & 1) << k
@@ -162,7 +163,7 @@ def pad_rows(raw: np.ndarray, r0: int, r1: int, rows: int) -> np.ndarray:
     if part.shape[0] == rows:
         return part
     out = np.zeros((rows, raw.shape[1]), dtype=raw.dtype)
-    out[:part.shape[0]] = part
+    out[: part.shape[0]] = part
     return out
 
 

@@ -50,7 +50,7 @@ class _VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, be)
 
 
-I8x32 = Vec(types.int8, 32)     # bytes; signedness is a property of the op, not the type
+I8x32 = Vec(types.int8, 32)  # bytes; signedness is a property of the op, not the type
 I16x16 = Vec(types.int16, 16)
 I32x8 = Vec(types.int32, 8)
 F32x8 = Vec(types.float32, 8)
@@ -63,6 +63,7 @@ HAS_AVX2 = "+avx2" in _FEATURES and os.environ.get("EDGEBOX_SIMD_GENERIC", "") i
 
 
 # --- codegen helpers --------------------------------------------------------------------------
+
 
 def _ptr(context, builder, aryty, ary, idx, vty):
     """Pointer to element ``idx`` of a 1-D array, cast to ``vty*``."""
@@ -98,39 +99,48 @@ def _scalar(context, builder, val, fromty, toty):
 
 # --- loads / stores ---------------------------------------------------------------------------
 
+
 @intrinsic
 def ld_i8x32(typingctx, arr, idx):
     """32 bytes at arr[idx:idx+32] (arr: 1-D uint8/int8)."""
+
     def cg(context, builder, sig, args):
         return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 32)), align=1)
+
     return I8x32(arr, types.intp), cg
 
 
 @intrinsic
 def bc4_i8x32(typingctx, arr, idx):
     """The 4 bytes at arr[idx:idx+4] repeated in all 8 dword lanes (vpbroadcastd)."""
+
     def cg(context, builder, sig, args):
         w = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _i32), align=1)
         return builder.bitcast(_splat(builder, w, 8), _V(_i8, 32))
+
     return I8x32(arr, types.intp), cg
 
 
 @intrinsic
 def ld_f16x8(typingctx, arr, idx):
     """8 IEEE halves (arr: 1-D uint16 bit patterns) widened to float32 (vcvtph2ps with F16C)."""
+
     def cg(context, builder, sig, args):
         h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _V(_i16, 8)), align=2)
         return builder.fpext(builder.bitcast(h, _V(ir.HalfType(), 8)), _V(_f32, 8))
+
     return F32x8(arr, types.intp), cg
 
 
 @intrinsic
 def ld_bf16x8(typingctx, arr, idx):
     """8 bfloat16 (arr: 1-D uint16 bit patterns) widened to float32 (shift into the top half)."""
+
     def cg(context, builder, sig, args):
         h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _V(_i16, 8)), align=2)
         w = builder.shl(builder.zext(h, _V(_i32, 8)), _const(_i32, 16, 8))
         return builder.bitcast(w, _V(_f32, 8))
+
     return F32x8(arr, types.intp), cg
 
 
@@ -138,24 +148,29 @@ def ld_bf16x8(typingctx, arr, idx):
 def ld_f32x8(typingctx, arr, idx):
     def cg(context, builder, sig, args):
         return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _V(_f32, 8)), align=4)
+
     return F32x8(arr, types.intp), cg
 
 
 @intrinsic
 def ld_u8x8_i32(typingctx, arr, idx):
     """8 unsigned bytes zero-extended to int32 (vpmovzxbd)."""
+
     def cg(context, builder, sig, args):
         b = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 8)), align=1)
         return builder.zext(b, _V(_i32, 8))
+
     return I32x8(arr, types.intp), cg
 
 
 @intrinsic
 def ld_i8x8_i32(typingctx, arr, idx):
     """8 signed bytes sign-extended to int32 (vpmovsxbd)."""
+
     def cg(context, builder, sig, args):
         b = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 8)), align=1)
         return builder.sext(b, _V(_i32, 8))
+
     return I32x8(arr, types.intp), cg
 
 
@@ -163,10 +178,12 @@ def ld_i8x8_i32(typingctx, arr, idx):
 def st_f16x8(typingctx, arr, idx, v):
     """8 float32 lanes rounded to IEEE halves (ties to even, vcvtps2ph) stored to arr[idx:idx+8]
     (arr: 1-D uint16 bit patterns)."""
+
     def cg(context, builder, sig, args):
         h = builder.bitcast(builder.fptrunc(args[2], _V(ir.HalfType(), 8)), _V(_i16, 8))
         builder.store(h, _ptr(context, builder, sig.args[0], args[0], args[1], _V(_i16, 8)), align=2)
         return context.get_dummy_value()
+
     return types.none(arr, types.intp, F32x8), cg
 
 
@@ -175,48 +192,60 @@ def st_f32x8(typingctx, arr, idx, v):
     def cg(context, builder, sig, args):
         builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], _V(_f32, 8)), align=4)
         return context.get_dummy_value()
+
     return types.none(arr, types.intp, F32x8), cg
 
 
 # --- byte ops ---------------------------------------------------------------------------------
 
+
 @intrinsic
 def nib_lo(typingctx, a):
     """Low nibble of every byte (vpand)."""
+
     def cg(context, builder, sig, args):
         return builder.and_(args[0], _const(_i8, 15, 32))
+
     return I8x32(I8x32), cg
 
 
 @intrinsic
 def nib_hi(typingctx, a):
     """High nibble of every byte, shifted down (vpsrlw + vpand)."""
+
     def cg(context, builder, sig, args):
         return builder.lshr(args[0], _const(_i8, 4, 32))
+
     return I8x32(I8x32), cg
 
 
 @intrinsic
 def and_i8(typingctx, a, c):
     """a & c (c: a compile-time-free int, splatted to every byte)."""
+
     def cg(context, builder, sig, args):
         return builder.and_(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
+
     return I8x32(I8x32, types.intp), cg
 
 
 @intrinsic
 def shr_i8(typingctx, a, n):
     """Logical right shift of every byte by n."""
+
     def cg(context, builder, sig, args):
         return builder.lshr(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
+
     return I8x32(I8x32, types.intp), cg
 
 
 @intrinsic
 def shl_i8(typingctx, a, n):
     """Left shift of every byte by n."""
+
     def cg(context, builder, sig, args):
         return builder.shl(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
+
     return I8x32(I8x32, types.intp), cg
 
 
@@ -224,21 +253,25 @@ def shl_i8(typingctx, a, n):
 def or_i8(typingctx, a, b):
     def cg(context, builder, sig, args):
         return builder.or_(args[0], args[1])
+
     return I8x32(I8x32, I8x32), cg
 
 
 @intrinsic
 def abs_i8(typingctx, a):
     """|a| of signed bytes as unsigned bytes (-128 -> 128) (vpabsb)."""
+
     def cg(context, builder, sig, args):
         neg = builder.icmp_signed("<", args[0], _const(_i8, 0, 32))
         return builder.select(neg, builder.sub(_const(_i8, 0, 32), args[0]), args[0])
+
     return I8x32(I8x32), cg
 
 
 @intrinsic
 def sign_i8(typingctx, a, s):
     """a * sign(s) per signed byte: -a where s < 0, 0 where s == 0, a where s > 0 (vpsignb)."""
+
     def cg(context, builder, sig, args):
         if HAS_AVX2:
             return _call(builder, "llvm.x86.avx2.psign.b", _V(_i8, 32), list(args))
@@ -246,10 +279,12 @@ def sign_i8(typingctx, a, s):
         zero = _const(_i8, 0, 32)
         neg = builder.select(builder.icmp_signed("<", s, zero), builder.sub(zero, a), a)
         return builder.select(builder.icmp_signed("==", s, zero), zero, neg)
+
     return I8x32(I8x32, I8x32), cg
 
 
 # --- integer dot-product steps ----------------------------------------------------------------
+
 
 @intrinsic
 def maddubs(typingctx, a, b):
@@ -257,6 +292,7 @@ def maddubs(typingctx, a, b):
 
     vpmaddubsw.  Callers keep |a_2i*b_2i + a_2i+1*b_2i+1| < 32768 so saturation never happens.
     """
+
     def cg(context, builder, sig, args):
         if HAS_AVX2:
             return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V(_i16, 16), list(args))
@@ -265,12 +301,14 @@ def maddubs(typingctx, a, b):
         pe = builder.mul(builder.zext(ae, _V(_i16, 16)), builder.sext(be, _V(_i16, 16)))
         po = builder.mul(builder.zext(ao, _V(_i16, 16)), builder.sext(bo, _V(_i16, 16)))
         return _call(builder, "llvm.sadd.sat.v16i16", _V(_i16, 16), [pe, po])
+
     return I16x16(I8x32, I8x32), cg
 
 
 @intrinsic
 def madd(typingctx, a, b):
     """Signed i16 products, adjacent pairs summed -> 8 x i32 (vpmaddwd)."""
+
     def cg(context, builder, sig, args):
         if HAS_AVX2:
             return _call(builder, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), list(args))
@@ -279,17 +317,20 @@ def madd(typingctx, a, b):
         pe = builder.mul(builder.sext(ae, _V(_i32, 8)), builder.sext(be, _V(_i32, 8)))
         po = builder.mul(builder.sext(ao, _V(_i32, 8)), builder.sext(bo, _V(_i32, 8)))
         return builder.add(pe, po)
+
     return I32x8(I16x16, I16x16), cg
 
 
 @intrinsic
 def hadd_i16(typingctx, a):
     """Adjacent i16 pairs summed into i32 lanes (vpmaddwd with ones)."""
+
     def cg(context, builder, sig, args):
         if HAS_AVX2:
             return _call(builder, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [args[0], _const(_i16, 1, 16)])
         ae, ao = _even_odd(builder, args[0], 16)
         return builder.add(builder.sext(ae, _V(_i32, 8)), builder.sext(ao, _V(_i32, 8)))
+
     return I32x8(I16x16), cg
 
 
@@ -297,6 +338,7 @@ def hadd_i16(typingctx, a):
 def add_i16(typingctx, a, b):
     def cg(context, builder, sig, args):
         return builder.add(args[0], args[1])
+
     return I16x16(I16x16, I16x16), cg
 
 
@@ -304,6 +346,7 @@ def add_i16(typingctx, a, b):
 def zero_i16(typingctx):
     def cg(context, builder, sig, args):
         return _const(_i16, 0, 16)
+
     return I16x16(), cg
 
 
@@ -311,6 +354,7 @@ def zero_i16(typingctx):
 def add_i32(typingctx, a, b):
     def cg(context, builder, sig, args):
         return builder.add(args[0], args[1])
+
     return I32x8(I32x8, I32x8), cg
 
 
@@ -318,22 +362,27 @@ def add_i32(typingctx, a, b):
 def sub_i32(typingctx, a, b):
     def cg(context, builder, sig, args):
         return builder.sub(args[0], args[1])
+
     return I32x8(I32x8, I32x8), cg
 
 
 @intrinsic
 def mul_i32(typingctx, a, b):
     """Low 32 bits of lane products (vpmulld)."""
+
     def cg(context, builder, sig, args):
         return builder.mul(args[0], args[1])
+
     return I32x8(I32x8, I32x8), cg
 
 
 @intrinsic
 def sub_i32_s(typingctx, a, s):
     """a - s with a scalar s broadcast."""
+
     def cg(context, builder, sig, args):
         return builder.sub(args[0], _splat(builder, _scalar(context, builder, args[1], sig.args[1], types.int32), 8))
+
     return I32x8(I32x8, s), cg
 
 
@@ -341,16 +390,20 @@ def sub_i32_s(typingctx, a, s):
 def zero_i32(typingctx):
     def cg(context, builder, sig, args):
         return _const(_i32, 0, 8)
+
     return I32x8(), cg
 
 
 # --- float ops --------------------------------------------------------------------------------
 
+
 @intrinsic
 def cvt_f32(typingctx, a):
     """int32 lanes -> float32 lanes (vcvtdq2ps)."""
+
     def cg(context, builder, sig, args):
         return builder.sitofp(args[0], _V(_f32, 8))
+
     return F32x8(I32x8), cg
 
 
@@ -358,6 +411,7 @@ def cvt_f32(typingctx, a):
 def splat_f32(typingctx, s):
     def cg(context, builder, sig, args):
         return _splat(builder, _scalar(context, builder, args[0], sig.args[0], types.float32), 8)
+
     return F32x8(s), cg
 
 
@@ -365,23 +419,28 @@ def splat_f32(typingctx, s):
 def zero_f32(typingctx):
     def cg(context, builder, sig, args):
         return _const(_f32, 0.0, 8)
+
     return F32x8(), cg
 
 
 @intrinsic
 def fma_f32(typingctx, a, b, c):
     """a * b + c, one rounding (vfmadd)."""
+
     def cg(context, builder, sig, args):
         return _call(builder, "llvm.fma.v8f32", _V(_f32, 8), list(args))
+
     return F32x8(F32x8, F32x8, F32x8), cg
 
 
 @intrinsic
 def fma_f32_s(typingctx, a, s, c):
     """a * s + c with a scalar s broadcast."""
+
     def cg(context, builder, sig, args):
         sv = _splat(builder, _scalar(context, builder, args[1], sig.args[1], types.float32), 8)
         return _call(builder, "llvm.fma.v8f32", _V(_f32, 8), [args[0], sv, args[2]])
+
     return F32x8(F32x8, s, F32x8), cg
 
 
@@ -389,6 +448,7 @@ def fma_f32_s(typingctx, a, s, c):
 def mul_f32(typingctx, a, b):
     def cg(context, builder, sig, args):
         return builder.fmul(args[0], args[1])
+
     return F32x8(F32x8, F32x8), cg
 
 
@@ -396,6 +456,7 @@ def mul_f32(typingctx, a, b):
 def mul_f32_s(typingctx, a, s):
     def cg(context, builder, sig, args):
         return builder.fmul(args[0], _splat(builder, _scalar(context, builder, args[1], sig.args[1], types.float32), 8))
+
     return F32x8(F32x8, s), cg
 
 
@@ -403,6 +464,7 @@ def mul_f32_s(typingctx, a, s):
 def add_f32(typingctx, a, b):
     def cg(context, builder, sig, args):
         return builder.fadd(args[0], args[1])
+
     return F32x8(F32x8, F32x8), cg
 
 
@@ -410,6 +472,7 @@ def add_f32(typingctx, a, b):
 def sub_f32(typingctx, a, b):
     def cg(context, builder, sig, args):
         return builder.fsub(args[0], args[1])
+
     return F32x8(F32x8, F32x8), cg
 
 
@@ -427,79 +490,100 @@ def _tree(builder, v, combine):
 @intrinsic
 def hsum_f32(typingctx, a):
     """Sum of the 8 lanes (pairwise tree) -> float32."""
+
     def cg(context, builder, sig, args):
         return _tree(builder, args[0], builder.fadd)
+
     return types.float32(F32x8), cg
 
 
 @intrinsic
 def lane_f32(typingctx, a, i):
     """Lane i of a float vector."""
+
     def cg(context, builder, sig, args):
         return builder.extract_element(args[0], builder.trunc(args[1], _i32))
+
     return types.float32(F32x8, types.intp), cg
 
 
 @intrinsic
 def absmax_f32(typingctx, a, b):
     """max(|a|, |b|) per lane (vandps + vmaxps)."""
+
     def cg(context, builder, sig, args):
         fa = _call(builder, "llvm.fabs.v8f32", _V(_f32, 8), [args[0]])
         fb = _call(builder, "llvm.fabs.v8f32", _V(_f32, 8), [args[1]])
         return builder.select(builder.fcmp_ordered(">", fa, fb), fa, fb)
+
     return F32x8(F32x8, F32x8), cg
 
 
 @intrinsic
 def hmax_f32(typingctx, a):
     """Largest of the 8 lanes (pairwise tree) -> float32."""
+
     def cg(context, builder, sig, args):
         return _tree(builder, args[0], lambda lo, hi: builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi))
+
     return types.float32(F32x8), cg
 
 
 @intrinsic
 def rint_i32(typingctx, a):
     """float32 lanes rounded to the nearest int32, ties to even, as np.rint (vroundps + vcvttps2dq)."""
+
     def cg(context, builder, sig, args):
         return builder.fptosi(_call(builder, "llvm.rint.v8f32", _V(_f32, 8), [args[0]]), _V(_i32, 8))
+
     return I32x8(F32x8), cg
 
 
 @intrinsic
 def hsum_i32(typingctx, a):
     """Sum of the 8 int32 lanes -> int32."""
+
     def cg(context, builder, sig, args):
         return _tree(builder, args[0], builder.add)
+
     return types.int32(I32x8), cg
 
 
 @intrinsic
 def st_i32x8_i8(typingctx, arr, idx, v):
     """The low byte of each int32 lane stored to arr[idx:idx+8] (arr: 1-D int8; lanes in range)."""
+
     def cg(context, builder, sig, args):
-        builder.store(builder.trunc(args[2], _V(_i8, 8)), _ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 8)), align=1)
+        builder.store(
+            builder.trunc(args[2], _V(_i8, 8)), _ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 8)), align=1
+        )
         return context.get_dummy_value()
+
     return types.none(arr, types.intp, I32x8), cg
 
 
 # --- scalars ----------------------------------------------------------------------------------
 
+
 @intrinsic
 def f16_to_f32(typingctx, h):
     """IEEE half bit pattern (uint16) -> float32."""
+
     def cg(context, builder, sig, args):
         v = builder.trunc(args[0], _i16) if args[0].type.width > 16 else args[0]
         return builder.fpext(builder.bitcast(v, ir.HalfType()), _f32)
+
     return types.float32(h), cg
 
 
 @intrinsic
 def bf16_to_f32(typingctx, h):
     """bfloat16 bit pattern (uint16) -> float32."""
+
     def cg(context, builder, sig, args):
         v = builder.trunc(args[0], _i16) if args[0].type.width > 16 else args[0]
         return builder.bitcast(builder.shl(builder.zext(v, _i32), ir.Constant(_i32, 16)), _f32)
+
     return types.float32(h), cg
 
 
@@ -510,6 +594,7 @@ def _prefetch_cg(locality):
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
         return context.get_dummy_value()
+
     return cg
 
 
@@ -530,33 +615,41 @@ def prefetch_l2(typingctx, arr, idx):
 @intrinsic
 def bc_f32(typingctx, arr, idx):
     """arr[idx] (float32) in all 8 lanes: one vbroadcastss from memory (no index wraparound)."""
+
     def cg(context, builder, sig, args):
         v = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _f32), align=4)
         return _splat(builder, v, 8)
+
     return F32x8(arr, types.intp), cg
 
 
 @intrinsic
 def bc_i32(typingctx, arr, idx):
     """arr[idx] (int32) in all 8 lanes: one vpbroadcastd from memory."""
+
     def cg(context, builder, sig, args):
         v = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _i32), align=4)
         return _splat(builder, v, 8)
+
     return I32x8(arr, types.intp), cg
 
 
 @intrinsic
 def shl_i32(typingctx, a, n):
     """Left shift of every int32 lane by n."""
+
     def cg(context, builder, sig, args):
         return builder.shl(args[0], _splat(builder, builder.trunc(args[1], _i32), 8))
+
     return I32x8(I32x8, types.intp), cg
 
 
 @intrinsic
 def ldf(typingctx, arr, idx):
     """arr[idx] as a scalar, without numba's negative-index wraparound code."""
+
     def cg(context, builder, sig, args):
         a = context.make_array(sig.args[0])(context, builder, args[0])
         return builder.load(builder.gep(a.data, [args[1]]))
+
     return arr.dtype(arr, types.intp), cg

@@ -84,7 +84,7 @@ def default_threads() -> int:
 # the float zero points computed here for the types whose values are scale * code + offset.
 
 # 2^-100: a float32 normal so small that q * it vanishes next to any offset an f16 field can hold
-_TINY = np.float32(2.0 ** -100)
+_TINY = np.float32(2.0**-100)
 
 
 def _float_zero_points(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +98,7 @@ def _float_zero_points(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarra
     """
     scale = scale.astype(np.float32)
     offset = offset.astype(np.float32)
-    s = np.where((scale == 0) & (offset != 0), _TINY, scale)               # (0, 0) stays (0, 0)
+    s = np.where((scale == 0) & (offset != 0), _TINY, scale)  # (0, 0) stays (0, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         zp = np.where(s == 0, np.float32(0), -offset / s).astype(np.float32)
     return s.astype(np.float32), zp
@@ -117,21 +117,21 @@ def _nbits_inputs(raw: np.ndarray, qtype: QType, n_out: int, n_in: int) -> tuple
     bits, bs = mapping.bits, mapping.block
     ts, gbs = qt.type_size(qtype), qt.block_size(qtype)
     kb = n_in // bs
-    B = np.empty((n_out, kb, bs * bits // 8), np.uint8)                     # [N, k_blocks, blob]
-    S = np.empty((n_out, kb), np.float32)                                   # [N, k_blocks]
+    B = np.empty((n_out, kb, bs * bits // 8), np.uint8)  # [N, k_blocks, blob]
+    S = np.empty((n_out, kb), np.float32)  # [N, k_blocks]
     Z = None
     rows = max(1, _CHUNK_VALUES // n_in)
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
         blocks = np.ascontiguousarray(raw[r0:r1]).reshape(r1 - r0, n_in // gbs, ts)
         codes, scale, zp = mapping.convert(blocks)
-        if mapping.zero_points == "float":                                  # zp is the offset
+        if mapping.zero_points == "float":  # zp is the offset
             scale, zp = _float_zero_points(scale, zp)
         B[r0:r1] = _pack_codes(codes.reshape(r1 - r0, kb, bs), bits)
         S[r0:r1] = scale.reshape(r1 - r0, kb)
         if zp is not None:
             if Z is None:
-                Z = np.empty((n_out, kb), zp.dtype)                         # [N, k_blocks]
+                Z = np.empty((n_out, kb), zp.dtype)  # [N, k_blocks]
             Z[r0:r1] = zp.reshape(r1 - r0, kb)
     inits = {"B": B, "S": S}
     if Z is not None:
@@ -144,7 +144,7 @@ def _float_weight(raw: np.ndarray, qtype: QType, n_out: int, n_in: int) -> np.nd
     W = np.empty((n_out, n_in), np.float32)
     rows = max(1, _CHUNK_VALUES // n_in)
     for r0 in range(0, n_out, rows):
-        W[r0:r0 + rows] = ref.dequantize(raw[r0:r0 + rows], qtype)
+        W[r0 : r0 + rows] = ref.dequantize(raw[r0 : r0 + rows], qtype)
     return W
 
 
@@ -182,7 +182,8 @@ class OrtLinear:
         if qtype not in SUPPORTED:
             raise UnsupportedOnBackend(
                 f"{m.name or 'weight'}: {qtype.name} has no exact onnxruntime mapping "
-                f"(supported: {', '.join(q.name for q in SUPPORTED)}); use the numba backend")
+                f"(supported: {', '.join(q.name for q in SUPPORTED)}); use the numba backend"
+            )
         self.matrix = m
         self.qtype = qtype
         self.n_out, self.n_in = m.n_out, m.n_in
@@ -190,7 +191,7 @@ class OrtLinear:
         self.threads = threads or default_threads()
         self.accuracy_level = accuracy_level
         self.spin = spin
-        self.sessions: list | None = None       # [(first row, session)] once prepared
+        self.sessions: list | None = None  # [(first row, session)] once prepared
 
     @property
     def resident_bytes(self) -> int:
@@ -202,11 +203,11 @@ class OrtLinear:
         ``release=False`` keeps them, for a caller that builds a second copy from the rows."""
         if self.sessions is not None:
             return
-        raw = self.matrix.data                                              # [n_out, row_bytes]
+        raw = self.matrix.data  # [n_out, row_bytes]
         rows = max(1, SESSION_BYTES // max(1, raw.shape[1]))
         sessions = []
         for r0 in range(0, self.n_out, rows):
-            sessions.append((r0, self._session(raw[r0:r0 + rows])))
+            sessions.append((r0, self._session(raw[r0 : r0 + rows])))
         self.sessions = sessions
         if release:
             release_view_pages(raw)
@@ -215,8 +216,11 @@ class OrtLinear:
         n_out = raw.shape[0]
         if qt.is_quantized(self.qtype):
             attrs, inits = _nbits_inputs(raw, self.qtype, n_out, self.n_in)
-            node = ("MatMulNBits", ["A", "B", "S"] + (["Z"] if "Z" in inits else []),
-                    dict(domain="com.microsoft", K=self.n_in, N=n_out, accuracy_level=self.accuracy_level, **attrs))
+            node = (
+                "MatMulNBits",
+                ["A", "B", "S"] + (["Z"] if "Z" in inits else []),
+                dict(domain="com.microsoft", K=self.n_in, N=n_out, accuracy_level=self.accuracy_level, **attrs),
+            )
         else:
             inits = {"W": _float_weight(raw, self.qtype, n_out, self.n_in)}
             node = ("Gemm", ["A", "W"], dict(transB=1))
@@ -256,11 +260,13 @@ def _session(node, inits: dict[str, np.ndarray], n_in: int, n_out: int, threads:
             e.key, e.value = k, v
         tensors.append(t)
     graph = helper.make_graph(
-        [helper.make_node(op, inputs, ["Y"], **attrs)], "edgebox_linear",
+        [helper.make_node(op, inputs, ["Y"], **attrs)],
+        "edgebox_linear",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["T", n_in])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", n_out])], initializer=tensors)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", n_out])],
+        initializer=tensors,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

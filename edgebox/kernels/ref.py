@@ -34,6 +34,7 @@ MATMUL_CHUNK_BYTES = 16 * 2**20
 # ---------------------------------------------------------------------------------------------
 # Dequantization: each type's own function (``kernels/quants/<type>.py``), looked up in the registry.
 
+
 def _row_bytes(raw: np.ndarray, qtype: QType) -> np.ndarray:
     """raw rows -> uint8 [..., row_bytes].
 
@@ -62,13 +63,14 @@ def dequantize(raw: np.ndarray, qtype: QType) -> np.ndarray:
     bs, ts = qt.block_size(qtype), qt.type_size(qtype)
     if raw.ndim == 0 or raw.shape[-1] % ts:
         raise ValueError(f"{qtype.name} rows must be a whole number of {ts}-byte blocks, got shape {raw.shape}")
-    blocks = raw.reshape(-1, ts)                                            # [n_blocks, type_size]
-    values = registry.TYPES[qtype].dequantize(blocks)                       # [n_blocks, block_size]
+    blocks = raw.reshape(-1, ts)  # [n_blocks, type_size]
+    values = registry.TYPES[qtype].dequantize(blocks)  # [n_blocks, block_size]
     return values.reshape(*raw.shape[:-1], raw.shape[-1] // ts * bs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Ops
+
 
 def matmul(x: np.ndarray, w_raw: np.ndarray, qtype: QType) -> np.ndarray:
     """x @ dequantize(w).T, dequantizing at most MATMUL_CHUNK_BYTES of weight rows at a time.
@@ -79,16 +81,16 @@ def matmul(x: np.ndarray, w_raw: np.ndarray, qtype: QType) -> np.ndarray:
     """
     qtype = QType(qtype)
     x = np.asarray(x, dtype=np.float32)
-    w = _row_bytes(w_raw, qtype)                                            # [n_out, row_bytes]
+    w = _row_bytes(w_raw, qtype)  # [n_out, row_bytes]
     n_out = w.shape[0]
     n_in = w.shape[1] // qt.type_size(qtype) * qt.block_size(qtype)
     if x.ndim != 2 or x.shape[1] != n_in:
         raise ValueError(f"matmul: x has shape {x.shape}, the weight has {n_in} inputs")
-    out = np.empty((x.shape[0], n_out), dtype=np.float32)                   # [T, n_out]
+    out = np.empty((x.shape[0], n_out), dtype=np.float32)  # [T, n_out]
     rows = max(1, MATMUL_CHUNK_BYTES // (4 * n_in))
     for r0 in range(0, n_out, rows):
-        w_chunk = dequantize(w[r0:r0 + rows], qtype)                        # [rows, n_in]
-        out[:, r0:r0 + rows] = x @ w_chunk.T
+        w_chunk = dequantize(w[r0 : r0 + rows], qtype)  # [rows, n_in]
+        out[:, r0 : r0 + rows] = x @ w_chunk.T
     return out
 
 
@@ -100,8 +102,8 @@ def get_rows(w_raw: np.ndarray, qtype: QType, ids: np.ndarray) -> np.ndarray:
     returns: float32 [n, n_values]
     """
     qtype = QType(qtype)
-    w = _row_bytes(w_raw, qtype)                                            # [n_rows, row_bytes]
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)                       # [n]
+    w = _row_bytes(w_raw, qtype)  # [n_rows, row_bytes]
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)  # [n]
     # numpy would silently wrap a negative id to the end of the vocabulary.
     if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
         raise IndexError(f"get_rows: ids must be in [0, {w.shape[0]}), got {ids.min()}..{ids.max()}")
@@ -118,12 +120,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     # ggml squares in float32 and sums in double; then mean, eps, sqrt and the scale in float32.
     mean = (np.sum(x * x, axis=-1, keepdims=True, dtype=np.float64) / x.shape[-1]).astype(np.float32)
-    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))               # [T, 1]
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))  # [T, 1]
     return (x * scale) * np.asarray(weight, dtype=np.float32)
 
 
-def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, freq_base: float, freq_scale: float,
-         neox: bool) -> np.ndarray:
+def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, freq_base: float, freq_scale: float, neox: bool) -> np.ndarray:
     """Rotary position embedding of the first n_rot dims of every head; the rest pass through.
 
     Pair i (0 <= i < n_rot/2) turns by theta_i = pos * freq_scale * freq_base^(-2i/n_rot).
@@ -142,12 +143,12 @@ def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, freq_base: float, fre
     half = n_rot // 2
     # The angle is computed exactly (float64) and rounded once; ggml builds it by a running
     # float32 product, which drifts by a few ulps of the angle across the dims.
-    inv_freq = float(freq_base) ** (-2.0 * np.arange(half) / n_rot)         # [half]
+    inv_freq = float(freq_base) ** (-2.0 * np.arange(half) / n_rot)  # [half]
     theta = np.asarray(positions, dtype=np.float64)[:, None] * float(freq_scale) * inv_freq
-    cos = np.cos(theta).astype(np.float32)[:, None, :]                      # [T, 1, half]
-    sin = np.sin(theta).astype(np.float32)[:, None, :]                      # [T, 1, half]
+    cos = np.cos(theta).astype(np.float32)[:, None, :]  # [T, 1, half]
+    sin = np.sin(theta).astype(np.float32)[:, None, :]  # [T, 1, half]
     first, second = (slice(0, half), slice(half, n_rot)) if neox else (slice(0, n_rot, 2), slice(1, n_rot, 2))
-    x0, x1 = x[..., first], x[..., second]                                  # [T, n_heads, half]
+    x0, x1 = x[..., first], x[..., second]  # [T, n_heads, half]
     out = x.copy()
     out[..., first] = x0 * cos - x1 * sin
     out[..., second] = x0 * sin + x1 * cos
@@ -166,8 +167,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
-              k_pos: np.ndarray) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
     """Causal scaled dot-product attention with grouped-query heads.
 
     Key j is visible to query i iff k_pos[j] <= q_pos[i]; query head h reads KV head
@@ -185,7 +185,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
     if n_head % n_kv_head:
         raise ValueError(f"attention: {n_head} query heads do not group over {n_kv_head} KV heads")
     group = n_head // n_kv_head
-    visible = np.asarray(k_pos)[None, :] <= np.asarray(q_pos)[:, None]     # bool [T, S]
+    visible = np.asarray(k_pos)[None, :] <= np.asarray(q_pos)[:, None]  # bool [T, S]
     # A query that sees no key would softmax over nothing (NaN): a caller bug, not a value.
     if not visible.any(axis=1).all():
         raise ValueError("attention: a query has no visible key (check q_pos / k_pos)")
@@ -193,9 +193,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
     out = np.empty((T, n_head, hd), dtype=np.float32)
     for h in range(n_head):
         kv = h // group
-        scores = (q[:, h, :] @ k[:, kv, :].T) * scale                       # [T, S]
+        scores = (q[:, h, :] @ k[:, kv, :].T) * scale  # [T, S]
         scores = np.where(visible, scores, np.float32(-np.inf))
-        out[:, h, :] = softmax(scores) @ v[:, kv, :]                        # [T, hd]
+        out[:, h, :] = softmax(scores) @ v[:, kv, :]  # [T, hd]
     return out.reshape(T, n_head * hd)
 
 

@@ -44,14 +44,15 @@ class KVCache:
         rotated back by ``n_discard`` (rotations compose) instead of being recomputed."""
         n, end = self.length, self.length - n_discard
         for cache in self.k + self.v:
-            cache[:, n_keep:end] = cache[:, n_keep + n_discard:n]
-        self.pos[n_keep:end] = self.pos[n_keep + n_discard:n] - n_discard
+            cache[:, n_keep:end] = cache[:, n_keep + n_discard : n]
+        self.pos[n_keep:end] = self.pos[n_keep + n_discard : n] - n_discard
         delta = np.full(end - n_keep, -n_discard, np.int32)
         for k in self.k:
             for layer in range(args.n_layer):
                 moved = k[layer, n_keep:end].astype(np.float32)  # [end - n_keep, Hkv_i, hd]
-                k[layer, n_keep:end] = ref.rope(moved, delta, args.n_rot, args.rope_freq_base,
-                                                args.rope_freq_scale, args.rope_neox)
+                k[layer, n_keep:end] = ref.rope(
+                    moved, delta, args.n_rot, args.rope_freq_base, args.rope_freq_scale, args.rope_neox
+                )
         self.length = end
 
 

@@ -49,9 +49,11 @@ class Transformer:
         for seg in segments:
             n = len(seg.tokens)
             if seg.kv.length + n > seg.kv.n_ctx:
-                raise ContextOverflowError(f"{seg.kv.length + n} tokens do not fit in the context of {seg.kv.n_ctx}; shorten the prompt or raise the context size")
+                raise ContextOverflowError(
+                    f"{seg.kv.length + n} tokens do not fit in the context of {seg.kv.n_ctx}; shorten the prompt or raise the context size"
+                )
             starts.append(seg.kv.length)
-            seg.kv.pos[seg.kv.length:seg.kv.length + n] = seg.positions
+            seg.kv.pos[seg.kv.length : seg.kv.length + n] = seg.positions
         rows = np.cumsum([0] + [len(seg.tokens) for seg in segments])  # segment i is rows[i]:rows[i+1]
         tokens = np.concatenate([seg.tokens for seg in segments])  # [R]
         positions = np.concatenate([seg.positions for seg in segments])  # [R]
@@ -73,8 +75,9 @@ class Transformer:
             seg.kv.length += len(seg.tokens)
 
         # final norm and the vocabulary projection, for the wanted rows
-        keep = np.concatenate([np.arange(rows[i], rows[i + 1]) if seg.all_logits else [rows[i + 1] - 1]
-                               for i, seg in enumerate(segments)]).astype(np.intp)
+        keep = np.concatenate(
+            [np.arange(rows[i], rows[i + 1]) if seg.all_logits else [rows[i + 1] - 1] for i, seg in enumerate(segments)]
+        ).astype(np.intp)
         x = box.ops.rms_norm(x[keep], w.output_norm, a.rms_eps)  # [K, D]
         logits = box.lm_head(x)  # [K, V]
         counts = [rows[i + 1] - rows[i] if seg.all_logits else 1 for i, seg in enumerate(segments)]

@@ -63,7 +63,7 @@ class EnergyLog:
         if self.t and t_s < self.t[-1]:
             raise ValueError(f"EnergyLog: time went back ({t_s} after {self.t[-1]})")
         if self.t and t_s == self.t[-1]:
-            self.e[-1] = energy_j             # same instant: the later total wins
+            self.e[-1] = energy_j  # same instant: the later total wins
         else:
             self.t.append(t_s)
             self.e.append(energy_j)
@@ -100,8 +100,9 @@ class EnergyLog:
             return 0.0
         return (self.energy_at(t1_s) - self.energy_at(t0_s)) / (t1_s - t0_s)
 
-    def windows(self, window_s: float, t_end_s: float | None = None, step_s: float | None = None,
-                t_start_s: float = 0.0) -> list[float]:
+    def windows(
+        self, window_s: float, t_end_s: float | None = None, step_s: float | None = None, t_start_s: float = 0.0
+    ) -> list[float]:
         """Averages of the windows [t - window_s, t] for t = t_start + window_s, + step, ... up to
         t_end (default: the end of the log).  step_s=None: back to back (one per window)."""
         step = window_s if step_s is None else step_s
@@ -141,19 +142,28 @@ class WindowReport:
     """How a power trace measured up to a budget (``check``)."""
 
     long_windows: int
-    long_within_fraction: float      # rolling 1 s windows <= their budget
-    worst_long_ratio: float          # worst 1 s window / its budget
+    long_within_fraction: float  # rolling 1 s windows <= their budget
+    worst_long_ratio: float  # worst 1 s window / its budget
     worst_long_end_s: float
-    worst_short_ratio: float         # worst 100 ms window / its budget (the limit is short_factor)
+    worst_short_ratio: float  # worst 100 ms window / its budget (the limit is short_factor)
     worst_short_end_s: float
 
     def ok(self, within: float = 0.99, long_limit: float = 1.05, short_limit: float = SHORT_FACTOR) -> bool:
-        return (self.long_within_fraction >= within and self.worst_long_ratio <= long_limit
-                and self.worst_short_ratio <= short_limit)
+        return (
+            self.long_within_fraction >= within and self.worst_long_ratio <= long_limit and self.worst_short_ratio <= short_limit
+        )
 
 
-def check(log: EnergyLog, timeline: Timeline, t_start_s: float, t_end_s: float, *, step_s: float = 0.01,
-          budget: Budget = Budget(), skip: tuple[tuple[float, float], ...] = ()) -> WindowReport:
+def check(
+    log: EnergyLog,
+    timeline: Timeline,
+    t_start_s: float,
+    t_end_s: float,
+    *,
+    step_s: float = 0.01,
+    budget: Budget = Budget(),
+    skip: tuple[tuple[float, float], ...] = (),
+) -> WindowReport:
     """Rolling windows ending every ``step_s``: 1 s windows ending in [t_start, t_end] (except
     those ending inside a ``skip`` interval: the settling after a budget step, judged apart),
     each against the budget in force at its end; 100 ms windows ending in [short_s, t_end],

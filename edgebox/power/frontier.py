@@ -25,10 +25,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Frontier:
-    t0_s: float            # total seconds at every step's least-energy level
-    e0_j: float            # the least energy of all (at t0)
-    t_s: np.ndarray        # after each move, in price order: total seconds (falling) ...
-    e_j: np.ndarray        # ... and total joules (rising)
+    t0_s: float  # total seconds at every step's least-energy level
+    e0_j: float  # the least energy of all (at t0)
+    t_s: np.ndarray  # after each move, in price order: total seconds (falling) ...
+    e_j: np.ndarray  # ... and total joules (rising)
 
     @classmethod
     def of(cls, seconds: np.ndarray, joules: np.ndarray) -> Frontier:
@@ -46,8 +46,8 @@ class Frontier:
             t0 += c * t[hull[0]]
             e0 += c * e[hull[0]]
             for a, b in zip(hull, hull[1:]):
-                d_t.append(c * (t[b] - t[a]))      # < 0: faster
-                d_e.append(c * (e[b] - e[a]))      # > 0: dearer
+                d_t.append(c * (t[b] - t[a]))  # < 0: faster
+                d_e.append(c * (e[b] - e[a]))  # > 0: dearer
         d_t, d_e = np.array(d_t), np.array(d_e)
         order = np.argsort(d_e / -d_t, kind="stable") if len(d_t) else np.array([], int)
         return cls(float(t0), float(e0), t0 + np.cumsum(d_t[order]), e0 + np.cumsum(d_e[order]))
@@ -85,7 +85,7 @@ def _efficient_hull(t: np.ndarray, e: np.ndarray) -> list[int]:
     ok = np.isfinite(t) & np.isfinite(e)
     idx = [int(i) for i in np.nonzero(ok)[0]]
     start = min(idx, key=lambda i: (e[i], t[i]))
-    pts = sorted((i for i in idx if t[i] <= t[start]), key=lambda i: -t[i])   # slowest first
+    pts = sorted((i for i in idx if t[i] <= t[start]), key=lambda i: -t[i])  # slowest first
     hull: list[int] = []
     for i in pts:
         if i != start and e[i] < e[start]:

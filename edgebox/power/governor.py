@@ -64,32 +64,37 @@ from firmware_stub import scratch_root
 class GovernorConfig:
     table: PowerTable
     n_chips: int
-    inner_s: float = 0.1              # tick period: sensors, guards (device seconds)
-    outer_s: float = 1.0              # batch loop period
-    margin: float = 0.025             # hold the mean this far under the budget (window noise)
-    window_guard: float = 0.005       # the 1 s window cap sits this far under the budget
-    short_guard: float = 0.99         # the next step's worst 100 ms window must fit this share of the ceiling
-    credit_low_s: float = 0.1         # the credit stays within [-B x low, +B x high] seconds:
-    credit_high_s: float = 0.02       # overspending is repaid; old underspending is forgotten
-    k_gain: float = 0.2               # per step: how fast the model's scale follows measurements
-    batch_up_gain: float = 0.03       # a larger batch limit must promise this much more tokens/s,
-    batch_down_gain: float = 0.15     # a smaller one (it idles slots) this much
-    throttle_c: float = 85.0          # thermal trip (the firmware's); derate below it
-    thermal_guard_c: float = 5.0      # start derating this far under the trip
+    inner_s: float = 0.1  # tick period: sensors, guards (device seconds)
+    outer_s: float = 1.0  # batch loop period
+    margin: float = 0.025  # hold the mean this far under the budget (window noise)
+    window_guard: float = 0.005  # the 1 s window cap sits this far under the budget
+    short_guard: float = 0.99  # the next step's worst 100 ms window must fit this share of the ceiling
+    credit_low_s: float = 0.1  # the credit stays within [-B x low, +B x high] seconds:
+    credit_high_s: float = 0.02  # overspending is repaid; old underspending is forgotten
+    k_gain: float = 0.2  # per step: how fast the model's scale follows measurements
+    batch_up_gain: float = 0.03  # a larger batch limit must promise this much more tokens/s,
+    batch_down_gain: float = 0.15  # a smaller one (it idles slots) this much
+    throttle_c: float = 85.0  # thermal trip (the firmware's); derate below it
+    thermal_guard_c: float = 5.0  # start derating this far under the trip
     over_current_w: float = math.inf  # per chip
-    oc_avoid_s: float = 10.0          # after an over-current event, stay under the tripping level
+    oc_avoid_s: float = 10.0  # after an over-current event, stay under the tripping level
     # energy per token at most this share above what the steps run would cost at the reference
     # clock (``reference_level``: the best static clock); None: spend the whole budget on speed,
     # whatever a token costs
     energy_slack: float | None = 0.03
-    energy_start_s: float = 0.5       # the guard's allowance at the start and after a budget change (B x this J)
-    energy_bank_s: float = 2.0        # saved energy (vs the slack) carried forward: <= B x this
+    energy_start_s: float = 0.5  # the guard's allowance at the start and after a budget change (B x this J)
+    energy_bank_s: float = 2.0  # saved energy (vs the slack) carried forward: <= B x this
 
     @classmethod
     def for_box(cls, box, max_batch: int = 16, context: int = 512, **overrides) -> GovernorConfig:
         p = box.profile
-        return cls(table=PowerTable.from_box(box, max_batch, context), n_chips=box.n_chips,
-                   throttle_c=p.throttle_c, over_current_w=p.over_current_w, **overrides)
+        return cls(
+            table=PowerTable.from_box(box, max_batch, context),
+            n_chips=box.n_chips,
+            throttle_c=p.throttle_c,
+            over_current_w=p.over_current_w,
+            **overrides,
+        )
 
     @property
     def levels_mhz(self) -> tuple[int, ...]:
@@ -104,10 +109,10 @@ class GovernorConfig:
 class Sample:
     """What the loop measures after every step."""
 
-    t_s: float                        # device time
-    energy_j: float | None            # the box's energy (chips' counters summed, unwrapped); None: unreadable
-    running: int                      # sequences in the batch now
-    queued: int                       # sequences waiting for a slot
+    t_s: float  # device time
+    energy_j: float | None  # the box's energy (chips' counters summed, unwrapped); None: unreadable
+    running: int  # sequences in the batch now
+    queued: int  # sequences waiting for a slot
     # the steps the engine may run next (with and without admitting what is queued), the
     # likeliest last; None: unknown (any step at a typical context is assumed)
     next_steps: tuple[Step, ...] | None = None
@@ -118,7 +123,7 @@ class Readings:
     """What ``decide`` gets at a tick: the step sample and every chip's full sensor reading."""
 
     t_s: float
-    chips: tuple[Reading, ...]        # one per chip, in chip order
+    chips: tuple[Reading, ...]  # one per chip, in chip order
     running: int
     queued: int
     energy_j: float | None
@@ -133,25 +138,25 @@ class Readings:
 class GovernorState:
     config: GovernorConfig
     batch_limit: int
-    level: int = 0                    # level in force
-    log: tuple[tuple[float, float], ...] = ()   # (t, box energy J) after each step, last ~1.2 s
+    level: int = 0  # level in force
+    log: tuple[tuple[float, float], ...] = ()  # (t, box energy J) after each step, last ~1.2 s
     credit_j: float = 0.0
-    k: float = 1.0                    # measured / predicted power of the last steps
-    energy_credit_j: float = 0.0      # (1 + slack) x reference energy - energy spent, summed
+    k: float = 1.0  # measured / predicted power of the last steps
+    energy_credit_j: float = 0.0  # (1 + slack) x reference energy - energy spent, summed
     reference_j: float | None = None  # the step now running, priced at the reference clock
-    batch: int = 1                    # sequences in the step now running
+    batch: int = 1  # sequences in the step now running
     predicted_w: float | None = None  # the table's power for the step now running
     budget_w: float | None = None
-    previous_budget: tuple[float, float] | None = None   # (changed at t, old watts): a window
-                                      # reaching back before a change is allowed the old budget
-                                      # for that part (the budget applies from when it is set)
-    target_w: float | None = None     # what the mean is held at (budget less margin, derated)
+    previous_budget: tuple[float, float] | None = None  # (changed at t, old watts): a window
+    # reaching back before a change is allowed the old budget
+    # for that part (the budget applies from when it is set)
+    target_w: float | None = None  # what the mean is held at (budget less margin, derated)
     last_tick_s: float = -math.inf
     last_outer_s: float = -math.inf
     fault: bool = False
     good_ticks: int = 0
     idle: bool = False
-    reasons: tuple[str, ...] = ()     # firmware throttle reasons last reported
+    reasons: tuple[str, ...] = ()  # firmware throttle reasons last reported
     derating: bool = False
     oc_events: int | None = None
     oc_cap_level: int | None = None
@@ -207,15 +212,13 @@ def decide(readings: Readings, state: GovernorState, budget: Budget | float) -> 
     if demand == 0:
         if not state.idle:
             event("idle")
-        return Decision(lowest, state.batch_limit, tuple(events),
-                        replace(state, idle=True, log=(), credit_j=0.0, level=0))
+        return Decision(lowest, state.batch_limit, tuple(events), replace(state, idle=True, log=(), credit_j=0.0, level=0))
     if state.idle:
         event("active")
         state = replace(state, idle=False)
 
     # guard: every chip must read sanely, with an energy counter (the budget is energy)
-    bad = {r.source: list(r.problems) or ["no energy1_input"] for r in readings.chips
-           if not r.valid or r.energy_j is None}
+    bad = {r.source: list(r.problems) or ["no energy1_input"] for r in readings.chips if not r.valid or r.energy_j is None}
     if len(readings.chips) != cfg.n_chips:
         bad["sensors"] = [f"{len(readings.chips)} readings for {cfg.n_chips} chips"]
     if readings.energy_j is None and not bad:
@@ -224,20 +227,26 @@ def decide(readings: Readings, state: GovernorState, budget: Budget | float) -> 
         safe_batch = _safe_batch(tab, budget, cfg)
         if not state.fault:
             event("sensor_fault", chips=bad, action=f"lowest clock {cfg.levels_mhz[0]} MHz, batch {safe_batch}")
-        return Decision(lowest, safe_batch, tuple(events),
-                        replace(state, fault=True, good_ticks=0, log=(), credit_j=0.0, level=0, batch_limit=safe_batch))
+        return Decision(
+            lowest,
+            safe_batch,
+            tuple(events),
+            replace(state, fault=True, good_ticks=0, log=(), credit_j=0.0, level=0, batch_limit=safe_batch),
+        )
     if state.fault:
-        if state.good_ticks + 1 < 2:      # one good reading is not yet trust
-            return Decision(lowest, state.batch_limit, tuple(events),
-                            replace(state, good_ticks=state.good_ticks + 1, log=()))
+        if state.good_ticks + 1 < 2:  # one good reading is not yet trust
+            return Decision(lowest, state.batch_limit, tuple(events), replace(state, good_ticks=state.good_ticks + 1, log=()))
         event("sensor_ok")
         state = replace(state, fault=False, good_ticks=0, last_outer_s=-math.inf)
 
     # firmware protections: report changes of reason; avoid a level that tripped over-current
     reasons = tuple(sorted({x for r in readings.chips for x in r.throttle_reasons}))
     if reasons != state.reasons:
-        event("throttled" if reasons else "unthrottled", reasons=list(reasons),
-              chips={r.source: list(r.throttle_reasons) for r in readings.chips if r.throttle_reasons})
+        event(
+            "throttled" if reasons else "unthrottled",
+            reasons=list(reasons),
+            chips={r.source: list(r.throttle_reasons) for r in readings.chips if r.throttle_reasons},
+        )
     oc = sum(r.oc_events or 0 for r in readings.chips)
     oc_cap, oc_until = state.oc_cap_level, state.oc_until_s
     if state.oc_events is not None and oc > state.oc_events:
@@ -255,7 +264,7 @@ def decide(readings: Readings, state: GovernorState, budget: Budget | float) -> 
     derate_from = cfg.throttle_c - cfg.thermal_guard_c
     derating = hottest is not None and hottest >= derate_from
     if derating:
-        over = (hottest - derate_from) / cfg.thermal_guard_c          # 0 at the guard, 1 at the trip
+        over = (hottest - derate_from) / cfg.thermal_guard_c  # 0 at the guard, 1 at the trip
         now_w = state.power_1s_w or target_w
         target_w = min(target_w, now_w * max(0.5, 1.0 - 0.1 * (1.0 + over)))
     if derating != state.derating:
@@ -286,7 +295,7 @@ def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> De
     cfg, tab = state.config, state.config.table
     if state.fault or state.idle:
         return Decision((cfg.levels_mhz[0],) * cfg.n_chips, state.batch_limit, (), state)
-    if sample.energy_j is None:                     # the tick will judge the sensors
+    if sample.energy_j is None:  # the tick will judge the sensors
         return Decision((cfg.levels_mhz[state.level],) * cfg.n_chips, state.batch_limit, (), state)
     t, target_w = sample.t_s, state.target_w or budget.watts * (1.0 - cfg.margin)
 
@@ -302,8 +311,10 @@ def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> De
         credit += target_w * dt - spent
         credit = min(budget.watts * cfg.credit_high_s, max(-budget.watts * cfg.credit_low_s, credit))
         if state.reference_j is not None and cfg.energy_slack is not None and spent >= 0:
-            energy_credit = min(budget.watts * cfg.energy_bank_s, max(-budget.watts * cfg.credit_low_s,
-                                energy_credit + (1.0 + cfg.energy_slack) * state.reference_j - spent))
+            energy_credit = min(
+                budget.watts * cfg.energy_bank_s,
+                max(-budget.watts * cfg.credit_low_s, energy_credit + (1.0 + cfg.energy_slack) * state.reference_j - spent),
+            )
     if not log or t > log[-1][0]:
         log = _trim(log + ((t, sample.energy_j),), t, budget.long_s + 0.2)
 
@@ -327,15 +338,17 @@ def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> De
 
     def fits(lv: int) -> bool:
         if lv == 0:
-            return True                         # nothing lower to go to
+            return True  # nothing lower to go to
         if sample.next_steps is not None and max(float(x.chip_peak_w[lv]) for x in priced) > oc_w:
             return False
         shapes = shapes_at(lv)
         # the ceiling is checked against the model scaled up by k when it has been reading low
         # lately (never down: one cheap step is no promise about the next)
         up = max(k, 1.0)
-        return (_peak_window_j(lt, le, t, budget.short_s, [(s_, up * w, up * bw) for s_, w, bw in shapes]) <= ceiling_j
-                and _peak_window_j(lt, le, t, budget.long_s, [(s_, k * w, k * bw) for s_, w, bw in shapes]) <= window_j)
+        return (
+            _peak_window_j(lt, le, t, budget.short_s, [(s_, up * w, up * bw) for s_, w, bw in shapes]) <= ceiling_j
+            and _peak_window_j(lt, le, t, budget.long_s, [(s_, k * w, k * bw) for s_, w, bw in shapes]) <= window_j
+        )
 
     # the sigma-delta order: levels by how near they bring the credit to zero; the first that
     # fits the windows wins
@@ -357,8 +370,17 @@ def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> De
     best = next((lv for lv in order if fits(lv)), 0)
     best_w = shapes_at(best)[-1][1]
     ref_s, ref_w, _ = shapes_at(reference)[-1]
-    new = replace(state, level=best, log=log, credit_j=credit, k=k, batch=batch, predicted_w=best_w,
-                  energy_credit_j=energy_credit, reference_j=k * ref_s * ref_w)
+    new = replace(
+        state,
+        level=best,
+        log=log,
+        credit_j=credit,
+        k=k,
+        batch=batch,
+        predicted_w=best_w,
+        energy_credit_j=energy_credit,
+        reference_j=k * ref_s * ref_w,
+    )
     return Decision((cfg.levels_mhz[best],) * cfg.n_chips, state.batch_limit, (), new)
 
 
@@ -366,8 +388,11 @@ def reference_level(tab: PowerTable, budget: Budget, batch: int) -> int:
     """The best static clock for ``batch``: the highest level at which steady decode at that
     batch draws no more than the budget and a prompt chunk beside it no more than the 100 ms
     ceiling (the table's prices; decode is most of the time, a chunk a short part of a window)."""
-    fit = [lv for lv in range(tab.n_levels)
-           if tab.power(lv, batch, DECODE) <= budget.watts and tab.power(lv, batch, PREFILL) <= budget.short_watts]
+    fit = [
+        lv
+        for lv in range(tab.n_levels)
+        if tab.power(lv, batch, DECODE) <= budget.watts and tab.power(lv, batch, PREFILL) <= budget.short_watts
+    ]
     return fit[-1] if fit else 0
 
 
@@ -408,7 +433,7 @@ def _trim(log: tuple, t: float, span_s: float) -> tuple:
 def _energy_at(log: tuple, t: float) -> float:
     times = [x[0] for x in log]
     if t <= times[0]:
-        return log[0][1]            # before the first entry nothing known was spent
+        return log[0][1]  # before the first entry nothing known was spent
     i = bisect.bisect_left(times, t)
     if i >= len(log):
         return log[-1][1]
@@ -455,8 +480,11 @@ def _window_w(log: tuple, window_s: float) -> float | None:
 
 def _safe_batch(tab: PowerTable, budget: Budget, cfg: GovernorConfig) -> int:
     """With no trustworthy sensor: the largest batch whose steps at the lowest clock fit."""
-    fit = [b for b in range(1, tab.max_batch + 1)
-           if max(tab.power(0, b, DECODE), tab.power(0, b, PREFILL)) <= budget.watts * (1 - cfg.margin)]
+    fit = [
+        b
+        for b in range(1, tab.max_batch + 1)
+        if max(tab.power(0, b, DECODE), tab.power(0, b, PREFILL)) <= budget.watts * (1 - cfg.margin)
+    ]
     return fit[-1] if fit else 1
 
 
@@ -472,7 +500,7 @@ def _choose_batch(state: GovernorState, budget: Budget, target_w: float, demand:
     scores = {b: tokens(b) for b in range(1, tab.max_batch + 1)}
     feasible = {b: s for b, s in scores.items() if s is not None}
     if not feasible:
-        return 1                        # nothing fits: the smallest batch, the clock at the bottom
+        return 1  # nothing fits: the smallest batch, the clock at the bottom
     best = max(feasible, key=lambda b: (round(feasible[b], 9), b))
     if best >= demand:
         best = tab.max_batch
@@ -518,7 +546,7 @@ class EnergyCounters:
         return total * 1e-6
 
     def _reopen(self, i: int) -> None:
-        fd, self.fds[i] = self.fds[i], None       # the file may have been replaced: open it anew next time
+        fd, self.fds[i] = self.fds[i], None  # the file may have been replaced: open it anew next time
         if fd is not None:
             try:
                 os.close(fd)
@@ -544,12 +572,22 @@ class PowerGovernor:
     (restored by ``close``); None leaves the engine's own.  Other keywords: ``GovernorConfig``.
     """
 
-    def __init__(self, box, budget_w: float = 10.0, *, max_batch: int = 16, fw_root: Path | str | None = None,
-                 context: int = 512, publish_interval_s: float = 0.02, keep_trace: bool = False,
-                 prompt_chunk: int | None = DEFAULT_PROMPT_CHUNK, **config):
+    def __init__(
+        self,
+        box,
+        budget_w: float = 10.0,
+        *,
+        max_batch: int = 16,
+        fw_root: Path | str | None = None,
+        context: int = 512,
+        publish_interval_s: float = 0.02,
+        keep_trace: bool = False,
+        prompt_chunk: int | None = DEFAULT_PROMPT_CHUNK,
+        **config,
+    ):
         self.box = box
         self.prompt_chunk = prompt_chunk
-        self._engine_chunk: int | None = None      # the engine's own prompt chunk, while capped
+        self._engine_chunk: int | None = None  # the engine's own prompt chunk, while capped
         self.budget = Budget(budget_w)
         fw = box.firmware
         if getattr(fw, "root", None) is None:
@@ -598,11 +636,16 @@ class PowerGovernor:
         target = self.budget.watts * (1 - self.config.margin)
         level = max([lv for lv in range(tab.n_levels) if tab.power(lv, 1, PREFILL) <= target] or [0])
         level = min(level, allowed_top(self.state, self.budget, 1))
-        self.state = replace(self.state, log=((t, e),) if e is not None else (), level=level, batch=1,
-                             budget_w=self.budget.watts, target_w=target,
-                             energy_credit_j=self.budget.watts * self.config.energy_start_s)
-        self._apply(Decision((self.config.levels_mhz[level],) * self.box.n_chips, self.state.batch_limit, (),
-                             self.state), None)
+        self.state = replace(
+            self.state,
+            log=((t, e),) if e is not None else (),
+            level=level,
+            batch=1,
+            budget_w=self.budget.watts,
+            target_w=target,
+            energy_credit_j=self.budget.watts * self.config.energy_start_s,
+        )
+        self._apply(Decision((self.config.levels_mhz[level],) * self.box.n_chips, self.state.batch_limit, (), self.state), None)
 
     def set_budget(self, watts: float) -> None:
         """Hold average power at or below ``watts`` from the next step (ValueError if not > 0)."""
@@ -616,17 +659,23 @@ class PowerGovernor:
         raises into the engine: a failure here puts the chips at the lowest clock and says why."""
         try:
             self._on_step(engine)
-        except Exception as e:      # noqa: BLE001  (a governor bug must not fail the requests)
+        except Exception as e:  # noqa: BLE001  (a governor bug must not fail the requests)
             lowest = (self.config.levels_mhz[0],) * self.box.n_chips
             with self._lock:
                 first = not self.state.fault
                 self.state = replace(self.state, fault=True, level=0, log=(), good_ticks=0)
                 if first:
-                    self.events.append({"t_s": round(self.box.clock_s, 4), "kind": "governor_error",
-                                        "error": f"{type(e).__name__}: {e}", "action": "lowest clock"})
+                    self.events.append(
+                        {
+                            "t_s": round(self.box.clock_s, 4),
+                            "kind": "governor_error",
+                            "error": f"{type(e).__name__}: {e}",
+                            "action": "lowest clock",
+                        }
+                    )
             try:
                 self._apply(Decision(lowest, self.state.batch_limit, (), self.state), None)
-            except Exception:        # noqa: BLE001  (the files are gone: nothing more to do here)
+            except Exception:  # noqa: BLE001  (the files are gone: nothing more to do here)
                 pass
 
     def _on_step(self, engine) -> None:
@@ -666,7 +715,7 @@ class PowerGovernor:
                 self._written[chip] = mhz
                 changed = True
         if changed:
-            self._publish()             # a cpufreq write takes effect at once on a board
+            self._publish()  # a cpufreq write takes effect at once on a board
         if engine is not None and engine.batch_limit != d.batch_limit:
             engine.batch_limit = d.batch_limit
 

@@ -34,8 +34,8 @@ Clock = Callable[[], float]
 
 HWMON_ROOT = Path("/sys/class/hwmon")
 POWERCAP_ROOT = Path("/sys/class/powercap")
-DEFAULT_HWMON_ENERGY_RANGE_UJ = 2**64     # hwmon energy inputs are 64-bit accumulators in the kernel
-TEMP_RANGE_C = (-55.0, 200.0)              # outside: a broken sensor, not a temperature
+DEFAULT_HWMON_ENERGY_RANGE_UJ = 2**64  # hwmon energy inputs are 64-bit accumulators in the kernel
+TEMP_RANGE_C = (-55.0, 200.0)  # outside: a broken sensor, not a temperature
 VOLTAGE_MAX_V = 20.0
 
 
@@ -44,20 +44,20 @@ class Reading:
     """One sample of one source.  Fields the source does not have are None."""
 
     source: str
-    t_s: float                                  # the injected clock at the read
-    valid: bool                                 # every reported field is trustworthy
-    stale: bool = False                         # the values stopped changing
-    problems: tuple[str, ...] = ()              # why not valid (or notes)
-    power_w: float | None = None                # power1_input, or Δenergy/Δt for energy-only sources
-    average_power_w: float | None = None        # power1_average (the sensor's own averaging)
-    energy_j: float | None = None               # wrap-corrected, since this sensor's first read
+    t_s: float  # the injected clock at the read
+    valid: bool  # every reported field is trustworthy
+    stale: bool = False  # the values stopped changing
+    problems: tuple[str, ...] = ()  # why not valid (or notes)
+    power_w: float | None = None  # power1_input, or Δenergy/Δt for energy-only sources
+    average_power_w: float | None = None  # power1_average (the sensor's own averaging)
+    energy_j: float | None = None  # wrap-corrected, since this sensor's first read
     voltage_v: float | None = None
     current_a: float | None = None
     temp_c: float | None = None
-    temp_max_c: float | None = None             # throttle trip
+    temp_max_c: float | None = None  # throttle trip
     temp_crit_c: float | None = None
-    freq_mhz: int | None = None                 # scaling_cur_freq
-    max_freq_mhz: int | None = None             # scaling_max_freq
+    freq_mhz: int | None = None  # scaling_cur_freq
+    max_freq_mhz: int | None = None  # scaling_max_freq
     oc_events: int | None = None
     throttle_reasons: tuple[str, ...] = ()
     cpu_percent: float | None = None
@@ -105,7 +105,7 @@ def _read_files(directory: Path, ints: tuple[str, ...], words: tuple[str, ...] =
             text = (directory / name).read_bytes()[:256].decode("ascii", "replace").strip()
         except FileNotFoundError:
             continue
-        except OSError as e:            # sysfs attributes can fail to read (EIO, ENODATA)
+        except OSError as e:  # sysfs attributes can fail to read (EIO, ENODATA)
             out.problems.append(f"{name}: unreadable ({e.strerror or e})")
             continue
         if name in words:
@@ -138,12 +138,31 @@ class _Staleness:
 class HwmonSensor:
     """A hwmon directory (plus an optional cpufreq directory) as a Sensor."""
 
-    _INTS = ("power1_input", "power1_average", "energy1_input", "energy1_max_range_uj", "in0_input",
-             "curr1_input", "temp1_input", "temp1_max", "temp1_crit", "oc1_event_cnt")
+    _INTS = (
+        "power1_input",
+        "power1_average",
+        "energy1_input",
+        "energy1_max_range_uj",
+        "in0_input",
+        "curr1_input",
+        "temp1_input",
+        "temp1_max",
+        "temp1_crit",
+        "oc1_event_cnt",
+    )
 
-    def __init__(self, hwmon_dir: Path | str, *, clock: Clock = time.monotonic, name: str | None = None,
-                 cpufreq_dir: Path | str | None = None, stale_after_s: float = 0.5,
-                 energy_range_uj: int | None = None, max_power_w: float = 1000.0, require_power: bool = True):
+    def __init__(
+        self,
+        hwmon_dir: Path | str,
+        *,
+        clock: Clock = time.monotonic,
+        name: str | None = None,
+        cpufreq_dir: Path | str | None = None,
+        stale_after_s: float = 0.5,
+        energy_range_uj: int | None = None,
+        max_power_w: float = 1000.0,
+        require_power: bool = True,
+    ):
         """stale_after_s: the readings must change within this long (by ``clock``).
         require_power: a device without power1_input and energy1_input is invalid (False for a
         temperature-only device such as k10temp; staleness then watches temp1_input).
@@ -179,8 +198,12 @@ class HwmonSensor:
         for label, value in (("power1_input", power_w), ("power1_average", average_w)):
             if value is not None and not 0.0 <= value <= self.max_power_w:
                 problems.append(f"{label}: {value:.3f} W outside 0..{self.max_power_w:g} W")
-        if self.require_power and "power1_input" not in v and "energy1_input" not in v and not any(
-                p.startswith(("power1_input", "energy1_input")) for p in problems):
+        if (
+            self.require_power
+            and "power1_input" not in v
+            and "energy1_input" not in v
+            and not any(p.startswith(("power1_input", "energy1_input")) for p in problems)
+        ):
             problems.append("no power1_input or energy1_input")
         temp_c = _scaled(v, "temp1_input", 1e-3)
         if temp_c is not None and not TEMP_RANGE_C[0] <= temp_c <= TEMP_RANGE_C[1]:
@@ -195,18 +218,31 @@ class HwmonSensor:
         if isinstance(oc, int) and oc < 0:
             problems.append(f"oc1_event_cnt: {oc} is negative")
 
-        watched = (v.get("energy1_input"), v.get("power1_input")) if self.require_power else (
-            v.get("energy1_input"), v.get("power1_input"), v.get("temp1_input"))
+        watched = (
+            (v.get("energy1_input"), v.get("power1_input"))
+            if self.require_power
+            else (v.get("energy1_input"), v.get("power1_input"), v.get("temp1_input"))
+        )
         stale_for = self._staleness.check(watched, t)
         if stale_for is not None:
             problems.append(f"stale: unchanged for {stale_for:.3f} s")
         reasons = str(v.get("throttle_reasons", "none")).split()
         return Reading(
-            source=self.name, t_s=t, valid=not problems, stale=stale_for is not None,
-            problems=tuple(problems), power_w=power_w, average_power_w=average_w, energy_j=energy_j,
-            voltage_v=voltage_v, current_a=current_a, temp_c=temp_c,
-            temp_max_c=_scaled(v, "temp1_max", 1e-3), temp_crit_c=_scaled(v, "temp1_crit", 1e-3),
-            freq_mhz=_khz_to_mhz(v.get("scaling_cur_freq")), max_freq_mhz=_khz_to_mhz(v.get("scaling_max_freq")),
+            source=self.name,
+            t_s=t,
+            valid=not problems,
+            stale=stale_for is not None,
+            problems=tuple(problems),
+            power_w=power_w,
+            average_power_w=average_w,
+            energy_j=energy_j,
+            voltage_v=voltage_v,
+            current_a=current_a,
+            temp_c=temp_c,
+            temp_max_c=_scaled(v, "temp1_max", 1e-3),
+            temp_crit_c=_scaled(v, "temp1_crit", 1e-3),
+            freq_mhz=_khz_to_mhz(v.get("scaling_cur_freq")),
+            max_freq_mhz=_khz_to_mhz(v.get("scaling_max_freq")),
             oc_events=oc if isinstance(oc, int) else None,
             throttle_reasons=tuple(r for r in reasons if r != "none"),
         )
@@ -222,8 +258,7 @@ class HwmonSensor:
         if self._counter is None:
             range_uj = self._explicit_range or v.get("energy1_max_range_uj") or DEFAULT_HWMON_ENERGY_RANGE_UJ
             self._counter = WrappingCounter(int(range_uj))
-        return _counter_step(self._counter, raw, t, self._last_t, self.max_power_w, "energy1_input",
-                             problems, self._set_last_t)
+        return _counter_step(self._counter, raw, t, self._last_t, self.max_power_w, "energy1_input", problems, self._set_last_t)
 
     def _set_last_t(self, t: float) -> None:
         self._last_t = t
@@ -232,8 +267,15 @@ class HwmonSensor:
 class PowercapSensor:
     """One RAPL powercap zone (e.g. /sys/class/powercap/intel-rapl:0) as a Sensor."""
 
-    def __init__(self, zone_dir: Path | str, *, clock: Clock = time.monotonic, name: str | None = None,
-                 stale_after_s: float = 0.5, max_power_w: float = 2000.0):
+    def __init__(
+        self,
+        zone_dir: Path | str,
+        *,
+        clock: Clock = time.monotonic,
+        name: str | None = None,
+        stale_after_s: float = 0.5,
+        max_power_w: float = 2000.0,
+    ):
         self.dir = Path(zone_dir)
         self.clock = clock
         self.max_power_w = max_power_w
@@ -265,13 +307,21 @@ class PowercapSensor:
                 range_uj = 2**32
             if self._counter is None:
                 self._counter = WrappingCounter(range_uj)
-            energy_j, power_w = _counter_step(self._counter, raw, t, self._last_t, self.max_power_w,
-                                              "energy_uj", problems, self._set_last_t)
+            energy_j, power_w = _counter_step(
+                self._counter, raw, t, self._last_t, self.max_power_w, "energy_uj", problems, self._set_last_t
+            )
         stale_for = self._staleness.check(raw, t)
         if stale_for is not None:
             problems.append(f"stale: unchanged for {stale_for:.3f} s")
-        return Reading(self.name, t, valid=not problems, stale=stale_for is not None,
-                       problems=tuple(problems), power_w=power_w, energy_j=energy_j)
+        return Reading(
+            self.name,
+            t,
+            valid=not problems,
+            stale=stale_for is not None,
+            problems=tuple(problems),
+            power_w=power_w,
+            energy_j=energy_j,
+        )
 
     def _set_last_t(self, t: float) -> None:
         self._last_t = t
@@ -282,11 +332,12 @@ class HostSensor:
 
     def __init__(self, *, clock: Clock = time.monotonic, name: str = "host", pid: int | None = None):
         import psutil
+
         self._psutil = psutil
         self.name = name
         self.clock = clock
         self._process = psutil.Process(pid)
-        psutil.cpu_percent(interval=None)       # the first call only starts psutil's interval
+        psutil.cpu_percent(interval=None)  # the first call only starts psutil's interval
         self._primed = False
 
     def read(self) -> Reading:
@@ -298,10 +349,9 @@ class HostSensor:
         except self._psutil.Error as e:
             rss = None
             problems.append(f"process: {e}")
-        cpu_percent = cpu if self._primed else None      # meaningless before an interval exists
+        cpu_percent = cpu if self._primed else None  # meaningless before an interval exists
         self._primed = True
-        return Reading(self.name, t, valid=not problems, problems=tuple(problems),
-                       cpu_percent=cpu_percent, rss_bytes=rss)
+        return Reading(self.name, t, valid=not problems, problems=tuple(problems), cpu_percent=cpu_percent, rss_bytes=rss)
 
 
 # --- discovery ---------------------------------------------------------------------------------
@@ -319,8 +369,9 @@ def firmware_sensors(root: Path | str, *, clock: Clock = time.monotonic, **kwarg
     return sensors
 
 
-def hwmon_sensors(root: Path | str = HWMON_ROOT, *, name: str | None = None, clock: Clock = time.monotonic,
-                  **kwargs) -> list[HwmonSensor]:
+def hwmon_sensors(
+    root: Path | str = HWMON_ROOT, *, name: str | None = None, clock: Clock = time.monotonic, **kwargs
+) -> list[HwmonSensor]:
     """Every hwmon device under ``root`` (whose ``name`` file equals ``name``, if given)."""
     out = []
     for d in sorted(Path(root).glob("hwmon*")):
@@ -335,8 +386,9 @@ def hwmon_sensors(root: Path | str = HWMON_ROOT, *, name: str | None = None, clo
 
 def rapl_sensors(root: Path | str = POWERCAP_ROOT, *, clock: Clock = time.monotonic, **kwargs) -> list[PowercapSensor]:
     """RAPL zones and subzones (intel-rapl:0, intel-rapl:0:0, ...); empty where there is none."""
-    return [PowercapSensor(d, clock=clock, **kwargs) for d in sorted(Path(root).glob("intel-rapl:*"))
-            if (d / "energy_uj").exists()]
+    return [
+        PowercapSensor(d, clock=clock, **kwargs) for d in sorted(Path(root).glob("intel-rapl:*")) if (d / "energy_uj").exists()
+    ]
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -351,8 +403,16 @@ def _khz_to_mhz(x) -> int | None:
     return round(x / 1000) if isinstance(x, int) and x >= 0 else None
 
 
-def _counter_step(counter: WrappingCounter, raw: int, t: float, last_t: float | None, max_power_w: float,
-                  label: str, problems: list[str], set_last_t) -> tuple[float, float | None]:
+def _counter_step(
+    counter: WrappingCounter,
+    raw: int,
+    t: float,
+    last_t: float | None,
+    max_power_w: float,
+    label: str,
+    problems: list[str],
+    set_last_t,
+) -> tuple[float, float | None]:
     """Advance a µJ counter; flag a jump no real load could cause (a reset or a bad wrap)."""
     delta_uj, wrapped = counter.update(raw)
     power_w = None
@@ -361,7 +421,7 @@ def _counter_step(counter: WrappingCounter, raw: int, t: float, last_t: float | 
         if power_w > max_power_w:
             why = "wrapped past its range or was reset" if wrapped else "jumped"
             problems.append(f"{label}: {why}: {power_w:.0f} W implied")
-            counter.total -= delta_uj          # do not let one bad step poison the total
+            counter.total -= delta_uj  # do not let one bad step poison the total
             power_w = None
     set_last_t(t)
     return counter.total * 1e-6, power_w

@@ -29,9 +29,20 @@ from edgebox.hw.profile import ChipProfile
 from edgebox.model import KVCache, Transformer
 
 # DeepSeek-LLM-7B (base and chat): the hyper-parameters of its GGUF files.
-DEEPSEEK_7B = LlamaArgs(n_vocab=102400, n_embd=4096, n_layer=30, n_head=32, n_head_kv=32, n_ff=11008,
-                        n_ctx_train=4096, n_rot=128, rope_freq_base=10000.0, rope_freq_scale=1.0,
-                        rms_eps=1e-6, source="deepseek-llm-7b (shape)")
+DEEPSEEK_7B = LlamaArgs(
+    n_vocab=102400,
+    n_embd=4096,
+    n_layer=30,
+    n_head=32,
+    n_head_kv=32,
+    n_ff=11008,
+    n_ctx_train=4096,
+    n_rot=128,
+    rope_freq_base=10000.0,
+    rope_freq_scale=1.0,
+    rms_eps=1e-6,
+    source="deepseek-llm-7b (shape)",
+)
 
 _ONE_BYTE = np.zeros(1, np.uint8)
 
@@ -43,8 +54,9 @@ def _matrix(name: str, qtype: GGMLQuantizationType, n_out: int, n_in: int) -> Ma
     return Matrix(name, qtype, n_out, n_in, data)
 
 
-def shape_weights(args: ModelArgs, qtype: GGMLQuantizationType | str = "Q4_0",
-                  types: dict[str, GGMLQuantizationType] | None = None) -> Weights:
+def shape_weights(
+    args: ModelArgs, qtype: GGMLQuantizationType | str = "Q4_0", types: dict[str, GGMLQuantizationType] | None = None
+) -> Weights:
     """Weights of ``args``'s shape: every matrix ``qtype`` unless ``types`` (tensor name -> type,
     as in a GGUF file) says otherwise; norms are float32 ones."""
     default = GGMLQuantizationType[qtype] if isinstance(qtype, str) else qtype
@@ -55,16 +67,23 @@ def shape_weights(args: ModelArgs, qtype: GGMLQuantizationType | str = "Q4_0",
     def m(name: str, n_out: int, n_in: int) -> Matrix:
         return _matrix(name, types.get(name, default), n_out, n_in)
 
-    layers = tuple(LayerWeights(
-        attn_norm=ones, ffn_norm=ones,
-        wq=m(f"blk.{i}.attn_q.weight", q_dim, d), wk=m(f"blk.{i}.attn_k.weight", kv_dim, d),
-        wv=m(f"blk.{i}.attn_v.weight", kv_dim, d), wo=m(f"blk.{i}.attn_output.weight", d, q_dim),
-        bq=np.zeros(q_dim, np.float32) if args.qkv_bias else None,
-        bk=np.zeros(kv_dim, np.float32) if args.qkv_bias else None,
-        bv=np.zeros(kv_dim, np.float32) if args.qkv_bias else None,
-        w_gate=m(f"blk.{i}.ffn_gate.weight", args.n_ff, d), w_up=m(f"blk.{i}.ffn_up.weight", args.n_ff, d),
-        w_down=m(f"blk.{i}.ffn_down.weight", d, args.n_ff),
-    ) for i in range(args.n_layer))
+    layers = tuple(
+        LayerWeights(
+            attn_norm=ones,
+            ffn_norm=ones,
+            wq=m(f"blk.{i}.attn_q.weight", q_dim, d),
+            wk=m(f"blk.{i}.attn_k.weight", kv_dim, d),
+            wv=m(f"blk.{i}.attn_v.weight", kv_dim, d),
+            wo=m(f"blk.{i}.attn_output.weight", d, q_dim),
+            bq=np.zeros(q_dim, np.float32) if args.qkv_bias else None,
+            bk=np.zeros(kv_dim, np.float32) if args.qkv_bias else None,
+            bv=np.zeros(kv_dim, np.float32) if args.qkv_bias else None,
+            w_gate=m(f"blk.{i}.ffn_gate.weight", args.n_ff, d),
+            w_up=m(f"blk.{i}.ffn_up.weight", args.n_ff, d),
+            w_down=m(f"blk.{i}.ffn_down.weight", d, args.n_ff),
+        )
+        for i in range(args.n_layer)
+    )
     token_embd = m("token_embd.weight", args.n_vocab, d)
     tied = bool(types) and "output.weight" not in types
     output = token_embd if tied else m("output.weight", args.n_vocab, d)
@@ -132,9 +151,15 @@ class ShapeModel:
         self.box.close()
 
 
-def shape_model(args: ModelArgs = DEEPSEEK_7B, qtype: GGMLQuantizationType | str = "Q4_0", chips: int = 4,
-                profile: str | ChipProfile | None = None, n_ctx: int = 4096,
-                types: dict[str, GGMLQuantizationType] | None = None, name: str = "") -> ShapeModel:
+def shape_model(
+    args: ModelArgs = DEEPSEEK_7B,
+    qtype: GGMLQuantizationType | str = "Q4_0",
+    chips: int = 4,
+    profile: str | ChipProfile | None = None,
+    n_ctx: int = 4096,
+    types: dict[str, GGMLQuantizationType] | None = None,
+    name: str = "",
+) -> ShapeModel:
     """A dry-run model of ``args``'s shape split over ``chips`` chips (r100-edge for chips > 1)."""
     weights = shape_weights(args, qtype, types)
     # the reference backend: it prepares nothing per matrix (a packing backend would copy the
@@ -143,8 +168,9 @@ def shape_model(args: ModelArgs = DEEPSEEK_7B, qtype: GGMLQuantizationType | str
     return ShapeModel(args, box, n_ctx=n_ctx, name=name or args.source)
 
 
-def shape_model_of_file(path: str | Path, chips: int = 4, profile: str | ChipProfile | None = None,
-                        n_ctx: int = 4096) -> ShapeModel:
+def shape_model_of_file(
+    path: str | Path, chips: int = 4, profile: str | ChipProfile | None = None, n_ctx: int = 4096
+) -> ShapeModel:
     """The shape of a GGUF file (hyper-parameters and tensor types; the header only is read)."""
     from edgebox.gguf.file import GGUFFile
 

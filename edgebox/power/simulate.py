@@ -37,8 +37,8 @@ from edgebox.power.budget import Budget, EnergyLog, Timeline, check
 from edgebox.power.governor import PowerGovernor
 from firmware_stub import Firmware, scratch_root
 
-WARMUP_S = 2.0        # 1 s windows ending before this are not judged (the first prompts are read)
-SETTLE_S = 2.0        # nor those ending this soon after a budget step (the settle time is reported)
+WARMUP_S = 2.0  # 1 s windows ending before this are not judged (the first prompts are read)
+SETTLE_S = 2.0  # nor those ending this soon after a budget step (the settle time is reported)
 
 
 @dataclass(frozen=True)
@@ -46,19 +46,19 @@ class SimOptions:
     streams: int = 4
     seconds: float = 60.0
     budget_w: float = 10.0
-    budget_steps: tuple[tuple[float, float], ...] = ()   # (at device second, new watts)
+    budget_steps: tuple[tuple[float, float], ...] = ()  # (at device second, new watts)
     governor: bool = True
-    freq_mhz: int | None = None        # static clock cap (governor off); None: the top level
-    batch: int | None = None           # static batch limit (governor off); None: max_batch
+    freq_mhz: int | None = None  # static clock cap (governor off); None: the top level
+    batch: int | None = None  # static batch limit (governor off); None: max_batch
     max_batch: int = 16
-    prompt_chunk: int | None = None    # prompt rows per step: the governor caps the engine's at this
-                                       # (a knob it turns); with the governor off, the engine's own
-    governor_config: dict = field(default_factory=dict)   # GovernorConfig overrides (energy_slack, ...)
+    prompt_chunk: int | None = None  # prompt rows per step: the governor caps the engine's at this
+    # (a knob it turns); with the governor off, the engine's own
+    governor_config: dict = field(default_factory=dict)  # GovernorConfig overrides (energy_slack, ...)
     prompt_tokens: tuple[int, int] = (200, 400)
     gen_tokens: tuple[int, int] = (200, 400)
     seed: int = 0
-    publish_interval_s: float = 0.05   # the firmware's own sensor update period (device time); the
-                                       # governor also has it publish after every step it reads
+    publish_interval_s: float = 0.05  # the firmware's own sensor update period (device time); the
+    # governor also has it publish after every step it reads
 
     def __post_init__(self) -> None:
         if self.streams < 1 or self.seconds <= 0 or self.max_batch < 1:
@@ -77,7 +77,7 @@ class SimOptions:
 
 
 def parse_budget_steps(text: str | None) -> tuple[tuple[float, float], ...]:
-    """"20:7,40:10" -> ((20.0, 7.0), (40.0, 10.0))."""
+    """ "20:7,40:10" -> ((20.0, 7.0), (40.0, 10.0))."""
     if not text:
         return ()
     out = []
@@ -137,11 +137,11 @@ class SimResult:
     freq_time_s: dict
     batch_time_s: dict
     events: list[dict]
-    report: dict                       # rolling windows vs the budget (after the warm-up and settles)
-    settle: list[dict]                 # per budget step
-    protections: dict                  # firmware: over-current and thermal events per chip
+    report: dict  # rolling windows vs the budget (after the warm-up and settles)
+    settle: list[dict]  # per budget step
+    protections: dict  # firmware: over-current and thermal events per chip
     max_temp_c: float
-    log: EnergyLog | None = field(default=None, repr=False)   # the box's energy curve (not in JSON)
+    log: EnergyLog | None = field(default=None, repr=False)  # the box's energy curve (not in JSON)
     token_log: tuple | None = field(default=None, repr=False)  # (device s, tokens) after every step (not in JSON)
 
     def to_dict(self) -> dict:
@@ -174,16 +174,16 @@ def simulate(make_model: Callable[[], object], opts: SimOptions) -> SimResult:
         p = box.profile
         max_batch = opts.max_batch if opts.governor else (opts.batch or opts.max_batch)
         chunk = {"prefill_chunk": opts.prompt_chunk} if opts.prompt_chunk and not opts.governor else {}
-        engine = Engine(model, max_batch=max_batch, dry_run=True, max_queue=max(64, 4 * opts.streams),
-                        kv_budget_bytes=None, **chunk)
+        engine = Engine(
+            model, max_batch=max_batch, dry_run=True, max_queue=max(64, 4 * opts.streams), kv_budget_bytes=None, **chunk
+        )
         # the workload's listener goes first: it books each step to the clock the step ran at,
         # before the governor changes it
         run = _Run(engine, box, opts)
         gov = None
         if opts.governor:
             chunk = {"prompt_chunk": opts.prompt_chunk} if opts.prompt_chunk else {}  # else the governor's default
-            gov = PowerGovernor(box, opts.budget_w, max_batch=opts.max_batch, keep_trace=True,
-                                **chunk, **opts.governor_config)
+            gov = PowerGovernor(box, opts.budget_w, max_batch=opts.max_batch, keep_trace=True, **chunk, **opts.governor_config)
             gov.attach(engine)
             run.gov = gov
             engine.add_step_listener(run.after_governor)
@@ -219,10 +219,10 @@ class _Run:
         self.stopped = False
         self.started = False
         self.error: BaseException | None = None
-        self.n_events: int | None = None                        # the governor's events in the run
-        self.tokens_at: list[tuple[float, int]] = [(0.0, 0)]    # (device s, tokens) each second
-        self.step_t: list[float] = []                           # after every step: device s,
-        self.step_tokens: list[int] = []                        # tokens generated so far
+        self.n_events: int | None = None  # the governor's events in the run
+        self.tokens_at: list[tuple[float, int]] = [(0.0, 0)]  # (device s, tokens) each second
+        self.step_t: list[float] = []  # after every step: device s,
+        self.step_tokens: list[int] = []  # tokens generated so far
         self.final_tokens = 0
         self.final_s = 0.0
         self.level_time: dict[int, float] = {}
@@ -232,7 +232,7 @@ class _Run:
         self.next_step = 0
         self.handles = []
         self.n_requests = 0
-        self.applied: list[tuple[float, float]] = []     # (device s, watts): budget steps as applied
+        self.applied: list[tuple[float, float]] = []  # (device s, watts): budget steps as applied
         engine.add_step_listener(self.on_step)
 
     def request(self, stream: int) -> Request:
@@ -248,17 +248,18 @@ class _Run:
         def on_event(ev, stream=stream):
             if isinstance(ev, Summary) and not self.stopped:
                 self.submit(stream)
+
         self.handles.append(self.engine.submit(self.request(stream), on_event=on_event))
 
     def start(self) -> None:
-        self.submit(0)                  # the rest join from the first step's listener
+        self.submit(0)  # the rest join from the first step's listener
 
     def on_step(self, engine: Engine) -> None:
         if self.stopped:
             return
         try:
             self._on_step(engine)
-        except BaseException as e:      # surface listener bugs instead of hanging the run
+        except BaseException as e:  # surface listener bugs instead of hanging the run
             self.error = e
             self._stop()
 
@@ -281,7 +282,7 @@ class _Run:
             watts = self.steps[self.next_step][1]
             if self.gov is not None:
                 self.gov.set_budget(watts)
-            self.applied.append((t, watts))      # the first step boundary: when anyone could act
+            self.applied.append((t, watts))  # the first step boundary: when anyone could act
             self.next_step += 1
         whole = int(t)
         if whole > len(self.tokens_at) - 1:
@@ -308,8 +309,7 @@ class _Run:
         self.done.set()
 
 
-def _settle(log: EnergyLog, timeline: Timeline, end_s: float, band: float = 0.02,
-            hold_s: float = 1.0) -> list[dict]:
+def _settle(log: EnergyLog, timeline: Timeline, end_s: float, band: float = 0.02, hold_s: float = 1.0) -> list[dict]:
     """Per budget step (timed from when it was applied), the rolling 1 s window (ending every
     10 ms) against the new budget and a band of ±``band`` around the phase's steady level (the
     mean of its windows in the second half of the phase):
@@ -331,11 +331,19 @@ def _settle(log: EnergyLog, timeline: Timeline, end_s: float, band: float = 0.02
         hold = int(round(hold_s / 0.01))
         first = np.nonzero(good)[0]
         reach = float(ends[first[0]] - at) if len(first) else None
-        settle = next((float(ends[j] - at) for j in range(len(good) - hold) if good[j:j + hold].all()), None)
+        settle = next((float(ends[j] - at) for j in range(len(good) - hold) if good[j : j + hold].all()), None)
         bad = np.nonzero(~good)[0]
         stays = 0.0 if not len(bad) else (float(ends[bad[-1]] - at) + 0.01 if bad[-1] + 1 < len(ends) else None)
-        out.append({"at_s": round(at, 4), "budget_w": watts, "steady_w": round(steady, 4),
-                    "reach_s": _round(reach), "settle_s": _round(settle), "stays_s": _round(stays)})
+        out.append(
+            {
+                "at_s": round(at, 4),
+                "budget_w": watts,
+                "steady_w": round(steady, 4),
+                "reach_s": _round(reach),
+                "settle_s": _round(settle),
+                "stays_s": _round(stays),
+            }
+        )
     return out
 
 
@@ -346,7 +354,7 @@ def _round(x: float | None, digits: int = 3) -> float | None:
 def _result(model, opts: SimOptions, run: _Run, log: EnergyLog, gov, states, wall: float) -> SimResult:
     budget = Budget(opts.budget_w)
     end = min(run.final_s, log.end_s)
-    span = min(opts.seconds, end)                # the last step may run past the asked seconds
+    span = min(opts.seconds, end)  # the last step may run past the asked seconds
     windows = log.windows(1.0, t_end_s=span)
     short = log.windows(0.1, t_end_s=span)
     timeline = Timeline(((0.0, opts.budget_w),) + tuple(run.applied))
@@ -357,16 +365,21 @@ def _result(model, opts: SimOptions, run: _Run, log: EnergyLog, gov, states, wal
     energy = log.energy_at(end)
     tokens = run.final_tokens
     series = [(b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else 0.0 for a, b in zip(run.tokens_at, run.tokens_at[1:])]
-    events = list(gov.events)[:run.n_events] if gov is not None else []
+    events = list(gov.events)[: run.n_events] if gov is not None else []
     return SimResult(
-        log=log, token_log=(run.step_t, run.step_tokens),
+        log=log,
+        token_log=(run.step_t, run.step_tokens),
         options={**asdict(opts), "budget_steps": [list(s) for s in opts.budget_steps]},
         model=getattr(model, "name", "") or str(getattr(model, "path", "")),
-        device_s=round(end, 4), wall_s=round(wall, 3), tokens=tokens,
+        device_s=round(end, 4),
+        wall_s=round(wall, 3),
+        tokens=tokens,
         tokens_per_s=tokens / end if end > 0 else 0.0,
-        energy_j=energy, joules_per_token=energy / tokens if tokens else float("inf"),
+        energy_j=energy,
+        joules_per_token=energy / tokens if tokens else float("inf"),
         mean_power_w=energy / end if end > 0 else 0.0,
-        windows_w=[round(w, 4) for w in windows], short_windows_w=[round(w, 4) for w in short],
+        windows_w=[round(w, 4) for w in windows],
+        short_windows_w=[round(w, 4) for w in short],
         tokens_per_s_series=[round(x, 2) for x in series],
         freq_levels_mhz=list(model.box.profile.freqs_mhz),
         freq_time_s={str(f): round(s, 3) for f, s in sorted(run.level_time.items())},
@@ -374,8 +387,7 @@ def _result(model, opts: SimOptions, run: _Run, log: EnergyLog, gov, states, wal
         events=events,
         report={**asdict(rep), "ok": rep.ok()},
         settle=_settle(log, timeline, end),
-        protections={"over_current_events": [s.oc_events for s in states],
-                     "thermal_events": [s.thermal_events for s in states]},
+        protections={"over_current_events": [s.oc_events for s in states], "thermal_events": [s.thermal_events for s in states]},
         max_temp_c=round(max(s.temp_c for s in states), 2),
     )
 
@@ -383,9 +395,21 @@ def _result(model, opts: SimOptions, run: _Run, log: EnergyLog, gov, states, wal
 # --- the command line -----------------------------------------------------------------------------
 
 
-def run_cli(model: Path | None, *, budget_w: float, streams: int, seconds: float, governor: str,
-            freq_mhz: int | None, batch: int | None, budget_steps: str | None, max_batch: int, chips: int,
-            seed: int, prompt_chunk: int | None = None) -> SimResult:
+def run_cli(
+    model: Path | None,
+    *,
+    budget_w: float,
+    streams: int,
+    seconds: float,
+    governor: str,
+    freq_mhz: int | None,
+    batch: int | None,
+    budget_steps: str | None,
+    max_batch: int,
+    chips: int,
+    seed: int,
+    prompt_chunk: int | None = None,
+) -> SimResult:
     """``edgebox power simulate``: options as the CLI takes them (errors as EdgeboxError).
     ``prompt_chunk``: prompt rows per step (the governor's cap, or the engine's with it off)."""
     from edgebox.errors import EdgeboxError
@@ -394,23 +418,35 @@ def run_cli(model: Path | None, *, budget_w: float, streams: int, seconds: float
     if governor not in ("on", "off"):
         raise EdgeboxError(f"--governor takes on or off, got {governor!r}")
     try:
-        opts = SimOptions(streams=streams, seconds=seconds, budget_w=budget_w,
-                          budget_steps=parse_budget_steps(budget_steps), governor=governor == "on",
-                          freq_mhz=freq_mhz, batch=batch, max_batch=max_batch, seed=seed, prompt_chunk=prompt_chunk)
+        opts = SimOptions(
+            streams=streams,
+            seconds=seconds,
+            budget_w=budget_w,
+            budget_steps=parse_budget_steps(budget_steps),
+            governor=governor == "on",
+            freq_mhz=freq_mhz,
+            batch=batch,
+            max_batch=max_batch,
+            seed=seed,
+            prompt_chunk=prompt_chunk,
+        )
     except ValueError as e:
         raise EdgeboxError(str(e)) from None
     if model is None:
         make = lambda: shape_model(chips=chips)  # noqa: E731
     else:
-        shape_model_of_file(model, chips=chips).close()      # fail early, with the file's own error
+        shape_model_of_file(model, chips=chips).close()  # fail early, with the file's own error
         make = lambda: shape_model_of_file(model, chips=chips)  # noqa: E731
     return simulate(make, opts)
 
 
 def format_result(r: SimResult) -> str:
     o = r.options
-    mode = (f"governor on, budget {o['budget_w']:g} W" if o["governor"]
-            else f"governor off, static clock cap {o['freq_mhz'] or max(r.freq_levels_mhz)} MHz, batch {o['batch'] or o['max_batch']}")
+    mode = (
+        f"governor on, budget {o['budget_w']:g} W"
+        if o["governor"]
+        else f"governor off, static clock cap {o['freq_mhz'] or max(r.freq_levels_mhz)} MHz, batch {o['batch'] or o['max_batch']}"
+    )
     if o.get("prompt_chunk"):
         mode += f", prompt chunk {o['prompt_chunk']} rows"
     rep = r.report
@@ -428,12 +464,17 @@ def format_result(r: SimResult) -> str:
         f"budget test     {'met' if rep['ok'] else 'NOT met'}",
     ]
     for s in r.settle:
-        lines.append(f"budget step     at {s['at_s']:.2f} s to {s['budget_w']:g} W: steady {s['steady_w']:.2f} W, "
-                     f"within budget and ±2 % after {_or_dash(s['reach_s'])} s, held 1 s after {_or_dash(s['settle_s'])} s")
+        lines.append(
+            f"budget step     at {s['at_s']:.2f} s to {s['budget_w']:g} W: steady {s['steady_w']:.2f} W, "
+            f"within budget and ±2 % after {_or_dash(s['reach_s'])} s, held 1 s after {_or_dash(s['settle_s'])} s"
+        )
     lines.append("1 s windows W   " + " ".join(f"{w:.2f}" for w in r.windows_w))
     if r.events:
-        lines.append(f"events          {len(r.events)}: " + "; ".join(f"{e['t_s']:.2f} s {e['kind']}" for e in r.events[:12])
-                     + (" ..." if len(r.events) > 12 else ""))
+        lines.append(
+            f"events          {len(r.events)}: "
+            + "; ".join(f"{e['t_s']:.2f} s {e['kind']}" for e in r.events[:12])
+            + (" ..." if len(r.events) > 12 else "")
+        )
     return "\n".join(lines)
 
 

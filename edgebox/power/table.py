@@ -27,11 +27,11 @@ DECODE, PREFILL = 0, 1
 
 
 class Priced(NamedTuple):
-    step_s: np.ndarray          # [levels] device seconds
-    power_w: np.ndarray         # [levels] box watts over the step
-    busy_w: np.ndarray          # [levels] box watts while every chip computes (a chip waiting for
-                                # the others idles first, so a window ending mid-step sees this)
-    chip_peak_w: np.ndarray     # [levels] the busiest chip's power while busy (over-current sees this)
+    step_s: np.ndarray  # [levels] device seconds
+    power_w: np.ndarray  # [levels] box watts over the step
+    busy_w: np.ndarray  # [levels] box watts while every chip computes (a chip waiting for
+    # the others idles first, so a window ending mid-step sees this)
+    chip_peak_w: np.ndarray  # [levels] the busiest chip's power while busy (over-current sees this)
 
 
 class StepPricer:
@@ -45,7 +45,7 @@ class StepPricer:
         """The step at every level (arrays over the profile's levels)."""
         c = step_cost(self.work, step, self.freqs_mhz)
         with np.errstate(divide="ignore", invalid="ignore"):
-            chip_busy_w = np.where(c.busy_s > 0, c.busy_j / c.busy_s, 0.0)                    # [chip, L]
+            chip_busy_w = np.where(c.busy_s > 0, c.busy_j / c.busy_s, 0.0)  # [chip, L]
         return Priced(c.step_s, c.energy_j.sum(axis=0) / c.step_s, chip_busy_w.sum(axis=0), chip_busy_w.max(axis=0))
 
 
@@ -60,9 +60,9 @@ class PowerTable:
     # [kind][level][batch - 1], kind DECODE or PREFILL (a full chunk beside batch - 1 decodes)
     box_w: tuple
     step_s: tuple
-    tokens_per_s: tuple              # [level][batch - 1], steady decode
-    chip_peak_w: tuple               # [level][batch - 1]: the busiest chip, any chunk size
-    shapes: tuple                    # [level][batch - 1] -> ((seconds, watts, busy watts), ...) every chunk size
+    tokens_per_s: tuple  # [level][batch - 1], steady decode
+    chip_peak_w: tuple  # [level][batch - 1]: the busiest chip, any chunk size
+    shapes: tuple  # [level][batch - 1] -> ((seconds, watts, busy watts), ...) every chunk size
     pricer: StepPricer = field(compare=False, repr=False, default=None)
 
     @classmethod
@@ -80,8 +80,7 @@ class PowerTable:
         for b in range(1, max_batch + 1):
             d = pricer.price(Step.decode(b, context))
             f = pricer.price(Step.with_prompt(b - 1, context, prefill_chunk, prompt_at))
-            partial = [pricer.price(Step.with_prompt(b - 1, context, r, prompt_at))
-                       for r in range(1, prefill_chunk, 2)]
+            partial = [pricer.price(Step.with_prompt(b - 1, context, r, prompt_at)) for r in range(1, prefill_chunk, 2)]
             for lv in range(n_levels):
                 box_w[DECODE][lv][b - 1], step_s[DECODE][lv][b - 1] = float(d.power_w[lv]), float(d.step_s[lv])
                 box_w[PREFILL][lv][b - 1], step_s[PREFILL][lv][b - 1] = float(f.power_w[lv]), float(f.step_s[lv])
@@ -90,9 +89,18 @@ class PowerTable:
                 peak[lv][b - 1] = max(float(x.chip_peak_w[lv]) for x in every)
                 shapes[lv][b - 1] = tuple((float(x.step_s[lv]), float(x.power_w[lv]), float(x.busy_w[lv])) for x in every)
         freeze = lambda x: tuple(tuple(row) for row in x)  # noqa: E731
-        return cls(box.profile.freqs_mhz, max_batch, context, prefill_chunk,
-                   tuple(freeze(k) for k in box_w), tuple(freeze(k) for k in step_s), freeze(tok),
-                   freeze(peak), freeze(shapes), pricer)
+        return cls(
+            box.profile.freqs_mhz,
+            max_batch,
+            context,
+            prefill_chunk,
+            tuple(freeze(k) for k in box_w),
+            tuple(freeze(k) for k in step_s),
+            freeze(tok),
+            freeze(peak),
+            freeze(shapes),
+            pricer,
+        )
 
     @property
     def n_levels(self) -> int:
@@ -136,6 +144,5 @@ class PowerTable:
         predicted full-load power (decode or prompt chunks at ``full_load_batch``, default
         max_batch) fits the budget."""
         b = full_load_batch or self.max_batch
-        fit = [lv for lv in range(self.n_levels)
-               if max(self.power(lv, b, DECODE), self.power(lv, b, PREFILL)) <= budget_w]
+        fit = [lv for lv in range(self.n_levels) if max(self.power(lv, b, DECODE), self.power(lv, b, PREFILL)) <= budget_w]
         return self.levels_mhz[fit[-1] if fit else 0]

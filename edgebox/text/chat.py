@@ -39,8 +39,13 @@ def _raise_exception(message: str) -> None:
     raise _TemplateRaised(str(message))
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # HF's override of Jinja's tojson: no key sorting, no HTML escaping, UTF-8 kept as is.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -62,8 +67,9 @@ class _GenerationTag(jinja2.ext.Extension):
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                       extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -82,8 +88,9 @@ def _compile(template: str) -> jinja2.Template:
         raise EdgeboxError(f"chat template does not parse: {_one_line(e.message)} (template line {e.lineno})") from None
 
 
-def render_chat(template: str, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True) -> str:
+def render_chat(
+    template: str, messages: list[dict], *, bos_token: str = "", eos_token: str = "", add_generation_prompt: bool = True
+) -> str:
     """The prompt text for ``messages`` rendered through the Jinja chat ``template``.
 
     ``messages`` are ``{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}``; extra
@@ -96,8 +103,9 @@ def render_chat(template: str, messages: list[dict], *, bos_token: str = "", eos
     checked = _validated(messages)
     compiled = _compile(template)
     try:
-        return compiled.render(messages=checked, bos_token=bos_token, eos_token=eos_token,
-                               add_generation_prompt=add_generation_prompt)
+        return compiled.render(
+            messages=checked, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+        )
     except _TemplateRaised as e:
         raise EdgeboxError(f"chat template refused the messages: {_one_line(str(e))}") from None
     except Exception as e:  # undefined names, sandbox violations, type errors in the template...
@@ -144,7 +152,7 @@ def split_reasoning(text: str, *, thinking_open: bool = False) -> tuple[str, str
     """
     body = text.lstrip()
     if body.startswith(THINK_OPEN):
-        body, opened = body[len(THINK_OPEN):], True
+        body, opened = body[len(THINK_OPEN) :], True
     else:
         body, opened = text, thinking_open
     head, sep, tail = body.partition(THINK_CLOSE)
@@ -179,7 +187,7 @@ class ReasoningStream:
                     return out
                 self._seen_text = True
                 if stripped.startswith(THINK_OPEN):
-                    self.in_reasoning, text = True, stripped[len(THINK_OPEN):]
+                    self.in_reasoning, text = True, stripped[len(THINK_OPEN) :]
                     continue
             if not self.in_reasoning:
                 out.append((False, text))
@@ -192,8 +200,8 @@ class ReasoningStream:
                 continue
             keep = _partial_suffix(text, THINK_CLOSE)
             if len(text) > keep:
-                out.append((True, text[:len(text) - keep]))
-            self._held = text[len(text) - keep:]
+                out.append((True, text[: len(text) - keep]))
+            self._held = text[len(text) - keep :]
             return out
         return out
 

@@ -27,8 +27,7 @@ class Completion:
     """The generated part of one sequence: ``push`` each next token (``sample`` picks it from
     logits), show the text it returns, and once ``done_reason`` is set show ``finish()``."""
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int,
-                 stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()):
         self.sampler = Sampler(params)
         self.eog_ids = tokenizer.eog_ids
         self.detok = tokenizer.stream_decoder()
@@ -114,7 +113,7 @@ class StopMatcher:
             return buf[: best_end - len(best)], True
 
         hold = self._partial_suffix(buf)
-        self._held = buf[len(buf) - hold:] if hold else ""
+        self._held = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold], False
 
     def flush(self) -> str:

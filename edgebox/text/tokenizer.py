@@ -57,12 +57,8 @@ def _wregex_class(*ranges: tuple[int, int]) -> str:
 
 
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-_LLAMA3 = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-)
-_QWEN2 = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-)
+_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",)
+_QWEN2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",)
 _CJK = _wregex_class((0x4E00, 0x9FA5), (0x800, 0x4E00), (0xAC00, 0xD7FF)) + "+"
 _DEEPSEEK_LLM = (
     r"[\r\n]",
@@ -77,7 +73,9 @@ _DEEPSEEK_LLM = (
     r"\x{2CF2}\x{2CF3}\x{A640}-\x{A66D}\x{A680}-\x{A69B}\x{A722}-\x{A76F}\x{A771}-\x{A787}\x{A78B}-\x{A78E}\x{AB70}-\x{ABBF}"
     r"\x{FB00}-\x{FB06}\x{FB13}-\x{FB17}\x{FF21}-\x{FF3A}\x{FF41}-\x{FF5A}\x{10400}-\x{1044F}\x{104B0}-\x{104D3}"
     r"\x{104D8}-\x{104FB}\x{10C80}-\x{10CB2}\x{10CC0}-\x{10CF2}\x{118A0}-\x{118DF}\x{1E900}-\x{1E943}]+",
-    r"\s?" + _wregex_class((0x21, 0x2F), (0x3A, 0x7E), (0xFF01, 0xFF0F), (0xFF1A, 0xFF5E), (0x2018, 0x201F), (0x3000, 0x3002)) + "+",
+    r"\s?"
+    + _wregex_class((0x21, 0x2F), (0x3A, 0x7E), (0xFF01, 0xFF0F), (0xFF1A, 0xFF5E), (0x2018, 0x201F), (0x3000, 0x3002))
+    + "+",
     r"\s+\z",
     _CJK,
     r"\p{N}+",
@@ -109,24 +107,77 @@ _SPECIAL = CONTROL | UNKNOWN  # left as text when parse_special is off, dropped 
 _ATTR_OF_TYPE = {1: NORMAL, 2: UNKNOWN, 3: CONTROL, 4: USER_DEFINED, 5: UNUSED, 6: BYTE}
 
 # llama.cpp ends generation on tokens with these texts, besides EOS/EOT/EOM (llama_vocab::load).
-_LLAMA_EOG_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<｜end▁of▁sentence｜>", "[e~[",
-})
+_LLAMA_EOG_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<|flush|>",
+        "<|calls|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "</s>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "[EOS]",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+        "<eos>",
+        "<turn|>",
+        "<|tool_response>",
+        "<｜end▁of▁sentence｜>",
+        "[e~[",
+    }
+)
 # It also recognises fill-in-the-middle tokens by text; the pad/repo/file-separator ones end
 # generation too. Every token found this way, EOG texts included, becomes a control token.
-_LLAMA_FIM_TEXTS = frozenset({
-    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>",
-    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>",
-    "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>",
-})
-_LLAMA_FIM_EOG_TEXTS = frozenset({
-    "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]",
-    "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>",
-    "<|file_sep|>",
-})
+_LLAMA_FIM_TEXTS = frozenset(
+    {
+        "<|fim_prefix|>",
+        "<fim-prefix>",
+        "<fim_prefix>",
+        "<｜fim▁begin｜>",
+        "<PRE>",
+        "▁<PRE>",
+        "<|code_prefix|>",
+        "<|prefix|>",
+        "<|fim_suffix|>",
+        "<fim-suffix>",
+        "<fim_suffix>",
+        "<｜fim▁hole｜>",
+        "<SUF>",
+        "▁<SUF>",
+        "<|code_suffix|>",
+        "<|suffix|>",
+        "<|fim_middle|>",
+        "<fim-middle>",
+        "<fim_middle>",
+        "<｜fim▁end｜>",
+        "<MID>",
+        "▁<MID>",
+        "<|code_middle|>",
+        "<|middle|>",
+    }
+)
+_LLAMA_FIM_EOG_TEXTS = frozenset(
+    {
+        "<|fim_pad|>",
+        "<fim-pad>",
+        "<fim_pad>",
+        "<PAD>",
+        "[PAD]",
+        "<|fim_repo|>",
+        "<|repo_name|>",
+        "<fim-repo>",
+        "<REPO>",
+        "<reponame>",
+        "<|file_sep|>",
+    }
+)
 # DeepSeek-Coder-Instruct closes its turns with <|EOT|> (its generation_config's eos), a text
 # llama.cpp's list misses; without it a chat never stops. It stays a user-defined token.
 _EXTRA_EOG_TEXTS = frozenset({"<|EOT|>"})
@@ -176,8 +227,16 @@ def _piece(text: str, attr: int) -> bytes:
 class Tokenizer:
     """Text <-> token ids for one GGUF vocabulary; build it with ``from_gguf_fields``."""
 
-    def __init__(self, hf: HFTokenizer, pieces: list[bytes], special_ids: frozenset[int],
-                 bos_id: int | None, eos_id: int | None, add_bos: bool, eog_ids: frozenset[int]):
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        pieces: list[bytes],
+        special_ids: frozenset[int],
+        bos_id: int | None,
+        eos_id: int | None,
+        add_bos: bool,
+        eog_ids: frozenset[int],
+    ):
         self._hf = hf
         self._hf_lock = threading.Lock()  # encode_special_tokens is a setting of the whole tokenizer
         self._pieces = pieces
@@ -203,11 +262,15 @@ class Tokenizer:
             raise fail(f"tokenizer.ggml.model is {shown('tokenizer.ggml.model')}; edgebox supports only 'gpt2' (byte-level BPE)")
         pre = fields.get("tokenizer.ggml.pre")
         if pre not in _PRE_TOKENIZERS:
-            raise fail(f"tokenizer.ggml.pre is {shown('tokenizer.ggml.pre')}; edgebox supports {', '.join(sorted(_PRE_TOKENIZERS))}")
+            raise fail(
+                f"tokenizer.ggml.pre is {shown('tokenizer.ggml.pre')}; edgebox supports {', '.join(sorted(_PRE_TOKENIZERS))}"
+            )
         tokens = fields.get("tokenizer.ggml.tokens")
         merges = fields.get("tokenizer.ggml.merges")
         if not tokens or merges is None:
-            raise fail("tokenizer.ggml.tokens or tokenizer.ggml.merges is missing; re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+            raise fail(
+                "tokenizer.ggml.tokens or tokenizer.ggml.merges is missing; re-convert the model with llama.cpp's convert_hf_to_gguf.py"
+            )
         n_vocab = len(tokens)
         types = fields.get("tokenizer.ggml.token_type")
         if types is None:
@@ -307,15 +370,16 @@ def _complete_utf8_prefix(buf: bytes) -> int:
     return len(buf)
 
 
-def _build_hf(vocab: dict[str, int], merges: Sequence[str], texts: list[str], attrs: list[int],
-              pre: str, where: str) -> HFTokenizer:
+def _build_hf(
+    vocab: dict[str, int], merges: Sequence[str], texts: list[str], attrs: list[int], pre: str, where: str
+) -> HFTokenizer:
     # llama.cpp splits a merge at the first space after its first byte and keeps the first rank
     # of a pair that appears twice.
     pairs: dict[tuple[str, str], None] = {}
     for merge in merges:
         cut = merge.find(" ", 1)
         if cut > 0:
-            pairs.setdefault((merge[:cut], merge[cut + 1:]), None)
+            pairs.setdefault((merge[:cut], merge[cut + 1 :]), None)
     try:
         hf = HFTokenizer(models.BPE(vocab, list(pairs), ignore_merges=pre in _LLAMA3_NAMES))
     except Exception as e:  # tokenizers raises plain Exception for a merge outside the vocabulary
@@ -327,9 +391,7 @@ def _build_hf(vocab: dict[str, int], merges: Sequence[str], texts: list[str], at
     # llama.cpp matches control, user-defined and unknown tokens in the raw text before anything
     # else (no lstrip/rstrip for these models); only control and unknown ones are "special",
     # i.e. left as text when parse_special is off.
-    hf.add_tokens([
-        AddedToken(texts[i], special=bool(a & _SPECIAL), normalized=False)
-        for i, a in enumerate(attrs)
-        if a & _MATCHED_IN_TEXT
-    ])
+    hf.add_tokens(
+        [AddedToken(texts[i], special=bool(a & _SPECIAL), normalized=False) for i, a in enumerate(attrs) if a & _MATCHED_IN_TEXT]
+    )
     return hf

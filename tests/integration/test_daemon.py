@@ -44,6 +44,7 @@ PROMPT = "def fibonacci(n):"
 
 # -- helpers ----------------------------------------------------------------------------------------
 
+
 class Daemon:
     """``python -m edgebox.cli serve`` with its log in a file."""
 
@@ -51,9 +52,19 @@ class Daemon:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.args = list(args)
-        inherited = {k: v for k, v in os.environ.items()  # not a CI runner's systemd socket or broker credentials
-                     if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "EDGEBOX_MQTT_PASSWORD",
-                                  "EDGEBOX_MQTT_USERNAME", "CREDENTIALS_DIRECTORY")}
+        inherited = {
+            k: v
+            for k, v in os.environ.items()  # not a CI runner's systemd socket or broker credentials
+            if k
+            not in (
+                "NOTIFY_SOCKET",
+                "WATCHDOG_USEC",
+                "WATCHDOG_PID",
+                "EDGEBOX_MQTT_PASSWORD",
+                "EDGEBOX_MQTT_USERNAME",
+                "CREDENTIALS_DIRECTORY",
+            )
+        }
         self.env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = self.dir / "daemon.log"
         self.proc: subprocess.Popen | None = None
@@ -62,14 +73,15 @@ class Daemon:
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             model = [] if "--model" in self.args else ["--model", str(TEST_MODEL)]
-            self.proc = subprocess.Popen([sys.executable, "-m", "edgebox.cli", "serve", *model, *self.args],
-                                         stdout=log, stderr=log, env=self.env, cwd=REPO)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgebox.cli", "serve", *model, *self.args], stdout=log, stderr=log, env=self.env, cwd=REPO
+            )
         if wait_ready:
             self.wait_log("ready: serving", timeout)
         return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[self._log_start:] if self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace")[self._log_start :] if self.log_path.exists() else ""
 
     def wait_log(self, text: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -99,13 +111,15 @@ class Daemon:
 class Recorder:
     """A raw paho client (MQTT 5 unless told) recording everything on the topics it follows."""
 
-    def __init__(self, url: str, *topics: str, protocol=mqtt.MQTTv5, client_id: str | None = None,
-                 session_expiry: int | None = None):
+    def __init__(
+        self, url: str, *topics: str, protocol=mqtt.MQTTv5, client_id: str | None = None, session_expiry: int | None = None
+    ):
         host, port = url.removeprefix("mqtt://").split(":")
         self.messages: list[tuple[str, dict | bytes, object]] = []
         self.cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"rec-{uuid.uuid4().hex[:8]}",
-                                  protocol=protocol)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id or f"rec-{uuid.uuid4().hex[:8]}", protocol=protocol
+        )
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
@@ -144,12 +158,22 @@ class Recorder:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"waited {timeout} s for {count} message(s); have {len(found)}; "
-                                         f"last messages: {self.messages[-5:]}")
+                    raise AssertionError(
+                        f"waited {timeout} s for {count} message(s); have {len(found)}; last messages: {self.messages[-5:]}"
+                    )
                 self.cond.wait(left)
 
-    def publish(self, topic: str, payload, *, response_topic: str | None = None, correlation: bytes | None = None,
-                expiry: int | None = None, qos: int = 1, retain: bool = False) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload,
+        *,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        expiry: int | None = None,
+        qos: int = 1,
+        retain: bool = False,
+    ) -> None:
         props = None
         if self.client._protocol == mqtt.MQTTv5:
             props = Properties(PacketTypes.PUBLISH)
@@ -168,8 +192,11 @@ class Recorder:
 
 
 def finals(rec: Recorder, request_id: str | None = None) -> list[dict]:
-    return [d for _, d, _ in rec.messages if isinstance(d, dict) and d.get("done") is True
-            and (request_id is None or d.get("request_id") == request_id)]
+    return [
+        d
+        for _, d, _ in rec.messages
+        if isinstance(d, dict) and d.get("done") is True and (request_id is None or d.get("request_id") == request_id)
+    ]
 
 
 def chunks(rec: Recorder, request_id: str) -> list[dict]:
@@ -209,8 +236,21 @@ def broker(tmp_path_factory):
 def daemon(broker, tmp_path_factory):
     d = tmp_path_factory.mktemp("daemon")
     fw = d / "fw"  # the daemon's chips publish their firmware tree here
-    daemon = Daemon(d, "--broker", broker.url, "--device-id", DEVICE, "--max-in-flight", "64",
-                    "--telemetry-interval-s", "0.5", "--fw-root", str(fw), "--max-tokens-limit", "512").start()
+    daemon = Daemon(
+        d,
+        "--broker",
+        broker.url,
+        "--device-id",
+        DEVICE,
+        "--max-in-flight",
+        "64",
+        "--telemetry-interval-s",
+        "0.5",
+        "--fw-root",
+        str(fw),
+        "--max-tokens-limit",
+        "512",
+    ).start()
     daemon.fw_root = fw
     yield daemon
     daemon.stop()
@@ -246,9 +286,12 @@ def test_idle_daemon_uses_almost_no_cpu(daemon):
 
 def test_generate_streams_ordered_chunks_then_one_final(rec, broker):
     rid = "stream-1"
-    rec.publish(f"edgebox/v1/{DEVICE}/cmd/generate",
-                {"request_id": rid, "params": {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}},
-                response_topic=reply_topic(), correlation=b"corr-1")
+    rec.publish(
+        f"edgebox/v1/{DEVICE}/cmd/generate",
+        {"request_id": rid, "params": {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}},
+        response_topic=reply_topic(),
+        correlation=b"corr-1",
+    )
     rec.wait_for(is_final(rid), timeout=60)
     time.sleep(0.2)
     msgs = [(d, p) for t, d, p in rec.messages if t == reply_topic() and isinstance(d, dict) and d.get("request_id") == rid]
@@ -276,8 +319,14 @@ def test_five_clients_fifty_requests_each_answered_exactly_once(broker, daemon):
                 for i in range(10):
                     rid = f"c{n}-r{i}"
                     got: list[dict] = []
-                    final = f.call_raw(DEVICE, "generate", {"prompt": f"# task {n}.{i}\n", "max_tokens": 3, "seed": i},
-                                       request_id=rid, on_chunk=got.append, timeout=90)
+                    final = f.call_raw(
+                        DEVICE,
+                        "generate",
+                        {"prompt": f"# task {n}.{i}\n", "max_tokens": 3, "seed": i},
+                        request_id=rid,
+                        on_chunk=got.append,
+                        timeout=90,
+                    )
                     handles.append((rid, got, final))
                 for rid, got, final in handles:
                     results.setdefault(rid, []).append((got, final))
@@ -302,8 +351,12 @@ def test_fifty_concurrent_requests_from_one_client_all_answered(fleet):
     out: dict[str, dict] = {}
     threads = []
     for i in range(50):
+
         def one(i=i):
-            out[f"p{i}"] = fleet.call_raw(DEVICE, "generate", {"prompt": f"x{i}", "max_tokens": 2}, request_id=f"p{i}", timeout=120)
+            out[f"p{i}"] = fleet.call_raw(
+                DEVICE, "generate", {"prompt": f"x{i}", "max_tokens": 2}, request_id=f"p{i}", timeout=120
+            )
+
         threads.append(threading.Thread(target=one))
     for t in threads:
         t.start()
@@ -315,33 +368,55 @@ def test_fifty_concurrent_requests_from_one_client_all_answered(fleet):
 def _bad(rec: Recorder, payload, *, topic: str = "generate", **kw) -> dict:
     correlation = uuid.uuid4().bytes
     rec.publish(f"edgebox/v1/{DEVICE}/cmd/{topic}", payload, response_topic=reply_topic("bad"), correlation=correlation, **kw)
-    [(_, reply, _)] = rec.wait_for(lambda m: m[0] == reply_topic("bad") and getattr(m[2], "CorrelationData", None) == correlation
-                                   and isinstance(m[1], dict) and m[1].get("done"), timeout=30)
+    [(_, reply, _)] = rec.wait_for(
+        lambda m: (
+            m[0] == reply_topic("bad")
+            and getattr(m[2], "CorrelationData", None) == correlation
+            and isinstance(m[1], dict)
+            and m[1].get("done")
+        ),
+        timeout=30,
+    )
     return reply
 
 
 LONG = "word " * 3000  # ~3000 tokens: over the bundled model's 2048-token context
 
 
-@pytest.mark.parametrize("case, payload, topic, code, says", [
-    ("malformed JSON", b'{"request_id": "x", "params": {', "generate", 400, "not JSON"),
-    ("not an object", b'[1, 2]', "generate", 400, "JSON object"),
-    ("not UTF-8", b'\xff\xfe\x00', "generate", 400, "not JSON"),
-    ("wrong type", {"request_id": "w1", "params": {"prompt": "hi", "max_tokens": "ten"}}, "generate", 400, "max_tokens"),
-    ("bool as int", {"request_id": "w2", "params": {"prompt": "hi", "max_tokens": True}}, "generate", 400, "max_tokens"),
-    ("unknown param", {"request_id": "w3", "params": {"prompt": "hi", "max_token": 5}}, "generate", 400, "max_token"),
-    ("no prompt", {"request_id": "w4", "params": {"max_tokens": 5}}, "generate", 400, "exactly one"),
-    ("request_id type", {"request_id": 7, "params": {"prompt": "hi"}}, "generate", 400, "request_id"),
-    ("unknown method", {"request_id": "m1", "params": {}}, "reboot", 404, "unknown method"),
-    ("max_tokens over the limit", {"request_id": "l1", "params": {"prompt": "hi", "max_tokens": 100000}}, "generate", 400, "limit"),
-    ("prompt over the context", {"request_id": "ctx1", "params": {"prompt": LONG, "max_tokens": 4}}, "generate", 413, "context"),
-    ("oversize payload", {"request_id": "big1", "params": {"prompt": "x" * 300_000}}, "generate", 413, "max_payload_bytes"),
-    ("expired (expires_at)", {"request_id": "e1", "expires_at": 1.0, "params": {"prompt": "hi"}}, "generate", 408, "expired"),
-    ("cancel unknown", {"request_id": "k1", "params": {"target": "nope"}}, "cancel", 404, "nope"),
-    ("bad budget", {"request_id": "b1", "params": {"watts": -3}}, "set_power_budget", 400, "watts"),
-    ("load outside models_dir", {"request_id": "lm1", "params": {"path": "/etc/passwd"}}, "load_model", 400, "models_dir"),
-    ("load missing file", {"request_id": "lm2", "params": {"path": "nope.gguf"}}, "load_model", 404, "not found"),
-])
+@pytest.mark.parametrize(
+    "case, payload, topic, code, says",
+    [
+        ("malformed JSON", b'{"request_id": "x", "params": {', "generate", 400, "not JSON"),
+        ("not an object", b"[1, 2]", "generate", 400, "JSON object"),
+        ("not UTF-8", b"\xff\xfe\x00", "generate", 400, "not JSON"),
+        ("wrong type", {"request_id": "w1", "params": {"prompt": "hi", "max_tokens": "ten"}}, "generate", 400, "max_tokens"),
+        ("bool as int", {"request_id": "w2", "params": {"prompt": "hi", "max_tokens": True}}, "generate", 400, "max_tokens"),
+        ("unknown param", {"request_id": "w3", "params": {"prompt": "hi", "max_token": 5}}, "generate", 400, "max_token"),
+        ("no prompt", {"request_id": "w4", "params": {"max_tokens": 5}}, "generate", 400, "exactly one"),
+        ("request_id type", {"request_id": 7, "params": {"prompt": "hi"}}, "generate", 400, "request_id"),
+        ("unknown method", {"request_id": "m1", "params": {}}, "reboot", 404, "unknown method"),
+        (
+            "max_tokens over the limit",
+            {"request_id": "l1", "params": {"prompt": "hi", "max_tokens": 100000}},
+            "generate",
+            400,
+            "limit",
+        ),
+        (
+            "prompt over the context",
+            {"request_id": "ctx1", "params": {"prompt": LONG, "max_tokens": 4}},
+            "generate",
+            413,
+            "context",
+        ),
+        ("oversize payload", {"request_id": "big1", "params": {"prompt": "x" * 300_000}}, "generate", 413, "max_payload_bytes"),
+        ("expired (expires_at)", {"request_id": "e1", "expires_at": 1.0, "params": {"prompt": "hi"}}, "generate", 408, "expired"),
+        ("cancel unknown", {"request_id": "k1", "params": {"target": "nope"}}, "cancel", 404, "nope"),
+        ("bad budget", {"request_id": "b1", "params": {"watts": -3}}, "set_power_budget", 400, "watts"),
+        ("load outside models_dir", {"request_id": "lm1", "params": {"path": "/etc/passwd"}}, "load_model", 400, "models_dir"),
+        ("load missing file", {"request_id": "lm2", "params": {"path": "nope.gguf"}}, "load_model", 404, "not found"),
+    ],
+)
 def test_bad_input_gets_an_error_reply_and_the_daemon_carries_on(rec, fleet, case, payload, topic, code, says):
     reply = _bad(rec, payload, topic=topic)
     assert reply["status"] == "error" and reply["code"] == code, reply
@@ -379,8 +454,10 @@ def test_duplicate_request_id_is_answered_once(rec):
 
 def test_mqtt311_caller_gets_replies_on_reply_to(broker, daemon):
     rec = Recorder(broker.url, "legacy/replies/#", protocol=mqtt.MQTTv311)
-    rec.publish(f"edgebox/v1/{DEVICE}/cmd/generate",
-                {"request_id": "v311", "reply_to": "legacy/replies/me", "params": {"prompt": "hi", "max_tokens": 3}})
+    rec.publish(
+        f"edgebox/v1/{DEVICE}/cmd/generate",
+        {"request_id": "v311", "reply_to": "legacy/replies/me", "params": {"prompt": "hi", "max_tokens": 3}},
+    )
     [(_, final, _)] = rec.wait_for(is_final("v311"), timeout=60)
     assert final["status"] == "ok" and final["usage"]["completion_tokens"] <= 3
     rec.close()
@@ -388,15 +465,21 @@ def test_mqtt311_caller_gets_replies_on_reply_to(broker, daemon):
 
 def test_reply_topics_inside_the_device_tree_are_refused(rec):
     """A reply published to our own cmd topic would come back as a command: refused (event only)."""
-    rec.publish(f"edgebox/v1/{DEVICE}/cmd/get_status", {"request_id": "loop1", "params": {},
-                                                         "reply_to": f"edgebox/v1/{DEVICE}/cmd/generate"})
+    rec.publish(
+        f"edgebox/v1/{DEVICE}/cmd/get_status",
+        {"request_id": "loop1", "params": {}, "reply_to": f"edgebox/v1/{DEVICE}/cmd/generate"},
+    )
     [(_, event, _)] = rec.wait_for(lambda m: m[0].endswith("/event") and m[1].get("request_id") == "loop1")
     assert event["code"] == 400 and "reply" in event["message"]
 
 
 def test_cancel_ends_the_stream_with_a_final_reply(rec, fleet):
-    rec.publish(f"edgebox/v1/{DEVICE}/cmd/generate", {"request_id": "long-1", "params": {"prompt": "once upon", "max_tokens": 500, "temperature": 0}},
-                response_topic=reply_topic(), correlation=b"c")
+    rec.publish(
+        f"edgebox/v1/{DEVICE}/cmd/generate",
+        {"request_id": "long-1", "params": {"prompt": "once upon", "max_tokens": 500, "temperature": 0}},
+        response_topic=reply_topic(),
+        correlation=b"c",
+    )
     rec.wait_for(lambda m: isinstance(m[1], dict) and m[1].get("request_id") == "long-1" and m[1].get("done") is False)
     reply = fleet.call(DEVICE, "cancel", {"target": "long-1"}, timeout=20)
     assert reply["result"]["cancelled"] == 1
@@ -406,8 +489,13 @@ def test_cancel_ends_the_stream_with_a_final_reply(rec, fleet):
 
 
 def test_stream_false_returns_the_text_in_the_final(fleet):
-    final = fleet.call(DEVICE, "generate", {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": False}, timeout=60,
-                       on_chunk=lambda c: pytest.fail(f"no chunks with stream=false: {c}"))
+    final = fleet.call(
+        DEVICE,
+        "generate",
+        {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": False},
+        timeout=60,
+        on_chunk=lambda c: pytest.fail(f"no chunks with stream=false: {c}"),
+    )
     assert final["text"] == "".join(edgebox.load(TEST_MODEL).generate(PROMPT, max_tokens=5, temperature=0.0))
 
 
@@ -447,40 +535,61 @@ def test_budget_is_enforced_by_the_governor_and_reported(broker, daemon, fleet):
         # four requests that the governor runs one at a time (batch limit 1 at 2 W): seconds of work
         ids = [f"capped-{i}" for i in range(4)]
         for rid in ids:
-            rec.publish(f"edgebox/v1/{DEVICE}/cmd/generate",
-                        {"request_id": rid, "params": {"prompt": PROMPT, "max_tokens": 500, "temperature": 0}},
-                        response_topic=reply_topic())
-        [(_, tel, _)] = rec.wait_for(lambda m: m[0].endswith("/telemetry") and m[1]["batch"] >= 1
-                                     and m[1]["power"]["budget_w"] == 2.0 and not m[1]["power"]["idle"], timeout=30)[:1]
+            rec.publish(
+                f"edgebox/v1/{DEVICE}/cmd/generate",
+                {"request_id": rid, "params": {"prompt": PROMPT, "max_tokens": 500, "temperature": 0}},
+                response_topic=reply_topic(),
+            )
+        [(_, tel, _)] = rec.wait_for(
+            lambda m: (
+                m[0].endswith("/telemetry")
+                and m[1]["batch"] >= 1
+                and m[1]["power"]["budget_w"] == 2.0
+                and not m[1]["power"]["idle"]
+            ),
+            timeout=30,
+        )[:1]
         assert all(c["freq_mhz"] < c["top_mhz"] and "budget" in c["throttle_reasons"] for c in tel["chips"]), tel["chips"]
         assert tel["power"]["freq_mhz"] == tel["chips"][0]["max_freq_mhz"] and tel["engine"]["batch_limit"] == 1
         assert any(e["kind"] == "budget" and e["new_w"] == 2.0 for e in tel["power"]["recent_events"])
         for rid in ids:
-            rec.publish(f"edgebox/v1/{DEVICE}/cmd/cancel", {"request_id": f"k-{rid}", "params": {"target": rid}},
-                        response_topic=reply_topic())
+            rec.publish(
+                f"edgebox/v1/{DEVICE}/cmd/cancel",
+                {"request_id": f"k-{rid}", "params": {"target": rid}},
+                response_topic=reply_topic(),
+            )
         for rid in ids:
             rec.wait_for(is_final(rid), timeout=60)
         # idle: the governor parks the clocks, and says so as "idle", not as a budget cap
-        rec.wait_for(lambda m: m[0].endswith("/telemetry") and m[1]["batch"] == 0
-                     and all(c["throttle_reasons"] == ["idle"] for c in m[1]["chips"]), timeout=30)
+        rec.wait_for(
+            lambda m: (
+                m[0].endswith("/telemetry")
+                and m[1]["batch"] == 0
+                and all(c["throttle_reasons"] == ["idle"] for c in m[1]["chips"])
+            ),
+            timeout=30,
+        )
     finally:
         fleet.call(DEVICE, "set_power_budget", {"watts": 10.0}, timeout=20)
         rec.close()
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgebox.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "edgebox.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def test_operator_cli(broker, daemon):
     b = ["client", "--broker", broker.url]
     gen = _cli(*b, "generate", "--device", DEVICE, "-p", PROMPT, "-n", "6", "--temp", "0")
     assert gen.returncode == 0, gen.stderr
-    assert gen.stdout.rstrip("\n") == "".join(edgebox.load(TEST_MODEL).generate(PROMPT, max_tokens=6, temperature=0.0)).rstrip("\n")
+    assert gen.stdout.rstrip("\n") == "".join(edgebox.load(TEST_MODEL).generate(PROMPT, max_tokens=6, temperature=0.0)).rstrip(
+        "\n"
+    )
     assert "generated 6 tokens" in gen.stderr
     devices = _cli(*b, "devices")
-    assert devices.returncode == 0 and any(line.split()[:2] == [DEVICE, "online"] for line in devices.stdout.splitlines()), devices.stdout
+    assert devices.returncode == 0 and any(line.split()[:2] == [DEVICE, "online"] for line in devices.stdout.splitlines()), (
+        devices.stdout
+    )
     budget = _cli(*b, "budget", "8", "--device", DEVICE)
     assert budget.returncode == 0 and f"{DEVICE}: budget 8.0 W" in budget.stdout
     status = _cli(*b, "status", "--device", DEVICE)
@@ -502,6 +611,7 @@ def test_unload_then_load_model(fleet, tmp_path):
 
 
 # -- lifecycle: systemd notify, limits, expiry in the queue, SIGHUP, SIGTERM drain ---------------------
+
 
 class NotifySocket:
     """A fake systemd: an abstract AF_UNIX datagram socket collecting sd_notify messages."""
@@ -552,13 +662,22 @@ def test_lifecycle_notify_limits_expiry_reload_and_drain(tmp_path, stopper):
     broker = Mosquitto(tmp_path / "broker", port=port)  # not started yet: READY must wait for it
     stopper(broker)
     config = tmp_path / "edgebox.toml"
-    config.write_text('config_version = "v1"\n[mqtt]\ndevice_id = "box-life"\n'
-                      f'broker = "mqtt://127.0.0.1:{port}"\nreconnect_min_s = 0.1\nreconnect_max_s = 0.3\n'
-                      '[serve]\nmax_in_flight = 2\nmax_batch = 1\ndrain_timeout_s = 2.0\nmax_payload_bytes = 4096\n')
+    config.write_text(
+        'config_version = "v1"\n[mqtt]\ndevice_id = "box-life"\n'
+        f'broker = "mqtt://127.0.0.1:{port}"\nreconnect_min_s = 0.1\nreconnect_max_s = 0.3\n'
+        "[serve]\nmax_in_flight = 2\nmax_batch = 1\ndrain_timeout_s = 2.0\nmax_payload_bytes = 4096\n"
+    )
     notify = NotifySocket()
     stopper(notify)
-    daemon = Daemon(tmp_path / "d", "--config", str(config), "--telemetry-interval-s", "60", "--no-governor",
-                    env={"NOTIFY_SOCKET": notify.env, "WATCHDOG_USEC": "600000"})
+    daemon = Daemon(
+        tmp_path / "d",
+        "--config",
+        str(config),
+        "--telemetry-interval-s",
+        "60",
+        "--no-governor",
+        env={"NOTIFY_SOCKET": notify.env, "WATCHDOG_USEC": "600000"},
+    )
     stopper(daemon)
     daemon.start(wait_ready=False)
     daemon.wait_log("connecting to")
@@ -580,7 +699,9 @@ def test_lifecycle_notify_limits_expiry_reload_and_drain(tmp_path, stopper):
     [(_, big, _)] = rec.wait_for(lambda m: getattr(m[2], "CorrelationData", None) == b"big")
     assert big["code"] == 413 and "4096" in big["message"] and big["request_id"] is None  # never parsed
     # max_batch 1: a long one runs, a second waits with a 1 s expiry and expires in the queue
-    rec.publish(gen, {"request_id": "run-1", "params": {"prompt": "a", "max_tokens": 2000, "temperature": 0}}, response_topic=reply)
+    rec.publish(
+        gen, {"request_id": "run-1", "params": {"prompt": "a", "max_tokens": 2000, "temperature": 0}}, response_topic=reply
+    )
     rec.wait_for(lambda m: isinstance(m[1], dict) and m[1].get("request_id") == "run-1")
     rec.publish(gen, {"request_id": "exp-1", "params": {"prompt": "b", "max_tokens": 3}}, response_topic=reply, expiry=1)
     # max_in_flight 2: a third is refused with 429
@@ -593,26 +714,44 @@ def test_lifecycle_notify_limits_expiry_reload_and_drain(tmp_path, stopper):
     rec.wait_for(is_final("run-1"))
 
     # SIGHUP: live settings apply, the others are reported
-    config.write_text(config.read_text().replace('"v1"', '"v2"').replace("max_in_flight = 2", "max_in_flight = 4")
-                      .replace("[mqtt]", "budget = 6.5\n[mqtt]").replace("reconnect_max_s = 0.3", "reconnect_max_s = 0.4"))
+    config.write_text(
+        config.read_text()
+        .replace('"v1"', '"v2"')
+        .replace("max_in_flight = 2", "max_in_flight = 4")
+        .replace("[mqtt]", "budget = 6.5\n[mqtt]")
+        .replace("reconnect_max_s = 0.3", "reconnect_max_s = 0.4")
+    )
     mark = len(notify.lines())
     daemon.signal(signal.SIGHUP)
     notify.wait_for("RELOADING=1", after=mark)
     notify.wait_for("READY=1", after=notify.lines().index("RELOADING=1", mark))
     [(_, ev, _)] = rec.wait_for(lambda m: m[0].endswith("/event") and m[1].get("event") == "config_reloaded")
     assert set(ev["applied"]) == {"config_version", "max_in_flight", "budget"} and ev["restart_required"] == ["reconnect_max_s"]
-    rec.wait_for(lambda m: m[0].endswith("/state") and m[1]["config"]["version"] == "v2" and m[1]["budget_w"] == 6.5
-                 and m[1]["limits"]["max_in_flight"] == 4 and m[1]["budget_enforced"] is False)
+    rec.wait_for(
+        lambda m: (
+            m[0].endswith("/state")
+            and m[1]["config"]["version"] == "v2"
+            and m[1]["budget_w"] == 6.5
+            and m[1]["limits"]["max_in_flight"] == 4
+            and m[1]["budget_enforced"] is False
+        )
+    )
     # --no-governor: a budget is recorded, and the reply says it is not enforced
-    rec.publish("edgebox/v1/box-life/cmd/set_power_budget", {"request_id": "b-1", "params": {"watts": 7.5}},
-                response_topic=reply, correlation=b"budget")
+    rec.publish(
+        "edgebox/v1/box-life/cmd/set_power_budget",
+        {"request_id": "b-1", "params": {"watts": 7.5}},
+        response_topic=reply,
+        correlation=b"budget",
+    )
     [(_, budget, _)] = rec.wait_for(lambda m: getattr(m[2], "CorrelationData", None) == b"budget")
     assert budget["result"]["enforced"] is False and "not enforced" in budget["result"]["note"]
 
     # SIGTERM: one request finishes within drain_timeout_s, one is cancelled with a final 503;
     # a command arriving during the drain is left to the broker for the next run
     rec.publish(gen, {"request_id": "fin-1", "params": {"prompt": "d", "max_tokens": 4}}, response_topic=reply)
-    rec.publish(gen, {"request_id": "cut-1", "params": {"prompt": "e", "max_tokens": 2000, "temperature": 0}}, response_topic=reply)
+    rec.publish(
+        gen, {"request_id": "cut-1", "params": {"prompt": "e", "max_tokens": 2000, "temperature": 0}}, response_topic=reply
+    )
     rec.wait_for(lambda m: isinstance(m[1], dict) and m[1].get("request_id") == "fin-1")
     daemon.signal(signal.SIGTERM)
     notify.wait_for("STOPPING=1", timeout=5)
@@ -637,6 +776,7 @@ def test_lifecycle_notify_limits_expiry_reload_and_drain(tmp_path, stopper):
 
 # -- crashes and outages ----------------------------------------------------------------------------
 
+
 def test_sigkill_last_will_and_commands_queued_while_down_are_served(tmp_path, stopper):
     broker = Mosquitto(tmp_path / "broker")
     stopper(broker)
@@ -645,18 +785,22 @@ def test_sigkill_last_will_and_commands_queued_while_down_are_served(tmp_path, s
     daemon = Daemon(tmp_path / "d", *args)
     stopper(daemon)
     daemon.start()
-    rec = Recorder(broker.url, "edgebox/v1/box-crash/reply/#", "edgebox/v1/box-crash/status", client_id="crash-watch",
-                   session_expiry=300)
+    rec = Recorder(
+        broker.url, "edgebox/v1/box-crash/reply/#", "edgebox/v1/box-crash/status", client_id="crash-watch", session_expiry=300
+    )
     stopper(rec)
     gen, reply = "edgebox/v1/box-crash/cmd/generate", "edgebox/v1/box-crash/reply/t"
     rec.wait_for(lambda m: m[0].endswith("/status") and m[1]["state"] == "online")
     # a request in flight when the daemon dies is redelivered (it was never acknowledged)
-    rec.publish(gen, {"request_id": "inflight", "params": {"prompt": "x", "max_tokens": 200, "temperature": 0}}, response_topic=reply)
+    rec.publish(
+        gen, {"request_id": "inflight", "params": {"prompt": "x", "max_tokens": 200, "temperature": 0}}, response_topic=reply
+    )
     rec.wait_for(lambda m: isinstance(m[1], dict) and m[1].get("request_id") == "inflight")
     daemon.proc.kill()
     daemon.wait(10)
-    rec.wait_for(lambda m: m[0].endswith("/status") and m[1]["state"] == "offline" and m[1]["reason"] == "connection lost",
-                 timeout=10)
+    rec.wait_for(
+        lambda m: m[0].endswith("/status") and m[1]["state"] == "offline" and m[1]["reason"] == "connection lost", timeout=10
+    )
     for i in range(5):
         rec.publish(gen, {"request_id": f"queued-{i}", "params": {"prompt": f"q{i}", "max_tokens": 3}}, response_topic=reply)
     rec.publish(gen, {"request_id": "stale", "params": {"prompt": "s", "max_tokens": 3}}, response_topic=reply, expiry=1)
@@ -677,8 +821,19 @@ def test_broker_restart_under_load(tmp_path, stopper):
     broker = Mosquitto(tmp_path / "broker")
     stopper(broker)
     broker.start()
-    daemon = Daemon(tmp_path / "d", "--broker", broker.url, "--device-id", "box-net", "--reconnect-min-s", "0.1",
-                    "--reconnect-max-s", "0.5", "--telemetry-interval-s", "60")
+    daemon = Daemon(
+        tmp_path / "d",
+        "--broker",
+        broker.url,
+        "--device-id",
+        "box-net",
+        "--reconnect-min-s",
+        "0.1",
+        "--reconnect-max-s",
+        "0.5",
+        "--telemetry-interval-s",
+        "60",
+    )
     stopper(daemon)
     daemon.start()
     out: dict[str, tuple[list, dict | BaseException]] = {}
@@ -689,8 +844,14 @@ def test_broker_restart_under_load(tmp_path, stopper):
         def one(rid: str) -> None:
             got: list[dict] = received.setdefault(rid, [])
             try:
-                final = fleet.call_raw("box-net", "generate", {"prompt": rid, "max_tokens": 300, "temperature": 0}, request_id=rid,
-                                       on_chunk=lambda c: (got.append(c), started.set()), timeout=90)
+                final = fleet.call_raw(
+                    "box-net",
+                    "generate",
+                    {"prompt": rid, "max_tokens": 300, "temperature": 0},
+                    request_id=rid,
+                    on_chunk=lambda c: (got.append(c), started.set()),
+                    timeout=90,
+                )
                 out[rid] = (got, final)
             except BaseException as e:  # noqa: BLE001 - asserted below
                 out[rid] = (got, e)
@@ -721,23 +882,54 @@ def test_broker_restart_under_load(tmp_path, stopper):
 
 # -- the deployed broker configuration: TLS, passwords, the per-device ACL ---------------------------
 
+
 def _make_certs(d: Path) -> tuple[Path, Path, Path]:
     d.mkdir(parents=True, exist_ok=True)
     ca_key, ca, key, csr, crt = d / "ca.key", d / "ca.crt", d / "broker.key", d / "broker.csr", d / "broker.crt"
     run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
-        "-subj", "/CN=edgebox-test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=edgebox-test-ca",
+    )
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
     ext = d / "ext.cnf"
     ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(crt),
-        "-days", "2", "-extfile", str(ext))
+    run(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(crt),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
     return ca, crt, key
 
 
 def test_deployed_broker_config_tls_passwords_and_acl(tmp_path, stopper):
     """deploy/mosquitto.conf (paths and ports swapped for the test's) with deploy/mosquitto.acl as is."""
-    assert shutil.which("openssl") and shutil.which("mosquitto_passwd"), "needs openssl and mosquitto_passwd (.ci/run installs them)"
+    assert shutil.which("openssl") and shutil.which("mosquitto_passwd"), (
+        "needs openssl and mosquitto_passwd (.ci/run installs them)"
+    )
     ca, crt, key = _make_certs(tmp_path / "certs")
     passwd = tmp_path / "passwd"
     for user, pw in (("controller", "c-secret"), ("box-a", "a-secret"), ("box-b", "b-secret")):
@@ -748,20 +940,37 @@ def test_deployed_broker_config_tls_passwords_and_acl(tmp_path, stopper):
     acl.chmod(0o600)
     tls_port, plain_port = free_port(), free_port()
     conf = (REPO / "deploy" / "mosquitto.conf").read_text()
-    conf = (conf.replace("listener 8883", f"listener {tls_port} 127.0.0.1")
-            .replace("listener 1883 127.0.0.1", f"listener {plain_port} 127.0.0.1")
-            .replace("/etc/mosquitto/certs/ca.crt", str(ca)).replace("/etc/mosquitto/certs/broker.crt", str(crt))
-            .replace("/etc/mosquitto/certs/broker.key", str(key)).replace("/etc/mosquitto/edgebox.passwd", str(passwd))
-            .replace("/etc/mosquitto/edgebox.acl", str(acl)).replace("/var/lib/mosquitto/", f"{tmp_path}/"))
+    conf = (
+        conf.replace("listener 8883", f"listener {tls_port} 127.0.0.1")
+        .replace("listener 1883 127.0.0.1", f"listener {plain_port} 127.0.0.1")
+        .replace("/etc/mosquitto/certs/ca.crt", str(ca))
+        .replace("/etc/mosquitto/certs/broker.crt", str(crt))
+        .replace("/etc/mosquitto/certs/broker.key", str(key))
+        .replace("/etc/mosquitto/edgebox.passwd", str(passwd))
+        .replace("/etc/mosquitto/edgebox.acl", str(acl))
+        .replace("/var/lib/mosquitto/", f"{tmp_path}/")
+    )
     import getpass
+
     (tmp_path / "m.conf").write_text(conf + f"\nuser {getpass.getuser()}\nlog_dest stderr\n")
     broker = Mosquitto(tmp_path, port=tls_port)  # for its start/stop only: the config is the deployed one
     broker.conf = tmp_path / "m.conf"
     stopper(broker)
     broker.start()
-    daemon = Daemon(tmp_path / "d", "--broker", f"mqtts://127.0.0.1:{tls_port}", "--ca-file", str(ca),
-                    "--device-id", "box-a", "--username", "box-a", "--telemetry-interval-s", "60",
-                    env={"EDGEBOX_MQTT_PASSWORD": "a-secret"})
+    daemon = Daemon(
+        tmp_path / "d",
+        "--broker",
+        f"mqtts://127.0.0.1:{tls_port}",
+        "--ca-file",
+        str(ca),
+        "--device-id",
+        "box-a",
+        "--username",
+        "box-a",
+        "--telemetry-interval-s",
+        "60",
+        env={"EDGEBOX_MQTT_PASSWORD": "a-secret"},
+    )
     stopper(daemon)
     daemon.start()
     assert "a-secret" not in " ".join(psutil.Process(daemon.proc.pid).cmdline())
@@ -775,9 +984,11 @@ def test_deployed_broker_config_tls_passwords_and_acl(tmp_path, stopper):
         other.on_publish = lambda c, u, mid, rc, p: acked.append(rc)
         other.connect("127.0.0.1", plain_port)
         other.loop_start()
-        other.publish("edgebox/v1/box-a/cmd/generate",
-                      json.dumps({"request_id": "evil", "reply_to": "edgebox/v1/box-b/reply/x", "params": {"prompt": "x"}}),
-                      qos=1).wait_for_publish(5)
+        other.publish(
+            "edgebox/v1/box-a/cmd/generate",
+            json.dumps({"request_id": "evil", "reply_to": "edgebox/v1/box-b/reply/x", "params": {"prompt": "x"}}),
+            qos=1,
+        ).wait_for_publish(5)
         other.disconnect()
         other.loop_stop()
         assert acked and acked[0].is_failure and "authorized" in str(acked[0]).lower()
@@ -786,8 +997,16 @@ def test_deployed_broker_config_tls_passwords_and_acl(tmp_path, stopper):
     with pytest.raises(ClientError, match="refused the connection"):
         FleetClient(f"mqtt://127.0.0.1:{plain_port}", username="controller", password="wrong", connect_timeout=5).connect()
     # a wrong password: one clear line, exit 2 (no retry loop)
-    bad = Daemon(tmp_path / "bad", "--broker", f"mqtt://127.0.0.1:{plain_port}", "--device-id", "box-b",
-                 "--username", "box-b", env={"EDGEBOX_MQTT_PASSWORD": "wrong"})
+    bad = Daemon(
+        tmp_path / "bad",
+        "--broker",
+        f"mqtt://127.0.0.1:{plain_port}",
+        "--device-id",
+        "box-b",
+        "--username",
+        "box-b",
+        env={"EDGEBOX_MQTT_PASSWORD": "wrong"},
+    )
     stopper(bad)
     bad.start(wait_ready=False)
     assert bad.wait(60) == 2

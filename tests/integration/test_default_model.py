@@ -17,7 +17,8 @@ GOLDEN = json.loads((DATA / "golden" / "perplexity.json").read_text())
 def test_bundled_model_is_the_recipes_output():
     path = edgebox.default_model_path()
     assert tiny_models.sha256(path) == RECORD["files"]["Q8_0"]["sha256"], (
-        "edgebox/data/default.gguf is not the Q8_0 file tools/train_tiny.py recorded in edgebox/data/default.json")
+        "edgebox/data/default.gguf is not the Q8_0 file tools/train_tiny.py recorded in edgebox/data/default.json"
+    )
     assert path.stat().st_size < 25 * 2**20
 
 

@@ -30,6 +30,7 @@ from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)
 
+
 def _deq_f32(blocks: np.ndarray) -> np.ndarray:
     # 4 bytes: one float32
     return blocks.view(np.float32)
@@ -47,6 +48,7 @@ def _deq_bf16(blocks: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # kernels
+
 
 def _ldw(w, i, kind):
     """8 weights at w[i:i+8] as float32."""
@@ -119,9 +121,12 @@ def float_mm(w, kind, n_out, n_in, x, T, out):
 
 
 def _traits(qtype: QType, dequantize, dtype: str, kind: int) -> QuantTraits:
-    return QuantTraits(qtype, dequantize, Kernels("float", ("w",), (dtype, "int"), float_mm, float_mm, None,
-                                                  fusable=False, flags=(kind,)),
-                       OrtMapping("Gemm"))
+    return QuantTraits(
+        qtype,
+        dequantize,
+        Kernels("float", ("w",), (dtype, "int"), float_mm, float_mm, None, fusable=False, flags=(kind,)),
+        OrtMapping("Gemm"),
+    )
 
 
 F32 = _traits(QType.F32, _deq_f32, "float32", 0)

@@ -40,19 +40,29 @@ from edgebox.kernels.quants.traits import Kernels
 def kernels(qtype: QType, values, sub: int, has_hi: bool) -> Kernels:
     """The planes path of a type: ``values(blocks [rows, n_blocks, type_size])`` -> (v uint8
     [rows, n_in], S, M float32 [rows, n_in / sub]); ``has_hi``: v has bits above the 4th."""
-    return Kernels("planes", ("q", "qh", "S", "M"), ("uint8", "uint8", "float32", "float32", "bool", "bool"),
-                   planes_mv, planes_mm, functools.partial(_repack, qtype, values, sub, has_hi), fusable=True,
-                   flags=(bool(has_hi), sub == 16))
+    return Kernels(
+        "planes",
+        ("q", "qh", "S", "M"),
+        ("uint8", "uint8", "float32", "float32", "bool", "bool"),
+        planes_mv,
+        planes_mm,
+        functools.partial(_repack, qtype, values, sub, has_hi),
+        fusable=True,
+        flags=(bool(has_hi), sub == 16),
+    )
 
 
-def _repack(qtype: QType, values, sub: int, has_hi: bool, raw: np.ndarray, n_out: int, n_in: int,
-            use_numba: bool = True) -> dict[str, np.ndarray]:
+def _repack(
+    qtype: QType, values, sub: int, has_hi: bool, raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True
+) -> dict[str, np.ndarray]:
     """numpy only (``use_numba`` is ignored: these types are rare)."""
     G, nb = P.n_groups(n_out), n_in // P.QK
-    out = {"q": P.aligned_empty((G, nb, 4, 32), np.uint8),
-           "qh": P.aligned_empty((G, nb, 2, 32) if has_hi else (0, 0, 2, 32), np.uint8),
-           "S": P.aligned_empty((G, n_in // sub, ROWS), np.float32),
-           "M": P.aligned_empty((G, n_in // sub, ROWS), np.float32)}
+    out = {
+        "q": P.aligned_empty((G, nb, 4, 32), np.uint8),
+        "qh": P.aligned_empty((G, nb, 2, 32) if has_hi else (0, 0, 2, 32), np.uint8),
+        "S": P.aligned_empty((G, n_in // sub, ROWS), np.float32),
+        "M": P.aligned_empty((G, n_in // sub, ROWS), np.float32),
+    }
 
     def fill(out, part, b, g0, g1):
         v, S, M = values(b)
@@ -67,6 +77,7 @@ def _repack(qtype: QType, values, sub: int, has_hi: bool, raw: np.ndarray, n_out
 
 # ---------------------------------------------------------------------------------------------
 # kernels
+
 
 @njit(**_JIT)
 def _pl_tok(v0, v1, v2, v3, v4, v5, v6, v7, S, M, nsub, g, b, sub16, xq, xo, xd, xsd16, xsd32, e, acc, macc):
@@ -94,8 +105,7 @@ def _pl_group1(q, qh, S, M, has_hi, sub16, xq, xd, xsd16, xsd32, nb, g, out):
     macc = zero_f32()
     for b in range(nb):
         v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, g * nb + b, has_hi)
-        acc, macc = _pl_tok(v0, v1, v2, v3, v4, v5, v6, v7, S, M, nsub, g, b, sub16,
-                            xq, 32 * b, xd, xsd16, xsd32, b, acc, macc)
+        acc, macc = _pl_tok(v0, v1, v2, v3, v4, v5, v6, v7, S, M, nsub, g, b, sub16, xq, 32 * b, xd, xsd16, xsd32, b, acc, macc)
     st_f32x8(out, 8 * g, sub_f32(acc, macc))
 
 
@@ -125,16 +135,103 @@ def _pl_quad(q, qh, S, M, has_hi, sub16, xq, xd, xsd16, xsd32, nb, g, t0, T, out
             prefetch(q, 128 * (g * nb + b) + _PF)
             prefetch(q, 128 * (g * nb + b) + _PF + 64)
         v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, g * nb + b, has_hi)
-        acc0, m0 = _pl_tok(v0, v1, v2, v3, v4, v5, v6, v7, S, M, nsub, g, b, sub16,
-                           xq, t0 * n_in + 32 * b, xd, xsd16, xsd32, t0 * nb + b, acc0, m0)
-        acc1, m1 = _pl_tok(v0, v1, v2, v3, v4, v5, v6, v7, S, M, nsub, g, b, sub16,
-                           xq, t1 * n_in + 32 * b, xd, xsd16, xsd32, t1 * nb + b, acc1, m1)
-        acc2, m2 = _pl_tok(v0, v1, v2, v3, v4, v5, v6, v7, S, M, nsub, g, b, sub16,
-                           xq, t2 * n_in + 32 * b, xd, xsd16, xsd32, t2 * nb + b, acc2, m2)
-        acc3, m3 = _pl_tok(v0, v1, v2, v3, v4, v5, v6, v7, S, M, nsub, g, b, sub16,
-                           xq, t3 * n_in + 32 * b, xd, xsd16, xsd32, t3 * nb + b, acc3, m3)
-    _store4(out, out.shape[0] // T, g, t0, T, sub_f32(acc0, m0), sub_f32(acc1, m1), sub_f32(acc2, m2),
-            sub_f32(acc3, m3))
+        acc0, m0 = _pl_tok(
+            v0,
+            v1,
+            v2,
+            v3,
+            v4,
+            v5,
+            v6,
+            v7,
+            S,
+            M,
+            nsub,
+            g,
+            b,
+            sub16,
+            xq,
+            t0 * n_in + 32 * b,
+            xd,
+            xsd16,
+            xsd32,
+            t0 * nb + b,
+            acc0,
+            m0,
+        )
+        acc1, m1 = _pl_tok(
+            v0,
+            v1,
+            v2,
+            v3,
+            v4,
+            v5,
+            v6,
+            v7,
+            S,
+            M,
+            nsub,
+            g,
+            b,
+            sub16,
+            xq,
+            t1 * n_in + 32 * b,
+            xd,
+            xsd16,
+            xsd32,
+            t1 * nb + b,
+            acc1,
+            m1,
+        )
+        acc2, m2 = _pl_tok(
+            v0,
+            v1,
+            v2,
+            v3,
+            v4,
+            v5,
+            v6,
+            v7,
+            S,
+            M,
+            nsub,
+            g,
+            b,
+            sub16,
+            xq,
+            t2 * n_in + 32 * b,
+            xd,
+            xsd16,
+            xsd32,
+            t2 * nb + b,
+            acc2,
+            m2,
+        )
+        acc3, m3 = _pl_tok(
+            v0,
+            v1,
+            v2,
+            v3,
+            v4,
+            v5,
+            v6,
+            v7,
+            S,
+            M,
+            nsub,
+            g,
+            b,
+            sub16,
+            xq,
+            t3 * n_in + 32 * b,
+            xd,
+            xsd16,
+            xsd32,
+            t3 * nb + b,
+            acc3,
+            m3,
+        )
+    _store4(out, out.shape[0] // T, g, t0, T, sub_f32(acc0, m0), sub_f32(acc1, m1), sub_f32(acc2, m2), sub_f32(acc3, m3))
 
 
 @njit(**_PJIT)

@@ -19,24 +19,26 @@ from edgebox.kernels.quants.traits import QuantTraits
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)
 
+
 def dequantize(blocks: np.ndarray) -> np.ndarray:
     # 16 bytes scales (low nibble: scale, high nibble: min, one per 16 values),
     # 64 bytes qs (2-bit), 2 bytes d (f16), 2 bytes dmin (f16): x = d*sc * q - dmin*m
     qk = qt.block_size(QType.Q2_K)
     n = blocks.shape[0]
     scales, qs, d, dmin = gb.fields(blocks, QType.Q2_K, qk // 16, qk // 4, 2, 2)
-    dl = gb.f16(d) * (scales & 0x0F).astype(np.float32)                       # [n, 16]
-    ml = gb.f16(dmin) * (scales >> 4).astype(np.float32)                      # [n, 16]
-    q = gb.crumbs(qs).reshape(n, qk // 16, 16).astype(np.float32)             # [n, 16, 16]
+    dl = gb.f16(d) * (scales & 0x0F).astype(np.float32)  # [n, 16]
+    ml = gb.f16(dmin) * (scales >> 4).astype(np.float32)  # [n, 16]
+    q = gb.crumbs(qs).reshape(n, qk // 16, 16).astype(np.float32)  # [n, 16, 16]
     return (dl[:, :, None] * q - ml[:, :, None]).reshape(n, qk)
 
 
 # ---------------------------------------------------------------------------------------------
 # the planes path: w = S * v - M
 
+
 def _values(b: np.ndarray):
     rows = b.shape[0]
-    sc = b[..., 0:16]                                        # scales[16], qs[64], d, dmin
+    sc = b[..., 0:16]  # scales[16], qs[64], d, dmin
     v = P.crumbs(b[..., 16:80])
     d, dmin = P.f16(b[..., 80:82]), P.f16(b[..., 82:84])
     S = d[..., None] * (sc & 0x0F).astype(np.float32)

@@ -20,6 +20,7 @@ from edgebox.kernels.quants.traits import QuantTraits
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)
 
+
 def dequantize(blocks: np.ndarray) -> np.ndarray:
     # 32 bytes hmask (3rd bit, stored inverted: set means +0, clear means -4),
     # 64 bytes qs (low 2 bits), 12 bytes scales (16 x 6-bit, offset by 32), 2 bytes d (f16):
@@ -29,11 +30,11 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
     hmask, qs, scales, d = gb.fields(blocks, QType.Q3_K, qk // 8, qk // 4, 12, 2)
     # 6-bit scale i: low 4 bits are nibble (i // 8) of byte i % 8, high 2 bits are bits
     # 2*(i // 4).. of byte 8 + i % 4.
-    low = gb.nibbles(scales[:, :8])                                           # [n, 16]
+    low = gb.nibbles(scales[:, :8])  # [n, 16]
     shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
-    high = ((scales[:, None, 8:] >> shifts) & 3).reshape(n, 16)             # [n, 16]
-    sc = (low | (high << 4)).astype(np.int8) - np.int8(32)                  # [n, 16]
-    dl = gb.f16(d) * sc.astype(np.float32)                                    # [n, 16]
+    high = ((scales[:, None, 8:] >> shifts) & 3).reshape(n, 16)  # [n, 16]
+    sc = (low | (high << 4)).astype(np.int8) - np.int8(32)  # [n, 16]
+    dl = gb.f16(d) * sc.astype(np.float32)  # [n, 16]
     # value 32*b + l takes its 3rd bit from bit b of hmask[l] (b counts over both halves).
     h = (hmask.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
     q = gb.crumbs(qs).astype(np.int8) - ((h.reshape(n, qk) ^ 1) << 2).astype(np.int8)
@@ -43,11 +44,12 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the planes path: w = S * v - M
 
+
 def _values(b: np.ndarray):
-    rows, nblk = b.shape[:2]                                 # hmask[32], qs[64], scales[12], d
+    rows, nblk = b.shape[:2]  # hmask[32], qs[64], scales[12], d
     h = (b[..., None, 0:32] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
     h = h.reshape(rows, nblk, 256)
-    v = P.crumbs(b[..., 32:96]) | (h << 2)                    # q + 4, in 0..7
+    v = P.crumbs(b[..., 32:96]) | (h << 2)  # q + 4, in 0..7
     d = P.f16(b[..., 108:110])
     S = d[..., None] * P.q3k_scales(b[..., 96:108]).astype(np.float32)
     return v.reshape(rows, -1), S.reshape(rows, -1), (4 * S).reshape(rows, -1)

@@ -44,16 +44,18 @@ from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)
 
+
 def dequantize(blocks: np.ndarray) -> np.ndarray:
     # 2 bytes d (f16), 16 bytes qs (nibbles): x = d * (q - 8)
     qk = qt.block_size(QType.Q4_0)
     d, qs = gb.fields(blocks, QType.Q4_0, 2, qk // 2)
-    q = gb.nibbles(qs).astype(np.int8) - np.int8(8)                           # [n, 32]
+    q = gb.nibbles(qs).astype(np.int8) - np.int8(8)  # [n, 32]
     return gb.f16(d) * q.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
 # repacking
+
 
 @njit(**P.RJIT)
 def _repack_q4_0(raw, n_out, q, d):
@@ -88,13 +90,14 @@ def _fill(out, part, b, g0, g1):
     nb = b.shape[1]
     # GGUF byte j of a block = value j (low nibble) | value j+16 (high): already the nib
     # plane pairing, so only the 4-byte groups move.
-    qs = b[..., 2:18]                                          # [rows, nb, 16]
+    qs = b[..., 2:18]  # [rows, nb, 16]
     out["q"][g0:g1] = qs.reshape(-1, ROWS, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(-1, nb, 4, 32)
     out["d"][g0:g1] = P.per_row(P.f16_bits(b[..., 0:2]))
 
 
 # ---------------------------------------------------------------------------------------------
 # kernels
+
 
 @njit(**_JIT)
 def _q4_0_blk(q, d, xq, xd, xsd32, k, b, acc):
@@ -185,13 +188,16 @@ def q4_0_mm(q, d, xq, xd, xs16, xsd16, xsd32, T, out):
 # ---------------------------------------------------------------------------------------------
 # onnxruntime
 
+
 def _ort_codes(b):
     d, qs = gb.fields(b.reshape(-1, 18), QType.Q4_0, 2, 16)
-    codes = gb.nibbles(qs)                                                # [n, 32]: value j = code j
+    codes = gb.nibbles(qs)  # [n, 32]: value j = code j
     return codes, gb.f16(d)[:, 0], None
 
 
 TRAITS = QuantTraits(
-    QType.Q4_0, dequantize,
+    QType.Q4_0,
+    dequantize,
     Kernels("q4_0", ("q", "d"), ("uint8", "uint16"), q4_0_mv, q4_0_mm, repack, fusable=True),
-    OrtMapping("MatMulNBits", bits=4, block=32, convert=_ort_codes))
+    OrtMapping("MatMulNBits", bits=4, block=32, convert=_ort_codes),
+)

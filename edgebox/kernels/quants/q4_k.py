@@ -49,6 +49,7 @@ from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)
 
+
 def dequantize(blocks: np.ndarray) -> np.ndarray:
     # 2 bytes d (f16), 2 bytes dmin (f16), 12 bytes scales+mins (8 x 6-bit each),
     # 128 bytes qs: each 32-byte group holds sub-block 2g in its low nibbles, 2g+1 in its high.
@@ -57,14 +58,15 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
     d, dmin, scales, qs = gb.fields(blocks, QType.Q4_K, 2, 2, 12, qk // 2)
     sc, mn = gb.scale_min_k4(scales)
-    dl = gb.f16(d) * sc.astype(np.float32)                                    # [n, 8]
-    ml = gb.f16(dmin) * mn.astype(np.float32)                                 # [n, 8]
+    dl = gb.f16(d) * sc.astype(np.float32)  # [n, 8]
+    ml = gb.f16(dmin) * mn.astype(np.float32)  # [n, 8]
     q = gb.nibbles(qs.reshape(n * 4, 32)).reshape(n, 8, 32).astype(np.float32)
     return (dl[:, :, None] * q - ml[:, :, None]).reshape(n, qk)
 
 
 # ---------------------------------------------------------------------------------------------
 # repacking
+
 
 @njit(**P.RJIT)
 def _repack_q4_k(raw, n_out, q, sc, m, d, dmin):
@@ -106,11 +108,13 @@ def _repack_q4_k(raw, n_out, q, sc, m, d, dmin):
 
 def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
     G, nb, nsb = P.n_groups(n_out), n_in // P.QK, n_in // 256
-    out = {"q": P.aligned_empty((G, nb, 4, 32), np.uint8),
-           "sc": P.aligned_empty((G, nb, ROWS), np.uint8),
-           "m": P.aligned_empty((G, nb, ROWS), np.uint8),
-           "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
-           "dmin": P.aligned_empty((G, nsb, ROWS), np.uint16)}
+    out = {
+        "q": P.aligned_empty((G, nb, 4, 32), np.uint8),
+        "sc": P.aligned_empty((G, nb, ROWS), np.uint8),
+        "m": P.aligned_empty((G, nb, ROWS), np.uint8),
+        "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
+        "dmin": P.aligned_empty((G, nsb, ROWS), np.uint16),
+    }
     if use_numba:
         _repack_q4_k(np.ascontiguousarray(raw), n_out, out["q"], out["sc"], out["m"], out["d"], out["dmin"])
         return out
@@ -122,7 +126,7 @@ def _fill(out, part, b, g0, g1):
     rows, ns = b.shape[:2]
     out["d"][g0:g1] = P.per_row(P.f16_bits(b[..., 0:2]))
     out["dmin"][g0:g1] = P.per_row(P.f16_bits(b[..., 2:4]))
-    sc, mn = P.scale_min_k4(b[..., 4:16])                       # [rows, ns, 8]
+    sc, mn = P.scale_min_k4(b[..., 4:16])  # [rows, ns, 8]
     out["sc"][g0:g1] = P.per_row(sc.reshape(rows, -1))
     out["m"][g0:g1] = P.per_row(mn.reshape(rows, -1))
     v = P.nibbles32(b[..., 16:144].reshape(rows, ns, 4, 32)).reshape(rows, -1)
@@ -131,6 +135,7 @@ def _fill(out, part, b, g0, g1):
 
 # ---------------------------------------------------------------------------------------------
 # kernels
+
 
 @njit(**_JIT)
 def _q4_k_sub(q, sc, m, xq, xd, xsd32, k, b, sacc, macc):
@@ -232,18 +237,28 @@ def q4_k_mm(q, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
 # ---------------------------------------------------------------------------------------------
 # onnxruntime
 
+
 def _ort_codes(b):
     n = b.shape[0] * b.shape[1]
     d, dmin, scales, qs = gb.fields(b.reshape(n, 144), QType.Q4_K, 2, 2, 12, 128)
     sc, mn = gb.scale_min_k4(scales)
-    dl = (gb.f16(d) * sc.astype(np.float32)).reshape(-1)                  # [n*8]
-    ml = (gb.f16(dmin) * mn.astype(np.float32)).reshape(-1)               # [n*8]
-    codes = gb.nibbles(qs.reshape(n * 4, 32)).reshape(n * 8, 32)          # sub-block s = 2g (low), 2g+1 (high)
-    return codes, dl, -ml                                                   # w = dl * q + offset
+    dl = (gb.f16(d) * sc.astype(np.float32)).reshape(-1)  # [n*8]
+    ml = (gb.f16(dmin) * mn.astype(np.float32)).reshape(-1)  # [n*8]
+    codes = gb.nibbles(qs.reshape(n * 4, 32)).reshape(n * 8, 32)  # sub-block s = 2g (low), 2g+1 (high)
+    return codes, dl, -ml  # w = dl * q + offset
 
 
 TRAITS = QuantTraits(
-    QType.Q4_K, dequantize,
-    Kernels("q4_k", ("q", "sc", "m", "d", "dmin"), ("uint8", "uint8", "uint8", "uint16", "uint16"),
-            q4_k_mv, q4_k_mm, repack, fusable=True),
-    OrtMapping("MatMulNBits", bits=4, block=32, convert=_ort_codes, zero_points="float"))
+    QType.Q4_K,
+    dequantize,
+    Kernels(
+        "q4_k",
+        ("q", "sc", "m", "d", "dmin"),
+        ("uint8", "uint8", "uint8", "uint16", "uint16"),
+        q4_k_mv,
+        q4_k_mm,
+        repack,
+        fusable=True,
+    ),
+    OrtMapping("MatMulNBits", bits=4, block=32, convert=_ort_codes, zero_points="float"),
+)

@@ -50,6 +50,7 @@ from edgebox.kernels.quants.traits import Kernels, QuantTraits
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)
 
+
 def dequantize(blocks: np.ndarray) -> np.ndarray:
     # 2 bytes d (f16), 2 bytes dmin (f16), 12 bytes scales+mins, 32 bytes qh (5th bit of value
     # 32*s + l is bit s of qh[l]), 128 bytes qs (nibbles as in Q4_K): x = d*sc * q - dmin*m
@@ -57,16 +58,17 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
     d, dmin, scales, qh, qs = gb.fields(blocks, QType.Q5_K, 2, 2, 12, qk // 8, qk // 2)
     sc, mn = gb.scale_min_k4(scales)
-    dl = gb.f16(d) * sc.astype(np.float32)                                    # [n, 8]
-    ml = gb.f16(dmin) * mn.astype(np.float32)                                 # [n, 8]
+    dl = gb.f16(d) * sc.astype(np.float32)  # [n, 8]
+    ml = gb.f16(dmin) * mn.astype(np.float32)  # [n, 8]
     low = gb.nibbles(qs.reshape(n * 4, 32)).reshape(n, 8, 32)
     high = (qh.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-    q = (low | (high << 4)).astype(np.float32)                              # [n, 8, 32]
+    q = (low | (high << 4)).astype(np.float32)  # [n, 8, 32]
     return (dl[:, :, None] * q - ml[:, :, None]).reshape(n, qk)
 
 
 # ---------------------------------------------------------------------------------------------
 # repacking
+
 
 @njit(**P.RJIT)
 def _repack_q5_k(raw, n_out, q, qb, sc, m, d, dmin):
@@ -114,12 +116,14 @@ def _repack_q5_k(raw, n_out, q, qb, sc, m, d, dmin):
 
 def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
     G, nb, nsb = P.n_groups(n_out), n_in // P.QK, n_in // 256
-    out = {"q": P.aligned_empty((G, nb, 4, 32), np.uint8),
-           "qb": P.aligned_empty((G, nb, 32), np.uint8),
-           "sc": P.aligned_empty((G, nb, ROWS), np.uint8),
-           "m": P.aligned_empty((G, nb, ROWS), np.uint8),
-           "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
-           "dmin": P.aligned_empty((G, nsb, ROWS), np.uint16)}
+    out = {
+        "q": P.aligned_empty((G, nb, 4, 32), np.uint8),
+        "qb": P.aligned_empty((G, nb, 32), np.uint8),
+        "sc": P.aligned_empty((G, nb, ROWS), np.uint8),
+        "m": P.aligned_empty((G, nb, ROWS), np.uint8),
+        "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
+        "dmin": P.aligned_empty((G, nsb, ROWS), np.uint16),
+    }
     if use_numba:
         _repack_q5_k(np.ascontiguousarray(raw), n_out, out["q"], out["qb"], out["sc"], out["m"], out["d"], out["dmin"])
         return out
@@ -150,6 +154,7 @@ def _fill(out, part, b, g0, g1):
 
 # ---------------------------------------------------------------------------------------------
 # kernels
+
 
 @njit(**_JIT)
 def _bit4(hb, c):
@@ -263,6 +268,15 @@ def q5_k_mm(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
 
 
 TRAITS = QuantTraits(
-    QType.Q5_K, dequantize,
-    Kernels("q5_k", ("q", "qb", "sc", "m", "d", "dmin"), ("uint8", "uint8", "uint8", "uint8", "uint16", "uint16"),
-            q5_k_mv, q5_k_mm, repack, fusable=True))
+    QType.Q5_K,
+    dequantize,
+    Kernels(
+        "q5_k",
+        ("q", "qb", "sc", "m", "d", "dmin"),
+        ("uint8", "uint8", "uint8", "uint8", "uint16", "uint16"),
+        q5_k_mv,
+        q5_k_mm,
+        repack,
+        fusable=True,
+    ),
+)

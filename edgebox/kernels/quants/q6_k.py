@@ -39,6 +39,7 @@ from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)
 
+
 def dequantize(blocks: np.ndarray) -> np.ndarray:
     # 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits), 16 bytes scales (int8, one per
     # 16 values), 2 bytes d (f16): x = d*sc * (q - 32).
@@ -48,13 +49,14 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
     ql, qh, scales, d = gb.fields(blocks, QType.Q6_K, qk // 2, qk // 4, qk // 16, 2)
     low = gb.nibbles(ql.reshape(n * 2, 64)).reshape(n, qk)
-    q = (low | (gb.crumbs(qh) << 4)).astype(np.int8) - np.int8(32)            # [n, 256]
-    dl = gb.f16(d) * scales.view(np.int8).astype(np.float32)                  # [n, 16]
+    q = (low | (gb.crumbs(qh) << 4)).astype(np.int8) - np.int8(32)  # [n, 256]
+    dl = gb.f16(d) * scales.view(np.int8).astype(np.float32)  # [n, 16]
     return (dl[:, :, None] * q.reshape(n, qk // 16, 16).astype(np.float32)).reshape(n, qk)
 
 
 # ---------------------------------------------------------------------------------------------
 # repacking
+
 
 @njit(**P.RJIT)
 def _repack_q6_k(raw, n_out, q, qh, sc, d):
@@ -86,8 +88,7 @@ def _repack_q6_k(raw, n_out, q, qh, sc, d):
                     b = 8 * s + jj
                     for l in range(4):
                         for i in range(4):
-                            q[g, b, l, 4 * r + i] = (v[32 * jj + 4 * l + i] & 0x0F) | \
-                                ((v[32 * jj + 16 + 4 * l + i] & 0x0F) << 4)
+                            q[g, b, l, 4 * r + i] = (v[32 * jj + 4 * l + i] & 0x0F) | ((v[32 * jj + 16 + 4 * l + i] & 0x0F) << 4)
                     for h2 in range(2):
                         for i in range(4):
                             x = 0
@@ -98,10 +99,12 @@ def _repack_q6_k(raw, n_out, q, qh, sc, d):
 
 def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
     G, nb, nsb = P.n_groups(n_out), n_in // P.QK, n_in // 256
-    out = {"q": P.aligned_empty((G, nb, 4, 32), np.uint8),
-           "qh": P.aligned_empty((G, nb, 2, 32), np.uint8),
-           "sc": P.aligned_empty((G, n_in // 16, ROWS), np.int8),
-           "d": P.aligned_empty((G, nsb, ROWS), np.uint16)}
+    out = {
+        "q": P.aligned_empty((G, nb, 4, 32), np.uint8),
+        "qh": P.aligned_empty((G, nb, 2, 32), np.uint8),
+        "sc": P.aligned_empty((G, n_in // 16, ROWS), np.int8),
+        "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
+    }
     if use_numba:
         _repack_q6_k(np.ascontiguousarray(raw), n_out, out["q"], out["qh"], out["sc"], out["d"])
         return out
@@ -122,6 +125,7 @@ def _fill(out, part, b, g0, g1):
 # ---------------------------------------------------------------------------------------------
 # kernels
 
+
 @njit(**_JIT)
 def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
     """facc += xd * (sc_A*(dot_A - 32 sum_A) + sc_B*(dot_B - 32 sum_B)) for block e of a token."""
@@ -133,8 +137,9 @@ def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
 @njit(**_JIT)
 def _q6_k_blk(q, qh, sc, xq, xs16, xd, k, b, facc):
     v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
-    return _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, ld_i8x8_i32(sc, 16 * k), ld_i8x8_i32(sc, 16 * k + 8),
-                   xq, 32 * b, xs16, b, xd, facc)
+    return _q6_tok(
+        v0, v1, v2, v3, v4, v5, v6, v7, ld_i8x8_i32(sc, 16 * k), ld_i8x8_i32(sc, 16 * k + 8), xq, 32 * b, xs16, b, xd, facc
+    )
 
 
 @njit(**_JIT)
@@ -213,17 +218,19 @@ def q6_k_mm(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, T, out):
 # ---------------------------------------------------------------------------------------------
 # onnxruntime
 
+
 def _ort_codes(b):
     n = b.shape[0] * b.shape[1]
     ql, qh, sc, d = gb.fields(b.reshape(n, 210), QType.Q6_K, 128, 64, 16, 2)
     low = gb.nibbles(ql.reshape(n * 2, 64)).reshape(n, 256)
-    codes = (low | (gb.crumbs(qh) << 4)).reshape(n * 16, 16)             # 0..63
+    codes = (low | (gb.crumbs(qh) << 4)).reshape(n * 16, 16)  # 0..63
     scale = (gb.f16(d) * sc.view(np.int8).astype(np.float32)).reshape(-1)  # [n*16], exact
     return codes, scale, np.full(len(codes), 32, np.uint8)
 
 
 TRAITS = QuantTraits(
-    QType.Q6_K, dequantize,
-    Kernels("q6_k", ("q", "qh", "sc", "d"), ("uint8", "uint8", "int8", "uint16"), q6_k_mv, q6_k_mm, repack,
-            fusable=True),
-    OrtMapping("MatMulNBits", bits=8, block=16, convert=_ort_codes, zero_points="uint8"))
+    QType.Q6_K,
+    dequantize,
+    Kernels("q6_k", ("q", "qh", "sc", "d"), ("uint8", "uint8", "int8", "uint16"), q6_k_mv, q6_k_mm, repack, fusable=True),
+    OrtMapping("MatMulNBits", bits=8, block=16, convert=_ort_codes, zero_points="uint8"),
+)

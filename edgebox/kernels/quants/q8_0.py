@@ -43,6 +43,7 @@ from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
 # ---------------------------------------------------------------------------------------------
 # reference dequantize (numpy)
 
+
 def dequantize(blocks: np.ndarray) -> np.ndarray:
     # 2 bytes d (f16), 32 bytes qs (int8): x = d * q
     qk = qt.block_size(QType.Q8_0)
@@ -52,6 +53,7 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # repacking
+
 
 @njit(**P.RJIT)
 def _repack_q8_0(raw, n_out, q, d):
@@ -74,7 +76,7 @@ def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> di
     G, nb = P.n_groups(n_out), n_in // P.QK
     out = {"q": P.aligned_empty((G, nb, 8, 32), np.int8), "d": P.aligned_empty((G, nb, ROWS), np.uint16)}
     if use_numba:
-        _repack_q8_0(np.ascontiguousarray(raw), n_out, out["q"], out["d"])   # strided shards: see q4_0
+        _repack_q8_0(np.ascontiguousarray(raw), n_out, out["q"], out["d"])  # strided shards: see q4_0
         return out
     return P.repack_by_chunks(raw, QType.Q8_0, n_out, out, _fill)
 
@@ -87,6 +89,7 @@ def _fill(out, part, b, g0, g1):
 
 # ---------------------------------------------------------------------------------------------
 # kernels
+
 
 @njit(**_JIT)
 def _q8_chunk(w, x):
@@ -176,12 +179,15 @@ def q8_0_mm(q, d, xq, xd, xs16, xsd16, xsd32, T, out):
 # ---------------------------------------------------------------------------------------------
 # onnxruntime
 
+
 def _ort_codes(b):
     d, qs = gb.fields(b.reshape(-1, 34), QType.Q8_0, 2, 32)
-    return qs ^ np.uint8(0x80), gb.f16(d)[:, 0], None                     # q + 128 as uint8
+    return qs ^ np.uint8(0x80), gb.f16(d)[:, 0], None  # q + 128 as uint8
 
 
 TRAITS = QuantTraits(
-    QType.Q8_0, dequantize,
+    QType.Q8_0,
+    dequantize,
     Kernels("q8_0", ("q", "d"), ("int8", "uint16"), q8_0_mv, q8_0_mm, repack, fusable=True),
-    OrtMapping("MatMulNBits", bits=8, block=32, convert=_ort_codes))
+    OrtMapping("MatMulNBits", bits=8, block=32, convert=_ort_codes),
+)

@@ -25,6 +25,7 @@ class Kernels:
                (use_numba=False: the numpy formulation, the spec the numba repacker is tested on)
     fusable:   runs inside ``fused``'s one-call decode blocks
     """
+
     path: str
     arrays: tuple[str, ...]
     arg_types: tuple[str, ...]
@@ -42,6 +43,7 @@ class OrtMapping:
     type_size] -> (codes uint8 [n, block], scales float32 [n], zero points None | uint8 | float32
     [n]); ``zero_points``: "default" (2^(bits-1)), "uint8", or "float" (ORT then runs the weight
     unpacked, ~100x slower: built and tested, never chosen by the backends)."""
+
     op: str
     bits: int = 0
     block: int = 0
@@ -53,6 +55,7 @@ class OrtMapping:
 class QuantTraits:
     """qtype; dequantize: uint8 blocks [n, type_size] -> float32 [n, block_size], bit-exact
     with gguf-py; kernels: its numba path; ort: its onnxruntime mapping, None if it has none."""
+
     qtype: QType
     dequantize: Callable
     kernels: Kernels

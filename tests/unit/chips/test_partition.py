@@ -33,20 +33,19 @@ def logits_on(path, chips: int, ids):
 
 
 CASES = [
-    ("tiny-deepseek-llm", None, 4),     # llama F32: one head and 40 FFN rows per chip
-    ("tiny-qwen2", None, 4),            # qwen2 F32: GQA with each KV head replicated on 2 chips, biases
-    ("tiny-qwen2", None, 3),            # uneven: heads 2/1/1, FFN rows 54/53/53
-    ("coder-Q8_0", None, 4),            # Q8_0: 32-value blocks
+    ("tiny-deepseek-llm", None, 4),  # llama F32: one head and 40 FFN rows per chip
+    ("tiny-qwen2", None, 4),  # qwen2 F32: GQA with each KV head replicated on 2 chips, biases
+    ("tiny-qwen2", None, 3),  # uneven: heads 2/1/1, FFN rows 54/53/53
+    ("coder-Q8_0", None, 4),  # Q8_0: 32-value blocks
     ("coder-Q4_0", None, 4),
-    ("coder-Q4_K_M", None, 4),          # 256-value super-blocks: chips 2 and 3 get no FFN block
+    ("coder-Q4_K_M", None, 4),  # 256-value super-blocks: chips 2 and 3 get no FFN block
 ]
 
 
 @pytest.mark.parametrize("name,_,chips", CASES)
 def test_n_chips_give_one_chips_logits(name, _, chips, tiny_f32):
-    path = {"coder-Q8_0": CODER_Q8_0, "coder-Q4_0": CODER_Q4_0,
-            "coder-Q4_K_M": CODER_Q4_K_M}.get(name) or tiny_f32(name)
-    ids = [1, 50, 900, 7, 7, 31, 2000, 15, 400, 3][: 10]
+    path = {"coder-Q8_0": CODER_Q8_0, "coder-Q4_0": CODER_Q4_0, "coder-Q4_K_M": CODER_Q4_K_M}.get(name) or tiny_f32(name)
+    ids = [1, 50, 900, 7, 7, 31, 2000, 15, 400, 3][:10]
     one, _ = logits_on(path, 1, ids)
     many, plan = logits_on(path, chips, ids)
     # float re-association only: partial sums added in another order (measured up to 6e-5 of the
@@ -106,8 +105,19 @@ def test_plan_for_the_7b_shape():
     from edgebox.gguf.args import LlamaArgs
     from edgebox.gguf.quant_types import QType
 
-    args = LlamaArgs(n_vocab=102400, n_embd=4096, n_layer=30, n_head=32, n_head_kv=32, n_ff=11008,
-                     n_ctx_train=4096, n_rot=128, rope_freq_base=10000.0, rope_freq_scale=1.0, rms_eps=1e-6)
+    args = LlamaArgs(
+        n_vocab=102400,
+        n_embd=4096,
+        n_layer=30,
+        n_head=32,
+        n_head_kv=32,
+        n_ff=11008,
+        n_ctx_train=4096,
+        n_rot=128,
+        rope_freq_base=10000.0,
+        rope_freq_scale=1.0,
+        rms_eps=1e-6,
+    )
     layer = SimpleNamespace(wo=SimpleNamespace(qtype=QType.Q4_K), w_down=SimpleNamespace(qtype=QType.Q6_K))
     plan = PartitionPlan.build(args, SimpleNamespace(layers=[layer] * 30), 4)
     assert [len(s.heads) for s in plan.shards] == [8, 8, 8, 8]
@@ -116,6 +126,7 @@ def test_plan_for_the_7b_shape():
 
 
 # -- merged column-parallel weights and the fused linear that runs them ----------------------------
+
 
 def _fused_vs_separate(ops, parts, x):
     from edgebox.chips.chip import FusedLinear
@@ -187,17 +198,22 @@ def test_merged_split_rules():
     def mat(name, n_out, n_in=32):
         return Matrix(name, QType.F32, n_out, n_in, np.zeros((n_out, n_in * 4), np.uint8))
 
-    merged = MergedColumnParallelLinear.split([mat("q", 8), mat("k", 4)], [[range(0, 6), range(6, 8)], [range(0, 2), range(2, 4)]])
+    merged = MergedColumnParallelLinear.split(
+        [mat("q", 8), mat("k", 4)], [[range(0, 6), range(6, 8)], [range(0, 2), range(2, 4)]]
+    )
     assert [p.n_out for p in merged.shard(0)] == [6, 2] and [p.n_out for p in merged.shard(1)] == [2, 2]
     none = MergedColumnParallelLinear.split([mat("q", 8), mat("k", 4)], [[range(0, 8), range(8, 8)], [range(0, 4), range(4, 4)]])
     assert none.shard(1) is None
     with pytest.raises(edgebox.EdgeboxError, match="some of the merged weights"):
-        MergedColumnParallelLinear.split([mat("q", 8), mat("k", 4)], [[range(0, 8), range(8, 8)], [range(0, 2), range(2, 4)]]).shard(1)
+        MergedColumnParallelLinear.split(
+            [mat("q", 8), mat("k", 4)], [[range(0, 8), range(8, 8)], [range(0, 2), range(2, 4)]]
+        ).shard(1)
     with pytest.raises(edgebox.EdgeboxError, match="same input size"):
         MergedColumnParallelLinear.split([mat("q", 8), mat("k", 4, 64)], [[range(0, 8)], [range(0, 4)]])
 
 
 # -- the host threads the chips run on --------------------------------------------------------------
+
 
 def test_chip_threads_run_every_chip_concurrently_in_order():
     import time

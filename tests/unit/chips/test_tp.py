@@ -49,12 +49,13 @@ def test_qkv_splits_q_by_head_and_replicates_kv_heads_with_their_biases():
     qkv = QKVParallelLinear.of(wq, wk, wv, bq, bk, bv, s, hd)
     for i in range(4):
         q, k, v = qkv.shard(i)
-        np.testing.assert_array_equal(rows_of(q), rows_of(wq)[i * hd:(i + 1) * hd])
+        np.testing.assert_array_equal(rows_of(q), rows_of(wq)[i * hd : (i + 1) * hd])
         kv = i // 2
-        np.testing.assert_array_equal(rows_of(k), rows_of(wk)[kv * hd:(kv + 1) * hd])
-        np.testing.assert_array_equal(rows_of(v), rows_of(wv)[kv * hd:(kv + 1) * hd])
-        np.testing.assert_array_equal(qkv.biases[i], np.concatenate([bq[i * hd:(i + 1) * hd], bk[kv * hd:(kv + 1) * hd],
-                                                                      bv[kv * hd:(kv + 1) * hd]]))
+        np.testing.assert_array_equal(rows_of(k), rows_of(wk)[kv * hd : (kv + 1) * hd])
+        np.testing.assert_array_equal(rows_of(v), rows_of(wv)[kv * hd : (kv + 1) * hd])
+        np.testing.assert_array_equal(
+            qkv.biases[i], np.concatenate([bq[i * hd : (i + 1) * hd], bk[kv * hd : (kv + 1) * hd], bv[kv * hd : (kv + 1) * hd]])
+        )
         assert not q.data.flags.owndata  # views, never copies
     # a chip without heads holds nothing of the block, and no bias; no biases at all (llama)
     s2 = shards([(0, 4), (4, 4)], [(0, 2), (0, 0)])
@@ -85,7 +86,7 @@ def test_row_parallel_partials_all_reduce_to_the_full_product():
     ops = get_ops("ref")
     x = np.random.default_rng(2).standard_normal((3, wd.n_in)).astype(np.float32)
     full = ops.linear(wd)(x)
-    partials = sum(ops.linear(s)(x[:, r.start:r.stop]) for s, r in zip(down.shards, down.ranges) if s is not None)
+    partials = sum(ops.linear(s)(x[:, r.start : r.stop]) for s, r in zip(down.shards, down.ranges) if s is not None)
     np.testing.assert_allclose(partials, full, rtol=0, atol=1e-5 * float(np.abs(full).max()))
 
 

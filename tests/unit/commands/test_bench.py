@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgebox.cli", "bench", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "edgebox.cli", "bench", *args], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
 
 
 def test_bench_reports_speed_memory_concurrency_and_hot_standby():

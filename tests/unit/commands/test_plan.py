@@ -29,15 +29,21 @@ def test_plan_best_setting_is_within_budget_and_fastest():
 
 
 def test_plan_cli_json():
-    proc = subprocess.run([sys.executable, "-m", "edgebox.cli", "plan", "--chips", "4", "--budget", "10", "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgebox.cli", "plan", "--chips", "4", "--budget", "10", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["n_chips"] == 4 and out["profile"] == "r100-edge" and out["best"]["power_w"] <= 10
 
 
 def test_plan_cli_table():
-    proc = subprocess.run([sys.executable, "-m", "edgebox.cli", "plan", "--chips", "4"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgebox.cli", "plan", "--chips", "4"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "best within 10 W" in proc.stdout and "MHz" in proc.stdout
 
@@ -58,4 +64,4 @@ def test_plan_prices_the_real_shards_with_the_step_cost_model():
         m.close()
     assert plan.best is not None and plan.best.freq_mhz == 800 and plan.best.batch == 16
     one = [pt for pt in plan.points if pt.batch == 1 and pt.power_w <= 10.0]
-    assert 27.0 <= max(pt.tokens_per_s for pt in one) <= 33.0      # the seed headline, as `edgebox plan` prints it
+    assert 27.0 <= max(pt.tokens_per_s for pt in one) <= 33.0  # the seed headline, as `edgebox plan` prints it

@@ -35,10 +35,12 @@ DEPLOY = REPO / "deploy"
 
 # -- config ---------------------------------------------------------------------------------------
 
+
 def test_config_precedence_file_then_environment_then_flags(tmp_path):
     f = tmp_path / "edgebox.toml"
-    f.write_text('budget = 9.0\n[mqtt]\ndevice_id = "box-file"\nusername = "file-user"\npassword = "file-pw"\n'
-                 '[serve]\nmax_in_flight = 3\n')
+    f.write_text(
+        'budget = 9.0\n[mqtt]\ndevice_id = "box-file"\nusername = "file-user"\npassword = "file-pw"\n[serve]\nmax_in_flight = 3\n'
+    )
     cfg = load_config(f, {"max_in_flight": 5, "chips": None}, env={})
     assert (cfg.device_id, cfg.budget, cfg.max_in_flight, cfg.username) == ("box-file", 9.0, 5, "file-user")
     assert cfg.resolved_password({}) == "file-pw"
@@ -65,25 +67,30 @@ def test_password_is_never_a_flag():
     from typer.main import get_command
 
     from edgebox.cli import app
+
     serve = get_command(app).commands["serve"]
     flags = {p.name for p in serve.params}
     assert "password" not in flags
     assert set(FLAG_SETTINGS) <= flags, f"settings without a serve flag: {set(FLAG_SETTINGS) - flags}"
-    r = subprocess.run([sys.executable, "-m", "edgebox.cli", "serve", "--password", "x"], capture_output=True, text=True,
-                       cwd=REPO, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgebox.cli", "serve", "--password", "x"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert r.returncode == 2 and "No such option" in r.stderr
 
 
-@pytest.mark.parametrize("text, says", [
-    ("nonsense = 1\n", "unknown setting 'nonsense'"),
-    ("[mqtt]\nbroker = \"http://x\"\n", "broker"),
-    ("[mqtt]\nbroker = \"mqtt://user:pw@host:1883\"\n", "credentials"),
-    ("device_id = \"a/b\"\n", "device_id"),
-    ("chips = \"four\"\n", "chips"),
-    ("budget = 1\n[power]\nbudget = 2\n", "set twice"),
-    ("max_in_flight = \n", "not valid TOML"),
-    ("[mqtt]\nca_file = \"/ca.pem\"\n", "mqtts://"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("nonsense = 1\n", "unknown setting 'nonsense'"),
+        ('[mqtt]\nbroker = "http://x"\n', "broker"),
+        ('[mqtt]\nbroker = "mqtt://user:pw@host:1883"\n', "credentials"),
+        ('device_id = "a/b"\n', "device_id"),
+        ('chips = "four"\n', "chips"),
+        ("budget = 1\n[power]\nbudget = 2\n", "set twice"),
+        ("max_in_flight = \n", "not valid TOML"),
+        ('[mqtt]\nca_file = "/ca.pem"\n', "mqtts://"),
+    ],
+)
 def test_bad_config_is_one_clear_line(tmp_path, text, says):
     f = tmp_path / "bad.toml"
     f.write_text(text)
@@ -119,15 +126,22 @@ def test_example_config_is_valid_and_sets_every_documented_key():
 
 # -- schemas --------------------------------------------------------------------------------------
 
+
 def test_generate_params_validation():
     assert GenerateParams.model_validate({"prompt": "hi"}).max_tokens == 128
     ok = GenerateParams.model_validate({"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "stop": ["\n"]})
     assert ok.temperature == 0.0 and ok.messages[0].role == "user"
-    for bad, where in [({}, "exactly one"), ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one"),
-                       ({"prompt": "a", "max_tokens": "3"}, "max_tokens"), ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
-                       ({"prompt": "a", "top_p": 2}, "top_p"), ({"prompt": "a", "stream": "yes"}, "stream"),
-                       ({"prompt": "a", "messages": None, "stop": [""]}, "stop"),
-                       ({"messages": [{"role": "robot", "content": "x"}]}, "role"), ({"prompt": 5}, "prompt")]:
+    for bad, where in [
+        ({}, "exactly one"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one"),
+        ({"prompt": "a", "max_tokens": "3"}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "a", "top_p": 2}, "top_p"),
+        ({"prompt": "a", "stream": "yes"}, "stream"),
+        ({"prompt": "a", "messages": None, "stop": [""]}, "stop"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"prompt": 5}, "prompt"),
+    ]:
         with pytest.raises(ValidationError) as e:
             GenerateParams.model_validate(bad)
         assert where in describe_validation_error(e.value, "params"), (bad, describe_validation_error(e.value))
@@ -147,6 +161,7 @@ def test_reply_topics():
 
 
 # -- sd_notify --------------------------------------------------------------------------------------
+
 
 def _receiver(address: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -189,13 +204,17 @@ def test_notify_without_systemd_is_a_no_op():
     assert not n.enabled and n.ready() is False and n.watchdog_interval_s is None
     # the watchdog is someone else's when WATCHDOG_PID names another process
     assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_interval_s is None
-    assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}).watchdog_interval_s == 0.5
+    assert (
+        Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}).watchdog_interval_s == 0.5
+    )
 
 
 # -- deploy/ ----------------------------------------------------------------------------------------
 
+
 def needs_systemd_analyze(test):
     """systemd-analyze is part of the test environment (.ci/run installs it): its absence fails."""
+
     def run(*args, **kwargs):
         assert shutil.which("systemd-analyze"), "systemd-analyze missing: apt-get install systemd (.ci/run does)"
         return test(*args, **kwargs)
@@ -224,15 +243,24 @@ def test_unit_passes_systemd_analyze_verify_without_a_word(tmp_path):
 @needs_systemd_analyze
 def test_unit_is_hardened(tmp_path):
     unit = _unit_with_real_exec(tmp_path)
-    r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True, text=True, timeout=60)
     m = re.search(r"Overall exposure level for edgebox\.service: (\d+\.\d+)", r.stdout)
     assert m, r.stdout[-2000:] + r.stderr
     assert float(m.group(1)) <= 3.0, r.stdout
     text = unit.read_text()
-    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "ProtectSystem=strict",
-                 "StateDirectory=edgebox", "ConfigurationDirectory=edgebox", "CacheDirectory=edgebox",
-                 "CapabilityBoundingSet=\n", "SystemCallFilter=@system-service", "NUMBA_CACHE_DIR=/var/cache/edgebox"):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=edgebox",
+        "ConfigurationDirectory=edgebox",
+        "CacheDirectory=edgebox",
+        "CapabilityBoundingSet=\n",
+        "SystemCallFilter=@system-service",
+        "NUMBA_CACHE_DIR=/var/cache/edgebox",
+    ):
         assert line in text, line
     assert not re.search(r"^MemoryDenyWriteExecute=yes", text, re.M)  # numba's JIT needs W+X pages
 
@@ -240,8 +268,23 @@ def test_unit_is_hardened(tmp_path):
 def test_install_script_stages_config_and_unit(tmp_path):
     root = tmp_path / "root"
     env = {**os.environ, "EDGEBOX_MQTT_PASSWORD": "pw-1"}
-    run = lambda: subprocess.run(["bash", str(DEPLOY / "install.sh"), "--root", str(root), "--no-venv", "--device-id", "box-7",  # noqa: E731
-                                  "--broker", "mqtt://10.0.0.2:1883"], capture_output=True, text=True, env=env, timeout=60)
+    run = lambda: subprocess.run(
+        [
+            "bash",
+            str(DEPLOY / "install.sh"),
+            "--root",
+            str(root),
+            "--no-venv",
+            "--device-id",
+            "box-7",  # noqa: E731
+            "--broker",
+            "mqtt://10.0.0.2:1883",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     r = run()
     assert r.returncode == 0, r.stderr
     config = root / "etc/edgebox/edgebox.toml"
@@ -256,8 +299,12 @@ def test_install_script_stages_config_and_unit(tmp_path):
     config.write_text(config.read_text() + "\n# operator's edit\n")
     r = run()  # idempotent: the config and the password are never overwritten
     assert r.returncode == 0 and "kept existing" in r.stdout and "operator's edit" in config.read_text()
-    bad = subprocess.run(["bash", str(DEPLOY / "install.sh"), "--root", str(root), "--no-venv", "--device-id", "a/b"],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        ["bash", str(DEPLOY / "install.sh"), "--root", str(root), "--no-venv", "--device-id", "a/b"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "device id" in bad.stderr
 
 
@@ -271,6 +318,7 @@ def test_mosquitto_acl_confines_each_device_to_its_tree():
 
 # -- power and telemetry ----------------------------------------------------------------------------
 
+
 def test_telemetry_reports_throttle_changes_as_events(tmp_path):
     from firmware_stub.firmware import Firmware
 
@@ -283,7 +331,7 @@ def test_telemetry_reports_throttle_changes_as_events(tmp_path):
         reasons.write_text("thermal\n")
         sample, events = sampler.sample()
         assert events == [("throttled", {"chip": "chip0", "reasons": ["thermal"]})]
-        assert sampler.sample()[1] == []                 # no change, no event
+        assert sampler.sample()[1] == []  # no change, no event
         reasons.write_text("none\n")
         assert sampler.sample()[1] == [("unthrottled", {"chip": "chip0", "reasons": []})]
         # a clock capped by the idle governor is "idle", not a budget cap
@@ -304,7 +352,7 @@ def test_box_power_keeps_the_budget_and_one_tree(tmp_path):
     power = BoxPower(10.0, tmp_path / "fw", governor=True, max_batch=4)
     with pytest.raises(ValueError, match="positive"):
         power.set_budget(-1)
-    power.set_budget(6.0)                               # no model yet: kept for the next load
+    power.set_budget(6.0)  # no model yet: kept for the next load
     assert power.status() == {"enforced": True, "budget_w": 6.0, "short_ceiling_w": 7.2, "reason": "no model is loaded"}
     model = edgebox.load(TEST_MODEL, chips=2)
     power.install(model)

@@ -55,8 +55,10 @@ def test_long_prompt_arriving_mid_stream_does_not_freeze_running_streams(model):
     e = Engine(model, max_batch=4, prefill_chunk=16)
     try:
         arrivals: list[float] = []
-        running = e.submit(Request(prompt="x = 1\n", max_tokens=60, params=GREEDY),
-                           on_event=lambda ev: arrivals.append(time.perf_counter()) if isinstance(ev, Chunk) else None)
+        running = e.submit(
+            Request(prompt="x = 1\n", max_tokens=60, params=GREEDY),
+            on_event=lambda ev: arrivals.append(time.perf_counter()) if isinstance(ev, Chunk) else None,
+        )
         while len(arrivals) < 3:
             time.sleep(0.005)
         long_prompt = "def f(x):\n    return x * 2\n" * 40  # ~400 tokens: 25 chunks of 16
@@ -138,8 +140,11 @@ def test_same_seed_same_text(engine):
     hot = edgebox.SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=42)
     a = engine.generate(Request(prompt="import", max_tokens=16, params=hot)).text
     b = engine.generate(Request(prompt="import", max_tokens=16, params=hot)).text
-    c = engine.generate(Request(prompt="import", max_tokens=16,
-                                params=edgebox.SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=43))).text
+    c = engine.generate(
+        Request(
+            prompt="import", max_tokens=16, params=edgebox.SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=43)
+        )
+    ).text
     assert a == b and a != c
 
 

@@ -8,8 +8,19 @@ from edgebox.engine.sequence import Sequence, context_shift
 from edgebox.gguf.args import LlamaArgs
 from edgebox.model.kv_cache import KVCache
 
-ARGS = LlamaArgs(n_vocab=32, n_embd=8, n_layer=1, n_head=1, n_head_kv=1, n_ff=8, n_ctx_train=64, n_rot=8,
-                 rope_freq_base=10000.0, rope_freq_scale=1.0, rms_eps=1e-6)
+ARGS = LlamaArgs(
+    n_vocab=32,
+    n_embd=8,
+    n_layer=1,
+    n_head=1,
+    n_head_kv=1,
+    n_ff=8,
+    n_ctx_train=64,
+    n_rot=8,
+    rope_freq_base=10000.0,
+    rope_freq_scale=1.0,
+    rms_eps=1e-6,
+)
 N_CTX = 64
 PER_TOKEN = KVCache(ARGS, 1).nbytes
 
@@ -36,23 +47,30 @@ def running(ids, done, pending=None, max_tokens=8, **kw) -> Sequence:
 
 
 def plan(run, queue, cache=(), limit=4, chunk=16, budget_tokens=1000):
-    return schedule(run, queue, list(cache), batch_limit=limit, prefill_chunk=chunk,
-                    kv_budget_bytes=budget_tokens * PER_TOKEN, kv_bytes_per_token=PER_TOKEN)
+    return schedule(
+        run,
+        queue,
+        list(cache),
+        batch_limit=limit,
+        prefill_chunk=chunk,
+        kv_budget_bytes=budget_tokens * PER_TOKEN,
+        kv_bytes_per_token=PER_TOKEN,
+    )
 
 
 def test_decode_rows_first_then_prompt_chunks_sharing_the_chunk_oldest_first():
-    a = running(range(10), 12, pending=3)            # decoding at context 12
-    b = running(range(30), 8)                        # reading its prompt: 22 left
-    c = running(range(20), 0)                        # reading its prompt: 20 left
+    a = running(range(10), 12, pending=3)  # decoding at context 12
+    b = running(range(30), 8)  # reading its prompt: 22 left
+    c = running(range(20), 0)  # reading its prompt: 20 left
     p = plan([a, b, c], [queued(range(5))], chunk=16)
     assert p.decode == (a,) and p.prefill == ((b, 16),)
     assert p.cost == ((1, 13), (16, 24)) and p.n_logits == 2
-    assert len(p.admitted) == 1 and p.admitted[0].rows == 0   # joins, reads its prompt next step
+    assert len(p.admitted) == 1 and p.admitted[0].rows == 0  # joins, reads its prompt next step
 
 
 def test_admission_is_fifo_within_the_batch_limit_and_the_kv_budget():
     q1, q2, q3 = queued(range(4), max_tokens=20), queued(range(4), max_tokens=60), queued(range(2))
-    p = plan([], [q1, q2, q3], budget_tokens=70)     # q2 (64 slots) does not fit after q1 (24): q3 waits too
+    p = plan([], [q1, q2, q3], budget_tokens=70)  # q2 (64 slots) does not fit after q1 (24): q3 waits too
     assert [a.queued for a in p.admitted] == [q1] and p.cost == ((4, 4),)
     p = plan([], [q1, q2, q3], limit=1)
     assert [a.queued for a in p.admitted] == [q1]
@@ -64,9 +82,9 @@ def test_cancelled_requests_leave_and_cached_prompts_make_room():
     old = KVCache(ARGS, 30)
     old.length = 20
     cache = [(list(range(40, 60)), old)]
-    p = plan([], [q1, q2], cache, budget_tokens=30 + 13)    # q2 (14 slots) fits only if the cache goes
+    p = plan([], [q1, q2], cache, budget_tokens=30 + 13)  # q2 (14 slots) fits only if the cache goes
     assert p.dropped == (q1,) and p.evicted == 1 and p.admitted[0].prefix_from is None
-    p = plan([], [q1, q2], cache)                            # room for both: q2 reuses 5 cached tokens
+    p = plan([], [q1, q2], cache)  # room for both: q2 reuses 5 cached tokens
     assert p.evicted == 0 and p.admitted[0].prefix_from is old and p.admitted[0].cached == 5
     assert p.cost == ((1, 6),)
     s = running(range(10), 12, pending=1)

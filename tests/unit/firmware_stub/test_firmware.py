@@ -21,9 +21,23 @@ from firmware_stub import Firmware, cpufreq_dir, hwmon_dir
 from firmware_stub.physics import thermal_step
 
 REPO = Path(__file__).resolve().parents[3]
-INT_FILES = ("power1_input", "power1_average", "power1_average_interval", "power1_crit", "energy1_input",
-             "energy1_max_range_uj", "in0_input", "curr1_input", "temp1_input", "temp1_max", "temp1_max_hyst",
-             "temp1_crit", "temp1_max_alarm", "temp1_crit_alarm", "oc1_event_cnt")
+INT_FILES = (
+    "power1_input",
+    "power1_average",
+    "power1_average_interval",
+    "power1_crit",
+    "energy1_input",
+    "energy1_max_range_uj",
+    "in0_input",
+    "curr1_input",
+    "temp1_input",
+    "temp1_max",
+    "temp1_max_hyst",
+    "temp1_crit",
+    "temp1_max_alarm",
+    "temp1_crit_alarm",
+    "oc1_event_cnt",
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +66,7 @@ def _read(path: Path) -> str:
 
 # --- units and layout --------------------------------------------------------------------------
 
+
 def test_files_are_integers_in_hwmon_units(tmp_path, r100):
     fw = Firmware(r100, 2, root=tmp_path)
     for _ in range(10):
@@ -63,16 +78,16 @@ def test_files_are_integers_in_hwmon_units(tmp_path, r100):
         assert text.endswith("\n") and text.strip().isdigit(), f"{name}: {text!r}"
     assert _read(hw / "name").strip() == r100.hwmon_name
     s = fw.state(0)
-    assert int(_read(hw / "power1_input")) == round(s.power_w * 1e6)              # µW
-    assert int(_read(hw / "in0_input")) == s.voltage_mv == 925                     # mV
-    assert int(_read(hw / "curr1_input")) == round(s.power_w / 0.925 * 1e3)        # mA
-    assert int(_read(hw / "temp1_input")) == round(s.temp_c * 1e3)                 # m°C
-    assert int(_read(hw / "energy1_input")) == s.energy_counter_uj                 # µJ
+    assert int(_read(hw / "power1_input")) == round(s.power_w * 1e6)  # µW
+    assert int(_read(hw / "in0_input")) == s.voltage_mv == 925  # mV
+    assert int(_read(hw / "curr1_input")) == round(s.power_w / 0.925 * 1e3)  # mA
+    assert int(_read(hw / "temp1_input")) == round(s.temp_c * 1e3)  # m°C
+    assert int(_read(hw / "energy1_input")) == s.energy_counter_uj  # µJ
     assert int(_read(hw / "temp1_max")) == 85000 and int(_read(hw / "temp1_max_hyst")) == 75000
     assert _read(hw / "throttle_reasons").strip() == "none"
     cf = cpufreq_dir(tmp_path, 0)
     avail = [int(x) for x in _read(cf / "scaling_available_frequencies").split()]
-    assert avail == [f * 1000 for f in r100.freqs_mhz]                            # kHz
+    assert avail == [f * 1000 for f in r100.freqs_mhz]  # kHz
     assert int(_read(cf / "scaling_cur_freq")) == 1_500_000
     assert int(_read(cf / "scaling_max_freq")) == 1_500_000
     assert "chips=2" in _read(tmp_path / "firmware")
@@ -87,6 +102,7 @@ def test_in_memory_mode_needs_no_directory(r100):
 
 
 # --- energy ------------------------------------------------------------------------------------
+
 
 def test_energy_is_the_integral_of_power(r100):
     fw = Firmware(r100, 1)
@@ -113,7 +129,7 @@ def test_power_average_and_input_follow_a_load_step(r100):
     idle_w = cost.idle_power_w(r100, r100.max_mhz)
     assert fw.state(0).average_power_w == pytest.approx(idle_w)
     busy_w = None
-    while fw.time_s(0) < 1.05:                       # half the averaging window busy
+    while fw.time_s(0) < 1.05:  # half the averaging window busy
         t = _decode_op(fw, 0)
         busy_w = cost.busy_energy_j(r100, r100.max_mhz, t, 3.5e9, 1e9) / t
     fw.publish()
@@ -123,7 +139,7 @@ def test_power_average_and_input_follow_a_load_step(r100):
 
 
 def test_energy_counter_wraps_and_the_reader_corrects(tmp_path, r100):
-    wrap_uj = 1_000_000                              # 1 J: wraps every ~0.25 s at 4 W
+    wrap_uj = 1_000_000  # 1 J: wraps every ~0.25 s at 4 W
     fw = Firmware(r100, 1, root=tmp_path, energy_wrap_uj=wrap_uj, publish_interval_s=0.02)
     sensor = firmware_sensors(tmp_path, clock=lambda: fw.time_s(0))[0]
     first = sensor.read()
@@ -136,13 +152,14 @@ def test_energy_counter_wraps_and_the_reader_corrects(tmp_path, r100):
     fw.publish()
     last = sensor.read()
     total_j = fw.state(0).energy_j
-    assert total_j > 5 * wrap_uj * 1e-6                                  # it did wrap, several times
+    assert total_j > 5 * wrap_uj * 1e-6  # it did wrap, several times
     assert any(b < a for a, b in zip(raw_seen, raw_seen[1:], strict=False))
     assert max(raw_seen) < wrap_uj
     assert last.energy_j - first.energy_j == pytest.approx(total_j, abs=1e-5)
 
 
 # --- thermal -----------------------------------------------------------------------------------
+
 
 def test_thermal_rc_time_constant_and_steady_state(r100):
     p = r100
@@ -151,7 +168,7 @@ def test_thermal_rc_time_constant_and_steady_state(r100):
     ops, nbytes = 1e9, 0.5 * op_s * cost.bandwidth_bytes_per_s(p, p.max_mhz)
     power_w = cost.busy_energy_j(p, p.max_mhz, op_s, ops, nbytes) / op_s
     steady_c = p.ambient_c + p.thermal_resistance_c_per_w * power_w
-    assert steady_c < p.throttle_c                               # no trip in this test
+    assert steady_c < p.throttle_c  # no trip in this test
     tau = p.thermal_tau_s
     while fw.time_s(0) < tau - 1e-9:
         fw.activity(0, op_s, ops, nbytes)
@@ -169,9 +186,9 @@ def test_thermal_rc_time_constant_and_steady_state(r100):
 def test_thermal_trip_forces_lowest_clock_and_recovers_with_hysteresis(tmp_path):
     p = _profile_with(thermal={"capacitance_j_per_c": 0.05}, power={"over_current_w": 100.0})
     fw = Firmware(p, 1, root=tmp_path, publish_interval_s=0.01)
-    ops = 1e9                                         # compute-bound: ~5 W at 1500 MHz -> ~95 °C steady
+    ops = 1e9  # compute-bound: ~5 W at 1500 MHz -> ~95 °C steady
     seen_trip_at = None
-    for _ in range(20000):                            # tau = 0.6 s; the trip comes after ~1.2 s
+    for _ in range(20000):  # tau = 0.6 s; the trip comes after ~1.2 s
         t = cost.op_time(p, fw.freq_mhz(0), ops, 1e7)
         fw.activity(0, t, ops, 1e7)
         if fw.state(0).temp_c >= p.throttle_c:
@@ -193,14 +210,14 @@ def test_thermal_trip_forces_lowest_clock_and_recovers_with_hysteresis(tmp_path)
             assert fw.freq_mhz(0) == p.min_mhz
         fw.idle(0, 0.005)
     assert saw_hysteresis_band
-    assert fw.freq_mhz(0) == p.max_mhz                 # released: back to scaling_max_freq
+    assert fw.freq_mhz(0) == p.max_mhz  # released: back to scaling_max_freq
     assert "thermal" not in fw.state(0).throttle_reasons
 
 
 def test_over_current_counts_events_and_drops_the_clock(r100):
     fw = Firmware(r100, 1)
     f = fw.freq_mhz(0)
-    ops, nbytes = 1e10, 1.5e8                           # at the roofline ridge: MACs and DRAM both busy
+    ops, nbytes = 1e10, 1.5e8  # at the roofline ridge: MACs and DRAM both busy
     t = cost.op_time(r100, f, ops, nbytes)
     assert cost.busy_energy_j(r100, f, t, ops, nbytes) / t > r100.over_current_w
     fw.activity(0, t, ops, nbytes)
@@ -214,20 +231,20 @@ def test_over_current_counts_events_and_drops_the_clock(r100):
     assert fw.state(0).oc_events == 1 and fw.freq_mhz(0) == dropped
     fw.idle(0, r100.over_current_hold_s + 0.01)
     assert fw.freq_mhz(0) == r100.max_mhz and "over_current" not in fw.state(0).throttle_reasons
-    fw.activity(0, t, ops, nbytes)                      # a new rising edge: a new event
+    fw.activity(0, t, ops, nbytes)  # a new rising edge: a new event
     assert fw.state(0).oc_events == 2
 
 
 def test_a_sustained_over_current_is_one_event():
-    p = _profile_with(power={"over_current_drop_levels": 0})   # the alarm without the clock drop
+    p = _profile_with(power={"over_current_drop_levels": 0})  # the alarm without the clock drop
     fw = Firmware(p, 1)
     ops, nbytes = 1e10, 1.5e8
     for _ in range(5):
         fw.activity(0, cost.op_time(p, fw.freq_mhz(0), ops, nbytes), ops, nbytes)
     assert fw.state(0).oc_events == 1 and fw.freq_mhz(0) == p.max_mhz
-    fw.idle(0, 0.001)                                   # back under the limit ...
+    fw.idle(0, 0.001)  # back under the limit ...
     fw.activity(0, cost.op_time(p, fw.freq_mhz(0), ops, nbytes), ops, nbytes)
-    assert fw.state(0).oc_events == 2                   # ... so the next crossing counts
+    assert fw.state(0).oc_events == 2  # ... so the next crossing counts
 
 
 def test_decode_at_full_clock_does_not_trip_over_current(r100):
@@ -239,28 +256,29 @@ def test_decode_at_full_clock_does_not_trip_over_current(r100):
 
 # --- the scaling_max_freq knob -----------------------------------------------------------------
 
+
 def test_scaling_max_freq_writes_take_effect_and_bad_ones_are_refused(tmp_path, r100):
     fw = Firmware(r100, 2, root=tmp_path, publish_interval_s=0.01)
     knob = cpufreq_dir(tmp_path, 1) / "scaling_max_freq"
 
     def write_and_step(text: str) -> None:
         knob.write_text(text)
-        fw.idle(1, 0.011)                              # the firmware reads it back at its next tick
+        fw.idle(1, 0.011)  # the firmware reads it back at its next tick
 
     write_and_step("800000\n")
     assert fw.freq_mhz(1) == 800 and fw.freq_mhz(0) == 1500
     assert int(_read(cpufreq_dir(tmp_path, 1) / "scaling_cur_freq")) == 800_000
-    write_and_step("1100000\n")                         # between levels: the level below
+    write_and_step("1100000\n")  # between levels: the level below
     assert fw.freq_mhz(1) == 1000
-    write_and_step("99999999\n")                        # above range: clamped
+    write_and_step("99999999\n")  # above range: clamped
     assert fw.freq_mhz(1) == 1500 and int(_read(knob)) == 1_500_000
-    write_and_step("100\n")                             # below range: clamped to the lowest
+    write_and_step("100\n")  # below range: clamped to the lowest
     assert fw.freq_mhz(1) == 400 and int(_read(knob)) == 400_000
-    write_and_step("fast please\n")                     # garbage: refused, previous value kept
+    write_and_step("fast please\n")  # garbage: refused, previous value kept
     assert fw.freq_mhz(1) == 400 and int(_read(knob)) == 400_000
     write_and_step("-5\n")
     assert fw.freq_mhz(1) == 400 and fw.refused_writes[1] == 2
-    write_and_step("")                                  # caught mid-write: ignored until next tick
+    write_and_step("")  # caught mid-write: ignored until next tick
     assert fw.freq_mhz(1) == 400
     assert fw.set_max_freq(1, 1234) == 1200 and int(_read(knob)) == 1_200_000
     assert fw.set_max_freq(1, 10**6) == 1500
@@ -274,7 +292,7 @@ def test_runtime_cap_and_protection_combine(r100):
     fw = Firmware(r100, 1)
     fw.set_max_freq(0, 1000)
     assert fw.freq_mhz(0) == 1000 and fw.max_freq_mhz(0) == 1000
-    ops, nbytes = 1e10, 1e8                             # ridge work: under the limit at 1000 MHz
+    ops, nbytes = 1e10, 1e8  # ridge work: under the limit at 1000 MHz
     t = cost.op_time(r100, 1000, ops, nbytes)
     fw.activity(0, t, ops, nbytes)
     assert fw.state(0).oc_events == 0
@@ -282,10 +300,11 @@ def test_runtime_cap_and_protection_combine(r100):
 
 # --- cost of publishing ------------------------------------------------------------------------
 
+
 def test_a_60s_dry_run_publishes_cheaply(tmp_path, r100):
     fw = Firmware(r100, 4, root=tmp_path, publish_interval_s=0.02)
     t0 = time.perf_counter()
-    step_s = cost.op_time(r100, r100.max_mhz, 3.5e9, 0.975e9)   # about a 7B decode step
+    step_s = cost.op_time(r100, r100.max_mhz, 3.5e9, 0.975e9)  # about a 7B decode step
     while fw.time_s(0) < 60.0:
         for chip in range(4):
             fw.activity(chip, step_s, 3.5e9, 0.975e9)
@@ -296,11 +315,16 @@ def test_a_60s_dry_run_publishes_cheaply(tmp_path, r100):
 
 # --- separate process --------------------------------------------------------------------------
 
+
 def test_separate_process_starts_publishes_and_stops_on_sigterm(tmp_path):
     root = tmp_path / "fw"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "firmware_stub", "--root", str(root), "--chips", "2",
-                             "--tick-s", "0.05"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "firmware_stub", "--root", str(root), "--chips", "2", "--tick-s", "0.05"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         energy = hwmon_dir(root, 1) / "energy1_input"
         deadline = time.monotonic() + 15
@@ -314,7 +338,7 @@ def test_separate_process_starts_publishes_and_stops_on_sigterm(tmp_path):
         while int(cur.read_text()) != 600_000 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert int(cur.read_text()) == 600_000
-        assert int(energy.read_text()) > e0                     # idle chips still draw static power
+        assert int(energy.read_text()) > e0  # idle chips still draw static power
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0, proc.stderr.read().decode()
         assert not (root / "firmware").exists()
@@ -326,6 +350,11 @@ def test_separate_process_starts_publishes_and_stops_on_sigterm(tmp_path):
 
 def test_separate_process_reports_a_bad_profile_in_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "firmware_stub", "--root", str(tmp_path), "--profile", "nope"],
-                       env=env, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "firmware_stub", "--root", str(tmp_path), "--profile", "nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope" in r.stderr

@@ -45,6 +45,7 @@ def _raw(name: str) -> dict:
 
 # --- profiles ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["r100-edge", "host"])
 def test_shipped_profiles_load(name):
     p = load_profile(name)
@@ -60,9 +61,8 @@ def test_every_number_in_the_profiles_is_commented():
         lines = (PROFILE_DIR / f"{name}.toml").read_text().splitlines()
         for i, line in enumerate(lines):
             if re.match(r"^[a-z_0-9]+\s*=\s*[-0-9\[]", line) and "#" not in line:
-                above = [ln for ln in lines[max(0, i - 12):i] if ln.strip()]
-                assert any(ln.lstrip().startswith("#") for ln in above), \
-                    f"{name}.toml line {i + 1} has no reasoning: {line}"
+                above = [ln for ln in lines[max(0, i - 12) : i] if ln.strip()]
+                assert any(ln.lstrip().startswith("#") for ln in above), f"{name}.toml line {i + 1} has no reasoning: {line}"
 
 
 def test_profile_is_frozen(r100):
@@ -70,15 +70,18 @@ def test_profile_is_frozen(r100):
         r100.dram_bytes_per_s = 1.0  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("table,key,value,needle", [
-    ("memory", "dram_gbps", -5.0, "[memory] dram_gbps"),
-    ("memory", "dram_gbps", "fast", "[memory] dram_gbps"),
-    ("dvfs", "levels", [[800, 700], [600, 650]], "[dvfs] levels"),
-    ("dvfs", "levels", [[800, "x"]], "[dvfs] levels"),
-    ("power", "busy_activity", 1.5, "[power] busy_activity"),
-    ("thermal", "throttle_c", 20.0, "[thermal] throttle_c"),
-    ("chip", "hwmon_name", "r100-edge", "[chip] hwmon_name"),
-])
+@pytest.mark.parametrize(
+    "table,key,value,needle",
+    [
+        ("memory", "dram_gbps", -5.0, "[memory] dram_gbps"),
+        ("memory", "dram_gbps", "fast", "[memory] dram_gbps"),
+        ("dvfs", "levels", [[800, 700], [600, 650]], "[dvfs] levels"),
+        ("dvfs", "levels", [[800, "x"]], "[dvfs] levels"),
+        ("power", "busy_activity", 1.5, "[power] busy_activity"),
+        ("thermal", "throttle_c", 20.0, "[thermal] throttle_c"),
+        ("chip", "hwmon_name", "r100-edge", "[chip] hwmon_name"),
+    ],
+)
 def test_bad_field_gives_one_line_naming_file_and_field(tmp_path, table, key, value, needle):
     data = _raw("r100-edge")
     data[table][key] = value
@@ -105,6 +108,7 @@ def test_missing_field_and_missing_file_and_bad_toml(tmp_path):
 
 # --- calibration claims ------------------------------------------------------------------------
 
+
 def test_full_clock_needs_a_budget(r100, deepseek):
     """Claim 1: four chips at full clock draw clearly more than 10 W on 7B decode."""
     top = decode(deepseek, r100.max_mhz, 1)
@@ -117,7 +121,7 @@ def test_about_30_tokens_per_s_within_10_w(r100, deepseek):
     within = [e for e in within if e.power_w <= BUDGET_W]
     best = max(within, key=lambda e: e.tokens_per_s)
     assert 27.0 <= best.tokens_per_s <= 33.0
-    assert best.power_w > 0.8 * BUDGET_W        # the budget is used, not wasted
+    assert best.power_w > 0.8 * BUDGET_W  # the budget is used, not wasted
 
 
 def test_the_calibration_table_in_the_toml_matches_the_model(r100, deepseek):
@@ -128,7 +132,7 @@ def test_the_calibration_table_in_the_toml_matches_the_model(r100, deepseek):
         vals = [float(x) for x in numbers.split()]
         for i, batch in enumerate((1, 4, 16)):
             e = decode(deepseek, int(mhz), batch)
-            tps, watts, jpt = vals[3 * i: 3 * i + 3]
+            tps, watts, jpt = vals[3 * i : 3 * i + 3]
             assert (tps, watts) == pytest.approx((e.tokens_per_s, e.power_w), abs=0.051), (mhz, batch)
             assert jpt == pytest.approx(e.joules_per_token, abs=0.00051), (mhz, batch)
 
@@ -139,7 +143,7 @@ def test_dvfs_trades_speed_for_power_on_decode(r100, deepseek):
     tps, watts = list(est.tokens_per_s), list(est.power_w)
     assert tps == sorted(tps) and len(set(tps)) == len(tps)
     assert watts == sorted(watts)
-    assert not est.compute_bound.any()          # memory-bound at every level
+    assert not est.compute_bound.any()  # memory-bound at every level
 
 
 def test_batching_raises_throughput_per_watt(deepseek):
@@ -158,6 +162,7 @@ def test_7b_fits_in_chip_memory(r100):
 
 
 # --- cost model --------------------------------------------------------------------------------
+
 
 def test_roofline_memory_bound(r100):
     f = r100.max_mhz
@@ -238,10 +243,11 @@ def test_host_profile_is_one_level_and_predicts_a_plausible_speed():
     finally:
         m.close()
     assert len(host.levels) == 1
-    assert 1.0 < est.tokens_per_s < 20.0       # a 2-core VM decodes 7B Q4_0 at a few tok/s
+    assert 1.0 < est.tokens_per_s < 20.0  # a 2-core VM decodes 7B Q4_0 at a few tok/s
 
 
 # --- a tiny TOML writer for the broken-profile tests (tomllib only reads) -----------------------
+
 
 def _dump_toml(data: dict) -> str:
     def val(v):
@@ -252,6 +258,7 @@ def _dump_toml(data: dict) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(val(x) for x in v) + "]"
         return repr(v)
+
     out = []
     for table, items in data.items():
         out.append(f"[{table}]")

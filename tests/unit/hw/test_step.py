@@ -19,8 +19,7 @@ def _chip(heads: int, kv: int, ffn: int, vocab: int, layers: int = 3) -> ChipWor
     q, k = heads * HD, kv * HD
     attn = ((q, D, q * D // 2, True), (k, D, k * D // 2, True), (k, D, k * D // 2, True), (D, q, D * q // 2, True))
     ffn_ = ((ffn, D, ffn * D // 2, True), (ffn, D, ffn * D // 2, True), (D, ffn, D * ffn * 2, False))
-    return ChipWork(attn=(attn,) * layers, ffn=(ffn_,) * layers, head=((vocab, D, vocab * D // 2, True),),
-                    n_heads=heads, n_kv=kv)
+    return ChipWork(attn=(attn,) * layers, ffn=(ffn_,) * layers, head=((vocab, D, vocab * D // 2, True),), n_heads=heads, n_kv=kv)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +36,10 @@ def uneven(r100) -> StepWork:
 def _ops(chip: ChipWork, step: Step, layer_half: str) -> list[tuple[float, float, bool]]:
     """(ops, bytes, int8) of each op of one half-layer of a chip, written out from the model."""
     R, P, C, _ = step
-    out = [(2 * R * n_out * n_in, w + R * (n_in + n_out) * ACT_BYTES, int8)
-           for n_out, n_in, w, int8 in (chip.attn[0] if layer_half == "attn" else chip.ffn[0])]
+    out = [
+        (2 * R * n_out * n_in, w + R * (n_in + n_out) * ACT_BYTES, int8)
+        for n_out, n_in, w, int8 in (chip.attn[0] if layer_half == "attn" else chip.ffn[0])
+    ]
     out.append((2 * R * D, 2 * R * D * 4, False))
     if layer_half == "attn":
         out.append((4 * P * chip.n_heads * HD, 2 * C * chip.n_kv * HD * KV_BYTES, False))
@@ -51,8 +52,7 @@ def test_a_step_is_the_roofline_of_each_op_lock_stepped_plus_the_ring(r100, unev
     chips = [_chip(3, 1, 96, 600), _chip(1, 1, 32, 400)]
     halves = [[sum(cost.op_time(r100, f, o, b, i8) for o, b, i8 in _ops(c, step, h)) for c in chips] for h in ("attn", "ffn")]
     head = [sum(cost.op_time(r100, f, 2 * 2 * n_out * n_in, w, i8) for n_out, n_in, w, i8 in c.head) for c in chips]
-    link_s = (6 * cost.link_time(r100, 6 * D * ACT_BYTES, 2, "allreduce")
-              + cost.link_time(r100, 2 * VOCAB * 4, 2, "allgather"))
+    link_s = 6 * cost.link_time(r100, 6 * D * ACT_BYTES, 2, "allreduce") + cost.link_time(r100, 2 * VOCAB * 4, 2, "allgather")
     c = step_cost(uneven, step, np.array([f]))
     busy = [3 * (halves[0][i] + halves[1][i]) + head[i] for i in range(2)]
     assert c.busy_s[:, 0] == pytest.approx(busy, rel=1e-12)
@@ -60,7 +60,7 @@ def test_a_step_is_the_roofline_of_each_op_lock_stepped_plus_the_ring(r100, unev
     assert c.step_s[0] == pytest.approx(wall + link_s, rel=1e-12)
     assert c.link_s == pytest.approx(link_s)
     assert c.idle_s[:, 0] == pytest.approx([wall - b for b in busy], abs=1e-15)
-    assert c.idle_s[1, 0] > 0 and c.idle_s[0, 0] == pytest.approx(0.0, abs=1e-15)   # the small chip waits
+    assert c.idle_s[1, 0] > 0 and c.idle_s[0, 0] == pytest.approx(0.0, abs=1e-15)  # the small chip waits
     ops0 = 3 * sum(o for h in ("attn", "ffn") for o, _, _ in _ops(chips[0], step, h)) + 2 * 2 * 600 * D
     assert c.ops[0] == ops0
 
@@ -73,7 +73,7 @@ def test_every_level_at_once_equals_one_level_at_a_time(r100, uneven):
         one = step_cost(uneven, step, np.array([f]))
         for name in ("step_s", "busy_s", "idle_s", "busy_j", "energy_j", "compute_s", "memory_s"):
             assert getattr(every, name)[..., lv] == pytest.approx(getattr(one, name)[..., 0], rel=1e-12), (name, f)
-    assert list(every.step_s) == sorted(every.step_s, reverse=True)           # faster clocks, shorter steps
+    assert list(every.step_s) == sorted(every.step_s, reverse=True)  # faster clocks, shorter steps
 
 
 def test_each_chip_at_its_own_clock(r100, uneven):
@@ -85,7 +85,7 @@ def test_each_chip_at_its_own_clock(r100, uneven):
     assert mixed.busy_s[0, 0] == pytest.approx(fast.busy_s[0, 0], rel=1e-12)
     assert mixed.busy_s[1, 0] == pytest.approx(slow.busy_s[1, 0], rel=1e-12)
     assert fast.step_s[0] < mixed.step_s[0] <= slow.step_s[0]
-    assert mixed.energy_j[0, 0] > 0 and mixed.idle_s[0, 0] > 0                 # the fast chip now waits
+    assert mixed.energy_j[0, 0] > 0 and mixed.idle_s[0, 0] > 0  # the fast chip now waits
 
 
 def test_the_energy_is_what_the_firmware_integrates(r100, uneven):
@@ -101,8 +101,9 @@ def test_the_energy_is_what_the_firmware_integrates(r100, uneven):
     for i in range(2):
         assert fw.state(i).energy_j == pytest.approx(float(c.energy_j[i, 0]), rel=1e-12)
         assert fw.time_s(i) == pytest.approx(float(c.step_s[0]), rel=1e-12)
-    assert c.busy_j[0, 0] == pytest.approx(cost.busy_energy_j(r100, f, float(c.busy_s[0, 0]), float(c.ops[0]),
-                                                               float(c.dram_bytes[0])), rel=1e-12)
+    assert c.busy_j[0, 0] == pytest.approx(
+        cost.busy_energy_j(r100, f, float(c.busy_s[0, 0]), float(c.ops[0]), float(c.dram_bytes[0])), rel=1e-12
+    )
 
 
 def test_one_chip_has_no_link(r100):

@@ -22,7 +22,7 @@ from edgebox.kernels.autotune import BUCKETS, NUMBA, ORT, Tuner, plan_shapes
 from edgebox.kernels.backend import AutoLinear, AutoOps, NumbaLinear, get_ops
 
 REPS = 2
-CALLS_PER_SHAPE = len(BUCKETS) * REPS * 2 * 2      # buckets x reps x backends x (start, stop)
+CALLS_PER_SHAPE = len(BUCKETS) * REPS * 2 * 2  # buckets x reps x backends x (start, stop)
 
 
 class CountingTimer:
@@ -32,14 +32,15 @@ class CountingTimer:
     def __call__(self) -> float:
         self.calls += 1
         import time
+
         return time.perf_counter()
 
 
 def weight(qtype, n_out, n_in, seed=0, name="w") -> Matrix:
     rng = np.random.default_rng(seed)
-    if qtype == QType.Q5_K:    # gguf cannot quantize it: random bytes with sane scales
+    if qtype == QType.Q5_K:  # gguf cannot quantize it: random bytes with sane scales
         raw = rng.integers(0, 256, (n_out, n_in // 256, 176), dtype=np.uint8)
-        raw[..., 0:4] = np.array([0.01, 0.01], np.float16).view(np.uint8)      # d, dmin
+        raw[..., 0:4] = np.array([0.01, 0.01], np.float16).view(np.uint8)  # d, dmin
         raw = raw.reshape(n_out, -1)
     else:
         w = rng.standard_normal((n_out, n_in)).astype(np.float32)
@@ -50,15 +51,19 @@ def weight(qtype, n_out, n_in, seed=0, name="w") -> Matrix:
 @pytest.fixture
 def model():
     """Two Q4_0 weights of one shape, a Q8_0 one, and a Q5_K one (no onnxruntime mapping)."""
-    return [weight(QType.Q4_0, 64, 256, 1), weight(QType.Q4_0, 64, 256, 2), weight(QType.Q8_0, 33, 96, 3),
-            weight(QType.Q5_K, 16, 256, 4)]
+    return [
+        weight(QType.Q4_0, 64, 256, 1),
+        weight(QType.Q4_0, 64, 256, 2),
+        weight(QType.Q8_0, 33, 96, 3),
+        weight(QType.Q5_K, 16, 256, 4),
+    ]
 
 
 def test_cache_written_keyed_and_reused_without_timing(tmp_path, model, monkeypatch):
     t1 = CountingTimer()
     tuner = Tuner(threads=1, cache_dir=tmp_path, timer=t1, reps=REPS)
     plan = tuner.plan(model)
-    assert t1.calls == 2 * CALLS_PER_SHAPE          # two timed shapes; Q5_K is numba only, untimed
+    assert t1.calls == 2 * CALLS_PER_SHAPE  # two timed shapes; Q5_K is numba only, untimed
     assert set(plan) == {"Q4_0:64x256", "Q8_0:33x96", "Q5_K:16x256"}
     assert plan["Q4_0:64x256"].count == 2
     assert plan["Q5_K:16x256"].by_bucket == {b: NUMBA for b in BUCKETS}
@@ -68,9 +73,16 @@ def test_cache_written_keyed_and_reused_without_timing(tmp_path, model, monkeypa
     data = json.loads(tuner.path.read_text())
     import numba
     import onnxruntime
-    assert data["key"] == {"format": autotune.FORMAT, "cpu": autotune.cpu_model(), "threads": 1,
-                           "numba": numba.__version__, "onnxruntime": onnxruntime.__version__, "accuracy_level": 4,
-                           "kernels": autotune.kernels_digest()}
+
+    assert data["key"] == {
+        "format": autotune.FORMAT,
+        "cpu": autotune.cpu_model(),
+        "threads": 1,
+        "numba": numba.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "accuracy_level": 4,
+        "kernels": autotune.kernels_digest(),
+    }
     entry = data["shapes"]["Q4_0:64x256"]
     assert set(entry["seconds"]) == {NUMBA, ORT} and set(entry["seconds"][ORT]) == set(BUCKETS)
     assert data["shapes"]["Q5_K:16x256"]["ort"] is False
@@ -104,17 +116,16 @@ def test_only_missing_shapes_are_measured(tmp_path, model):
     Tuner(threads=1, cache_dir=tmp_path, reps=REPS).plan(model[:2])
     t = CountingTimer()
     Tuner(threads=1, cache_dir=tmp_path, timer=t, reps=REPS).plan(model)
-    assert t.calls == CALLS_PER_SHAPE               # only Q8_0:33x96 was new
+    assert t.calls == CALLS_PER_SHAPE  # only Q8_0:33x96 was new
     t = CountingTimer()
     Tuner(threads=1, cache_dir=tmp_path, timer=t, reps=REPS).plan(model)
     assert t.calls == 0
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"key": 1, "shapes": []}', "[]",
-                                     "BROKEN_ENTRY"])
+@pytest.mark.parametrize("content", ["{not json", '{"key": 1, "shapes": []}', "[]", "BROKEN_ENTRY"])
 def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, model, content):
     tuner = Tuner(threads=1, cache_dir=tmp_path, reps=REPS)
-    if content == "BROKEN_ENTRY":   # right key, an entry missing its timings
+    if content == "BROKEN_ENTRY":  # right key, an entry missing its timings
         content = json.dumps({"key": tuner.fields, "shapes": {"Q4_0:64x256": {"ort": True, "fastest": {}}}})
     tuner.path.parent.mkdir(parents=True, exist_ok=True)
     tuner.path.write_text(content)
@@ -131,10 +142,15 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, model, content):
 
 # -- the memory rule ---------------------------------------------------------------------------
 
+
 def entry(numba_s, ort_s, numba_bytes, ort_bytes) -> dict:
     """A measured entry: per-bucket seconds given as 4-tuples in BUCKETS order."""
-    return {"ort": True, "fastest": {}, "seconds": {NUMBA: dict(zip(BUCKETS, numba_s)), ORT: dict(zip(BUCKETS, ort_s))},
-            "bytes": {NUMBA: numba_bytes, ORT: ort_bytes}}
+    return {
+        "ort": True,
+        "fastest": {},
+        "seconds": {NUMBA: dict(zip(BUCKETS, numba_s)), ORT: dict(zip(BUCKETS, ort_s))},
+        "bytes": {NUMBA: numba_bytes, ORT: ort_bytes},
+    }
 
 
 def extra(plan) -> int:
@@ -143,9 +159,11 @@ def extra(plan) -> int:
 
 def test_memory_rule_one_copy_and_budget():
     slow, fast = (1.0, 2.0, 8.0, 30.0), (0.5, 1.0, 4.0, 15.0)
-    entries = {"big": entry(slow, fast, 100, 160),       # ORT 2x faster, +60 bytes per weight
-               "small": entry(slow, fast, 10, 16),       # same speed-up, +6 per weight
-               "free": entry(slow, fast, 50, 40)}        # ORT faster and smaller: no cost
+    entries = {
+        "big": entry(slow, fast, 100, 160),  # ORT 2x faster, +60 bytes per weight
+        "small": entry(slow, fast, 10, 16),  # same speed-up, +6 per weight
+        "free": entry(slow, fast, 50, 40),
+    }  # ORT faster and smaller: no cost
     counts = {"big": 10, "small": 10, "free": 1}
     # budget for the small shape only: best time saved per byte goes first
     plan = plan_shapes(entries, counts, budget=100)
@@ -184,6 +202,7 @@ def test_plan_spends_five_percent_of_the_model(tmp_path, model, monkeypatch):
     def fake_plan(entries, counts, budget):
         seen["budget"] = budget
         return {k: autotune.Choice(k, {b: NUMBA for b in BUCKETS}, counts[k]) for k in entries}
+
     monkeypatch.setattr(autotune, "plan_shapes", fake_plan)
     Tuner(threads=1, cache_dir=tmp_path, reps=REPS).plan(model)
     assert seen["budget"] == pytest.approx(0.05 * sum(m.nbytes for m in model))
@@ -191,19 +210,24 @@ def test_plan_spends_five_percent_of_the_model(tmp_path, model, monkeypatch):
 
 # -- the auto backend end to end ----------------------------------------------------------------
 
+
 def test_auto_backend_matches_reference(tmp_path):
     ops = get_ops("auto", threads=1)
     assert isinstance(ops, AutoOps) and ops.name == "auto"
     ops.tuner = Tuner(threads=1, cache_dir=tmp_path, reps=REPS)
-    ms = [weight(QType.Q4_0, 40, 128, 1), weight(QType.Q4_0, 40, 128, 2), weight(QType.Q8_0, 24, 64, 3),
-          weight(QType.Q5_K, 8, 256, 4)]
+    ms = [
+        weight(QType.Q4_0, 40, 128, 1),
+        weight(QType.Q4_0, 40, 128, 2),
+        weight(QType.Q8_0, 24, 64, 3),
+        weight(QType.Q5_K, 8, 256, 4),
+    ]
     rng = np.random.default_rng(9)
     xs = {T: rng.standard_normal((T, 256)).astype(np.float32) for T in (1, 3, 20, 70)}
     # the reference first: NumbaLinear.prepare drops the pages under its rows (which zeroes
     # anonymous test memory)
-    want = [{T: ref.matmul(x[:, :m.n_in], m.data, m.qtype) for T, x in xs.items()} for m in ms]
+    want = [{T: ref.matmul(x[:, : m.n_in], m.data, m.qtype) for T, x in xs.items()} for m in ms]
     linears = [ops.linear(m) for m in ms]
-    assert isinstance(linears[3], NumbaLinear)                      # Q5_K: numba, never tuned
+    assert isinstance(linears[3], NumbaLinear)  # Q5_K: numba, never tuned
     assert all(isinstance(lin, AutoLinear) for lin in linears[:3])
     done = []
     plan = ops.tune(linears, progress=lambda i, n: done.append((i, n)))
@@ -217,7 +241,7 @@ def test_auto_backend_matches_reference(tmp_path):
         if isinstance(lin, AutoLinear):
             assert lin.backends == plan[autotune.shape_key(m.qtype, m.n_out, m.n_in)].by_bucket
         for T, x in xs.items():
-            y = lin(x[:, :m.n_in])
+            y = lin(x[:, : m.n_in])
             assert y.shape == (T, m.n_out)
             assert np.abs(y - w[T]).max() / np.abs(w[T]).std() < 0.05
 
@@ -237,7 +261,7 @@ def test_auto_linear_dispatches_by_bucket_and_lazy_plan(tmp_path, monkeypatch):
     for T, w in want.items():
         np.testing.assert_allclose(lin(np.ones((T, 64), np.float32)), w, rtol=0.03, atol=0.03 * np.abs(w).max())
     lazy = ops.linear(weight(QType.Q8_0, 8, 64, 6))
-    lazy(np.ones((2, 64), np.float32))                     # first use: planned, cached, built
+    lazy(np.ones((2, 64), np.float32))  # first use: planned, cached, built
     assert "Q8_0:8x64" in ops.plan and "Q8_0:8x64" in json.loads(ops.tuner.path.read_text())["shapes"]
 
 
@@ -271,6 +295,7 @@ def test_fused_linears_are_planned_as_their_stacked_runs(tmp_path):
 def test_a_weight_ort_cannot_build_stays_on_numba(tmp_path, monkeypatch):
     def broken(self, release=True):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no kernel")
+
     monkeypatch.setattr(ort.OrtLinear, "prepare", broken)
     tuner = Tuner(threads=1, cache_dir=tmp_path, reps=REPS)
     plan = tuner.plan([weight(QType.Q4_0, 16, 64)])

@@ -51,7 +51,7 @@ def test_kernels_import_graph_is_acyclic():
     done, stack = set(), []
 
     def visit(m):
-        assert m not in stack, "import cycle: " + " -> ".join(stack[stack.index(m):] + [m])
+        assert m not in stack, "import cycle: " + " -> ".join(stack[stack.index(m) :] + [m])
         if m in done:
             return
         stack.append(m)

@@ -30,6 +30,7 @@ def ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # -- conversions and exp -----------------------------------------------------------------------
 
+
 def test_f16_to_f32_all_bit_patterns():
     from numba import njit
 
@@ -55,8 +56,7 @@ def test_expf_accuracy_and_specials():
         for i in range(x.shape[0]):
             out[i] = E.expf(x[i])
 
-    x = np.concatenate([np.linspace(-87.0, 88.0, 200_001, dtype=np.float32),
-                        RNG.uniform(-5, 5, 20_000).astype(np.float32)])
+    x = np.concatenate([np.linspace(-87.0, 88.0, 200_001, dtype=np.float32), RNG.uniform(-5, 5, 20_000).astype(np.float32)])
     out = np.empty_like(x)
     vexp(x, out)
     exact = np.exp(x.astype(np.float64))
@@ -64,18 +64,18 @@ def test_expf_accuracy_and_specials():
     err = np.abs(out.astype(np.float64) - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
     assert err.max() <= 1.5, f"expf max error {err.max():.3f} ulp at x={x[err.argmax()]}"
 
-    specials = np.array([-np.inf, np.inf, np.nan, 0.0, -0.0, -104.0, -110.0, 89.0, 88.72, -87.5, -100.0],
-                        np.float32)
+    specials = np.array([-np.inf, np.inf, np.nan, 0.0, -0.0, -104.0, -110.0, 89.0, 88.72, -87.5, -100.0], np.float32)
     got = np.empty_like(specials)
     vexp(specials, got)
     with np.errstate(over="ignore"):
         want = np.exp(specials.astype(np.float64)).astype(np.float32)
     assert got[0] == 0.0 and got[1] == np.inf and np.isnan(got[2])
     assert got[3] == 1.0 and got[4] == 1.0 and got[5] == 0.0 and got[6] == 0.0 and got[7] == np.inf
-    np.testing.assert_allclose(got[8:], want[8:], rtol=2e-7, atol=2e-45)   # near overflow, subnormals
+    np.testing.assert_allclose(got[8:], want[8:], rtol=2e-7, atol=2e-45)  # near overflow, subnormals
 
 
 # -- rms_norm ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("T,D", [(1, 16), (1, 4096), (5, 896), (17, 100), (3, 3)])
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
@@ -103,13 +103,13 @@ def test_rms_norm_in_place_and_errors():
 
 # -- rope --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("neox", [False, True])
-@pytest.mark.parametrize("T,H,hd,n_rot", [(1, 1, 16, 16), (5, 7, 64, 64), (17, 3, 128, 128),
-                                         (4, 2, 128, 64), (3, 5, 80, 32)])
+@pytest.mark.parametrize("T,H,hd,n_rot", [(1, 1, 16, 16), (5, 7, 64, 64), (17, 3, 128, 128), (4, 2, 128, 64), (3, 5, 80, 32)])
 @pytest.mark.parametrize("base,scale", [(10000.0, 1.0), (1000000.0, 0.25)])
 def test_rope_bit_equal(neox, T, H, hd, n_rot, base, scale):
     x = RNG.standard_normal((T, H, hd)).astype(np.float32)
-    pos = RNG.integers(0, 40000, T).astype(np.int32)       # not monotone, some large
+    pos = RNG.integers(0, 40000, T).astype(np.int32)  # not monotone, some large
     want = ref.rope(x, pos, n_rot, base, scale, neox)
     got = x.copy()
     assert E.rope_inplace(got, pos, n_rot, base, scale, neox) is got
@@ -125,16 +125,17 @@ def test_rope_bit_equal(neox, T, H, hd, n_rot, base, scale):
 def test_rope_errors():
     x = np.zeros((2, 2, 16), np.float32)
     with pytest.raises(ValueError):
-        E.rope_inplace(x, [0, 1], 15, 1e4, 1.0, False)      # odd
+        E.rope_inplace(x, [0, 1], 15, 1e4, 1.0, False)  # odd
     with pytest.raises(ValueError):
-        E.rope_inplace(x, [0, 1], 32, 1e4, 1.0, False)      # > head size
+        E.rope_inplace(x, [0, 1], 32, 1e4, 1.0, False)  # > head size
     with pytest.raises(ValueError):
-        E.rope_inplace(x, [0, 1, 2], 16, 1e4, 1.0, False)   # positions vs tokens
+        E.rope_inplace(x, [0, 1, 2], 16, 1e4, 1.0, False)  # positions vs tokens
     with pytest.raises(ValueError):
         E.apply_rope(x.astype(np.float64), *E.rope_tables([0, 1], 16, 1e4, 1.0), False)
 
 
 # -- swiglu / softmax / argmax -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("T,F", [(1, 11008), (5, 64), (3, 17)])
 def test_swiglu(T, F):
@@ -164,10 +165,10 @@ def test_swiglu_halves(T, F):
 
 def test_softmax():
     x = (RNG.standard_normal((7, 300)) * 10).astype(np.float32)
-    x[0, ::3] = -np.inf                      # masked entries get weight 0
+    x[0, ::3] = -np.inf  # masked entries get weight 0
     x[1, :] = -np.inf
-    x[1, 5] = 2.0                            # one visible entry: weight 1
-    x[2] = 80.0                              # large equal values: uniform, no overflow
+    x[1, 5] = 2.0  # one visible entry: weight 1
+    x[2] = 80.0  # large equal values: uniform, no overflow
     got = E.softmax(x)
     want = ref.softmax(x)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
@@ -179,9 +180,9 @@ def test_softmax():
 def test_argmax():
     x = RNG.standard_normal(151_936).astype(np.float32)
     assert E.argmax(x) == int(np.argmax(x))
-    x[[10, 20]] = 1e9                        # ties: the lowest index, as np.argmax
+    x[[10, 20]] = 1e9  # ties: the lowest index, as np.argmax
     assert E.argmax(x) == 10
-    x[5] = np.nan                            # NaN wins, as np.argmax
+    x[5] = np.nan  # NaN wins, as np.argmax
     assert E.argmax(x) == int(np.argmax(x)) == 5
     assert E.argmax(np.array([-np.inf, -np.inf], np.float32)) == 0
     with pytest.raises(ValueError):

@@ -45,13 +45,26 @@ try:
 except ImportError:  # pragma: no cover - the reference is being written beside this
     dequantize = gq.dequantize
 
-ALL_TYPES = [QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q6_K,
-             QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q5_K,
-             QType.F16, QType.BF16, QType.F32]
+ALL_TYPES = [
+    QType.Q4_0,
+    QType.Q8_0,
+    QType.Q4_K,
+    QType.Q6_K,
+    QType.Q4_1,
+    QType.Q5_0,
+    QType.Q5_1,
+    QType.Q2_K,
+    QType.Q3_K,
+    QType.Q5_K,
+    QType.F16,
+    QType.BF16,
+    QType.F32,
+]
 FLOATS = (QType.F16, QType.BF16, QType.F32)
 TOL_EXACT = 3e-5
 TOL_Q8 = 0.05
 TOL_FLOAT = 1e-5
+
 
 def nerr(a, b, scale) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / (scale + 1e-30))
@@ -67,8 +80,7 @@ def dot_scale(x: np.ndarray, Wf: np.ndarray) -> float:
 
 def q8_dequant(qx: M.QuantizedActivations) -> np.ndarray:
     T, n = qx.x.shape
-    return (qx.xq.reshape(T, n // 32, 32).astype(np.float64)
-            * qx.xd.reshape(T, n // 32, 1).astype(np.float64)).reshape(T, n)
+    return (qx.xq.reshape(T, n // 32, 32).astype(np.float64) * qx.xd.reshape(T, n // 32, 1).astype(np.float64)).reshape(T, n)
 
 
 def check(w: M.PackedWeight, Wf: np.ndarray, x: np.ndarray, y: np.ndarray, what: str) -> dict:
@@ -96,12 +108,12 @@ def test_matvec_matmul_all_types(qtype):
     rng = np.random.default_rng(int(qtype))
     cases = [(1, _n_in(qtype, 2)), (13, _n_in(qtype, 3)), (40, _n_in(qtype, 2))]
     for n_out, n_in in cases:
-        for rb in ((False, True) if qtype not in FLOATS else (False,)):
+        for rb in (False, True) if qtype not in FLOATS else (False,):
             raw = make_weight(qtype, n_out, n_in, rng, random_bytes=rb)
             before = raw.copy()
             w = M.pack(raw, qtype)
             assert (w.qtype, w.n_out, w.n_in) == (qtype, n_out, n_in)
-            np.testing.assert_array_equal(raw, before)            # pack never writes the rows
+            np.testing.assert_array_equal(raw, before)  # pack never writes the rows
             Wf = dequantize(raw, qtype).astype(np.float32)
             x = rng.standard_normal(n_in).astype(np.float32)
             y = M.matvec(w, x)
@@ -113,7 +125,7 @@ def test_matvec_matmul_all_types(qtype):
                 # every token of a batch equals its own matvec (same integer sums; the float
                 # epilogues may associate differently)
                 y1 = M.matvec(w, X[T - 1])
-                assert nerr(Y[T - 1], y1, dot_scale(X[T - 1:], Wf)) < TOL_EXACT
+                assert nerr(Y[T - 1], y1, dot_scale(X[T - 1 :], Wf)) < TOL_EXACT
 
 
 FAST = [QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
@@ -139,13 +151,13 @@ def test_strided_shard_and_typed_rows(qtype):
     n_in = _n_in(qtype, 4)
     raw = make_weight(qtype, 24, n_in, rng)
     half = raw.shape[1] // 2
-    shard = raw[:, half:]                                       # the second half of every row
+    shard = raw[:, half:]  # the second half of every row
     w = M.pack(shard, qtype)
     assert w.n_in == n_in // 2
     Wf = dequantize(np.ascontiguousarray(shard), qtype)
     x = rng.standard_normal(n_in // 2).astype(np.float32)
     check(w, Wf, x[None], M.matvec(w, x)[None], f"{qtype.name} strided shard")
-    if qtype == QType.F16:                                      # GGUFReader hands out float16 arrays
+    if qtype == QType.F16:  # GGUFReader hands out float16 arrays
         typed = np.ascontiguousarray(raw).view(np.float16)
         y = M.matvec(M.pack(typed, qtype), rng.standard_normal(n_in).astype(np.float32))
         assert y.shape == (24,)
@@ -159,7 +171,7 @@ def test_numba_repack_equals_numpy_spec(qtype):
     for n_out in (5, 16, 27):
         raw = make_weight(qtype, n_out, 512, rng, random_bytes=True)
         spec = repack(raw, n_out, 512, use_numba=False)
-        wide = np.concatenate([raw, raw], axis=1)[:, raw.shape[1]:]       # strided rows too
+        wide = np.concatenate([raw, raw], axis=1)[:, raw.shape[1] :]  # strided rows too
         for src in (raw, wide):
             got = repack(src, n_out, 512)
             assert got.keys() == spec.keys()
@@ -184,8 +196,8 @@ def test_float_types_ragged_n_in(qtype):
 def test_activation_quantization_matches_q8_0(T, n_in):
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((T, n_in)) * rng.uniform(0.01, 30, (T, 1))).astype(np.float32)
-    x[T // 2, :32] = 0.0                                        # an all-zero block: scale 0
-    x[-1, -32:] = np.arange(32) - 15.5                          # ties: x * (1/d) lands on .5
+    x[T // 2, :32] = 0.0  # an all-zero block: scale 0
+    x[-1, -32:] = np.arange(32) - 15.5  # ties: x * (1/d) lands on .5
     qx = M.quantize_activations(x)
     nb = n_in // 32
     xb = x.reshape(T, nb, 32)
@@ -243,6 +255,7 @@ def test_thread_counts_agree_and_concurrent_calls():
                 np.testing.assert_array_equal(M.matmul(w, X), ref[i % len(ws)][1])
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
+
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
@@ -254,21 +267,20 @@ def test_thread_counts_agree_and_concurrent_calls():
 def test_errors():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError):
-        M.pack(np.zeros((4, 10), np.uint8), QType.Q4_0)         # not whole blocks
+        M.pack(np.zeros((4, 10), np.uint8), QType.Q4_0)  # not whole blocks
     with pytest.raises(ValueError):
-        M.pack(np.zeros((4, 18), np.uint8), QType.IQ4_NL)       # unsupported type
+        M.pack(np.zeros((4, 18), np.uint8), QType.IQ4_NL)  # unsupported type
     w = M.pack(make_weight(QType.Q8_0, 8, 64, rng), QType.Q8_0)
     with pytest.raises(ValueError):
-        M.matvec(w, np.zeros(32, np.float32))                  # wrong n_in
+        M.matvec(w, np.zeros(32, np.float32))  # wrong n_in
     with pytest.raises(ValueError):
-        M.matvec(w, np.zeros((2, 64), np.float32))             # matvec takes one vector
+        M.matvec(w, np.zeros((2, 64), np.float32))  # matvec takes one vector
 
 
 def test_packed_sizes():
     """The fast types read (almost) exactly the file's bytes: decode speed is bytes / bandwidth."""
     rng = np.random.default_rng(1)
-    for q, ratio in ((QType.Q4_0, 1.0), (QType.Q8_0, 1.0), (QType.Q4_K, 1.028), (QType.Q5_K, 1.023),
-                     (QType.Q6_K, 1.0)):
+    for q, ratio in ((QType.Q4_0, 1.0), (QType.Q8_0, 1.0), (QType.Q4_K, 1.028), (QType.Q5_K, 1.023), (QType.Q6_K, 1.0)):
         w = M.pack(make_weight(q, 64, 512, rng), q)
         assert w.nbytes / w.file_bytes == pytest.approx(ratio, abs=0.002), q.name
 
@@ -281,16 +293,25 @@ def test_inner_loop_is_simd():
     """
     from edgebox.kernels import matmul_simd
     from edgebox.kernels.quants import q4_0
+
     f = numba.njit(nogil=True)(q4_0._q4_0_group.py_func)
-    args = (np.zeros(256, np.uint8), np.zeros(16, np.uint16), np.zeros(64, np.int8),
-            np.zeros(2, np.float32), np.zeros(2, np.float32), 2, 0, np.zeros(8, np.float32))
+    args = (
+        np.zeros(256, np.uint8),
+        np.zeros(16, np.uint16),
+        np.zeros(64, np.int8),
+        np.zeros(2, np.float32),
+        np.zeros(2, np.float32),
+        2,
+        0,
+        np.zeros(8, np.float32),
+    )
     f(*args)
     uses_avx2 = "llvm.x86.avx2" in f.inspect_llvm(f.signatures[0])
     assert uses_avx2 == matmul_simd.HAS_AVX2
     if not matmul_simd.HAS_AVX2:
         return  # the generic path's results are checked by test_generic_simd_fallback
     asm = f.inspect_asm(f.signatures[0])
-    assert asm.count("vpmaddubsw") == 24                       # (2 blocks + odd tail) x 4 loads x (low, high)
+    assert asm.count("vpmaddubsw") == 24  # (2 blocks + odd tail) x 4 loads x (low, high)
     assert "vpmaddwd" in asm and "vcvtph2ps" in asm and "vfmadd" in asm
     body = [ln for ln in asm.splitlines() if "vpmaddubsw" in ln]
     assert all("ymm" in ln for ln in body)
@@ -333,7 +354,9 @@ for q in (QType.Q4_0, QType.Q8_0):
         for rb in (0, 1):
             np.save(tmp_path / f"{q.name}_{rb}.npy", make_weight(q, 16, 256, rng, random_bytes=bool(rb)))
     env = dict(os.environ, EDGEBOX_SIMD_GENERIC="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, "-c", code, root, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    r = subprocess.run(
+        [sys.executable, "-c", code, root, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300, cwd=root
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for q in (QType.Q4_0, QType.Q8_0):
         for rb in (0, 1):

@@ -93,7 +93,7 @@ def test_repack_dequantizes_like_reference(qtype):
     n_out, n_in = shapes(qtype)[0]
     for rb in (False, True) if qtype not in ort.FLOAT_TYPES else (False,):
         raw = make_weight(qtype, n_out, n_in, rng, random_bytes=rb)
-        W = ref.dequantize(raw, qtype)                                      # [n_out, n_in]
+        W = ref.dequantize(raw, qtype)  # [n_out, n_in]
         D = linear(raw, qtype, accuracy_level=0)(np.eye(n_in, dtype=np.float32)).T
         if qtype in EXACT:
             assert np.array_equal(D, W), f"{qtype.name}: max diff {np.abs(D - W).max()}"
@@ -109,9 +109,9 @@ def test_float_zero_point_with_zero_scale_is_exact():
     raw = rng.integers(0, 256, (3, 144), dtype=np.uint8)
     raw[:, 0:2] = np.array([0.01], np.float16).view(np.uint8)
     raw[:, 2:4] = np.array([0.003], np.float16).view(np.uint8)
-    raw[0, 4:16] = 0                      # row 0: every scale and min 0
-    raw[1, 4] &= 0xC0                     # row 1, sub-block 0: scale 0 ...
-    raw[1, 8] = 17                        # ... min 17
+    raw[0, 4:16] = 0  # row 0: every scale and min 0
+    raw[1, 4] &= 0xC0  # row 1, sub-block 0: scale 0 ...
+    raw[1, 8] = 17  # ... min 17
     W = ref.dequantize(raw, QType.Q4_K)
     D = linear(raw, QType.Q4_K, accuracy_level=0)(np.eye(256, dtype=np.float32)).T
     assert np.array_equal(D[0], W[0]) and np.array_equal(D[1, :32], W[1, :32])
@@ -132,8 +132,11 @@ def test_session_owns_its_weights(qtype):
     lin = linear(raw, qtype)
     if qt.is_quantized(qtype):
         attrs, inits = ort._nbits_inputs(raw, qtype, 13, 256)
-        node = ("MatMulNBits", ["A", "B", "S"] + (["Z"] if "Z" in inits else []),
-                dict(domain="com.microsoft", K=256, N=13, accuracy_level=4, **attrs))
+        node = (
+            "MatMulNBits",
+            ["A", "B", "S"] + (["Z"] if "Z" in inits else []),
+            dict(domain="com.microsoft", K=256, N=13, accuracy_level=4, **attrs),
+        )
     else:
         inits = {"W": ort._float_weight(raw, qtype, 13, 256)}
         node = ("Gemm", ["A", "W"], dict(transB=1))
@@ -150,7 +153,7 @@ def test_prepare_drops_the_rows_pages_like_numba():
     """prepare() releases the pages under the rows once ORT holds its copy (a fused linear's
     stacked copy leaves RSS that way, as with NumbaLinear); release=False keeps them."""
     rng = np.random.default_rng(6)
-    raw = make_weight(QType.Q4_0, 512, 256, rng)                           # 72 KiB: whole pages inside
+    raw = make_weight(QType.Q4_0, 512, 256, rng)  # 72 KiB: whole pages inside
     x = rng.standard_normal((2, 256)).astype(np.float32)
     kept = raw.copy()
     lin_kept = ort.OrtLinear(Matrix("w", QType.Q4_0, 512, 256, kept))
@@ -159,7 +162,7 @@ def test_prepare_drops_the_rows_pages_like_numba():
     dropped = raw.copy()
     lin = ort.OrtLinear(Matrix("w", QType.Q4_0, 512, 256, dropped))
     lin.prepare()
-    assert not np.array_equal(dropped, raw)         # anonymous pages read back as zeros
+    assert not np.array_equal(dropped, raw)  # anonymous pages read back as zeros
     np.testing.assert_array_equal(lin(x), lin_kept(x))
 
 
@@ -168,7 +171,7 @@ def test_large_weight_split_over_sessions(monkeypatch):
     raw = make_weight(QType.Q4_0, 45, 128, rng)
     x = rng.standard_normal((3, 128)).astype(np.float32)
     whole = linear(raw, QType.Q4_0)
-    monkeypatch.setattr(ort, "SESSION_BYTES", 10 * raw.shape[1])           # 10 rows per session
+    monkeypatch.setattr(ort, "SESSION_BYTES", 10 * raw.shape[1])  # 10 rows per session
     split = linear(raw, QType.Q4_0)
     split.prepare()
     assert [r0 for r0, _ in split.sessions] == [0, 10, 20, 30, 40]
@@ -203,8 +206,7 @@ def test_backends_keep_unpacked_types_on_numba(qtype):
 def test_ort_refuses_8bit_float_zero_points():
     """Why Q5_K / Q5_1 are unsupported: their 5-bit codes need bits=8, and ORT's CPU kernel
     refuses 8-bit weights with float zero points (should that change, this test says so)."""
-    inits = {"B": np.zeros((4, 1, 32), np.uint8), "S": np.ones((4, 1), np.float32),
-             "Z": np.zeros((4, 1), np.float32)}
+    inits = {"B": np.zeros((4, 1, 32), np.uint8), "S": np.ones((4, 1), np.float32), "Z": np.zeros((4, 1), np.float32)}
     node = ("MatMulNBits", ["A", "B", "S", "Z"], dict(domain="com.microsoft", K=32, N=4, bits=8, block_size=32))
     with pytest.raises(Exception, match="8-bit"):
         ort._session(node, inits, 32, 4, 1, False)

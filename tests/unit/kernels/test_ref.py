@@ -11,14 +11,20 @@ from edgebox.gguf.quant_types import QType
 from edgebox.kernels import ref
 
 # Types gguf-py 0.19 can quantize (it only dequantizes K-quants).
-GGUF_QUANTIZES = {QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0,
-                  QType.Q5_1, QType.Q8_0}
+GGUF_QUANTIZES = {QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0}
 
 # Byte offsets of the f16 scale fields inside one block, from ggml's block structs; written out
 # here, independently of ref.py, so random blocks can be given finite scales.
 F16_FIELDS = {
-    QType.Q4_0: [0], QType.Q4_1: [0, 2], QType.Q5_0: [0], QType.Q5_1: [0, 2], QType.Q8_0: [0],
-    QType.Q2_K: [80, 82], QType.Q3_K: [108], QType.Q4_K: [0, 2], QType.Q5_K: [0, 2],
+    QType.Q4_0: [0],
+    QType.Q4_1: [0, 2],
+    QType.Q5_0: [0],
+    QType.Q5_1: [0, 2],
+    QType.Q8_0: [0],
+    QType.Q2_K: [80, 82],
+    QType.Q3_K: [108],
+    QType.Q4_K: [0, 2],
+    QType.Q5_K: [0, 2],
     QType.Q6_K: [208],
 }
 
@@ -31,7 +37,7 @@ def random_blocks(rng, qtype, n_rows, blocks_per_row):
     for off in F16_FIELDS[qtype]:
         scale = rng.standard_normal(len(raw)) * 10.0 ** rng.uniform(-7, 1, len(raw))
         scale[::7] = 0.0
-        raw[:, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, off : off + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw.reshape(n_rows, blocks_per_row * ts)
 
 
@@ -53,6 +59,7 @@ def assert_bits_equal(a, b):
 # ---------------------------------------------------------------------------------------------
 # dequantize
 
+
 @pytest.mark.parametrize("qtype", qt.SUPPORTED, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_rows", [1, 3, 17])
 def test_dequantize_matches_gguf_bit_for_bit(qtype, n_rows):
@@ -73,8 +80,7 @@ def test_dequantize_matches_gguf_bit_for_bit(qtype, n_rows):
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q6_K, QType.F16], ids=lambda t: t.name)
 def test_dequantize_keeps_leading_dims(qtype):
     rng = np.random.default_rng(1)
-    raw = (random_blocks(rng, qtype, 6, 2) if qtype in F16_FIELDS
-           else quantized_rows(rng, qtype, 6, 64)).reshape(2, 3, -1)
+    raw = (random_blocks(rng, qtype, 6, 2) if qtype in F16_FIELDS else quantized_rows(rng, qtype, 6, 64)).reshape(2, 3, -1)
     flat = ref.dequantize(raw.reshape(6, -1), qtype)
     assert_bits_equal(ref.dequantize(raw, qtype), flat.reshape(2, 3, -1))
 
@@ -99,7 +105,7 @@ def test_dequantize_accepts_typed_float_rows():
     np.testing.assert_array_equal(ref.dequantize(w, QType.F32), w)
     np.testing.assert_array_equal(ref.dequantize(w.astype(np.float16), QType.F16), w.astype(np.float16))
     with pytest.raises(ValueError):
-        ref.dequantize(w, QType.F16)       # 4-byte values are not F16 rows
+        ref.dequantize(w, QType.F16)  # 4-byte values are not F16 rows
 
 
 def test_unsupported_type_is_named():
@@ -115,19 +121,17 @@ def test_partial_block_is_refused():
 # ---------------------------------------------------------------------------------------------
 # matmul and get_rows
 
-@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q5_1, QType.Q8_0, QType.Q3_K, QType.Q6_K, QType.BF16],
-                         ids=lambda t: t.name)
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q5_1, QType.Q8_0, QType.Q3_K, QType.Q6_K, QType.BF16], ids=lambda t: t.name)
 @pytest.mark.parametrize("T", [1, 5])
 def test_matmul_equals_dense_product(qtype, T):
     rng = np.random.default_rng([int(qtype), T])
-    w_raw = (random_blocks(rng, qtype, 7, 2) if qtype in F16_FIELDS
-             else quantized_rows(rng, qtype, 7, 512))
-    w = gguf.quants.dequantize(w_raw, qtype).astype(np.float64)            # [7, n_in]
+    w_raw = random_blocks(rng, qtype, 7, 2) if qtype in F16_FIELDS else quantized_rows(rng, qtype, 7, 512)
+    w = gguf.quants.dequantize(w_raw, qtype).astype(np.float64)  # [7, n_in]
     x = rng.standard_normal((T, w.shape[1])).astype(np.float32)
     got = ref.matmul(x, w_raw, qtype)
     assert got.shape == (T, 7) and got.dtype == np.float32
-    np.testing.assert_allclose(got, x.astype(np.float64) @ w.T, rtol=1e-4,
-                               atol=1e-5 * np.abs(x).sum() * np.abs(w).max())
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-5 * np.abs(x).sum() * np.abs(w).max())
 
 
 def test_matmul_float_weights():
@@ -141,7 +145,7 @@ def test_matmul_chunks_bound_the_float_copy(monkeypatch):
     """A weight bigger than MATMUL_CHUNK_BYTES as floats is dequantized in row chunks, none over
     the limit, with an uneven last chunk, and the result is unchanged."""
     rng = np.random.default_rng(4)
-    n_in, n_out = 4096, 1100                 # 18 MB as float32 > 16 MB
+    n_in, n_out = 4096, 1100  # 18 MB as float32 > 16 MB
     assert n_in * n_out * 4 > ref.MATMUL_CHUNK_BYTES
     w_raw = random_blocks(rng, QType.Q8_0, n_out, n_in // 32)
     x = rng.standard_normal((3, n_in)).astype(np.float32)
@@ -176,12 +180,13 @@ def test_get_rows():
 # ---------------------------------------------------------------------------------------------
 # rms_norm, silu, swiglu, softmax
 
+
 def test_rms_norm_formula():
     rng = np.random.default_rng(6)
     x = (rng.standard_normal((4, 96)) * [[0.01], [1.0], [30.0], [1e-4]]).astype(np.float32)
     w = rng.standard_normal(96).astype(np.float32)
     x64 = x.astype(np.float64)
-    expected = x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + 1e-5) * w
+    expected = x64 / np.sqrt((x64**2).mean(axis=1, keepdims=True) + 1e-5) * w
     np.testing.assert_allclose(ref.rms_norm(x, w, 1e-5), expected, rtol=2e-6, atol=1e-7)
 
 
@@ -207,6 +212,7 @@ def test_softmax_formula():
 # ---------------------------------------------------------------------------------------------
 # rope
 
+
 def rope_args(rng, T=5, n_heads=3, head_dim=16):
     x = rng.standard_normal((T, n_heads, head_dim)).astype(np.float32)
     pos = rng.integers(0, 5000, T)
@@ -224,8 +230,7 @@ def test_rope_preserves_pair_norms_and_passes_extra_dims(neox):
     x, pos = rope_args(np.random.default_rng(8))
     y = ref.rope(x, pos, 12, 10000.0, 1.0, neox)
     np.testing.assert_array_equal(y[..., 12:], x[..., 12:])
-    pairs = (np.stack([np.arange(6), np.arange(6) + 6]) if neox
-             else np.stack([np.arange(0, 12, 2), np.arange(1, 12, 2)]))
+    pairs = np.stack([np.arange(6), np.arange(6) + 6]) if neox else np.stack([np.arange(0, 12, 2), np.arange(1, 12, 2)])
 
     def pair_norms(a):
         return np.hypot(a[..., pairs[0]], a[..., pairs[1]])
@@ -239,7 +244,7 @@ def test_rope_angle_formula():
     pos = np.array([0, 1, 7, 300])
     x = np.zeros((4, 8, n_rot), np.float32)
     for i in range(8):
-        x[:, i, 2 * i] = 1.0                 # head i carries pair i
+        x[:, i, 2 * i] = 1.0  # head i carries pair i
     y = ref.rope(x, pos, n_rot, base, scale, neox=False)
     i = np.arange(8)
     got = np.arctan2(y[:, i, 2 * i + 1], y[:, i, 2 * i])
@@ -261,12 +266,14 @@ def test_rope_neox_is_normal_up_to_a_permutation():
 def test_rope_freq_scale_halves_the_angle():
     x, pos = rope_args(np.random.default_rng(10))
     for neox in (False, True):
-        np.testing.assert_allclose(ref.rope(x, 2 * pos, 16, 10000.0, 0.5, neox),
-                                   ref.rope(x, pos, 16, 10000.0, 1.0, neox), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ref.rope(x, 2 * pos, 16, 10000.0, 0.5, neox), ref.rope(x, pos, 16, 10000.0, 1.0, neox), rtol=1e-5, atol=1e-5
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # attention
+
 
 def attend_one(q, k, v):
     """One query head over S keys, float64: q [hd], k/v [S, hd] -> [hd]."""
@@ -290,7 +297,7 @@ def test_attention_single_query_formula():
 def test_attention_is_causal_by_position():
     rng = np.random.default_rng(12)
     n_head, hd = 2, 4
-    k_pos = np.array([0, 1, 2, 5, 6, 7])       # a gap: positions, not indices, decide
+    k_pos = np.array([0, 1, 2, 5, 6, 7])  # a gap: positions, not indices, decide
     q_pos = np.array([2, 5, 7])
     q = rng.standard_normal((3, n_head, hd)).astype(np.float32)
     k = rng.standard_normal((6, n_head, hd)).astype(np.float32)
@@ -299,8 +306,7 @@ def test_attention_is_causal_by_position():
     for t in range(3):
         seen = k_pos <= q_pos[t]
         for h in range(n_head):
-            np.testing.assert_allclose(got[t, h], attend_one(q[t, h], k[seen, h], v[seen, h]),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[t, h], attend_one(q[t, h], k[seen, h], v[seen, h]), rtol=1e-5, atol=1e-6)
     # Changing the last (future for every query but one) key must not move earlier queries.
     k2, v2 = k.copy(), v.copy()
     k2[-1] += 10
@@ -321,8 +327,7 @@ def test_attention_gqa_equals_repeated_kv_heads():
     # Query heads 0-2 share KV head 0, heads 3-5 share KV head 1.
     full = ref.attention(q, np.repeat(k, 3, axis=1), np.repeat(v, 3, axis=1), q_pos, k_pos)
     np.testing.assert_allclose(got, full, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got.reshape(T, n_head, hd)[0, 4], attend_one(q[0, 4], k[:5, 1], v[:5, 1]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.reshape(T, n_head, hd)[0, 4], attend_one(q[0, 4], k[:5, 1], v[:5, 1]), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_refuses_a_query_with_no_key():

@@ -59,7 +59,7 @@ def test_decode_segments_attend_together_as_alone(backend, chips):
 
     m = edgebox.load(TEST_MODEL, chips=chips, backend=backend)
     prompts = [[1, 50, 900, 7], [1, 31], [1, 2000, 15, 400, 3, 9, 8], [1]]  # ragged contexts
-    ctx = [16, 9, 32, 12]                                                     # and cache sizes
+    ctx = [16, 9, 32, 12]  # and cache sizes
     together, alone = [], []
     for kvs in (together, alone):
         for ids, n in zip(prompts, ctx):
@@ -75,7 +75,7 @@ def test_decode_segments_attend_together_as_alone(backend, chips):
         np.testing.assert_allclose(row, want, atol=2e-3 * float(np.abs(want).max()))
         assert kv.length == kv_alone.length == len(ids) + 1
         for a, b in zip(kv.k + kv.v, kv_alone.k + kv_alone.v):
-            np.testing.assert_allclose(a[:, :kv.length].astype(np.float32), b[:, :kv.length].astype(np.float32), atol=2e-2)
+            np.testing.assert_allclose(a[:, : kv.length].astype(np.float32), b[:, : kv.length].astype(np.float32), atol=2e-2)
     m.box.close()
 
 
@@ -114,8 +114,11 @@ def test_one_call_decode_equals_the_step_by_step_path(name, chips, tiny_f32, tmp
     weights allow (kernels.fused); it gives the logits and the cache of the step by step path."""
     from tests.fixtures.paths import DATA
 
-    path = (_quantized_copy(tiny_f32("tiny-qwen2"), tmp_path / "qwen2-Q8_0.gguf") if name == "qwen2-Q8_0"
-            else DATA / "models" / f"tiny-deepseek-{name}.gguf")
+    path = (
+        _quantized_copy(tiny_f32("tiny-qwen2"), tmp_path / "qwen2-Q8_0.gguf")
+        if name == "qwen2-Q8_0"
+        else DATA / "models" / f"tiny-deepseek-{name}.gguf"
+    )
     m = edgebox.load(path, chips=chips, backend="numba")
     ids = [1, 50, 900, 7, 31]
     kvs = [m.transformer.new_cache(16) for _ in range(2)]
@@ -131,7 +134,7 @@ def test_one_call_decode_equals_the_step_by_step_path(name, chips, tiny_f32, tmp
     step_by_step = m.transformer.forward(np.array([9], np.int32), np.array([len(ids)], np.int32), kvs[1])
     np.testing.assert_allclose(one_call, step_by_step, rtol=0, atol=1e-4 * float(np.abs(step_by_step).max()))
     for a, b in zip(kvs[0].k + kvs[0].v, kvs[1].k + kvs[1].v):
-        np.testing.assert_array_equal(a[:, :len(ids) + 1], b[:, :len(ids) + 1])
+        np.testing.assert_array_equal(a[:, : len(ids) + 1], b[:, : len(ids) + 1])
     m.box.close()
 
 
@@ -173,24 +176,33 @@ def test_kv_cache_is_lazily_committed(model):
 
 def test_cli_run_streams_text_and_timing():
     """The README's quick-start command, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "edgebox.cli", "run", "-p", "def fibonacci(n):", "-n", "8", "--seed", "1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgebox.cli", "run", "-p", "def fibonacci(n):", "-n", "8", "--seed", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "prompt:" in proc.stderr and "decode:" in proc.stderr and "tok/s" in proc.stderr
 
 
 def test_cli_chat_uses_the_template():
-    proc = subprocess.run([sys.executable, "-m", "edgebox.cli", "run", "--chat", "-p", "hello", "-n", "4", "--temp", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgebox.cli", "run", "--chat", "-p", "hello", "-n", "4", "--temp", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     # the DeepSeek-Coder instruct template wraps the message in its system prompt and "### Instruction:"
     assert "prompt: " in proc.stderr and int(proc.stderr.split("prompt: ")[1].split()[0]) > 20
 
 
 def test_cli_bad_sampling_value_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "edgebox.cli", "run", "-p", "x", "--top-p", "2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgebox.cli", "run", "-p", "x", "--top-p", "2"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "top_p" in proc.stderr
 
@@ -224,13 +236,30 @@ def test_transformer_never_touches_a_chip():
     from edgebox.model import transformer
 
     tree = ast.parse(inspect.getsource(transformer))
-    per_chip = {"chips", "index", "kv_of_head", "decode_cache", "n_kv", "n_heads", "wqkv", "run",
-                "threads", "all_reduce", "gather"}
+    per_chip = {
+        "chips",
+        "index",
+        "kv_of_head",
+        "decode_cache",
+        "n_kv",
+        "n_heads",
+        "wqkv",
+        "run",
+        "threads",
+        "all_reduce",
+        "gather",
+    }
     assert not [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in per_chip]
     assert not [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id.lower() in ("chip", "chips")]
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {m for m in imported if m.startswith("edgebox.chips")} == {"edgebox.chips.box"}
-    called = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-              and isinstance(n.func.value, ast.Name) and n.func.value.id == "box"}
+    called = {
+        n.func.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and isinstance(n.func.value, ast.Name)
+        and n.func.value.id == "box"
+    }
     assert {"attention", "ffn", "lm_head"} <= called

@@ -44,8 +44,15 @@ def config(model):
 
 def chips(t: float, energy_j: float, n: int = 4, **fields) -> tuple[Reading, ...]:
     """Hand-made readings of n chips sharing ``energy_j``."""
-    base = dict(valid=True, power_w=energy_j / max(t, 1e-9) / n, energy_j=energy_j / n, temp_c=50.0,
-                oc_events=0, freq_mhz=1000, max_freq_mhz=1000)
+    base = dict(
+        valid=True,
+        power_w=energy_j / max(t, 1e-9) / n,
+        energy_j=energy_j / n,
+        temp_c=50.0,
+        oc_events=0,
+        freq_mhz=1000,
+        max_freq_mhz=1000,
+    )
     base.update(fields)
     return tuple(Reading(f"chip{i}", t, **base) for i in range(n))
 
@@ -83,6 +90,7 @@ class Plant:
 
 
 # --- the step model ---------------------------------------------------------------------------------
+
 
 def test_the_chips_are_charged_the_one_step_cost(model):
     """Box.account_step charges ``step_cost`` at the chips' clocks: the seconds it returns and the
@@ -125,30 +133,31 @@ def test_the_table_and_the_clock_cap(config):
     assert tab.power(2, 16) / tab.tokens(2, 16) < tab.power(2, 1) / tab.tokens(2, 1)
     # the "N W mode": the highest clock whose full-load (batch 16) power fits
     assert [tab.clock_cap(w) for w in (6, 8, 10, 12)] == [600, 800, 1000, 1000]
-    assert tab.mix_tokens(3.0, 16, 6) is None                    # even 400 MHz draws more
+    assert tab.mix_tokens(3.0, 16, 6) is None  # even 400 MHz draws more
     mid = tab.mix_tokens((tab.power(3, 16) + tab.power(4, 16)) / 2, 16, 6)
     assert tab.tokens(3, 16) < mid < tab.tokens(4, 16)
 
 
 # --- the control law on hand-made numbers -----------------------------------------------------------
 
+
 def test_decide_is_pure(config):
     state = GovernorState.initial(config)
     before = repr(state)
     d = decide(Readings(0.1, chips(0.1, 0.9), 4, 0, 0.9), state, 10.0)
     assert repr(state) == before and isinstance(d, Decision) and d.state is not state
-    assert decide(Readings(0.1, chips(0.1, 0.9), 4, 0, 0.9), state, 10.0) == d     # same in, same out
+    assert decide(Readings(0.1, chips(0.1, 0.9), 4, 0, 0.9), state, 10.0) == d  # same in, same out
 
 
 def test_sigma_delta_holds_the_mean_at_the_target_between_two_levels(config):
-    budget = Budget(9.0)            # between 800 MHz (7.6 W) and 1000 MHz (9.7 W) at batch 16
+    budget = Budget(9.0)  # between 800 MHz (7.6 W) and 1000 MHz (9.7 W) at batch 16
     plant = Plant(config, batch=16)
     state = plant.run(GovernorState.initial(config), budget, 12.0)
     log = plant.log()
     mean = log.average_w(2.0, plant.t)
     assert mean == pytest.approx(9.0 * (1 - config.margin), rel=0.01)
     # it dithers between the two levels around the target
-    used = set(plant.levels[len(plant.levels) // 2:])
+    used = set(plant.levels[len(plant.levels) // 2 :])
     assert used == {2, 3}
     rep = check(log, Timeline(((0.0, 9.0),)), 2.0, plant.t, budget=budget)
     assert rep.ok() and rep.worst_long_ratio <= 1.0 and rep.worst_short_ratio <= 1.2
@@ -266,18 +275,19 @@ def test_the_energy_guard_keeps_energy_per_token_near_the_reference_clock(config
         plant.run(GovernorState.initial(cfg), budget, 20.0)
         ref_s, ref_w = float(plant.priced.step_s[3]), float(plant.priced.power_w[3])
         n = len(plant.levels)
-        runs[slack] = (plant.e / (n * ref_s * ref_w), n * ref_s / plant.t)   # energy and speed vs 1000 MHz
+        runs[slack] = (plant.e / (n * ref_s * ref_w), n * ref_s / plant.t)  # energy and speed vs 1000 MHz
         allowance = 12.0 * config.energy_start_s / (n * ref_s * ref_w)
         rep = check(plant.log(), Timeline(((0.0, 12.0),)), 2.0, plant.t, budget=budget)
         assert rep.ok()
         if slack is not None:
             energy, speed = runs[slack]
-            assert energy <= 1 + slack + allowance + 0.002 and speed > 1.02    # + one step's overshoot
+            assert energy <= 1 + slack + allowance + 0.002 and speed > 1.02  # + one step's overshoot
     energy_free, speed_free = runs[None]
     assert energy_free > 1.05 and speed_free > speed
 
 
 # --- the frontier of clock schedules ------------------------------------------------------------------
+
 
 def test_the_frontier_is_the_least_energy_of_any_schedule():
     from edgebox.power.frontier import Frontier
@@ -292,11 +302,11 @@ def test_the_frontier_is_the_least_energy_of_any_schedule():
         T, E = sum(x[lv] for x in t), sum(x[lv] for x in e)
         assert f.least_energy_j(T) == pytest.approx(E)
         assert f.least_time_s(E) == pytest.approx(T)
-    assert f.least_energy_j(4.5) == pytest.approx(6.4)            # A at level 1, B half-way to it
+    assert f.least_energy_j(4.5) == pytest.approx(6.4)  # A at level 1, B half-way to it
     assert f.least_energy_j(10.0) == 5.8 and f.least_energy_j(2.9) == math.inf
     # the prices cross: then a fixed clock is beaten on both counts by a per-step mix
     t = [[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]
-    e = [[3.0, 3.2, 6.2], [3.0, 5.0, 5.5]]                        # step B's middle level is off its hull
+    e = [[3.0, 3.2, 6.2], [3.0, 5.0, 5.5]]  # step B's middle level is off its hull
     f = Frontier.of(t, e)
     assert f.least_energy_j(4.0) == pytest.approx(7.45)
     assert f.least_time_s(8.2) < 4.0
@@ -304,9 +314,10 @@ def test_the_frontier_is_the_least_energy_of_any_schedule():
 
 # --- budget windows ---------------------------------------------------------------------------------
 
+
 def test_energy_log_windows_and_the_check():
     log = EnergyLog()
-    for i in range(101):                      # 10 W for 10 s, then the last 0.05 s at 20 W
+    for i in range(101):  # 10 W for 10 s, then the last 0.05 s at 20 W
         log.add(i * 0.1, i * 1.0)
     log.add(10.05, 101.0)
     assert log.average_w(0, 10) == pytest.approx(10.0)
@@ -328,7 +339,7 @@ def test_energy_counters_unwrap(tmp_path):
     (d / "energy1_input").write_text("900000\n")
     c = EnergyCounters([d])
     assert c.read() == 0.0
-    (d / "energy1_input").write_text("100000\n")      # wrapped: +0.1 J to the top, +0.1 J after
+    (d / "energy1_input").write_text("100000\n")  # wrapped: +0.1 J to the top, +0.1 J after
     assert c.read() == pytest.approx(0.2)
     (d / "energy1_input").write_text("garbage\n")
     assert c.read() is None
@@ -336,6 +347,7 @@ def test_energy_counters_unwrap(tmp_path):
 
 
 # --- the loop on a real engine ----------------------------------------------------------------------
+
 
 def test_the_loop_turns_the_files_and_idles_at_the_bottom(tmp_path):
     from edgebox.engine import Engine, Request
@@ -425,7 +437,7 @@ def test_the_next_step_is_foreseen_exactly():
         return Request(prompt=f"r{i} " + "w " * (40 + 30 * i), max_tokens=5 + i)
 
     def listener(engine):
-        if len(hs) == 1:                    # the rest join on the scheduler thread: no race
+        if len(hs) == 1:  # the rest join on the scheduler thread: no race
             hs.extend(engine.submit(request(i)) for i in range(1, 6))
         running, queued, segments = engine.load()
         if running + queued:
@@ -442,7 +454,7 @@ def test_the_next_step_is_foreseen_exactly():
         e.close()
         m.close()
     # every step after the first was foreseen by the listener after the step before it
-    assert len(charged) > 10 and foreseen[:len(charged) - 1] == charged[1:len(foreseen) + 1]
+    assert len(charged) > 10 and foreseen[: len(charged) - 1] == charged[1 : len(foreseen) + 1]
 
 
 def test_engine_load_predicts_the_next_step_on_a_real_model():
@@ -471,25 +483,25 @@ def test_engine_load_predicts_the_next_step_on_a_real_model():
     greedy = SamplingParams(temperature=0.0)
     prefix = "def parse(path):\n    with open(path) as f:\n        return f.read()\n"
     h: dict[str, object] = {}
-    predicted: dict[int, tuple[int, int, list]] = {}       # step index -> load() after the step before
+    predicted: dict[int, tuple[int, int, list]] = {}  # step index -> load() after the step before
     seen = {"waited_for_kv": False}
 
     def listener(engine):
-        k = len(charged)                    # steps run so far
+        k = len(charged)  # steps run so far
         if k == 1:
             h["B"] = engine.submit(Request(prompt="x " * 40, max_tokens=5, params=greedy))
             h["E"] = engine.submit(Request(prompt="y " * 8, max_tokens=3, params=greedy))
         if k == 2:
-            h["E"].cancel()                 # cancelled while queued
+            h["E"].cancel()  # cancelled while queued
             h["F"] = engine.submit(Request(prompt="z " * 6, max_tokens=4, params=greedy))
-        if h["A"].done and "D" not in h:    # A's cache now holds the prefix: D reuses it
+        if h["A"].done and "D" not in h:  # A's cache now holds the prefix: D reuses it
             h["D"] = engine.submit(Request(prompt=prefix + "def save(path):", max_tokens=4, params=greedy))
             engine.batch_limit = 3
-        if "D" in h and "C" not in h:       # C holds the whole context (shifts): waits for KV room
+        if "D" in h and "C" not in h:  # C holds the whole context (shifts): waits for KV room
             h["C"] = engine.submit(Request(prompt="w " * 10, max_tokens=70, params=greedy, context_shift=True, n_keep=4))
         if "C" in h and "G" not in h and h["D"].done:
             h["G"] = engine.submit(Request(prompt="v " * 5, max_tokens=3, params=greedy))
-            h["B"].cancel()                 # cancelled while running (or already done)
+            h["B"].cancel()  # cancelled while running (or already done)
         running, queued, segments = engine.load()
         if queued and running < engine.batch_limit:
             seen["waited_for_kv"] = True

@@ -101,7 +101,9 @@ def test_no_clock_schedule_beats_the_clock_cap_on_both_counts():
         real = m.box.account_step
 
         def account_step(segments, n_logits):
-            steps.append(Step(sum(r for r, _ in segments), sum(r * c for r, c in segments), sum(c for _, c in segments), n_logits))
+            steps.append(
+                Step(sum(r for r, _ in segments), sum(r * c for r, c in segments), sum(c for _, c in segments), n_logits)
+            )
             return real(segments, n_logits)
 
         m.box.account_step = account_step
@@ -109,17 +111,17 @@ def test_no_clock_schedule_beats_the_clock_cap_on_both_counts():
 
     streams, seconds = 4, 12.0
     cap = simulate(recording, SimOptions(streams=streams, seconds=seconds, governor=False, freq_mhz=1000, batch=streams))
-    gov = sim(streams=streams, seconds=seconds, budget_w=10.0, prompt_chunk=128)   # the cap's own steps
+    gov = sim(streams=streams, seconds=seconds, budget_w=10.0, prompt_chunk=128)  # the cap's own steps
     n = min(cap.tokens, gov.tokens)
     (tc, nc, ec), (tg, ng, eg) = cap.at_tokens(n), gov.at_tokens(n)
     pricer = StepPricer(shape_model().box)
-    used = steps[:cap.token_log[1].index(nc) + 1]
+    used = steps[: cap.token_log[1].index(nc) + 1]
     priced = [pricer.price(s) for s in used]
     f = Frontier.of([p.step_s for p in priced], [p.step_s * p.power_w for p in priced])
-    assert sum(p.step_s[3] for p in priced) == pytest.approx(tc)            # the cap's own run, priced
-    assert f.least_energy_j(tc) == pytest.approx(ec, rel=1e-6)              # nothing as fast is cheaper
-    assert f.least_energy_j(tc * 0.99) > ec * 1.003                          # 1 % faster costs > 0.3 % more
-    assert ng == nc and tg < tc and eg > f.least_energy_j(tg) * (1 - 1e-9)   # the governor: faster, dearer
+    assert sum(p.step_s[3] for p in priced) == pytest.approx(tc)  # the cap's own run, priced
+    assert f.least_energy_j(tc) == pytest.approx(ec, rel=1e-6)  # nothing as fast is cheaper
+    assert f.least_energy_j(tc * 0.99) > ec * 1.003  # 1 % faster costs > 0.3 % more
+    assert ng == nc and tg < tc and eg > f.least_energy_j(tg) * (1 - 1e-9)  # the governor: faster, dearer
     assert (eg / ng) / (ec / nc) <= 1.03 + 10.0 * 0.5 / ec
 
 
@@ -133,7 +135,7 @@ def test_energy_per_token_at_12w_with_16_streams():
     assert gov.report["ok"] and static_within(best, 12.0)
     n = min(gov.tokens, best.tokens)
     (tg, ng, eg), (tb, nb, eb) = gov.at_tokens(n), best.at_tokens(n)
-    assert tg / ng < tb / nb                    # faster (32-row prompt chunks: step ends differ a little)
+    assert tg / ng < tb / nb  # faster (32-row prompt chunks: step ends differ a little)
     assert (eb / nb) / (eg / ng) >= 0.95
 
 
@@ -150,7 +152,7 @@ def test_short_prompt_chunks_settle_within_2_percent():
 def test_budget_steps_are_met_within_two_seconds():
     r = sim(streams=4, seconds=15.0, budget_w=10.0, budget_steps=parse_budget_steps("5:7,10:10"))
     assert [e["new_w"] for e in r.events if e["kind"] == "budget"] == [7.0, 10.0]
-    assert r.report["ok"], r.report                     # windows after each step's 2 s and all 100 ms ones
+    assert r.report["ok"], r.report  # windows after each step's 2 s and all 100 ms ones
     assert len(r.settle) == 2
     for s in r.settle:
         assert s["reach_s"] is not None and s["reach_s"] <= 2.0, s
@@ -167,15 +169,18 @@ def test_the_same_options_give_the_same_result():
 
 def test_cli_json_and_static_settings():
     runner = CliRunner()
-    r = runner.invoke(app, ["power", "simulate", "--streams", "2", "--seconds", "3", "--budget", "8",
-                            "--budget-steps", "2:6", "--json"])
+    r = runner.invoke(
+        app, ["power", "simulate", "--streams", "2", "--seconds", "3", "--budget", "8", "--budget-steps", "2:6", "--json"]
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     for key in ("windows_w", "short_windows_w", "tokens_per_s", "freq_levels_mhz", "events", "settle", "report"):
         assert key in d
     assert len(d["windows_w"]) == 3 and d["events"][0]["kind"] == "budget"
-    r = runner.invoke(app, ["power", "simulate", "--streams", "2", "--seconds", "3", "--governor", "off",
-                            "--freq", "800", "--batch", "1", "--json"])
+    r = runner.invoke(
+        app,
+        ["power", "simulate", "--streams", "2", "--seconds", "3", "--governor", "off", "--freq", "800", "--batch", "1", "--json"],
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert list(d["freq_time_s"]) == ["800"] and list(d["batch_time_s"]) == ["1"] and d["events"] == []

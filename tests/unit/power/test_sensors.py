@@ -38,9 +38,19 @@ def _write(d: Path, **files) -> Path:
 @pytest.fixture
 def board(tmp_path):
     """A real-board-like hwmon device: an INA-style power monitor with all the usual files."""
-    return _write(tmp_path / "hwmon" / "hwmon3", name="ina3221", power1_input=2_500_000, power1_average=2_400_000,
-                  energy1_input=1_000_000, in0_input=5020, curr1_input=498, temp1_input=47_250, temp1_max=85_000,
-                  temp1_crit=100_000, oc1_event_cnt=0)
+    return _write(
+        tmp_path / "hwmon" / "hwmon3",
+        name="ina3221",
+        power1_input=2_500_000,
+        power1_average=2_400_000,
+        energy1_input=1_000_000,
+        in0_input=5020,
+        curr1_input=498,
+        temp1_input=47_250,
+        temp1_max=85_000,
+        temp1_crit=100_000,
+        oc1_event_cnt=0,
+    )
 
 
 def test_hwmon_units_become_si(board):
@@ -51,7 +61,7 @@ def test_hwmon_units_become_si(board):
     assert r.voltage_v == pytest.approx(5.02) and r.current_a == pytest.approx(0.498)
     assert r.temp_c == pytest.approx(47.25) and r.temp_max_c == 85.0 and r.temp_crit_c == 100.0
     assert r.oc_events == 0 and r.throttle_reasons == () and r.energy_j == 0.0
-    assert r.freq_mhz is None                                  # no cpufreq directory given
+    assert r.freq_mhz is None  # no cpufreq directory given
 
 
 def test_energy_counter_wrap_is_corrected(board):
@@ -60,7 +70,7 @@ def test_energy_counter_wrap_is_corrected(board):
     _write(board, energy1_input=1_800_000)
     s.read()
     clock.t += 1.0
-    _write(board, energy1_input=300_000)                       # wrapped: +0.2 J to the top, +0.3 J after
+    _write(board, energy1_input=300_000)  # wrapped: +0.2 J to the top, +0.3 J after
     r = s.read()
     assert r.valid, r.problems
     assert r.energy_j == pytest.approx(0.5)
@@ -82,7 +92,7 @@ def test_energy_only_source_gives_power_from_the_counter(tmp_path):
     clock = FakeClock()
     s = HwmonSensor(d, clock=clock)
     first = s.read()
-    assert first.valid and first.power_w is None              # nothing to difference yet
+    assert first.valid and first.power_w is None  # nothing to difference yet
     clock.t += 0.5
     _write(d, energy1_input=6_000_000)
     r = s.read()
@@ -91,16 +101,16 @@ def test_energy_only_source_gives_power_from_the_counter(tmp_path):
 
 def test_a_counter_reset_is_flagged_not_hidden(board):
     clock = FakeClock()
-    s = HwmonSensor(board, clock=clock)                        # no range: 64-bit kernel accumulator
+    s = HwmonSensor(board, clock=clock)  # no range: 64-bit kernel accumulator
     s.read()
     clock.t += 0.1
-    _write(board, energy1_input=10)                            # went down: a reset, not a wrap
+    _write(board, energy1_input=10)  # went down: a reset, not a wrap
     r = s.read()
     assert not r.valid and any("energy1_input" in p for p in r.problems)
     clock.t += 0.1
     _write(board, energy1_input=110, power1_input=2_500_001)
     r = s.read()
-    assert r.valid and r.energy_j == pytest.approx(100e-6)    # re-based after the reset
+    assert r.valid and r.energy_j == pytest.approx(100e-6)  # re-based after the reset
 
 
 def test_stale_readings_are_flagged(board):
@@ -109,7 +119,7 @@ def test_stale_readings_are_flagged(board):
     assert s.read().valid
     clock.t += 0.4
     assert s.read().valid
-    clock.t += 0.2                                             # 0.6 s without a change
+    clock.t += 0.2  # 0.6 s without a change
     r = s.read()
     assert r.stale and not r.valid and "stale" in r.problems[0]
     _write(board, energy1_input=1_000_123)
@@ -118,18 +128,21 @@ def test_stale_readings_are_flagged(board):
     assert r.valid and not r.stale
 
 
-@pytest.mark.parametrize("file,content,needle", [
-    ("power1_input", "abc", "power1_input"),
-    ("power1_input", "", "power1_input"),
-    ("power1_input", "-5", "power1_input"),
-    ("power1_input", "99999999999999", "power1_input"),       # 100 MW: absurd
-    ("temp1_input", "512000", "temp1_input"),                 # 512 °C: a broken sensor
-    ("energy1_input", "1e6", "energy1_input"),
-    ("energy1_input", "-1", "energy1_input"),
-    ("in0_input", "-3", "in0_input"),
-    ("curr1_input", "-20", "curr1_input"),
-    ("oc1_event_cnt", "x", "oc1_event_cnt"),
-])
+@pytest.mark.parametrize(
+    "file,content,needle",
+    [
+        ("power1_input", "abc", "power1_input"),
+        ("power1_input", "", "power1_input"),
+        ("power1_input", "-5", "power1_input"),
+        ("power1_input", "99999999999999", "power1_input"),  # 100 MW: absurd
+        ("temp1_input", "512000", "temp1_input"),  # 512 °C: a broken sensor
+        ("energy1_input", "1e6", "energy1_input"),
+        ("energy1_input", "-1", "energy1_input"),
+        ("in0_input", "-3", "in0_input"),
+        ("curr1_input", "-20", "curr1_input"),
+        ("oc1_event_cnt", "x", "oc1_event_cnt"),
+    ],
+)
 def test_garbage_gives_an_invalid_reading_not_an_exception(board, file, content, needle):
     (board / file).write_text(content)
     r = HwmonSensor(board, clock=FakeClock()).read()
@@ -162,12 +175,13 @@ def test_hwmon_discovery_by_name(tmp_path, board):
 
 # --- RAPL --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def powercap(tmp_path):
     root = tmp_path / "powercap"
     _write(root / "intel-rapl:0", name="package-0", energy_uj=262_000_000_000, max_energy_range_uj=262_143_328_850)
     _write(root / "intel-rapl:0:0", name="core", energy_uj=5, max_energy_range_uj=262_143_328_850)
-    (root / "intel-rapl").mkdir()                              # the control type dir has no energy_uj
+    (root / "intel-rapl").mkdir()  # the control type dir has no energy_uj
     return root
 
 
@@ -203,6 +217,7 @@ def test_rapl_garbage_and_stale(powercap):
 
 # --- host --------------------------------------------------------------------------------------
 
+
 def test_host_sensor():
     clock = FakeClock()
     s = HostSensor(clock=clock)
@@ -213,6 +228,7 @@ def test_host_sensor():
 
 
 # --- on the firmware stub ------------------------------------------------------------------------
+
 
 def test_reads_the_firmware_stub_like_a_board(tmp_path):
     p = load_profile("r100-edge")
@@ -235,7 +251,7 @@ def test_reads_the_firmware_stub_like_a_board(tmp_path):
         assert r.voltage_v * 1000 == st.voltage_mv and r.freq_mhz == st.freq_mhz
         assert r.temp_max_c == p.throttle_c and r.oc_events == 0
     assert readings[2].freq_mhz == 800 and readings[2].max_freq_mhz == 800
-    assert readings[2].power_w < readings[0].power_w                     # DVFS saves power ...
+    assert readings[2].power_w < readings[0].power_w  # DVFS saves power ...
     # a firmware that stops publishing goes stale in the reader's (device) time
     clock_t = [fw.time_s(0)]
     frozen = firmware_sensors(tmp_path, clock=lambda: clock_t[0], stale_after_s=0.2)[0]

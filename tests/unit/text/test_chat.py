@@ -25,10 +25,16 @@ def template(name: str) -> str:
 
 # --- the three DeepSeek families against llama.cpp's expected prompts --------------------------
 
+
 @pytest.mark.parametrize("case", EXPECTED["cases"], ids=lambda c: c["template"])
 def test_deepseek_templates_render_llama_cpp_expected_output(case):
-    out = render_chat(template(case["template"]), CONVERSATION, bos_token=case["bos_token"],
-                      eos_token=case["eos_token"], add_generation_prompt=True)
+    out = render_chat(
+        template(case["template"]),
+        CONVERSATION,
+        bos_token=case["bos_token"],
+        eos_token=case["eos_token"],
+        add_generation_prompt=True,
+    )
     assert out == case["expected"]
 
 
@@ -37,17 +43,19 @@ def test_every_committed_template_has_an_expected_case():
 
 
 def test_r1_drops_past_reasoning_and_opens_thinking():
-    msgs = [{"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
-            {"role": "user", "content": "and 3+3?"}]
+    msgs = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+        {"role": "user", "content": "and 3+3?"},
+    ]
     out = render_chat(template("deepseek-r1-distill-qwen-7b.jinja"), msgs, bos_token=BOS_R1, eos_token=EOS_R1)
-    assert out == (f"{BOS_R1}<｜User｜>2+2?<｜Assistant｜>\n\n4{EOS_R1}"
-                   "<｜User｜>and 3+3?<｜Assistant｜><think>\n")
+    assert out == (f"{BOS_R1}<｜User｜>2+2?<｜Assistant｜>\n\n4{EOS_R1}<｜User｜>and 3+3?<｜Assistant｜><think>\n")
 
 
 def test_r1_without_generation_prompt_ends_at_the_last_message():
-    out = render_chat(template("deepseek-r1-distill-qwen-7b.jinja"), CONVERSATION[:2], bos_token=BOS_R1,
-                      add_generation_prompt=False)
+    out = render_chat(
+        template("deepseek-r1-distill-qwen-7b.jinja"), CONVERSATION[:2], bos_token=BOS_R1, add_generation_prompt=False
+    )
     assert out == f"{BOS_R1}You are a helpful assistant<｜User｜>Hello"
 
 
@@ -94,6 +102,7 @@ def test_messages_reach_the_template_with_extra_keys_and_are_not_modified():
 
 # --- errors: one clear line, always EdgeboxError ----------------------------------------------
 
+
 def _error(tmpl: str, messages=USER) -> str:
     with pytest.raises(EdgeboxError) as info:
         render_chat(tmpl, messages)
@@ -112,13 +121,16 @@ def test_syntax_error_names_the_line():
     assert "does not parse" in text and "line 2" in text
 
 
-@pytest.mark.parametrize("tmpl", [
-    "{{ ''.__class__.__mro__ }}",                     # sandbox: no dunder access
-    "{% set x = [] %}{{ x.append(1) }}",              # immutable sandbox: no mutation
-    "{{ messages[5]['content'] }}",                    # undefined, then used
-    "{{ 1 + 'a' }}",                                   # type error inside the template
-    "{{ undefined_function() }}",
-])
+@pytest.mark.parametrize(
+    "tmpl",
+    [
+        "{{ ''.__class__.__mro__ }}",  # sandbox: no dunder access
+        "{% set x = [] %}{{ x.append(1) }}",  # immutable sandbox: no mutation
+        "{{ messages[5]['content'] }}",  # undefined, then used
+        "{{ 1 + 'a' }}",  # type error inside the template
+        "{{ undefined_function() }}",
+    ],
+)
 def test_template_runtime_failures_are_edgebox_errors(tmpl):
     assert _error(tmpl).startswith("chat template failed:")
 
@@ -127,43 +139,50 @@ def test_empty_template_is_refused():
     _error("   ")
 
 
-@pytest.mark.parametrize("messages, fragment", [
-    ("hello", "must be a list"),
-    ([], "is empty"),
-    (["hi"], "messages[0] must be a dict"),
-    ([{"role": "bot", "content": "hi"}], "messages[0]['role'] must be one of system, user, assistant, tool"),
-    ([{"content": "hi"}], "messages[0]['role']"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": None}], "messages[1]['content'] must be a string"),
-    ([{"role": "user", "content": ["parts"]}], "must be a string"),
-])
+@pytest.mark.parametrize(
+    "messages, fragment",
+    [
+        ("hello", "must be a list"),
+        ([], "is empty"),
+        (["hi"], "messages[0] must be a dict"),
+        ([{"role": "bot", "content": "hi"}], "messages[0]['role'] must be one of system, user, assistant, tool"),
+        ([{"content": "hi"}], "messages[0]['role']"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": None}], "messages[1]['content'] must be a string"),
+        ([{"role": "user", "content": ["parts"]}], "must be a string"),
+    ],
+)
 def test_invalid_messages(messages, fragment):
     assert fragment in _error("{{ messages }}", messages)
 
 
 # --- split_reasoning (llama.cpp --reasoning-format deepseek) -----------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    # llama.cpp tests/test-chat.cpp: message_assist_thoughts from the unparsed DeepSeek reply
-    ("<think>I'm\nthinking</think>Hello, world!\nWhat's up?", ("I'm\nthinking", "Hello, world!\nWhat's up?")),
-    # R1-Distill: the prompt ended with "<think>\n", so the reply only closes it (llama.cpp's
-    # forced-open thinking tests)
-    ("I'm\nthinking</think>Hello, world!\nWhat's up?", ("I'm\nthinking", "Hello, world!\nWhat's up?")),
-    ("</think>Hello, world!\nWhat's up?", ("", "Hello, world!\nWhat's up?")),
-    # R1's usual layout: whitespace around the reasoning and before the answer goes
-    ("<think>\nLet me add.\n</think>\n\n4", ("Let me add.", "4")),
-    ("\n<think>a</think>b", ("a", "b")),
-    ("<think>\n\n</think>\n\nAnswer", ("", "Answer")),          # empty thinking
-    # unterminated thinking (cut by max_tokens or a stop): all reasoning
-    ("<think>\nstill going", ("still going", "")),
-    ("<think>", ("", "")),
-    # no tags: all content, untouched
-    ("Just an answer.\n", ("", "Just an answer.\n")),
-    ("", ("", "")),
-    # split at the first </think>; later ones belong to the content
-    ("<think>a</think>b</think>c", ("a", "b</think>c")),
-    # <think> not at the start is content, not reasoning
-    ("Use <think> tags.", ("", "Use <think> tags.")),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # llama.cpp tests/test-chat.cpp: message_assist_thoughts from the unparsed DeepSeek reply
+        ("<think>I'm\nthinking</think>Hello, world!\nWhat's up?", ("I'm\nthinking", "Hello, world!\nWhat's up?")),
+        # R1-Distill: the prompt ended with "<think>\n", so the reply only closes it (llama.cpp's
+        # forced-open thinking tests)
+        ("I'm\nthinking</think>Hello, world!\nWhat's up?", ("I'm\nthinking", "Hello, world!\nWhat's up?")),
+        ("</think>Hello, world!\nWhat's up?", ("", "Hello, world!\nWhat's up?")),
+        # R1's usual layout: whitespace around the reasoning and before the answer goes
+        ("<think>\nLet me add.\n</think>\n\n4", ("Let me add.", "4")),
+        ("\n<think>a</think>b", ("a", "b")),
+        ("<think>\n\n</think>\n\nAnswer", ("", "Answer")),  # empty thinking
+        # unterminated thinking (cut by max_tokens or a stop): all reasoning
+        ("<think>\nstill going", ("still going", "")),
+        ("<think>", ("", "")),
+        # no tags: all content, untouched
+        ("Just an answer.\n", ("", "Just an answer.\n")),
+        ("", ("", "")),
+        # split at the first </think>; later ones belong to the content
+        ("<think>a</think>b</think>c", ("a", "b</think>c")),
+        # <think> not at the start is content, not reasoning
+        ("Use <think> tags.", ("", "Use <think> tags.")),
+    ],
+)
 def test_split_reasoning(text, expected):
     assert split_reasoning(text) == expected
 

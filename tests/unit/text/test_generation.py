@@ -90,6 +90,7 @@ def test_the_sampler_sees_prompt_and_generated_tokens():
 
 # --- StopMatcher ----------------------------------------------------------------------------------
 
+
 def run_stops(stops, pieces) -> tuple[str, bool]:
     """Everything a client would see, and whether the stream stopped."""
     m = StopMatcher(stops)

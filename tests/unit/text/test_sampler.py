@@ -27,21 +27,44 @@ def logits_for(probs) -> np.ndarray:
 
 # --- SamplingParams -----------------------------------------------------------------------------
 
+
 def test_defaults_are_llama_cpp_defaults():
     p = SamplingParams()
-    assert (p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.repeat_last_n, p.seed) == \
-        (0.8, 40, 0.95, 0.05, 1.0, 64, None)
+    assert (p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.repeat_last_n, p.seed) == (
+        0.8,
+        40,
+        0.95,
+        0.05,
+        1.0,
+        64,
+        None,
+    )
 
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", math.nan), ("temperature", math.inf), ("temperature", "hot"), ("temperature", True),
-    ("top_k", 2.5), ("top_k", True),
-    ("top_p", -0.1), ("top_p", 1.5), ("top_p", math.nan),
-    ("min_p", -0.01), ("min_p", 1.01),
-    ("repeat_penalty", 0.0), ("repeat_penalty", -1.0), ("repeat_penalty", math.inf),
-    ("repeat_last_n", -2), ("repeat_last_n", 1.0),
-    ("seed", -1), ("seed", 1.5), ("seed", False),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("temperature", "hot"),
+        ("temperature", True),
+        ("top_k", 2.5),
+        ("top_k", True),
+        ("top_p", -0.1),
+        ("top_p", 1.5),
+        ("top_p", math.nan),
+        ("min_p", -0.01),
+        ("min_p", 1.01),
+        ("repeat_penalty", 0.0),
+        ("repeat_penalty", -1.0),
+        ("repeat_penalty", math.inf),
+        ("repeat_last_n", -2),
+        ("repeat_last_n", 1.0),
+        ("seed", -1),
+        ("seed", 1.5),
+        ("seed", False),
+    ],
+)
 def test_bad_values_name_the_field_and_the_range(field, value):
     with pytest.raises(ValueError) as info:
         SamplingParams(**{field: value})
@@ -57,6 +80,7 @@ def test_numbers_are_normalized_to_their_types():
 
 
 # --- greedy ---------------------------------------------------------------------------------------
+
 
 def test_greedy_is_argmax():
     rng = np.random.default_rng(0)
@@ -83,6 +107,7 @@ def test_top_k_1_is_greedy():
 
 # --- seeds ------------------------------------------------------------------------------------------
 
+
 def test_same_seed_same_logits_sequence_gives_same_tokens():
     rng = np.random.default_rng(2)
     rows = rng.standard_normal((200, 3000)).astype(np.float32) * 2
@@ -104,6 +129,7 @@ def test_one_random_draw_per_call_whatever_the_parameters():
 
 
 # --- filters ---------------------------------------------------------------------------------------
+
 
 def test_top_k_keeps_the_k_best_with_ties_at_the_cut_to_the_lowest_ids():
     x = np.array([5.0, 1.0, 4.0, 4.0, 0.0, 4.0], np.float32)
@@ -158,7 +184,7 @@ def _reference_chain(x: np.ndarray, history, p: SamplingParams) -> dict[int, flo
     """llama.cpp's chain the slow, obvious way: full sorts, every step on its own."""
     x = x.astype(np.float32).copy()
     if p.repeat_penalty != 1.0 and p.repeat_last_n != 0:
-        recent = list(history) if p.repeat_last_n < 0 else list(history)[-p.repeat_last_n:]
+        recent = list(history) if p.repeat_last_n < 0 else list(history)[-p.repeat_last_n :]
         for t in set(recent):
             x[t] = x[t] * np.float32(p.repeat_penalty) if x[t] <= 0 else x[t] / np.float32(p.repeat_penalty)
     if p.temperature <= 0:
@@ -176,17 +202,20 @@ def _reference_chain(x: np.ndarray, history, p: SamplingParams) -> dict[int, flo
     return dict(zip(order.tolist(), (z / z.sum()).tolist()))
 
 
-@pytest.mark.parametrize("kw, spread", [
-    (dict(), 2.5),                                           # llama.cpp defaults
-    (dict(top_k=0), 2.5),                                    # top-p + min-p over the whole vocabulary
-    (dict(top_k=0, min_p=0.0), 5.0),                         # top-p alone: the 256 first guess holds p
-    (dict(top_k=0, min_p=0.0), 2.5),                         # ... it does not: full sort
-    (dict(top_k=0, min_p=0.0, top_p=0.999), 2.5),
-    (dict(top_k=500, top_p=0.9, min_p=0.0), 2.5),
-    (dict(top_k=0, top_p=1.0, min_p=0.02, temperature=1.3), 2.5),
-    (dict(top_k=7, top_p=1.0, min_p=0.0, repeat_penalty=1.3, repeat_last_n=16), 2.5),
-    (dict(repeat_penalty=0.8, repeat_last_n=-1), 2.5),
-])
+@pytest.mark.parametrize(
+    "kw, spread",
+    [
+        (dict(), 2.5),  # llama.cpp defaults
+        (dict(top_k=0), 2.5),  # top-p + min-p over the whole vocabulary
+        (dict(top_k=0, min_p=0.0), 5.0),  # top-p alone: the 256 first guess holds p
+        (dict(top_k=0, min_p=0.0), 2.5),  # ... it does not: full sort
+        (dict(top_k=0, min_p=0.0, top_p=0.999), 2.5),
+        (dict(top_k=500, top_p=0.9, min_p=0.0), 2.5),
+        (dict(top_k=0, top_p=1.0, min_p=0.02, temperature=1.3), 2.5),
+        (dict(top_k=7, top_p=1.0, min_p=0.0, repeat_penalty=1.3, repeat_last_n=16), 2.5),
+        (dict(repeat_penalty=0.8, repeat_last_n=-1), 2.5),
+    ],
+)
 def test_candidates_match_a_plain_implementation_of_the_chain_on_a_large_vocab(kw, spread):
     rng = np.random.default_rng(3)
     s = Sampler(SamplingParams(seed=0, **kw))
@@ -208,6 +237,7 @@ def test_a_150k_vocabulary_with_default_params_keeps_at_most_top_k():
 
 
 # --- repetition penalty -----------------------------------------------------------------------------
+
 
 def _penalized(x, history, **kw) -> np.ndarray:
     """The logits after the penalty, up to a constant: log-probabilities at T = 1, no filters."""
@@ -250,8 +280,15 @@ def test_callers_logits_are_not_modified():
     assert np.array_equal(x, before)
 
 
-@pytest.mark.parametrize("logits", [np.zeros((2, 3), np.float32), np.zeros(0, np.float32),
-                                    np.array([0.0, np.nan], np.float32), np.array([np.inf, 0.0], np.float32)])
+@pytest.mark.parametrize(
+    "logits",
+    [
+        np.zeros((2, 3), np.float32),
+        np.zeros(0, np.float32),
+        np.array([0.0, np.nan], np.float32),
+        np.array([np.inf, 0.0], np.float32),
+    ],
+)
 def test_bad_logits_are_refused(logits):
     with pytest.raises(ValueError, match="logits"):
         sampler().sample(logits)

@@ -64,6 +64,7 @@ MIXED_TEXT = (
 
 # -- llama.cpp's own test vectors --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", VOCABS_WITH_VECTORS)
 def test_matches_llama_cpp_vectors(name):
     tok = tokenizer(name)
@@ -75,11 +76,14 @@ def test_matches_llama_cpp_vectors(name):
     assert not mismatches, "\n".join(f"{t!r}: got {g}, llama.cpp {e}" for t, g, e in mismatches)
 
 
-@pytest.mark.parametrize("text, ids", [
-    ("a  \u3000!", [64, 243, 88946, 0]),
-    ("=  \u3000=", [28, 243, 88946, 28]),
-    ("  \u3000\u3000 ", [243, 88946, 88946, 207]),
-])
+@pytest.mark.parametrize(
+    "text, ids",
+    [
+        ("a  \u3000!", [64, 243, 88946, 0]),
+        ("=  \u3000=", [28, 243, 88946, 28]),
+        ("  \u3000\u3000 ", [243, 88946, 88946, 207]),
+    ],
+)
 def test_deepseek_llm_literal_classes_skip_non_ascii_spaces(text, ids):
     # ids from llama.cpp (llama-cpp-python 0.3.36): its std::wregex never sees U+3000, so the
     # punctuation class [...\x{3000}-\x{3002}] must not take it and "  " stays one token
@@ -95,6 +99,7 @@ def test_round_trip_is_lossless(name):
 
 
 # -- deepseek-coder against ids llama.cpp produced ------------------------------------------------
+
 
 def golden_cases() -> list[dict]:
     return json.loads(GOLDEN.read_text(encoding="utf-8"))["cases"]
@@ -123,6 +128,7 @@ def test_deepseek_coder_eog_ids_match_llama_cpp():
 
 # -- special tokens, BOS, end of generation ------------------------------------------------------
 
+
 def test_deepseek_special_tokens_and_bos():
     tok = tokenizer("deepseek-llm")
     assert (tok.n_vocab, tok.bos_id, tok.eos_id, tok.add_bos) == (102400, 100000, 100001, True)
@@ -130,7 +136,11 @@ def test_deepseek_special_tokens_and_bos():
     assert tok.encode("Hi")[0] == 100000
     assert tok.encode("Hi", add_bos=False)[0] != 100000
     eos_text = "<｜end▁of▁sentence｜>"
-    assert tok.encode(f"a{eos_text}b", add_bos=False) == [*tok.encode("a", add_bos=False), 100001, *tok.encode("b", add_bos=False)]
+    assert tok.encode(f"a{eos_text}b", add_bos=False) == [
+        *tok.encode("a", add_bos=False),
+        100001,
+        *tok.encode("b", add_bos=False),
+    ]
     assert 100001 not in tok.encode(f"a{eos_text}b", add_bos=False, parse_special=False)
     assert tok.token_to_piece(100001) == eos_text.encode()
     ids = tok.encode(f"Hi{eos_text}")
@@ -170,6 +180,7 @@ def test_qwen2_chat_tokens():
 
 # -- streaming -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", VOCABS)
 def test_stream_decoder_never_splits_a_character(name):
     tok = tokenizer(name)
@@ -201,6 +212,7 @@ def _is_utf8(b: bytes) -> bool:
 
 
 # -- speed -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", VOCABS)
 def test_encodes_100_kb_well_under_a_second(name):
@@ -241,13 +253,16 @@ def test_llama_bpe_takes_whole_words_from_the_vocabulary_and_adds_bos():
     assert llama3.encode("abc") == [0, 4]
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("tokenizer.ggml.pre", "falcon", ["tokenizer.ggml.pre", "'falcon'", "deepseek-llm", "qwen2"]),
-    ("tokenizer.ggml.pre", None, ["tokenizer.ggml.pre", "missing"]),  # None: the key is absent
-    ("tokenizer.ggml.model", "llama", ["tokenizer.ggml.model", "'llama'", "gpt2"]),
-    ("tokenizer.ggml.bos_token_id", 7, ["bos_token_id", "7", "3 tokens"]),
-    ("tokenizer.ggml.merges", ["a c"], ["merges"]),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("tokenizer.ggml.pre", "falcon", ["tokenizer.ggml.pre", "'falcon'", "deepseek-llm", "qwen2"]),
+        ("tokenizer.ggml.pre", None, ["tokenizer.ggml.pre", "missing"]),  # None: the key is absent
+        ("tokenizer.ggml.model", "llama", ["tokenizer.ggml.model", "'llama'", "gpt2"]),
+        ("tokenizer.ggml.bos_token_id", 7, ["bos_token_id", "7", "3 tokens"]),
+        ("tokenizer.ggml.merges", ["a c"], ["merges"]),
+    ],
+)
 def test_unsupported_or_broken_tokenizer_is_a_one_line_model_error(key, value, words):
     fields = {**FIELDS, key: value}
     if value is None:
