@@ -268,23 +268,21 @@ def test_unit_is_hardened(tmp_path):
 def test_install_script_stages_config_and_unit(tmp_path):
     root = tmp_path / "root"
     env = {**os.environ, "EDGEBOX_MQTT_PASSWORD": "pw-1"}
-    run = lambda: subprocess.run(
-        [
+
+    def run():
+        cmd = [
             "bash",
             str(DEPLOY / "install.sh"),
             "--root",
             str(root),
             "--no-venv",
             "--device-id",
-            "box-7",  # noqa: E731
+            "box-7",
             "--broker",
             "mqtt://10.0.0.2:1883",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+
     r = run()
     assert r.returncode == 0, r.stderr
     config = root / "etc/edgebox/edgebox.toml"
