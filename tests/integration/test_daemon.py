@@ -41,6 +41,8 @@ PROMPT = "def fibonacci(n):"
 # greedy, these prompts reach max_tokens (checked with the library), and the tiny model decodes
 # at 10 to 300 tokens/s depending on what else runs on the machine.
 
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
 
 # -- helpers ----------------------------------------------------------------------------------------
 

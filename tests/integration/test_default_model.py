@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 import edgebox
 from edgebox.commands.perplexity import perplexity
 from tests.fixtures import tiny_models
@@ -12,6 +14,8 @@ from tests.fixtures.paths import DATA, REPO
 
 RECORD = json.loads((REPO / "edgebox" / "data" / "default.json").read_text())
 GOLDEN = json.loads((DATA / "golden" / "perplexity.json").read_text())
+
+pytestmark = pytest.mark.golden
 
 
 def test_bundled_model_is_the_recipes_output():

@@ -30,6 +30,8 @@ TOLERANCE = {"F32": 0.004, "Q8_0": 0.12, "Q4_0": 0.15, "Q4_K_M": 0.23}
 
 CASES = sorted(RECORD["models"])
 
+pytestmark = pytest.mark.golden
+
 
 def model_path(key: str, tiny_f32):
     entry = RECORD["models"][key]
