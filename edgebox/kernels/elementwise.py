@@ -1,6 +1,6 @@
 """numba kernels for the small ops of the forward pass: RMS norm, rope, SwiGLU, softmax, argmax.
 
-The spec is :mod:`edgebox.kernels.ref`; ``tests/test_kernels_elementwise.py`` holds the measured
+The spec is :mod:`edgebox.kernels.ref`; ``tests/unit/kernels/test_kernels_elementwise.py`` holds the measured
 differences. Every function here has two layers:
 
 * a Python wrapper (``rms_norm``, ``apply_rope``, ...) that checks shapes and dtypes, allocates

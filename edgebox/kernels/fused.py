@@ -6,7 +6,7 @@ host threads, those calls of two chips per thread contend for the GIL, and the t
 it later reaches the all-reduce later: on the 7B Q4_0 file that cost 4 chips ~13 ms per token
 over 1 chip. Here the whole half-layer is one ``nogil`` call; the matmul kernels, attention and
 quantization are the same compiled functions the Python path calls, so the results are equal up
-to float re-association (tests/test_model.py compares logits).
+to float re-association (tests/unit/model/test_model.py compares logits).
 
 Which weights: numba weights of the types the registry marks ``fusable`` (``kernels/quants/``:
 the int8-activation paths); a chip's q/k/v stack may hold several runs (Q4_K_M: q and k Q4_K, v

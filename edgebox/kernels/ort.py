@@ -226,7 +226,7 @@ class OrtLinear:
             node = ("Gemm", ["A", "W"], dict(transB=1))
         # ORT copies in-memory external initializers into its own buffers (then prepacks B and
         # frees its copy of it), so ``inits`` can go as soon as the session exists
-        # (tests/test_kernels_ort.py::test_session_owns_its_weights proves it)
+        # (tests/unit/kernels/test_kernels_ort.py::test_session_owns_its_weights proves it)
         return _session(node, inits, self.n_in, n_out, self.threads, self.spin)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
