@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures.paths import TEST_MODEL
 
 REPO = Path(__file__).resolve().parents[3]
@@ -19,6 +21,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_bench_reports_speed_memory_concurrency_and_hot_standby():
     p = _bench(str(TEST_MODEL), "--prompt", "16,64", "--n-decode", "4", "--concurrency", "1,2", "--json")
     assert p.returncode == 0, p.stderr
@@ -35,6 +38,7 @@ def test_bench_reports_speed_memory_concurrency_and_hot_standby():
     assert "edgebox: decode" in p.stderr  # progress on stderr
 
 
+@pytest.mark.slow
 def test_bench_concurrency_rounds_report_the_median_round_and_the_range():
     p = _bench(str(TEST_MODEL), "--prompt", "16", "--n-decode", "2", "--concurrency", "2", "--rounds", "3", "--json")
     assert p.returncode == 0, p.stderr

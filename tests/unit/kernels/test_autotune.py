@@ -211,6 +211,7 @@ def test_plan_spends_five_percent_of_the_model(tmp_path, model, monkeypatch):
 # -- the auto backend end to end ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_auto_backend_matches_reference(tmp_path):
     ops = get_ops("auto", threads=1)
     assert isinstance(ops, AutoOps) and ops.name == "auto"

@@ -317,6 +317,7 @@ def test_inner_loop_is_simd():
     assert all("ymm" in ln for ln in body)
 
 
+@pytest.mark.slow
 def test_generic_simd_fallback(tmp_path):
     """The non-AVX2 formulation of the SIMD ops (any LLVM target) gives the same results.
 

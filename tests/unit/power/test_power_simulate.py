@@ -37,6 +37,7 @@ def cap_table():
     m.close()
 
 
+@pytest.mark.slow
 def test_a_minute_of_the_7b_shape_in_well_under_a_minute():
     r = sim(streams=16, seconds=60.0, budget_w=10.0)
     assert r.wall_s < 30.0, f"60 s of device time took {r.wall_s:.1f} s of wall time"
@@ -125,6 +126,7 @@ def test_no_clock_schedule_beats_the_clock_cap_on_both_counts():
     assert (eg / ng) / (ec / nc) <= 1.03 + 10.0 * 0.5 / ec
 
 
+@pytest.mark.slow
 def test_energy_per_token_at_12w_with_16_streams():
     """Where the budget would buy the most speed at the dearest energy (12 W, 16 streams: 1200 MHz
     decode draws 12.5 W): on the same work, >= 95 % of the best static setting's energy per token
