@@ -1,38 +1,27 @@
 """The firmware's sysfs-like tree: layout, cheap in-place publishing, and the scaling_max_freq knob.
 
-Layout under the firmware root (default /run/edgebox/fw)::
+Layout under the firmware root (default /run/edgebox/fw); every value is an integer (or a word)
+and a newline, as sysfs prints them::
 
-    <root>/chip<N>/hwmon/hwmon<N>/      Linux hwmon conventions (Documentation/hwmon/sysfs-interface)
-        name                    profile hwmon_name, e.g. "r100"
-        power1_input            µW, mean power over the last publish interval (the sensor's
-                                conversion window)
-        power1_average          µW, mean over power1_average_interval
-        power1_average_interval ms
-        power1_crit             µW, the over-current limit
-        energy1_input           µJ, cumulative, wraps at energy1_max_range_uj
-        energy1_max_range_uj    µJ, the wrap range (stub extension, like RAPL's max_energy_range_uj)
-        in0_input, in0_label    mV, core supply of the current DVFS level; "vdd_core"
-        curr1_input             mA, power / voltage
-        temp1_input             m°C, die temperature
-        temp1_max, temp1_max_hyst   m°C, thermal trip and its release point
-        temp1_crit              m°C
-        temp1_max_alarm, temp1_crit_alarm   0/1
-        oc1_event_cnt           over-current events since start (as Jetson's soctherm)
-        throttle_reasons        "none" or a space-separated subset of: thermal critical over_current
-    <root>/chip<N>/cpufreq/             Linux cpufreq policy conventions
-        scaling_available_frequencies   kHz, space separated, ascending
-        cpuinfo_min_freq, cpuinfo_max_freq, scaling_min_freq   kHz
-        scaling_max_freq        kHz, WRITABLE: the runtime's clock cap; read back every publish
-        scaling_cur_freq        kHz, the clock the chip runs at (after hardware protections)
-    <root>/firmware             "profile=<name> chips=<n> pid=<pid>" (written once)
+    <root>/chip<N>/hwmon/hwmon<N>/   Linux hwmon conventions (Documentation/hwmon/sysfs-interface)
+        name                         the profile's hwmon_name, e.g. "r100"
+        power1_input                 µW, mean over the last publish interval (the conversion window)
+        power1_average, power1_crit  µW, mean over power1_average_interval (ms); over-current limit
+        energy1_input                µJ, cumulative, wraps at energy1_max_range_uj (as RAPL's)
+        in0_input, in0_label, curr1_input   mV of the DVFS level's core supply, "vdd_core", mA
+        temp1_input, temp1_max, temp1_max_hyst, temp1_crit   m°C: die, trip, its release, critical
+        temp1_max_alarm, temp1_crit_alarm, oc1_event_cnt     0/1, 0/1, over-current events
+        throttle_reasons             "none" or a space-separated subset of: thermal critical over_current
+    <root>/chip<N>/cpufreq/          Linux cpufreq policy conventions, kHz
+        scaling_available_frequencies (ascending), cpuinfo_min_freq, cpuinfo_max_freq, scaling_min_freq
+        scaling_max_freq             WRITABLE: the runtime's clock cap; read back every publish
+        scaling_cur_freq             the clock the chip runs at (after hardware protections)
+    <root>/firmware                  "profile=<name> chips=<n> pid=<pid>" (written once)
 
-Every value is an integer (or a word) and a newline, as sysfs prints them.
-
-Why files are rewritten in place (pwrite + ftruncate on descriptors kept open) rather than
-by write-to-temp + rename: rename costs ~1 ms on a journaled filesystem and a 60 s dry run
-publishes tens of thousands of values.  A shorter value is written padded with spaces over
-the old one before the truncate, so a concurrent reader sees the old value, the new value
-plus blanks, or the new value, never a mix of digits (readers strip whitespace).
+Files are rewritten in place (pwrite + ftruncate on descriptors kept open), not by write-to-temp
++ rename (~1 ms on a journaled filesystem; a dry run publishes tens of thousands of values). A
+shorter value is written padded with spaces over the old one before the truncate, so a reader
+sees the old value, the new value plus blanks, or the new value, never a mix of digits.
 """
 
 from __future__ import annotations

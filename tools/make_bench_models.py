@@ -5,7 +5,7 @@
 Q4_0 and Q8_0 are written block by block straight from random bytes (with scales set so the
 weights have the spread of a trained layer: std ~ 1/sqrt(n_in)); Q4_K_M is made from the Q8_0
 file by llama.cpp's own quantizer (needs `pip install llama-cpp-python`). The hyper-parameters and
-the 102k-token tokenizer are the real DeepSeek-LLM-7B ones, taken from shared/vocab.
+the 102k-token tokenizer are the real DeepSeek-LLM-7B ones, taken from tests/data/vocab.
 Output: OUT_DIR/deepseek-llm-7b-shape-<TYPE>.gguf (OUT_DIR defaults to ./bench-models).
 """
 

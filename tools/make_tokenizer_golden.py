@@ -1,5 +1,5 @@
 """Write tests/data/tokenizer_golden_deepseek_coder.json: what llama.cpp makes of a handful of
-strings with the DeepSeek-Coder vocabulary, which has no test vectors in shared/vocab. Also
+strings with the DeepSeek-Coder vocabulary, which has no test vectors in tests/data/vocab. Also
 tokenized: the test strings of llama.cpp's other vocabularies (ggml-vocab-qwen2.gguf.inp), the
 way its test-tokenizer-0 does (no BOS, special tokens not parsed).
 
@@ -11,7 +11,6 @@ Needs llama-cpp-python (``pip install -e .[oracle]``); the tests only read the J
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def llama_cpp_test_strings(inp: Path) -> list[str]:
 
 
 def main() -> None:
-    vocab_dir = Path(os.environ.get("EDGEBOX_SHARED_DIR", REPO.parent / "shared")) / "vocab"
+    vocab_dir = REPO / "tests" / "data" / "vocab"
     vocab_path = Path(sys.argv[1]) if len(sys.argv) > 1 else vocab_dir / "ggml-vocab-deepseek-coder.gguf"
     llm = llama_cpp.Llama(model_path=str(vocab_path), vocab_only=True, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)

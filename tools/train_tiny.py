@@ -8,7 +8,7 @@ What it does, deterministically (fixed seed, fixed data order, fixed split):
    PSF licence), without ``site-packages``, ``test``/``tests`` packages and ``idlelib``. A file is
    held out when sha1 of its path relative to the stdlib ends in hex digit 0 (1/16 of the files,
    listed in the record). Files are tokenized with the DeepSeek-Coder tokenizer (edgebox's, from
-   shared/vocab), each led by BOS, and concatenated.
+   tests/data/vocab), each led by BOS, and concatenated.
 2. Model: llama exactly as DeepSeek-Coder-6.7B defines it (RMSNorm, SwiGLU, no biases, rope base
    100000 with linear scaling x4, its 32256-token vocabulary and special tokens), scaled down:
    4 layers, width 256, 4 heads, FFN 768, tied embeddings: ~10.6 M parameters.

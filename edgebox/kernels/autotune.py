@@ -1,54 +1,27 @@
 """Which backend runs each matmul: numba or onnxruntime, measured on this CPU, cached on disk.
 
-What is measured
-----------------
-One representative weight per distinct (qtype, n_out, n_in) shape (the first linear of that
-shape), at one batch size per bucket of T (the rows of a call)::
+Measured: one weight per distinct (qtype, n_out, n_in) shape, at one T per bucket of call rows
+(``BUCKETS``, timed at ``BUCKET_T``), numba and onnxruntime alternating call by call (``REPS``
+each, median) so a neighbour's burst hits both; weights over ``TUNE_BYTES`` are timed on their
+first rows. Types ORT cannot compute exactly or runs only unpacked (``ort.runs_well``) stay on
+numba, untimed.
 
-    bucket   "1"   "2-8"   "9-64"   ">64"
-    timed T   1      4       32      128      (128 = the engine's prefill chunk)
+The table is cached as ``autotune-<key>.json`` in ``$EDGEBOX_CACHE_DIR`` or ``~/.cache/edgebox``;
+the key hashes everything that changes the timings (``cache_fields``: CPU, threads, library
+versions, ORT accuracy level, the kernels' source). Only shapes missing from it are measured; a
+file that does not parse or match its key is rewritten. Each entry records its load average (a
+loaded machine favours ORT); delete the file to measure again.
 
-numba and onnxruntime alternate call by call (``REPS`` each, after a warm-up call per T) and
-the median counts, so a neighbour's burst hits both.  Weights over ``TUNE_BYTES`` of file bytes
-are timed on their first rows only (a 7B lm head is 236 MB of Q4_0; both kernels are linear in
-the rows at that size), which with the 4 buckets keeps the whole tune of a 7B model to a few
-seconds.  Types onnxruntime cannot compute exactly (``ort.UnsupportedOnBackend``) or runs only
-unpacked (``ort.runs_well``: float zero points, ~100x slower) are numba only and not timed.
-
-The table (seconds per call per backend and bucket, the fastest per bucket, bytes) is cached as
-JSON in ``$EDGEBOX_CACHE_DIR`` or ``~/.cache/edgebox``, in ``autotune-<key>.json`` where the key
-hashes the CPU model string, the thread count, the numba and onnxruntime versions, the ORT
-accuracy level and the matmul kernels' source: anything that changes the timings gives a new file.  The next load with the
-same key reads it and times nothing (only shapes missing from it are measured, then the file is
-rewritten); a file that does not parse or does not match its key is ignored and rewritten.
-
-Timings taken while other jobs load the machine favour onnxruntime: its thread pool gives an
-unstarted share of a call back to the calling thread, while numba's fork-join waits for a
-descheduled worker (docs/performance.md has the figures).  Each entry records the load average it was taken
-at (``loadavg``); delete the file to measure again.
-
-The memory rule
----------------
-The 7B file is 3.9 GB and peak RSS must stay under file + KV + 15%.  numba's repacked copy of a
-quantized weight is about the file's bytes (and it drops the file's pages); onnxruntime's
-prepacked copy is larger (it adds a float32 scale and a float32 block sum per block: Q4_0 1.6x,
-Q8_0 1.3x, Q6_K 2.2x, F16 2x the file's bytes, ``ort.resident_bytes``).  So:
-
-1. Every linear holds ONE backend's copy of its weight, chosen per shape: the backend with the
-   lower decode-weighted cost, ``sum over buckets of SHARE[b] * seconds(T_b) / T_b`` (seconds
-   per token for a token mix that is mostly decode: SHARE = 0.5 / 0.3 / 0.1 / 0.1), and only
-   if it wins by ``MARGIN`` (3%; less is noise on a shared machine).
-2. Choosing onnxruntime for a shape costs ``count * (ort_bytes - numba_bytes)`` resident bytes
-   more than numba; the sum over all such shapes must fit in ``BUDGET_FRACTION`` (5%) of the
-   model's linear-weight bytes (the 15% headroom also holds activations, the runtimes and
-   their arenas).  Shapes are admitted by time saved per extra byte, best first.
-3. Both copies of a shape (each bucket dispatched to its own fastest backend) only when the
-   per-bucket winners differ, that beats rule 1's pick, and the whole second copy
-   (``count * ort_bytes``) still fits the remaining budget: in practice small shapes only.
-
-The budget needs the whole model, so it is spent by ``AutoOps.tune(linears)`` (Box.prepare
-calls it); a linear prepared without it (first use) is tuned alone, against a budget of 5% of
-its own bytes, which in practice admits onnxruntime only where it costs next to no memory.
+The memory rule: peak RSS stays under file + KV + 15%, and ORT's prepacked copy is larger than
+numba's (``ort.resident_bytes``), so:
+1. every linear holds ONE backend's copy, chosen per shape by decode-weighted cost (``SHARE`` of
+   seconds per token over the buckets), switching from numba only on a ``MARGIN`` win;
+2. ORT's extra bytes, summed over the shapes that choose it, fit ``BUDGET_FRACTION`` of the
+   model's linear-weight bytes; shapes are admitted by time saved per extra byte, best first;
+3. both copies of a shape (each bucket to its fastest) only when that beats rule 1's pick and the
+   second copy fits what is left of the budget.
+``AutoOps.tune(linears)`` (Box.prepare) spends the budget over the whole model; a linear prepared
+without it is tuned alone against 5% of its own bytes. Details: docs/performance.md.
 """
 
 from __future__ import annotations

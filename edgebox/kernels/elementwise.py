@@ -1,37 +1,27 @@
 """numba kernels for the small ops of the forward pass: RMS norm, rope, SwiGLU, softmax, argmax.
 
-The spec is :mod:`edgebox.kernels.ref`; ``tests/unit/kernels/test_kernels_elementwise.py`` holds the measured
-differences. Every function here has two layers:
+The spec is :mod:`edgebox.kernels.ref`; ``tests/unit/kernels/test_kernels_elementwise.py`` holds
+the measured differences. Every op has a Python wrapper (``rms_norm``, ``apply_rope``, ...) that
+checks shapes and dtypes, allocates the output and calls an ``@njit(cache=True, nogil=True)``
+kernel (``*_kernel``) writing into a given output: the kernels release the GIL, so several chip
+threads may run them at once, and other numba code may call them directly. None is worth
+``parallel=True``: they touch each value once, in microseconds at decode sizes.
 
-* a Python wrapper (``rms_norm``, ``apply_rope``, ...) that checks shapes and dtypes, allocates
-  the output and calls
-* an ``@njit(cache=True, nogil=True)`` kernel (``*_kernel``) that writes into a given output.
-  The kernels release the GIL, so several host threads (one per simulated chip) may run them at
-  once; other numba code may call them directly.
+Precision against the reference:
+* ``rms_norm`` squares in float32 and sums in float64 (as ggml and ref do): bit-equal to ref in
+  every test (only the float64 summation order differs).
+* ``rope_tables`` is ref's own numpy code; ``apply_rope`` does the same float32 products and sums
+  without FMA contraction: bit-equal to ``ref.rope``.
+* ``swiglu``/``softmax`` use :func:`expf`, a vectorizable float32 exp (Cephes polynomial, at most
+  1.003 ulp from the exact value on [-87, 88]) instead of libm's scalar ``expf``, which LLVM
+  cannot vectorize without SVML. Below 2^-126 results are subnormal, below 2^-150 zero.
 
-None of these ops is worth ``parallel=True``: they touch each value once and take microseconds at
-decode sizes (a [1, 4096] norm, an [11008] SwiGLU); at prefill sizes they are still far below
-the matmuls beside them. Only the attention kernels have parallel variants (see attention.py).
+Kernels use ``error_model="numpy"``: numba's default puts a ZeroDivisionError check on every
+float division, which stops LLVM from vectorizing the loop.
 
-Precision against the reference
--------------------------------
-* ``rms_norm``: squares in float32, sums in float64 (as ggml and ref do), then the same float32
-  steps as ref. Only the float64 summation order differs: bit-equal to ref in every test.
-* ``rope_tables`` is ref's own numpy code (float64 angles rounded once), ``apply_rope`` does the
-  same float32 products and sums without FMA contraction: bit-equal to ``ref.rope``.
-* ``swiglu``/``softmax`` use :func:`expf`, a vectorizable float32 exp (Cephes polynomial,
-  at most 1.003 ulp from the exact value on [-87, 88], measured; numpy's float32 exp: 2.45 ulp)
-  instead of libm's scalar ``expf``, which LLVM cannot vectorize without SVML (not installed).
-  Below 2^-126 (x < -87.3) results are subnormal; below 2^-150 they are 0.
-
-Kernels are compiled with ``error_model="numpy"``: with numba's default ("python") every float
-division carries a ZeroDivisionError check that stops LLVM from vectorizing the loop (SwiGLU was
-9x slower).
-
-Also here, because attention.py and other kernels need them: :func:`f16_to_f32` (an LLVM
-``fpext half -> float``; numba has no float16 type on the CPU, so float16 arrays are passed as
-their ``uint16`` view, and with F16C the conversion is one ``vcvtph2ps`` per 8 values) and its
-inverse :func:`f32_to_f16` (``fptrunc``, for writing the KV cache).
+Also here, for attention.py and other kernels: :func:`f16_to_f32` (an LLVM ``fpext``; numba has
+no float16 type on the CPU, so float16 arrays travel as their ``uint16`` view) and its inverse
+:func:`f32_to_f16` (``fptrunc``, for writing the KV cache). Figures: docs/performance.md.
 """
 
 from __future__ import annotations

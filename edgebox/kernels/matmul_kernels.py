@@ -2,34 +2,26 @@
 and the block dot products of the nib (+ crumb) planes.  The kernels themselves are in each
 type's module (``kernels/quants/``); the layouts they read are described in ``matmul_pack``.
 
-Activations (see ``quantize_act``) are llama.cpp's q8_0: per 32 values one float32 scale
-``xd = max|x| / 127`` and int8 ``xq = round(x / xd)``.  Alongside come the block sums of ``xq``:
-``xs16`` (int32, 32 x the sum per 16 values: Q6_K's -32 offset, ready to subtract), and
-``xsd16 = xd * sum16``, ``xsd32 = xd * sum32`` (float32):
-they turn unsigned weight codes back into signed values (``sum (q-8)*x = sum q*x - 8*sum x``)
-and carry the min/offset terms of Q4_K and the planes types.
+Activations (``quantize_act``) are llama.cpp's q8_0: per 32 values a float32 scale
+``xd = max|x| / 127`` and int8 ``xq = round(x / xd)``. Alongside come block sums of ``xq``:
+``xs16`` (int32, 32 x the sum per 16 values: Q6_K's -32 offset, ready to subtract) and
+``xsd16 = xd * sum16``, ``xsd32 = xd * sum32`` (float32), which turn unsigned weight codes back
+into signed values (``sum (q-8)*x = sum q*x - 8*sum x``) and carry the min/offset terms of Q4_K
+and the planes types.
 
 Inner step (all int8 types): 32 bytes = 4 values of each of 8 rows; ``vpmaddubsw`` against the 4
-activation bytes broadcast to every lane, int16 adds as long as no overflow is possible,
-``vpmaddwd`` with ones to int32: lane r = row r.  Per 32-value block the int32 row sums are
-converted to float once and fused-multiply-added with the 8 row scales times the activation
-scale.  No horizontal sums, no per-value float work.
+activation bytes broadcast to every lane, int16 adds while no overflow is possible, ``vpmaddwd``
+with ones to int32: lane r = row r. Per 32-value block the row sums are converted to float once
+and fused-multiply-added with the 8 row scales times the activation scale: no horizontal sums,
+no per-value float work.
 
-Loop structure (every type's kernels):
-* ``*_mv`` (T = 1, decode): parallel over row groups; numba's static schedule gives each thread
-  one contiguous run of them, so each thread reads its share as *one* sequential stream; even
-  and odd blocks feed two independent accumulators; a software prefetch runs ``_PF`` = 4 KiB
-  ahead (two streams per thread, or a shorter prefetch, read slower).
-* ``*_mm`` (T tokens): one row group x 4 tokens per step (``_quad``, ``_store4``), parallel over
-  (row group, token quad) with the quads innermost, so a group's weights leave DRAM once per
-  call; the group's first quad (the one reading DRAM) prefetches ``_PF`` ahead.  In Q4_0 and
-  Q8_0 the group's last quad (L1-bound) meanwhile prefetches the next group into L2
-  (prefetcht1), so DRAM is read during both kinds of pass; the K-quants do not have it yet.
-  Ragged T repeats the last token in the final quad (results discarded).
-
-Shapes: ``G`` row groups of 8 (even), ``nb = n_in / 32`` blocks.  Weight planes and activations
-are passed flat (1-D); outputs are float32 ``[T, G*8]`` flat.  Every kernel releases the GIL.
-Measurements behind these choices: docs/performance.md.
+Loops: ``*_mv`` (T = 1, decode) runs parallel over row groups, each thread reading its share as
+one sequential stream with a software prefetch ``_PF`` ahead; ``*_mm`` (T tokens) runs one row
+group x 4 tokens per step (``_quad``, ``_store4``), parallel over (group, quad) with the quads
+innermost, so a group's weights leave DRAM once per call (ragged T repeats the last token).
+Shapes: ``G`` row groups of 8 (even), ``nb = n_in / 32`` blocks; planes and activations are
+passed flat (1-D), outputs are float32 ``[T, G*8]`` flat. Every kernel releases the GIL.
+Loop details and the measurements behind them: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -7,27 +7,19 @@ holding values ``4c .. 4c+3`` of each of the 8 rows, row-major::
 
     chunk c, byte 4*r + i  =  value (row 8g + r, column 32b + 4c + i)
 
-One ``vpmaddubsw`` of a chunk against the 4 activation bytes ``x[32b+4c : 32b+4c+4]`` broadcast
-to all 8 dword lanes, followed by ``vpmaddwd`` with ones, leaves in 32-bit lane ``r`` the partial
-dot product of row ``r``: the lanes of every vector in the kernels are the 8 rows.  Block sums
-never need a horizontal add, the per-row scales of a block are one 8-wide vector, and a matvec
-stores 8 finished outputs with one store.  (llama.cpp repacks Q4_0/Q4_K into interleaved
-8-row blocks for AVX2 for the same reason; the llama.cpp sources were not available here, so
-this layout was designed from the GGUF block formats in gguf-py, not from its code.)
+One ``vpmaddubsw`` of a chunk against 4 activation bytes broadcast to the 8 dword lanes, then
+``vpmaddwd`` with ones, leaves in lane ``r`` the partial dot product of row ``r``: block sums
+need no horizontal add, a block's row scales are one 8-wide vector, and a matvec stores 8
+outputs with one store (llama.cpp's AVX2 repacking interleaves 8 rows for the same reason; this
+layout was designed from the GGUF block formats in gguf-py, not from llama.cpp's code).
 
-Planes: the 32-byte chunks are stored compactly.
-
-* ``nib``  4-bit values: uint8 ``[G, nb, 4, 32]``; byte ``l`` holds chunk ``l`` in its low nibble
-  and chunk ``l + 4`` in its high nibble (values ``j`` and ``j + 16``, as GGUF's own Q4_0 does).
-* ``crumb`` 2-bit values: uint8 ``[G, nb, 2, 32]``; byte ``h`` holds chunk ``4h + s`` in bits
-  ``2s .. 2s+1``.
-* ``bits`` 1-bit values: uint8 ``[G, nb, 32]``; bit ``c`` of byte ``4r + i`` is chunk ``c``'s.
-* ``bytes`` 8-bit values: int8 ``[G, nb, 8, 32]``, chunk ``c`` at ``32c``.
-
-Per-row scales become arrays ``[G, n_blocks, 8]`` (the 8 rows' values contiguous), with
-``G = 2 * ceil(n_out / 16)`` groups and ``nb = n_in / 32``.  What each type becomes is written in
-its module (``kernels/quants/``).  A matvec is memory bound, so the fast types keep their data as
-compact as the file does; float types are not repacked (the kernels read the rows in place).
+Planes store the chunks compactly: ``nib`` 4-bit, uint8 ``[G, nb, 4, 32]`` (byte ``l``: chunk
+``l`` in the low nibble, chunk ``l + 4`` in the high one, as GGUF's own Q4_0); ``crumb`` 2-bit,
+``[G, nb, 2, 32]`` (byte ``h``: chunk ``4h + s`` in bits ``2s .. 2s+1``); ``bits`` 1-bit,
+``[G, nb, 32]`` (bit ``c`` of byte ``4r + i`` is chunk ``c``'s); ``bytes`` int8 ``[G, nb, 8, 32]``.
+Per-row scales are ``[G, n_blocks, 8]``; ``G = 2 * ceil(n_out / 16)``, ``nb = n_in / 32``. What
+each type becomes is written in its module (``kernels/quants/``). A matvec is memory bound, so
+the fast types stay as compact as the file; float types are not repacked (read in place).
 """
 
 from __future__ import annotations

@@ -5,34 +5,23 @@ into the weight inputs of a one-node ONNX graph and opens an ``InferenceSession`
 per call); calling it computes ``x @ W.T`` for x float32 [T, n_in].
 
 What each type becomes, and whether it is exact, is written in its module (``kernels/quants/``,
-its ``OrtMapping``): MatMulNBits (B uint8 [N, k_blocks, block*bits/8], codes packed low-bits-first
-along K, scales [N, k_blocks] float32, zero points uint8 [N, ceil(k_blocks*bits/8)] or float32
-[N, k_blocks], default 2^(bits-1); value = (code - zero_point) * scale, per ORT's op schema) for
-the quantized types it can compute exactly, Gemm for the float types; a type with no mapping
-raises ``UnsupportedOnBackend``.
+its ``OrtMapping``): MatMulNBits (value = (code - zero_point) * scale, per ORT's op schema) for
+the quantized types it can compute exactly, ``Gemm(transB=1)`` on a float32 copy for the float
+types (ORT's MatMul takes float16 only with float16 activations); a type with no mapping raises
+``UnsupportedOnBackend``. Float zero points (Q4_1, Q4_K) put ORT on its unpacked path (exact but
+~100x slower): ``OrtLinear`` builds them, but ``runs_well`` is False and the backends keep them
+on numba.
 
-Float weights go to ``Gemm(transB=1)`` (W [N, K] as stored, no transposed copy) on a float32
-copy: ORT's CPU MatMul takes float16 only with float16 activations, which would round every
-activation to 11 bits; so an F16 weight costs twice its file bytes resident here.
+Activations: ``accuracy_level=4`` lets MatMulNBits quantize them to int8 per block, as numba does.
 
-Float zero points (Q4_1, Q4_K) put ORT on its *unpacked* path (the whole weight dequantized to
-float32 on every call: exact, but ~100x slower and +RSS per call), so ``OrtLinear`` builds them
-(the tests hold them to the reference) but ``runs_well`` is False: the backends keep them on
-numba, as they do the types with no mapping.
+Memory: ORT copies the converted inputs (in-memory external initializers), so ``prepare()``
+drops ours once the session exists; ``resident_bytes`` estimates what a prepared weight keeps
+(the auto-tuner's memory rule), and a weight over ``SESSION_BYTES`` is split over several
+sessions to bound the transient peak of ``prepare()``.
 
-Activations: ``accuracy_level=4`` lets MatMulNBits quantize A to int8 per block, as numba's
-kernels do, so its error against the float reference is of the same kind (~0.6% rms).
-
-Memory: the converted inputs go to ORT as in-memory external initializers, which it copies
-(then prepacks B and frees its copy), so ``prepare()`` drops ours once the session exists (the
-tests prove ORT never reads them again).  ``resident_bytes`` estimates what a prepared weight
-keeps (the auto-tuner's memory rule uses it); a weight over ``SESSION_BYTES`` is split over
-several sessions to bound the transient peak of ``prepare()``.
-
-Threads: each session owns an intra-op pool of ``threads`` (default: numba's count in the
-building thread) with spinning off: spinning workers hold the cores numba's fork-join needs,
-and idle pools of hundreds of weights must not burn CPU.  No arena either (see ``_session``).
-Measurements: docs/performance.md.
+Threads: each session owns an intra-op pool of ``threads`` (default: numba's count) with
+spinning off, so idle pools never hold the cores numba's fork-join needs; no arena (see
+``_session``). Input layouts and measurements: docs/performance.md.
 """
 
 from __future__ import annotations

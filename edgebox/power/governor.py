@@ -1,43 +1,27 @@
 """The power governor: hold the box's measured power inside the budget at the best tokens/s.
 
 ``decide`` (a tick, every ``inner_s`` of device time: guards, protections, thermal derating,
-budget changes, the batch loop) and ``modulate`` (after every engine step: the next step's
-clock) are pure functions returning a ``Decision``, so the control law is testable on hand-made
-numbers.  ``PowerGovernor`` is the loop around them, an engine step listener (scheduler thread,
-device time): it reads the chips' hwmon files, writes each chip's ``cpufreq/scaling_max_freq``
-(a board's actuator) and sets ``engine.batch_limit``.
+budget changes, the batch loop) and ``modulate`` (after every engine step: the next step's clock)
+are pure functions returning a ``Decision``, so the control law is testable on hand-made numbers.
+``PowerGovernor``, an engine step listener (scheduler thread, device time), runs them: it reads
+the chips' hwmon files, writes their ``cpufreq/scaling_max_freq`` and sets ``engine.batch_limit``.
+The clock is chosen per step, the next step priced exactly (``table.StepPricer``): DVFS levels are
+coarse and steps differ: a level over the budget but under the ceiling is safe only for a known step.
 
-Why per step, not per tick: the DVFS levels are coarse and steps are not alike (the last,
-partial chunk of a prompt sits on the roofline ridge and draws more than decode), so a level
-over the budget but under the 100 ms ceiling is safe only for a known step.  The next step is
-priced exactly (``table.StepPricer``: the formulas the chips are charged by) against the
-measured energy of the trailing windows.
-
-The control law:
-
-1. Energy, not power: the chips' summed ``energy1_input`` after each step gives that step's
-   energy and the trailing 1 s and 100 ms windows exactly.
-2. Sigma-delta: a credit (J) integrates target (budget less ``margin``) minus measured power;
-   each step runs at whichever of the two levels around the target brings the credit nearer
-   zero.  The mean is the target whatever the model's error, and neighbours are the cheapest mix
-   (energy per token is convex in the clock).  Prices are scaled by ``k`` (measured/predicted).
-3. Hard limits first: every 100 ms window ending in the next step under the ceiling, every 1 s
-   window under the budget (the part before a budget change at the old budget), no chip near its
-   over-current rating.
-4. Batch (every ``outer_s``, with hysteresis: a lower limit idles slots): the table's best limit
-   at the target; at once when even the lowest clock at the current batch is over budget.
+1. Energy, not power: the summed ``energy1_input`` gives each step and every window exactly.
+2. Sigma-delta: a credit (J) integrates target (budget less ``margin``) minus measured power; each
+   step runs at whichever of the two levels around the target brings it nearer zero: the mean is
+   the target whatever the model's error. Prices are scaled by ``k`` (measured/predicted).
+3. Hard limits first: 100 ms windows under the ceiling, 1 s windows under the budget (the old
+   one before a change), no chip near its over-current rating.
+4. Batch (every ``outer_s``, with hysteresis): the table's best limit at the target; at once when
+   even the lowest clock at the current batch is over budget.
 5. Guards: a sensor invalid, stale or without an energy counter, or a governor error -> lowest
-   clock and the table's safe batch until every sensor reads well for two ticks.  A level that
+   clock and the table's safe batch until every sensor reads well for two ticks; a level that
    tripped over-current is avoided for ``oc_avoid_s``; near the thermal trip the target is derated.
 6. Idle: lowest clock everywhere; nothing polls (the loop runs only when the engine steps).
-7. Energy per token (``energy_slack``): above the reference clock (the best static one) each
-   second saved costs ever more energy, so a second credit sums (1 + slack) x each step's price
-   at the reference clock minus the energy measured, and while it is negative no step runs above
-   the reference.  None: the whole budget goes to speed.
-
-While attached, the engine's prompt rows per step are capped at ``prompt_chunk``: a long chunk
-is one long step at one coarse level, which moves a 1 s window too far for it to settle after a
-budget step.  Figures: docs/performance.md, "Governor and power".
+7. ``energy_slack``: no step above the reference (best static) clock while a second credit,
+   (1 + slack) x each step's price at the reference less the energy measured, is negative.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -14,25 +13,11 @@ import pytest
 from edgebox.errors import ModelError
 from edgebox.gguf.file import read_fields
 from edgebox.text.tokenizer import Tokenizer
-from tests.fixtures.paths import DATA
-
-
-def shared_vocab_dir() -> Path:
-    """shared/vocab beside the repository (CI puts a copy there), or $EDGEBOX_SHARED_DIR/vocab."""
-    shared = os.environ.get("EDGEBOX_SHARED_DIR")
-    root = Path(shared) if shared else Path(__file__).resolve().parents[4] / "shared"
-    return root / "vocab"
-
+from tests.fixtures.paths import DATA, vocab_path
 
 VOCABS = ("deepseek-llm", "deepseek-coder", "qwen2")
 VOCABS_WITH_VECTORS = ("deepseek-llm", "qwen2")
 GOLDEN = DATA / "tokenizer_golden_deepseek_coder.json"
-
-
-def vocab_path(name: str) -> Path:
-    path = shared_vocab_dir() / f"ggml-vocab-{name}.gguf"
-    assert path.is_file(), f"{path} is missing; set EDGEBOX_SHARED_DIR to the folder holding vocab/"
-    return path
 
 
 @functools.cache
