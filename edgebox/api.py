@@ -20,7 +20,7 @@ from edgebox.gguf.loader import LoadedModel, load_gguf
 from edgebox.kernels.backend import BACKENDS, DEFAULT_BACKEND
 from edgebox.model import KVCache, Transformer
 from edgebox.model.kv_cache import Segment, step_cost
-from edgebox.text.chat import render_chat
+from edgebox.text.chat import check_chat_template, render_chat
 from edgebox.text.generation import Completion
 from edgebox.text.sampler import SamplingParams
 
@@ -50,8 +50,21 @@ def load(
     if backend not in BACKENDS:
         raise EdgeboxError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     loaded = load_gguf(default_model_path() if path is None else path)
+    # a hostile or broken chat template refuses the load, before any request uses it (text.chat)
+    check_chat_template(
+        loaded.file.fields.get("tokenizer.chat_template"), loaded.file.path.name, **_special_texts(loaded.tokenizer)
+    )
     box = Box(loaded.args, loaded.weights, chips, profile=profile, backend=backend, source=loaded.file.path.name)
     return Model(loaded, box, n_ctx=n_ctx)
+
+
+def _special_texts(tok) -> dict[str, str]:
+    """The ``bos_token`` and ``eos_token`` text a chat template sees."""
+
+    def text(token_id: int | None) -> str:
+        return tok.token_to_piece(token_id).decode("utf-8", "replace") if token_id is not None else ""
+
+    return {"bos_token": text(tok.bos_id), "eos_token": text(tok.eos_id)}
 
 
 @dataclass
@@ -197,10 +210,7 @@ class Model:
             raise EdgeboxError(
                 f"{self.path.name} has no tokenizer.chat_template; run without chat mode or use a model that has one"
             )
-        tok = self.tokenizer
-        bos = tok.token_to_piece(tok.bos_id).decode("utf-8", "replace") if tok.bos_id is not None else ""
-        eos = tok.token_to_piece(tok.eos_id).decode("utf-8", "replace") if tok.eos_id is not None else ""
-        return render_chat(template, messages, bos_token=bos, eos_token=eos, add_generation_prompt=True)
+        return render_chat(template, messages, add_generation_prompt=True, **_special_texts(self.tokenizer))
 
     def stream(
         self, prompt: str | list[int], max_tokens: int = 128, params: SamplingParams | None = None, stop: Sequence[str] = ()

@@ -1,11 +1,17 @@
 """Chat prompts from the Jinja chat template stored in a GGUF file (``tokenizer.chat_template``).
 
-Rendering follows Hugging Face transformers' ``apply_chat_template`` (which llama.cpp's
-``--jinja`` mode also reproduces): an immutable sandbox with ``trim_blocks`` and
-``lstrip_blocks``, the globals ``raise_exception`` and ``strftime_now``, a ``tojson`` filter that
-keeps key order and non-ASCII text, and ``messages``, ``bos_token``, ``eos_token`` and
-``add_generation_prompt`` in the context. A template is untrusted input (it comes from a model
-file), hence the sandbox.
+Rendering follows Hugging Face transformers' ``apply_chat_template`` (llama.cpp's ``--jinja``
+reproduces it; the environment is ``chat_jinja``). A template is untrusted input from a model
+file: it is compiled and rendered only in a worker process bounded in time, memory and output
+(``template_sandbox``), and every failure is one ``EdgeboxError`` line.
+
+``check_chat_template`` renders a representative conversation once when a model loads, so a
+hostile or broken template refuses the load (``ModelError``, naming the file and the field)
+before any request uses it; ``edgebox run FILE -p hi`` without ``--chat`` refuses it too. That is
+stricter than llama.cpp, which errs only when the template is used: a file carrying a template
+bomb is hostile, and the daemon must answer its ``load_model`` with 400 rather than fail the first
+chat request after reporting the model loaded. The template's own ``raise_exception`` on that
+conversation (say, "System role not supported") is a verdict on the messages, not a fault.
 
 ``split_reasoning`` separates a DeepSeek-R1 style reply into its ``<think>`` part and the answer,
 as llama.cpp's ``--reasoning-format deepseek``.
@@ -13,79 +19,21 @@ as llama.cpp's ``--reasoning-format deepseek``.
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
-from functools import lru_cache
-from typing import Any
-
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-from edgebox.errors import EdgeboxError
+from edgebox.errors import EdgeboxError, ModelError
+from edgebox.text.template_protocol import OK, RAISED
+from edgebox.text.template_sandbox import RENDERER
 
 ROLES = ("system", "user", "assistant", "tool")
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-
-
-class _TemplateRaised(Exception):
-    """What ``raise_exception(...)`` in a template throws, so we can word it as the template's own."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(str(message))
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # HF's override of Jinja's tojson: no key sorting, no HTML escaping, UTF-8 kept as is.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}``: HF marks assistant spans for training masks with
-    it. We only need the text, so the block renders its body unchanged (templates that use the
-    tag would otherwise fail to parse)."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
-        next(parser.stream)  # the "generation" token
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-_ENV = _environment()
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    # A server renders the same template for every request: parse it once.
-    try:
-        return _ENV.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise EdgeboxError(f"chat template does not parse: {_one_line(e.message)} (template line {e.lineno})") from None
+FIELD = "tokenizer.chat_template"
+# What a template is test-rendered with at load: every role a chat uses, and a generation prompt.
+CHECK_CONVERSATION = (
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "Hi there"},
+    {"role": "user", "content": "Who are you?"},
+)
 
 
 def render_chat(
@@ -94,22 +42,32 @@ def render_chat(
     """The prompt text for ``messages`` rendered through the Jinja chat ``template``.
 
     ``messages`` are ``{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}``; extra
-    keys pass through to the template. The result starts with ``bos_token`` when the template
-    writes it: tokenize it without adding a second BOS (llama.cpp strips it for the same reason).
-    Any template failure, including its own ``raise_exception``, is an ``EdgeboxError``.
+    keys (JSON values) pass through to the template. The result starts with ``bos_token`` when the
+    template writes it: tokenize it without adding a second BOS (llama.cpp strips it for the same
+    reason). Any template failure, including its own ``raise_exception`` and every limit of
+    ``template_sandbox``, is an ``EdgeboxError``. Thread-safe.
     """
     if not isinstance(template, str) or not template.strip():
         raise EdgeboxError("chat template is empty; the model file has no usable tokenizer.chat_template")
-    checked = _validated(messages)
-    compiled = _compile(template)
-    try:
-        return compiled.render(
-            messages=checked, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
-        )
-    except _TemplateRaised as e:
-        raise EdgeboxError(f"chat template refused the messages: {_one_line(str(e))}") from None
-    except Exception as e:  # undefined names, sandbox violations, type errors in the template...
-        raise EdgeboxError(f"chat template failed: {type(e).__name__}: {_one_line(str(e))}") from None
+    context = dict(
+        messages=_validated(messages), bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+    )
+    kind, text = RENDERER.render(template, context)
+    if kind != OK:
+        raise EdgeboxError(text)
+    return text
+
+
+def check_chat_template(template: object, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
+    """Refuse (``ModelError``) a template that cannot render ``CHECK_CONVERSATION`` within the
+    limits; ``source`` names the model file. No template (or a blank one) is nothing to check:
+    chat mode then says the model has none."""
+    if not isinstance(template, str) or not template.strip():
+        return
+    context = dict(messages=list(CHECK_CONVERSATION), bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True)
+    kind, text = RENDERER.render(template, context)
+    if kind not in (OK, RAISED):
+        raise ModelError(f"{source}: {FIELD} is refused, the model is not loaded: {text}")
 
 
 def _validated(messages: object) -> list[dict]:
@@ -123,16 +81,12 @@ def _validated(messages: object) -> list[dict]:
             raise EdgeboxError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
         role = m.get("role")
         if role not in ROLES:
-            raise EdgeboxError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}; got {role!r}")
+            raise EdgeboxError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}; got {repr(role)[:80]}")
         content = m.get("content")
         if not isinstance(content, str):
             raise EdgeboxError(f"messages[{i}]['content'] must be a string; got {type(content).__name__}")
-        out.append(dict(m))  # a copy: the caller's dicts stay theirs
+        out.append(m)  # the worker gets a JSON copy: the caller's dicts stay theirs
     return out
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def split_reasoning(text: str, *, thinking_open: bool = False) -> tuple[str, str]:
