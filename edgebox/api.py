@@ -27,6 +27,28 @@ from edgebox.text.sampler import SamplingParams
 DEFAULT_CTX = 4096
 
 
+def context_size(n_ctx: int | None, n_ctx_train: int) -> int:
+    """The context a model runs with: None = min(DEFAULT_CTX, the trained context); 0 = the trained
+    context (llama.cpp's ``-c 0``); a larger value is capped at the trained context (llama.cpp runs
+    past it with a warning; edgebox does not extend a model's context). Negative: refused."""
+    if n_ctx is None:
+        return min(DEFAULT_CTX, n_ctx_train)
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 0:
+        raise EdgeboxError(f"n_ctx must be None (default), 0 (the model's trained context) or a positive integer, got {n_ctx!r}")
+    return n_ctx_train if n_ctx == 0 else min(int(n_ctx), n_ctx_train)
+
+
+def token_array(ids: Sequence[int], n_vocab: int) -> np.ndarray:
+    """``ids`` as int32, each checked to be an integer token id in [0, n_vocab)."""
+    ids = list(ids)
+    if not ids:
+        raise EdgeboxError("no token ids given; give at least one")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n_vocab:
+            raise EdgeboxError(f"token ids must be integers in [0, {n_vocab}); got {i!r}")
+    return np.asarray(ids, np.int32)
+
+
 def default_model_path() -> Path:
     """The small model bundled in the package, used when no model is named."""
     return Path(__file__).parent / "data" / "default.gguf"
@@ -41,8 +63,9 @@ def load(
 ) -> Model:
     """Map a GGUF model (no weights are copied) and split it over ``chips`` chips.
 
-    ``path`` None loads the bundled default model. ``chips=1`` runs the whole model on one device
-    (the ``host`` profile unless ``profile`` names another); more chips use ``r100-edge``.
+    ``path`` None loads the bundled default model; ``n_ctx`` as ``context_size`` reads it. ``chips=1``
+    runs the whole model on one device (the ``host`` profile unless ``profile`` names another); more
+    chips use ``r100-edge``.
     ``backend``: "numba" (the JIT kernels), "onnxruntime" (its MatMulNBits for the matmuls),
     "auto" (numba or onnxruntime per weight shape and batch size, timed on this CPU once and
     cached: ``kernels.autotune``) or "ref" (the numpy reference, slow and exact).
@@ -54,6 +77,7 @@ def load(
     check_chat_template(
         loaded.file.fields.get("tokenizer.chat_template"), loaded.file.path.name, **_special_texts(loaded.tokenizer)
     )
+    n_ctx = context_size(n_ctx, loaded.args.n_ctx_train)  # refused before the chips start
     box = Box(loaded.args, loaded.weights, chips, profile=profile, backend=backend, source=loaded.file.path.name)
     return Model(loaded, box, n_ctx=n_ctx)
 
@@ -106,6 +130,7 @@ class Generation:
         n_prompt = len(self.prompt_ids)
         if n_prompt == 0:
             raise EdgeboxError("the prompt is empty and the model adds no BOS token; give a prompt")
+        prompt = token_array(self.prompt_ids, m.args.n_vocab)
         if n_prompt + 1 > m.n_ctx:
             raise ContextOverflowError(
                 f"the prompt has {n_prompt} tokens but the context holds {m.n_ctx}; shorten the prompt or raise the context size"
@@ -116,7 +141,7 @@ class Generation:
 
         # prompt processing: one forward pass over the whole prompt, logits of the last token only
         t0 = time.perf_counter()
-        logits = m.forward(np.asarray(self.prompt_ids, np.int32), np.arange(n_prompt, dtype=np.int32), kv, all_logits=False)[0]
+        logits = m.forward(prompt, np.arange(n_prompt, dtype=np.int32), kv, all_logits=False)[0]
         self.stats.prompt_tokens = n_prompt
         self.stats.prompt_seconds = time.perf_counter() - t0
 
@@ -148,7 +173,7 @@ class Model:
         self.weights = loaded.weights
         self.box = box
         self.transformer = Transformer(loaded.args, loaded.weights, box)
-        self.n_ctx = min(n_ctx or DEFAULT_CTX, self.args.n_ctx_train)
+        self.n_ctx = context_size(n_ctx, self.args.n_ctx_train)
 
     @property
     def chat_template(self) -> str | None:
@@ -190,11 +215,9 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), n_vocab] for a fresh sequence; row i = next-token logits after ids[:i+1]."""
-        if len(ids) > self.n_ctx:
-            raise ContextOverflowError(f"{len(ids)} tokens do not fit in the context of {self.n_ctx}")
-        tokens = np.asarray(ids, np.int32)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.args.n_vocab):
-            raise EdgeboxError(f"token ids must be in [0, {self.args.n_vocab}); got {tokens.min()}..{tokens.max()}")
+        tokens = token_array(ids, self.args.n_vocab)
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflowError(f"{len(tokens)} tokens do not fit in the context of {self.n_ctx}")
         return self.forward(tokens, np.arange(len(tokens), dtype=np.int32), self.new_cache())
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, kv: KVCache, all_logits: bool = True) -> np.ndarray:

@@ -16,7 +16,7 @@ def describe(m: Model) -> list[tuple[str, str]]:
     n_params = sum(t.n_values for t in f.tensors.values())
     mix = Counter()
     for t in f.tensors.values():
-        mix[t.qtype.name] += t.nbytes
+        mix[getattr(t.qtype, "name", f"unknown type {t.qtype}")] += t.nbytes  # an unused tensor may have any type
     mix_text = ", ".join(f"{name} {100 * n / max(1, sum(mix.values())):.0f}%" for name, n in mix.most_common())
     rope = f"{'neox' if a.rope_neox else 'normal'}, base {a.rope_freq_base:g}"
     if a.rope_freq_scale != 1.0:

@@ -24,7 +24,7 @@ from edgebox.engine.scheduler import PromptCache, StepPlan, schedule
 from edgebox.engine.sequence import Sequence
 from edgebox.errors import EdgeboxError
 from edgebox.model.kv_cache import step_cost
-from edgebox.text.sampler import SamplingParams
+from edgebox.text.sampler import NonFiniteLogitsError, SamplingParams
 
 RATE_WINDOW_S = 5.0  # EngineStats.tokens_per_s looks back this far
 
@@ -254,7 +254,11 @@ class Engine:
         for (s, n), row in zip(work, logits):
             s.advance(n)
             if not s.prefilling:
-                reason = s.next_token(None if row is None else row[0], self._dry_token)
+                try:
+                    reason = s.next_token(None if row is None else row[0], self._dry_token)
+                except NonFiniteLogitsError as e:  # this sequence's logits: the others go on
+                    self._finish(s, "error", error=str(e))
+                    continue
                 if reason is not None:
                     self._finish(s, reason)
                 produced += 1

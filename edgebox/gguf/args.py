@@ -2,10 +2,13 @@
 
 One dataclass per architecture (the MLX-LM habit): what differs between llama and qwen2 is stated
 here once, as data, and the forward pass reads it instead of testing architecture names.
+``from_gguf`` reads fields as ``GGUFFile`` gives them, whose kinds ``gguf.metadata`` has checked;
+the dataclass checks what relates them (divisibility, ranges), also for arguments built by hand.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -44,7 +47,8 @@ class ModelArgs:
             raise ModelError(f"{where}head_count {self.n_head} is not a multiple of head_count_kv {self.n_head_kv}")
         if self.n_rot > self.head_dim or self.n_rot % 2:
             raise ModelError(f"{where}rope.dimension_count {self.n_rot} must be even and at most the head size {self.head_dim}")
-        if not (self.rope_freq_base > 0 and self.rope_freq_scale > 0 and 0 < self.rms_eps < 1):
+        finite = all(map(math.isfinite, (self.rope_freq_base, self.rope_freq_scale, self.rms_eps)))
+        if not (finite and self.rope_freq_base > 0 and self.rope_freq_scale > 0 and 0 < self.rms_eps < 1):
             raise ModelError(
                 f"{where}rope freq_base {self.rope_freq_base}, scale {self.rope_freq_scale} or rms epsilon {self.rms_eps} out of range"
             )
@@ -82,10 +86,7 @@ class ModelArgs:
         scaling = fields.get(f"{a}.rope.scaling.type", "none")
         freq_scale = 1.0
         if scaling == "linear":
-            factor = float(get("rope.scaling.factor"))
-            if factor <= 0:
-                raise ModelError(f"{source}: {a}.rope.scaling.factor is {factor}, expected > 0")
-            freq_scale = 1.0 / factor
+            freq_scale = 1.0 / float(get("rope.scaling.factor"))  # > 0 and finite: gguf.metadata
         elif scaling not in ("none", None):
             raise ModelError(
                 f"{source}: rope scaling {scaling!r} ({a}.rope.scaling.type) is not supported; edgebox supports none and linear"

@@ -7,15 +7,20 @@ types, tensor types, block sizes) still come from gguf-py.
 
 Every count and length read from the file is checked against the bytes that are left before it is
 used, so a truncated or hostile file fails fast with one clear line instead of a hang or a
-MemoryError.
+MemoryError: only a regular file is opened (a FIFO would block), arrays nest at most
+``MAX_ARRAY_DEPTH`` deep, a key appears once, every metadata value edgebox reads has the kind
+``gguf.metadata.TABLE`` gives it, tensor sizes are computed with Python integers (no int64
+wrap-around) and tensor offsets are multiples of ``general.alignment``, as llama.cpp requires.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +29,29 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from edgebox.errors import ModelError
+from edgebox.gguf import metadata
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+MAX_NAME = 64  # GGML_MAX_NAME: a tensor name is at most 63 bytes
+MAX_ARRAY_DEPTH = 8  # llama.cpp reads no nested arrays at all; edgebox reads none either
+MAX_ELEMENTS = 2**63  # llama.cpp's limit: a tensor's element count must fit an int64
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _shown(name: str) -> str:
+    """A key or tensor name for a one-line message (a hostile one can be megabytes long)."""
+    return repr(name[:80]) + ("..." if len(name) > 80 else "")
+
 
 # Fixed-size scalar value types: struct format and numpy dtype (GGUF is little-endian).
 _SCALARS: dict[GGUFValueType, tuple[str, str]] = {
@@ -63,7 +86,7 @@ class TensorInfo:
 
     @property
     def n_values(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 class GGUFFile:
@@ -75,11 +98,18 @@ class GGUFFile:
         self.field_types: dict[str, GGUFValueType] = {}
         self.tensors: dict[str, TensorInfo] = {}
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise ModelError(f"cannot open model file {self.path}: {e.strerror}") from None
+        except ValueError as e:  # a NUL byte or a lone surrogate in the path
+            raise ModelError(f"cannot open model file {os.fspath(self.path)!r}: {e}") from None
         try:
-            self.file_size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+                raise ModelError(f"{self.path} is {kind}, not a GGUF model file; name the .gguf file itself")
+            self.file_size = st.st_size
             if self.file_size < 24:
                 raise ModelError(f"{self.path.name} is not a GGUF file ({self.file_size} bytes, too short for a header)")
             self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -121,39 +151,41 @@ class GGUFFile:
         return raw.decode("utf-8", errors="replace")
 
     def _value_type(self, key: str) -> GGUFValueType:
-        code = self._u32(f"type of {key}")
+        code = self._u32(f"type of {_shown(key)}")
         try:
             return GGUFValueType(code)
         except ValueError:
-            raise self._fail(f"metadata {key!r} has unknown value type {code}") from None
+            raise self._fail(f"metadata {_shown(key)} has unknown value type {code}") from None
 
     def _value(self, vtype: GGUFValueType, key: str):
         if vtype == GGUFValueType.STRING:
-            return self._string(f"value of {key}")
+            return self._string(f"value of {_shown(key)}")
         if vtype == GGUFValueType.ARRAY:
-            return self._array(key)
-        return self._scalar(vtype, f"value of {key}")
+            return self._array(key, 1)
+        return self._scalar(vtype, f"value of {_shown(key)}")
 
-    def _array(self, key: str):
+    def _array(self, key: str, depth: int):
+        if depth > MAX_ARRAY_DEPTH:
+            raise self._fail(f"metadata {_shown(key)} nests arrays more than {MAX_ARRAY_DEPTH} deep")
         item_type = self._value_type(key)
-        count = self._u64(f"array length of {key}")
+        count = self._u64(f"array length of {_shown(key)}")
         remaining = self.file_size - self._pos
         if item_type == GGUFValueType.STRING:
             # each string takes at least its 8-byte length
             if count * 8 > remaining:
                 raise self._fail(
-                    f"truncated or corrupt header: metadata {key!r} claims {count} strings, more than the file can hold"
+                    f"truncated or corrupt header: metadata {_shown(key)} claims {count} strings, more than the file can hold"
                 )
             return self._string_array(count, key)
         if item_type == GGUFValueType.ARRAY:
             if count * 12 > remaining:
                 raise self._fail(
-                    f"truncated or corrupt header: metadata {key!r} claims {count} nested arrays, more than the file can hold"
+                    f"truncated or corrupt header: metadata {_shown(key)} claims {count} nested arrays, more than the file can hold"
                 )
-            return [self._array(key) for _ in range(count)]
+            return [self._array(key, depth + 1) for _ in range(count)]
         _, dtype = _SCALARS[item_type]
         nbytes = count * np.dtype(dtype).itemsize
-        self._need(nbytes, f"array {key!r} of {count} items")
+        self._need(nbytes, f"array {_shown(key)} of {count} items")
         values = np.frombuffer(self._buf, dtype=dtype, count=count, offset=self._pos)
         self._pos += nbytes
         if item_type == GGUFValueType.BOOL:
@@ -167,11 +199,11 @@ class GGUFFile:
         append = out.append
         for _ in range(count):
             if pos + 8 > end:
-                raise self._fail(f"truncated header: string array {key!r}")
+                raise self._fail(f"truncated header: string array {_shown(key)}")
             (n,) = unpack(buf, pos)
             pos += 8
             if pos + n > end:
-                raise self._fail(f"truncated header: string array {key!r}")
+                raise self._fail(f"truncated header: string array {_shown(key)}")
             append(str(buf[pos : pos + n], "utf-8", "replace"))
             pos += n
         self._pos = pos
@@ -187,7 +219,7 @@ class GGUFFile:
         self._pos = 4
         self.version = self._u32("version")
         if self.version not in SUPPORTED_VERSIONS:
-            if self.version & 0xFFFF == 0 and (self.version >> 16) in SUPPORTED_VERSIONS:
+            if self.version & 0xFFFF == 0 and (self.version >> 24) in SUPPORTED_VERSIONS:  # 3 written big-endian
                 raise ModelError(f"{self.path.name} is a big-endian GGUF; edgebox reads little-endian files only")
             raise ModelError(
                 f"{self.path.name} has GGUF version {self.version}; edgebox supports versions {', '.join(map(str, SUPPORTED_VERSIONS))} (re-convert with a current llama.cpp)"
@@ -202,30 +234,37 @@ class GGUFFile:
 
         for _ in range(n_kv):
             key = self._string("metadata key")
+            if key in self.fields:
+                raise self._fail(f"metadata key {_shown(key)} appears twice")
             vtype = self._value_type(key)
             self.fields[key] = self._value(vtype, key)
             self.field_types[key] = vtype
+        metadata.check(self.fields, self.path.name)
 
         infos = [self._tensor_info() for _ in range(n_tensors)]
 
         alignment = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise self._fail(f"general.alignment is {alignment!r}, not a power of two")
         data_start = (self._pos + alignment - 1) // alignment * alignment
         self.data_offset = data_start
         file_bytes = np.frombuffer(self._mmap, dtype=np.uint8)
         for name, qtype, shape, rel_offset in infos:
+            if rel_offset % alignment:
+                raise self._fail(
+                    f"tensor {name!r} starts at data offset {rel_offset}, not a multiple of general.alignment {alignment}, as llama.cpp requires"
+                )
             self.tensors[name] = self._tensor_view(file_bytes, name, qtype, shape, data_start + rel_offset)
 
     def _tensor_info(self):
         name = self._string("tensor name")
+        if len(name.encode()) >= MAX_NAME:
+            raise self._fail(f"tensor name {_shown(name)} is longer than {MAX_NAME - 1} bytes (llama.cpp's limit)")
         n_dims = self._u32(f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise self._fail(f"tensor {name!r} has {n_dims} dimensions (at most {MAX_DIMS} allowed)")
         ne = [self._u64(f"dimensions of tensor {name!r}") for _ in range(n_dims)]
         code = self._u32(f"type of tensor {name!r}")
         offset = self._u64(f"offset of tensor {name!r}")
-        if any(d == 0 or d > 2**40 for d in ne):
+        if any(d == 0 or d > 2**40 for d in ne) or math.prod(ne) >= MAX_ELEMENTS:
             raise self._fail(f"tensor {name!r} has absurd dimensions {ne}")
         try:
             qtype = GGMLQuantizationType(code)
@@ -244,7 +283,7 @@ class GGUFFile:
         if row_len % block:
             raise self._fail(f"tensor {name!r} rows of {row_len} values are not whole {qtype.name} blocks of {block}")
         row_bytes = row_len // block * type_size
-        n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        n_rows = math.prod(shape[:-1])  # Python integers: a product of four dimensions cannot wrap
         nbytes = n_rows * row_bytes
         if offset + nbytes > self.file_size:
             raise self._fail(f"truncated data: tensor {name!r} ends at byte {offset + nbytes}")

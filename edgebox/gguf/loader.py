@@ -93,7 +93,7 @@ class _WeightReader:
         if info is None:
             raise ModelError(f"{self.source}: tensor {name!r} is missing; the file is incomplete or not a {self.args.arch} model")
         if not isinstance(info.qtype, GGMLQuantizationType) or info.qtype not in SUPPORTED:
-            type_name = getattr(info.qtype, "name", f"type id {info.qtype}")
+            type_name = getattr(info.qtype, "name", f"id {info.qtype}")
             raise ModelError(
                 f"{self.source}: tensor {name!r} has type {type_name}, which edgebox does not support; use one of {', '.join(t.name for t in SUPPORTED)}"
             )

@@ -20,6 +20,9 @@ Semantics follow llama.cpp's default sampler chain (``common/sampling.cpp``,
 
 Every call draws exactly one uniform number, greedy or not, like llama.cpp's ``dist`` sampler: the
 random stream then stays aligned whatever the parameters or the number of candidates.
+
+Logits with a NaN or +inf (or all -inf) come from corrupt weights: ``NonFiniteLogitsError``, a
+``ModelError``, from the row maximum the sampler takes anyway (CLI exit 2, an engine error summary).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from edgebox.errors import ModelError
 
 # top-p over a whole vocabulary without top-k: sort only this many best candidates first and
 # fall back to a full sort when their mass does not reach p (llama.cpp does the same with 256).
@@ -84,6 +89,11 @@ class SamplingParams:
         return self.repeat_penalty != 1.0 and self.repeat_last_n != 0
 
 
+class NonFiniteLogitsError(ModelError, ValueError):
+    """The model produced NaN or +inf logits: its weights are corrupt. Also a ValueError, as the
+    sampler's other refusals of its input."""
+
+
 def _real(name: str, value: object, allowed: str, lo: float = -math.inf, hi: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
@@ -127,7 +137,7 @@ class Sampler:
         Deterministic (no randomness used); ids are in the order the draw walks them.
         """
         p = self.params
-        x = _checked_logits(logits)
+        x = _checked_logits(logits, len(history))
         if p.penalizes:
             x = _penalize(x, history, p.repeat_penalty, p.repeat_last_n)
         if p.greedy:
@@ -149,7 +159,9 @@ class Sampler:
         return ids, probs
 
 
-def _checked_logits(logits: np.ndarray) -> np.ndarray:
+def _checked_logits(logits: np.ndarray, position: int) -> np.ndarray:
+    """``logits`` as float32 [n_vocab]; ``position`` (the tokens before the one being sampled)
+    names the token in the error."""
     x = np.asarray(logits)
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"logits must be a non-empty 1-D array [n_vocab], got shape {x.shape}")
@@ -157,7 +169,10 @@ def _checked_logits(logits: np.ndarray) -> np.ndarray:
         x = x.astype(np.float32)
     top = x.max()  # NaN propagates through max, so this one pass checks for NaN too
     if not np.isfinite(top):
-        raise ValueError(f"logits must be finite (-inf allowed for masked tokens); the largest is {top}")
+        raise NonFiniteLogitsError(
+            f"the model produced non-finite logits (largest {top}) at token {position}; "
+            "the file's weights are corrupt (NaN or inf), re-download or re-convert it"
+        )
     return x
 
 

@@ -19,13 +19,14 @@ Known differences from llama.cpp:
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping, Sequence
 
 from tokenizers import AddedToken, Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from edgebox.errors import ModelError
+from edgebox.errors import EdgeboxError, ModelError
 
 # llama.cpp (src/llama-vocab.cpp, llm_tokenizer_bpe) applies these regexes in turn, each one to
 # every piece the previous ones left; both the matches and the gaps between them become pieces,
@@ -105,6 +106,7 @@ _SPECIAL = CONTROL | UNKNOWN  # left as text when parse_special is off, dropped 
 
 # tokenizer.ggml.token_type values (llama_token_type) -> attributes; other values: none
 _ATTR_OF_TYPE = {1: NORMAL, 2: UNKNOWN, 3: CONTROL, 4: USER_DEFINED, 5: UNUSED, 6: BYTE}
+_BYTE_TEXT = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # the only text a BYTE token may have
 
 # llama.cpp ends generation on tokens with these texts, besides EOS/EOT/EOM (llama_vocab::load).
 _LLAMA_EOG_TEXTS = frozenset(
@@ -296,6 +298,9 @@ class Tokenizer:
         texts = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         vocab = {t: i for i, t in enumerate(texts)}
         attrs = [_ATTR_OF_TYPE.get(t, 0) for t in map(int, types[:n_vocab])]
+        for i, a in enumerate(attrs):
+            if a & BYTE and not _BYTE_TEXT.fullmatch(texts[i]):
+                raise fail(f"token {i} ({texts[i][:40]!r}) has token_type 6 (byte) but is not written <0xNN>")
         eog_keys = ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
         eog_ids = {eos_id, *(token_id(f"tokenizer.ggml.{k}_token_id") for k in eog_keys)} - {None}
         for text in _LLAMA_EOG_TEXTS | _LLAMA_FIM_TEXTS | _LLAMA_FIM_EOG_TEXTS:
@@ -313,6 +318,13 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         """Token ids of ``text``. With parse_special=False control tokens are plain text;
         user-defined tokens are still matched whole, as in llama.cpp."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise EdgeboxError(
+                    f"the text holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which is not Unicode text; send valid UTF-8"
+                ) from None
         with self._hf_lock:
             self._hf.encode_special_tokens = not parse_special
             ids = self._hf.encode(text, add_special_tokens=False).ids

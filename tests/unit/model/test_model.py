@@ -263,3 +263,52 @@ def test_transformer_never_touches_a_chip():
         and n.func.value.id == "box"
     }
     assert {"attention", "ffn", "lm_head"} <= called
+
+
+# -- arguments the API refuses with one line (issue 15, item 6) -------------------------------------
+
+
+@pytest.mark.parametrize("ids", [[], [2**40], [-1], [1.5], [True], [[1, 2]]])
+def test_logits_refuses_ids_that_are_not_token_ids(model, ids):
+    """Before: [] divided by zero in the forward pass, [2**40] overflowed int32 with a traceback."""
+    with pytest.raises(edgebox.EdgeboxError) as err:
+        model.logits(ids)
+    assert "token id" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_stream_refuses_prompt_ids_outside_the_vocabulary(model):
+    with pytest.raises(edgebox.EdgeboxError, match="token ids must be integers"):
+        list(model.stream([1, model.args.n_vocab + 5], max_tokens=1))
+
+
+@pytest.mark.parametrize("n_ctx, expected", [(None, 4096), (0, 8192), (16, 16), (10_000, 8192)])
+def test_context_size(tmp_path, n_ctx, expected):
+    """None: min(4096, trained); 0: the trained context (llama.cpp's -c 0); larger: capped at it.
+    Before: 0 silently meant 4096."""
+    from tools.make_hostile_corpus import U32, nano
+
+    path = tmp_path / "ctx8192.gguf"
+    path.write_bytes(nano().with_kv("llama.context_length", U32, 8192).to_bytes())
+    assert edgebox.load(path, n_ctx=n_ctx, backend="ref").n_ctx == expected
+
+
+@pytest.mark.parametrize("n_ctx", [-5, -1, 2.5, "64", True])
+def test_context_size_refuses_what_is_not_a_size(micro_gguf, n_ctx):
+    """Before: -5 was accepted (and 0 meant 4096)."""
+    with pytest.raises(edgebox.EdgeboxError, match="n_ctx must be None"):
+        edgebox.load(micro_gguf(), n_ctx=n_ctx, backend="ref")
+
+
+def test_non_finite_logits_are_one_model_error(tmp_path):
+    """Corrupt weights (a NaN in the lm head): generate raises a ModelError naming the token, not
+    the sampler's ValueError traceback."""
+    from tools.make_hostile_corpus import nano
+
+    base = nano()
+    out = np.frombuffer(base.tensors[-1].data, "<f4").copy()
+    out[5] = np.nan
+    path = tmp_path / "nan.gguf"
+    path.write_bytes(base.with_tensor("output.weight", data=out.tobytes()).to_bytes())
+    m = edgebox.load(path, backend="ref")
+    with pytest.raises(edgebox.ModelError, match=r"non-finite logits \(largest nan\) at token 2; the file's weights are corrupt"):
+        list(m.generate("hi", max_tokens=2))

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from edgebox.text.sampler import Sampler, SamplingParams
+from edgebox.errors import ModelError
+from edgebox.text.sampler import NonFiniteLogitsError, Sampler, SamplingParams
 
 # Only the filters under test: every other one disabled.
 PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
@@ -297,3 +298,20 @@ def test_bad_logits_are_refused(logits):
 def test_history_ids_out_of_range_are_refused():
     with pytest.raises(ValueError, match="history token ids"):
         sampler(repeat_penalty=1.1).sample(np.zeros(4, np.float32), [1, 4])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_logits_are_a_model_error_naming_the_token(bad):
+    """Corrupt weights: a ModelError (one line, exit 2 at the CLI) that is also the ValueError the
+    sampler raises for its other refusals; the position is the history's length."""
+    logits = np.array([0.0, bad, 1.0], np.float32)
+    with pytest.raises(NonFiniteLogitsError) as err:
+        sampler().sample(logits, [0, 2, 1])
+    assert isinstance(err.value, ModelError) and isinstance(err.value, ValueError)
+    assert "non-finite logits" in str(err.value) and "at token 3" in str(err.value)
+
+
+def test_masked_tokens_at_minus_inf_are_still_sampled():
+    logits = np.array([-np.inf, 2.0, -np.inf], np.float32)
+    assert sampler(temperature=0.0).sample(logits) == 1
+    assert sampler(temperature=1.0, seed=1).sample(logits) == 1

@@ -257,3 +257,27 @@ def test_unsupported_or_broken_tokenizer_is_a_one_line_model_error(key, value, w
     message = str(err.value)
     assert message.startswith("m.gguf: ") and "\n" not in message
     assert all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("text", ["<0x4", "x", "<0x4G>", "<0x41> "])
+def test_a_byte_token_must_be_written_as_its_byte(text):
+    """Before: token type 6 on any other text crashed the build with int()'s ValueError."""
+    fields = {**FIELDS, "tokenizer.ggml.tokens": ["a", "b", "ab", text], "tokenizer.ggml.token_type": [1, 1, 1, 6]}
+    with pytest.raises(ModelError, match="has token_type 6 \\(byte\\) but is not written <0xNN>"):
+        Tokenizer.from_gguf_fields(fields, "m.gguf")
+
+
+def test_byte_tokens_decode_to_their_byte():
+    fields = {**FIELDS, "tokenizer.ggml.tokens": ["a", "b", "ab", "<0x0A>"], "tokenizer.ggml.token_type": [1, 1, 1, 6]}
+    assert Tokenizer.from_gguf_fields(fields).decode([3, 0]) == "\na"
+
+
+def test_a_lone_surrogate_is_one_line_not_a_type_error():
+    """Before: tokenizers raised TypeError ("TextInputSequence must be str") for a prompt holding
+    a lone surrogate (what Python makes of invalid UTF-8 in argv)."""
+    from edgebox.errors import EdgeboxError
+
+    tok = Tokenizer.from_gguf_fields(FIELDS)
+    with pytest.raises(EdgeboxError, match=r"lone surrogate \(U\+DCED at character 2\)"):
+        tok.encode("ab\udced")
+    assert tok.encode("ab") == [2]
