@@ -18,7 +18,7 @@ import numpy as np
 from edgebox.chips import blocks
 from edgebox.chips.accounting import Accounting
 from edgebox.chips.blocks import AttentionStep
-from edgebox.chips.chip import Chip, ChipLayer
+from edgebox.chips.chip import Chip, ChipLayer, FusedLinear
 from edgebox.chips.partition import PartitionPlan
 from edgebox.chips.threads import ChipThreads, _kernel_threads, host_cores
 from edgebox.chips.tp import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelLinear
@@ -26,7 +26,9 @@ from edgebox.errors import ModelError
 from edgebox.gguf.args import ModelArgs
 from edgebox.gguf.loader import Weights
 from edgebox.hw.profile import ChipProfile, load_profile
+from edgebox.kernels import packcache
 from edgebox.kernels.backend import DEFAULT_BACKEND, get_ops
+from edgebox.kernels.linear import prepare_linear
 from firmware_stub.firmware import Firmware
 
 
@@ -58,6 +60,8 @@ class Box:
         self.ops = get_ops(backend) if n_threads == 1 else get_ops(backend, threads=_kernel_threads(n_threads, n_cores))
         self.chips = self._place(args, weights, source)
         self.threads = ChipThreads(self.chips, n_cores)
+        self._weights = weights
+        self.pack_cache: packcache.PackCache | None = None  # the packed-weight cache prepare() used
 
     def _place(self, args: ModelArgs, weights: Weights, source: str) -> list[Chip]:
         """Cut every weight along the plan and give each chip its shards (views into the mmap)."""
@@ -120,17 +124,35 @@ class Box:
             if m is not None
         ] + [chip.lm_head for chip in self.chips if chip.lm_head is not None]
 
+    def split_key(self) -> bytes:
+        """The chip split as bytes (part of the packed-weight cache's key): the chip count and
+        every chip's heads, KV heads, FFN rows and vocabulary rows."""
+        return repr([(s.chip, s.heads, s.kv_heads, s.ffn, s.vocab) for s in self.plan.shards]).encode()
+
     def prepare(self, progress=None) -> None:
-        """Repack every weight for the kernels now rather than at first use; ``progress(done,
-        total)`` is called as it goes."""
+        """Repack every weight for the kernels now rather than at first use, or map the packed
+        weights from the persistent cache (``kernels.packcache``: written at the first start of
+        this model on this split, read at every later one); ``progress(done, total)`` is called
+        as it goes."""
         todo = self.linears()
         tune = getattr(self.ops, "tune", None)
         if tune is not None:  # a backend that picks kernels per weight shape plans them all first
             tune(todo)
+        cache = None
+        if getattr(self.ops, "name", "ref") != "ref":  # the reference packs nothing
+            w = self._weights
+            views = [m.data for lw in w.layers for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w_gate, lw.w_up, lw.w_down)]
+            cache = packcache.PackCache.for_model([w.token_embd.data, w.output.data, *views], self.split_key())
         for i, lin in enumerate(todo, 1):
-            lin.prepare()
+            if isinstance(lin, FusedLinear):
+                lin.prepare(cache)
+            else:
+                prepare_linear(lin, cache)
             if progress is not None and (i % 16 == 0 or i == len(todo)):
                 progress(i, len(todo))
+        if cache is not None:
+            cache.finish()
+            self.pack_cache = cache
 
     # -- the tensor-parallel blocks --------------------------------------------------------------
     def attention_step(self, positions: np.ndarray, rows: np.ndarray, starts: list[int], caches: list) -> AttentionStep:
