@@ -151,7 +151,8 @@ class Box:
             if progress is not None and (i % 16 == 0 or i == len(todo)):
                 progress(i, len(todo))
         if cache is not None:
-            cache.finish()
+            # the entry is written while the model runs (the process waits for it at exit)
+            cache.finish(background=True)
             self.pack_cache = cache
 
     # -- the tensor-parallel blocks --------------------------------------------------------------

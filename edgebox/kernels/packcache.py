@@ -58,6 +58,7 @@ import os
 import struct
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -425,6 +426,7 @@ class PackCache:
         self.served: list[tuple[str, PackedWeight]] = []
         self.hits = self.misses = 0
         self.status = "miss"
+        self._writer: threading.Thread | None = None
         try:
             self.entry = Entry.open(self.path, key)
             self.status = "hit"
@@ -469,14 +471,28 @@ class PackCache:
             self.misses += 1
             self.served.append((m.name, packed))
 
-    def finish(self) -> None:
-        """Write the entry when something was packed now; on success the packed copies in memory
-        are replaced by the new file's pages.  A failure to write costs one warning line."""
-        if not self.misses:
+    def finish(self, background: bool = False) -> None:
+        """Write the entry when something was packed now.  In the foreground the packed copies
+        in memory are then replaced by the new file's pages; in the ``background`` (a thread the
+        interpreter waits for at exit; ``wait()`` joins it) they stay in use, so the first token
+        does not wait for the disk.  A failure to write costs one warning line."""
+        if not self.misses or self._writer is not None:
             return
         weights = list({name: pw for name, pw in self.served}.items())
-        incoming = _layout(weights)[1]
-        evict(self.directory, self.limit, incoming, keep=None)
+        if background:
+            self.status = "writing"
+            self._writer = threading.Thread(target=self._write, args=(weights, False), name="edgebox-pack-cache-writer")
+            self._writer.start()
+        else:
+            self._write(weights, True)
+
+    def wait(self) -> None:
+        """Wait for a background write (``finish(background=True)``) to end."""
+        if self._writer is not None:
+            self._writer.join()
+
+    def _write(self, weights: list[tuple[str, PackedWeight]], rebind: bool) -> None:
+        evict(self.directory, self.limit, _layout(weights)[1])
         try:
             write_entry(self.path, self.key, weights)
             entry = Entry.open(self.path, self.key, full=False)
@@ -485,8 +501,9 @@ class PackCache:
             warn_once(f"weight cache: cannot write {self.directory} ({reason}); the weights are packed in memory at every start")
             self.status = f"unwritable ({reason})"
             return
-        for name, pw in self.served:  # (a KV head replicated on two chips: two copies, one name)
-            mapped = entry.get(name, pw.qtype, pw.n_out, pw.n_in)
-            pw.arrays.update(mapped.arrays)  # the packed copy is freed; the kernels read the file's pages
-        self.entry = entry
+        if rebind:
+            for name, pw in self.served:  # (a KV head replicated on two chips: two copies, one name)
+                mapped = entry.get(name, pw.qtype, pw.n_out, pw.n_in)
+                pw.arrays.update(mapped.arrays)  # the packed copy is freed; the kernels read the file's pages
+            self.entry = entry
         self.status = "written"

@@ -146,6 +146,19 @@ def test_pack_cache_writes_what_was_packed_then_serves_it(tmp_path):
     assert c2.status == "hit"
 
 
+def test_a_background_write_keeps_the_arrays_in_memory(tmp_path):
+    weights = packed_weights()
+    arrays = [a for _, pw in weights for a in pw.arrays.values()]
+    c = PackCache(tmp_path, KEY)
+    for name, pw in weights:
+        c.add(_M(name, pw), pw)
+    c.finish(background=True)
+    c.wait()
+    assert c.status == "written" and c.entry is None  # the entry is for the next start
+    assert all(a is b for a, b in zip([a for _, pw in weights for a in pw.arrays.values()], arrays))  # not rebound
+    assert PackCache(tmp_path, KEY).status == "hit"
+
+
 def test_a_corrupt_entry_is_discarded(tmp_path):
     path, _ = written(tmp_path)
     flip(path, HEADER + 5)
