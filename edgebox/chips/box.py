@@ -138,8 +138,8 @@ class Box:
         tune = getattr(self.ops, "tune", None)
         if tune is not None:  # a backend that picks kernels per weight shape plans them all first
             tune(todo)
-        cache = None
-        if getattr(self.ops, "name", "ref") != "ref":  # the reference packs nothing
+        cache = self.pack_cache  # a second prepare() (the engine's warm-up after the CLI's) reuses it
+        if cache is None and getattr(self.ops, "name", "ref") != "ref":  # the reference packs nothing
             w = self._weights
             views = [m.data for lw in w.layers for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w_gate, lw.w_up, lw.w_down)]
             cache = packcache.PackCache.for_model([w.token_embd.data, w.output.data, *views], self.split_key())

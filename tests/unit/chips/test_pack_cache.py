@@ -173,3 +173,24 @@ def test_a_full_disk_packs_in_memory_with_one_warning(cache_dir, tmp_path):
     logits = np.load(io.BytesIO(p.stdout))
     np.testing.assert_array_equal(logits, run(path, 4)[0])  # (this run writes the entry)
     assert not [q for q in cache_dir.iterdir() if q.suffix == ".tmp"]  # the partial temp file was removed
+
+
+def test_a_second_prepare_reuses_the_cache_and_writes_nothing(cache_dir):
+    m = edgebox.load(MODELS / "tiny-deepseek-coder-Q4_0.gguf", chips=2, backend="numba")
+    try:
+        m.prepare()
+        c = m.box.pack_cache
+        c.wait()
+        m.prepare()
+        assert m.box.pack_cache is c and c.status == "written" and len(entries(cache_dir)) == 1
+    finally:
+        m.box.close()
+
+
+def test_the_reference_backend_uses_no_cache(cache_dir):
+    m = edgebox.load(MODELS / "tiny-deepseek-coder-Q4_0.gguf", chips=1, backend="ref")
+    try:
+        m.prepare()
+        assert m.box.pack_cache is None and not cache_dir.exists()
+    finally:
+        m.box.close()
