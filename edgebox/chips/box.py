@@ -12,6 +12,8 @@ and reports that activity to the firmware, which turns it into energy, power and
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +32,12 @@ from edgebox.kernels import packcache
 from edgebox.kernels.backend import DEFAULT_BACKEND, get_ops
 from edgebox.kernels.linear import prepare_linear
 from firmware_stub.firmware import Firmware
+
+
+@functools.cache
+def _shard_code_digest() -> bytes:
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in ("tp.py", "chip.py"))).hexdigest()[:16].encode()
 
 
 class Box:
@@ -125,9 +133,11 @@ class Box:
         ] + [chip.lm_head for chip in self.chips if chip.lm_head is not None]
 
     def split_key(self) -> bytes:
-        """The chip split as bytes (part of the packed-weight cache's key): the chip count and
-        every chip's heads, KV heads, FFN rows and vocabulary rows."""
-        return repr([(s.chip, s.heads, s.kv_heads, s.ffn, s.vocab) for s in self.plan.shards]).encode()
+        """The chip split as bytes (part of the packed-weight cache's key): the chip count, every
+        chip's heads, KV heads, FFN rows and vocabulary rows, and a digest of the code that cuts
+        and stacks the shards along them (``chips/tp.py``, ``chips/chip.py``)."""
+        ranges = repr([(s.chip, s.heads, s.kv_heads, s.ffn, s.vocab) for s in self.plan.shards]).encode()
+        return ranges + b"|" + _shard_code_digest()
 
     def prepare(self, progress=None) -> None:
         """Repack every weight for the kernels now rather than at first use, or map the packed
