@@ -1,8 +1,9 @@
 """The persistent packed-weight cache: the kernels' repacked weights written once, mapped at later starts.
 
 Repacking a 7B model for the kernels costs 10-20 s at every start.  The first start packs in
-memory as before and then writes every packed array of the model, as split over its chips, to ONE
-file; later starts map that file (``mmap``, copy-on-write so the kernels see the same writable
+memory as before (reading the GGUF once) and then writes every packed array of the model, as split
+over its chips, to ONE file, on a background thread while the model already runs (``Box.prepare``;
+the interpreter waits for it at exit); later starts map that file (``mmap``, copy-on-write so the kernels see the same writable
 array types as a fresh pack and compile nothing new) and nothing is repacked.  The pages are the
 page cache's, shared by every process that maps the entry (a daemon and a ``run`` beside it, or a
 restart), and are read from disk only when first touched.
