@@ -12,13 +12,15 @@ and reports that activity to the firmware, which turns it into energy, power and
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 
 import numpy as np
 
 from edgebox.chips import blocks
 from edgebox.chips.accounting import Accounting
 from edgebox.chips.blocks import AttentionStep
-from edgebox.chips.chip import Chip, ChipLayer
+from edgebox.chips.chip import Chip, ChipLayer, FusedLinear
 from edgebox.chips.partition import PartitionPlan
 from edgebox.chips.threads import ChipThreads, _kernel_threads, host_cores
 from edgebox.chips.tp import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelLinear
@@ -26,8 +28,16 @@ from edgebox.errors import ModelError
 from edgebox.gguf.args import ModelArgs
 from edgebox.gguf.loader import Weights
 from edgebox.hw.profile import ChipProfile, load_profile
+from edgebox.kernels import packcache
 from edgebox.kernels.backend import DEFAULT_BACKEND, get_ops
+from edgebox.kernels.linear import prepare_linear
 from firmware_stub.firmware import Firmware
+
+
+@functools.cache
+def _shard_code_digest() -> bytes:
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in ("tp.py", "chip.py"))).hexdigest()[:16].encode()
 
 
 class Box:
@@ -58,6 +68,8 @@ class Box:
         self.ops = get_ops(backend) if n_threads == 1 else get_ops(backend, threads=_kernel_threads(n_threads, n_cores))
         self.chips = self._place(args, weights, source)
         self.threads = ChipThreads(self.chips, n_cores)
+        self._weights = weights
+        self.pack_cache: packcache.PackCache | None = None  # the packed-weight cache prepare() used
 
     def _place(self, args: ModelArgs, weights: Weights, source: str) -> list[Chip]:
         """Cut every weight along the plan and give each chip its shards (views into the mmap)."""
@@ -120,17 +132,38 @@ class Box:
             if m is not None
         ] + [chip.lm_head for chip in self.chips if chip.lm_head is not None]
 
+    def split_key(self) -> bytes:
+        """The chip split as bytes (part of the packed-weight cache's key): the chip count, every
+        chip's heads, KV heads, FFN rows and vocabulary rows, and a digest of the code that cuts
+        and stacks the shards along them (``chips/tp.py``, ``chips/chip.py``)."""
+        ranges = repr([(s.chip, s.heads, s.kv_heads, s.ffn, s.vocab) for s in self.plan.shards]).encode()
+        return ranges + b"|" + _shard_code_digest()
+
     def prepare(self, progress=None) -> None:
-        """Repack every weight for the kernels now rather than at first use; ``progress(done,
-        total)`` is called as it goes."""
+        """Repack every weight for the kernels now rather than at first use, or map the packed
+        weights from the persistent cache (``kernels.packcache``: written at the first start of
+        this model on this split, read at every later one); ``progress(done, total)`` is called
+        as it goes."""
         todo = self.linears()
         tune = getattr(self.ops, "tune", None)
         if tune is not None:  # a backend that picks kernels per weight shape plans them all first
             tune(todo)
+        cache = self.pack_cache  # a second prepare() (the engine's warm-up after the CLI's) reuses it
+        if cache is None and getattr(self.ops, "name", "ref") != "ref":  # the reference packs nothing
+            w = self._weights
+            views = [m.data for lw in w.layers for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w_gate, lw.w_up, lw.w_down)]
+            cache = packcache.PackCache.for_model([w.token_embd.data, w.output.data, *views], self.split_key())
         for i, lin in enumerate(todo, 1):
-            lin.prepare()
+            if isinstance(lin, FusedLinear):
+                lin.prepare(cache)
+            else:
+                prepare_linear(lin, cache)
             if progress is not None and (i % 16 == 0 or i == len(todo)):
                 progress(i, len(todo))
+        if cache is not None:
+            # the entry is written while the model runs (the process waits for it at exit)
+            cache.finish(background=True)
+            self.pack_cache = cache
 
     # -- the tensor-parallel blocks --------------------------------------------------------------
     def attention_step(self, positions: np.ndarray, rows: np.ndarray, starts: list[int], caches: list) -> AttentionStep:

@@ -7,6 +7,7 @@ computes with them, in ``chips.blocks``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,29 @@ from edgebox.gguf.loader import Matrix
 from edgebox.gguf.quant_types import is_quantized
 from edgebox.hw.profile import ChipProfile
 from edgebox.hw.step import KV_BYTES
+from edgebox.kernels.linear import prepare_linear
+
+
+class StackedRows:
+    """A run of same-type parts as one matrix (the ``Matrix`` fields); the rows are stacked into
+    one copy only when ``data`` is read, so a weight found in the packed-weight cache never
+    copies them."""
+
+    def __init__(self, parts: Sequence[Matrix]):
+        self.parts = tuple(parts)
+        self.name = "+".join(p.name for p in self.parts)
+        self.qtype = self.parts[0].qtype
+        self.n_out = sum(p.n_out for p in self.parts)
+        self.n_in = self.parts[0].n_in
+        self.nbytes = sum(p.nbytes for p in self.parts)
+
+    @functools.cached_property
+    def data(self) -> np.ndarray:  # uint8 [sum n_out, row_bytes]
+        return np.concatenate([p.data for p in self.parts])
+
+    @property
+    def rows_read(self) -> bool:
+        return "data" in self.__dict__
 
 
 class FusedLinear:
@@ -41,19 +65,17 @@ class FusedLinear:
         self._ops = ops
         self._runs: list | None = None  # one backend linear per run of same-type parts
 
-    def prepare(self) -> None:
+    def prepare(self, cache=None) -> None:
+        """Stack and prepare each run (``cache``: the packed-weight cache, ``kernels.packcache``)."""
         if self._runs is not None:
             return
         runs = []
-        for qtype, group in itertools.groupby(self.parts, key=lambda p: p.qtype):
+        for _, group in itertools.groupby(self.parts, key=lambda p: p.qtype):
             group = list(group)
-            if len(group) == 1:
-                runs.append(self._ops.linear(group[0]))
-            else:
-                stacked = np.concatenate([p.data for p in group])  # [sum n_out, row_bytes]
-                runs.append(self._ops.linear(Matrix("+".join(p.name for p in group), qtype, len(stacked), self.n_in, stacked)))
-            runs[-1].prepare()
-            if len(group) > 1:
+            stacked = StackedRows(group) if len(group) > 1 else None
+            runs.append(self._ops.linear(stacked if stacked is not None else group[0]))
+            prepare_linear(runs[-1], cache)
+            if stacked is not None and stacked.rows_read:
                 for p in group:  # the stacked copy replaced them
                     release_view_pages(p.data)
         self._runs = runs

@@ -5,6 +5,10 @@
 ``backend.AutoOps`` planned it).  Each has ``matrix``, ``n_out``, ``n_in``, ``nbytes``,
 ``prepare()`` and ``__call__(x [T, n_in]) -> [T, n_out]``; nothing is built at construction, so
 mapping a model stays instant and costs no memory until it runs.
+
+``prepare(cache=...)`` takes a packed-weight cache (``kernels.packcache.PackCache``: ``lookup(m)``
+-> PackedWeight or None, ``add(m, packed)``); ``prepare_linear(lin, cache)`` passes it to a handle
+that packs for the numba kernels and prepares any other handle as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from edgebox.gguf.loader import Matrix
 from edgebox.kernels import matmul, ref
 from edgebox.kernels.ort import OrtLinear
 
-__all__ = ["RefLinear", "NumbaLinear", "OrtLinear", "AutoLinear"]
+__all__ = ["RefLinear", "NumbaLinear", "OrtLinear", "AutoLinear", "prepare_linear"]
 
 
 class RefLinear:
@@ -27,7 +31,7 @@ class RefLinear:
         self.n_out, self.n_in = m.n_out, m.n_in
         self.nbytes = m.nbytes
 
-    def prepare(self) -> None:
+    def prepare(self, cache=None) -> None:
         """Nothing to prepare: the reference reads the file's rows as they are."""
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
@@ -44,13 +48,21 @@ class NumbaLinear:
         self.n_out, self.n_in = m.n_out, m.n_in
         self.nbytes = m.nbytes
         self.packed = None
+        self.from_cache = False  # the packed arrays are a cache entry's pages (the rows were not read)
 
-    def prepare(self, release: bool = True) -> None:
-        """Repack once; then drop the pages under the rows (``release=False`` keeps them, for a
-        caller that builds a second copy from the same rows)."""
+    def prepare(self, release: bool = True, cache=None) -> None:
+        """Repack once (or take the packed arrays from ``cache``); then drop the pages under the
+        rows (``release=False`` keeps them, for a caller that builds a second copy from the same
+        rows).  The rows are not read at all when the cache has the weight."""
         if self.packed is None:
             m = self.matrix
+            packed = cache.lookup(m) if cache is not None else None
+            if packed is not None:
+                self.packed, self.from_cache = packed, True
+                return
             self.packed = matmul.pack(m.data, m.qtype)
+            if cache is not None:
+                cache.add(m, self.packed)
             if release and self.packed.path != "float":  # float weights are read in place: keep their pages
                 release_view_pages(m.data)
 
@@ -82,17 +94,22 @@ class AutoLinear:
         """bucket -> backend name (after prepare)."""
         return {b: ("onnxruntime" if isinstance(lin, OrtLinear) else "numba") for b, lin in (self.by_bucket or {}).items()}
 
-    def prepare(self) -> None:
+    def prepare(self, cache=None) -> None:
         if self.by_bucket is not None:
             return
         choice = self._planner.choice(self)
         built = {}
         for name in sorted(choice.backends):
-            lin = OrtLinear(self.matrix, threads=self._planner.threads) if name == "onnxruntime" else NumbaLinear(self.matrix)
-            lin.prepare(release=False)  # both copies of a dual shape are built from the rows
+            if name == "onnxruntime":
+                lin = OrtLinear(self.matrix, threads=self._planner.threads)
+                lin.prepare(release=False)  # both copies of a dual shape are built from the rows
+            else:
+                lin = NumbaLinear(self.matrix)
+                lin.prepare(release=False, cache=cache)
             built[name] = lin
-        if "numba" not in built or built["numba"].packed.path != "float":
-            release_view_pages(self.matrix.data)  # as each backend's own prepare() does
+        numba = built.get("numba")
+        if numba is None or (numba.packed.path != "float" and (not numba.from_cache or len(built) > 1)):
+            release_view_pages(self.matrix.data)  # as each backend's own prepare() does (rows read)
         self.by_bucket = {b: built[name] for b, name in choice.by_bucket.items()}
 
     def for_tokens(self, T: int):
@@ -103,3 +120,11 @@ class AutoLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
         return self.for_tokens(len(x))(x)
+
+
+def prepare_linear(lin, cache=None) -> None:
+    """``lin.prepare()``, with the packed-weight cache for the handles that pack for numba."""
+    if cache is not None and isinstance(lin, (NumbaLinear, AutoLinear)):
+        lin.prepare(cache=cache)
+    else:
+        lin.prepare()

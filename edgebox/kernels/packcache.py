@@ -1,0 +1,510 @@
+"""The persistent packed-weight cache: the kernels' repacked weights written once, mapped at later starts.
+
+Repacking a 7B model for the kernels costs 10-20 s at every start.  The first start packs in
+memory as before (reading the GGUF once) and then writes every packed array of the model, as split
+over its chips, to ONE file, on a background thread while the model already runs (``Box.prepare``;
+the interpreter waits for it at exit); later starts map that file (``mmap``, copy-on-write so the kernels see the same writable
+array types as a fresh pack and compile nothing new) and nothing is repacked.  The pages are the
+page cache's, shared by every process that maps the entry (a daemon and a ``run`` beside it, or a
+restart), and are read from disk only when first touched.
+
+Why one file per model and split, not ``np.save`` per array: one open, one header to verify, one
+atomic rename, one unit to evict; ``np.load(mmap_mode=...)`` maps one ``.npy`` array per file
+(a 4-chip 7B split has ~2,500 arrays) and ``.npz`` cannot be mapped at all.
+
+Key (``entry_key``): the layout version (``LAYOUT_VERSION``: bump it when a repack layout
+changes), a digest of the sources that define the layouts (``matmul.py``, ``matmul_pack.py``,
+``quants/*.py``: any edit there invalidates every entry, which errs on the safe side), the byte
+order, the GGUF's identity (``FileIdentity``: size, mtime_ns and a SHA-256 of its header and
+tensor table, not of the whole file) and the chip split (bytes the caller describes it with).
+
+File format (little-endian)::
+
+    [0, 4096)      header: magic, format, file size, table offset and length, the 32-byte key,
+                   CRC-32 of the table, CRC-32 of the header's own bytes
+    [4096, T)      the arrays, each at a 4096-byte boundary
+    [T, T + len)   the table (JSON): per weight its name, type, shape, path, and per array its
+                   dtype, size, offset, CRC-32 of the whole array and CRC-32 of a sample
+
+Verified on open (``Entry.open``), in this order: size >= header, magic, format, header CRC, key,
+recorded size == the file's size (a truncated / torn file fails here), table inside the file and
+its CRC, every array inside the data region, then every array's sample CRC (its first, middle and
+last 4 KiB: a page torn or zeroed at either end or in the middle is caught; a flip elsewhere in
+the data is not).  ``EDGEBOX_WEIGHT_CACHE_VERIFY=full`` also checks each array's whole CRC-32
+(~1.6 GB/s: about 2.5 s for the 7B Q4_0 model).  A failed check discards the entry (deleted) and
+the weights are packed again and rewritten, never used.
+
+Written atomically: a temp file in the cache directory (``posix_fallocate`` first, so a full disk
+fails before anything is written), fsync, then ``os.replace`` to the entry's name; a crash leaves
+only a temp file, which a later write removes once it is an hour old.  A process that still maps
+a replaced or evicted entry keeps reading its (unlinked) pages.
+
+Size bound: the entries' total is kept under ``EDGEBOX_WEIGHT_CACHE_GIB`` (default
+``DEFAULT_MAX_GIB``); before writing, the least recently used entries (by mtime, which a hit
+refreshes) are deleted until the new one fits (the new one is always written, even alone over the
+bound).  ``EDGEBOX_WEIGHT_CACHE=0`` turns the cache off.  The directory is ``packed/`` under
+``$EDGEBOX_CACHE_DIR``, else ``$XDG_CACHE_HOME/edgebox``, else ``~/.cache/edgebox``.
+
+A cache that cannot be written (full disk, read-only directory, any OSError) degrades to packing
+in memory with one warning line on stderr per process; an entry already there is still read.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+import struct
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgebox.gguf.quant_types import QType, is_quantized
+from edgebox.kernels.matmul import PackedWeight
+
+LAYOUT_VERSION = 1  # bump when any type's repacked layout (kernels/quants/, matmul_pack.py) changes
+FORMAT = 1  # the entry file's own format
+MAGIC = b"EBXPACK\x00"
+HEADER = 4096
+ALIGN = 4096
+SAMPLE = 4096
+DEFAULT_MAX_GIB = 16.0
+STALE_TEMP_S = 3600.0
+_HEAD = struct.Struct("<8sIIQQQ32sI")  # magic, format, reserved, size, table offset, table len, key, table crc
+SUFFIX = ".ebx"
+
+_warned: set[str] = set()
+
+
+class CorruptEntry(Exception):
+    """An entry that failed verification (the message says which check)."""
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def enabled() -> bool:
+    return os.environ.get("EDGEBOX_WEIGHT_CACHE", "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("EDGEBOX_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = str(Path(xdg) / "edgebox") if xdg else str(Path.home() / ".cache" / "edgebox")
+    return Path(base) / "packed"
+
+
+def max_bytes() -> int:
+    try:
+        gib = float(os.environ.get("EDGEBOX_WEIGHT_CACHE_GIB", DEFAULT_MAX_GIB))
+    except ValueError:
+        gib = DEFAULT_MAX_GIB
+    return int(gib * 2**30)
+
+
+def warn_once(what: str) -> None:
+    """One line on stderr, once per process for each kind of problem."""
+    kind = what.split(":", 1)[0]
+    if kind not in _warned:
+        _warned.add(kind)
+        print(f"edgebox: warning: {what}", file=sys.stderr, flush=True)
+
+
+# -- the key -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What identifies a GGUF file without reading its tensors."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    header_sha256: str
+
+    def key_bytes(self) -> bytes:
+        return f"{self.size}:{self.mtime_ns}:{self.header_sha256}".encode()
+
+
+def _root(view: np.ndarray) -> np.ndarray:
+    """The outermost ndarray a view was cut from (for a GGUF tensor: the whole file mapping)."""
+    a = view
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _mapped_file(addr: int) -> tuple[str, int, int] | None:
+    """(path, device, inode) of the file mapped from offset 0 at ``addr`` (Linux /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or int(fields[0].split("-")[0], 16) != addr or int(fields[2], 16) != 0:
+                    continue
+                path = fields[5].rstrip("\n")
+                if path.endswith(" (deleted)") or not path.startswith("/"):
+                    return None
+                major, minor = (int(x, 16) for x in fields[3].split(":"))
+                return path, os.makedev(major, minor), int(fields[4])
+    except OSError:
+        return None
+    return None
+
+
+def identify(views: list[np.ndarray]) -> FileIdentity | None:
+    """The identity of the GGUF file the tensor views ``views`` map (None when it cannot be
+    told: not a file mapping, the file was replaced since it was mapped, not Linux).
+
+    The header and tensor table are the bytes before the first tensor's data, read from the
+    mapping itself (what this process computes with, even if the file changed on disk)."""
+    views = [v for v in views if v.size]
+    if not views:
+        return None
+    root = _root(views[0])
+    base = root.__array_interface__["data"][0]
+    found = _mapped_file(base)
+    if found is None:
+        return None
+    path, dev, ino = found
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_ino != ino or st.st_dev != dev or st.st_size != root.nbytes:
+        return None
+    data_start = min(v.__array_interface__["data"][0] - base for v in views if _root(v) is root)
+    header = hashlib.sha256(memoryview(root[:data_start])).hexdigest()
+    return FileIdentity(path, st.st_size, st.st_mtime_ns, header)
+
+
+def layout_digest() -> str:
+    """A hash of the sources that define the packed layouts."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in [here / "matmul.py", here / "matmul_pack.py", *sorted((here / "quants").glob("*.py"))]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def entry_key(identity: FileIdentity, split: bytes) -> bytes:
+    """The 32-byte key of the entry of one model file on one chip split."""
+    h = hashlib.sha256()
+    for part in (f"{FORMAT}:{LAYOUT_VERSION}:{layout_digest()}:{sys.byteorder}".encode(), identity.key_bytes(), split):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
+
+
+def entry_path(directory: Path, key: bytes) -> Path:
+    return directory / f"packed-{key.hex()[:32]}{SUFFIX}"
+
+
+# -- checksums ---------------------------------------------------------------------------------
+
+
+def _sample_crc(b: memoryview) -> int:
+    n = len(b)
+    if n <= 3 * SAMPLE:
+        return zlib.crc32(b)
+    mid = (n // 2) // SAMPLE * SAMPLE
+    crc = zlib.crc32(b[:SAMPLE])
+    crc = zlib.crc32(b[mid : mid + SAMPLE], crc)
+    return zlib.crc32(b[n - SAMPLE :], crc)
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+class Entry:
+    """A verified entry, mapped: ``get(name, qtype, n_out, n_in)`` -> PackedWeight over its pages."""
+
+    def __init__(self, path: Path, mm: mmap.mmap, weights: dict[str, dict]):
+        self.path = path
+        self._mm = mm
+        self._buf = np.frombuffer(mm, dtype=np.uint8)  # writable (copy-on-write): the kernels' array types
+        self.weights = weights
+
+    @classmethod
+    def open(cls, path: Path, key: bytes, full: bool | None = None) -> Entry:
+        """Map and verify the entry at ``path``; FileNotFoundError if there is none, CorruptEntry
+        if any check fails (module docstring: what is checked)."""
+        if full is None:
+            full = os.environ.get("EDGEBOX_WEIGHT_CACHE_VERIFY", "").lower() == "full"
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER:
+                raise CorruptEntry(f"{size} bytes, shorter than the header")
+            head = f.read(HEADER)
+            magic, fmt, _, rec_size, t_off, t_len, rec_key, t_crc = _HEAD.unpack_from(head)
+            if magic != MAGIC:
+                raise CorruptEntry("bad magic")
+            if fmt != FORMAT:
+                raise CorruptEntry(f"format {fmt}, expected {FORMAT}")
+            (h_crc,) = struct.unpack_from("<I", head, _HEAD.size)
+            if zlib.crc32(head[: _HEAD.size]) != h_crc:
+                raise CorruptEntry("header checksum mismatch")
+            if rec_key != key:
+                raise CorruptEntry("key mismatch")
+            if rec_size != size:
+                raise CorruptEntry(f"{size} bytes, the header says {rec_size} (truncated or torn)")
+            if not HEADER <= t_off <= size or t_off + t_len != size:
+                raise CorruptEntry("table outside the file")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        # (on a failed check the mapping is unmapped when its last view is collected)
+        table = bytes(mm[t_off : t_off + t_len])
+        if zlib.crc32(table) != t_crc:
+            raise CorruptEntry("table checksum mismatch")
+        try:
+            weights = {w["name"]: w for w in json.loads(table)["weights"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"table does not parse: {e}") from None
+        entry = cls(path, mm, weights)
+        entry._verify(t_off, full)
+        return entry
+
+    def _verify(self, data_end: int, full: bool) -> None:
+        try:
+            for w in self.weights.values():
+                QType(w["qtype"])
+                for a in w["arrays"]:
+                    off, nbytes = a["offset"], a["nbytes"]
+                    if off < HEADER or off % 64 or off + nbytes > data_end or np.dtype(a["dtype"]).itemsize * a["size"] != nbytes:
+                        raise CorruptEntry(f"{w['name']}.{a['name']}: array outside the data region")
+                    b = memoryview(self._buf[off : off + nbytes])
+                    if _sample_crc(b) != a["sample_crc"]:
+                        raise CorruptEntry(f"{w['name']}.{a['name']}: sample checksum mismatch")
+                    if full and zlib.crc32(b) != a["crc"]:
+                        raise CorruptEntry(f"{w['name']}.{a['name']}: checksum mismatch")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptEntry(f"table entry malformed: {e!r}") from None
+
+    def get(self, name: str, qtype, n_out: int, n_in: int) -> PackedWeight | None:
+        w = self.weights.get(name)
+        if w is None or w["qtype"] != int(qtype) or w["n_out"] != n_out or w["n_in"] != n_in:
+            return None
+        arrays = {a["name"]: self._buf[a["offset"] : a["offset"] + a["nbytes"]].view(np.dtype(a["dtype"])) for a in w["arrays"]}
+        return PackedWeight(QType(w["qtype"]), n_out, n_in, w["path"], arrays, w["nbytes"])
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def _layout(weights: list[tuple[str, PackedWeight]]) -> tuple[list[dict], int]:
+    table, off = [], HEADER
+    for name, pw in weights:
+        arrays = []
+        for an, arr in pw.arrays.items():
+            nbytes = int(arr.nbytes)
+            arrays.append({"name": an, "dtype": arr.dtype.str, "size": int(arr.size), "offset": off, "nbytes": nbytes})
+            off = -(-(off + nbytes) // ALIGN) * ALIGN
+        table.append(
+            {
+                "name": name,
+                "qtype": int(pw.qtype),
+                "n_out": pw.n_out,
+                "n_in": pw.n_in,
+                "path": pw.path,
+                "nbytes": pw.nbytes,
+                "arrays": arrays,
+            }
+        )
+    return table, off
+
+
+def write_entry(path: Path, key: bytes, weights: list[tuple[str, PackedWeight]]) -> None:
+    """Write the entry for ``weights`` atomically at ``path`` (OSError when it cannot be)."""
+    table, data_end = _layout(weights)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".packed-", suffix=".tmp")
+    try:
+        try:
+            os.posix_fallocate(fd, 0, data_end)  # a full disk fails here, before anything is written
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(b"\0" * HEADER)
+            for (_, pw), entry in zip(weights, table):
+                for a in entry["arrays"]:
+                    b = _bytes(pw.arrays[a["name"]])
+                    pad = a["offset"] - f.tell()
+                    if pad:
+                        f.write(b"\0" * pad)
+                    f.write(b)
+                    a["crc"], a["sample_crc"] = zlib.crc32(b), _sample_crc(b)
+            pad = data_end - f.tell()
+            if pad:
+                f.write(b"\0" * pad)
+            blob = json.dumps({"weights": table}, separators=(",", ":")).encode()
+            f.write(blob)
+            size = data_end + len(blob)
+            head = _HEAD.pack(MAGIC, FORMAT, 0, size, data_end, len(blob), key, zlib.crc32(blob))
+            f.seek(0)
+            f.write(head + struct.pack("<I", zlib.crc32(head)))
+            f.flush()
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def evict(directory: Path, limit: int, incoming: int = 0, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used entries until they and ``incoming`` new bytes fit in
+    ``limit``; also temp files left by a writer that died an hour ago.  Returns what was deleted."""
+    now, entries, removed = time.time(), [], []
+    try:
+        listing = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for e in listing:
+        try:
+            st = e.stat()
+        except OSError:
+            continue
+        if e.name.startswith(".packed-") and e.name.endswith(".tmp"):
+            if now - st.st_mtime > STALE_TEMP_S:
+                try:
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+                except OSError:
+                    pass
+        elif e.name.startswith("packed-") and e.name.endswith(SUFFIX) and Path(e.path) != keep:
+            entries.append((st.st_mtime_ns, st.st_size, Path(e.path)))
+    total = sum(s for _, s, _ in entries) + incoming
+    for _, size, p in sorted(entries):
+        if total <= limit:
+            break
+        try:
+            os.unlink(p)
+            removed.append(p)
+            total -= size
+        except OSError:
+            pass
+    return removed
+
+
+# -- one load's use of the cache ---------------------------------------------------------------
+
+
+class PackCache:
+    """One model load's access to its entry: the linears ask ``lookup(matrix)`` before packing
+    and report what they packed with ``add(matrix, packed)``; ``finish()`` then writes the entry
+    if anything was packed (and maps the new file in place of the packed copies in memory).
+
+    Only quantized weights are cached (float weights are read in place from the GGUF)."""
+
+    def __init__(self, directory: Path, key: bytes, limit: int | None = None):
+        self.directory = directory
+        self.key = key
+        self.path = entry_path(directory, key)
+        self.limit = max_bytes() if limit is None else limit
+        self.entry: Entry | None = None
+        self.served: list[tuple[str, PackedWeight]] = []
+        self.hits = self.misses = 0
+        self.status = "miss"
+        self._writer: threading.Thread | None = None
+        try:
+            self.entry = Entry.open(self.path, key)
+            self.status = "hit"
+        except FileNotFoundError:
+            pass
+        except CorruptEntry as e:
+            self.status = f"discarded ({e})"
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        except OSError as e:
+            self.status = f"unreadable ({e.strerror})"
+        if self.entry is not None:
+            try:
+                os.utime(self.path)  # most recently used
+            except OSError:
+                pass
+
+    @classmethod
+    def for_model(cls, views: list[np.ndarray], split: bytes) -> PackCache | None:
+        """The cache of the GGUF that ``views`` map, on the chip split ``split``; None when the
+        cache is off or the file cannot be identified."""
+        if not enabled():
+            return None
+        identity = identify(views)
+        if identity is None:
+            return None
+        return cls(cache_dir(), entry_key(identity, split))
+
+    def lookup(self, m) -> PackedWeight | None:
+        if not is_quantized(m.qtype):
+            return None
+        pw = self.entry.get(m.name, m.qtype, m.n_out, m.n_in) if self.entry is not None else None
+        if pw is not None:
+            self.hits += 1
+            self.served.append((m.name, pw))
+        return pw
+
+    def add(self, m, packed: PackedWeight) -> None:
+        if packed.path != "float":
+            self.misses += 1
+            self.served.append((m.name, packed))
+
+    def finish(self, background: bool = False) -> None:
+        """Write the entry when something was packed now.  In the foreground the packed copies
+        in memory are then replaced by the new file's pages; in the ``background`` (a thread the
+        interpreter waits for at exit; ``wait()`` joins it) they stay in use, so the first token
+        does not wait for the disk.  A failure to write costs one warning line."""
+        if not self.misses or self._writer is not None:
+            return
+        weights = list({name: pw for name, pw in self.served}.items())
+        if background:
+            self.status = "writing"
+            self._writer = threading.Thread(target=self._write, args=(weights, False), name="edgebox-pack-cache-writer")
+            self._writer.start()
+        else:
+            self._write(weights, True)
+
+    def wait(self) -> None:
+        """Wait for a background write (``finish(background=True)``) to end."""
+        if self._writer is not None:
+            self._writer.join()
+
+    def _write(self, weights: list[tuple[str, PackedWeight]], rebind: bool) -> None:
+        evict(self.directory, self.limit, _layout(weights)[1])
+        try:
+            write_entry(self.path, self.key, weights)
+            entry = Entry.open(self.path, self.key, full=False)
+        except (OSError, CorruptEntry) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            warn_once(f"weight cache: cannot write {self.directory} ({reason}); the weights are packed in memory at every start")
+            self.status = f"unwritable ({reason})"
+            return
+        if rebind:
+            for name, pw in self.served:  # (a KV head replicated on two chips: two copies, one name)
+                mapped = entry.get(name, pw.qtype, pw.n_out, pw.n_in)
+                pw.arrays.update(mapped.arrays)  # the packed copy is freed; the kernels read the file's pages
+            self.entry = entry
+        self.status = "written"
