@@ -417,6 +417,18 @@ LONG = "word " * 3000  # ~3000 tokens: over the bundled model's 2048-token conte
         ("bad budget", {"request_id": "b1", "params": {"watts": -3}}, "set_power_budget", 400, "watts"),
         ("load outside models_dir", {"request_id": "lm1", "params": {"path": "/etc/passwd"}}, "load_model", 400, "models_dir"),
         ("load missing file", {"request_id": "lm2", "params": {"path": "nope.gguf"}}, "load_model", 404, "not found"),
+        # issue #15's small gaps: a 500 each (a lone surrogate reached the tokenizer, a NUL the file
+        # system), and an expires_at of NaN that never expired
+        ("lone surrogate", b'{"request_id": "u1", "params": {"prompt": "a\\ud800b"}}', "generate", 400, "Unicode"),
+        (
+            "lone surrogate in chat",
+            b'{"request_id": "u2", "params": {"messages": [{"role": "user", "content": "\\udc00"}]}}',
+            "generate",
+            400,
+            "Unicode",
+        ),
+        ("NUL in a path", b'{"request_id": "u3", "params": {"path": "m\\u0000.gguf"}}', "load_model", 400, "NUL"),
+        ("expires_at NaN", b'{"request_id": "u4", "expires_at": NaN, "params": {"prompt": "hi"}}', "generate", 400, "expires_at"),
     ],
 )
 def test_bad_input_gets_an_error_reply_and_the_daemon_carries_on(rec, fleet, case, payload, topic, code, says):
