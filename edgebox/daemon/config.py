@@ -156,6 +156,11 @@ class DaemonConfig(BaseModel):
         return self.client_id or f"edgebox-{self.device_id}"
 
     @property
+    def in_flight_limit(self) -> int:
+        """Generate requests accepted at once (running or queued); past it a generate gets 429."""
+        return self.max_in_flight
+
+    @property
     def kv_budget_bytes(self) -> int | None:
         return int(self.kv_budget_mib * 2**20) if self.kv_budget_mib else None
 

@@ -1,17 +1,173 @@
-"""The daemon's command path in process: prompts refused before tokenizing, the in-progress
-journal. The daemon end to end, with a real Mosquitto, is tests/integration/test_daemon.py."""
+"""The daemon's command path in process: validation (``commands``), prompts refused before
+tokenizing, the lanes and their bounds, the watchdog's health check, the in-progress journal.
+The daemon end to end, with a real Mosquitto, is tests/integration/test_daemon.py."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import pytest
+
 import edgebox
+from edgebox.daemon.commands import Rejected, build_request, parse_command, peek
 from edgebox.daemon.engine_host import certainly_too_long, longest_token_bytes
+from edgebox.daemon.handlers import WORK_STALL_S, CommandHandler
 from edgebox.daemon.journal import Journal, default_state_dir, journal_path, key_of
+from edgebox.daemon.lanes import CONTROL_SLOTS, EXTRA_WORK_SLOTS, Lanes
+from edgebox.daemon.schemas import Topics, encode, error_reply
+from edgebox.daemon.transport import Inbound
 from tests.fixtures.paths import TEST_MODEL
 
+TOPICS = Topics("box-1")
 REPLY = "edgebox/v1/box-1/reply/me"
+
+
+def _parse(method: str, payload: bytes | str | dict, **kw):
+    if isinstance(payload, dict):
+        payload = json.dumps(payload)
+    if isinstance(payload, str):
+        payload = payload.encode()
+    return parse_command(method, payload, topics=TOPICS, response_topic=kw.pop("response_topic", REPLY), correlation=b"c", **kw)
+
+
+def _rejected(method: str, payload, **kw) -> Rejected:
+    with pytest.raises(Rejected) as e:
+        _parse(method, payload, **kw)
+    assert "\n" not in e.value.message
+    return e.value
+
+
+# -- validation: the small gaps of issue #15 (each was a 500, or never expired) -------------------------
+
+
+@pytest.mark.parametrize(
+    "method, payload, says",
+    [
+        ("generate", r'{"request_id": "s1", "params": {"prompt": "a\ud800b"}}', "params.prompt: must be valid Unicode"),
+        ("generate", r'{"request_id": "s2", "params": {"messages": [{"role": "user", "content": "\udfff"}]}}', "Unicode"),
+        ("generate", r'{"request_id": "s3", "params": {"prompt": "x", "stop": ["\ud83d"]}}', "Unicode"),
+        ("load_model", r'{"request_id": "n1", "params": {"path": "model\u0000.gguf"}}', "params.path: must not contain a NUL"),
+        ("load_model", r'{"request_id": "n2", "params": {"path": "\udc80.gguf"}}', "params.path"),
+        ("cancel", r'{"request_id": "c1", "params": {"target": "\ud800"}}', "params.target"),
+        ("generate", '{"request_id": "e1", "expires_at": NaN, "params": {"prompt": "x"}}', "expires_at"),
+        ("generate", '{"request_id": "e2", "expires_at": Infinity, "params": {"prompt": "x"}}', "expires_at"),
+        ("generate", '{"request_id": "t1", "params": {"prompt": "x", "temperature": NaN}}', "temperature"),
+        ("set_power_budget", '{"request_id": "w1", "params": {"watts": Infinity}}', "watts"),
+    ],
+)
+def test_lone_surrogates_nul_paths_and_non_finite_numbers_are_400(method, payload, says):
+    r = _rejected(method, payload)
+    assert r.code == 400 and says in r.message, r.message
+    assert r.route is not None  # answered on the reply topic, with the request id when it is usable
+    assert r.request_id == json.loads(payload)["request_id"]
+
+
+def test_a_reply_topic_with_a_lone_surrogate_is_refused_not_published():
+    r = _rejected("get_status", r'{"request_id": "r1", "params": {}, "reply_to": "a/\ud800"}', response_topic=None)
+    assert r.code == 400 and r.route is None  # nowhere to answer: an event only
+
+
+def test_an_unusable_request_id_is_not_echoed():
+    r = _rejected("generate", r'{"request_id": "\ud800", "params": {"prompt": "x"}}')
+    assert r.code == 400 and r.request_id is None
+    encode(error_reply(r.request_id, r.code, r.message))  # the reply encodes
+
+
+def test_encode_never_raises_on_a_lone_surrogate():
+    assert b'"a?b"' in encode({"x": "a\ud800b"})
+
+
+def test_parse_accepts_a_good_command_and_names_its_key():
+    cmd = _parse("generate", {"request_id": "g1", "params": {"prompt": "hi", "max_tokens": 4}, "expires_at": 2e9})
+    assert cmd.key == ("generate", REPLY, b"c", "g1") and cmd.params.max_tokens == 4 and cmd.expires_at == 2e9
+    legacy = _parse("get_status", {"request_id": "g2", "reply_to": "legacy/me"}, response_topic=None)
+    assert legacy.route.topic == "legacy/me" and legacy.route.correlation is None
+    assert _rejected("reboot", {"request_id": "m1"}).code == 404
+    assert _rejected("get_status", b"[1]").request_id is None
+    assert "retained" in _rejected("get_status", {"request_id": "x"}, retained=True).message
+
+
+def test_build_request_checks_the_box_limit_and_the_sampler():
+    cmd = _parse("generate", {"request_id": "b1", "params": {"prompt": "hi", "max_tokens": 100}})
+    assert build_request(cmd.params, 100, "e1").request_id == "e1"
+    with pytest.raises(Rejected, match="limit of 99"):
+        build_request(cmd.params, 99, "e1")
+
+
+def test_peek_reads_a_field_from_the_head_of_a_payload_only():
+    assert peek(b'{"request_id": "a\\"b", "params": {}}', "request_id") == 'a"b'
+    assert peek(b'{"params": {"prompt": "x"}, "reply_to": "r/t"}', "reply_to") == "r/t"
+    assert peek(b'{"params": {"prompt": "' + b"x" * 5000 + b'"}, "request_id": "late"}', "request_id") is None
+    assert peek(b'{"request_id": 5}', "request_id") is None
+    assert peek(b'{"request_id": "bad\\nid"}', "request_id") is None  # not printable: not echoed
+    assert peek(None, "request_id") is None and peek(b"\xff\xfe", "request_id") is None
+
+
+# -- the lanes ------------------------------------------------------------------------------------------
+
+
+def _inbound(method: str, payload: bytes = b"{}", *, qos: int = 1, dup: bool = False) -> Inbound:
+    return Inbound(
+        topic=TOPICS.cmd(method),
+        payload=payload,
+        size=len(payload),
+        mid=1,
+        qos=qos,
+        dup=dup,
+        retain=False,
+        response_topic=REPLY,
+        correlation=None,
+        expiry_remaining_s=None,
+        received=time.monotonic(),
+        generation=1,
+    )
+
+
+def test_control_commands_never_wait_behind_work():
+    lanes = Lanes(TOPICS)
+    for i in range(100):
+        assert lanes.offer(_inbound("generate", b'{"request_id": "g%d"}' % i), accepted_generates=0, limit=1000) is None
+    assert lanes.offer(_inbound("get_status"), accepted_generates=0, limit=1000) is None
+    assert lanes.take_control(0.0).topic == TOPICS.cmd("get_status")
+    assert lanes.depths() == {"control": 0, "work": 100}
+    assert lanes.waiting("g7") and not lanes.waiting("g100")
+
+
+def test_generates_past_the_in_flight_limit_are_turned_away_with_429():
+    lanes = Lanes(TOPICS)
+    assert lanes.offer(_inbound("generate"), accepted_generates=2, limit=4) is None
+    assert lanes.offer(_inbound("generate"), accepted_generates=2, limit=4) is None
+    turned = lanes.offer(_inbound("generate"), accepted_generates=2, limit=4)
+    assert turned.code == 429 and "max_in_flight 4" in turned.message
+    assert lanes.offer(_inbound("generate", dup=True), accepted_generates=2, limit=4) is None  # a redelivery gets in
+    taken = lanes.take_work(0.0)
+    lanes.work_done(taken)
+    assert lanes.offer(_inbound("load_model"), accepted_generates=2, limit=4) is None  # other work has its own slots
+
+
+def test_the_lanes_are_bounded_for_qos_0_too():
+    lanes = Lanes(TOPICS)
+    for _ in range(CONTROL_SLOTS):
+        assert lanes.offer(_inbound("get_status", qos=0), accepted_generates=0, limit=1) is None
+    assert lanes.offer(_inbound("get_status", qos=0), accepted_generates=0, limit=1).code == 503
+    for _ in range(EXTRA_WORK_SLOTS):
+        assert lanes.offer(_inbound("unload_model", qos=0), accepted_generates=0, limit=1) is None
+    assert lanes.offer(_inbound("unload_model", qos=0), accepted_generates=0, limit=1).code == 503
+    assert lanes.offer(_inbound("generate", qos=0), accepted_generates=1, limit=1).code == 429
+
+
+def test_the_watchdog_follows_the_control_lane_and_a_stuck_work_lane():
+    """WATCHDOG=1 goes on while the work lane is busy, even for long; a command stuck on it past
+    WORK_STALL_S stops it: systemd restarts the box and the journal keeps the culprit from running again."""
+    h = CommandHandler(None, None, None, TOPICS, Journal(None))
+    now = time.monotonic()
+    h.heartbeat, h.work_busy_since = now, now - 60.0  # a minute on one command: slow, not stuck
+    assert h.healthy()
+    h.work_busy_since = now - WORK_STALL_S - 1
+    assert not h.healthy()
+    h.work_busy_since, h.heartbeat = None, now - 11.0  # the control lane stopped turning
+    assert not h.healthy()
 
 
 # -- the in-progress journal -------------------------------------------------------------------------------
