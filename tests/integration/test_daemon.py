@@ -238,6 +238,7 @@ def broker(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def daemon(broker, tmp_path_factory):
+    """The default limits (max_batch, max_in_flight: the burst tests need exactly those)."""
     d = tmp_path_factory.mktemp("daemon")
     fw = d / "fw"  # the daemon's chips publish their firmware tree here
     daemon = Daemon(
@@ -246,8 +247,6 @@ def daemon(broker, tmp_path_factory):
         broker.url,
         "--device-id",
         DEVICE,
-        "--max-in-flight",
-        "64",
         "--telemetry-interval-s",
         "0.5",
         "--fw-root",
@@ -367,6 +366,41 @@ def test_fifty_concurrent_requests_from_one_client_all_answered(fleet):
     for t in threads:
         t.join(150)
     assert len(out) == 50 and all(f["status"] == "ok" and f["request_id"] == r for r, f in out.items())
+
+
+def test_default_config_serves_a_burst_of_fifty_from_five_controllers(broker, daemon):
+    """Issue #15: with the default config, 5 controllers sending 50 short generates at once got
+    16 ok and 34 x 429 (max_in_flight 16 counted queued work). Now the requests beyond the batch
+    wait in the queue (max_batch + 512): every one is answered ok, exactly once."""
+    recs = [Recorder(broker.url, reply_topic(f"burst{n}")) for n in range(5)]
+    go = threading.Event()
+
+    def controller(n: int) -> None:
+        go.wait(10)
+        for i in range(10):
+            recs[n].publish(
+                f"edgebox/v1/{DEVICE}/cmd/generate",
+                {"request_id": f"b{n}-{i}", "params": {"prompt": f"# task {n}.{i}\n", "max_tokens": 3, "seed": i}},
+                response_topic=reply_topic(f"burst{n}"),
+            )
+
+    threads = [threading.Thread(target=controller, args=(n,)) for n in range(5)]
+    try:
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join(30)
+        for r in recs:
+            r.wait_for(lambda m: isinstance(m[1], dict) and m[1].get("done") is True, count=10, timeout=120)
+        time.sleep(0.5)  # a second final would show up now
+        for n, r in enumerate(recs):
+            got = finals(r)
+            assert sorted(f["request_id"] for f in got) == sorted(f"b{n}-{i}" for i in range(10)), "each answered exactly once"
+            assert [f for f in got if f["status"] != "ok"] == []
+    finally:
+        for r in recs:
+            r.close()
 
 
 def _bad(rec: Recorder, payload, *, topic: str = "generate", **kw) -> dict:

@@ -11,6 +11,7 @@ import pytest
 
 import edgebox
 from edgebox.daemon.commands import Rejected, build_request, parse_command, peek
+from edgebox.daemon.config import DaemonConfig
 from edgebox.daemon.engine_host import certainly_too_long, longest_token_bytes
 from edgebox.daemon.handlers import WORK_STALL_S, CommandHandler
 from edgebox.daemon.journal import Journal, default_state_dir, journal_path, key_of
@@ -168,6 +169,12 @@ def test_the_watchdog_follows_the_control_lane_and_a_stuck_work_lane():
     assert not h.healthy()
     h.work_busy_since, h.heartbeat = None, now - 11.0  # the control lane stopped turning
     assert not h.healthy()
+
+
+def test_default_limits_queue_a_burst_like_ollama():
+    cfg = DaemonConfig(device_id="b")
+    assert cfg.in_flight_limit == cfg.max_batch + 512
+    assert DaemonConfig(device_id="b", max_in_flight=3).in_flight_limit == 3
 
 
 # -- the in-progress journal -------------------------------------------------------------------------------
