@@ -32,6 +32,9 @@ from edgebox.errors import EdgeboxError
 PASSWORD_ENV = "EDGEBOX_MQTT_PASSWORD"
 USERNAME_ENV = "EDGEBOX_MQTT_USERNAME"
 CREDENTIAL_NAME = "mqtt-password"  # LoadCredential=mqtt-password:/etc/edgebox/mqtt-password
+# generate requests that may wait for a place in the batch, as ollama's OLLAMA_MAX_QUEUE: a burst
+# from a few controllers is queued, not refused
+DEFAULT_QUEUE = 512
 
 # applied by SIGHUP without a restart
 LIVE_SETTINGS = frozenset(
@@ -101,7 +104,12 @@ class DaemonConfig(BaseModel):
 
     # serving
     budget: float = Field(10.0, gt=0, le=10_000, description="power budget in watts")
-    max_in_flight: int = Field(16, ge=1, le=1024, description="generate requests running or queued; more get 429")
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=16384,
+        description=f"generate requests running or queued; more get 429 (default: max_batch + {DEFAULT_QUEUE}, ollama's queue)",
+    )
     max_payload_bytes: int = Field(256 * 1024, ge=1024, description="larger command payloads get 413")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     telemetry_interval_s: float = Field(5.0, ge=0.1, description="seconds between telemetry messages")
@@ -154,6 +162,11 @@ class DaemonConfig(BaseModel):
     @property
     def mqtt_client_id(self) -> str:
         return self.client_id or f"edgebox-{self.device_id}"
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Generate requests accepted at once (running or queued); past it a generate gets 429."""
+        return self.max_in_flight if self.max_in_flight is not None else self.max_batch + DEFAULT_QUEUE
 
     @property
     def kv_budget_bytes(self) -> int | None:

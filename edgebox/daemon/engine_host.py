@@ -4,6 +4,10 @@ States: ``unloaded`` -> ``ready`` (model mapped, engine warmed up) -> ``loading`
 ``ready``. Loading opens the new file *before* touching the running engine, so a bad path or a
 broken file leaves the old model serving; only the swap itself (cancel, close, warm up) is
 unavailable time.
+
+``submit`` refuses a prompt that cannot fit before tokenizing it (``certainly_too_long``):
+tokenizing holds the GIL (a 200 kB prompt: ~0.2 s), and a flood of over-long prompts must not
+cost that per prompt.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edgebox.errors import EdgeboxError
+from edgebox.errors import ContextOverflowError, EdgeboxError
 
 
 class Unavailable(EdgeboxError):
@@ -33,6 +37,7 @@ class ModelHost:
         self.info: dict | None = None
         self._model = None
         self._engine = None
+        self._longest_token = 1  # bytes of the model's longest token text
         self._lock = threading.Lock()  # guards the fields above
         self._switch = threading.Lock()  # one load/unload at a time
 
@@ -69,6 +74,7 @@ class ModelHost:
                 with self._lock:
                     self._model, self.info, self.state = None, None, "unloaded"
                 raise
+            longest = longest_token_bytes(model.tokenizer)
             info = {
                 "path": str(model.path),
                 "name": Path(model.path).name,
@@ -84,6 +90,7 @@ class ModelHost:
             }
             with self._lock:
                 self._model, self._engine, self.info, self.state = model, engine, info, "ready"
+                self._longest_token = longest
             return info
         finally:
             self._switch.release()
@@ -107,13 +114,20 @@ class ModelHost:
         """Queue a generate on the engine; raises Unavailable, or the engine's own errors
         (ContextOverflowError, KVBudgetError, QueueFullError, EdgeboxError for a bad prompt)."""
         with self._lock:
-            engine, state = self._engine, self.state
+            engine, state, longest = self._engine, self.state, self._longest_token
         if engine is None:
             raise Unavailable(
                 "a model is loading; retry in a few seconds"
                 if state == "loading"
                 else "no model is loaded; send load_model first"
             )
+        if request.prompt is not None and not request.context_shift:
+            at_least = certainly_too_long(request.prompt, engine.model.n_ctx, longest)
+            if at_least:
+                raise ContextOverflowError(
+                    f"the prompt has at least {at_least} tokens but the context holds {engine.model.n_ctx} "
+                    "(and at least one must be generated); shorten it or enable context_shift"
+                )
         try:
             return engine.submit(request, on_event=on_event)
         except EdgeboxError:
@@ -156,3 +170,17 @@ class ModelHost:
             old.close(drain=False)
         if self.power is not None:
             self.power.close()
+
+
+def longest_token_bytes(tokenizer) -> int:
+    return max((len(tokenizer.token_to_piece(i)) for i in range(tokenizer.n_vocab)), default=1) or 1
+
+
+def certainly_too_long(prompt: str, n_ctx: int, longest_token: int) -> int:
+    """A lower bound on the prompt's tokens when that alone proves it cannot fit (else 0): every
+    token stands for at most ``longest_token`` bytes of the text, so a prompt of B bytes has at
+    least ceil(B / longest_token) tokens. Cheap, and never wrong: it only spares the tokenizer."""
+    if len(prompt) * 4 <= (n_ctx - 1) * longest_token:  # 4 bytes per character at most
+        return 0
+    at_least = -(-len(prompt.encode("utf-8", "surrogatepass")) // longest_token)
+    return at_least if at_least >= n_ctx else 0

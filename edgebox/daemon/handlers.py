@@ -1,26 +1,28 @@
-"""Commands -> the engine, on the dispatcher thread; replies and acknowledgements.
+"""Commands -> the engine, on two lanes; replies and acknowledgements.
 
-Threads: paho's network thread only queues an ``Inbound`` (``submit``); the dispatcher thread
-parses, validates, and starts work; the engine's scheduler thread produces tokens and calls
-``_on_event``, which publishes chunks and the final reply; load/unload run on a short-lived
-thread of their own so a long model load never blocks ``cancel`` or ``get_status``.
+Threads: paho's network thread only sorts an ``Inbound`` onto a lane (``submit``, see
+``lanes``). The control thread answers cancel, get_status and set_power_budget and expires
+waiting requests; the work thread validates, journals, renders and tokenizes generates and
+hands them to the engine, whose scheduler thread calls ``_on_event`` to publish chunks and the
+final reply; load/unload run on a thread of their own.
 
 Every command gets exactly one final reply (or none, if it names no place to reply to: then an
-``event`` says what was wrong), and is acknowledged to the broker once that final reply has
-reached it. Bad input of any kind is answered with a code, logged, published as a
-``bad_request`` event, and the dispatcher carries on.
+``event`` says what was wrong), and is acknowledged to the broker once that reply has reached
+it. Bad input is answered with a code, logged, published as a ``bad_request`` event.
 
-Duplicates: a request_id seen again (same method, same reply route) is answered once. That is
-what a QoS 1 redelivery is (after a reconnect the broker resends what we had not yet
-acknowledged): the copy is not run again and gets no second reply; it is acknowledged when the
-original's final reply is delivered.
+Duplicates: a request_id seen again (same method, same reply route) after it was *accepted* is
+answered once: a QoS 1 redelivery or a client's retry is not run again and gets no second
+reply. A rejected one (400, 408, 429, ...) is not remembered, so a retry gets an answer.
+
+Poison: work commands are journaled (``journal``) until their final reply is delivered; one the
+last run died serving is answered 500 "the box restarted while serving it", never run again: a
+partly streamed answer cannot be resumed, and only the client knows whether to resend it.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -29,24 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import ValidationError
-
+from edgebox.daemon.commands import Command, Rejected, Route, build_request, model_path, parse_command, peek
 from edgebox.daemon.config import DaemonConfig
 from edgebox.daemon.engine_host import Busy, ModelHost, Unavailable
+from edgebox.daemon.journal import Journal, key_of
+from edgebox.daemon.lanes import CONTROL_METHODS, Lanes, Latencies, Turned
 from edgebox.daemon.schemas import (
     BAD_REQUEST,
     CONFLICT,
     EXPIRED,
     INTERNAL,
-    METHODS,
     NOT_FOUND,
     OK,
-    PARAMS,
     TOO_LARGE,
     TOO_MANY,
     UNAVAILABLE,
     CancelParams,
-    CommandEnvelope,
     FinalReply,
     GenerateParams,
     LoadModelParams,
@@ -56,7 +56,6 @@ from edgebox.daemon.schemas import (
     Topics,
     UnloadModelParams,
     Usage,
-    describe_validation_error,
     encode,
     error_reply,
     ok_reply,
@@ -69,7 +68,10 @@ from edgebox.errors import ContextOverflowError, EdgeboxError
 log = logging.getLogger("edgebox.daemon")
 
 DRAIN_METHODS = ("cancel", "get_status")  # still served while draining; the rest wait for the next run
+JOURNALED = ("generate", "load_model", "unload_model")  # what could crash the box
 REMEMBERED_REQUESTS = 4096  # finished request_ids kept to recognise redeliveries
+WORK_STALL_S = 120.0  # one command on the work lane longer than this: wedged (the watchdog stops)
+RESTARTED = "the box restarted while serving this request (it may have crashed it); it is not run again: send it anew to retry"
 
 
 class DaemonServices(Protocol):
@@ -84,12 +86,6 @@ class DaemonServices(Protocol):
     def status(self) -> dict: ...
 
 
-@dataclass(frozen=True)
-class Route:
-    topic: str
-    correlation: bytes | None
-
-
 @dataclass(eq=False)
 class Job:
     """A generate in flight. ``lock`` orders its chunks and its one final reply."""
@@ -98,9 +94,10 @@ class Job:
     request_id: str
     engine_id: str
     route: Route
-    inbound: Inbound
+    inbound: Inbound  # without its payload: kept only to acknowledge it
     stream: bool
     deadline: float | None  # monotonic; the first token must come before it
+    journal_key: str | None = None
     handle: object = None
     next_seq: int = 0
     started: bool = False  # a token has come out (before that, a cancel can answer at once)
@@ -111,42 +108,60 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _Rejected(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 class CommandHandler:
-    def __init__(self, service: DaemonServices, transport: Transport, host: ModelHost, topics: Topics):
-        self.service, self.transport, self.host, self.topics = service, transport, host, topics
-        self._inbox: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()  # bounded by ReceiveMaximum; None wakes
+    def __init__(self, service: DaemonServices, transport: Transport, host: ModelHost, topics: Topics, journal: Journal):
+        self.service, self.transport, self.host, self.topics, self.journal = service, transport, host, topics, journal
+        self.lanes = Lanes(topics)
+        self.control_latency = Latencies()
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
-        self._seen: OrderedDict[tuple, Job | None] = OrderedDict()  # None: finished
+        self._seen: OrderedDict[tuple, Job | None] = OrderedDict()  # accepted; None: finished
+        self._precancelled: dict[str, str] = {}  # request_id -> canceller's topic, for a generate still waiting
         self._draining = False
         self._held = 0
         self._stop = threading.Event()
-        self.heartbeat = time.monotonic()
-        self.counters = {"received": 0, "rejected": 0, "duplicates": 0, "completed": 0}
-        self._thread = threading.Thread(target=self._run, name="edgebox-dispatch", daemon=True)
+        self.heartbeat = time.monotonic()  # the control thread's
+        self.work_busy_since: float | None = None
+        self._last_turned_log = 0.0
+        self.counters = {
+            "received": 0,
+            "rejected": 0,
+            "duplicates": 0,
+            "completed": 0,
+            "turned_away": 0,
+            "dropped_qos0": 0,
+            "restarted_while_serving": 0,
+        }
+        self._threads = [
+            threading.Thread(target=self._run_control, name="edgebox-control", daemon=True),
+            threading.Thread(target=self._run_work, name="edgebox-work", daemon=True),
+        ]
 
     # -- called from other threads --------------------------------------------------------------
     def submit(self, inbound: Inbound) -> None:
-        """paho's network thread: hand over, nothing else."""
-        self._inbox.put(inbound)
+        """paho's network thread: onto a lane, or turned away at once (see ``lanes``)."""
+        turned = self.lanes.offer(inbound, accepted_generates=len(self._jobs), limit=self.service.cfg.in_flight_limit)
+        if turned is not None:
+            self._turn_away(inbound, turned)
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._inbox.put(None)
-        self._thread.join(5.0)
+        self.lanes.close()
+        for t in self._threads:
+            t.join(5.0)
 
     @property
     def in_flight(self) -> int:
         return len(self._jobs)
+
+    def healthy(self) -> bool:
+        """For the watchdog: the control lane turns, and the work lane is not stuck on one command."""
+        now, busy = time.monotonic(), self.work_busy_since
+        return now - self.heartbeat < 10.0 and (busy is None or now - busy < WORK_STALL_S)
 
     def start_draining(self) -> None:
         """Stop taking new work: commands other than cancel/get_status stay unacknowledged, so the
@@ -191,30 +206,41 @@ class CommandHandler:
                 acks = [job.inbound, *job.acks]
             self.counters["completed"] += 1
             # inside the job's lock: no chunk of this job can be queued after its final
-            self._send_final(job.route, reply, acks)
+            self._send_final(job.route, reply, acks, job.journal_key)
         return True
 
-    # -- dispatcher thread ----------------------------------------------------------------------
-    def _run(self) -> None:
+    # -- the lanes' threads -----------------------------------------------------------------------
+    def _run_control(self) -> None:
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            try:
-                inbound = self._inbox.get(timeout=0.2 if self._has_deadlines() else 1.0)
-            except queue.Empty:
-                inbound = None
+            inbound = self.lanes.take_control(0.2 if self._has_deadlines() else 1.0)
             if inbound is not None:
-                try:
-                    self._dispatch(inbound)
-                except Exception as e:  # a bug must cost one command, not the daemon
-                    log.exception("command on %s failed", inbound.topic)
-                    self._reject(
-                        inbound,
-                        None,
-                        Route(inbound.response_topic, inbound.correlation) if inbound.response_topic else None,
-                        INTERNAL,
-                        f"internal error: {type(e).__name__}: {e}",
-                    )
+                self._guarded(inbound)
             self._expire_waiting()
+
+    def _run_work(self) -> None:
+        while not self._stop.is_set():
+            inbound = self.lanes.take_work(1.0)
+            if inbound is None:
+                continue
+            self.work_busy_since = time.monotonic()
+            try:
+                self._guarded(inbound)
+            finally:
+                self.work_busy_since = None
+                rid = self.lanes.work_done(inbound)
+                if rid is not None:
+                    with self._lock:
+                        if not self.lanes.waiting(rid):
+                            self._precancelled.pop(rid, None)
+
+    def _guarded(self, inbound: Inbound) -> None:
+        try:
+            self._dispatch(inbound)
+        except Exception as e:  # a bug must cost one command, not the daemon
+            log.exception("command on %s failed", inbound.topic)
+            route = Route(inbound.response_topic, inbound.correlation) if inbound.response_topic else None
+            self._reject(inbound, None, route, INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
     def _dispatch(self, inbound: Inbound) -> None:
         method = self.topics.method_of(inbound.topic) or ""
@@ -222,175 +248,188 @@ class CommandHandler:
             self._held += 1  # not acknowledged: redelivered to the next run
             return
         self.counters["received"] += 1
-        route = Route(inbound.response_topic, inbound.correlation) if inbound.response_topic else None
-
         if inbound.retain and inbound.size == 0:
             self.transport.ack(inbound)  # the deletion of a retained command (ours, below): nothing to do
             return
         if inbound.payload is None:
-            return self._reject(
-                inbound,
-                None,
-                route,
-                TOO_LARGE,
-                f"payload of {inbound.size} bytes exceeds max_payload_bytes ({self.service.cfg.max_payload_bytes})",
-            )
-        try:
-            data = json.loads(inbound.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            return self._reject(inbound, None, route, BAD_REQUEST, f"payload is not JSON: {type(e).__name__}: {e}")
-        if not isinstance(data, dict):
-            return self._reject(
-                inbound, None, route, BAD_REQUEST, 'payload must be a JSON object {"request_id": ..., "params": {...}}'
-            )
-        request_id = data.get("request_id") if isinstance(data.get("request_id"), str) else None
-        if route is None and isinstance(data.get("reply_to"), str):
-            route = Route(data["reply_to"], None)
+            route = Route(inbound.response_topic, inbound.correlation) if inbound.response_topic else None
+            message = f"payload of {inbound.size} bytes exceeds max_payload_bytes ({self.service.cfg.max_payload_bytes})"
+            return self._reject(inbound, None, route, TOO_LARGE, message)
         if inbound.retain:
-            # a retained command would run again at every restart: clear it and refuse it
+            # a retained command would run again at every restart: clear it (and refuse it below)
             self.transport.publish(inbound.topic, b"", retain=True)
-            return self._reject(
-                inbound, request_id, route, BAD_REQUEST, "commands must not be retained; the retained copy was cleared"
-            )
         try:
-            envelope = CommandEnvelope.model_validate(data)
-        except ValidationError as e:
-            return self._reject(inbound, request_id, route, BAD_REQUEST, describe_validation_error(e))
-        if route is None:
-            return self._reject(
-                inbound, request_id, None, BAD_REQUEST, "no Response Topic (MQTT 5) or reply_to (MQTT 3.1.1): nowhere to reply"
-            )
-        problem = reply_topic_problem(route.topic, self.topics)
-        if problem:
-            return self._reject(inbound, request_id, None, BAD_REQUEST, f"{problem} ({route.topic!r})")
-
-        key = (method, route.topic, route.correlation, envelope.request_id)
-        with self._lock:
-            if key in self._seen:
-                earlier = self._seen[key]
-                if earlier is not None:
-                    earlier.acks.append(inbound)  # acknowledged with the original's final reply
-            else:
-                earlier = False
-                self._seen[key] = None
-                self._forget_old()
-        if earlier is not False:
-            self.counters["duplicates"] += 1
-            log.warning(
-                "duplicate request_id %r on %s (%s): answered once",
-                envelope.request_id,
+            cmd = parse_command(
                 method,
-                "still running" if earlier else "already answered",
+                inbound.payload,
+                topics=self.topics,
+                response_topic=inbound.response_topic,
+                correlation=inbound.correlation,
+                retained=inbound.retain,
             )
-            self.service.publish_event(
-                "duplicate_request", request_id=envelope.request_id, method=method, redelivered=inbound.dup
-            )
-            if earlier is None:
-                self.transport.ack(inbound)
-            return
+        except Rejected as r:
+            return self._reject(inbound, r.request_id, r.route, r.code, r.message)
+
+        journal_key = key_of(cmd.key) if method in JOURNALED else None
+        if journal_key is not None and self.journal.suspect(journal_key):
+            return self._answer_restarted(inbound, cmd, journal_key)
+        with self._lock:
+            earlier = self._seen.get(cmd.key, False)  # False: not accepted before
+            if isinstance(earlier, Job):
+                earlier.acks.append(inbound)  # acknowledged with the original's final reply
+        if earlier is not False:
+            return self._duplicate(inbound, cmd, earlier)
 
         try:
-            if method not in PARAMS:
-                raise _Rejected(NOT_FOUND, f"unknown method {method!r}; methods: {', '.join(METHODS)}")
-            deadline = self._deadline(inbound, envelope)
+            deadline = self._deadline(inbound, cmd.expires_at)
             if deadline is not None and time.monotonic() > deadline:
-                raise _Rejected(EXPIRED, "expired before it could start (expires_at / Message Expiry Interval passed)")
-            try:
-                params = PARAMS[method].model_validate(envelope.params)
-            except ValidationError as e:
-                raise _Rejected(BAD_REQUEST, describe_validation_error(e, "params")) from None
-            getattr(self, f"_cmd_{method}")(inbound, envelope.request_id, route, key, params, deadline)
-        except _Rejected as r:
-            self._reject(inbound, envelope.request_id, route, r.code, r.message)
+                raise Rejected(EXPIRED, "expired before it could start (expires_at / Message Expiry Interval passed)")
+            if journal_key is not None:
+                self.journal.add(journal_key, method, cmd.request_id)
+            getattr(self, f"_cmd_{method}")(inbound, cmd, deadline, journal_key)
+        except Rejected as r:
+            return self._reject(inbound, cmd.request_id, cmd.route, r.code, r.message, journal_key)
+        except Exception as e:  # a bug: this command gets a 500, the daemon carries on
+            log.exception("%s %r failed", method, cmd.request_id)
+            message = f"internal error: {type(e).__name__}: {e}"
+            return self._reject(inbound, cmd.request_id, cmd.route, INTERNAL, message, journal_key)
+        if method != "generate":  # a generate is remembered with its job
+            self._remember(cmd.key)
 
-    def _deadline(self, inbound: Inbound, envelope: CommandEnvelope) -> float | None:
+    def _duplicate(self, inbound: Inbound, cmd: Command, earlier: Job | None) -> None:
+        self.counters["duplicates"] += 1
+        log.warning(
+            "duplicate request_id %r on %s (%s): answered once",
+            cmd.request_id,
+            cmd.method,
+            "still running" if earlier else "already answered",
+        )
+        self.service.publish_event("duplicate_request", request_id=cmd.request_id, method=cmd.method, redelivered=inbound.dup)
+        if earlier is None:
+            self.transport.ack(inbound)
+
+    def _answer_restarted(self, inbound: Inbound, cmd: Command, journal_key: str) -> None:
+        self.counters["restarted_while_serving"] += 1
+        log.error(
+            "%s %r: the last run died serving it; answering with an error, not running it again", cmd.method, cmd.request_id
+        )
+        self.service.publish_event("restarted_while_serving", request_id=cmd.request_id, method=cmd.method)
+        reply = error_reply(cmd.request_id, INTERNAL, RESTARTED)
+        reply.redelivered = True
+        self._send_final(cmd.route, reply, [inbound], journal_key)
+
+    def _remember(self, key: tuple, job: Job | None = None) -> None:
+        with self._lock:
+            self._seen[key] = job
+            excess = len(self._seen) - REMEMBERED_REQUESTS  # bounded; running requests are never forgotten
+            for old in list(self._seen)[: max(0, excess)]:
+                if self._seen[old] is None:
+                    del self._seen[old]
+
+    def _deadline(self, inbound: Inbound, expires_at: float | None) -> float | None:
         limits = []
         if inbound.expiry_remaining_s is not None:
             limits.append(inbound.received + inbound.expiry_remaining_s)
-        if envelope.expires_at is not None:
-            limits.append(inbound.received + (envelope.expires_at - time.time()))
+        if expires_at is not None:
+            limits.append(inbound.received + (expires_at - time.time()))
         return min(limits) if limits else None
 
-    def _forget_old(self) -> None:
-        """Keep the registry bounded; running requests are never forgotten."""
-        excess = len(self._seen) - REMEMBERED_REQUESTS
-        for key in list(self._seen)[: max(0, excess)]:
-            if self._seen[key] is None:
-                del self._seen[key]
-
     # -- replies ----------------------------------------------------------------------------------
-    def _send_final(self, route: Route, reply: FinalReply, acks: list[Inbound]) -> None:
-        def acknowledge() -> None:
+    def _send_final(self, route: Route, reply: FinalReply, acks: list[Inbound], journal_key: str | None = None) -> None:
+        first = acks[0]
+        control = self.topics.method_of(first.topic) in CONTROL_METHODS
+
+        def delivered() -> None:
             for inbound in acks:
                 self.transport.ack(inbound)
+            if journal_key is not None:
+                self.journal.remove(journal_key)
+            if control:
+                self.control_latency.add("acknowledged", first.received)
 
-        self.transport.publish_final(route.topic, encode(reply), route.correlation, acknowledge)
+        self.transport.publish_final(route.topic, encode(reply), route.correlation, delivered)
+        if control:
+            self.control_latency.add("answered", first.received)
 
-    def _reject(self, inbound: Inbound, request_id: str | None, route: Route | None, code: int, message: str) -> None:
+    def _reject(
+        self,
+        inbound: Inbound,
+        request_id: str | None,
+        route: Route | None,
+        code: int,
+        message: str,
+        journal_key: str | None = None,
+    ) -> None:
         self.counters["rejected"] += 1
         method = self.topics.method_of(inbound.topic)
-        log.warning("rejected %s command %s with %d: %s", method or "?", request_id or "(no request_id)", code, message)
+        log.warning("rejected %s command %s with %d: %s", method or "?", request_id or "(no request_id)", code, one_line(message))
         self.service.publish_event(
             "bad_request",
             request_id=request_id,
             method=method,
             code=code,
             message=one_line(message),
-            reply_topic=route.topic if route else None,
+            reply_topic=route.topic if route and not reply_topic_problem(route.topic, self.topics) else None,
         )
         if route is None or reply_topic_problem(route.topic, self.topics):
             self.transport.ack(inbound)  # nowhere to answer; the event above is the only trace
+            if journal_key is not None:
+                self.journal.remove(journal_key)
             return
-        self._send_final(route, error_reply(request_id, code, message), [inbound])
+        self._send_final(route, error_reply(request_id, code, message), [inbound], journal_key)
 
-    def _reply_ok(self, inbound: Inbound, request_id: str, route: Route, result: dict) -> None:
-        self._send_final(route, ok_reply(request_id, result), [inbound])
+    def _turn_away(self, inbound: Inbound, turned: Turned) -> None:
+        """paho's network thread: a command that does not fit on its lane (see ``lanes``)."""
+        if inbound.qos == 0:
+            self.counters["dropped_qos0"] += 1
+        else:
+            self.counters["turned_away"] += 1
+        now = time.monotonic()
+        if now - self._last_turned_log > 5.0:  # a flood must not flood the journal too
+            self._last_turned_log = now
+            log.warning(
+                "turning commands away (%d answered with 429/503, %d QoS 0 dropped so far): %s",
+                self.counters["turned_away"],
+                self.counters["dropped_qos0"],
+                turned.message,
+            )
+        if inbound.qos == 0:
+            return
+        topic = inbound.response_topic or peek(inbound.payload, "reply_to")
+        if not topic or reply_topic_problem(topic, self.topics):
+            self.transport.ack(inbound)
+            return
+        reply = error_reply(peek(inbound.payload, "request_id"), turned.code, turned.message)
+        self._send_final(Route(topic, inbound.correlation if inbound.response_topic else None), reply, [inbound])
+
+    def _reply_ok(self, inbound: Inbound, request_id: str, route: Route, result: dict, journal_key: str | None = None) -> None:
+        self._send_final(route, ok_reply(request_id, result), [inbound], journal_key)
 
     # -- generate -----------------------------------------------------------------------------------
-    def _cmd_generate(
-        self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: GenerateParams, deadline: float | None
-    ) -> None:
-        from edgebox.engine import KVBudgetError, QueueFullError, Request
-        from edgebox.text.sampler import SamplingParams
+    def _cmd_generate(self, inbound: Inbound, cmd: Command, deadline: float | None, journal_key: str | None) -> None:
+        from edgebox.engine import KVBudgetError, QueueFullError
 
         cfg = self.service.cfg
-        if len(self._jobs) >= cfg.max_in_flight:
-            raise _Rejected(TOO_MANY, f"{len(self._jobs)} requests in flight (max_in_flight {cfg.max_in_flight}); retry later")
-        if p.max_tokens > cfg.max_tokens_limit:
-            raise _Rejected(BAD_REQUEST, f"params.max_tokens {p.max_tokens} exceeds this box's limit of {cfg.max_tokens_limit}")
-        try:
-            sampling = SamplingParams(
-                temperature=p.temperature,
-                top_k=p.top_k,
-                top_p=p.top_p,
-                min_p=p.min_p,
-                repeat_penalty=p.repeat_penalty,
-                repeat_last_n=p.repeat_last_n,
-                seed=p.seed,
-            )
-            request = Request(
-                prompt=p.prompt,
-                messages=None if p.messages is None else tuple(m.model_dump() for m in p.messages),
-                max_tokens=p.max_tokens,
-                params=sampling,
-                stop=tuple(p.stop),
-                context_shift=p.context_shift,
-                n_keep=p.n_keep,
-                request_id=uuid.uuid4().hex,
-            )
-        except (ValueError, EdgeboxError) as e:
-            raise _Rejected(BAD_REQUEST, str(e)) from None
+        limit = cfg.in_flight_limit
+        if len(self._jobs) >= limit:
+            raise Rejected(TOO_MANY, f"{len(self._jobs)} generate requests in flight (max_in_flight {limit}); retry later")
+        p: GenerateParams = cmd.params
+        request = build_request(p, cfg.max_tokens_limit, uuid.uuid4().hex)
 
-        job = Job(key, request_id, request.request_id, route, inbound, p.stream, deadline)
+        slim = dataclasses.replace(inbound, payload=None)  # the prompt lives on in the request only
+        job = Job(cmd.key, cmd.request_id, request.request_id, cmd.route, slim, p.stream, deadline, journal_key)
         with self._lock:
             self._jobs[job.engine_id] = job
-            self._seen[key] = job
+            cancelled_early = self._precancelled.pop(cmd.request_id, None) is not None
+        self._remember(cmd.key, job)
+        if cancelled_early:  # a cancel came while it waited on the work lane
+            return self._cancel_job(job)
         try:
             handle = self.host.submit(request, on_event=lambda event: self._on_event(job, event))
         except Exception as e:
             with self._lock:
                 self._jobs.pop(job.engine_id, None)
-                self._seen[key] = None
+                self._seen.pop(cmd.key, None)  # refused: a retry must be answered
             code = (
                 TOO_LARGE
                 if isinstance(e, (ContextOverflowError, KVBudgetError))
@@ -402,11 +441,11 @@ class CommandHandler:
                 if isinstance(e, EdgeboxError)
                 else INTERNAL
             )
-            raise _Rejected(code, str(e) if isinstance(e, EdgeboxError) else f"internal error: {type(e).__name__}: {e}") from None
+            raise Rejected(code, str(e) if isinstance(e, EdgeboxError) else f"internal error: {type(e).__name__}: {e}") from None
         job.handle = handle
         if job.cancel_reason is not None or job.finished:  # cancelled before submit returned
             handle.cancel()
-        log.debug("generate %s accepted (%d in flight)", request_id, len(self._jobs))
+        log.debug("generate %s accepted (%d in flight)", cmd.request_id, len(self._jobs))
 
     def _on_event(self, job: Job, event) -> None:
         """The engine's thread: stream a chunk, or send the final reply."""
@@ -485,65 +524,69 @@ class CommandHandler:
                 )
 
     # -- the other commands ------------------------------------------------------------------------------
-    def _cmd_cancel(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: CancelParams, deadline) -> None:
+    def _cmd_cancel(self, inbound: Inbound, cmd: Command, deadline, journal_key) -> None:
+        p: CancelParams = cmd.params
         with self._lock:
             matches = [j for j in self._jobs.values() if j.request_id == p.target]
+            waiting = not matches and self.lanes.waiting(p.target)
+            if waiting:  # still on the work lane: it is answered "cancelled" when it gets there
+                self._precancelled[p.target] = cmd.route.topic
         # request_ids are chosen by clients: prefer the canceller's own request when two clash
-        mine = [j for j in matches if j.route.topic == route.topic] or matches
-        if not mine:
-            raise _Rejected(NOT_FOUND, f"no generate with request_id {p.target!r} is in flight (finished, or never received)")
+        mine = [j for j in matches if j.route.topic == cmd.route.topic] or matches
+        if not mine and not waiting:
+            raise Rejected(NOT_FOUND, f"no generate with request_id {p.target!r} is in flight (finished, or never received)")
         for job in mine:
             self._cancel_job(job)
-        self._reply_ok(inbound, request_id, route, {"target": p.target, "cancelled": len(mine)})
+        self._reply_ok(inbound, cmd.request_id, cmd.route, {"target": p.target, "cancelled": len(mine) or 1})
 
-    def _cmd_get_status(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p, deadline) -> None:
-        self._reply_ok(inbound, request_id, route, self.service.status())
+    def _cmd_get_status(self, inbound: Inbound, cmd: Command, deadline, journal_key) -> None:
+        self._reply_ok(inbound, cmd.request_id, cmd.route, self.service.status())
 
-    def _cmd_set_power_budget(
-        self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: SetPowerBudgetParams, deadline
-    ) -> None:
+    def _cmd_set_power_budget(self, inbound: Inbound, cmd: Command, deadline, journal_key) -> None:
+        p: SetPowerBudgetParams = cmd.params
         try:
             result = self.service.set_budget(p.watts)
         except ValueError as e:
-            raise _Rejected(BAD_REQUEST, f"budget {p.watts} W refused: {e}") from None
-        self._reply_ok(inbound, request_id, route, result)
+            raise Rejected(BAD_REQUEST, f"budget {p.watts} W refused: {e}") from None
+        self._reply_ok(inbound, cmd.request_id, cmd.route, result)
 
-    def _cmd_load_model(self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: LoadModelParams, deadline) -> None:
+    def _cmd_load_model(self, inbound: Inbound, cmd: Command, deadline, journal_key) -> None:
+        p: LoadModelParams = cmd.params
         cfg = self.service.cfg
-        allowed = cfg.allowed_models_dir.resolve()
-        path = Path(p.path) if Path(p.path).is_absolute() else allowed / p.path
-        path = path.resolve()
-        if not path.is_relative_to(allowed):
-            raise _Rejected(BAD_REQUEST, f"{p.path}: models load only from {allowed} (models_dir)")
-        if not path.is_file():
-            raise _Rejected(NOT_FOUND, f"model file {path} not found")
+        path = model_path(p.path, cfg.allowed_models_dir)
         self._check_switch_allowed(p.force, "load a model")
         chips, ctx = p.chips or cfg.chips, p.ctx or cfg.ctx
         threading.Thread(
-            target=self._switch_model, name="edgebox-load", daemon=True, args=(inbound, request_id, route, path, chips, ctx)
+            target=self._switch_model,
+            name="edgebox-load",
+            daemon=True,
+            args=(inbound, cmd, journal_key, path, chips, ctx),
         ).start()
 
-    def _cmd_unload_model(
-        self, inbound: Inbound, request_id: str, route: Route, key: tuple, p: UnloadModelParams, deadline
-    ) -> None:
+    def _cmd_unload_model(self, inbound: Inbound, cmd: Command, deadline, journal_key) -> None:
+        p: UnloadModelParams = cmd.params
         self._check_switch_allowed(p.force, "unload the model")
         threading.Thread(
-            target=self._switch_model, name="edgebox-unload", daemon=True, args=(inbound, request_id, route, None, 0, None)
+            target=self._switch_model,
+            name="edgebox-unload",
+            daemon=True,
+            args=(inbound, cmd, journal_key, None, 0, None),
         ).start()
 
     def _check_switch_allowed(self, force: bool, what: str) -> None:
         if self.host.busy:
-            raise _Rejected(CONFLICT, "a model is already being loaded or unloaded; retry when it is done")
+            raise Rejected(CONFLICT, "a model is already being loaded or unloaded; retry when it is done")
         if self._jobs and not force:
-            raise _Rejected(
+            raise Rejected(
                 CONFLICT, f'{len(self._jobs)} requests in flight; cancel them, wait, or send "force": true to {what} anyway'
             )
 
     def _switch_model(
-        self, inbound: Inbound, request_id: str, route: Route, path: Path | None, chips: int, ctx: int | None
+        self, inbound: Inbound, cmd: Command, journal_key: str | None, path: Path | None, chips: int, ctx: int | None
     ) -> None:
         """Its own thread: loading a 7B model takes seconds; cancel and get_status keep working."""
         why = "cancelled: the model is being replaced" if path else "cancelled: the model was unloaded"
+        rid, route = cmd.request_id, cmd.route
         try:
             if path is None:
                 self.host.unload(before_close=lambda: self.cancel_all(UNAVAILABLE, why))
@@ -554,17 +597,17 @@ class CommandHandler:
                 result = self.host.load(path, chips, ctx, before_swap=lambda: self.cancel_all(UNAVAILABLE, why))
                 self.service.publish_event("model_loaded", **result)
             self.service.publish_state()
-            self._reply_ok(inbound, request_id, route, result)
+            self._reply_ok(inbound, rid, route, result, journal_key)
         except Busy as e:
-            self._reject(inbound, request_id, route, CONFLICT, str(e))
+            self._reject(inbound, rid, route, CONFLICT, str(e), journal_key)
         except EdgeboxError as e:  # ModelError: not a GGUF, unsupported, ...: the old model keeps serving
             self.service.publish_event("error", message=one_line(str(e)), method="load_model")
             self.service.publish_state()
-            self._reject(inbound, request_id, route, BAD_REQUEST, str(e))
+            self._reject(inbound, rid, route, BAD_REQUEST, str(e), journal_key)
         except Exception as e:
             log.exception("model switch failed")
             self.service.publish_state()
-            self._reject(inbound, request_id, route, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            self._reject(inbound, rid, route, INTERNAL, f"internal error: {type(e).__name__}: {e}", journal_key)
 
 
 def _ms(seconds: float) -> float:

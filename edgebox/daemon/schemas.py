@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 API_PREFIX = "edgebox/v1"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -78,6 +78,8 @@ def reply_topic_problem(topic: str, topics: Topics) -> str | None:
     state or command topics: a reply published to our own cmd topic would come back as a command."""
     if not topic:
         return "the reply topic is empty"
+    if not _encodable(topic):
+        return "the reply topic is not valid Unicode (a lone surrogate)"
     if len(topic.encode()) > MAX_TOPIC_BYTES:
         return f"the reply topic is longer than {MAX_TOPIC_BYTES} bytes"
     if any(c in topic for c in "+#\0"):
@@ -92,15 +94,42 @@ def reply_topic_problem(topic: str, topics: Topics) -> str | None:
 # -- commands ------------------------------------------------------------------------------------
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _unicode(v: str) -> str:
+    # JSON's "\ud800" decodes to a lone surrogate, which no UTF-8 consumer (the tokenizer, a
+    # file name, a topic) can take: refuse it here, as the 400 it is
+    if not _encodable(v):
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)")
+    return v
+
+
+def _path_text(v: str) -> str:
+    if "\0" in v:
+        raise ValueError("must not contain a NUL character")
+    return _unicode(v)
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+PathText = Annotated[str, AfterValidator(_path_text)]
+
+
 class _Strict(BaseModel):
-    # strict: "10" is not an int and true is not a number; forbid: a typo ("max_token") is an error
-    model_config = ConfigDict(strict=True, extra="forbid")
+    # strict: "10" is not an int and true is not a number; forbid: a typo ("max_token") is an
+    # error; no NaN or infinity anywhere (an expires_at of NaN would never expire)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class CommandEnvelope(_Strict):
     request_id: str = Field(min_length=1, max_length=128)
     params: dict[str, Any] = Field(default_factory=dict)
-    reply_to: str | None = Field(None, description="reply topic for MQTT 3.1.1 callers (no Response Topic)")
+    reply_to: Text | None = Field(None, description="reply topic for MQTT 3.1.1 callers (no Response Topic)")
     expires_at: float | None = Field(None, description="Unix time after which the command must not start")
 
     @field_validator("request_id")
@@ -113,11 +142,11 @@ class CommandEnvelope(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class GenerateParams(_Strict):
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=512)
     max_tokens: int = Field(128, ge=1)
     temperature: float = 0.8
@@ -127,7 +156,7 @@ class GenerateParams(_Strict):
     repeat_penalty: float = Field(1.0, gt=0.0)
     repeat_last_n: int = Field(64, ge=-1)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[Text] = Field(default_factory=list, max_length=16)
     stream: bool = True
     context_shift: bool = False
     n_keep: int = Field(0, ge=0)
@@ -142,11 +171,11 @@ class GenerateParams(_Strict):
 
 
 class CancelParams(_Strict):
-    target: str = Field(min_length=1, max_length=128, description="request_id of the generate to cancel")
+    target: Text = Field(min_length=1, max_length=128, description="request_id of the generate to cancel")
 
 
 class LoadModelParams(_Strict):
-    path: str = Field(min_length=1, max_length=4096)
+    path: PathText = Field(min_length=1, max_length=4096)
     chips: int | None = Field(None, ge=1, le=64)
     ctx: int | None = Field(None, ge=16)
     force: bool = Field(False, description="cancel requests in flight instead of refusing with 409")
@@ -226,7 +255,8 @@ def encode(message: BaseModel | dict) -> bytes:
         data = message.model_dump(exclude_none=True)
         if isinstance(message, FinalReply):  # always there, null when the command was too broken to read
             data = {"request_id": message.request_id, **data}
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    # "replace": a lone surrogate that slipped into a reply must cost a character, not the reply
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8", "replace")
 
 
 def error_reply(request_id: str | None, code: int, message: str, seq: int = 0) -> FinalReply:
@@ -241,11 +271,19 @@ def describe_validation_error(e: ValidationError, prefix: str = "") -> str:
     """pydantic's errors as one short line: 'params.max_tokens: Input should be a valid integer'."""
     parts = []
     for err in e.errors()[:3]:
-        loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
+        loc = ".".join(_loc(x) for x in (prefix, *err["loc"]) if x != "")
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = len(e.errors()) - 3
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+    return one_line("; ".join(parts) + (f" (and {more} more)" if more > 0 else ""))
+
+
+def _loc(part) -> str:
+    """A field name as sent: a client's key may hold anything (newlines, 100 kB): quote and cut it."""
+    text = str(part)
+    if text.isidentifier() or isinstance(part, int):
+        return text
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
 
 
 def one_line(text: str, limit: int = 400) -> str:

@@ -2,7 +2,8 @@
 
 * READY=1 only once the model is loaded *and* the broker has confirmed our subscription.
 * The main thread owns WATCHDOG=1 (not a free-running thread): each tick checks that the
-  dispatcher is alive before pinging, so a wedged daemon is restarted by systemd.
+  control lane turns and the work lane is not stuck on one command before pinging, so a wedged
+  daemon is restarted by systemd (and the journal keeps the culprit from running again).
 * Telemetry every ``telemetry_interval_s``; events as things happen; retained ``state``
   whenever it changes and on every (re)connect.
 * SIGHUP re-reads the config (``RELOADING=1`` ... ``READY=1``); live settings apply at once.
@@ -28,6 +29,8 @@ from typing import Any
 from edgebox.daemon.config import DaemonConfig, live_differences, load_config
 from edgebox.daemon.engine_host import ModelHost
 from edgebox.daemon.handlers import CommandHandler
+from edgebox.daemon.journal import Journal, default_state_dir, journal_path
+from edgebox.daemon.lanes import CONTROL_SLOTS, EXTRA_WORK_SLOTS
 from edgebox.daemon.notify import Notifier
 from edgebox.daemon.power import BoxPower
 from edgebox.daemon.schemas import UNAVAILABLE, Topics, encode
@@ -52,7 +55,7 @@ class Service:
         self.started_at = time.time()
         self.host = ModelHost(
             max_batch=self.cfg.max_batch,
-            max_queue=self.cfg.max_in_flight,
+            max_queue=self.cfg.in_flight_limit,
             kv_budget_bytes=self.cfg.kv_budget_bytes,
             power=self.power,
             backend=self.cfg.backend,
@@ -66,6 +69,7 @@ class Service:
         self._stopped = False
         self.transport: Transport | None = None
         self.handler: CommandHandler | None = None
+        self.journal: Journal | None = None
 
     # -- the DaemonServices interface the handlers use ---------------------------------------------
     def set_budget(self, watts: float) -> dict:
@@ -109,7 +113,7 @@ class Service:
                 "reloads": self.reloads,
             },
             "limits": {
-                "max_in_flight": cfg.max_in_flight,
+                "max_in_flight": cfg.in_flight_limit,
                 "max_payload_bytes": cfg.max_payload_bytes,
                 "max_tokens": cfg.max_tokens_limit,
                 "max_batch": cfg.max_batch,
@@ -125,7 +129,10 @@ class Service:
             "uptime_s": round(time.time() - self.started_at, 1),
             "engine": self.host.stats(),
             "in_flight": h.in_flight if h else 0,
+            "waiting": h.lanes.depths() if h else {},
+            "control_latency": h.control_latency.summary() if h else {},
             "counters": dict(h.counters) if h else {},
+            "journal": len(self.journal) if self.journal is not None else 0,
             "power": self.power.status(),
             "telemetry": self.last_telemetry,
             "settings": self.cfg.public(),
@@ -141,6 +148,12 @@ class Service:
         info = self.host.load(cfg.model, cfg.chips, cfg.ctx)
         log.info("model %s loaded and warm (%.2f s load, %.2f s warm-up)", info["name"], info["load_s"], info["warmup_s"])
 
+        # what the last run was serving when it died (see journal): answered, never run again
+        self.journal = Journal(
+            journal_path(default_state_dir(self.env), cfg.mqtt_client_id),
+            max_entries=max(4096, 2 * cfg.in_flight_limit),
+            max_age_s=cfg.session_expiry_s,
+        )
         password = cfg.resolved_password(self.env)
         online = {"state": "online", "device_id": cfg.device_id, "pid": os.getpid(), "since": time.time()}
         self.transport = Transport(
@@ -150,8 +163,9 @@ class Service:
             on_inbound=self._on_inbound,
             on_connected=lambda session_present: self._on_connected(online),
             will_payload=encode({"state": "offline", "device_id": cfg.device_id, "reason": "connection lost"}),
+            receive_maximum=_receive_maximum(cfg),
         )
-        self.handler = CommandHandler(self, self.transport, self.host, self.topics)
+        self.handler = CommandHandler(self, self.transport, self.host, self.topics, self.journal)
         self.handler.start()
         self.notifier.status(f"connecting to {cfg.broker}")
         log.info("connecting to %s as %s", cfg.broker, cfg.mqtt_client_id)
@@ -197,8 +211,8 @@ class Service:
         return min(until_next, wd if wd is not None else until_next, 5.0)
 
     def _healthy(self) -> bool:
-        """Ping the watchdog only if the dispatcher still turns (it beats at least once a second)."""
-        return self.handler is not None and time.monotonic() - self.handler.heartbeat < 10.0
+        """Ping the watchdog only if the lanes still turn (see ``CommandHandler.healthy``)."""
+        return self.handler is not None and self.handler.healthy()
 
     def _shutdown(self) -> int:
         cfg = self.cfg
@@ -232,6 +246,8 @@ class Service:
             self.transport.stop(encode({"state": "offline", "device_id": cfg.device_id, "reason": "shutdown"}))
         if self.handler is not None:
             self.handler.stop()
+        if self.journal is not None:
+            self.journal.close()
         self.host.close()
         self.notifier.status("stopped")
         log.info("stopped")
@@ -316,11 +332,12 @@ class Service:
             except ValueError as e:
                 log.error("reload: budget %s W refused: %s", new.budget, e)
         if "max_in_flight" in live:
-            self.host.set_max_queue(new.max_in_flight)
-            if self.transport and new.max_in_flight + 16 > self.transport.receive_maximum:
+            self.host.set_max_queue(self.cfg.in_flight_limit)
+            if self.transport and self.cfg.in_flight_limit + CONTROL_SLOTS > self.transport.receive_maximum:
                 log.warning(
-                    "max_in_flight %d exceeds what this connection's ReceiveMaximum allows; restart to apply fully",
-                    new.max_in_flight,
+                    "max_in_flight %d: this connection's ReceiveMaximum (%d) lets the broker hold commands back; restart to apply fully",
+                    self.cfg.in_flight_limit,
+                    self.transport.receive_maximum,
                 )
         if "max_payload_bytes" in live and self.transport:
             self.transport.payload_limit = new.max_payload_bytes
@@ -334,6 +351,12 @@ class Service:
         self.publish_event("config_reloaded", applied=live, restart_required=restart)
         self.publish_state()
         self.notifier.ready(f"reloaded ({len(live)} settings applied)")
+
+
+def _receive_maximum(cfg: DaemonConfig) -> int:
+    """QoS 1 commands the broker may hand us unacknowledged: every generate we may hold, plus
+    the lanes' other slots, so nothing waits at the broker that the lanes could take."""
+    return cfg.in_flight_limit + CONTROL_SLOTS + EXTRA_WORK_SLOTS
 
 
 def configure_logging(level: str) -> None:

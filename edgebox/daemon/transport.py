@@ -1,29 +1,21 @@
 """The daemon's MQTT 5 connection (paho-mqtt 2.x, ``CallbackAPIVersion.VERSION2``).
 
-What it guarantees, and how:
-
-* **Commands survive our restarts**: a persistent session (``clean_start=False`` with a
-  ``SessionExpiryInterval``) and QoS 1 subscriptions, so the broker queues commands while we are
-  away; we subscribe again in every ``on_connect`` in case the broker lost the session.
-* **At least once, answered once**: commands are acknowledged by hand (``manual_ack``), and only
-  after their final reply has reached the broker (its PUBACK). A command we were working on when
-  we died is redelivered to the next run; the dispatcher's request_id registry turns redeliveries
-  within one run into "answered once". A PUBACK is only ever sent on the connection that
-  received the message (``Inbound.generation``): after a reconnect the broker resends the
-  command and that copy is the one acknowledged.
-* **ReceiveMaximum** is raised above ``max_in_flight``: generate commands stay unacknowledged while
-  they run, and the broker's default window (20) would otherwise hold back a ``cancel``.
-* **Last Will**: retained ``{"state": "offline"}`` on the status topic when we vanish;
-  ``stop()`` publishes it itself and disconnects cleanly.
-* **Reconnect with backoff** (``reconnect_delay_set``), including the first connection.
-* **In order across reconnects**: after a reconnect paho resends its unacknowledged messages
-  from ``_handle_connack``, but a publish from another thread (the engine streaming) goes out at
-  once, overtaking them. So from a disconnect on, QoS 1 messages wait in our own outbox, and are
-  released in order only once the broker has acknowledged everything sent before the disconnect.
+* **Commands survive our restarts**: a persistent session (``clean_start=False``, a
+  ``SessionExpiryInterval``) and QoS 1 subscriptions, renewed in every ``on_connect``.
+* **At least once, answered once**: commands are acknowledged by hand (``manual_ack``), only
+  after their final reply has reached the broker, and only on the connection that received them
+  (``Inbound.generation``): after a reconnect the broker resends, and that copy is acknowledged.
+* **ReceiveMaximum** covers every generate the box may hold unacknowledged plus the lanes'
+  other slots (``receive_maximum``), so the broker never holds a ``cancel`` back behind them.
+* **Last Will**: retained ``{"state": "offline"}``; ``stop()`` says it itself and disconnects.
+* **Reconnect with backoff** (``reconnect_delay_set``), the first connection included.
+* **In order across reconnects**: paho resends its unacknowledged messages on reconnect, but a
+  publish from another thread would overtake them; so from a disconnect on, QoS 1 messages wait
+  in our outbox until the broker has acknowledged everything sent before it.
 * **Bounded memory**: ``max_queued_messages`` caps the outbox (a chunk that does not fit is
-  refused, and its stream ends with an error); final replies are never refused (one per request).
+  refused and its stream ends with an error); final replies, one per command, always go.
 
-Nothing here runs inference: ``on_message`` only hands an ``Inbound`` to the dispatcher.
+Nothing here runs inference: ``on_message`` only hands an ``Inbound`` to the handler's lanes.
 """
 
 from __future__ import annotations
@@ -86,6 +78,7 @@ class Transport:
         on_inbound: Callable[[Inbound], None],
         on_connected: Callable[[bool], None],
         will_payload: bytes,
+        receive_maximum: int,
     ):
         self.cfg = cfg
         self.topics = topics
@@ -97,7 +90,7 @@ class Transport:
         self.ever_connected = False
         self.fatal: str | None = None  # the broker refused us for a reason retrying will not fix
         self.subscribed = threading.Event()
-        self.receive_maximum = min(65535, cfg.max_in_flight + 64)
+        self.receive_maximum = max(1, min(65535, receive_maximum))
         self._wake_service: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
         self._tracked: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None] | None]] = []  # with paho, not yet acked
