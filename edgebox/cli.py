@@ -136,7 +136,9 @@ def serve(
         "--max-queued-messages", help="outgoing messages held while the broker is away (default 4096)"
     ),
     budget: float | None = _opt("--budget", help="power budget in watts (default 10)"),
-    max_in_flight: int | None = _opt("--max-in-flight", help="generate requests running or queued; more get 429 (default 16)"),
+    max_in_flight: int | None = _opt(
+        "--max-in-flight", help="generate requests running or queued; more get 429 (default max_batch + 512)"
+    ),
     max_payload_bytes: int | None = _opt("--max-payload-bytes", help="larger command payloads get 413 (default 262144)"),
     max_tokens_limit: int | None = _opt("--max-tokens-limit", help="largest max_tokens a request may ask (default 4096)"),
     telemetry_interval_s: float | None = _opt("--telemetry-interval-s", help="seconds between telemetry messages (default 5)"),
