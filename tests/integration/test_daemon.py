@@ -1193,3 +1193,33 @@ def test_deployed_broker_config_tls_passwords_and_acl(tmp_path, stopper):
     assert bad.wait(60) == 2
     last = bad.log().strip().splitlines()[-1]
     assert last.startswith("edgebox: error: broker") and "refused" in last
+
+
+def test_a_model_with_a_template_bomb_is_refused_and_the_box_stays_responsive(broker, stopper, micro_gguf):
+    """load_model of a file whose chat template never ends answers 400 in one line (the template
+    is test-rendered at load in the bounded worker), the served model stays, and the control
+    commands are answered meanwhile."""
+    bomb = micro_gguf(
+        "bomb.gguf",
+        extra_kv={"tokenizer.chat_template": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"},
+    )
+    daemon = Daemon(
+        bomb.parent / "d", "--broker", broker.url, "--device-id", "box-bomb", "--models-dir", str(bomb.parent),
+        "--telemetry-interval-s", "60",
+    )  # fmt: skip
+    stopper(daemon)
+    daemon.start()
+    with FleetClient(broker.url) as fleet:
+        result: dict = {}
+        loader = threading.Thread(
+            target=lambda: result.update(fleet.call_raw("box-bomb", "load_model", {"path": bomb.name}, timeout=60))
+        )
+        loader.start()
+        t0 = time.monotonic()
+        status = fleet.call("box-bomb", "get_status", timeout=10)  # while the load renders the template
+        assert status["status"] == "ok" and time.monotonic() - t0 < 5
+        loader.join(60)
+        assert result["code"] == 400 and "tokenizer.chat_template" in result["message"], result
+        assert "\n" not in result["message"] and "ran longer than" in result["message"]
+        gen = fleet.call("box-bomb", "generate", {"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert gen["status"] == "ok"  # the model served before is still loaded
