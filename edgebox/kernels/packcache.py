@@ -1,52 +1,20 @@
 """The persistent packed-weight cache: the kernels' repacked weights written once, mapped at later starts.
 
-Repacking a 7B model for the kernels costs 10-20 s at every start.  The first start packs in
-memory as before (reading the GGUF once) and then writes every packed array of the model, as split
-over its chips, to ONE file, on a background thread while the model already runs (``Box.prepare``;
-the interpreter waits for it at exit); later starts map that file (``mmap``, copy-on-write so the kernels see the same writable
-array types as a fresh pack and compile nothing new) and nothing is repacked.  The pages are the
-page cache's, shared by every process that maps the entry (a daemon and a ``run`` beside it, or a
-restart), and are read from disk only when first touched.
+Repacking a 7B model costs 10-20 s at every start. The first start packs in memory (reading the
+GGUF once) and writes every packed array of the model, as split over its chips, to ONE file on a
+background thread while the model runs (the interpreter waits for it at exit); later starts map
+that file copy-on-write (the kernels see the same writable arrays as a fresh pack and compile
+nothing new) and nothing is repacked. The pages are the page cache's, shared by every process
+that maps the entry.
 
-Why one file per model and split, not ``np.save`` per array: one open, one header to verify, one
-atomic rename, one unit to evict; ``np.load(mmap_mode=...)`` maps one ``.npy`` array per file
-(a 4-chip 7B split has ~2,500 arrays) and ``.npz`` cannot be mapped at all.
-
-Key (``entry_key``): the layout version (``LAYOUT_VERSION``: bump it when a repack layout
-changes), a digest of the sources that define the layouts (``matmul.py``, ``matmul_pack.py``,
-``quants/*.py``: any edit there invalidates every entry, which errs on the safe side), the byte
-order, the GGUF's identity (``FileIdentity``: size, mtime_ns and a SHA-256 of its header and
-tensor table, not of the whole file) and the chip split (bytes the caller describes it with).
-
-File format (little-endian)::
-
-    [0, 4096)      header: magic, format, file size, table offset and length, the 32-byte key,
-                   CRC-32 of the table, CRC-32 of the header's own bytes
-    [4096, T)      the arrays, each at a 4096-byte boundary
-    [T, T + len)   the table (JSON): per weight its name, type, shape, path, and per array its
-                   dtype, size, offset, CRC-32 of the whole array and CRC-32 of a sample
-
-Verified on open (``Entry.open``), in this order: size >= header, magic, format, header CRC, key,
-recorded size == the file's size (a truncated / torn file fails here), table inside the file and
-its CRC, every array inside the data region, then every array's sample CRC (its first, middle and
-last 4 KiB: a page torn or zeroed at either end or in the middle is caught; a flip elsewhere in
-the data is not).  ``EDGEBOX_WEIGHT_CACHE_VERIFY=full`` also checks each array's whole CRC-32
-(~1.6 GB/s: about 2.5 s for the 7B Q4_0 model).  A failed check discards the entry (deleted) and
-the weights are packed again and rewritten, never used.
-
-Written atomically: a temp file in the cache directory (``posix_fallocate`` first, so a full disk
-fails before anything is written), fsync, then ``os.replace`` to the entry's name; a crash leaves
-only a temp file, which a later write removes once it is an hour old.  A process that still maps
-a replaced or evicted entry keeps reading its (unlinked) pages.
-
-Size bound: the entries' total is kept under ``EDGEBOX_WEIGHT_CACHE_GIB`` (default
-``DEFAULT_MAX_GIB``); before writing, the least recently used entries (by mtime, which a hit
-refreshes) are deleted until the new one fits (the new one is always written, even alone over the
-bound).  ``EDGEBOX_WEIGHT_CACHE=0`` turns the cache off.  The directory is ``packed/`` under
-``$EDGEBOX_CACHE_DIR``, else ``$XDG_CACHE_HOME/edgebox``, else ``~/.cache/edgebox``.
-
-A cache that cannot be written (full disk, read-only directory, any OSError) degrades to packing
-in memory with one warning line on stderr per process; an entry already there is still read.
+Invariants: an entry is used only when its key matches (``entry_key``: layout version, a digest
+of the layout-defining sources, byte order, the GGUF's identity and the chip split) and its
+checks pass (``Entry.open``: header, size, table CRC, bounds, sample CRCs; the whole-array CRCs
+with ``EDGEBOX_WEIGHT_CACHE_VERIFY=full``); a failed check deletes the entry and the weights are
+packed again. Entries are written atomically (temp file, fallocate, fsync, ``os.replace``) and
+kept under ``EDGEBOX_WEIGHT_CACHE_GIB`` by evicting the least recently used. A cache that cannot
+be written degrades to packing in memory with one warning line. ``EDGEBOX_WEIGHT_CACHE=0`` turns
+it off. The file format, what each check guarantees and the measurements: docs/weight-cache.md.
 """
 
 from __future__ import annotations
