@@ -119,7 +119,9 @@ def serve(
     kv_budget_mib: float | None = _opt("--kv-budget-mib", help="KV cache budget in MiB"),
     models_dir: Path | None = _opt("--models-dir", help="load_model accepts files under this directory only"),
     device_id: str | None = _opt("--device-id", help="this box's name in topics (default: the hostname)"),
-    broker: str | None = _opt("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)"),
+    broker: str | None = _opt(
+        "--broker", help="mqtt://HOST:PORT, mqtts://HOST:PORT or none for HTTP only (default mqtt://127.0.0.1:1883)"
+    ),
     username: str | None = _opt("--username", help="broker user (password: config file or EDGEBOX_MQTT_PASSWORD)"),
     password_file: Path | None = _opt("--password-file", help="file holding the broker password"),
     ca_file: Path | None = _opt("--ca-file", help="CA bundle for mqtts://"),
@@ -151,8 +153,20 @@ def serve(
     ),
     log_level: str | None = _opt("--log-level", help="debug, info, warning or error (default info)"),
     config_version: str | None = _opt("--config-version", help="a label for this configuration, reported in state"),
+    http: str | None = _opt("--http", help="HOST:PORT of the OpenAI-compatible HTTP API, or none (default 127.0.0.1:8080)"),
+    api_key_file: Path | None = _opt(
+        "--api-key-file", help="file holding the HTTP API key (clients send Authorization: Bearer KEY)"
+    ),
+    ssl_cert_file: Path | None = _opt("--ssl-cert-file", help="serve HTTPS with this certificate"),
+    ssl_key_file: Path | None = _opt("--ssl-key-file", help="the HTTPS private key"),
+    http_max_body_bytes: int | None = _opt("--http-max-body-bytes", help="larger HTTP bodies get 413 (default 1 MiB)"),
+    metrics_need_key: bool | None = _opt(
+        "--metrics-need-key/--metrics-open", help="whether /metrics asks for the API key (default: it does)"
+    ),
+    cors_origins: list[str] | None = _opt("--cors-origin", help="allow this origin by CORS (repeatable; default none)"),
 ) -> None:
-    """Serve the model over MQTT 5 until SIGTERM: commands in, streamed replies, telemetry out."""
+    """Serve the model until SIGTERM: the OpenAI-compatible HTTP API and MQTT 5 commands, streamed
+    replies and telemetry, from one engine under one power budget."""
     flags = {name: value for name, value in locals().items() if name != "config"}  # first: only the options
     from edgebox.daemon.service import run_service
 

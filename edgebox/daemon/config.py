@@ -32,6 +32,8 @@ from edgebox.errors import EdgeboxError
 PASSWORD_ENV = "EDGEBOX_MQTT_PASSWORD"
 USERNAME_ENV = "EDGEBOX_MQTT_USERNAME"
 CREDENTIAL_NAME = "mqtt-password"  # LoadCredential=mqtt-password:/etc/edgebox/mqtt-password
+API_KEY_CREDENTIAL = "api-key"  # LoadCredential=api-key:/etc/edgebox/api-key (the HTTP API's Bearer key)
+NO_BROKER = "none"  # broker = "none": HTTP only, no MQTT
 # generate requests that may wait for a place in the batch, as ollama's OLLAMA_MAX_QUEUE: a burst
 # from a few controllers is queued, not refused
 DEFAULT_QUEUE = 512
@@ -84,7 +86,7 @@ class DaemonConfig(BaseModel):
         pattern=DEVICE_ID_PATTERN,
         description="this box's name in topics (default: the hostname)",
     )
-    broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT, mqtts://HOST:PORT or none (HTTP only)")
     username: str | None = Field(None, description=f"broker user name (or {USERNAME_ENV})")
     password: SecretStr | None = Field(None, description=f"config file or {PASSWORD_ENV} only, never a flag")
     password_file: Path | None = Field(None, description="file holding the broker password")
@@ -101,6 +103,17 @@ class DaemonConfig(BaseModel):
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles up to reconnect_max_s")
     reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
     max_queued_messages: int = Field(4096, ge=16, description="outgoing messages paho may hold while the broker is away")
+
+    # the HTTP API (OpenAI-compatible, beside MQTT, the same engine)
+    http: str = Field("127.0.0.1:8080", description="HOST:PORT the HTTP API listens on, or none")
+    api_key_file: Path | None = Field(
+        None, description=f"file holding the HTTP API key (Bearer); default $CREDENTIALS_DIRECTORY/{API_KEY_CREDENTIAL}"
+    )
+    ssl_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate (with ssl_key_file)")
+    ssl_key_file: Path | None = Field(None, description="the HTTPS private key")
+    http_max_body_bytes: int = Field(1024 * 1024, ge=1024, le=256 * 2**20, description="larger HTTP bodies get 413")
+    metrics_need_key: bool = Field(True, description="/metrics asks for the API key too (when one is set)")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (default: none, no CORS)")
 
     # serving
     budget: float = Field(10.0, gt=0, le=10_000, description="power budget in watts")
@@ -128,6 +141,8 @@ class DaemonConfig(BaseModel):
     @field_validator("broker")
     @classmethod
     def _broker_url(cls, v: str) -> str:
+        if v == NO_BROKER:
+            return v
         parts = urlsplit(v)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"{v!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
@@ -139,6 +154,13 @@ class DaemonConfig(BaseModel):
             raise ValueError(f"{v!r} has a bad port") from None
         return v
 
+    @field_validator("http")
+    @classmethod
+    def _http_address(cls, v: str) -> str:
+        if v != "none":
+            http_address(v)  # raises ValueError
+        return v
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -147,6 +169,31 @@ class DaemonConfig(BaseModel):
         return v.lower()
 
     # -- derived ------------------------------------------------------------------------------
+    @property
+    def has_broker(self) -> bool:
+        return self.broker != NO_BROKER
+
+    @property
+    def http_host_port(self) -> tuple[str, int] | None:
+        return None if self.http == "none" else http_address(self.http)
+
+    def resolved_api_key(self, env: Mapping[str, str] = os.environ) -> str | None:
+        """The HTTP API key: ``api_key_file``, else systemd's credential ``api-key``, else none
+        (an open API, as llama-server without --api-key)."""
+        path = self.api_key_file
+        if path is None and env.get("CREDENTIALS_DIRECTORY"):
+            candidate = Path(env["CREDENTIALS_DIRECTORY"]) / API_KEY_CREDENTIAL
+            path = candidate if candidate.exists() else None
+        if path is None:
+            return None
+        try:
+            key = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the API key from {path}: {e.strerror or e}") from None
+        if not key:
+            raise ConfigError(f"the API key file {path} is empty; put the key in it or remove api_key_file")
+        return key
+
     @property
     def broker_tls(self) -> bool:
         return urlsplit(self.broker).scheme == "mqtts"
@@ -198,7 +245,7 @@ class DaemonConfig(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """The settings safe to publish in state and get_status (no secrets, no key paths)."""
-        hidden = {"password", "password_file", "key_file"}
+        hidden = {"password", "password_file", "key_file", "api_key_file", "ssl_key_file"}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.model_dump().items() if k not in hidden}
 
 
@@ -250,6 +297,10 @@ def load_config(
     except ValidationError as e:
         where = f" in {path}" if path is not None else ""
         raise ConfigError(f"bad setting{where}: {describe_validation_error(e)}") from None
+    if not cfg.has_broker and cfg.http == "none":
+        raise ConfigError("broker = none and http = none leave the box unreachable; give one of them")
+    if (cfg.ssl_cert_file is None) != (cfg.ssl_key_file is None):
+        raise ConfigError("ssl_cert_file and ssl_key_file go together")
     if not cfg.broker_tls and any((cfg.ca_file, cfg.cert_file, cfg.key_file)):
         raise ConfigError("ca_file/cert_file/key_file need an mqtts:// broker URL")
     if (cfg.cert_file is None) != (cfg.key_file is None):
@@ -257,6 +308,15 @@ def load_config(
     if cfg.reconnect_min_s > cfg.reconnect_max_s:
         raise ConfigError("reconnect_min_s must not exceed reconnect_max_s")
     return cfg
+
+
+def http_address(text: str) -> tuple[str, int]:
+    """ "HOST:PORT" (IPv6 in brackets: "[::1]:8080") -> (host, port); ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080), nor none")
+    return host, int(port)
 
 
 def live_differences(old: DaemonConfig, new: DaemonConfig) -> tuple[list[str], list[str]]:

@@ -80,7 +80,10 @@ class ModelHost:
                 "name": Path(model.path).name,
                 "arch": type(model.args).__name__,
                 "n_ctx": model.n_ctx,
+                "n_ctx_train": model.args.n_ctx_train,
                 "n_vocab": model.args.n_vocab,
+                "n_params": sum(t.n_values for t in model.file.tensors.values()),
+                "quant_mix": quant_mix(model.file.tensors.values()),
                 "chips": chips,
                 "backend": self.backend,
                 "size_bytes": Path(model.path).stat().st_size,
@@ -170,6 +173,16 @@ class ModelHost:
             old.close(drain=False)
         if self.power is not None:
             self.power.close()
+
+
+def quant_mix(tensors) -> dict[str, float]:
+    """Each GGML type's share of the weight bytes (a Q4_K_M file: mostly Q4_K, some Q6_K)."""
+    mix: dict[str, int] = {}
+    for t in tensors:
+        name = getattr(t.qtype, "name", str(t.qtype))
+        mix[name] = mix.get(name, 0) + t.nbytes
+    total = max(1, sum(mix.values()))
+    return {name: round(n / total, 4) for name, n in sorted(mix.items(), key=lambda kv: -kv[1])}
 
 
 def longest_token_bytes(tokenizer) -> int:

@@ -36,6 +36,7 @@ from edgebox.daemon.config import DaemonConfig
 from edgebox.daemon.engine_host import Busy, ModelHost, Unavailable
 from edgebox.daemon.journal import Journal, key_of
 from edgebox.daemon.lanes import CONTROL_METHODS, Lanes, Latencies, Turned
+from edgebox.daemon.metrics import Metrics
 from edgebox.daemon.schemas import (
     BAD_REQUEST,
     CONFLICT,
@@ -79,6 +80,7 @@ class DaemonServices(Protocol):
     and publishing events, state and status."""
 
     cfg: DaemonConfig
+    metrics: Metrics  # requests counted for /metrics, MQTT and HTTP alike
 
     def set_budget(self, watts: float) -> dict: ...
     def publish_event(self, kind: str, **fields) -> None: ...
@@ -473,6 +475,7 @@ class CommandHandler:
             return
 
         s = event  # Summary: the last event of the request
+        self.service.metrics.finished("mqtt", "generate", s)
         if job.cancel_reason is not None and (s.done_reason == "cancelled" or job.broken):
             code, message = job.cancel_reason
             reply = error_reply(job.request_id, code, message)

@@ -1,5 +1,7 @@
-"""The daemon's main loop: load the model -> warm engine -> connect -> READY=1 -> serve.
+"""The daemon's main loop: listen on HTTP -> load the model -> warm engine -> connect -> READY=1 -> serve.
 
+* The HTTP API (OpenAI-compatible) listens first, so ``/health`` answers 503 "loading" while the
+  model loads; MQTT and HTTP then share the one engine. ``broker = none``: HTTP only.
 * READY=1 only once the model is loaded *and* the broker has confirmed our subscription.
 * The main thread owns WATCHDOG=1 (not a free-running thread): each tick checks that the
   control lane turns and the work lane is not stuck on one command before pinging, so a wedged
@@ -10,6 +12,8 @@
 * SIGTERM/SIGINT drain: new commands stay with the broker for the next run, running requests
   get ``drain_timeout_s`` to finish, the rest are cancelled with a final 503 reply; every final
   reply is delivered, status goes offline (retained), exit 0. A second signal skips the wait.
+  HTTP answers new requests (and ``/health``) with 503 while draining; its open streams end with
+  a final error event, then the listener closes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from edgebox.daemon.engine_host import ModelHost
 from edgebox.daemon.handlers import CommandHandler
 from edgebox.daemon.journal import Journal, default_state_dir, journal_path
 from edgebox.daemon.lanes import CONTROL_SLOTS, EXTRA_WORK_SLOTS
+from edgebox.daemon.metrics import Metrics
 from edgebox.daemon.notify import Notifier
 from edgebox.daemon.power import BoxPower
 from edgebox.daemon.schemas import UNAVAILABLE, Topics, encode
@@ -62,6 +67,10 @@ class Service:
         )
         self.telemetry = TelemetrySampler(self.power.fw_root)
         self.last_telemetry: dict | None = None
+        self.metrics = Metrics(engine=self.host.stats, power=self.power.status, chips=self._chips_now)
+        self.http = None  # HttpServer, when cfg.http is not none
+        self.http_open = None  # the HTTP app's OpenRequests
+        self._loaded_once = False
         self._wake = threading.Event()
         self._stop_signals = 0
         self._reload_requested = False
@@ -122,10 +131,33 @@ class Service:
             "ts": time.time(),
         }
 
+    def unavailable_reason(self) -> str | None:
+        """Why requests cannot run now (HTTP 503, ``/health``), or None."""
+        if self._draining or self._stopped:
+            return "the box is shutting down"
+        if self.host.state == "loading" or (self.host.state == "unloaded" and not self._loaded_once):
+            return "loading the model; retry in a few seconds"
+        if self.host.state != "ready":
+            return "no model is loaded (load one with the MQTT load_model command)"
+        return None
+
+    def _chips_now(self) -> list[dict]:
+        from edgebox.power.status import chip_status
+
+        root = self.power.fw_root
+        try:
+            return chip_status(root) if root is not None else []
+        except EdgeboxError:
+            return []
+
+    def _in_flight(self) -> int:
+        return (self.handler.in_flight if self.handler else 0) + (len(self.http_open) if self.http_open is not None else 0)
+
     def status(self) -> dict:
         h = self.handler
         return {
             **self.state(),
+            "http": {"url": self.http.url, "in_flight": len(self.http_open)} if self.http else None,
             "uptime_s": round(time.time() - self.started_at, 1),
             "engine": self.host.stats(),
             "in_flight": h.in_flight if h else 0,
@@ -144,10 +176,66 @@ class Service:
         configure_logging(cfg.log_level)
         self._install_signals()
         log.info("edgebox daemon %s starting (pid %d)", cfg.device_id, os.getpid())
-        self.notifier.status(f"loading model {cfg.model or 'default'}")
-        info = self.host.load(cfg.model, cfg.chips, cfg.ctx)
-        log.info("model %s loaded and warm (%.2f s load, %.2f s warm-up)", info["name"], info["load_s"], info["warmup_s"])
+        try:
+            if cfg.http_host_port is not None:
+                self._start_http()
+            self.notifier.status(f"loading model {cfg.model or 'default'}")
+            info = self.host.load(cfg.model, cfg.chips, cfg.ctx)
+            self._loaded_once = True
+            log.info("model %s loaded and warm (%.2f s load, %.2f s warm-up)", info["name"], info["load_s"], info["warmup_s"])
+            where = [w for w in (self.http.url if self.http else None, cfg.broker if cfg.has_broker else None) if w]
+            if cfg.has_broker:
+                self._connect(info)
+                while not self.transport.subscribed.is_set():
+                    if self.transport.fatal:
+                        raise EdgeboxError(self.transport.fatal)
+                    if self._stop_signals:
+                        return self._shutdown()
+                    self._wake.wait(self._tick_s(5.0))
+                    self._wake.clear()
+                    self.notifier.watchdog()  # loading and connecting is progress too
+            self.notifier.ready(f"serving {info['name']} as {cfg.device_id} on {' and '.join(where)}")
+            log.info("ready: serving %s as %s on %s", info["name"], cfg.device_id, " and ".join(where))
+            self._serve()
+            code = self._shutdown()
+            if self.transport is not None and self.transport.fatal:  # e.g. the ACL changed: let systemd restart us
+                raise EdgeboxError(self.transport.fatal)
+            return code
+        except BaseException:
+            self._abort()
+            raise
 
+    def _start_http(self) -> None:
+        from edgebox.daemon.http_app import create_app
+        from edgebox.daemon.http_server import BodyLimit, HttpServer
+
+        cfg = self.cfg
+        host, port = cfg.http_host_port
+        app = create_app(self, cfg.resolved_api_key(self.env))
+        if cfg.cors_origins:
+            from starlette.middleware.cors import CORSMiddleware
+
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=cfg.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        self.http_open = app.state.open
+        self.http = HttpServer(
+            BodyLimit(app, cfg.http_max_body_bytes),
+            host,
+            port,
+            ssl_cert=str(cfg.ssl_cert_file) if cfg.ssl_cert_file else None,
+            ssl_key=str(cfg.ssl_key_file) if cfg.ssl_key_file else None,
+            max_connections=cfg.in_flight_limit + 64,
+        )
+        self.http.start()
+        log.info("HTTP API on %s (OpenAI-compatible: /v1/chat/completions, /v1/completions; /health, /metrics)", self.http.url)
+
+    def _connect(self, info: dict) -> None:
+        """Open the broker connection; the handlers serve MQTT commands from here on."""
+        cfg = self.cfg
         # what the last run was serving when it died (see journal): answered, never run again
         self.journal = Journal(
             journal_path(default_state_dir(self.env), cfg.mqtt_client_id),
@@ -171,29 +259,9 @@ class Service:
         log.info("connecting to %s as %s", cfg.broker, cfg.mqtt_client_id)
         self.transport.start(self._wake.set)
 
-        try:
-            while not self.transport.subscribed.is_set():
-                if self.transport.fatal:
-                    raise EdgeboxError(self.transport.fatal)
-                if self._stop_signals:
-                    return self._shutdown()
-                self._wake.wait(self._tick_s(5.0))
-                self._wake.clear()
-                self.notifier.watchdog()  # loading and connecting is progress too
-            self.notifier.ready(f"serving {info['name']} as {cfg.device_id} on {cfg.broker}")
-            log.info("ready: serving %s as %s", info["name"], cfg.device_id)
-            self._serve()
-            code = self._shutdown()
-            if self.transport.fatal:  # e.g. the ACL changed and refuses our subscription: let systemd restart us
-                raise EdgeboxError(self.transport.fatal)
-            return code
-        except BaseException:
-            self._abort()
-            raise
-
     def _serve(self) -> None:
         next_telemetry = time.monotonic()
-        while not self._stop_signals and not self.transport.fatal:
+        while not self._stop_signals and not (self.transport is not None and self.transport.fatal):
             now = time.monotonic()
             if now >= next_telemetry:
                 self._publish_telemetry()
@@ -211,32 +279,35 @@ class Service:
         return min(until_next, wd if wd is not None else until_next, 5.0)
 
     def _healthy(self) -> bool:
-        """Ping the watchdog only if the lanes still turn (see ``CommandHandler.healthy``)."""
-        return self.handler is not None and self.handler.healthy()
+        """Ping the watchdog only if the lanes still turn (see ``CommandHandler.healthy``) and
+        the HTTP server still runs."""
+        if self.http is not None and not self.http.alive:
+            return False
+        return self.handler.healthy() if self.handler is not None else self.http is not None
 
     def _shutdown(self) -> int:
         cfg = self.cfg
         self._draining = True
         self.notifier.stopping("draining")
-        log.info(
-            "stopping: draining %d requests in flight (up to %.0f s)",
-            self.handler.in_flight if self.handler else 0,
-            cfg.drain_timeout_s,
-        )
+        log.info("stopping: draining %d requests in flight (up to %.0f s)", self._in_flight(), cfg.drain_timeout_s)
         if self.handler is not None:
             self.handler.start_draining()
             self.publish_state()
-            deadline = time.monotonic() + cfg.drain_timeout_s
-            while self.handler.in_flight and time.monotonic() < deadline and self._stop_signals < 2:
-                self._wake.wait(0.1)
-                self._wake.clear()
-                self.notifier.watchdog()
-            cancelled = self.handler.cancel_all(UNAVAILABLE, "cancelled: the box is shutting down; send it again")
-            if cancelled:
-                log.info("cancelled %d requests still running", cancelled)
-            deadline = time.monotonic() + 5.0
-            while self.handler.in_flight and time.monotonic() < deadline:
-                time.sleep(0.02)
+        deadline = time.monotonic() + cfg.drain_timeout_s
+        while self._in_flight() and time.monotonic() < deadline and self._stop_signals < 2:
+            self._wake.wait(0.1)
+            self._wake.clear()
+            self.notifier.watchdog()
+        reason = "cancelled: the box is shutting down; send it again"
+        cancelled = self.handler.cancel_all(UNAVAILABLE, reason) if self.handler is not None else 0
+        cancelled += self.http_open.cancel_all(reason) if self.http_open is not None else 0
+        if cancelled:
+            log.info("cancelled %d requests still running", cancelled)
+        deadline = time.monotonic() + 5.0
+        while self._in_flight() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.http is not None:
+            self.http.stop()
         if self.transport is not None:
             self._stopped = True
             self.publish_state()
@@ -255,6 +326,8 @@ class Service:
 
     def _abort(self) -> None:
         """Startup failed: leave nothing running (the caller reports the error)."""
+        if self.http is not None:
+            self.http.stop(timeout=2.0)
         if self.transport is not None:
             try:
                 self.transport.client.disconnect()
@@ -295,7 +368,8 @@ class Service:
             }
         )
         self.last_telemetry = sample
-        self.transport.publish_json(self.topics.telemetry, sample, qos=0)
+        if self.transport is not None:
+            self.transport.publish_json(self.topics.telemetry, sample, qos=0)
         for kind, fields in events:
             self.publish_event(kind, **fields)
 

@@ -33,7 +33,8 @@ class KVBudgetError(EdgeboxError):
 @dataclass(frozen=True)
 class Request:
     prompt: str | None = None  # raw prompt text, or
-    messages: tuple[dict, ...] | list[dict] | None = None  # chat messages through the GGUF chat template
+    messages: tuple[dict, ...] | list[dict] | None = None  # chat messages through the GGUF chat template, or
+    prompt_ids: tuple[int, ...] | None = None  # the prompt's token ids, as given (no BOS added)
     max_tokens: int = 128
     params: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
@@ -42,8 +43,8 @@ class Request:
     n_keep: int = 0
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
-            raise EdgeboxError("a request needs exactly one of 'prompt' or 'messages'")
+        if sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids)) != 1:
+            raise EdgeboxError("a request needs exactly one of 'prompt', 'messages' or 'prompt_ids'")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise EdgeboxError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.n_keep < 0:
@@ -222,12 +223,18 @@ def prompt_ids(model, r: Request) -> tuple[list[int], bool, int]:
 
     A prompt that fills the context is refused, or with ``context_shift`` truncated as llama.cpp
     does: keep ``n_keep`` tokens, drop whole blocks of half the rest after them."""
-    if r.messages is not None:
-        text = model.render_chat(list(r.messages))
-        thinking_open = text.rstrip().endswith(THINK_OPEN)
+    if r.prompt_ids is not None:
+        ids, thinking_open = list(r.prompt_ids), False
+        bad = next((t for t in ids if not 0 <= t < model.args.n_vocab), None)
+        if bad is not None:
+            raise EdgeboxError(f"prompt token {bad} is not in the vocabulary (0 to {model.args.n_vocab - 1})")
     else:
-        text, thinking_open = r.prompt, False
-    ids = model.tokenize_prompt(text)
+        if r.messages is not None:
+            text = model.render_chat(list(r.messages))
+            thinking_open = text.rstrip().endswith(THINK_OPEN)
+        else:
+            text, thinking_open = r.prompt, False
+        ids = model.tokenize_prompt(text)
     if not ids:
         raise EdgeboxError("the prompt is empty and the model adds no BOS token; give a prompt")
     n_ctx, truncated = model.n_ctx, 0

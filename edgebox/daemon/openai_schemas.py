@@ -1,0 +1,137 @@
+"""The OpenAI-compatible HTTP API's request bodies and how each becomes an engine ``Request``.
+
+Field names, types and ranges follow OpenAI's API reference; llama-server's sampler extras
+(``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``) sit beside them with llama.cpp's
+names. Unknown fields are ignored, as llama-server and vLLM do (applications send fields of newer
+API versions); a known field of the wrong type or out of range is a 400 naming it. edgebox's own
+answers go in extra fields (``timings``, ``reasoning_content``), never by changing OpenAI's.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+Stop = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=256)
+    reasoning_content: str | None = None  # DeepSeek's API: an earlier turn's reasoning (templates drop it)
+
+    def as_template_message(self) -> dict:
+        """What the GGUF's chat template sees: role and plain-text content (OpenAI's ``developer``
+        role is the templates' ``system``)."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    """The settings shared by both endpoints. ``None`` = the server's default (llama-server's)."""
+
+    model: str | None = Field(None, max_length=256, description="ignored: the box serves the model it has loaded")
+    max_tokens: int | None = Field(
+        None, ge=1, description="at most this many generated tokens (default: until the context is full)"
+    )
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1_000_000, description="llama.cpp: keep the K most likely tokens (0: off)")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="llama.cpp: drop tokens below min_p x the top probability")
+    repeat_penalty: float | None = Field(None, gt=0.0, le=100.0, description="llama.cpp: penalize recent tokens (1: off)")
+    repeat_last_n: int | None = Field(None, ge=-1, le=1_000_000, description="llama.cpp: the window repeat_penalty looks at")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: Stop | list[Stop] | None = Field(None, description="up to 16 strings that end the generation")
+    n: int = Field(1, ge=1, le=1, description="choices per request: 1 (edgebox generates one at a time)")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _stops(self):
+        if isinstance(self.stop, list) and len(self.stop) > 16:
+            raise ValueError("stop: at most 16 strings")
+        return self
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | TokenIds | list[str] | list[TokenIds] = Field(description="a string or a list of token ids (one prompt)")
+    echo: bool = Field(False, description="false only: edgebox does not repeat the prompt")
+    suffix: str | None = Field(None, description="not supported (fill-in-the-middle): leave it out")
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            if len(self.prompt) != 1:
+                raise ValueError("prompt: one prompt per request (send a list of several as separate requests)")
+            self.prompt = self.prompt[0]
+        if self.echo:
+            raise ValueError("echo: not supported; leave it false")
+        if self.suffix:
+            raise ValueError("suffix: fill-in-the-middle is not supported; leave it out")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+def engine_request(body: _Sampling, *, default_max_tokens: int, max_tokens_limit: int, request_id: str) -> Any:
+    """The engine's ``Request`` for a body; raises ``ValueError`` (-> 400) naming the field."""
+    from edgebox.engine import Request
+    from edgebox.text.sampler import SamplingParams
+
+    max_tokens = body.token_limit or default_max_tokens
+    if max_tokens > max_tokens_limit:
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise ValueError(f"{field} {max_tokens} exceeds this server's limit of {max_tokens_limit}")
+    given = {
+        k: getattr(body, k)
+        for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
+        if getattr(body, k) is not None
+    }
+    params = SamplingParams(**given)
+    common = dict(max_tokens=max_tokens, params=params, stop=body.stop_strings, request_id=request_id)
+    if isinstance(body, ChatCompletionRequest):
+        return Request(messages=tuple(m.as_template_message() for m in body.messages), **common)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        return Request(prompt_ids=tuple(prompt), **common)
+    return Request(prompt=prompt, **common)
