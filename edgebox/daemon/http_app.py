@@ -190,6 +190,8 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
 
     # -- generation -------------------------------------------------------------------------------------
     async def generate(request: Request, body, chat: bool):
+        from edgebox.engine import Summary
+
         endpoint = request.url.path
         reason = svc.unavailable_reason()
         if reason is not None:
@@ -207,6 +209,8 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
         events: asyncio.Queue = asyncio.Queue()
 
         def on_event(event) -> None:  # the engine's thread
+            if isinstance(event, Summary):  # counted here: a client that went away no longer listens
+                svc.metrics.finished("http", endpoint, event)
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop has closed (shutdown)
@@ -216,7 +220,7 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
         open_requests.add(handle)
         shape = Shape(chat, request_id, (host.info or {}).get("name", "edgebox"))
         if body.stream:
-            stream = sse_events(svc, open_requests, handle, events, shape, endpoint, body.include_usage)
+            stream = sse_events(open_requests, handle, events, shape, body.include_usage)
             return StreamingResponse(
                 stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
@@ -224,7 +228,6 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
             summary = await wait_summary(request, handle, events)
         finally:
             open_requests.discard(handle)
-        svc.metrics.finished("http", endpoint, summary)
         if summary.done_reason == "cancelled":
             raise ApiError(503, open_requests.reason or "the request was cancelled", "cancelled")
         if summary.done_reason == "error":
@@ -275,7 +278,7 @@ async def wait_summary(request: Request, handle, events: asyncio.Queue):
             handle.cancel()
 
 
-async def sse_events(svc, open_requests: OpenRequests, handle, events: asyncio.Queue, shape: Shape, endpoint, include_usage):
+async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue, shape: Shape, include_usage: bool):
     """The SSE body of a streamed request. Runs inside Starlette's response task: a disconnect
     cancels it at its ``await``, and ``finally`` cancels the engine request."""
     from edgebox.engine import Summary
@@ -290,7 +293,6 @@ async def sse_events(svc, open_requests: OpenRequests, handle, events: asyncio.Q
             if event.text:
                 yield sse(shape.delta(event.text, event.reasoning))
         s = event
-        svc.metrics.finished("http", endpoint, s)
         if s.done_reason in ("stop", "length"):
             yield sse(shape.last_delta(s))
             if include_usage:

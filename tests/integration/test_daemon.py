@@ -8,7 +8,6 @@ broker restart, deployed broker config) each run their own.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -28,13 +27,13 @@ from paho.mqtt.properties import Properties
 
 import edgebox
 from edgebox.daemon.client import ClientError, FleetClient
+from tests.fixtures.daemon import REPO, Daemon
 from tests.fixtures.mosquitto import MOSQUITTO, Mosquitto, free_port
 from tests.fixtures.paths import TEST_MODEL
 
 # No broker, no daemon tests: fail loudly rather than skip (.ci/run installs mosquitto).
 assert MOSQUITTO is not None, "mosquitto is not installed: apt-get install mosquitto (.ci/run does)"
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = "def fibonacci(n):"
 # Requests that must run long (to be cancelled, expire behind, or straddle a restart) are greedy
 # and ask for many tokens: the bundled model has random weights, so sampling may draw EOS early;
@@ -45,71 +44,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-class Daemon:
-    """``python -m edgebox.cli serve`` with its log in a file."""
-
-    def __init__(self, directory: Path, *args: str, env: dict | None = None):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.args = list(args)
-        inherited = {
-            k: v
-            for k, v in os.environ.items()  # not a CI runner's systemd socket or broker credentials
-            if k
-            not in (
-                "NOTIFY_SOCKET",
-                "WATCHDOG_USEC",
-                "WATCHDOG_PID",
-                "EDGEBOX_MQTT_PASSWORD",
-                "EDGEBOX_MQTT_USERNAME",
-                "CREDENTIALS_DIRECTORY",
-                "STATE_DIRECTORY",
-            )
-        }
-        # the in-progress journal goes to the daemon's own directory, kept across its restarts
-        self.env = {**inherited, "PYTHONUNBUFFERED": "1", "STATE_DIRECTORY": str(self.dir / "state"), **(env or {})}
-        self.log_path = self.dir / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait_ready: bool = True, timeout: float = 120.0) -> Daemon:  # a cold numba cache compiles
-        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            model = [] if "--model" in self.args else ["--model", str(TEST_MODEL)]
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgebox.cli", "serve", *model, *self.args], stdout=log, stderr=log, env=self.env, cwd=REPO
-            )
-        if wait_ready:
-            self.wait_log("ready: serving", timeout)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[self._log_start :] if self.log_path.exists() else ""
-
-    def wait_log(self, text: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode} before {text!r}:\n{self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in the daemon log after {timeout} s:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class Recorder:

@@ -1,0 +1,423 @@
+"""The HTTP API end to end: ``edgebox serve --http`` as a real process, driven by the official
+``openai`` client, raw HTTP for the SSE framing, and ``prometheus_client``'s parser for /metrics.
+
+One shared server (no broker) serves the protocol tests; auth + TLS, a one-slot server
+(429, disconnects), the qwen2 reasoning model, loading and SIGTERM each run their own.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures.daemon import Daemon
+from tests.fixtures.paths import TEST_MODEL
+
+pytestmark = [pytest.mark.slow]
+
+# greedy on the tiny test model, this prompt runs to max_tokens (as the MQTT tests rely on too)
+LONG_PROMPT = "def fibonacci(n):"
+
+
+class Server(Daemon):
+    """A daemon serving HTTP only, on the loopback port the kernel picks (port 0: no race with
+    other sockets for a port chosen in advance); the log says which."""
+
+    def __init__(self, directory, *args: str):
+        super().__init__(directory, "--broker", "none", "--http", "127.0.0.1:0", "--chips", "1", *args)
+        self.port, self.url = 0, ""
+
+    def start(self, wait_ready: bool = True, timeout: float = 120.0) -> Server:
+        super().start(wait_ready, timeout)
+        self.wait_log("HTTP API on ", timeout)
+        self.url = re.search(r"HTTP API on (\S+)", self.log()).group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def client(self, api_key: str = "none", **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)
+
+    def request(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
+        """-> (status, headers, body bytes) over a plain connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        out = r.status, dict(r.getheaders()), r.read()
+        conn.close()
+        return out
+
+    def metrics(self, headers: dict | None = None) -> dict[str, list]:
+        status, _, body = self.request("GET", "/metrics", headers=headers)
+        assert status == 200, body
+        return {f.name: f.samples for f in text_string_to_metric_families(body.decode())}
+
+    def stop_ok(self) -> None:
+        self.signal(signal.SIGTERM)
+        assert self.wait(30) == 0, self.log()[-2000:]
+
+
+def _error(status_headers_body):
+    status, headers, body = status_headers_body
+    e = json.loads(body)["error"]
+    assert set(e) >= {"message", "type", "code"} and "\n" not in e["message"], e
+    return status, headers, e
+
+
+def _value(samples, **labels) -> float:
+    return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(
+        tmp_path_factory.mktemp("http"),
+        "--model",
+        str(TEST_MODEL),
+        "--ctx",
+        "256",
+        "--max-tokens-limit",
+        "64",
+        "--http-max-body-bytes",
+        "8192",
+    ).start()
+    yield s
+    s.stop_ok()
+
+
+@pytest.fixture(scope="module")
+def one_slot(tmp_path_factory):
+    """One sequence at a time, one more waiting: the 429 and disconnect tests."""
+    s = Server(
+        tmp_path_factory.mktemp("http1"), "--model", str(TEST_MODEL), "--max-batch", "1", "--max-in-flight", "1", "--ctx", "2048"
+    ).start()
+    yield s
+    s.stop_ok()
+
+
+# -- the openai client ------------------------------------------------------------------------------------
+
+
+def test_chat_completion_streamed_and_not_give_the_same_text(server):
+    client = server.client()
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A function that adds."}]
+    whole = client.chat.completions.create(model="whatever", messages=messages, max_tokens=12, temperature=0)
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 12 and whole.usage.prompt_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    assert whole.model == TEST_MODEL.name and whole.id.startswith("chatcmpl-")
+
+    chunks = list(
+        client.chat.completions.create(
+            model="whatever", messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_take_a_string_or_token_ids(server):
+    client = server.client()
+    a = client.completions.create(model="m", prompt="def add(a, b):", max_tokens=8, temperature=0)
+    assert a.object == "text_completion" and a.choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="m", prompt="def add(a, b):", max_tokens=8, temperature=0, stream=True)
+        if c.choices
+    )
+    assert streamed == a.choices[0].text
+    ids = edgebox_tokenize("def add(a, b):")
+    b = client.completions.create(model="m", prompt=ids, max_tokens=8, temperature=0)
+    assert b.choices[0].text == a.choices[0].text and b.usage.prompt_tokens == len(ids)
+
+
+def edgebox_tokenize(text: str) -> list[int]:
+    import edgebox
+
+    return edgebox.load(TEST_MODEL, chips=1).tokenize_prompt(text)
+
+
+def test_sampling_extras_and_stop_are_applied(server):
+    client = server.client()
+    r = client.completions.create(
+        model="m",
+        prompt=LONG_PROMPT,
+        max_tokens=20,
+        temperature=0.7,
+        seed=7,
+        extra_body={"top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1},
+    )
+    again = client.completions.create(
+        model="m",
+        prompt=LONG_PROMPT,
+        max_tokens=20,
+        temperature=0.7,
+        seed=7,
+        extra_body={"top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1},
+    )
+    assert r.choices[0].text == again.choices[0].text  # a seed makes it repeatable
+    greedy = client.completions.create(model="m", prompt=LONG_PROMPT, max_tokens=20, temperature=0).choices[0].text
+    stop = greedy[3:6]
+    cut = client.completions.create(model="m", prompt=LONG_PROMPT, max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == greedy[: greedy.index(stop)]
+
+
+def test_models_lists_the_loaded_model_with_its_context_and_quant_mix(server):
+    models = server.client().models.list().data
+    assert [m.id for m in models] == [TEST_MODEL.name]
+    meta = models[0].model_extra["meta"]
+    assert meta["n_ctx"] == 256 and meta["quant_mix"]["Q8_0"] > 0.9 and meta["chips"] == 1
+
+
+# -- the wire ------------------------------------------------------------------------------------------------
+
+
+def test_sse_framing_is_data_events_ending_with_done(server):
+    status, headers, body = server.request(
+        "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    )
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    text = body.decode()
+    assert text.endswith("data: [DONE]\n\n")
+    events = text.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    payloads = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(p["object"] == "chat.completion.chunk" for p in payloads)
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "timings" in payloads[-1]
+
+
+def test_curl_without_content_type_is_read_as_json(server):
+    out = subprocess.run(
+        ["curl", "-s", "-d", json.dumps({"prompt": "x", "max_tokens": 2}), f"{server.url}/v1/completions"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(out.stdout)["object"] == "text_completion", out.stdout
+
+
+def test_health_and_metrics(server):
+    status, _, body = server.request("GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    server.client().completions.create(model="m", prompt="x", max_tokens=3)
+    m = server.metrics()
+    assert _value(m["edgebox_requests"], transport="http", endpoint="/v1/completions") >= 1
+    assert _value(m["edgebox_generation_tokens"], transport="http") >= 1
+    assert _value(m["edgebox_time_to_first_token_seconds"], le="+Inf") >= 1
+    assert m["edgebox_num_requests_running"][0].value == 0
+    assert m["edgebox_power_budget_watts"][0].value == 10.0
+    chips = {s.labels["chip"] for s in m["edgebox_chip_power_watts"]}
+    assert len(chips) == 1 and {s.labels["chip"] for s in m["edgebox_chip_clock_mhz"]} == chips
+    assert "edgebox_chip_temperature_celsius" in m and "edgebox_kv_cache_usage_perc" in m
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_requests_are_400_in_openai_shape_naming_the_field(server):
+    cases = [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ]
+    for body, param in cases:
+        status, _, e = _error(server.request("POST", "/v1/chat/completions", body))
+        assert status == 400 and e["type"] == "invalid_request_error" and e["param"] == param, (body, e)
+    status, _, e = _error(server.request("POST", "/v1/chat/completions", b"{not json"))
+    assert status == 400 and "JSON" in e["message"]
+    status, _, e = _error(server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 65}))
+    assert status == 400 and "limit of 64" in e["message"]
+    status, _, e = _error(server.request("POST", "/v1/completions", {"prompt": [999999], "max_tokens": 2}))
+    assert status == 400 and "vocabulary" in e["message"]
+
+
+def test_a_prompt_over_the_context_is_400_with_the_numbers(server):
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().completions.create(model="m", prompt="word " * 400, max_tokens=4)
+    e = info.value.body
+    assert e["code"] == "context_length_exceeded" and "context holds 256" in e["message"]
+
+
+def test_unknown_routes_404_methods_405_and_bodies_over_the_limit_413(server):
+    status, _, e = _error(server.request("GET", "/v1/nothing"))
+    assert status == 404 and e["type"] == "not_found_error"
+    status, _, e = _error(server.request("GET", "/v1/chat/completions"))
+    assert status == 405
+    big = {"prompt": "x" * 9000, "max_tokens": 2}
+    status, _, e = _error(server.request("POST", "/v1/completions", big))
+    assert status == 413 and "8192" in e["message"]
+    # chunked, no Content-Length: counted as it arrives
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([b'{"prompt": "', b"x" * 9000, b'"}']), encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413
+    conn.close()
+
+
+def test_queue_full_is_429_with_retry_after(one_slot):
+    results: list = []
+
+    def post():
+        results.append(one_slot.request("POST", "/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 300, "temperature": 0}))
+
+    threads = [threading.Thread(target=post) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(120)
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(200) >= 1 and 429 in statuses, statuses
+    status, headers, e = _error(next(r for r in results if r[0] == 429))
+    assert e["type"] == "rate_limit_error" and int(headers["retry-after"]) >= 1
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(one_slot):
+    before = one_slot.metrics()
+    sock = socket.create_connection(("127.0.0.1", one_slot.port))
+    body = json.dumps({"prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True}).encode()
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    seen = b""
+    while seen.count(b"data: ") < 3:
+        seen += sock.recv(4096)
+    assert one_slot.metrics()["edgebox_num_requests_running"][0].value == 1
+    sock.close()
+    t0 = time.monotonic()
+    while one_slot.metrics()["edgebox_num_requests_running"][0].value != 0:
+        assert time.monotonic() - t0 < 2.0, "the slot was not freed"
+        time.sleep(0.02)
+    after = one_slot.metrics()
+    cancelled = _value(after["edgebox_requests"], outcome="cancelled") - _value(before["edgebox_requests"], outcome="cancelled")
+    assert cancelled == 1
+    # the slot takes the next request at once
+    r = one_slot.client().completions.create(model="m", prompt="x", max_tokens=2)
+    assert r.usage.completion_tokens >= 1
+
+
+# -- their own servers ---------------------------------------------------------------------------------------------
+
+
+def test_health_is_503_while_loading_then_200(tmp_path):
+    s = Server(tmp_path, "--model", str(TEST_MODEL)).start(wait_ready=False)
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                status, headers, body = s.request("GET", "/health")
+            except OSError:
+                time.sleep(0.02)
+                continue
+            seen.append(status)
+            if status == 503:
+                e = json.loads(body)["error"]
+                assert "loading" in e["message"] and e["type"] == "unavailable_error"
+                posted, headers, _ = s.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+                assert posted == 200 or (posted == 503 and headers["retry-after"])
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert seen[0] == 503 and seen[-1] == 200, seen
+    finally:
+        s.stop_ok()
+
+
+def test_api_key_and_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (tmp_path / "api-key").write_text("s3cret-key\n")
+    s = Server(
+        tmp_path, "--model", str(TEST_MODEL), "--api-key-file", str(tmp_path / "api-key"),
+        "--ssl-cert-file", str(cert), "--ssl-key-file", str(key),
+    ).start()  # fmt: skip
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        https = openai.DefaultHttpxClient(verify=context)
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong", http_client=https).models.list()
+        ok = s.client(api_key="s3cret-key", http_client=https)
+        assert ok.completions.create(model="m", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+        anonymous = urllib.request.Request(f"{s.url}/v1/completions", data=b'{"prompt": "x"}', method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(anonymous, context=context, timeout=10)
+        assert info.value.code == 401 and json.loads(info.value.read())["error"]["code"] == "invalid_api_key"
+        with urllib.request.urlopen(f"{s.url}/health", context=context, timeout=10) as r:
+            assert r.status == 200  # health stays open
+        req = urllib.request.Request(f"{s.url}/metrics")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, context=context, timeout=10)
+        assert info.value.code == 401
+        req.add_header("Authorization", "Bearer s3cret-key")
+        with urllib.request.urlopen(req, context=context, timeout=10) as r:
+            assert b"edgebox_requests_total" in r.read()
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP to the TLS port is not served
+            Server.request(s, "GET", "/health")
+    finally:
+        s.stop_ok()
+
+
+def test_reasoning_is_returned_apart_on_an_r1_model(tmp_path, tiny_f32):
+    s = Server(tmp_path, "--model", str(tiny_f32("tiny-qwen2"))).start()
+    try:
+        client = s.client()
+        messages = [{"role": "user", "content": "Why is the sky blue?"}]
+        r = client.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0)
+        msg = r.choices[0].message
+        assert msg.model_extra["reasoning_content"] and msg.content == ""  # the template opened <think>; never closed
+        deltas = [
+            c.choices[0].delta
+            for c in client.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0, stream=True)
+            if c.choices
+        ]
+        streamed = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+        assert streamed == msg.model_extra["reasoning_content"] and not any(d.content for d in deltas)
+    finally:
+        s.stop_ok()
+
+
+def test_sigterm_ends_open_streams_with_a_final_event_and_exits_0(tmp_path):
+    s = Server(tmp_path, "--model", str(TEST_MODEL), "--drain-timeout-s", "1.5").start()
+    body = json.dumps({"prompt": LONG_PROMPT, "max_tokens": 3000, "temperature": 0, "stream": True}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    first = r.readline()
+    assert first.startswith(b"data: ")
+    s.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    status, _, e = _error(s.request("GET", "/health"))
+    assert status == 503 and "shutting down" in e["message"]
+    status, _, e = _error(s.request("POST", "/v1/completions", {"prompt": "x"}))
+    assert status == 503
+    rest = r.read().decode()
+    events = [e for e in rest.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["message"].startswith("cancelled: the box is shutting down")
+    assert s.wait(30) == 0
