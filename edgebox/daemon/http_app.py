@@ -54,7 +54,9 @@ ERROR_TYPES = {
     503: "unavailable_error",
 }
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 503)}
-STREAM_OR_JSON = {"text/event-stream": {"schema": {"type": "string", "description": "data: {chunk} events, then data: [DONE]"}}}
+# each server-sent event (stream: true): data is a chunk's JSON, an error's JSON, or [DONE] last
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+STREAM_OR_JSON = {"text/event-stream": {"schema": SSE_EVENT}}
 
 
 class HttpServices(Protocol):
@@ -143,7 +145,7 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return error_response(e.status_code, message)
+        return error_response(e.status_code, message, headers=getattr(e, "headers", None))  # 405 keeps its Allow
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception):

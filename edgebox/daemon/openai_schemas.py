@@ -17,7 +17,7 @@ Stop = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "1" is not a number, 0 not a bool: as the schema says
 
 
 class TextPart(_Body):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import signal
 import socket
 import ssl
@@ -20,53 +19,14 @@ import urllib.request
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.daemon import Daemon
+from tests.fixtures.daemon import HttpDaemon as Server
 from tests.fixtures.paths import TEST_MODEL
 
 pytestmark = [pytest.mark.slow]
 
 # greedy on the tiny test model, this prompt runs to max_tokens (as the MQTT tests rely on too)
 LONG_PROMPT = "def fibonacci(n):"
-
-
-class Server(Daemon):
-    """A daemon serving HTTP only, on the loopback port the kernel picks (port 0: no race with
-    other sockets for a port chosen in advance); the log says which."""
-
-    def __init__(self, directory, *args: str):
-        super().__init__(directory, "--broker", "none", "--http", "127.0.0.1:0", "--chips", "1", *args)
-        self.port, self.url = 0, ""
-
-    def start(self, wait_ready: bool = True, timeout: float = 120.0) -> Server:
-        super().start(wait_ready, timeout)
-        self.wait_log("HTTP API on ", timeout)
-        self.url = re.search(r"HTTP API on (\S+)", self.log()).group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])
-        return self
-
-    def client(self, api_key: str = "none", **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)
-
-    def request(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
-        """-> (status, headers, body bytes) over a plain connection."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        r = conn.getresponse()
-        out = r.status, dict(r.getheaders()), r.read()
-        conn.close()
-        return out
-
-    def metrics(self, headers: dict | None = None) -> dict[str, list]:
-        status, _, body = self.request("GET", "/metrics", headers=headers)
-        assert status == 200, body
-        return {f.name: f.samples for f in text_string_to_metric_families(body.decode())}
-
-    def stop_ok(self) -> None:
-        self.signal(signal.SIGTERM)
-        assert self.wait(30) == 0, self.log()[-2000:]
 
 
 def _error(status_headers_body):
