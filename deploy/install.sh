@@ -9,6 +9,7 @@
 #   /opt/edgebox/models          where GGUF models go (read-only for the service)
 #   /etc/edgebox/edgebox.toml    the config, from deploy/edgebox.toml with the device id and broker filled in
 #   /etc/edgebox/mqtt-password   0600 root; from $EDGEBOX_MQTT_PASSWORD, or asked for (empty: anonymous)
+#   /etc/edgebox/api-key         0600 root; the HTTP API's Bearer key, from $EDGEBOX_API_KEY or random
 #   /etc/systemd/system/edgebox.service   the unit, checked with systemd-analyze verify
 # State (/var/lib/edgebox) and cache (/var/cache/edgebox) are created by systemd (StateDirectory=,
 # CacheDirectory=) for the service's dynamic user.
@@ -80,6 +81,13 @@ if [ ! -e "$etc/mqtt-password" ]; then
     fi
     (umask 077 && printf '%s\n' "$password" > "$etc/mqtt-password")
     echo "wrote $etc/mqtt-password (0600)"
+fi
+
+if [ ! -e "$etc/api-key" ]; then
+    key="${EDGEBOX_API_KEY-}"
+    [ -n "$key" ] || key="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
+    (umask 077 && printf '%s\n' "$key" > "$etc/api-key")
+    echo "wrote $etc/api-key (0600): HTTP clients send Authorization: Bearer <its content>"
 fi
 
 sed "s|^ExecStart=/opt/edgebox/venv/bin/edgebox |ExecStart=$exe |" "$here/edgebox.service" > "$unit_dir/edgebox.service"

@@ -95,13 +95,21 @@ def test_install_script_stages_config_and_unit(tmp_path):
     assert (cfg.device_id, cfg.username, cfg.broker, cfg.model) == ("box-7", "box-7", "mqtt://10.0.0.2:1883", None)
     pw = root / "etc/edgebox/mqtt-password"
     assert pw.read_text() == "pw-1\n" and (pw.stat().st_mode & 0o777) == 0o600
+    key = root / "etc/edgebox/api-key"  # a random HTTP API key, read as the unit's credential would be
+    assert re.fullmatch(r"[0-9a-f]{48}\n", key.read_text()) and (key.stat().st_mode & 0o777) == 0o600
+    assert cfg.http == "127.0.0.1:8080"
+    assert load_config(config, env={"CREDENTIALS_DIRECTORY": str(key.parent)}).resolved_api_key(
+        {"CREDENTIALS_DIRECTORY": str(key.parent)}
+    ) == key.read_text().strip()
     unit = (root / "etc/systemd/system/edgebox.service").read_text()
     exe = re.search(r"^ExecStart=(\S+) serve --config /etc/edgebox/edgebox.toml$", unit, re.M).group(1)
     assert os.access(exe, os.X_OK)
     assert (root / "opt/edgebox/models").is_dir()
     config.write_text(config.read_text() + "\n# operator's edit\n")
-    r = run()  # idempotent: the config and the password are never overwritten
+    first_key = key.read_text()
+    r = run()  # idempotent: the config, the password and the key are never overwritten
     assert r.returncode == 0 and "kept existing" in r.stdout and "operator's edit" in config.read_text()
+    assert key.read_text() == first_key
     bad = subprocess.run(
         ["bash", str(DEPLOY / "install.sh"), "--root", str(root), "--no-venv", "--device-id", "a/b"],
         capture_output=True,
