@@ -381,3 +381,35 @@ def test_sigterm_ends_open_streams_with_a_final_event_and_exits_0(tmp_path):
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["error"]["message"].startswith("cancelled: the box is shutting down")
     assert s.wait(30) == 0
+
+
+@pytest.mark.broker
+def test_mqtt_and_http_at_once_share_the_engine(tmp_path):
+    """Ten MQTT generates and ten HTTP completions in flight together: all answered, counted apart."""
+    from edgebox.daemon.client import FleetClient
+    from tests.fixtures.mosquitto import Mosquitto
+
+    with Mosquitto(tmp_path / "broker").start() as broker:
+        s = Server(tmp_path / "box", "--model", str(TEST_MODEL), "--broker", broker.url, "--device-id", "both").start()
+        try:
+            answers: dict[str, object] = {}
+
+            def over_mqtt(i: int) -> None:
+                with FleetClient(broker.url, client_id=f"mq-{i}") as fleet:
+                    answers[f"mqtt{i}"] = fleet.call("both", "generate", {"prompt": f"# {i}\n", "max_tokens": 6}, timeout=90)
+
+            def over_http(i: int) -> None:
+                answers[f"http{i}"] = s.client().completions.create(model="m", prompt=f"# {i}\n", max_tokens=6)
+
+            threads = [threading.Thread(target=f, args=(i,)) for i in range(10) for f in (over_mqtt, over_http)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert len(answers) == 20
+            assert all(a["status"] == "ok" for k, a in answers.items() if k.startswith("mqtt"))
+            assert all(a.choices[0].finish_reason in ("stop", "length") for k, a in answers.items() if k.startswith("http"))
+            m = s.metrics()
+            assert _value(m["edgebox_requests"], transport="mqtt") == 10 and _value(m["edgebox_requests"], transport="http") == 10
+        finally:
+            s.stop_ok()
