@@ -149,6 +149,17 @@ def test_r1_renders_the_call_as_the_json_string_and_closes_what_its_template_lea
     )
 
 
+def test_r1_two_calls_in_one_turn_are_closed_once():
+    second = {"id": "call_2", "type": "function", "function": {"name": "set_lights", "arguments": '{"room": "hall"}'}}
+    msgs = [*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL, second]}]  # "" is no content too
+    out = render_chat(template(R1), msgs, tools=TOOLS, bos_token=BOS_R1, eos_token=EOS_R1, add_generation_prompt=False)
+    calls = out.split("<｜Assistant｜>", 1)[1]
+    assert calls == (
+        r1_calls(r1_call("get_weather", '{"city": "Paris", "days": 1}'), r1_call("set_lights", '{"room": "hall"}')) + EOS_R1
+    )
+    assert parse_tool_calls(DEEPSEEK_R1, TOOLS, calls.removesuffix(EOS_R1)).tool_calls[1]["function"]["name"] == "set_lights"
+
+
 def test_r1_final_answer_after_the_tool_result_follows_the_outputs():
     msgs = [*TOOL_TURN, {"role": "assistant", "content": "21 degrees."}, {"role": "user", "content": "Thanks"}]
     out = render_chat(template(R1), msgs, bos_token=BOS_R1, eos_token=EOS_R1)
