@@ -19,6 +19,10 @@ text at once gives the non-streaming answer, so the two always agree. Rules, eac
 - a malformed call (body not JSON, arguments not an object, a function not in ``tools``) or one
   the reply cut short (no closing marker) is plain content, markup included, as llama.cpp's
   parser leaves text it cannot read;
+- under a forced call (``stream_arguments``, which ``ToolPlan.parser`` sets when a grammar
+  forces the call, so it cannot be malformed) the header delta goes out as soon as the text
+  reaches the arguments, and the arguments follow in fragments as they are generated, the
+  model's own JSON text; a call cut short (``max_tokens``) keeps the arguments it has;
 - with no tools (``tool_choice: "none"``) everything is content, untouched.
 
 ``forced_call_grammar`` is the Lark text (llguidance's dialect) that makes a reply exactly a call
@@ -188,11 +192,15 @@ class _Syntax:
     call_open: str
     call_close: str
     framing: tuple[str, ...]  # markers around the calls, dropped
+    head: str  # a call's text from call_open to its arguments, "{name}" for the name (forced_call_grammar's)
+    tail: str  # from the arguments to call_close
 
 
 _SYNTAX = {
-    HERMES: _Syntax(HERMES_OPEN, HERMES_CLOSE, ()),
-    DEEPSEEK_R1: _Syntax(R1_CALL_BEGIN, R1_CALL_END, (R1_CALLS_BEGIN, R1_CALLS_END)),
+    HERMES: _Syntax(HERMES_OPEN, HERMES_CLOSE, (), '\n{{"name": "{name}", "arguments": ', "}\n"),
+    DEEPSEEK_R1: _Syntax(
+        R1_CALL_BEGIN, R1_CALL_END, (R1_CALLS_BEGIN, R1_CALLS_END), f"function{R1_SEP}{{name}}\n```json\n", "\n```"
+    ),
 }
 _R1_BODY = re.compile(r"\s*(?:function)?" + re.escape(R1_SEP) + r"\s*([^\n`]+?)\s*```(?:json)?\s*(.*?)\s*```\s*", re.S)
 
@@ -206,7 +214,9 @@ class ToolCallParser:
     Text that could be the start of a marker is held until the next piece decides it.
     """
 
-    def __init__(self, family: str, tools: list[dict], *, new_id: Callable[[], str] = new_call_id):
+    def __init__(
+        self, family: str, tools: list[dict], *, stream_arguments: bool = False, new_id: Callable[[], str] = new_call_id
+    ):
         if family not in _SYNTAX:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
         self.family = family
@@ -221,6 +231,9 @@ class ToolCallParser:
         self._content: list[str] = []
         self.tool_calls: list[dict] = []
         self._markers = (self.syntax.call_open, *self.syntax.framing)
+        self.stream_arguments = stream_arguments
+        self._heads = {n: self.syntax.head.format(name=n) for n in self.names}
+        self._open: dict | None = None  # the streamed call in progress: its dict and where its arguments start
 
     def feed(self, text: str) -> list[dict]:
         if not self.names:
@@ -230,6 +243,8 @@ class ToolCallParser:
         while self._buf:
             if self._in_call:
                 end = self._buf.find(self.syntax.call_close)
+                if self.stream_arguments:
+                    out += self._stream_call(self._buf if end < 0 else self._buf[:end], done=end >= 0)
                 if end < 0:
                     return out
                 body, self._buf = self._buf[:end], self._buf[end + len(self.syntax.call_close) :]
@@ -252,7 +267,10 @@ class ToolCallParser:
 
     def finish(self) -> ToolCallResult:
         out: list[dict] = []
-        if self._in_call:  # cut short before its closing marker: plain text
+        if self._in_call and self._open is not None:  # a streamed call cut short: the rest of its text
+            out += self._stream_call(self._buf, done=False, cut=True)
+            self._in_call, self._open = False, None
+        elif self._in_call:  # cut short before its closing marker: plain text
             self._in_call = False
             out += self._as_text(self.syntax.call_open + self._buf)
         elif self._buf:
@@ -290,18 +308,46 @@ class ToolCallParser:
         self._content.append(text)
         return [{"content": text}]
 
-    def _close_call(self, body: str) -> list[dict]:
-        parsed = self._parse_body(body)
-        if parsed is None:
-            return self._as_text(self.syntax.call_open + body + self.syntax.call_close)
-        name, arguments = parsed
+    def _stream_call(self, body: str, done: bool, cut: bool = False) -> list[dict]:
+        """Stream mode: the header delta once the call's text has reached its arguments, then
+        each new piece of the arguments, holding back what could still be the tail. Under the
+        forced-call grammar the call always ends well; a call cut short keeps the arguments it has."""
+        out = []
+        if self._open is None:
+            name = next((n for n, h in self._heads.items() if body.startswith(h)), None)
+            if name is None:
+                return out
+            out += self._new_call(name, "")
+            self._open = {"call": self.tool_calls[-1], "at": len(self._heads[name])}
+        args, sent = body[self._open["at"] :], self._open["call"]["function"]["arguments"]
+        if done:
+            args = args.removesuffix(self.syntax.tail)
+        elif not cut:
+            hold = len(self.syntax.tail) + _partial_suffix(args, self.syntax.call_close)
+            args = args[: max(0, len(args) - hold)]
+        if len(args) > len(sent) and args.startswith(sent):
+            self._open["call"]["function"]["arguments"] = args
+            out.append({"tool_calls": [{"index": len(self.tool_calls) - 1, "function": {"arguments": args[len(sent) :]}}]})
+        return out
+
+    def _new_call(self, name: str, arguments: str) -> list[dict]:
         index, call_id = len(self.tool_calls), self._new_id()
         self._ws_before_call = ""
         self.tool_calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
         self._after_markup = True
-        return [
-            {"tool_calls": [{"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}]},
-            {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]},
+        header = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        return [{"tool_calls": [header]}]
+
+    def _close_call(self, body: str) -> list[dict]:
+        if self._open is not None:  # streamed: already out
+            self._open = None
+            return []
+        parsed = self._parse_body(body)
+        if parsed is None:
+            return self._as_text(self.syntax.call_open + body + self.syntax.call_close)
+        name, arguments = parsed
+        return self._new_call(name, arguments) + [
+            {"tool_calls": [{"index": len(self.tool_calls) - 1, "function": {"arguments": arguments}}]}
         ]
 
     def _parse_body(self, body: str) -> tuple[str, str] | None:
@@ -384,11 +430,9 @@ def forced_call_grammar(
     rules = []
     alternatives = []
     for i, tool in enumerate(chosen):
-        name = tool["function"]["name"]
-        if family == HERMES:
-            head, tail = f'{HERMES_OPEN}\n{{"name": "{name}", "arguments": ', f"}}\n{HERMES_CLOSE}"
-        else:
-            head, tail = f"{R1_CALL_BEGIN}function{R1_SEP}{name}\n```json\n", f"\n```{R1_CALL_END}"
+        syntax = _SYNTAX[family]
+        head = syntax.call_open + syntax.head.format(name=tool["function"]["name"])
+        tail = syntax.tail + syntax.call_close
         rules.append(f"call_{i}: {_lit(head)} args_{i} {_lit(tail)}")
         schema = {**parameters(tool), "x-guidance": _JSON_LAYOUT}
         rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
@@ -428,7 +472,7 @@ class ToolPlan:
         """A fresh parser for one reply; None when no call may be made (then the reply is content)."""
         if self.family is None or self.tool_choice == "none":
             return None
-        return ToolCallParser(self.family, self.tools)
+        return ToolCallParser(self.family, self.tools, stream_arguments=self.grammar is not None)
 
 
 def plan_tools(

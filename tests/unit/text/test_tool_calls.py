@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import edgebox
 from edgebox.errors import EdgeboxError
 from edgebox.text import tool_calls as tc
-from edgebox.text.chat import render_chat, split_reasoning
+from edgebox.text.chat import ReasoningStream, render_chat, split_reasoning
 from edgebox.text.tool_calls import DEEPSEEK_R1, HERMES, ToolCallParser, ToolsUnsupportedError, parse_tool_calls
 from tests.fixtures import tiny_models
 from tests.fixtures.paths import DATA
@@ -374,6 +374,50 @@ def test_streamed_deltas_assemble_to_the_whole_reply_for_any_split(reply, data):
     assert all(d.get("content") != "" for d in deltas)
 
 
+FORCED_REPLIES = [  # as forced_call_grammar writes them (the last two cut short by max_tokens)
+    (HERMES, hermes_call("get_weather", '{"city": "Oslo", "days": 2, "unit": "c"}')),
+    (
+        HERMES,
+        hermes_call("set_lights", '{"room": "hall", "on": true, "when": {"hour": 7}}') + "\n" + hermes_call("get_weather", "{}"),
+    ),
+    (DEEPSEEK_R1, r1_calls(r1_call("get_weather", '{"city": "}```"}'), r1_call("set_lights", '{"room": "hall"}'))),
+    (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os'),
+    (DEEPSEEK_R1, r1_calls(r1_call("get_weather", '{"city": "Oslo"}'))[:-40]),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(FORCED_REPLIES), st.data())
+def test_streamed_arguments_of_a_forced_call_assemble_to_the_whole_call_for_any_split(reply, data):
+    family, text = reply
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=12)))
+    pieces = [text[a:b] for a, b in itertools.pairwise([0, *cuts, len(text)])]
+    p = ToolCallParser(family, TOOLS, stream_arguments=True, new_id=lambda: "call_x")
+    deltas = [d for piece in pieces for d in p.feed(piece)]
+    result = p.finish()
+    whole = ToolCallParser(family, TOOLS, stream_arguments=True, new_id=lambda: "call_x")
+    whole.feed(text)
+    expected = whole.finish()
+    assert assemble(deltas + result.deltas) == (None, expected.tool_calls) and result.content is None
+    assert result.tool_calls == expected.tool_calls and expected.tool_calls
+    by_auto = parse_tool_calls(family, TOOLS, text)  # the same calls as the validating parser reads them
+    if by_auto.tool_calls:
+        assert calls_of(by_auto) == calls_of(expected)
+        assert all(c["function"]["arguments"] in text for c in expected.tool_calls)  # the model's own text
+
+
+def test_a_streamed_call_shows_its_arguments_before_it_closes():
+    p = ToolCallParser(HERMES, TOOLS, stream_arguments=True, new_id=lambda: "call_x")
+    assert p.feed('<tool_call>\n{"name": "get_weather", "arguments": ') == [
+        {"tool_calls": [{"index": 0, "id": "call_x", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}
+    ]
+    first = p.feed('{"city": "Oslo", "days": 3, "unit": "c"}')  # the last 2 characters could start the tail "}\n"
+    assert first == [{"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Oslo", "days": 3, "unit": "c'}}]}]
+    assert p.feed("}\n</tool_") == [{"tool_calls": [{"index": 0, "function": {"arguments": '"}'}}]}]
+    assert p.feed("call>") == []
+    assert p.finish().tool_calls[0]["function"]["arguments"] == '{"city": "Oslo", "days": 3, "unit": "c"}'
+
+
 # --- forcing a call with llguidance on the tiny qwen2 model --------------------------------------
 
 
@@ -400,8 +444,8 @@ def qwen_models(tiny_f32, tmp_path_factory):
     return models, ll
 
 
-def constrained(model, ll, prompt: str, grammar: str, seed: int, max_tokens: int = 200) -> tuple[str, bool]:
-    """Sample (temperature 1) under the grammar's token masks; ``(text, the grammar was completed)``."""
+def constrained(model, ll, prompt: str, grammar: str, seed: int, max_tokens: int = 200) -> tuple[list[int], bool]:
+    """Sample (temperature 1) under the grammar's token masks; ``(token ids, the grammar was completed)``."""
     matcher = llguidance.LLMatcher(ll, grammar)
     assert not matcher.is_error(), matcher.get_error()
     ids = model.tokenize_prompt(prompt)
@@ -419,7 +463,22 @@ def constrained(model, ll, prompt: str, grammar: str, seed: int, max_tokens: int
         out.append(token)
         pos = np.array([len(ids) + len(out) - 1], np.int32)
         logits = model.forward(np.array([token], np.int32), pos, kv, all_logits=False)[-1]
-    return model.detokenize(out), matcher.is_accepting()
+    return out, matcher.is_accepting()
+
+
+def stream(model, plan, ids: list[int], thinking_open: bool):
+    """The reply as the lead's stream sees it: token texts, reasoning split off, then the plan's
+    parser; checks the deltas assemble to the parser's result and returns it."""
+    decoder, reasoning, parser, deltas = model.tokenizer.stream_decoder(), ReasoningStream(thinking_open), plan.parser(), []
+    pieces = [decoder.feed(token) for token in ids] + [decoder.flush()]
+    tagged = [part for piece in pieces for part in reasoning.push(piece)] + reasoning.flush()
+    assert not any(is_reasoning for is_reasoning, _ in tagged)  # the grammar closed <think> at once
+    for _, text in tagged:
+        deltas += parser.feed(text)
+    result = parser.finish()
+    assert assemble(deltas + result.deltas) == (result.content, result.tool_calls)
+    assert result.finish_reason == "tool_calls" and result.content is None
+    return result
 
 
 def generated_calls(family: str, text: str) -> list[tuple[str, dict]]:
@@ -453,9 +512,12 @@ def test_forced_calls_round_trip_call_result_and_final_answer(qwen_models, famil
         tool_choice = choice if choice == "required" else {"type": "function", "function": {"name": choice}}
         prompt = render_chat(model.chat_template, ASK, tools=TOOLS, tool_choice=tool_choice, **specials)
         plan = tc.plan_tools(model.chat_template, TOOLS, tool_choice, thinking_open=prompt.endswith("<think>\n"))
-        text, completed = constrained(model, ll, prompt, plan.grammar, seed)
+        ids, completed = constrained(model, ll, prompt, plan.grammar, seed)
+        text = model.detokenize(ids)
         assert completed, text
         calls = generated_calls(family, text)
+        streamed = stream(model, plan, ids, thinking_open=family == DEEPSEEK_R1)
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in streamed.tool_calls] == calls
         assert len(calls) == 1
         name, args = calls[0]
         assert choice in ("required", name)
@@ -480,7 +542,8 @@ def test_a_call_forced_under_parallel_may_hold_several(qwen_models):
     models, ll = qwen_models
     prompt = render_chat(models[HERMES].chat_template, ASK, tools=TOOLS)
     grammar = tc.forced_call_grammar(HERMES, TOOLS, "required", parallel=True)
-    text, completed = constrained(models[HERMES], ll, prompt, grammar, seed=7, max_tokens=400)
+    ids, completed = constrained(models[HERMES], ll, prompt, grammar, seed=7, max_tokens=400)
+    text = models[HERMES].detokenize(ids)
     assert completed
     for name, args in generated_calls(HERMES, text):
         jsonschema.validate(args, next(t for t in TOOLS if t["function"]["name"] == name)["function"]["parameters"])
