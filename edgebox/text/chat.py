@@ -13,6 +13,10 @@ bomb is hostile, and the daemon must answer its ``load_model`` with 400 rather t
 chat request after reporting the model loaded. The template's own ``raise_exception`` on that
 conversation (say, "System role not supported") is a verdict on the messages, not a fault.
 
+OpenAI ``tools``, assistant ``tool_calls`` and ``tool`` messages render through the same template
+(``render_chat(..., tools=...)``); the call syntax, the reply parser and the forced-call grammar
+live in ``tool_calls``.
+
 ``split_reasoning`` separates a DeepSeek-R1 style reply into its ``<think>`` part and the answer,
 as llama.cpp's ``--reasoning-format deepseek``.
 """
