@@ -13,13 +13,21 @@ bomb is hostile, and the daemon must answer its ``load_model`` with 400 rather t
 chat request after reporting the model loaded. The template's own ``raise_exception`` on that
 conversation (say, "System role not supported") is a verdict on the messages, not a fault.
 
+OpenAI ``tools``, assistant ``tool_calls`` and ``tool`` messages render through the same template
+(``render_chat(..., tools=...)``); the call syntax, the reply parser and the forced-call grammar
+live in ``tool_calls``.
+
 ``split_reasoning`` separates a DeepSeek-R1 style reply into its ``<think>`` part and the answer,
 as llama.cpp's ``--reasoning-format deepseek``.
 """
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+
 from edgebox.errors import EdgeboxError, ModelError
+from edgebox.text import tool_calls
 from edgebox.text.template_protocol import OK, RAISED
 from edgebox.text.template_sandbox import RENDERER
 
@@ -37,25 +45,97 @@ CHECK_CONVERSATION = (
 
 
 def render_chat(
-    template: str, messages: list[dict], *, bos_token: str = "", eos_token: str = "", add_generation_prompt: bool = True
+    template: str,
+    messages: list[dict],
+    *,
+    tools: list[dict] | None = None,
+    tool_choice: object = None,
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+    template_name: str = "",
 ) -> str:
     """The prompt text for ``messages`` rendered through the Jinja chat ``template``.
 
     ``messages`` are ``{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}``; extra
-    keys (JSON values) pass through to the template. The result starts with ``bos_token`` when the
-    template writes it: tokenize it without adding a second BOS (llama.cpp strips it for the same
-    reason). Any template failure, including its own ``raise_exception`` and every limit of
-    ``template_sandbox``, is an ``EdgeboxError``. Thread-safe.
+    keys (JSON values) pass through to the template. An assistant message may carry OpenAI
+    ``tool_calls`` (``content`` then may be None), a tool message its ``tool_call_id``. The
+    result starts with ``bos_token`` when the template writes it: tokenize it without adding a
+    second BOS (llama.cpp strips it for the same reason). Any template failure, including its own
+    ``raise_exception`` and every limit of ``template_sandbox``, is an ``EdgeboxError``.
+    Thread-safe.
+
+    ``tools`` (OpenAI's list) are rendered as the template renders them, for every
+    ``tool_choice`` (llama.cpp does so too: the choice acts on the reply, through
+    ``tool_calls.plan_tools``); a template that renders calls but never describes tools gets them
+    in its system prompt (``tool_calls.tools_system_text``). Tools or calls for a template with
+    no call syntax are a ``ToolsUnsupportedError`` naming ``template_name``.
     """
     if not isinstance(template, str) or not template.strip():
         raise EdgeboxError("chat template is empty; the model file has no usable tokenizer.chat_template")
-    context = dict(
-        messages=_validated(messages), bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
-    )
+    messages = _validated(messages)
+    tools = tool_calls.validate_tools(tools)
+    tool_calls.validate_tool_choice(tool_choice, tools)
+    family = None
+    if tools or any(m.get("tool_calls") for m in messages):
+        family = tool_calls.detect_family(template)
+        if family is None:
+            raise tool_calls.unsupported(template_name)
+        describes_tools, object_arguments = _tool_caps(template)
+        messages = _with_tool_calls(messages, object_arguments)
+        if tools and not describes_tools:
+            messages = _with_tools_in_system(messages, tool_calls.tools_system_text(family, tools))
+    context = dict(messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+    if tools:
+        context["tools"] = tools
     kind, text = RENDERER.render(template, context)
     if kind != OK:
         raise EdgeboxError(text)
+    if family == tool_calls.DEEPSEEK_R1:
+        text = tool_calls.fix_r1_prompt(text, add_generation_prompt, eos_token)
     return text
+
+
+_PROBE_NAME = "edgebox_probe_function"
+_PROBE_VALUE = "edgebox_probe_value"
+
+
+@lru_cache(maxsize=16)
+def _tool_caps(template: str) -> tuple[bool, bool]:
+    """``(describes_tools, object_arguments)``, found the way llama.cpp's ``jinja/caps.cpp`` finds
+    them, by rendering probes: does a tool's name reach the prompt; does a call with its arguments
+    as an object render them (Qwen2.5 writes ``arguments | tojson``) or must they stay the JSON
+    string OpenAI sends (R1 concatenates them)."""
+    user = {"role": "user", "content": "x"}
+    tool = {"type": "function", "function": {"name": _PROBE_NAME, "parameters": {"type": "object"}}}
+    kind, text = RENDERER.render(template, dict(messages=[user], tools=[tool], add_generation_prompt=True))
+    describes_tools = kind == OK and _PROBE_NAME in text
+    call = {"id": "call_0", "type": "function", "function": {"name": _PROBE_NAME, "arguments": {"arg": _PROBE_VALUE}}}
+    msgs = [user, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    kind, text = RENDERER.render(template, dict(messages=msgs, add_generation_prompt=False))
+    return describes_tools, kind == OK and _PROBE_VALUE in text
+
+
+def _with_tool_calls(messages: list[dict], object_arguments: bool) -> list[dict]:
+    """Calls as the template wants them: arguments parsed into objects or kept as JSON text, and
+    no content (None, which R1's template tests for) beside calls when none was given."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                args = c["function"]["arguments"]
+                args = json.loads(args) if object_arguments else args
+                calls.append({**c, "function": {**c["function"], "arguments": args}})
+            m = {**m, "content": m.get("content") or None, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
+def _with_tools_in_system(messages: list[dict], text: str) -> list[dict]:
+    if messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def check_chat_template(template: object, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
@@ -83,10 +163,34 @@ def _validated(messages: object) -> list[dict]:
         if role not in ROLES:
             raise EdgeboxError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}; got {repr(role)[:80]}")
         content = m.get("content")
-        if not isinstance(content, str):
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise EdgeboxError(f"messages[{i}] has tool_calls but role {role!r}; only assistant messages make calls")
+            _check_calls(calls, f"messages[{i}]['tool_calls']")
+        if not isinstance(content, str) and not (calls and content is None):
             raise EdgeboxError(f"messages[{i}]['content'] must be a string; got {type(content).__name__}")
+        if "tool_call_id" in m and not isinstance(m["tool_call_id"], str):
+            raise EdgeboxError(f"messages[{i}]['tool_call_id'] must be a string; got {type(m['tool_call_id']).__name__}")
         out.append(m)  # the worker gets a JSON copy: the caller's dicts stay theirs
     return out
+
+
+def _check_calls(calls: object, where: str) -> None:
+    """OpenAI's shape: ``[{"id", "type": "function", "function": {"name", "arguments": JSON text}}]``."""
+    if not isinstance(calls, list) or not calls:
+        raise EdgeboxError(f"{where} must be a non-empty list of {{'type': 'function', 'function': {{...}}}}")
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise EdgeboxError(f"{where}[{j}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}")
+        args = fn.get("arguments")
+        try:
+            ok = isinstance(args, str) and isinstance(json.loads(args), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise EdgeboxError(f"{where}[{j}].function.arguments must be a JSON object as a string; got {repr(args)[:80]}")
 
 
 def split_reasoning(text: str, *, thinking_open: bool = False) -> tuple[str, str]:
