@@ -80,6 +80,39 @@ def error_response(status: int, message: str, code=None, param=None, headers=Non
     return JSONResponse(error_body(message, ERROR_TYPES.get(status, "server_error"), code, param), status, headers=headers)
 
 
+class LoopBridge:
+    """Carries the engine thread's events into the event loop with one wake-up per burst: a
+    decode step emits one chunk per running sequence, and waking the loop once for all of them
+    (not once each) keeps the GIL with the engine instead of handing it back and forth."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def post(self, target: asyncio.Queue, event) -> None:
+        """Any thread: deliver ``event`` to ``target`` on the loop."""
+        with self._lock:
+            self._pending.append((target, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop has closed (shutdown)
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            batch, self._pending, self._scheduled = self._pending, [], False
+        for target, event in batch:
+            target.put_nowait(event)
+
+
 class OpenRequests:
     """The generate requests HTTP has in the engine, so shutdown can end them with a reason."""
 
@@ -121,6 +154,7 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
     )
     app.state.open = open_requests = OpenRequests()
     key = api_key.encode() if api_key else None
+    bridge = LoopBridge()
 
     def authorize(request: Request) -> None:
         if key is None:
@@ -194,6 +228,7 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
     async def generate(request: Request, body, chat: bool):
         from edgebox.engine import Summary
 
+        bridge.bind(asyncio.get_running_loop())
         endpoint = request.url.path
         reason = svc.unavailable_reason()
         if reason is not None:
@@ -207,16 +242,12 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
         except (ValueError, TypeError, EdgeboxError) as e:
             raise ApiError(400, str(e)) from None
 
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def on_event(event) -> None:  # the engine's thread
             if isinstance(event, Summary):  # counted here: a client that went away no longer listens
                 svc.metrics.finished("http", endpoint, event)
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop has closed (shutdown)
-                pass
+            bridge.post(events, event)
 
         handle = await run_in_threadpool(submit, host, engine_req, on_event)
         open_requests.add(handle)
@@ -289,12 +320,16 @@ async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue,
         if shape.chat:
             yield sse(shape.delta(first=True))
         while True:
-            event = await events.get()
-            if isinstance(event, Summary):
+            batch = [await events.get()]  # then whatever else has arrived: one write for all
+            while not events.empty():
+                batch.append(events.get_nowait())
+            last = batch[-1]
+            text = "".join(shape.delta_event(e.text, e.reasoning) for e in batch if not isinstance(e, Summary) and e.text)
+            if text:
+                yield text
+            if isinstance(last, Summary):
                 break
-            if event.text:
-                yield sse(shape.delta(event.text, event.reasoning))
-        s = event
+        s = last
         if s.done_reason in ("stop", "length"):
             yield sse(shape.last_delta(s))
             if include_usage:

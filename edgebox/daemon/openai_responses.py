@@ -8,6 +8,7 @@ API name for R1's thinking), ``timings`` (llama-server's names), ``usage.prompt_
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -152,6 +153,15 @@ class Shape:
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
         self.model = model
+        # a streamed piece is the same JSON each time but for its text: render the rest once
+        head = _json(self._head("chat.completion.chunk" if chat else "text_completion"))[:-1]
+        if chat:
+            self._piece = {r: (f'{head},"choices":[{{"index":0,"delta":{{"{f}":', '},"finish_reason":null,"logprobs":null}]}')
+                           for r, f in ((False, "content"), (True, "reasoning_content"))}  # fmt: skip
+        else:
+            self._piece = dict.fromkeys(
+                (False, True), (f'{head},"choices":[{{"index":0,"text":', ',"finish_reason":null,"logprobs":null}]}')
+            )
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": "edgebox"}
@@ -182,6 +192,11 @@ class Shape:
             }
         return {**self._head("text_completion"), "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}
 
+    def delta_event(self, text: str, reasoning: bool = False) -> str:
+        """``delta(text, reasoning)`` as an SSE event, without building and encoding the dict."""
+        prefix, suffix = self._piece[reasoning]
+        return f"data: {prefix}{json.dumps(text, ensure_ascii=False)}{suffix}\n\n"
+
     def last_delta(self, s) -> dict:
         """The chunk that carries ``finish_reason`` (and llama-server's ``timings``)."""
         reason = FINISH_REASONS.get(s.done_reason, s.done_reason)
@@ -197,3 +212,7 @@ class Shape:
         """``stream_options.include_usage``: the extra last chunk, with no choices."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": usage(s)}
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

@@ -142,3 +142,22 @@ def test_metrics_count_requests_and_read_the_box_at_scrape():
     assert value("edgebox_kv_cache_usage_perc") == 0.25 and value("edgebox_num_requests_waiting") == 1
     assert value("edgebox_chip_throttled", chip="chip0", reason="budget") == 1
     assert value("edgebox_chip_energy_joules", chip="chip0") == 12.0
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("reasoning", [True, False])
+def test_a_pre_rendered_stream_event_is_the_chunk_json(chat, reasoning):
+    import json
+
+    from edgebox.daemon.openai_responses import Shape
+
+    shape = Shape(chat, "abc", 'model "x"')
+    for text in ["", "a", 'quote " and \\ backslash', "ünïcödé \n\t", "\x00\u2028"]:
+        event = shape.delta_event(text, reasoning)
+        assert event.startswith("data: ") and event.endswith("\n\n") and "\n" not in event[:-2]
+        expected = shape.delta(text, reasoning)
+        if chat and not text:  # delta() leaves an empty text out; the stream never sends one
+            expected["choices"][0]["delta"] = {"reasoning_content" if reasoning else "content": ""}
+        if not chat:
+            expected = shape.delta(text)
+        assert json.loads(event[6:]) == expected
