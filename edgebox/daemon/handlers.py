@@ -364,6 +364,7 @@ class CommandHandler:
     ) -> None:
         self.counters["rejected"] += 1
         method = self.topics.method_of(inbound.topic)
+        self.service.metrics.refused("mqtt", method or "unknown", code)
         log.warning("rejected %s command %s with %d: %s", method or "?", request_id or "(no request_id)", code, one_line(message))
         self.service.publish_event(
             "bad_request",
