@@ -185,7 +185,7 @@ class Service:
             log.info("model %s loaded and warm (%.2f s load, %.2f s warm-up)", info["name"], info["load_s"], info["warmup_s"])
             where = [w for w in (self.http.url if self.http else None, cfg.broker if cfg.has_broker else None) if w]
             if cfg.has_broker:
-                self._connect(info)
+                self._connect()
                 while not self.transport.subscribed.is_set():
                     if self.transport.fatal:
                         raise EdgeboxError(self.transport.fatal)
@@ -233,7 +233,7 @@ class Service:
         self.http.start()
         log.info("HTTP API on %s (OpenAI-compatible: /v1/chat/completions, /v1/completions; /health, /metrics)", self.http.url)
 
-    def _connect(self, info: dict) -> None:
+    def _connect(self) -> None:
         """Open the broker connection; the handlers serve MQTT commands from here on."""
         cfg = self.cfg
         # what the last run was serving when it died (see journal): answered, never run again
