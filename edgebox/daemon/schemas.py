@@ -224,6 +224,16 @@ class Timings(BaseModel):
     decode_tokens_per_s: float
 
 
+class EnergyUsage(BaseModel):
+    """The request's share of the chips' energy (``edgebox.engine.energy`` states the rule)."""
+
+    joules: float
+    joules_per_token: float | None = None  # per generated token; absent when none was generated
+    prefill_j: float
+    decode_j: float
+    avg_w: float  # joules over the device seconds of the steps it was in
+
+
 class StreamChunk(BaseModel):
     request_id: str
     seq: int
@@ -242,6 +252,7 @@ class FinalReply(BaseModel):
     done_reason: str | None = None  # generate: stop | length | cancelled | error
     usage: Usage | None = None
     timings: Timings | None = None
+    energy: EnergyUsage | None = None  # generate: the request's energy
     text: str | None = None  # generate with stream=false: the whole answer
     content: str | None = None
     reasoning: str | None = None
