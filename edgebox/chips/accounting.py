@@ -100,28 +100,32 @@ class Accounting:
         step_s = float(c.step_s[0])
         time_of, ops_of, bytes_of = self._drivers(step, freqs)
         ar_s, ar_bytes = self._allreduce(step)
-        pools = np.zeros(4)  # rows, pairs, ctx, logits
-        p = self.profile
+        n, p = len(self.chips), self.profile
+        idle_s, behind_s, f_idle, f_busy, f_link = (np.zeros(n) for _ in range(5))
         for i, chip in enumerate(self.chips):
-            busy_s = float(c.busy_s[i, 0])
-            behind_s = max(t0 - chip.clock_s, 0.0)
-            idle_s = t0 + step_s - c.link_s - chip.clock_s - busy_s
-            idle_j, busy_j, f = self._report(chip, firmware, busy_s, float(c.ops[i]), float(c.dram_bytes[i]), idle_s=idle_s)
-            if idle_s > 0:  # catching up is idle; waiting for the slowest chip is the step's
-                self.idle_j += idle_j * min(behind_s / idle_s, 1.0)
-                pools[0] += idle_j * max(1.0 - behind_s / idle_s, 0.0)
-            if busy_s > 0:
-                time_j = (cost.static_power_w(p, f) + cost.switching_power_full_w(p, f) * p.busy_activity) * busy_s
-                bytes_j = float(c.dram_bytes[i]) * p.dram_j_per_byte
-                pools += (
-                    _shares(time_j, time_of[i]) + _shares(bytes_j, bytes_of[i]) + _shares(busy_j - time_j - bytes_j, ops_of[i])
-                )
+            behind_s[i] = max(t0 - chip.clock_s, 0.0)
+            idle_s[i] = t0 + step_s - c.link_s - chip.clock_s - c.busy_s[i, 0]
+            f_idle[i], f_busy[i] = self._report(chip, firmware, c.busy_s[i, 0], c.ops[i], c.dram_bytes[i], idle_s=idle_s[i])
             if c.link_s:
-                _, link_j, _ = self._report(chip, firmware, c.link_s, 0.0, 0.0, link_bytes=c.link_bytes)
-                bytes_j = c.link_bytes * p.link_j_per_byte
-                ar_j = (link_j - bytes_j) * ar_s / c.link_s + bytes_j * (ar_bytes / c.link_bytes if c.link_bytes else 1.0)
-                pools[0] += ar_j
-                pools[3] += link_j - ar_j
+                f_link[i] = self._report(chip, firmware, c.link_s, 0.0, 0.0, link_bytes=c.link_bytes)[1]
+        # the energy of what was just reported, as the firmware integrated it (at each report's clock)
+        idle_s = np.maximum(idle_s, 0.0)
+        idle_j = cost.idle_power_w(p, f_idle) * idle_s
+        behind = np.minimum(behind_s / np.where(idle_s > 0, idle_s, 1.0), 1.0)  # catching up: idle, no one's
+        self.idle_j += float(idle_j @ behind)
+        pools = np.zeros(4)  # rows, pairs, ctx, logits
+        pools[0] += float(idle_j @ (1.0 - behind))  # waiting for the slowest chip: the step's
+        busy_s = c.busy_s[:, 0]
+        busy_j = np.where(busy_s > 0, cost.busy_energy_j(p, f_busy, busy_s, c.ops, c.dram_bytes), 0.0)
+        time_j = (cost.static_power_w(p, f_busy) + cost.switching_power_full_w(p, f_busy) * p.busy_activity) * busy_s
+        bytes_j = np.where(busy_s > 0, c.dram_bytes * p.dram_j_per_byte, 0.0)
+        pools += _shares(time_j, time_of) + _shares(bytes_j, bytes_of) + _shares(busy_j - time_j - bytes_j, ops_of)
+        if c.link_s:  # the all-reduces' part of the link interval (time and bytes) is the rows', the gather's the logits'
+            link_j = float(cost.busy_energy_j(p, f_link, c.link_s, 0.0, 0.0, link_bytes=c.link_bytes).sum())
+            link_bytes_j = n * c.link_bytes * p.link_j_per_byte
+            ar_j = (link_j - link_bytes_j) * ar_s / c.link_s + link_bytes_j * (ar_bytes / c.link_bytes if c.link_bytes else 1.0)
+            pools[0] += ar_j
+            pools[3] += link_j - ar_j
         self.last = StepEnergy(*(float(x) for x in pools), step, step_s)
         self.step_j += self.last.joules
         return step_s
@@ -129,7 +133,10 @@ class Accounting:
     def idle_until(self, t_s: float, firmware) -> None:
         """Every chip idles (clock-gated) until device time ``t_s``."""
         for chip in self.chips:
-            self.idle_j += self._report(chip, firmware, 0.0, 0.0, 0.0, idle_s=t_s - chip.clock_s)[0]
+            idle_s = t_s - chip.clock_s
+            f = self._report(chip, firmware, 0.0, 0.0, 0.0, idle_s=idle_s)[0]
+            if idle_s > 0:
+                self.idle_j += float(cost.idle_power_w(self.profile, f)) * idle_s
 
     def _drivers(self, step: Step, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each chip's busy seconds, ops and DRAM bytes split over (rows, pairs, ctx, logits): [n, 4] each.
@@ -164,28 +171,25 @@ class Accounting:
 
     def _report(
         self, chip, firmware, busy_s: float, ops: float, nbytes: float, idle_s: float = 0.0, link_bytes: float = 0.0
-    ) -> tuple[float, float, float]:
-        """Report an idle then a busy interval; (idle joules, busy joules, the busy clock) as the
-        firmware integrates them (each at the clock the chip runs at when it is reported)."""
-        idle_j = busy_j = 0.0
-        f = self.freq_mhz(chip, firmware)
+    ) -> tuple[float, float]:
+        """Report an idle then a busy interval; the clocks the firmware prices each at (the chip's
+        clock when it is reported: a tick inside the idle interval may change it)."""
+        busy_s, idle_s = float(busy_s), float(idle_s)
+        f_idle = self.freq_mhz(chip, firmware)
         if idle_s > 0:
-            idle_j = float(cost.idle_power_w(self.profile, f)) * idle_s
             chip.clock_s += idle_s
             if firmware is not None:
                 firmware.idle(chip.index, idle_s)
-            f = self.freq_mhz(chip, firmware)
+        f_busy = self.freq_mhz(chip, firmware)
         chip.clock_s += busy_s
-        if busy_s > 0:
-            busy_j = float(cost.busy_energy_j(self.profile, f, busy_s, ops, nbytes, link_bytes=link_bytes))
-            if firmware is not None:
-                firmware.activity(chip.index, busy_s, ops, nbytes, link_bytes=link_bytes)
-        return idle_j, busy_j, f
+        if firmware is not None and busy_s > 0:
+            firmware.activity(chip.index, busy_s, float(ops), float(nbytes), link_bytes=link_bytes)
+        return f_idle, f_busy
 
 
-def _shares(joules: float, weights: np.ndarray) -> np.ndarray:
-    """``joules`` split in proportion to ``weights`` [4] (all to rows when they are all zero)."""
-    total = float(weights.sum())
-    if total <= 0:
-        return np.array((joules, 0.0, 0.0, 0.0))
-    return joules * weights / total
+def _shares(joules: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each chip's ``joules`` [n] split in proportion to its ``weights`` [n, 4] (all to rows when
+    they are all zero), summed over the chips: [4]."""
+    total = weights.sum(axis=1)
+    share = np.where(total[:, None] > 0, weights / np.where(total > 0, total, 1.0)[:, None], np.array((1.0, 0.0, 0.0, 0.0)))
+    return joules @ share
