@@ -98,6 +98,12 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
     done_reason: str = ""  # stop | length
+    prefill_j: float = 0.0  # the chips' energy for the prompt pass (the box runs nothing else meanwhile)
+    decode_j: float = 0.0  # ... and for the decode steps
+
+    @property
+    def joules(self) -> float:
+        return self.prefill_j + self.decode_j
 
     @property
     def prompt_tok_per_s(self) -> float:
@@ -140,13 +146,14 @@ class Generation:
         kv = m.new_cache()
 
         # prompt processing: one forward pass over the whole prompt, logits of the last token only
-        t0 = time.perf_counter()
+        t0, j0 = time.perf_counter(), m.box.accounting.step_j
         logits = m.forward(prompt, np.arange(n_prompt, dtype=np.int32), kv, all_logits=False)[0]
         self.stats.prompt_tokens = n_prompt
         self.stats.prompt_seconds = time.perf_counter() - t0
+        self.stats.prefill_j = m.box.accounting.step_j - j0
 
         # decode: sample, show the text, feed the token back until the completion ends
-        t0 = time.perf_counter()
+        t0, j0 = time.perf_counter(), m.box.accounting.step_j
         while True:
             token = completion.sample(logits)
             text = completion.push(token)
@@ -157,6 +164,7 @@ class Generation:
                 break
             pos = np.array([n_prompt + len(completion.tokens) - 1], np.int32)
             logits = m.forward(np.array([token], np.int32), pos, kv, all_logits=False)[0]
+            self.stats.decode_j = m.box.accounting.step_j - j0
         tail = completion.finish()
         if tail:
             yield tail

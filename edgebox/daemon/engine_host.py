@@ -159,6 +159,9 @@ class ModelHost:
             "kv_budget_bytes": s.kv_budget_bytes,
             "steps": s.steps,
             "generated_tokens": s.generated_tokens,
+            # running counters of the chips' energy since the model loaded: all of it, and the part
+            # spent idle between steps (charged to no request; the rest is the requests')
+            "energy": {"total_j": round(s.energy_j + s.idle_energy_j, 6), "idle_j": round(s.idle_energy_j, 6)},
         }
 
     @property

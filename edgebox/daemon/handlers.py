@@ -48,6 +48,7 @@ from edgebox.daemon.schemas import (
     TOO_MANY,
     UNAVAILABLE,
     CancelParams,
+    EnergyUsage,
     FinalReply,
     GenerateParams,
     LoadModelParams,
@@ -500,6 +501,7 @@ class CommandHandler:
             total_ms=_ms(s.total_s),
             decode_tokens_per_s=round(s.decode_tok_per_s, 2),
         )
+        reply.energy = EnergyUsage(**s.energy.as_dict())
         if not job.stream:
             reply.text, reply.content, reply.reasoning = s.text, s.content, s.reasoning or None
         if job.inbound.dup:

@@ -4,7 +4,8 @@ Topics (``{d}`` is the device id)::
 
     edgebox/v1/{d}/status        retained  {"state": "online"|"offline", ...}; the Last Will says offline
     edgebox/v1/{d}/state         retained  model, budget, chips, config version, limits
-    edgebox/v1/{d}/telemetry     periodic  per-chip power/frequency/temperature, batch, queue, tok/s, memory
+    edgebox/v1/{d}/telemetry     periodic  per-chip power/frequency/temperature, batch, queue, tok/s, memory,
+                                           energy counters (engine.energy: total_j, idle_j)
     edgebox/v1/{d}/event                   model_loaded, throttled, bad_request, ...
     edgebox/v1/{d}/cmd/{method}  QoS 1     generate, cancel, load_model, unload_model, set_power_budget, get_status
     edgebox/v1/{d}/reply/...               where controllers should point their Response Topic, so the
@@ -14,7 +15,9 @@ A command is ``{"request_id": "...", "params": {...}}`` (plus ``reply_to`` for M
 who have no Response Topic, and an optional ``expires_at`` in Unix seconds). Replies go to the
 Response Topic with the Correlation Data copied. A generate streams
 ``{"request_id", "seq", "delta", "done": false}`` chunks, then every command ends with exactly
-one final ``{"request_id", "seq", "done": true, "status": "ok"|"error", "code", ...}``.
+one final ``{"request_id", "seq", "done": true, "status": "ok"|"error", "code", ...}``; a
+generate's carries ``usage``, ``timings`` and ``energy`` (``{joules, joules_per_token, prefill_j,
+decode_j, avg_w}``: its share of the chips' energy, by the rule in ``edgebox.engine.energy``).
 
 Codes: 200 ok, 400 bad input, 404 unknown method / request / model file, 408 expired before it
 ran, 409 conflicts with the box's state, 413 too large (payload, prompt over the context, KV
@@ -224,6 +227,16 @@ class Timings(BaseModel):
     decode_tokens_per_s: float
 
 
+class EnergyUsage(BaseModel):
+    """The request's share of the chips' energy (``edgebox.engine.energy`` states the rule)."""
+
+    joules: float
+    joules_per_token: float | None = None  # per generated token; absent when none was generated
+    prefill_j: float
+    decode_j: float
+    avg_w: float  # joules over the device seconds of the steps it was in
+
+
 class StreamChunk(BaseModel):
     request_id: str
     seq: int
@@ -242,6 +255,7 @@ class FinalReply(BaseModel):
     done_reason: str | None = None  # generate: stop | length | cancelled | error
     usage: Usage | None = None
     timings: Timings | None = None
+    energy: EnergyUsage | None = None  # generate: the request's energy
     text: str | None = None  # generate with stream=false: the whole answer
     content: str | None = None
     reasoning: str | None = None

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 from edgebox.api import Model
+from edgebox.engine.energy import EnergyBook
 from edgebox.engine.request import EngineStats, Event, Handle, Queued, QueueFullError, Request, Summary, TokenRate
 from edgebox.engine.scheduler import PromptCache, StepPlan, schedule
 from edgebox.engine.sequence import Sequence
@@ -68,6 +69,7 @@ class Engine:
         self._steps = 0
         self._generated = 0
         self._rate = TokenRate(RATE_WINDOW_S)
+        self._energy = EnergyBook(model.box.accounting)
         self.warmup_s = 0.0
         self._quiet = threading.Event()  # set while idle with the listeners told so
         self._quiet.set()
@@ -136,6 +138,8 @@ class Engine:
                 tokens_per_s=self._rate.per_s(),
                 steps=self._steps,
                 generated_tokens=self._generated,
+                energy_j=self._energy.accounting.step_j,
+                idle_energy_j=self._energy.accounting.idle_j,
             )
 
     def load(self) -> tuple[int, int, list[tuple[int, int]]]:
@@ -242,6 +246,7 @@ class Engine:
             return
         # the chips' device time, then the math (a dry run only moves the caches on)
         self.model.box.account_step(*step_cost(segments))
+        self._energy.charge([s for s, _ in work], segments)
         if self.dry_run:
             for seg in segments:
                 seg.kv.length += len(seg.tokens)
@@ -281,7 +286,7 @@ class Engine:
             if reason in ("stop", "length") and not s.shifted:
                 self._prompt_cache.remember(s.ids + s.completion.tokens, s.kv)
             self._cond.notify_all()
-        s.handle._emit(s.summary(reason, error))
+        s.handle._emit(self._energy.finish(s, s.summary(reason, error)))
 
     def _warm_up(self) -> None:
         """Hot standby: repack the weights, compile and touch every code path once (prefill chunk,

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from edgebox.engine.energy import Energy
 from edgebox.errors import ContextOverflowError, EdgeboxError
 from edgebox.text.chat import THINK_OPEN
 from edgebox.text.sampler import SamplingParams
@@ -78,6 +79,7 @@ class Summary:
     total_s: float = 0.0
     error: str | None = None
     prompt_truncated: int = 0  # tokens dropped from an over-long prompt (context_shift)
+    energy: Energy = field(default_factory=Energy)  # its share of the chips' energy (engine.energy)
 
     @property
     def ok(self) -> bool:
@@ -157,6 +159,8 @@ class EngineStats:
     tokens_per_s: float  # generated tokens per second over the last few seconds
     steps: int
     generated_tokens: int
+    energy_j: float = 0.0  # the chips' energy in steps since the model loaded (every request's joules)
+    idle_energy_j: float = 0.0  # the chips' energy idling between steps (charged to no request)
 
 
 class TokenRate:

@@ -240,6 +240,9 @@ def test_generate_streams_ordered_chunks_then_one_final(rec, broker):
     assert final["status"] == "ok" and final["code"] == 200 and final["done_reason"] == "length", final
     assert final["usage"]["completion_tokens"] == 12 and final["usage"]["prompt_tokens"] > 0
     assert set(final["timings"]) >= {"ttft_ms", "decode_ms", "total_ms", "decode_tokens_per_s"}
+    energy = final["energy"]
+    assert energy["joules"] > 0 and energy["joules_per_token"] == pytest.approx(energy["joules"] / 12, rel=1e-3, abs=2e-6)
+    assert energy["prefill_j"] + energy["decode_j"] == pytest.approx(energy["joules"], abs=2e-6) and energy["avg_w"] > 0
     # the daemon's greedy text is the library's greedy text
     expected = "".join(edgebox.load(TEST_MODEL).generate(PROMPT, max_tokens=12, temperature=0.0))
     assert "".join(d["delta"] for d in body[:-1]) == expected
@@ -500,6 +503,7 @@ def test_status_state_telemetry_and_throttle_events(broker, daemon, fleet):
     assert {"power_w", "freq_mhz", "max_freq_mhz", "temp_c", "throttle_reasons"} <= set(tel["chips"][0])
     assert {"batch", "queue", "tokens_per_s", "in_flight", "budget_w"} <= set(tel) and tel["host"]["rss_bytes"] > 0
     assert tel["engine"]["batch_limit"] >= 1 and tel["engine"]["kv_budget_bytes"] > 0
+    assert tel["engine"]["energy"]["total_j"] > tel["engine"]["energy"]["idle_j"] >= 0  # the warm-up's steps at least
     assert tel["power"]["enforced"] is True and tel["power"]["budget_w"] == tel["budget_w"]
     # the same tree `edgebox power status` reads
     assert sorted(p.name for p in daemon.fw_root.glob("chip*")) == ["chip0", "chip1", "chip2", "chip3"]
