@@ -98,9 +98,12 @@ def test_install_script_stages_config_and_unit(tmp_path):
     key = root / "etc/edgebox/api-key"  # a random HTTP API key, read as the unit's credential would be
     assert re.fullmatch(r"[0-9a-f]{48}\n", key.read_text()) and (key.stat().st_mode & 0o777) == 0o600
     assert cfg.http == "127.0.0.1:8080"
-    assert load_config(config, env={"CREDENTIALS_DIRECTORY": str(key.parent)}).resolved_api_key(
-        {"CREDENTIALS_DIRECTORY": str(key.parent)}
-    ) == key.read_text().strip()
+    assert (
+        load_config(config, env={"CREDENTIALS_DIRECTORY": str(key.parent)}).resolved_api_key(
+            {"CREDENTIALS_DIRECTORY": str(key.parent)}
+        )
+        == key.read_text().strip()
+    )
     unit = (root / "etc/systemd/system/edgebox.service").read_text()
     exe = re.search(r"^ExecStart=(\S+) serve --config /etc/edgebox/edgebox.toml$", unit, re.M).group(1)
     assert os.access(exe, os.X_OK)
