@@ -377,6 +377,8 @@ class Sampler:
             vals = x[ids]
         if self._bias_ids.size:
             vals = _add_at(ids, vals, self._bias_ids, self._bias)
+            if vals.max() == -np.inf:
+                raise ValueError("logit_bias and ignore_eos ban every token the request allows: nothing is left to sample")
 
         if p.mirostat:
             ids, vals = _temperature(ids, vals, p.temperature)
