@@ -303,6 +303,8 @@ class Sampler:
         bias = dict(params.logit_bias)
         if params.ignore_eos:
             for t in eog_ids:
+                if int(t) < 0:
+                    raise ValueError(f"eog id {t} is not a token id (>= 0)")
                 bias[int(t)] = -math.inf
         self._bias_ids = np.array(sorted(bias), dtype=np.int64)
         self._bias = np.array([bias[t] for t in sorted(bias)], dtype=np.float32)
@@ -391,8 +393,14 @@ class Sampler:
             t = stages.index("temperature")
             if all(s in _KEEP_THE_BEST for s in stages[:t]):
                 stages = tuple(s for s in stages[:t] if s in ("penalties", "dry")) + ("temperature",)
-        for stage in stages:
-            ids, vals = self._apply(stage, ids, vals, history)
+        i = 0
+        while i < len(stages):
+            if stages[i : i + 2] == ("top_p", "min_p"):  # llama.cpp's default order: one pass for both
+                ids, vals = _top_p(ids, vals, p.top_p, p.min_p)
+                i += 2
+                continue
+            ids, vals = self._apply(stages[i], ids, vals, history)
+            i += 1
         ids, vals = _finite(ids, vals)
         return _as_ids(ids, vals), _softmax(vals)
 
@@ -732,13 +740,21 @@ def _top_k(ids, vals, k: int):
     return _finite(*_take(ids, vals, _best(ids, vals, k)))
 
 
-def _top_p(ids, vals, top_p: float):
-    """The smallest high-to-low prefix whose mass reaches p (all of them if rounding never does)."""
+def _top_p(ids, vals, top_p: float, min_p: float = 0.0):
+    """The smallest high-to-low prefix whose mass reaches p (all of them if rounding never does);
+    with ``min_p``, min-p right after it.
+
+    Both keep a high-to-low prefix and min-p's threshold depends only on the best token, which
+    top-p always keeps, so the pair keeps the shorter prefix: filtering by min-p first leaves
+    fewer tokens to sort (top-p's mass still counts everything before min-p).
+    """
     ids, vals = _finite(ids, vals)
     ids = _as_ids(ids, vals)
     p = float(np.float32(top_p))
     vmax = float(vals.max())
     total = float(np.exp(vals.astype(np.float64) - vmax).sum())
+    if min_p > 0.0:
+        ids, vals = _min_p(ids, vals, min_p)
     if vals.size > _TOP_P_FIRST_GUESS * 4:  # most of the mass sits in the first 256: try those
         best = _best(ids, vals, _TOP_P_FIRST_GUESS)
         cut = _mass_cut(vals[best], total, vmax, p)
