@@ -35,6 +35,12 @@ entropy (0 * log 0) when a candidate's probability is 0 in float32 (a token at -
 or top-n-sigma left in its array, a banned token), and then keeps an unspecified set; edgebox
 drops such tokens first.
 
+``sample`` is ``candidates`` (the chain) then ``pick`` (the draw, then ``accept``: mirostat's
+update). ``Sampler.logprobs`` gives OpenAI's log-probabilities (the raw logits plus logit_bias),
+``chain_logprobs`` those of the distribution drawn from (llama.cpp's post-sampling ``n_probs``).
+Nothing sorts the whole vocabulary where a cheaper exact path exists: top-k bounds its search with
+a strided sample, min-p and mirostat v2 are thresholds on logits, top-p tries the best 256 first.
+
 Every call draws exactly one uniform number for the final draw, greedy or not, like llama.cpp's
 ``dist`` sampler: the stream then stays aligned whatever the parameters or the candidates.
 
