@@ -28,7 +28,7 @@ class Completion:
     logits), show the text it returns, and once ``done_reason`` is set show ``finish()``."""
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()):
-        self.sampler = Sampler(params)
+        self.sampler = Sampler(params, vocab=tokenizer, eog_ids=tokenizer.eog_ids)  # DRY's pieces, ignore_eos
         self.eog_ids = tokenizer.eog_ids
         self.detok = tokenizer.stream_decoder()
         self.stops = StopMatcher(stop)

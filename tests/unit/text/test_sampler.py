@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 
 from edgebox.errors import ModelError
-from edgebox.text.sampler import NonFiniteLogitsError, Sampler, SamplingParams
+from edgebox.gguf.file import read_fields
+from edgebox.text.sampler import (
+    DEFAULT_SAMPLERS,
+    NonFiniteLogitsError,
+    Sampler,
+    SamplingParams,
+    _z_array,
+    chain_logprobs,
+    dry_breakers,
+    dry_repeats,
+)
+from edgebox.text.tokenizer import Tokenizer
+from tests.fixtures.paths import vocab_path
 
 # Only the filters under test: every other one disabled.
 PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
@@ -64,6 +77,28 @@ def test_defaults_are_llama_cpp_defaults():
         ("seed", -1),
         ("seed", 1.5),
         ("seed", False),
+        ("presence_penalty", math.nan),
+        ("frequency_penalty", math.inf),
+        ("frequency_penalty", "1"),
+        ("typical_p", 1.5),
+        ("typical_p", -0.5),
+        ("top_n_sigma", math.nan),
+        ("mirostat", 3),
+        ("mirostat", -1),
+        ("mirostat", 2.0),
+        ("mirostat_tau", -1.0),
+        ("mirostat_eta", math.inf),
+        ("dry_multiplier", -0.5),
+        ("dry_base", 0.5),
+        ("dry_allowed_length", -1),
+        ("dry_penalty_last_n", -2),
+        ("dry_sequence_breakers", "\n"),
+        ("dry_sequence_breakers", ["\n", 3]),
+        ("xtc_probability", 1.5),
+        ("xtc_threshold", -0.1),
+        ("ignore_eos", "yes"),
+        ("samplers", "top_k;top_p"),
+        ("logit_bias", 5),
     ],
 )
 def test_bad_values_name_the_field_and_the_range(field, value):
@@ -72,6 +107,44 @@ def test_bad_values_name_the_field_and_the_range(field, value):
     message = str(info.value)
     assert message.startswith(f"{field} must be ")
     assert repr(value) in message
+
+
+def test_new_defaults_are_llama_cpps_common_params_sampling():
+    p = SamplingParams()
+    assert (p.presence_penalty, p.frequency_penalty, p.typical_p, p.top_n_sigma) == (0.0, 0.0, 1.0, -1.0)
+    assert (p.mirostat, p.mirostat_tau, p.mirostat_eta) == (0, 5.0, 0.1)
+    assert (p.dry_multiplier, p.dry_base, p.dry_allowed_length, p.dry_penalty_last_n) == (0.0, 1.75, 2, 64)
+    assert p.dry_sequence_breakers == ("\n", ":", '"', "*")
+    assert (p.xtc_probability, p.xtc_threshold, p.ignore_eos, p.logit_bias) == (0.0, 0.1, False, ())
+    assert p.samplers == DEFAULT_SAMPLERS == (
+        "penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature",
+    )  # fmt: skip
+
+
+def test_sampler_names_take_llama_cpps_aliases_and_refuse_others():
+    p = SamplingParams(samplers=["Top-K", "nucleus", "minp", "typ", "temp", "top_n_sigma"])
+    assert p.samplers == ("top_k", "top_p", "min_p", "typ_p", "temperature", "top_n_sigma")
+    with pytest.raises(ValueError, match=r"^samplers must be a list of sampler names from penalties, .*got 'infill'"):
+        SamplingParams(samplers=["top_k", "infill"])
+    assert SamplingParams(samplers=[]).samplers == ()
+
+
+def test_logit_bias_is_checked_and_stored_as_sorted_pairs():
+    assert SamplingParams(logit_bias={7: 1, 2: -math.inf}).logit_bias == ((2, -math.inf), (7, 1.0))
+    with pytest.raises(ValueError, match=r"^logit_bias token id must be an integer >= 0, got -1"):
+        SamplingParams(logit_bias={-1: 1.0})
+    for bad in (math.nan, math.inf, "1", True):
+        with pytest.raises(ValueError, match=r"^logit_bias for token 3 must be a finite number or -inf"):
+            SamplingParams(logit_bias={3: bad})
+
+
+def test_logit_bias_ids_outside_the_vocabulary_name_the_id_and_the_size():
+    p = SamplingParams(logit_bias={5: 1.0, 40: 2.0})
+    p.check(41)
+    with pytest.raises(ValueError, match=r"^logit_bias token id 40 is outside the vocabulary of 10 tokens \(0\.\.9\)$"):
+        p.check(10)
+    with pytest.raises(ValueError, match="logit_bias token id 40"):
+        Sampler(p).sample(np.zeros(10, np.float32))
 
 
 def test_numbers_are_normalized_to_their_types():
@@ -315,3 +388,232 @@ def test_masked_tokens_at_minus_inf_are_still_sampled():
     logits = np.array([-np.inf, 2.0, -np.inf], np.float32)
     assert sampler(temperature=0.0).sample(logits) == 1
     assert sampler(temperature=1.0, seed=1).sample(logits) == 1
+
+
+# --- logit bias, ignore_eos, the grammar mask -----------------------------------------------------
+
+
+def test_logit_bias_adds_to_the_logits_and_minus_inf_bans():
+    x = np.zeros(6, np.float32)
+    ids, probs = sampler(**PLAIN, logit_bias={1: math.log(3.0), 4: -math.inf}).candidates(x)
+    got = dict(zip(ids.tolist(), probs.tolist()))
+    assert 4 not in got and got[1] == pytest.approx(3 * got[0]) and got[0] == pytest.approx(got[5])
+    assert sampler(temperature=0.0, logit_bias={0: -math.inf}).sample(np.array([5.0, 1.0, 2.0], np.float32)) == 2
+
+
+def test_ignore_eos_bans_the_eog_ids_the_sampler_is_given():
+    x = np.array([0.0, 9.0, 0.5, 9.0], np.float32)
+    banned = Sampler(SamplingParams(temperature=0.0, ignore_eos=True), eog_ids=[1, 3])
+    assert banned.sample(x) == 2
+    assert Sampler(SamplingParams(temperature=0.0), eog_ids=[1, 3]).sample(x) == 1  # only with ignore_eos
+    s = Sampler(SamplingParams(seed=3, ignore_eos=True, **PLAIN), eog_ids=[1, 3])
+    assert not {1, 3} & set(draws(s, x, 300).tolist())
+    with pytest.raises(ValueError, match="eog id 7 is outside the vocabulary of 4 tokens"):
+        Sampler(SamplingParams(ignore_eos=True), eog_ids=[7]).sample(x)
+
+
+def test_allowed_mask_comes_first_and_is_never_left():
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal(5000) * 3).astype(np.float32)
+    allowed = np.zeros(x.size, bool)
+    allowed[rng.choice(x.size, 25, replace=False)] = True
+    for kw in ({}, {"temperature": 0.0}, {"top_k": 3}, {"mirostat": 2}, {"repeat_penalty": 1.5, "typical_p": 0.5}):
+        s = sampler(seed=2, **kw)
+        got = [s.sample(x, [0, 1, 2], allowed=allowed) for _ in range(50)]
+        assert all(allowed[got])
+    assert sampler(temperature=0.0).sample(x, allowed=allowed) == int(np.flatnonzero(allowed)[np.argmax(x[allowed])])
+
+
+def test_allowed_mask_refuses_nothing_allowed_and_wrong_shapes():
+    x = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="allows no token"):
+        sampler().sample(x, allowed=np.zeros(4, bool))
+    with pytest.raises(ValueError, match=r"allowed must be a boolean array \[n_vocab\] = \[4\]"):
+        sampler().sample(x, allowed=np.ones(5, bool))
+    with pytest.raises(ValueError, match="nothing is left to sample"):
+        sampler(logit_bias={2: -math.inf}).sample(x, allowed=np.array([False, False, True, False]))
+
+
+# --- presence and frequency penalties ---------------------------------------------------------------
+
+
+def test_presence_and_frequency_penalties_are_openais_over_the_window():
+    x = [1.0, 1.0, 1.0, 1.0]
+    got = _penalized(x, [3, 0, 0, 1], frequency_penalty=0.5, presence_penalty=1.0, repeat_last_n=3)
+    # window [0, 0, 1]: token 0 seen twice, token 1 once, token 3 fell out of the window
+    want = np.array([1 - (2 * 0.5 + 1.0), 1 - (0.5 + 1.0), 1.0, 1.0])
+    assert np.allclose(got - got[2], want - want[2], atol=1e-6)
+
+
+def test_penalties_run_with_repeat_penalty_one_when_an_openai_penalty_is_set():
+    assert SamplingParams(presence_penalty=0.5).penalizes and not SamplingParams().penalizes
+    assert not SamplingParams(presence_penalty=0.5, repeat_last_n=0).penalizes
+
+
+# --- sampler order, typical, top-n-sigma, XTC, mirostat --------------------------------------------
+
+
+def test_order_matters_temperature_before_min_p_changes_what_min_p_keeps():
+    x = logits_for([0.50, 0.30, 0.15, 0.05])
+    after = sampler(min_p=0.2, top_k=0, top_p=1.0, temperature=3.0)  # llama.cpp's order: min-p first
+    before = sampler(min_p=0.2, top_k=0, top_p=1.0, temperature=3.0, samplers=["temperature", "min_p"])
+    assert after.candidates(x)[0].tolist() == [0, 1, 2]
+    assert before.candidates(x)[0].tolist() == [0, 1, 2, 3]  # flattened by T = 3 first
+
+
+def test_greedy_after_typical_is_the_best_typical_token_not_the_argmax():
+    # entropy 1.50 nats: the 0.15 tokens (surprise 1.90) are more typical than the 0.4 one (0.92)
+    x = logits_for([0.40, 0.15, 0.15, 0.15, 0.15])
+    s = sampler(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=0.2)
+    assert s.candidates(x)[0].tolist() == [1]
+    assert sampler(temperature=0.0).candidates(x)[0].tolist() == [0]
+
+
+def test_top_n_sigma_keeps_logits_within_n_standard_deviations_of_the_max():
+    x = np.array([4.0, 3.0, 0.0, -1.0, -2.0, 2.9], np.float32)
+    n = 1.0
+    keep = x >= x.max() - n * x.std()
+    ids, _ = sampler(**PLAIN, top_n_sigma=n).candidates(x)
+    assert sorted(ids.tolist()) == np.flatnonzero(keep).tolist()
+
+
+def test_xtc_removes_every_token_above_the_threshold_but_the_least_likely():
+    x = logits_for([0.4, 0.3, 0.2, 0.06, 0.04])
+    ids, _ = sampler(**PLAIN, xtc_probability=1.0, xtc_threshold=0.15).candidates(x)
+    assert sorted(ids.tolist()) == [2, 3, 4]
+    assert sampler(**PLAIN, xtc_probability=1.0, xtc_threshold=0.6).candidates(x)[0].size == 5  # 0.5 < t: off
+
+
+def test_xtc_coin_has_its_own_stream_so_the_draws_stay_aligned():
+    x = np.arange(10, dtype=np.float32)
+    a = sampler(seed=5, **PLAIN)
+    b = sampler(seed=5, **PLAIN, xtc_probability=0.5, xtc_threshold=0.5)  # 0.5: the coin runs, never cuts
+    for _ in range(20):
+        assert a.sample(x) == b.sample(x)
+
+
+def test_mirostat_v2_adapts_mu_and_keeps_surprise_near_tau():
+    rng = np.random.default_rng(12)
+    s = sampler(seed=1, mirostat=2, mirostat_tau=3.0, mirostat_eta=0.1, temperature=1.0)
+    assert s.mu == 6.0
+    surprises = []
+    for _ in range(400):
+        x = (rng.standard_normal(3000) * 2).astype(np.float32)
+        mu = s.mu
+        ids, probs = s.candidates(x)
+        token = s.pick(ids, probs)
+        full = np.exp(x.astype(np.float64) - x.max())
+        surprises.append(-math.log2(probs[ids.tolist().index(token)]))
+        kept = full[ids] / full.sum()  # before renormalizing: every kept token has surprise <= mu
+        assert ids.size == 1 or np.all(-np.log2(kept) <= mu + 1e-9)
+    assert abs(np.mean(surprises[100:]) - 3.0) < 0.5
+
+
+def test_accept_refuses_a_token_that_was_not_a_candidate():
+    s = sampler(mirostat=2)
+    ids, probs = s.candidates(np.array([3.0, 0.0, -9.0], np.float32))
+    with pytest.raises(ValueError, match="token 2 is not one of the candidates"):
+        s.accept(2, ids, probs)
+
+
+# --- DRY --------------------------------------------------------------------------------------------
+
+
+def test_dry_repeats_follow_llama_cpps_worked_example():
+    # llama.cpp's comment: "a b c c b c y a b c" -> c extends "a b c" (3), y extends "b c" (2),
+    # b extends "c" (1, below the allowed length 2)
+    a, b, c, y = 1, 2, 3, 4
+    assert dry_repeats([a, b, c, c, b, c, y, a, b, c], {}, 2) == {c: 3, y: 2}
+    assert dry_repeats([a, b, c, c, b, c, y, a, b, c], {}, 1) == {c: 3, y: 2, b: 1}
+    # a breaker two tokens back limits every repeat to 2 (a single-token breaker has tail ())
+    assert dry_repeats([a, b, c, c, b, c, y, a, b, c], {a: ((),)}, 2) == {c: 2, y: 2}
+    assert dry_repeats([a, b, c, c, b, c, y, a, b, c], {b: ((),)}, 2) == {}
+
+
+def test_z_array_matches_a_brute_force():
+    rng = np.random.default_rng(13)
+    for _ in range(200):
+        s = rng.integers(0, 3, rng.integers(1, 40)).tolist()
+        want = [0] + [next((m for m in range(len(s) - k) if s[m] != s[k + m]), len(s) - k) for k in range(1, len(s))]
+        assert _z_array(s) == want
+
+
+def test_dry_penalizes_the_token_that_extends_a_repeat_by_multiplier_times_base_to_the_excess():
+    history = [5, 6, 7, 8, 9, 5, 6, 7, 8]  # "5 6 7 8" again: 9 would extend a repeat of 4
+    x = np.zeros(12, np.float32)
+    got = _penalized(x, history, dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2, dry_sequence_breakers=[])
+    assert got[9] - got[0] == pytest.approx(-0.8 * 1.75 ** (4 - 2), rel=1e-6)
+    assert np.allclose(np.delete(got, 9), got[0])
+
+
+@functools.cache
+def deepseek_coder() -> Tokenizer:
+    path = vocab_path("deepseek-coder")
+    return Tokenizer.from_gguf_fields(read_fields(path), path.name)
+
+
+def test_dry_breakers_come_from_the_tokenizers_pieces():
+    tok = deepseek_coder()
+    table = dry_breakers(tok, [":", "my friend"])
+    colon = [t for t in range(tok.n_vocab) if b":" in tok.token_to_piece(t)]
+    assert colon and all(() in table[t] for t in colon)
+    # " my" ends with the head of "my friend"? no: "my friend" starts inside " my": tail " friend"
+    head = tok.encode(" my", add_bos=False, parse_special=False)
+    assert len(head) == 1 and tuple(tok.encode(" friend", add_bos=False, parse_special=False)) in table[head[0]]
+    assert dry_breakers(tok, [":", "my friend"]) is table  # cached per tokenizer
+
+
+def test_dry_with_breakers_needs_the_vocabulary():
+    with pytest.raises(ValueError, match="dry_sequence_breakers need the tokenizer"):
+        Sampler(SamplingParams(dry_multiplier=0.8))
+    Sampler(SamplingParams(dry_multiplier=0.8, dry_sequence_breakers=[]))
+    Sampler(SamplingParams())  # DRY off: no vocabulary needed
+
+
+# --- logprobs -----------------------------------------------------------------------------------------
+
+
+def test_logprobs_are_the_log_softmax_of_the_biased_logits_over_the_whole_vocabulary():
+    rng = np.random.default_rng(14)
+    x = (rng.standard_normal(3000) * 2).astype(np.float32)
+    s = sampler(top_k=5, temperature=0.3, logit_bias={11: 4.0})
+    lp = s.logprobs(x, 11, top_n=4)
+    y = x.astype(np.float64)
+    y[11] += 4.0
+    ref = y - y.max() - math.log(np.exp(y - y.max()).sum())
+    assert lp.token == 11 and lp.logprob == pytest.approx(ref[11], abs=1e-6)
+    order = np.argsort(-ref, kind="stable")[:4]
+    assert [t for t, _ in lp.top] == order.tolist()
+    assert np.allclose([v for _, v in lp.top], ref[order], atol=1e-6)
+    assert s.logprobs(x, 11).top == ()
+
+
+def test_chain_logprobs_are_the_distribution_the_draw_used():
+    x = logits_for([0.5, 0.3, 0.15, 0.05])
+    s = sampler(**{**PLAIN, "top_k": 2})
+    ids, probs = s.candidates(x)
+    lp = chain_logprobs(ids, probs, 1, top_n=3)
+    assert lp.logprob == pytest.approx(math.log(0.3 / 0.8)) and [t for t, _ in lp.top] == [0, 1]
+    assert chain_logprobs(ids, probs, 3).logprob == -math.inf
+    with pytest.raises(ValueError, match="top_logprobs must be an integer >= 0"):
+        chain_logprobs(ids, probs, 1, top_n=-1)
+
+
+# --- the fast top-k path -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        np.arange(102_400, dtype=np.float32),  # sorted: the strided sample sees a biased slice
+        np.arange(102_400, dtype=np.float32)[::-1].copy(),
+        np.repeat(np.arange(100, dtype=np.float32), 1024),  # ties everywhere
+        np.where(np.arange(102_400) % 7 == 0, 1.0, -np.inf).astype(np.float32),  # masked out
+    ],
+)
+def test_top_k_on_a_large_vocabulary_matches_a_full_sort(row):
+    for k in (1, 40, 1000):
+        ids, _ = sampler(**{**PLAIN, "top_k": k}).candidates(row)
+        finite = np.flatnonzero(row > -np.inf)
+        want = finite[np.lexsort((finite, -row[finite]))][:k]
+        assert ids.tolist() == want.tolist()
