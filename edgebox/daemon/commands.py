@@ -102,21 +102,14 @@ def parse_command(
 def build_request(p: GenerateParams, max_tokens_limit: int, engine_id: str) -> Any:
     """The engine's ``Request`` for a generate (raises ``Rejected`` 400 for settings the box or
     the sampler refuses)."""
+    from edgebox.daemon.sampling import sampler_settings
     from edgebox.engine import Request
     from edgebox.text.sampler import SamplingParams
 
     if p.max_tokens > max_tokens_limit:
         raise Rejected(BAD_REQUEST, f"params.max_tokens {p.max_tokens} exceeds this box's limit of {max_tokens_limit}")
     try:
-        sampling = SamplingParams(
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            repeat_penalty=p.repeat_penalty,
-            repeat_last_n=p.repeat_last_n,
-            seed=p.seed,
-        )
+        sampling = SamplingParams(**sampler_settings(p))
         return Request(
             prompt=p.prompt,
             messages=None if p.messages is None else tuple(m.model_dump() for m in p.messages),

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from edgebox.daemon.sampling import SamplerExtras, sampler_settings
+
 Stop = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
@@ -44,7 +46,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class _Sampling(_Body, SamplerExtras):
     """The settings shared by both endpoints. ``None`` = the server's default (llama-server's)."""
 
     model: str | None = Field(None, max_length=256, description="ignored: the box serves the model it has loaded")
@@ -122,12 +124,7 @@ def engine_request(body: _Sampling, *, default_max_tokens: int, max_tokens_limit
     if max_tokens > max_tokens_limit:
         field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         raise ValueError(f"{field} {max_tokens} exceeds this server's limit of {max_tokens_limit}")
-    given = {
-        k: getattr(body, k)
-        for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
-        if getattr(body, k) is not None
-    }
-    params = SamplingParams(**given)
+    params = SamplingParams(**sampler_settings(body))
     common = dict(max_tokens=max_tokens, params=params, stop=body.stop_strings, request_id=request_id)
     if isinstance(body, ChatCompletionRequest):
         return Request(messages=tuple(m.as_template_message() for m in body.messages), **common)

@@ -33,6 +33,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgebox.daemon.sampling import SamplerExtras
+
 API_PREFIX = "edgebox/v1"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 METHODS = ("generate", "cancel", "load_model", "unload_model", "set_power_budget", "get_status")
@@ -148,7 +150,7 @@ class ChatMessage(_Strict):
     content: Text
 
 
-class GenerateParams(_Strict):
+class GenerateParams(_Strict, SamplerExtras):
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=512)
     max_tokens: int = Field(128, ge=1)

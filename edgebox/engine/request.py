@@ -200,6 +200,10 @@ class Queued:
     @classmethod
     def prepare(cls, model, handle: Handle, kv_budget_bytes: int, kv_bytes_per_token: int) -> Queued:
         """Tokenize the request's prompt and reserve its KV; raises as ``Engine.submit`` does."""
+        try:
+            handle.request.params.check(model.args.n_vocab)  # logit_bias ids: refused now, not at the first token
+        except ValueError as e:
+            raise EdgeboxError(str(e)) from None
         ids, thinking_open, truncated = prompt_ids(model, handle.request)
         reserved = reservation(handle.request, len(ids), model.n_ctx)
         need = reserved * kv_bytes_per_token

@@ -413,3 +413,20 @@ def test_mqtt_and_http_at_once_share_the_engine(tmp_path):
             assert _value(m["edgebox_requests"], transport="mqtt") == 10 and _value(m["edgebox_requests"], transport="http") == 10
         finally:
             s.stop_ok()
+
+
+def test_llama_cpp_sampler_fields_reach_the_sampler(server):
+    client = server.client()
+    greedy = client.completions.create(model="m", prompt=LONG_PROMPT, max_tokens=6, temperature=0)
+    ids = edgebox_tokenize(greedy.choices[0].text)
+    banned = client.completions.create(model="m", prompt=LONG_PROMPT, max_tokens=6, temperature=0, logit_bias={str(ids[1]): -100})
+    assert banned.choices[0].text != greedy.choices[0].text  # the greedy first token is all but banned
+    extras = {"typical_p": 0.9, "dry_multiplier": 0.8, "xtc_probability": 0.5, "mirostat": 2, "samplers": "top_k;temp"}
+    r = client.completions.create(model="m", prompt=LONG_PROMPT, max_tokens=6, seed=3, presence_penalty=0.5, extra_body=extras)
+    assert r.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="m", prompt="x", max_tokens=2, logit_bias={"99999999": 1})
+    assert "outside the vocabulary" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="m", prompt="x", max_tokens=2, extra_body={"samplers": ["top_k", "bogus"]})
+    assert "bogus" in info.value.body["message"]

@@ -161,3 +161,23 @@ def test_a_pre_rendered_stream_event_is_the_chunk_json(chat, reasoning):
         if not chat:
             expected = shape.delta(text)
         assert json.loads(event[6:]) == expected
+
+
+def test_mqtt_generate_takes_the_same_sampler_fields():
+    from edgebox.daemon.commands import Rejected, build_request
+    from edgebox.daemon.schemas import GenerateParams
+
+    p = GenerateParams.model_validate(
+        {"prompt": "x", "typical_p": 0.5, "logit_bias": {"7": -1.5}, "samplers": ["top_k", "temp"], "ignore_eos": True}
+    )
+    params = build_request(p, 4096, "e").params
+    assert (params.typical_p, params.logit_bias, params.samplers, params.ignore_eos) == (
+        0.5,
+        ((7, -1.5),),
+        ("top_k", "temperature"),
+        True,
+    )
+    with pytest.raises(Rejected, match="samplers"):
+        build_request(GenerateParams.model_validate({"prompt": "x", "samplers": ["nope"]}), 4096, "e")
+    with pytest.raises(ValidationError, match="typical_p"):
+        GenerateParams.model_validate({"prompt": "x", "typical_p": 2})
