@@ -101,6 +101,11 @@ class _BoxCollector:
         yield _gauge("edgebox_kv_cache_usage_perc", "KV cache in use, 0 to 1 of the budget", used / budget if budget else 0.0)
         yield _gauge("edgebox_kv_cache_used_bytes", "KV cache bytes reserved by running sequences", used)
         yield _gauge("edgebox_model_loaded", "1 when a model is loaded and warm", 1 if e else 0)
+        energy = e.get("energy") or {}
+        busy = CounterMetricFamily("edgebox_energy_joules", "Chip energy since the model loaded, by who pays", labels=["part"])
+        busy.add_metric(["requests"], energy.get("total_j", 0.0) - energy.get("idle_j", 0.0))
+        busy.add_metric(["idle"], energy.get("idle_j", 0.0))
+        yield busy
 
         p = self.power()
         yield _gauge("edgebox_power_budget_watts", "The box's power budget", p.get("budget_w") or 0.0)

@@ -3,7 +3,7 @@ shapes for the published OpenAPI schema (the server writes plain dicts: the mode
 the builders produce, and the schemathesis run checks that the two agree).
 
 edgebox's additions are extra fields OpenAI clients ignore: ``reasoning_content`` (DeepSeek's
-API name for R1's thinking), ``timings`` (llama-server's names), ``usage.prompt_tokens_details``.
+API name for R1's thinking), ``timings`` (llama-server's names), ``usage.energy`` (joules).
 """
 
 from __future__ import annotations
@@ -34,11 +34,22 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int
 
 
+class EnergyOut(BaseModel):
+    """edgebox's extension: what the request cost the chips (its share of each step it was in)."""
+
+    joules: float
+    joules_per_token: float | None
+    prefill_j: float
+    decode_j: float
+    avg_w: float
+
+
 class UsageOut(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    energy: EnergyOut | None = None
 
 
 class TimingsOut(BaseModel):
@@ -122,12 +133,15 @@ def error_body(message: str, type_: str, code: str | int | None = None, param: s
 
 
 def usage(s) -> dict:
-    return {
+    out = {
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.generated_tokens,
         "total_tokens": s.prompt_tokens + s.generated_tokens,
         "prompt_tokens_details": {"cached_tokens": s.cached_prompt_tokens},
     }
+    if s.energy is not None:
+        out["energy"] = s.energy.as_dict()
+    return out
 
 
 def timings(s) -> dict:

@@ -79,6 +79,8 @@ def test_chat_completion_streamed_and_not_give_the_same_text(server):
     assert whole.usage.completion_tokens <= 12 and whole.usage.prompt_tokens > 0
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
     assert whole.model == TEST_MODEL.name and whole.id.startswith("chatcmpl-")
+    energy = whole.usage.model_extra["energy"]  # edgebox's extension: the request's joules
+    assert energy["joules"] > 0 and energy["prefill_j"] + energy["decode_j"] == pytest.approx(energy["joules"], rel=1e-3)
 
     chunks = list(
         client.chat.completions.create(
@@ -186,6 +188,7 @@ def test_health_and_metrics(server):
     chips = {s.labels["chip"] for s in m["edgebox_chip_power_watts"]}
     assert len(chips) == 1 and {s.labels["chip"] for s in m["edgebox_chip_clock_mhz"]} == chips
     assert "edgebox_chip_temperature_celsius" in m and "edgebox_kv_cache_usage_perc" in m
+    assert _value(m["edgebox_energy_joules"], part="requests") > 0
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
