@@ -422,6 +422,11 @@ class PackCache:
             self._writer.join()
 
     def _write(self, weights: list[tuple[str, PackedWeight]], rebind: bool) -> None:
+        if not rebind:  # the background writer: at the lowest CPU priority (Linux nice is per thread),
+            try:  # so checksumming and copying 3+ GB do not slow the first tokens it runs beside
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (OSError, AttributeError):
+                pass
         evict(self.directory, self.limit, _layout(weights)[1])
         try:
             write_entry(self.path, self.key, weights)
