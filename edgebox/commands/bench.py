@@ -4,6 +4,8 @@ llama.cpp on the same file and threads in the same run, and the engine at severa
 Each runner (edgebox, llama.cpp) lives in a process of its own, so its peak RSS is its own and
 neither inherits the other's threads; both stay loaded and take turns at every measurement, so
 each ratio compares the two back to back (see ``run_bench``).  Progress goes to stderr.
+``--startup`` instead times process start -> first token, one process per start
+(``run_startup_bench``).
 
     python -m edgebox.commands.bench --child '{"runner": "edgebox", ...}'   # one runner, serving JSON lines
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import statistics
 import subprocess
 import sys
@@ -304,14 +307,16 @@ def time_first_token(argv: list[str], env: dict, name: str = "the process", time
         first = None
         fd = proc.stdout.fileno()
         while True:
+            left = timeout - (time.perf_counter() - t0)
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                proc.kill()  # (a hung start: its error names the exit code, -9)
+                break
             chunk = os.read(fd, 4096)
             if first is None and chunk:
                 first = time.perf_counter() - t0
-            if not chunk or time.perf_counter() - t0 > timeout:
+            if not chunk:
                 break
         proc.stdout.close()
-        if time.perf_counter() - t0 > timeout:
-            proc.kill()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         exit_s = time.perf_counter() - t0
