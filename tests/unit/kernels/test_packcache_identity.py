@@ -21,8 +21,9 @@ SPLIT = b"chips=1"
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEBOX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv(packcache.ENABLED_ENV, raising=False)
-    monkeypatch.delenv(packcache.MAX_GIB_ENV, raising=False)
+    for name in (packcache.ENABLED_ENV, packcache.MAX_GIB_ENV):
+        monkeypatch.setenv(name, "")  # (so that what configure() writes is undone after the test)
+        monkeypatch.delenv(name)
     monkeypatch.setattr(packcache, "_warned", set())
     return tmp_path
 
@@ -112,3 +113,18 @@ def test_a_bad_size_in_the_environment_warns_once_and_uses_the_default(env, monk
     assert packcache.max_bytes() == packcache.max_bytes() == int(packcache.DEFAULT_MAX_GIB * 2**30)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "EDGEBOX_WEIGHT_CACHE_GIB='lots' is not a positive number of GiB" in err
+
+
+def test_the_daemons_settings_write_the_environment_and_a_bad_size_is_one_config_error(env, tmp_path):
+    from edgebox.daemon.config import ConfigError
+    from edgebox.daemon.service import Service
+
+    flags = {"broker": "none", "http": "127.0.0.1:0", "fw_root": tmp_path / "fw"}
+    Service(None, flags, env={})  # settings left unset: the environment stays as it was
+    assert packcache.ENABLED_ENV not in os.environ and packcache.MAX_GIB_ENV not in os.environ
+    Service(None, {**flags, "weight_cache": False, "weight_cache_gib": 3.0}, env={})
+    assert not packcache.enabled() and packcache.max_bytes() == 3 * 2**30
+    config = tmp_path / "edgebox.toml"
+    config.write_text("[model]\nweight_cache_gib = 0\n")
+    with pytest.raises(ConfigError, match="weight_cache_gib"):
+        Service(config, flags, env={})
