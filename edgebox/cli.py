@@ -36,6 +36,28 @@ def _load(model: Path | None, chips: int = 1, n_ctx: int | None = None, profile:
     return edgebox.load(model, chips=chips, n_ctx=n_ctx, profile=profile, backend=backend)
 
 
+def _weight_cache(no_weight_cache: bool, weight_cache_gib: float | None) -> None:
+    """Apply --no-weight-cache / --weight-cache-gib (they set what EDGEBOX_WEIGHT_CACHE and
+    EDGEBOX_WEIGHT_CACHE_GIB set, for this process and the ones it starts)."""
+    from edgebox.kernels import packcache
+
+    try:
+        packcache.configure(False if no_weight_cache else None, weight_cache_gib, gib_name="--weight-cache-gib")
+    except ValueError as e:
+        raise EdgeboxError(str(e)) from None
+
+
+NoWeightCacheOpt = typer.Option(
+    False, "--no-weight-cache", help="neither read nor write the packed-weight cache (as EDGEBOX_WEIGHT_CACHE=0)"
+)
+WeightCacheGibOpt = typer.Option(
+    None,
+    "--weight-cache-gib",
+    help="keep the packed-weight cache under N GiB, evicting the least recently used (as EDGEBOX_WEIGHT_CACHE_GIB; default 16)",
+    show_default=False,
+)
+
+
 def _backend_opt(default: str = "auto"):
     return typer.Option(
         default,
@@ -61,10 +83,13 @@ def run(
     chips: int = typer.Option(4, "--chips", min=1, help="chips to split the model over (the box has four)"),
     ctx: int | None = typer.Option(None, "--ctx", min=1, help="context size (default: min(4096, the model's))"),
     backend: str = _backend_opt(),
+    no_weight_cache: bool = NoWeightCacheOpt,
+    weight_cache_gib: float | None = WeightCacheGibOpt,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; a timing line goes to stderr."""
     from edgebox.text.sampler import SamplingParams
 
+    _weight_cache(no_weight_cache, weight_cache_gib)
     m = _load(model, chips, ctx, backend=backend)
     text = prompt
     if chat:
@@ -164,6 +189,12 @@ def serve(
         "--metrics-need-key/--metrics-open", help="whether /metrics asks for the API key (default: it does)"
     ),
     cors_origins: list[str] | None = _opt("--cors-origin", help="allow this origin by CORS (repeatable; default none)"),
+    weight_cache: bool | None = _opt(
+        "--weight-cache/--no-weight-cache", help="read and write the packed-weight cache (default: on, or EDGEBOX_WEIGHT_CACHE)"
+    ),
+    weight_cache_gib: float | None = _opt(
+        "--weight-cache-gib", help="the packed-weight cache's size bound in GiB (default 16, or EDGEBOX_WEIGHT_CACHE_GIB)"
+    ),
 ) -> None:
     """Serve the model until SIGTERM: the OpenAI-compatible HTTP API and MQTT 5 commands, streamed
     replies and telemetry, from one engine under one power budget."""
@@ -414,14 +445,20 @@ def bench(
         help="measure everything this many times, the runners taking turns; ratios are the median of the rounds",
     ),
     startup: bool = typer.Option(
-        False, "--startup", help="also time process start -> first token over an empty and a warm numba cache"
+        False,
+        "--startup",
+        help="instead: process start -> first token on 1 and 4 chips, weight cache cold and warm, page cache dropped and not",
     ),
+    no_weight_cache: bool = NoWeightCacheOpt,
+    weight_cache_gib: float | None = WeightCacheGibOpt,
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Prompt processing, decode, TTFT and memory (and engine concurrency), optionally beside llama.cpp."""
     import json
 
-    from edgebox.commands.bench import format_report, run_bench
+    from edgebox.commands.bench import format_report, format_startup, run_bench, run_startup_bench
+
+    _weight_cache(no_weight_cache, weight_cache_gib)
 
     try:
         lens = tuple(int(x) for x in prompt.split(",") if x)
@@ -435,7 +472,11 @@ def bench(
     path = model or _default_model()
     if not Path(path).is_file():
         raise EdgeboxError(f"{path}: no such model file")
-    report = run_bench(path, threads, lens, n_decode, vs_llama_cpp, chips, levels, backend, rounds, startup)
+    if startup:
+        report = run_startup_bench(path, threads, vs_llama_cpp, rounds, backend)
+        typer.echo(json.dumps(report, indent=1) if json_out else format_startup(report))
+        return
+    report = run_bench(path, threads, lens, n_decode, vs_llama_cpp, chips, levels, backend, rounds)
     typer.echo(json.dumps(report, indent=1) if json_out else format_report(report))
 
 

@@ -4,6 +4,8 @@ llama.cpp on the same file and threads in the same run, and the engine at severa
 Each runner (edgebox, llama.cpp) lives in a process of its own, so its peak RSS is its own and
 neither inherits the other's threads; both stay loaded and take turns at every measurement, so
 each ratio compares the two back to back (see ``run_bench``).  Progress goes to stderr.
+``--startup`` instead times process start -> first token, one process per start
+(``run_startup_bench``).
 
     python -m edgebox.commands.bench --child '{"runner": "edgebox", ...}'   # one runner, serving JSON lines
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import statistics
 import subprocess
 import sys
@@ -258,43 +261,252 @@ def _pct(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
-# -- process start: what the numba cache saves ----------------------------------------------------
+# -- process start -> first token: as a user meets it, one process per start -----------------------
+#
+# ``edgebox run FILE -p PROMPT -n 1`` against llama-cpp-python loading the same file and generating
+# one token with the same threads and context, one process each; the clock runs from the spawn to
+# the first byte of generated text on the child's stdout, peak RSS is the child's own (wait4).
+# States: the file (and the weight-cache entry) in the page cache, or dropped from it; the
+# packed-weight cache cold (the entry deleted: the first-ever start) or warm.  Within each round
+# and page-cache state the runners take turns (who goes first alternates by round); each edgebox
+# row's ratio is the median over rounds of its time / llama.cpp's in the same round and state.
+
+STARTUP_PROMPT = "The edge box"
+STARTUP_CHIPS = (1, 4)
+STARTUP_TIMEOUT_S = 600.0
+_DROP_CACHES = "/proc/sys/vm/drop_caches"
+_LLAMA_FIRST_TOKEN = """
+import sys, llama_cpp
+path, threads, n_ctx, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+out = llm.create_completion(prompt, max_tokens=1, temperature=0.0)
+sys.stdout.write(out["choices"][0]["text"] or "?")
+sys.stdout.flush()
+"""
 
 
-def bench_startup(model_path, chips: int = 1) -> dict:
-    """Process start -> first generated token (``edgebox run -n 1``), twice over an empty numba
-    cache: the first start compiles every kernel, the second loads them from the cache."""
-    out = {}
-    with tempfile.TemporaryDirectory(prefix="edgebox-numba-") as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        for label in ("first_start_s", "second_start_s"):
-            t = time.perf_counter()
-            p = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "edgebox.cli",
-                    "run",
-                    str(model_path),
-                    "-p",
-                    "hello",
-                    "-n",
-                    "1",
-                    "--temp",
-                    "0",
-                    "--chips",
-                    str(chips),
-                ],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            out[label] = time.perf_counter() - t
-            if p.returncode != 0:
-                raise RuntimeError(f"edgebox run failed: {p.stderr.strip()[-500:]}")
-            _say(f"startup: {label.replace('_', ' ')[:-2]}: process start -> first token {out[label]:.1f} s")
-    out["compile_s"] = out["first_start_s"] - out["second_start_s"]
-    return out
+@dataclass
+class StartupRun:
+    first_token_s: float  # spawn -> first byte of generated text
+    exit_s: float  # spawn -> exit (a cold edgebox start writes its cache entry before it exits)
+    peak_rss_gib: float
+
+
+def _startup_env(threads: int, cache_base: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    env.update(NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), EDGEBOX_CACHE_DIR=cache_base)
+    return env
+
+
+def time_first_token(argv: list[str], env: dict, name: str = "the process", timeout: float = STARTUP_TIMEOUT_S) -> StartupRun:
+    """Run ``argv``; seconds from the spawn to the first byte on its stdout and to its exit, and
+    its peak RSS.  EdgeboxError (with the end of its stderr) when it fails."""
+    with tempfile.TemporaryFile(mode="w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env)
+        first = None
+        fd = proc.stdout.fileno()
+        while True:
+            left = timeout - (time.perf_counter() - t0)
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                proc.kill()  # (a hung start: its error names the exit code, -9)
+                break
+            chunk = os.read(fd, 4096)
+            if first is None and chunk:
+                first = time.perf_counter() - t0
+            if not chunk:
+                break
+        proc.stdout.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        exit_s = time.perf_counter() - t0
+        if proc.returncode != 0 or first is None:
+            from edgebox.errors import EdgeboxError
+
+            err.seek(0)
+            tail = err.read().strip().splitlines()[-3:]
+            raise EdgeboxError(f"{name} exited {proc.returncode} before a first token: {' | '.join(tail)}")
+    return StartupRun(first, exit_s, usage.ru_maxrss * 1024 / 2**30)
+
+
+def drop_page_cache(paths: list[Path], whole: bool = True) -> str:
+    """Drop the files from the page cache: the whole cache when ``whole`` and this process may
+    (root: ``/proc/sys/vm/drop_caches``, as a reboot leaves it), else each file's clean pages
+    (``posix_fadvise(DONTNEED)``, which needs no privilege; pages another process maps stay).
+    Returns the method used."""
+    os.sync()
+    if whole:
+        try:
+            with open(_DROP_CACHES, "w") as f:
+                f.write("1\n")
+            return "drop_caches"
+        except OSError:
+            pass
+    for p in paths:
+        with open(p, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return "fadvise"
+
+
+def read_into_page_cache(paths: list[Path]) -> None:
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            buf = bytearray(16 << 20)
+            while f.readinto(buf):
+                pass
+
+
+def resident_fraction(path: Path) -> float:
+    """The share of the file's pages in the page cache (mincore over a mapping of it)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 1.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(mm, dtype=np.uint8)
+    try:
+        if libc.mincore(ctypes.c_void_p(view.__array_interface__["data"][0]), ctypes.c_size_t(size), vec) != 0:
+            return float("nan")
+        return sum(b & 1 for b in bytes(vec)) / pages
+    finally:
+        del view
+        mm.close()
+
+
+def _model_ctx(model_path: Path) -> int:
+    """The context ``edgebox run`` uses by default: min(4096, the model's)."""
+    from edgebox.gguf.file import read_fields
+
+    fields = read_fields(model_path)
+    return min(4096, int(fields.get(f"{fields.get('general.architecture')}.context_length", 4096)))
+
+
+def run_startup_bench(
+    model_path,
+    threads: int = 2,
+    vs_llama_cpp: bool = True,
+    rounds: int = 1,
+    backend: str | None = None,
+    chips: tuple[int, ...] = STARTUP_CHIPS,
+    drop_whole_cache: bool = True,
+) -> dict:
+    """Process start -> first token (module section above), with the weight cache cold and warm
+    (only "off" when the cache is turned off), the file in the page cache and dropped from it."""
+    from edgebox.kernels import packcache
+
+    model_path = Path(model_path).resolve()
+    n_ctx = _model_ctx(model_path)
+    states = ("cold", "warm") if packcache.enabled() else ("off",)
+    home = packcache.cache_dir().parent
+    home.mkdir(parents=True, exist_ok=True)
+    cache_base = Path(tempfile.mkdtemp(prefix="bench-startup-", dir=home))  # a cache of the bench's own
+    for tuned in home.glob("autotune-*.json"):  # the kernel choices stay warm: only the packed weights are cold
+        (cache_base / tuned.name).write_bytes(tuned.read_bytes())
+    packed = cache_base / "packed"
+    env = _startup_env(threads, str(cache_base))
+    llama_argv = [sys.executable, "-c", _LLAMA_FIRST_TOKEN, str(model_path), str(threads), str(n_ctx), STARTUP_PROMPT]
+
+    def edgebox_argv(c: int) -> list[str]:
+        argv = [sys.executable, "-m", "edgebox.cli", "run", str(model_path), "-p", STARTUP_PROMPT, "-n", "1", "--temp", "0"]
+        return argv + ["--chips", str(c), "--ctx", str(n_ctx)] + (["--backend", backend] if backend else [])
+
+    runs: dict[tuple, list[StartupRun]] = {}
+    method = ""
+    entries: dict[int, set[Path]] = {}  # chips -> its entry (found as the file its cold start wrote)
+    written: dict[int, int] = {}  # chips -> bytes of that entry
+    try:
+        for r in range(rounds):
+            for page in ("cached", "dropped"):
+                jobs: list[tuple] = [("llama.cpp", 1, "-")] if vs_llama_cpp else []
+                eb = [("edgebox", c, st) for c in chips for st in states]
+                jobs = jobs + eb if r % 2 == 0 else eb + jobs
+                for runner, c, st in jobs:
+                    if st == "cold":
+                        for p in entries.get(c, ()):
+                            p.unlink(missing_ok=True)
+                    before = set(packed.glob("*.ebx")) if packed.exists() else set()
+                    files = [model_path, *(sorted(packed.glob("*.ebx")) if packed.exists() else [])]
+                    if page == "dropped":
+                        method = drop_page_cache(files, drop_whole_cache)
+                    else:
+                        read_into_page_cache(files)
+                    resident = resident_fraction(model_path)
+                    argv = llama_argv if runner == "llama.cpp" else edgebox_argv(c)
+                    got = time_first_token(argv, env, runner)
+                    if st == "cold":
+                        entries[c] = (set(packed.glob("*.ebx")) if packed.exists() else set()) - before
+                        written[c] = sum(p.stat().st_size for p in entries[c])
+                    runs.setdefault((runner, c, st, page), []).append(got)
+                    what = "llama.cpp" if runner == "llama.cpp" else f"edgebox {c} chip{'s' if c > 1 else ''}, weight cache {st}"
+                    _say(
+                        f"startup round {r + 1}/{rounds}, {page} (GGUF {resident:.0%} resident): {what}: "
+                        f"first token {got.first_token_s:.1f} s, exit {got.exit_s:.1f} s, peak RSS {got.peak_rss_gib:.2f} GiB"
+                    )
+    finally:
+        import shutil
+
+        shutil.rmtree(cache_base, ignore_errors=True)
+
+    rows = []
+    for (runner, c, st, page), got in runs.items():
+        row = {
+            "runner": runner,
+            "chips": c,
+            "weight_cache": st,
+            "page_cache": page,
+            "first_token_s": statistics.median(g.first_token_s for g in got),
+            "exit_s": statistics.median(g.exit_s for g in got),
+            "peak_rss_gib": max(g.peak_rss_gib for g in got),
+            "rounds": [asdict(g) for g in got],
+        }
+        theirs = runs.get(("llama.cpp", 1, "-", page))
+        if theirs and runner == "edgebox":
+            ratios = sorted(g.first_token_s / t.first_token_s for g, t in zip(got, theirs))
+            row["ratio"], row["ratio_range"] = statistics.median(ratios), [ratios[0], ratios[-1]]
+        rows.append(row)
+    return {
+        "model": str(model_path),
+        "file_gib": model_path.stat().st_size / 2**30,
+        "threads": threads,
+        "ctx": n_ctx,
+        "prompt": STARTUP_PROMPT,
+        "rounds": rounds,
+        "page_cache_drop": method or "none",
+        "entry_gib": {str(c): n / 2**30 for c, n in written.items()},
+        "rows": rows,
+    }
+
+
+def format_startup(r: dict) -> str:
+    lines = [
+        f"start -> first token: {r['model']} ({r['file_gib']:.2f} GiB), {r['threads']} threads, ctx {r['ctx']}, "
+        f"{r['rounds']} round(s) (medians; ratio = edgebox / llama.cpp in the same round and state); "
+        f"page cache dropped with {r['page_cache_drop']}",
+        f"{'':<34}{'page cache dropped':>32}{'file in page cache':>32}",
+        f"{'':<34}" + f"{'s':>8}{'ratio':>8}{'exit s':>8}{'RSS GiB':>8}" * 2,
+    ]
+    if r["entry_gib"]:
+        lines.insert(1, "weight-cache entries: " + ", ".join(f"{c} chip(s) {g:.2f} GiB" for c, g in r["entry_gib"].items()))
+    keyed = {(x["runner"], x["chips"], x["weight_cache"], x["page_cache"]): x for x in r["rows"]}
+    for key in dict.fromkeys(k[:3] for k in keyed):
+        runner, c, st = key
+        label = "llama.cpp" if runner == "llama.cpp" else f"edgebox {c} chip{'s' if c > 1 else ''}, cache {st}"
+        line = f"{label:<34}"
+        for page in ("dropped", "cached"):
+            x = keyed.get((*key, page))
+            if x is None:
+                line += f"{'-':>32}"
+                continue
+            ratio = f"{x['ratio']:.2f}" if "ratio" in x else "1.00" if runner == "llama.cpp" else "-"
+            line += f"{x['first_token_s']:>8.1f}{ratio:>8}{x['exit_s']:>8.1f}{x['peak_rss_gib']:>8.2f}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 # -- the run: both runners resident, each measurement taken by one and then the other ---------------
@@ -359,7 +571,6 @@ def run_bench(
     concurrency: tuple[int, ...] = (),
     backend: str | None = None,
     rounds: int = 1,
-    startup: bool = False,
 ) -> dict:
     """Each runner in a process of its own (its peak RSS is its own, neither inherits the other's
     threads). Both stay loaded; every measurement is taken ``rounds`` times, the runners taking
@@ -436,8 +647,6 @@ def run_bench(
         paired = {k: sorted(a / b for a, b in zip(*v)) for k, v in per_round.items()}  # edgebox / llama.cpp, per round
         report["ratio"] = {k: statistics.median(v) for k, v in paired.items()}
         report["ratio_range"] = {k: [v[0], v[-1]] for k, v in paired.items()}
-    if startup:
-        report["startup"] = bench_startup(model_path, chips)
     return report
 
 
@@ -484,12 +693,6 @@ def format_report(r: dict) -> str:
         lines.append(
             f"hot standby: engine start {h['engine_start_s']:.1f} s; first request TTFT {h['first_ttft_s'] * 1000:.0f} ms "
             f"vs steady {h['steady_ttft_s'] * 1000:.0f} ms ({h['first_vs_steady']:.2f}x)"
-        )
-    if "startup" in r:
-        s = r["startup"]
-        lines.append(
-            f"process start -> first token: {s['first_start_s']:.1f} s over an empty numba cache, "
-            f"{s['second_start_s']:.1f} s from the cache (compiling costs {s['compile_s']:.1f} s)"
         )
     return "\n".join(lines)
 

@@ -74,6 +74,13 @@ class DaemonConfig(BaseModel):
         pattern="^(numba|onnxruntime|auto|ref)$",
         description="matmul kernels: numba, onnxruntime, auto (the faster per shape, timed once and cached) or ref",
     )
+    weight_cache: bool | None = Field(
+        None,
+        description="read and write the packed-weight cache under $EDGEBOX_CACHE_DIR/packed (default: on, or EDGEBOX_WEIGHT_CACHE)",
+    )
+    weight_cache_gib: float | None = Field(
+        None, gt=0, le=2**40, description="the packed-weight cache's size bound in GiB (default 16, or EDGEBOX_WEIGHT_CACHE_GIB)"
+    )
     max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together at most")
     kv_budget_mib: float | None = Field(None, gt=0, description="KV cache budget in MiB (default: max_batch full contexts)")
     models_dir: Path | None = Field(

@@ -42,6 +42,7 @@ from edgebox.daemon.schemas import UNAVAILABLE, Topics, encode
 from edgebox.daemon.telemetry import TelemetrySampler
 from edgebox.daemon.transport import Transport
 from edgebox.errors import EdgeboxError
+from edgebox.kernels import packcache
 
 log = logging.getLogger("edgebox.daemon")
 
@@ -52,6 +53,7 @@ class Service:
     ):
         self.config_path, self.flags, self.env = config_path, dict(flags or {}), env
         self.cfg: DaemonConfig = load_config(config_path, self.flags, env)
+        packcache.configure(self.cfg.weight_cache, self.cfg.weight_cache_gib)  # as the environment variables do
         self.power = BoxPower(self.cfg.budget, self.cfg.fw_root, self.cfg.governor, self.cfg.max_batch, env=env)
         self.budget_w = self.cfg.budget
         self.topics = Topics(self.cfg.device_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import math
 import mmap
 import os
@@ -70,6 +71,47 @@ _SCALARS: dict[GGUFValueType, tuple[str, str]] = {
 
 
 @dataclass(frozen=True)
+class FileIdentity:
+    """What identifies a GGUF file's contents without reading its tensors, as of when it was
+    opened: its size, its modification time and a SHA-256 of its header and tensor table (the
+    bytes before the tensor data).  A rewrite changes the mtime even when the bytes are the same
+    (the identity then changes too: it errs on the side of a new identity, never a stale one)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    header_sha256: str
+
+
+class _Mapping(mmap.mmap):
+    """The file's mapping, which knows whose it is: every tensor view's buffer chain ends here,
+    so ``identity_of(view)`` can name the file a view came from (``identity`` is set by
+    ``GGUFFile`` once the header is parsed, and hashed on first use)."""
+
+    source: tuple[str, int, int, int] | None = None  # path, size, mtime_ns, end of the tensor table
+    _identity: FileIdentity | None = None
+
+    @property
+    def identity(self) -> FileIdentity | None:
+        if self._identity is None and self.source is not None:
+            path, size, mtime_ns, header_end = self.source
+            digest = hashlib.sha256(memoryview(self)[:header_end]).hexdigest()
+            self._identity = FileIdentity(path, size, mtime_ns, digest)
+        return self._identity
+
+
+def identity_of(view: np.ndarray) -> FileIdentity | None:
+    """The identity of the GGUF file ``view`` (a tensor's data, or any view cut from it) maps;
+    None for an array that is not a view of a ``GGUFFile``."""
+    base = view
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base.identity if isinstance(base, _Mapping) else None
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     """One entry of the tensor table.
 
@@ -112,12 +154,18 @@ class GGUFFile:
             self.file_size = st.st_size
             if self.file_size < 24:
                 raise ModelError(f"{self.path.name} is not a GGUF file ({self.file_size} bytes, too short for a header)")
-            self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            self._mmap = _Mapping(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
         self._buf = memoryview(self._mmap)
         self._pos = 0
         self._parse()
+        self._mmap.source = (os.path.abspath(self.path), st.st_size, st.st_mtime_ns, min(self.data_offset, self.file_size))
+
+    @property
+    def identity(self) -> FileIdentity:
+        """The file's identity (``FileIdentity``), from the stat taken when it was opened."""
+        return self._mmap.identity
 
     # -- cursor over the header -------------------------------------------------------------
     def _fail(self, what: str) -> ModelError:

@@ -14,7 +14,8 @@ with ``EDGEBOX_WEIGHT_CACHE_VERIFY=full``); a failed check deletes the entry and
 packed again. Entries are written atomically (temp file, fallocate, fsync, ``os.replace``) and
 kept under ``EDGEBOX_WEIGHT_CACHE_GIB`` by evicting the least recently used. A cache that cannot
 be written degrades to packing in memory with one warning line. ``EDGEBOX_WEIGHT_CACHE=0`` turns
-it off. The file format, what each check guarantees and the measurements: docs/weight-cache.md.
+it off (the flags ``--no-weight-cache`` / ``--weight-cache-gib`` and the daemon's settings set
+these variables: ``configure``). The file format, what each check guarantees and the measurements: docs/weight-cache.md.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import tempfile
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgebox.gguf.file import FileIdentity, identity_of
 from edgebox.gguf.quant_types import QType, is_quantized
 from edgebox.kernels.matmul import PackedWeight
 
@@ -57,10 +58,29 @@ class CorruptEntry(Exception):
 
 
 # -- settings ----------------------------------------------------------------------------------
+#
+# The environment holds the settings (so a benchmark's or a daemon's child processes inherit
+# them); the CLI flags and the daemon's config write it through ``configure``: one mechanism.
+
+ENABLED_ENV = "EDGEBOX_WEIGHT_CACHE"  # 0/off/no/false: off
+MAX_GIB_ENV = "EDGEBOX_WEIGHT_CACHE_GIB"  # the entries' total at most, in GiB
+
+
+def configure(enabled: bool | None = None, max_gib: float | None = None, gib_name: str = "weight_cache_gib") -> None:
+    """Set the cache's settings for this process and the processes it starts, as the environment
+    variables do (None leaves a setting as the environment has it).  ValueError naming the
+    setting (``gib_name``: as the caller's user spells it) for a size that is not a positive
+    number of GiB."""
+    if max_gib is not None:
+        if isinstance(max_gib, bool) or not isinstance(max_gib, (int, float)) or not 0 < max_gib < 2**40:
+            raise ValueError(f"{gib_name} must be a positive number of GiB (e.g. 16), got {max_gib!r}")
+        os.environ[MAX_GIB_ENV] = repr(float(max_gib))
+    if enabled is not None:
+        os.environ[ENABLED_ENV] = "1" if enabled else "0"
 
 
 def enabled() -> bool:
-    return os.environ.get("EDGEBOX_WEIGHT_CACHE", "1").strip().lower() not in ("0", "off", "no", "false")
+    return os.environ.get(ENABLED_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
 
 
 def cache_dir() -> Path:
@@ -72,9 +92,13 @@ def cache_dir() -> Path:
 
 
 def max_bytes() -> int:
+    text = os.environ.get(MAX_GIB_ENV, "")
     try:
-        gib = float(os.environ.get("EDGEBOX_WEIGHT_CACHE_GIB", DEFAULT_MAX_GIB))
+        gib = float(text) if text else DEFAULT_MAX_GIB
+        if not 0 < gib < 2**40:
+            raise ValueError
     except ValueError:
+        warn_once(f"weight cache size: {MAX_GIB_ENV}={text!r} is not a positive number of GiB; using {DEFAULT_MAX_GIB:g}")
         gib = DEFAULT_MAX_GIB
     return int(gib * 2**30)
 
@@ -90,71 +114,6 @@ def warn_once(what: str) -> None:
 # -- the key -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FileIdentity:
-    """What identifies a GGUF file without reading its tensors."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    header_sha256: str
-
-    def key_bytes(self) -> bytes:
-        return f"{self.size}:{self.mtime_ns}:{self.header_sha256}".encode()
-
-
-def _root(view: np.ndarray) -> np.ndarray:
-    """The outermost ndarray a view was cut from (for a GGUF tensor: the whole file mapping)."""
-    a = view
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
-
-
-def _mapped_file(addr: int) -> tuple[str, int, int] | None:
-    """(path, device, inode) of the file mapped from offset 0 at ``addr`` (Linux /proc/self/maps)."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) < 6 or int(fields[0].split("-")[0], 16) != addr or int(fields[2], 16) != 0:
-                    continue
-                path = fields[5].rstrip("\n")
-                if path.endswith(" (deleted)") or not path.startswith("/"):
-                    return None
-                major, minor = (int(x, 16) for x in fields[3].split(":"))
-                return path, os.makedev(major, minor), int(fields[4])
-    except OSError:
-        return None
-    return None
-
-
-def identify(views: list[np.ndarray]) -> FileIdentity | None:
-    """The identity of the GGUF file the tensor views ``views`` map (None when it cannot be
-    told: not a file mapping, the file was replaced since it was mapped, not Linux).
-
-    The header and tensor table are the bytes before the first tensor's data, read from the
-    mapping itself (what this process computes with, even if the file changed on disk)."""
-    views = [v for v in views if v.size]
-    if not views:
-        return None
-    root = _root(views[0])
-    base = root.__array_interface__["data"][0]
-    found = _mapped_file(base)
-    if found is None:
-        return None
-    path, dev, ino = found
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if st.st_ino != ino or st.st_dev != dev or st.st_size != root.nbytes:
-        return None
-    data_start = min(v.__array_interface__["data"][0] - base for v in views if _root(v) is root)
-    header = hashlib.sha256(memoryview(root[:data_start])).hexdigest()
-    return FileIdentity(path, st.st_size, st.st_mtime_ns, header)
-
-
 def layout_digest() -> str:
     """A hash of the sources that define the packed layouts."""
     here = Path(__file__).parent
@@ -167,8 +126,9 @@ def layout_digest() -> str:
 
 def entry_key(identity: FileIdentity, split: bytes) -> bytes:
     """The 32-byte key of the entry of one model file on one chip split."""
+    file = f"{identity.size}:{identity.mtime_ns}:{identity.header_sha256}".encode()  # not the path: a moved file keeps its entry
     h = hashlib.sha256()
-    for part in (f"{FORMAT}:{LAYOUT_VERSION}:{layout_digest()}:{sys.byteorder}".encode(), identity.key_bytes(), split):
+    for part in (f"{FORMAT}:{LAYOUT_VERSION}:{layout_digest()}:{sys.byteorder}".encode(), file, split):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.digest()
@@ -417,14 +377,15 @@ class PackCache:
 
     @classmethod
     def for_model(cls, views: list[np.ndarray], split: bytes) -> PackCache | None:
-        """The cache of the GGUF that ``views`` map, on the chip split ``split``; None when the
-        cache is off or the file cannot be identified."""
+        """The cache of the GGUF file the weight views ``views`` were cut from (the parsed file
+        tells its identity: ``gguf.file.identity_of``), on the chip split ``split``; None when
+        the cache is off or the views are not all from one GGUF file."""
         if not enabled():
             return None
-        identity = identify(views)
-        if identity is None:
+        identities = {identity_of(v) for v in views}
+        if len(identities) != 1 or None in identities:
             return None
-        return cls(cache_dir(), entry_key(identity, split))
+        return cls(cache_dir(), entry_key(identities.pop(), split))
 
     def lookup(self, m) -> PackedWeight | None:
         if not is_quantized(m.qtype):
@@ -461,6 +422,11 @@ class PackCache:
             self._writer.join()
 
     def _write(self, weights: list[tuple[str, PackedWeight]], rebind: bool) -> None:
+        if not rebind:  # the background writer: at the lowest CPU priority (Linux nice is per thread),
+            try:  # so checksumming and copying 3+ GB do not slow the first tokens it runs beside
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (OSError, AttributeError):
+                pass
         evict(self.directory, self.limit, _layout(weights)[1])
         try:
             write_entry(self.path, self.key, weights)
