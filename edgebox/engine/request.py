@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from edgebox.errors import ContextOverflowError, EdgeboxError
 from edgebox.text.chat import THINK_OPEN
+from edgebox.text.grammar import Constraint, compile_constraint, parse_constraint
 from edgebox.text.sampler import SamplingParams
 
 
@@ -40,8 +41,12 @@ class Request:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     context_shift: bool = False  # when the context fills: drop old tokens (keeping n_keep) instead of stopping
     n_keep: int = 0
+    # what the output must match (text.grammar); a request shape (OpenAI response_format, ollama
+    # format) is parsed into a Constraint here, None = free text
+    response_format: Constraint | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "response_format", parse_constraint(self.response_format))
         if (self.prompt is None) == (self.messages is None):
             raise EdgeboxError("a request needs exactly one of 'prompt' or 'messages'")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -195,6 +200,8 @@ class Queued:
     @classmethod
     def prepare(cls, model, handle: Handle, kv_budget_bytes: int, kv_bytes_per_token: int) -> Queued:
         """Tokenize the request's prompt and reserve its KV; raises as ``Engine.submit`` does."""
+        if handle.request.response_format is not None:  # a grammar that does not compile: refused here (400)
+            compile_constraint(model.tokenizer, handle.request.response_format)
         ids, thinking_open, truncated = prompt_ids(model, handle.request)
         reserved = reservation(handle.request, len(ids), model.n_ctx)
         need = reserved * kv_bytes_per_token
