@@ -47,9 +47,20 @@ LIMITS = dict(
     max_grammar_size=200_000,  # symbols in all productions
     verbose_errors=False,  # no parser dumps in the error a client sees
 )
-# JSON output as json.dumps writes it (", " and ": "), no other whitespace: a model that likes
-# spaces could otherwise spend max_tokens on them (llguidance's default is flexible whitespace)
+# JSON output compact ("," and ":", no whitespace): a model that likes spaces could otherwise
+# spend max_tokens on them (llguidance's default is flexible whitespace)
 JSON_OPTIONS = {"whitespace_flexible": False}
+# llguidance's "date", "time" and "date-time" formats allow February 29 of any year and second 60
+# of any minute; JSON Schema validators (RFC 3339: leap seconds only at 23:59:60 UTC) refuse
+# them. These patterns (years 0001-9999, leap years exact, seconds 00-59, at most 6 fraction
+# digits) replace those formats before compiling, so the output always validates.
+_DATE = (
+    r"(?:(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    r"|02-(?:0[1-9]|1[0-9]|2[0-8]))|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)-02-29)"
+)
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$"}
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # their values are data, not schemas
 KINDS = ("json_schema", "json_object", "regex", "lark")
 
 
@@ -75,7 +86,8 @@ class Constraint:
                 raise GrammarError(f"the JSON schema is not valid JSON ({e})") from None
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, separators=(",", ":")))  # key order kept: the output follows it
+        # key order kept: the output follows it
+        return cls("json_schema", json.dumps(_strict_formats(schema), separators=(",", ":")))
 
     @classmethod
     def json_object(cls) -> Constraint:
@@ -107,6 +119,20 @@ class Constraint:
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.text)
         return LLMatcher.grammar_from_lark(self.text)
+
+
+def _strict_formats(schema: object) -> object:
+    """``schema`` with the date/time formats as ``FORMAT_PATTERNS`` (where no pattern is given)."""
+    if isinstance(schema, list):
+        return [_strict_formats(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else _strict_formats(v) for k, v in schema.items()}
+    fmt = out.get("format")
+    if isinstance(fmt, str) and fmt in FORMAT_PATTERNS and "pattern" not in out:
+        del out["format"]
+        out["pattern"] = FORMAT_PATTERNS[fmt]
+    return out
 
 
 def _text(field: str, value: object) -> str:

@@ -4,8 +4,10 @@ one-line errors, the bounds on hostile grammars, and Completion under a constrai
 from __future__ import annotations
 
 import json
+import re
 import time
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -81,6 +83,24 @@ def test_malformed_shapes_name_the_field_in_one_line(value, field, says):
 def test_an_oversized_grammar_is_refused_before_compiling():
     with pytest.raises(GrammarError, match="at most 65536"):
         Constraint.regex("a" * (grammar.MAX_SPEC_BYTES + 1))
+
+
+def test_date_and_time_formats_become_patterns_jsonschema_agrees_with():
+    """llguidance's own date formats allow Feb 29 of any year and second 60: replaced by
+    FORMAT_PATTERNS, which accept exactly the dates Python's jsonschema accepts."""
+    check = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    date = re.compile(grammar.FORMAT_PATTERNS["date"])
+    for year in range(0, 10000):
+        for month, day in ((2, 29), (2, 28), (2, 30), (4, 31), (12, 31), (0, 1)):
+            v = f"{year:04d}-{month:02d}-{day:02d}"
+            assert bool(date.match(v)) == check.conforms(v, "date"), v
+    time_ = re.compile(grammar.FORMAT_PATTERNS["date-time"])
+    for v in ("2024-02-29T23:59:59.5+05:30", "2023-02-29T10:00:00Z", "2024-01-01T10:00:60Z", "2024-01-01T24:00:00Z"):
+        assert bool(time_.match(v)) == check.conforms(v, "date-time"), v
+    schema = {"properties": {"d": {"type": "string", "format": "date"}, "c": {"const": {"format": "date"}}}}
+    assert json.loads(Constraint.json_schema(schema).text) == {
+        "properties": {"d": {"type": "string", "pattern": grammar.FORMAT_PATTERNS["date"]}, "c": {"const": {"format": "date"}}}
+    }
 
 
 # -- compiling ----------------------------------------------------------------------------------
@@ -191,6 +211,20 @@ def test_completion_stops_when_the_grammar_is_complete(tok):
     assert c.done_reason == "stop", text
     doc = json.loads(text)
     assert list(doc) == ["name", "age"] and 0 <= doc["age"] <= 150 and len(doc["name"]) <= 8
+
+
+def test_completion_json_object_ends_and_parses(tok):
+    """Logits that favour a few one-character JSON tokens (a model that likes closing strings) drive
+    an "any JSON object" completion to its end: stop, and the text parses."""
+    favoured = np.array([tok.token_to_piece(i) in (b'"', b"}", b":", b"1", b"{") for i in range(tok.n_vocab)])
+    rng = np.random.default_rng(2)
+    for seed in range(3):
+        c = Completion(tok, [], SamplingParams(seed=seed), 100, constraint=parse_constraint({"type": "json_object"}))
+        text = ""
+        while c.done_reason is None:
+            text += c.push(c.sample((rng.standard_normal(tok.n_vocab) + 6.0 * favoured).astype(np.float32)))
+        text += c.finish()
+        assert c.done_reason == "stop" and isinstance(json.loads(text), dict), text
 
 
 def test_completion_cut_by_max_tokens_ends_with_length(tok):
