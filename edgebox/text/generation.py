@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edgebox.text.grammar import Constraint, allowed_from_bitmask, apply_mask, compile_constraint
+from edgebox.text.grammar import Constraint, allowed_from_bitmask, compile_constraint
 from edgebox.text.sampler import Sampler, SamplingParams
 
 
@@ -60,7 +60,7 @@ class Completion:
                 bitmask = self.matcher.bitmask()
             else:
                 self.matcher.check()
-            logits = apply_mask(logits, allowed_from_bitmask(bitmask, len(logits)))
+            return sample_within(self.sampler, logits, self.history, allowed_from_bitmask(bitmask, len(logits)))
         return self.sampler.sample(logits, self.history)
 
     def push(self, token: int) -> str:
@@ -90,6 +90,25 @@ class Completion:
         if self.done_reason == "length":
             return self.stops.push(self.detok.flush())[0] + self.stops.flush()
         return self.stops.flush()
+
+
+def sample_within(sampler: Sampler, logits: np.ndarray, history: Sequence[int], allowed: np.ndarray) -> int:
+    """The token ``sampler`` draws from ``logits`` with every token not ``allowed`` (bool [V]) at
+    -inf (``text.grammar.apply_mask``): the same token and the same random draw, computed on the
+    allowed tokens only. Handing the sampler the whole -inf row costs 15 ms a token on a 102k
+    vocabulary: numpy's argpartition (its top-k) degenerates on a row of equal values.
+
+    The compact row keeps the allowed tokens in id order (ties still go to the lower id), padded
+    with -inf to more than top_k entries when fewer are allowed (so top-k orders them by logit, as
+    on the whole row); the history is cut to the penalty's window first, then mapped."""
+    ids = np.flatnonzero(allowed)
+    k, last_n = sampler.params.top_k, sampler.params.repeat_last_n
+    pad = k + 1 - ids.size if 0 < k < len(logits) and ids.size <= k else 0
+    row = np.full(ids.size + pad, -np.inf, np.float32)
+    row[: ids.size] = logits[ids]
+    recent = np.asarray(history if last_n < 0 else history[-last_n:] if last_n > 0 else [], np.int64)
+    at = np.minimum(np.searchsorted(ids, recent), max(ids.size - 1, 0))
+    return int(ids[sampler.sample(row, at[ids[at] == recent] if ids.size else at[:0])])
 
 
 class StopMatcher:

@@ -13,7 +13,7 @@ import pytest
 
 from edgebox.gguf.file import GGUFFile
 from edgebox.text import grammar
-from edgebox.text.generation import Completion
+from edgebox.text.generation import Completion, sample_within
 from edgebox.text.grammar import (
     Constraint,
     GrammarError,
@@ -22,7 +22,7 @@ from edgebox.text.grammar import (
     compile_constraint,
     parse_constraint,
 )
-from edgebox.text.sampler import SamplingParams
+from edgebox.text.sampler import Sampler, SamplingParams
 from edgebox.text.tokenizer import Tokenizer
 from tests.fixtures.paths import vocab_path
 
@@ -197,6 +197,38 @@ def test_bitmask_and_apply_mask(tok):
     assert np.array_equal(np.isfinite(out), allowed) and np.array_equal(out[allowed], logits[allowed])
     # a mask shorter than the logits (vocab padding) disallows the tail
     assert not allowed_from_bitmask(m.bitmask(), tok.n_vocab + 40)[tok.n_vocab :].any()
+
+
+def test_sampling_within_the_mask_equals_sampling_the_masked_row():
+    """sample_within (the allowed tokens only, fast) draws exactly what the sampler draws from the
+    whole row with -inf outside the mask, for every sampler setting that orders candidates
+    differently: greedy, top-k above and below the allowed count, top-p, min-p, penalties, ties."""
+    rng = np.random.default_rng(0)
+    vocab = 3000
+    for trial in range(300):
+        allowed = np.zeros(vocab, bool)
+        allowed[rng.choice(vocab, int(rng.choice([1, 2, 39, 40, 41, 100, vocab - 1])), replace=False)] = True
+        logits = rng.standard_normal(vocab).astype(np.float32)
+        if trial % 3 == 0:
+            logits = np.round(logits, 1)  # many ties
+        history = [int(t) for t in rng.integers(0, vocab, int(rng.integers(0, 100)))] + [
+            int(t) for t in np.flatnonzero(allowed)[:5]
+        ]
+        params = SamplingParams(
+            temperature=float(rng.choice([0.0, 0.7, 1.5])),
+            top_k=int(rng.choice([0, 1, 40, 5000])),
+            top_p=float(rng.choice([1.0, 0.9])),
+            min_p=float(rng.choice([0.0, 0.05])),
+            repeat_penalty=float(rng.choice([1.0, 1.3])),
+            repeat_last_n=int(rng.choice([-1, 0, 64])),
+            seed=trial,
+        )
+        whole, within = Sampler(params), Sampler(params)
+        for _ in range(3):
+            assert whole.sample(apply_mask(logits, allowed), history) == sample_within(within, logits, history, allowed), (
+                trial,
+                params,
+            )
 
 
 # -- Completion under a constraint --------------------------------------------------------------
