@@ -5,7 +5,8 @@ grammar (llguidance's dialect, which can embed schemas: ``obj: %json {...}``). `
 reads the shapes requests carry (OpenAI ``response_format``, ollama ``format``); ``compile_constraint``
 turns one into a ``Grammar`` for a tokenizer; ``Grammar.matcher()`` gives a sequence its own
 ``Matcher``, which says which tokens may come next (a bitmask, one bit per token) and follows the
-tokens chosen. ``apply_mask`` sets the logits of the others to -inf before the sampler runs.
+tokens chosen. What a mask means for the draw is ``apply_mask``: every other token's logit is
+-inf; ``text.generation.sample_within`` draws exactly that token, faster, from the allowed ones.
 
 Invariants and why:
 - one ``LLTokenizer`` per ``Tokenizer`` (built once, ~0.3 s on a 102k vocabulary), from the very
@@ -17,7 +18,9 @@ Invariants and why:
 - hostile grammars are bounded: the text is at most ``MAX_SPEC_BYTES``; llguidance's
   ``LIMITS`` cap the grammar size, the lexer's states and its fuel at compile time and per token
   (a mask costs at most ~15 ms of lexer work and ~2.5 ms of parser work, llguidance's own speed
-  figures), and a sequence that hits a limit ends with a one-line ``GrammarError``.
+  figures; a first mask of a regex of a million states took 0.1 s here), and a sequence that
+  hits a limit ends with a one-line ``GrammarError``.
+- the JSON is compact (no whitespace) and date/time formats are strict patterns (see below).
 """
 
 from __future__ import annotations
@@ -316,7 +319,9 @@ def allowed_from_bitmask(bitmask: np.ndarray, n_vocab: int) -> np.ndarray:
 
 def apply_mask(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """``logits`` [V] with every token not ``allowed`` (bool [V]) at -inf: a new array, so the
-    caller's row is left as it was. The one place masking happens (the sampler draws after it)."""
+    caller's row is left as it was. The meaning of a mask; ``generation.sample_within`` draws the
+    token a sampler draws from this row without building it (a sampler handed this row spends
+    15 ms in top-k on a 102k vocabulary: numpy's argpartition degenerates on equal values)."""
     return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
 
 
