@@ -6,6 +6,8 @@ refused at submit in one line."""
 
 from __future__ import annotations
 
+import copy
+import datetime
 import json
 from pathlib import Path
 
@@ -45,8 +47,30 @@ def engine(model):
     e.close(drain=False)
 
 
+def _format_checker() -> jsonschema.FormatChecker:
+    """Draft 2020-12's format checks; jsonschema checks date-time and time only when
+    rfc3339-validator is installed, so where it is not, Python's ISO parser checks them."""
+    checker = copy.deepcopy(jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    for fmt, parse in (("date-time", datetime.datetime.fromisoformat), ("time", datetime.time.fromisoformat)):
+        if fmt not in checker.checkers:
+            checker.checks(fmt, raises=ValueError)(_parses_with(parse))
+    return checker
+
+
+def _parses_with(parse):
+    def check(value) -> bool:
+        if isinstance(value, str):
+            parse(value)  # raises ValueError when it is not one
+        return True
+
+    return check
+
+
+FORMATS = _format_checker()
+
+
 def validator(schema):
-    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    return jsonschema.Draft202012Validator(schema, format_checker=FORMATS)
 
 
 def check_schema_outputs(engine, seeds):

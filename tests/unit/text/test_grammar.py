@@ -3,6 +3,7 @@ one-line errors, the bounds on hostile grammars, and Completion under a constrai
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import time
@@ -94,9 +95,14 @@ def test_date_and_time_formats_become_patterns_jsonschema_agrees_with():
         for month, day in ((2, 29), (2, 28), (2, 30), (4, 31), (12, 31), (0, 1)):
             v = f"{year:04d}-{month:02d}-{day:02d}"
             assert bool(date.match(v)) == check.conforms(v, "date"), v
+    # jsonschema checks date-time only with rfc3339-validator installed: Python's parser is the oracle
     time_ = re.compile(grammar.FORMAT_PATTERNS["date-time"])
     for v in ("2024-02-29T23:59:59.5+05:30", "2023-02-29T10:00:00Z", "2024-01-01T10:00:60Z", "2024-01-01T24:00:00Z"):
-        assert bool(time_.match(v)) == check.conforms(v, "date-time"), v
+        try:
+            valid = bool(datetime.datetime.fromisoformat(v))
+        except ValueError:
+            valid = False
+        assert bool(time_.match(v)) == valid, v
     schema = {"properties": {"d": {"type": "string", "format": "date"}, "c": {"const": {"format": "date"}}}}
     assert json.loads(Constraint.json_schema(schema).text) == {
         "properties": {"d": {"type": "string", "pattern": grammar.FORMAT_PATTERNS["date"]}, "c": {"const": {"format": "date"}}}
