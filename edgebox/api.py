@@ -22,6 +22,7 @@ from edgebox.model import KVCache, Transformer
 from edgebox.model.kv_cache import Segment, step_cost
 from edgebox.text.chat import check_chat_template, render_chat
 from edgebox.text.generation import Completion
+from edgebox.text.grammar import Constraint, compile_constraint, parse_constraint
 from edgebox.text.sampler import SamplingParams
 
 DEFAULT_CTX = 4096
@@ -128,6 +129,7 @@ class Generation:
     params: SamplingParams
     max_tokens: int
     stop: Sequence[str] = ()
+    constraint: Constraint | None = None  # text.grammar: what the output must match
     stats: GenerationStats = field(default_factory=GenerationStats)
     tokens: list[int] = field(default_factory=list)
 
@@ -141,7 +143,9 @@ class Generation:
             raise ContextOverflowError(
                 f"the prompt has {n_prompt} tokens but the context holds {m.n_ctx}; shorten the prompt or raise the context size"
             )
-        completion = Completion(m.tokenizer, self.prompt_ids, self.params, min(self.max_tokens, m.n_ctx - n_prompt), self.stop)
+        completion = Completion(
+            m.tokenizer, self.prompt_ids, self.params, min(self.max_tokens, m.n_ctx - n_prompt), self.stop, self.constraint
+        )
         self.tokens = completion.tokens
         kv = m.new_cache()
 
@@ -244,10 +248,20 @@ class Model:
         return render_chat(template, messages, add_generation_prompt=True, **_special_texts(self.tokenizer))
 
     def stream(
-        self, prompt: str | list[int], max_tokens: int = 128, params: SamplingParams | None = None, stop: Sequence[str] = ()
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 128,
+        params: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        response_format: object = None,
     ) -> Generation:
+        """``response_format``: a ``text.grammar.Constraint`` or a request shape ``parse_constraint``
+        reads (OpenAI ``response_format``, ollama ``format``); a bad one raises ``GrammarError`` here."""
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenize_prompt(prompt)
-        return Generation(self, ids, params or SamplingParams(), max_tokens, tuple(stop))
+        constraint = parse_constraint(response_format)
+        if constraint is not None:
+            compile_constraint(self.tokenizer, constraint)  # refused now, not at the first token
+        return Generation(self, ids, params or SamplingParams(), max_tokens, tuple(stop), constraint)
 
     def generate(
         self,
@@ -260,8 +274,9 @@ class Model:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        response_format: object = None,
     ) -> Iterator[str]:
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed
         )
-        return iter(self.stream(prompt, max_tokens, params, stop))
+        return iter(self.stream(prompt, max_tokens, params, stop, response_format))

@@ -4,7 +4,8 @@ One scheduler thread owns the model. Each step it asks ``scheduler.schedule`` fo
 carries it out: cancelled requests leave, queued ones join, the step's forward pass is charged to
 the chips (``Box.account_step``, real or dry run alike) and, unless this is a dry run, computed;
 then every sequence that got logits samples, streams its text and may finish (the rules of its
-end are ``text.generation.Completion``'s). Requests join and leave at token granularity; the
+end are ``text.generation.Completion``'s). Constrained and free sequences share steps; the
+constrained ones' grammar masks are computed while the forward pass runs (``engine.masks``). Requests join and leave at token granularity; the
 weights are read once per step for all sequences, which is where batching earns its throughput.
 
 ``submit`` from any thread; no thread busy-waits (the scheduler sleeps on a condition when there
@@ -20,11 +21,13 @@ from collections.abc import Callable
 
 from edgebox.api import Model
 from edgebox.engine.energy import EnergyBook
+from edgebox.engine.masks import MaskWorker
 from edgebox.engine.request import EngineStats, Event, Handle, Queued, QueueFullError, Request, Summary, TokenRate
 from edgebox.engine.scheduler import PromptCache, StepPlan, schedule
 from edgebox.engine.sequence import Sequence
 from edgebox.errors import EdgeboxError
 from edgebox.model.kv_cache import step_cost
+from edgebox.text.grammar import GrammarError
 from edgebox.text.sampler import NonFiniteLogitsError, SamplingParams
 
 RATE_WINDOW_S = 5.0  # EngineStats.tokens_per_s looks back this far
@@ -73,6 +76,7 @@ class Engine:
         self.warmup_s = 0.0
         self._quiet = threading.Event()  # set while idle with the listeners told so
         self._quiet.set()
+        self._masks = MaskWorker()
         self._thread = threading.Thread(target=self._run, name="edgebox-engine", daemon=True)
         self._thread.start()
         if warmup and not dry_run:
@@ -156,6 +160,8 @@ class Engine:
             self._stopping, self._drain = True, drain
             self._cond.notify_all()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._masks.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -244,6 +250,8 @@ class Engine:
         segments = [s.segment(n) for s, n in work]
         if not segments:
             return
+        # grammar masks of the sequences that sample after this step, computed during the math
+        masks = self._masks.start(s for s, n in work if s.samples_after(n))
         # the chips' device time, then the math (a dry run only moves the caches on)
         self.model.box.account_step(*step_cost(segments))
         self._energy.charge([s for s, _ in work], segments)
@@ -253,6 +261,7 @@ class Engine:
             logits = [None] * len(segments)
         else:
             logits = self.model.transformer.forward_segments(segments)
+        bitmasks = masks.wait()
 
         # every sequence with a next token samples it, shows its text and may end
         produced = 0
@@ -260,8 +269,8 @@ class Engine:
             s.advance(n)
             if not s.prefilling:
                 try:
-                    reason = s.next_token(None if row is None else row[0], self._dry_token)
-                except NonFiniteLogitsError as e:  # this sequence's logits: the others go on
+                    reason = s.next_token(None if row is None else row[0], self._dry_token, bitmasks.get(s))
+                except (NonFiniteLogitsError, GrammarError) as e:  # this sequence's logits or grammar: the others go on
                     self._finish(s, "error", error=str(e))
                     continue
                 if reason is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from edgebox.engine.energy import Energy
 from edgebox.errors import ContextOverflowError, EdgeboxError
 from edgebox.text.chat import THINK_OPEN
+from edgebox.text.grammar import Constraint, compile_constraint, parse_constraint
 from edgebox.text.sampler import SamplingParams
 
 
@@ -42,8 +43,12 @@ class Request:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     context_shift: bool = False  # when the context fills: drop old tokens (keeping n_keep) instead of stopping
     n_keep: int = 0
+    # what the output must match (text.grammar); a request shape (OpenAI response_format, ollama
+    # format) is parsed into a Constraint here, None = free text
+    response_format: Constraint | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "response_format", parse_constraint(self.response_format))
         if sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids)) != 1:
             raise EdgeboxError("a request needs exactly one of 'prompt', 'messages' or 'prompt_ids'")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -204,6 +209,8 @@ class Queued:
             handle.request.params.check(model.args.n_vocab)  # logit_bias ids: refused now, not at the first token
         except ValueError as e:
             raise EdgeboxError(str(e)) from None
+        if handle.request.response_format is not None:  # a grammar that does not compile: refused here (400)
+            compile_constraint(model.tokenizer, handle.request.response_format)
         ids, thinking_open, truncated = prompt_ids(model, handle.request)
         reserved = reservation(handle.request, len(ids), model.n_ctx)
         need = reserved * kv_bytes_per_token

@@ -34,7 +34,9 @@ class Sequence:
         self.n_done = kv.length  # prompt tokens already in the cache (prompt cache hit)
         self.cached = kv.length
         self.next_pos = kv.length
-        self.completion = Completion(tokenizer, queued.ids, r.params, r.max_tokens, r.stop)
+        # a dry run's fixed token would break any grammar: it runs unconstrained
+        constraint = None if dry_run else r.response_format
+        self.completion = Completion(tokenizer, queued.ids, r.params, r.max_tokens, r.stop, constraint)
         self.thinking_open = queued.thinking_open
         self.reasoning = ReasoningStream(queued.thinking_open)
         self.pending: int | None = None  # the sampled token to feed in the next decode step
@@ -79,14 +81,24 @@ class Sequence:
         self.next_pos -= n_discard
         self.shifted = True
 
+    def samples_after(self, n: int) -> bool:
+        """Whether this step (feeding ``n`` tokens) ends with a token to sample."""
+        return self.n_done + n >= len(self.ids)
+
+    @property
+    def matcher(self):
+        """Its grammar's matcher (``text.grammar.Matcher``) or None when unconstrained."""
+        return self.completion.matcher
+
     # -- output --------------------------------------------------------------------------------
-    def next_token(self, logits: np.ndarray | None, dry_token: int) -> str | None:
+    def next_token(self, logits: np.ndarray | None, dry_token: int, bitmask: np.ndarray | None = None) -> str | None:
         """Sample the next token from ``logits`` [V] (a dry run's are None: ``dry_token``, and no
-        text), show its text; returns why the sequence ends here (stop | length), or None."""
+        text), within ``bitmask`` when constrained (computed during the forward pass; None:
+        computed now), show its text; returns why the sequence ends here (stop | length), or None."""
         if self.t_first == 0.0:
             self.t_first = time.perf_counter()
         c = self.completion
-        token = dry_token if logits is None else c.sample(logits)
+        token = dry_token if logits is None else c.sample(logits, bitmask)
         text = c.push(token)
         if not self.dry_run:
             self.emit(text)

@@ -8,6 +8,10 @@ engine (many at once), so the two give the same text for the same logits:
 - a stop string ends it with "stop": the text before it is shown, the stop string is not;
 - ``max_tokens`` generated tokens end it with "length"; so does ``finish("length")`` from the
   caller (a full context);
+- with a ``Constraint`` (``text.grammar``) the tokens the grammar does not allow get -inf logits
+  before the sampler draws; once the grammar is complete (only an end-of-generation token may
+  follow) it ends with "stop" without another draw. ``max_tokens`` still cuts it with "length",
+  and the text is then an incomplete match (an unfinished JSON), as OpenAI and llama.cpp do;
 - the text streams: the detokenizer holds an incomplete UTF-8 character and the stop matcher
   what could begin a stop string. ``finish`` releases what is held: at "length" both, at an
   end-of-generation token what the stop matcher held (it can no longer become a stop string);
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edgebox.text.grammar import Constraint, allowed_from_bitmask, compile_constraint
 from edgebox.text.sampler import Sampler, SamplingParams
 
 
@@ -27,8 +32,17 @@ class Completion:
     """The generated part of one sequence: ``push`` each next token (``sample`` picks it from
     logits), show the text it returns, and once ``done_reason`` is set show ``finish()``."""
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()):
+    def __init__(
+        self,
+        tokenizer,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        constraint: Constraint | None = None,
+    ):
         self.sampler = Sampler(params, vocab=tokenizer, eog_ids=tokenizer.eog_ids)  # DRY's pieces, ignore_eos
+        self.matcher = None if constraint is None else compile_constraint(tokenizer, constraint).matcher()
         self.eog_ids = tokenizer.eog_ids
         self.detok = tokenizer.stream_decoder()
         self.stops = StopMatcher(stop)
@@ -37,8 +51,17 @@ class Completion:
         self.tokens: list[int] = []  # generated, end-of-generation excluded
         self.done_reason: str | None = None  # stop | length once it has ended
 
-    def sample(self, logits: np.ndarray) -> int:
-        """The next token for ``logits`` (float32 [n_vocab]) after everything so far."""
+    def sample(self, logits: np.ndarray, bitmask: np.ndarray | None = None) -> int:
+        """The next token for ``logits`` (float32 [n_vocab]) after everything so far. With a
+        constraint, ``bitmask`` is its next token bitmask when the caller computed it already
+        (the engine does, during the forward pass); otherwise it is computed here."""
+        if self.matcher is not None:
+            if bitmask is None:
+                bitmask = self.matcher.bitmask()
+            else:
+                self.matcher.check()
+            # the sampler works on the allowed tokens only: a 102k row of -inf would cost its top-k 15 ms
+            return self.sampler.sample(logits, self.history, allowed=allowed_from_bitmask(bitmask, len(logits)))
         return self.sampler.sample(logits, self.history)
 
     def push(self, token: int) -> str:
@@ -47,10 +70,12 @@ class Completion:
         if token in self.eog_ids:
             self.done_reason = "stop"
             return ""
+        if self.matcher is not None:
+            self.matcher.consume(token)
         self.tokens.append(token)
         self.history.append(token)
         text, stopped = self.stops.push(self.detok.feed(token))
-        if stopped:
+        if stopped or (self.matcher is not None and self.matcher.is_stopped):
             self.done_reason = "stop"
         elif len(self.tokens) >= self.max_tokens:
             self.done_reason = "length"
