@@ -238,14 +238,23 @@ class Model:
         self.box.account_step(*step_cost([segment]))
         return self.transformer.forward_segments([segment])[0]
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """The prompt for ``messages`` through the GGUF's chat template (llama.cpp --jinja)."""
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: object = None) -> str:
+        """The prompt for ``messages`` (and OpenAI ``tools``) through the GGUF's chat template
+        (llama.cpp --jinja); tools for a template without call syntax: ``ToolsUnsupportedError``."""
         template = self.chat_template
         if template is None:
             raise EdgeboxError(
                 f"{self.path.name} has no tokenizer.chat_template; run without chat mode or use a model that has one"
             )
-        return render_chat(template, messages, add_generation_prompt=True, **_special_texts(self.tokenizer))
+        return render_chat(
+            template,
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            add_generation_prompt=True,
+            template_name=self.path.name,
+            **_special_texts(self.tokenizer),
+        )
 
     def stream(
         self,

@@ -252,8 +252,9 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
         handle = await run_in_threadpool(submit, host, engine_req, on_event)
         open_requests.add(handle)
         shape = Shape(chat, request_id, (host.info or {}).get("name", "edgebox"))
+        parser = handle.tool_plan.parser() if handle.tool_plan is not None else None  # the reply's tool calls
         if body.stream:
-            stream = sse_events(open_requests, handle, events, shape, body.include_usage)
+            stream = sse_events(open_requests, handle, events, shape, body.include_usage, parser)
             return StreamingResponse(
                 stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
@@ -265,7 +266,11 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
             raise ApiError(503, open_requests.reason or "the request was cancelled", "cancelled")
         if summary.done_reason == "error":
             raise ApiError(500, f"generation failed: {summary.error}", "generation_failed")
-        return JSONResponse(shape.final(summary))
+        calls = None
+        if parser is not None:
+            parser.feed(summary.content)
+            calls = parser.finish()
+        return JSONResponse(shape.final(summary, calls))
 
     return app
 
@@ -311,9 +316,10 @@ async def wait_summary(request: Request, handle, events: asyncio.Queue):
             handle.cancel()
 
 
-async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue, shape: Shape, include_usage: bool):
+async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue, shape: Shape, include_usage: bool, parser=None):
     """The SSE body of a streamed request. Runs inside Starlette's response task: a disconnect
-    cancels it at its ``await``, and ``finally`` cancels the engine request."""
+    cancels it at its ``await``, and ``finally`` cancels the engine request. With tools, the
+    content goes through the tool-call ``parser``: its deltas are OpenAI's (content, tool_calls)."""
     from edgebox.engine import Summary
 
     try:
@@ -324,14 +330,29 @@ async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue,
             while not events.empty():
                 batch.append(events.get_nowait())
             last = batch[-1]
-            text = "".join(shape.delta_event(e.text, e.reasoning) for e in batch if not isinstance(e, Summary) and e.text)
+            pieces = [e for e in batch if not isinstance(e, Summary) and e.text]
+            if parser is None:
+                text = "".join(shape.delta_event(e.text, e.reasoning) for e in pieces)
+            else:
+                text = "".join(
+                    shape.delta_event(e.text, True)
+                    if e.reasoning
+                    else "".join(sse(shape.delta_of(d)) for d in parser.feed(e.text))
+                    for e in pieces
+                )
             if text:
                 yield text
             if isinstance(last, Summary):
                 break
         s = last
         if s.done_reason in ("stop", "length"):
-            yield sse(shape.last_delta(s))
+            reason = None
+            if parser is not None:
+                calls = parser.finish()
+                for d in calls.deltas:
+                    yield sse(shape.delta_of(d))
+                reason = calls.finish_reason
+            yield sse(shape.last_delta(s, reason))
             if include_usage:
                 yield sse(shape.usage_chunk(s))
         elif s.done_reason == "cancelled":

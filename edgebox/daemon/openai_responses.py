@@ -70,6 +70,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -180,11 +181,17 @@ class Shape:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": "edgebox"}
 
-    def final(self, s) -> dict:
-        """The whole answer of a request that was not streamed (``s``: the engine's Summary)."""
+    def final(self, s, calls=None) -> dict:
+        """The whole answer of a request that was not streamed (``s``: the engine's Summary;
+        ``calls``: its content parsed for tool calls, a ``text.tool_calls.ToolCallResult``)."""
         reason = FINISH_REASONS.get(s.done_reason, s.done_reason)
         if self.chat:
             message = {"role": "assistant", "content": s.content}
+            if calls is not None:
+                message["content"] = calls.content
+                if calls.tool_calls:
+                    message["tool_calls"] = calls.tool_calls
+                reason = calls.finish_reason or reason
             if s.reasoning:
                 message["reasoning_content"] = s.reasoning
             choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
@@ -211,9 +218,16 @@ class Shape:
         prefix, suffix = self._piece[reasoning]
         return f"data: {prefix}{json.dumps(text, ensure_ascii=False)}{suffix}\n\n"
 
-    def last_delta(self, s) -> dict:
+    def delta_of(self, delta: dict) -> dict:
+        """A chat chunk carrying ``delta`` as given (a tool-call parser's content or calls)."""
+        return {
+            **self._head("chat.completion.chunk"),
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}],
+        }
+
+    def last_delta(self, s, reason: str | None = None) -> dict:
         """The chunk that carries ``finish_reason`` (and llama-server's ``timings``)."""
-        reason = FINISH_REASONS.get(s.done_reason, s.done_reason)
+        reason = reason or FINISH_REASONS.get(s.done_reason, s.done_reason)
         if self.chat:
             choice = {"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}
             head = self._head("chat.completion.chunk")

@@ -32,14 +32,22 @@ class ChatMessage(_Body):
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
     reasoning_content: str | None = None  # DeepSeek's API: an earlier turn's reasoning (templates drop it)
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=64, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(None, max_length=256, description="a tool turn: the call it answers")
 
     def as_template_message(self) -> dict:
         """What the GGUF's chat template sees: role and plain-text content (OpenAI's ``developer``
-        role is the templates' ``system``)."""
+        role is the templates' ``system``), an assistant's ``tool_calls``, a tool's ``tool_call_id``."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+            out["content"] = content  # None when the turn was only calls, as OpenAI sends it
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class StreamOptions(_Body):
@@ -65,6 +73,10 @@ class _Sampling(_Body, SamplerExtras):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description='{"type": "json_schema", "json_schema": {"schema": ...}}, {"type": "json_object"}, or edgebox\'s regex / lark',
+    )
 
     @model_validator(mode="after")
     def _stops(self):
@@ -84,6 +96,11 @@ class _Sampling(_Body, SamplerExtras):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    tools: list[dict[str, Any]] | None = Field(
+        None, max_length=128, description="OpenAI function tools, through the chat template"
+    )
+    tool_choice: str | dict[str, Any] | None = Field(None, description='"auto", "none", "required" or a named function')
+    parallel_tool_calls: bool | None = Field(None, description="accepted; a forced call is one call")
 
     @property
     def token_limit(self) -> int | None:
@@ -125,9 +142,12 @@ def engine_request(body: _Sampling, *, default_max_tokens: int, max_tokens_limit
         field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         raise ValueError(f"{field} {max_tokens} exceeds this server's limit of {max_tokens_limit}")
     params = SamplingParams(**sampler_settings(body))
-    common = dict(max_tokens=max_tokens, params=params, stop=body.stop_strings, request_id=request_id)
+    common = dict(
+        max_tokens=max_tokens, params=params, stop=body.stop_strings, request_id=request_id, response_format=body.response_format
+    )
     if isinstance(body, ChatCompletionRequest):
-        return Request(messages=tuple(m.as_template_message() for m in body.messages), **common)
+        messages = tuple(m.as_template_message() for m in body.messages)
+        return Request(messages=messages, tools=body.tools or None, tool_choice=body.tool_choice, **common)
     prompt = body.prompt
     if isinstance(prompt, list):
         return Request(prompt_ids=tuple(prompt), **common)

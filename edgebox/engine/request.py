@@ -16,12 +16,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edgebox.engine.energy import Energy
 from edgebox.errors import ContextOverflowError, EdgeboxError
 from edgebox.text.chat import THINK_OPEN
 from edgebox.text.grammar import Constraint, compile_constraint, parse_constraint
 from edgebox.text.sampler import SamplingParams
+from edgebox.text.tool_calls import plan_tools
 
 
 class QueueFullError(EdgeboxError):
@@ -46,6 +48,10 @@ class Request:
     # what the output must match (text.grammar); a request shape (OpenAI response_format, ollama
     # format) is parsed into a Constraint here, None = free text
     response_format: Constraint | None = None
+    # OpenAI tools, rendered through the GGUF's chat template (messages only); tool_choice "auto",
+    # "none", "required" or {"type": "function", "function": {"name": ...}}; see text.tool_calls
+    tools: tuple[dict, ...] | list[dict] | None = None
+    tool_choice: object = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "response_format", parse_constraint(self.response_format))
@@ -110,6 +116,7 @@ class Handle:
         self._wake = wake  # tells the scheduler (asleep when idle) to look at the cancel now
         self._cancelled = threading.Event()
         self._done = threading.Event()
+        self.tool_plan = None  # text.tool_calls.ToolPlan when the request has tools (set at submit)
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed at the next scheduler step (milliseconds)."""
@@ -200,6 +207,7 @@ class Queued:
     reserved: int  # KV slots it holds once running: ``reservation``
     thinking_open: bool  # the chat template opened a <think> block
     truncated: int  # prompt tokens dropped
+    constraint: Constraint | None = None  # what the output must match: response_format, or a forced tool call
     t_submit: float = 0.0  # set when it joins the queue
 
     @classmethod
@@ -209,16 +217,28 @@ class Queued:
             handle.request.params.check(model.args.n_vocab)  # logit_bias ids: refused now, not at the first token
         except ValueError as e:
             raise EdgeboxError(str(e)) from None
-        if handle.request.response_format is not None:  # a grammar that does not compile: refused here (400)
-            compile_constraint(model.tokenizer, handle.request.response_format)
-        ids, thinking_open, truncated = prompt_ids(model, handle.request)
+        r = handle.request
+        ids, thinking_open, truncated = prompt_ids(model, r)
+        constraint = r.response_format
+        if r.tools:  # the reply's tool-call parser for the transports; a forced call's grammar
+            handle.tool_plan = plan_tools(
+                model.chat_template, r.tools, r.tool_choice, template_name=Path(model.path).name, thinking_open=thinking_open
+            )
+            if handle.tool_plan.grammar is not None:
+                if constraint is not None:
+                    raise EdgeboxError(
+                        "response_format and a forced tool call (tool_choice required or a function) cannot be combined"
+                    )
+                constraint = Constraint.lark(handle.tool_plan.grammar)
+        if constraint is not None:  # a grammar that does not compile: refused here (400)
+            compile_constraint(model.tokenizer, constraint)
         reserved = reservation(handle.request, len(ids), model.n_ctx)
         need = reserved * kv_bytes_per_token
         if need > kv_budget_bytes:
             raise KVBudgetError(
                 f"request needs {need / 2**20:.0f} MiB of KV cache, the budget is {kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise the KV budget"
             )
-        return cls(handle, ids, reserved, thinking_open, truncated)
+        return cls(handle, ids, reserved, thinking_open, truncated, constraint)
 
     def cancelled_summary(self) -> Summary:
         waited = time.perf_counter() - self.t_submit
@@ -238,6 +258,8 @@ def prompt_ids(model, r: Request) -> tuple[list[int], bool, int]:
 
     A prompt that fills the context is refused, or with ``context_shift`` truncated as llama.cpp
     does: keep ``n_keep`` tokens, drop whole blocks of half the rest after them."""
+    if r.tools and r.messages is None:
+        raise EdgeboxError("tools need chat messages (the chat template renders them), not a raw prompt")
     if r.prompt_ids is not None:
         ids, thinking_open = list(r.prompt_ids), False
         bad = next((t for t in ids if not 0 <= t < model.args.n_vocab), None)
@@ -245,7 +267,7 @@ def prompt_ids(model, r: Request) -> tuple[list[int], bool, int]:
             raise EdgeboxError(f"prompt token {bad} is not in the vocabulary (0 to {model.args.n_vocab - 1})")
     else:
         if r.messages is not None:
-            text = model.render_chat(list(r.messages))
+            text = model.render_chat(list(r.messages), tools=r.tools, tool_choice=r.tool_choice)
             thinking_open = text.rstrip().endswith(THINK_OPEN)
         else:
             text, thinking_open = r.prompt, False

@@ -35,7 +35,7 @@ class Sequence:
         self.cached = kv.length
         self.next_pos = kv.length
         # a dry run's fixed token would break any grammar: it runs unconstrained
-        constraint = None if dry_run else r.response_format
+        constraint = None if dry_run else queued.constraint
         self.completion = Completion(tokenizer, queued.ids, r.params, r.max_tokens, r.stop, constraint)
         self.thinking_open = queued.thinking_open
         self.reasoning = ReasoningStream(queued.thinking_open)

@@ -141,6 +141,48 @@ def test_sampling_extras_and_stop_are_applied(server):
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == greedy[: greedy.index(stop)]
 
 
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_constrains_the_reply(server):
+    import jsonschema
+
+    client = server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    validated = 0
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "A person"}], response_format=fmt, max_tokens=60, seed=seed
+        )
+        if r.choices[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+            validated += 1
+    assert validated >= 1
+    r = client.completions.create(
+        model="m", prompt="{", max_tokens=40, seed=1, extra_body={"response_format": {"type": "json_object"}}
+    )
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].text), dict)
+    for bad in ({"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "regex", "regex": "("}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], response_format=bad, max_tokens=4
+            )
+        assert (
+            "\n" not in info.value.body["message"]
+            and "response_format" in info.value.body["message"]
+            or "regex" in info.value.body["message"]
+        )
+    with pytest.raises(openai.BadRequestError) as info:  # the DeepSeek-Coder template has no tool-call syntax
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=[WEATHER], max_tokens=4)
+    assert "tools are not supported" in info.value.body["message"]
+
+
 def test_models_lists_the_loaded_model_with_its_context_and_quant_mix(server):
     models = server.client().models.list().data
     assert [m.id for m in models] == [TEST_MODEL.name]
@@ -346,9 +388,65 @@ def test_api_key_and_tls(tmp_path):
         s.stop_ok()
 
 
-def test_reasoning_is_returned_apart_on_an_r1_model(tmp_path, tiny_f32):
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_reasoning_and_tool_calls_on_an_r1_model(tmp_path, tiny_f32):
+    import jsonschema
+
     s = Server(tmp_path, "--model", str(tiny_f32("tiny-qwen2"))).start()
     try:
+        client = s.client()
+        ask = [{"role": "user", "content": "Weather in Oslo for 3 days?"}]
+        forced = client.chat.completions.create(
+            model="m", messages=ask, tools=[WEATHER], tool_choice="required", max_tokens=80, temperature=0.8, seed=1
+        )
+        choice = forced.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        call = choice.message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather" and call.id
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        # streamed: the same call, in OpenAI's deltas (header first, then argument fragments)
+        chunks = list(
+            client.chat.completions.create(
+                model="m",
+                messages=ask,
+                tools=[WEATHER],
+                tool_choice="required",
+                max_tokens=80,
+                temperature=0.8,
+                seed=1,
+                stream=True,
+            )
+        )
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+        assert calls[0].function.name == "get_weather" and calls[0].id == calls[0].id
+        assert "".join(tc.function.arguments or "" for tc in calls) == call.function.arguments
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+        # the call and its result go back in; tool_choice none gives a plain answer
+        follow = ask + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 4}'},
+        ]
+        answer = client.chat.completions.create(model="m", messages=follow, tools=[WEATHER], tool_choice="none", max_tokens=8)
+        assert answer.choices[0].finish_reason in ("stop", "length") and not answer.choices[0].message.tool_calls
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="m", messages=ask, tools=[{"type": "function"}], max_tokens=4)
+        assert "\n" not in info.value.body["message"]
+
         client = s.client()
         messages = [{"role": "user", "content": "Why is the sky blue?"}]
         r = client.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0)
