@@ -104,21 +104,27 @@ def build_request(p: GenerateParams, max_tokens_limit: int, engine_id: str) -> A
     the sampler refuses)."""
     from edgebox.daemon.sampling import sampler_settings
     from edgebox.engine import Request
+    from edgebox.text.grammar import parse_constraint
     from edgebox.text.sampler import SamplingParams
 
     if p.max_tokens > max_tokens_limit:
         raise Rejected(BAD_REQUEST, f"params.max_tokens {p.max_tokens} exceeds this box's limit of {max_tokens_limit}")
     try:
         sampling = SamplingParams(**sampler_settings(p))
+        if p.response_format is not None and p.format is not None:
+            raise ValueError("give response_format or format, not both")
         return Request(
             prompt=p.prompt,
-            messages=None if p.messages is None else tuple(m.model_dump() for m in p.messages),
+            messages=None if p.messages is None else tuple(m.model_dump(exclude_none=True) for m in p.messages),
             max_tokens=p.max_tokens,
             params=sampling,
             stop=tuple(p.stop),
             context_shift=p.context_shift,
             n_keep=p.n_keep,
             request_id=engine_id,
+            response_format=parse_constraint(p.format, "format") if p.format is not None else p.response_format,
+            tools=p.tools or None,
+            tool_choice=p.tool_choice,
         )
     except (ValueError, TypeError, OverflowError, EdgeboxError) as e:
         raise Rejected(BAD_REQUEST, f"params: {e}") from None

@@ -461,7 +461,11 @@ class CommandHandler:
                 if job.finished or not job.stream or job.cancel_reason is not None:
                     return
                 chunk = StreamChunk(
-                    request_id=job.request_id, seq=job.next_seq, delta=event.text, reasoning=True if event.reasoning else None
+                    request_id=job.request_id,
+                    seq=job.next_seq,
+                    delta=event.text,
+                    reasoning=True if event.reasoning else None,
+                    tool_calls=list(event.tool_calls) or None,
                 )
                 job.next_seq += 1
                 queued = self.transport.publish(job.route.topic, encode(chunk), correlation=job.route.correlation)
@@ -504,6 +508,7 @@ class CommandHandler:
         reply.energy = EnergyUsage(**s.energy.as_dict())
         if not job.stream:
             reply.text, reply.content, reply.reasoning = s.text, s.content, s.reasoning or None
+        reply.tool_calls = list(s.tool_calls) or None
         if job.inbound.dup:
             reply.redelivered = True
         if self._finish(job, reply):

@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgebox.daemon.openai_responses import (
+    FINISH_REASONS,
     ChatCompletion,
     Completion,
     ErrorResponse,
@@ -252,9 +253,8 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
         handle = await run_in_threadpool(submit, host, engine_req, on_event)
         open_requests.add(handle)
         shape = Shape(chat, request_id, (host.info or {}).get("name", "edgebox"))
-        parser = handle.tool_plan.parser() if handle.tool_plan is not None else None  # the reply's tool calls
         if body.stream:
-            stream = sse_events(open_requests, handle, events, shape, body.include_usage, parser)
+            stream = sse_events(open_requests, handle, events, shape, body.include_usage)
             return StreamingResponse(
                 stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
@@ -266,11 +266,7 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
             raise ApiError(503, open_requests.reason or "the request was cancelled", "cancelled")
         if summary.done_reason == "error":
             raise ApiError(500, f"generation failed: {summary.error}", "generation_failed")
-        calls = None
-        if parser is not None:
-            parser.feed(summary.content)
-            calls = parser.finish()
-        return JSONResponse(shape.final(summary, calls))
+        return JSONResponse(shape.final(summary))
 
     return app
 
@@ -316,10 +312,10 @@ async def wait_summary(request: Request, handle, events: asyncio.Queue):
             handle.cancel()
 
 
-async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue, shape: Shape, include_usage: bool, parser=None):
+async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue, shape: Shape, include_usage: bool):
     """The SSE body of a streamed request. Runs inside Starlette's response task: a disconnect
-    cancels it at its ``await``, and ``finally`` cancels the engine request. With tools, the
-    content goes through the tool-call ``parser``: its deltas are OpenAI's (content, tool_calls)."""
+    cancels it at its ``await``, and ``finally`` cancels the engine request. A request with tools
+    gets the engine's tool-call deltas (OpenAI's shape) as they come."""
     from edgebox.engine import Summary
 
     try:
@@ -330,29 +326,20 @@ async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue,
             while not events.empty():
                 batch.append(events.get_nowait())
             last = batch[-1]
-            pieces = [e for e in batch if not isinstance(e, Summary) and e.text]
-            if parser is None:
-                text = "".join(shape.delta_event(e.text, e.reasoning) for e in pieces)
-            else:
-                text = "".join(
-                    shape.delta_event(e.text, True)
-                    if e.reasoning
-                    else "".join(sse(shape.delta_of(d)) for d in parser.feed(e.text))
-                    for e in pieces
-                )
+            text = "".join(
+                sse(shape.delta_of({"tool_calls": list(e.tool_calls)}))
+                if e.tool_calls
+                else shape.delta_event(e.text, e.reasoning)
+                for e in batch
+                if not isinstance(e, Summary) and (e.text or e.tool_calls)
+            )
             if text:
                 yield text
             if isinstance(last, Summary):
                 break
         s = last
-        if s.done_reason in ("stop", "length"):
-            reason = None
-            if parser is not None:
-                calls = parser.finish()
-                for d in calls.deltas:
-                    yield sse(shape.delta_of(d))
-                reason = calls.finish_reason
-            yield sse(shape.last_delta(s, reason))
+        if s.done_reason in FINISH_REASONS:
+            yield sse(shape.last_delta(s))
             if include_usage:
                 yield sse(shape.usage_chunk(s))
         elif s.done_reason == "cancelled":

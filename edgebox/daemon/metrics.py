@@ -63,7 +63,7 @@ class Metrics:
     def finished(self, transport: str, endpoint: str, summary) -> None:
         """A request the engine ran has ended (an engine ``Summary``)."""
         s = summary
-        outcome = {"stop": "stop", "length": "length", "cancelled": "cancelled"}.get(s.done_reason, "error")
+        outcome = s.done_reason if s.done_reason in ("stop", "length", "tool_calls", "cancelled") else "error"
         self.requests.labels(transport, endpoint, outcome).inc()
         self.prompt_tokens.labels(transport).inc(s.prompt_tokens)
         self.generation_tokens.labels(transport).inc(s.generated_tokens)

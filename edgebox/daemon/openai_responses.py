@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-FINISH_REASONS = {"stop": "stop", "length": "length"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}  # engine done_reason -> OpenAI
 
 # -- documented shapes (OpenAPI) -------------------------------------------------------------------
 
@@ -181,17 +181,13 @@ class Shape:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": "edgebox"}
 
-    def final(self, s, calls=None) -> dict:
-        """The whole answer of a request that was not streamed (``s``: the engine's Summary;
-        ``calls``: its content parsed for tool calls, a ``text.tool_calls.ToolCallResult``)."""
+    def final(self, s) -> dict:
+        """The whole answer of a request that was not streamed (``s``: the engine's Summary)."""
         reason = FINISH_REASONS.get(s.done_reason, s.done_reason)
         if self.chat:
             message = {"role": "assistant", "content": s.content}
-            if calls is not None:
-                message["content"] = calls.content
-                if calls.tool_calls:
-                    message["tool_calls"] = calls.tool_calls
-                reason = calls.finish_reason or reason
+            if s.tool_calls:
+                message["tool_calls"] = list(s.tool_calls)
             if s.reasoning:
                 message["reasoning_content"] = s.reasoning
             choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
@@ -225,9 +221,9 @@ class Shape:
             "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}],
         }
 
-    def last_delta(self, s, reason: str | None = None) -> dict:
+    def last_delta(self, s) -> dict:
         """The chunk that carries ``finish_reason`` (and llama-server's ``timings``)."""
-        reason = reason or FINISH_REASONS.get(s.done_reason, s.done_reason)
+        reason = FINISH_REASONS.get(s.done_reason, s.done_reason)
         if self.chat:
             choice = {"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}
             head = self._head("chat.completion.chunk")

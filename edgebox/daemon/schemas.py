@@ -146,8 +146,10 @@ class CommandEnvelope(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text | None = None  # None: an assistant turn that was only tool calls
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=64)  # an assistant turn's OpenAI tool_calls
+    tool_call_id: str | None = Field(None, max_length=256)  # a tool turn: the call it answers
 
 
 class GenerateParams(_Strict, SamplerExtras):
@@ -165,6 +167,11 @@ class GenerateParams(_Strict, SamplerExtras):
     stream: bool = True
     context_shift: bool = False
     n_keep: int = Field(0, ge=0)
+    # structured output (text.grammar): OpenAI's response_format or ollama's format, not both
+    response_format: dict[str, Any] | None = None
+    format: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)  # OpenAI function tools (messages only)
+    tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateParams:
@@ -245,6 +252,7 @@ class StreamChunk(BaseModel):
     delta: str
     done: Literal[False] = False
     reasoning: bool | None = None  # True for DeepSeek-R1 thinking text; absent otherwise
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's streamed tool-call deltas; absent otherwise
 
 
 class FinalReply(BaseModel):
@@ -261,6 +269,7 @@ class FinalReply(BaseModel):
     text: str | None = None  # generate with stream=false: the whole answer
     content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # generate with tools: the calls (done_reason tool_calls)
     result: dict[str, Any] | None = None  # other commands: what they did
     redelivered: bool | None = None  # the broker delivered this command again after a restart
 

@@ -69,6 +69,7 @@ class Chunk:
     seq: int  # 0, 1, 2, ... per request
     text: str
     reasoning: bool = False  # DeepSeek-R1 <think> text (llama.cpp --reasoning-format deepseek)
+    tool_calls: tuple[dict, ...] = ()  # OpenAI's streamed tool-call deltas (text.tool_calls), text then ""
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ class Summary:
     """The final word on a request, like ollama's final response."""
 
     request_id: str
-    done_reason: str  # stop | length | cancelled | error
+    done_reason: str  # stop | length | tool_calls | cancelled | error
     text: str  # everything generated (reasoning tags removed)
-    content: str
+    content: str | None  # None when the reply was only tool calls
     reasoning: str
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens reused from the prompt cache
@@ -90,6 +91,7 @@ class Summary:
     total_s: float = 0.0
     error: str | None = None
     prompt_truncated: int = 0  # tokens dropped from an over-long prompt (context_shift)
+    tool_calls: tuple[dict, ...] = ()  # OpenAI tool_calls parsed from the reply (requests with tools)
     energy: Energy = field(default_factory=Energy)  # its share of the chips' energy (engine.energy)
 
     @property

@@ -39,6 +39,9 @@ class Sequence:
         self.completion = Completion(tokenizer, queued.ids, r.params, r.max_tokens, r.stop, constraint)
         self.thinking_open = queued.thinking_open
         self.reasoning = ReasoningStream(queued.thinking_open)
+        plan = queued.handle.tool_plan  # requests with tools: the reply's content is parsed for calls
+        self.tools = plan.parser() if plan is not None and not dry_run else None
+        self.calls = None  # text.tool_calls.ToolCallResult once ended
         self.pending: int | None = None  # the sampled token to feed in the next decode step
         self.text: list[str] = []
         self.seq = 0
@@ -111,25 +114,47 @@ class Sequence:
 
     def end(self, reason: str, error: str | None) -> None:
         """Show what is still held back: at a stop or length the text the completion held, then
-        the reasoning split's tail."""
+        the reasoning split's tail, then the tool-call parser's."""
         if reason in ("length", "stop") and error is None and not self.dry_run:
             self.emit(self.completion.finish(reason))
         for reasoning, piece in self.reasoning.flush():
-            self.handle._emit(Chunk(self.request.request_id, self.seq, piece, reasoning))
-            self.seq += 1
+            self._show(piece, reasoning)
+        if self.tools is not None:
+            self.calls = self.tools.finish()
+            for delta in self.calls.deltas:
+                self._chunk(delta)
 
     def emit(self, text: str) -> None:
         if not text:
             return
         self.text.append(text)
         for reasoning, piece in self.reasoning.push(text):
+            self._show(piece, reasoning)
+
+    def _show(self, piece: str, reasoning: bool) -> None:
+        """One piece of reasoning or content; content goes through the tool-call parser, if any."""
+        if reasoning or self.tools is None:
             self.handle._emit(Chunk(self.request.request_id, self.seq, piece, reasoning))
             self.seq += 1
+            return
+        for delta in self.tools.feed(piece):
+            self._chunk(delta)
+
+    def _chunk(self, delta: dict) -> None:
+        """A tool-call parser's delta (OpenAI's shape) as a Chunk."""
+        self.handle._emit(
+            Chunk(self.request.request_id, self.seq, delta.get("content") or "", tool_calls=tuple(delta.get("tool_calls") or ()))
+        )
+        self.seq += 1
 
     def summary(self, reason: str, error: str | None) -> Summary:
         now = time.perf_counter()
         full = "".join(self.text)
         reasoning_text, content = split_reasoning(full, thinking_open=self.thinking_open)
+        calls = ()
+        if self.calls is not None:  # the reply parsed for tool calls: its content is what is not a call
+            content, calls = self.calls.content, tuple(self.calls.tool_calls)
+            reason = self.calls.finish_reason or reason
         first = self.t_first or now
         return Summary(
             request_id=self.request.request_id,
@@ -147,4 +172,5 @@ class Sequence:
             total_s=now - self.t_submit,
             error=error,
             prompt_truncated=self.truncated,
+            tool_calls=calls,
         )

@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import edgebox
-from edgebox.daemon.client import ClientError, FleetClient
+from edgebox.daemon.client import ClientError, CommandFailed, FleetClient
 from tests.fixtures.daemon import REPO, Daemon
 from tests.fixtures.mosquitto import MOSQUITTO, Mosquitto, free_port
 from tests.fixtures.paths import TEST_MODEL
@@ -489,6 +489,37 @@ def test_stream_false_returns_the_text_in_the_final(fleet):
 def test_chat_messages_go_through_the_model_template(fleet):
     final = fleet.call(DEVICE, "generate", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, timeout=60)
     assert final["usage"]["prompt_tokens"] > 3  # the template wrapped the message
+
+
+def test_structured_output_and_sampler_fields_over_mqtt(fleet):
+    """The same fields as the HTTP API: ollama's format, OpenAI's response_format, llama.cpp's samplers."""
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    stopped = 0
+    for seed in range(3):
+        final = fleet.call(
+            DEVICE,
+            "generate",
+            {"prompt": "{", "format": schema, "max_tokens": 30, "seed": seed, "stream": False, "typical_p": 0.9},
+            timeout=60,
+        )
+        if final["done_reason"] == "stop":
+            assert 0 <= json.loads(final["text"])["n"] <= 9
+            stopped += 1
+    assert stopped >= 1
+    with pytest.raises(CommandFailed, match="400"):
+        fleet.call(DEVICE, "generate", {"prompt": "x", "response_format": {"type": "regex", "regex": "("}}, timeout=30)
+    with pytest.raises(CommandFailed, match="400.*tools are not supported"):
+        fleet.call(
+            DEVICE,
+            "generate",
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+            timeout=30,
+        )
 
 
 def test_status_state_telemetry_and_throttle_events(broker, daemon, fleet):
