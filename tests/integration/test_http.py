@@ -207,6 +207,11 @@ def test_sse_framing_is_data_events_ending_with_done(server):
     assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "timings" in payloads[-1]
 
 
+def test_no_cors_unless_configured(server):
+    status, headers, _ = server.request("GET", "/v1/models", headers={"Origin": "https://evil.example"})
+    assert status == 200 and not any(k.lower().startswith("access-control-") for k in headers)
+
+
 def test_curl_without_content_type_is_read_as_json(server):
     out = subprocess.run(
         ["curl", "-s", "-d", json.dumps({"prompt": "x", "max_tokens": 2}), f"{server.url}/v1/completions"],
@@ -360,7 +365,7 @@ def test_api_key_and_tls(tmp_path):
     (tmp_path / "api-key").write_text("s3cret-key\n")
     s = Server(
         tmp_path, "--model", str(TEST_MODEL), "--api-key-file", str(tmp_path / "api-key"),
-        "--ssl-cert-file", str(cert), "--ssl-key-file", str(key),
+        "--ssl-cert-file", str(cert), "--ssl-key-file", str(key), "--cors-origin", "https://app.example",
     ).start()  # fmt: skip
     try:
         context = ssl.create_default_context(cafile=str(cert))
@@ -382,6 +387,13 @@ def test_api_key_and_tls(tmp_path):
         req.add_header("Authorization", "Bearer s3cret-key")
         with urllib.request.urlopen(req, context=context, timeout=10) as r:
             assert b"edgebox_requests_total" in r.read()
+        preflight = urllib.request.Request(
+            f"{s.url}/v1/models",
+            method="OPTIONS",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET"},
+        )
+        with urllib.request.urlopen(preflight, context=context, timeout=10) as r:  # the configured origin only
+            assert r.headers["access-control-allow-origin"] == "https://app.example"
         with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP to the TLS port is not served
             Server.request(s, "GET", "/health")
     finally:
