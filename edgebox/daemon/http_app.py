@@ -252,7 +252,8 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
 
         handle = await run_in_threadpool(submit, host, engine_req, on_event)
         open_requests.add(handle)
-        shape = Shape(chat, request_id, (host.info or {}).get("name", "edgebox"))
+        engine = host.engine
+        shape = Shape(chat, request_id, (host.info or {}).get("name", "edgebox"), engine.model.tokenizer if engine else None)
         if body.stream:
             stream = sse_events(open_requests, handle, events, shape, body.include_usage)
             return StreamingResponse(
@@ -318,6 +319,7 @@ async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue,
     gets the engine's tool-call deltas (OpenAI's shape) as they come."""
     from edgebox.engine import Summary
 
+    sent = 0  # logprobs entries already streamed
     try:
         if shape.chat:
             yield sse(shape.delta(first=True))
@@ -339,7 +341,9 @@ async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue,
                 break
         s = last
         if s.done_reason in FINISH_REASONS:
-            yield sse(shape.last_delta(s))
+            last_delta = shape.last_delta(s)
+            last_delta["choices"][0]["logprobs"] = shape.logprobs(s.logprobs[sent:])  # tokens no chunk carried
+            yield sse(last_delta)
             if include_usage:
                 yield sse(shape.usage_chunk(s))
         elif s.done_reason == "cancelled":
@@ -351,6 +355,18 @@ async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue,
         open_requests.discard(handle)
         if not handle.done:
             handle.cancel()
+
+
+def piece_event(shape: Shape, e) -> str:
+    """One engine Chunk as an SSE event: tool-call deltas, or text (pre-rendered unless it carries logprobs)."""
+    if e.tool_calls:
+        event = shape.delta_of({"tool_calls": list(e.tool_calls)})
+    elif not e.logprobs:
+        return shape.delta_event(e.text, e.reasoning)
+    else:
+        event = shape.delta(e.text, e.reasoning)
+    event["choices"][0]["logprobs"] = shape.logprobs(e.logprobs)
+    return sse(event)
 
 
 def sse(obj: dict) -> str:

@@ -163,8 +163,9 @@ def timings(s) -> dict:
 class Shape:
     """The fixed part of every object one request answers with: id, kind, time, model."""
 
-    def __init__(self, chat: bool, request_id: str, model: str):
+    def __init__(self, chat: bool, request_id: str, model: str, tokenizer=None):
         self.chat = chat
+        self.tokenizer = tokenizer  # token ids -> text, for logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
         self.model = model
@@ -190,12 +191,47 @@ class Shape:
                 message["tool_calls"] = list(s.tool_calls)
             if s.reasoning:
                 message["reasoning_content"] = s.reasoning
-            choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": self.logprobs(s.logprobs)}
             head = self._head("chat.completion")
         else:
-            choice = {"index": 0, "text": s.text, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "text": s.text, "finish_reason": reason, "logprobs": self.logprobs(s.logprobs)}
             head = self._head("text_completion")
         return {**head, "choices": [choice], "usage": usage(s), "timings": timings(s)}
+
+    def logprobs(self, entries) -> dict | None:
+        """OpenAI's ``logprobs`` for ``entries`` (``text.sampler.TokenLogprobs``): chat's
+        ``{"content": [{token, logprob, bytes, top_logprobs}]}``, or the legacy completions shape
+        (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``); None when not asked."""
+        if not entries:
+            return None
+        piece = self._piece_bytes
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": piece(e.token).decode("utf-8", "replace"),
+                        "logprob": e.logprob,
+                        "bytes": list(piece(e.token)),
+                        "top_logprobs": [
+                            {"token": piece(t).decode("utf-8", "replace"), "logprob": lp, "bytes": list(piece(t))}
+                            for t, lp in e.top
+                        ],
+                    }
+                    for e in entries
+                ]
+            }
+        tokens = [piece(e.token).decode("utf-8", "replace") for e in entries]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{piece(t).decode("utf-8", "replace"): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+    def _piece_bytes(self, token: int) -> bytes:
+        piece = self.tokenizer.token_to_piece(token)
+        return piece if isinstance(piece, bytes) else piece.encode("utf-8")
 
     def delta(self, text: str = "", reasoning: bool = False, first: bool = False) -> dict:
         """One streamed piece of text."""

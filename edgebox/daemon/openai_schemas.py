@@ -100,6 +100,8 @@ class ChatCompletionRequest(_Sampling):
         None, max_length=128, description="OpenAI function tools, through the chat template"
     )
     tool_choice: str | dict[str, Any] | None = Field(None, description='"auto", "none", "required" or a named function')
+    logprobs: bool = Field(False, description="each generated token's log-probability (OpenAI's, before the sampler chain)")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the N most likely tokens at each place")
     parallel_tool_calls: bool | None = Field(None, description="accepted; a forced call is one call")
 
     @property
@@ -113,6 +115,7 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_leng
 class CompletionRequest(_Sampling):
     prompt: str | TokenIds | list[str] | list[TokenIds] = Field(description="a string or a list of token ids (one prompt)")
     echo: bool = Field(False, description="false only: edgebox does not repeat the prompt")
+    logprobs: int | None = Field(None, ge=0, le=20, description="each token's log-probability and the N most likely")
     suffix: str | None = Field(None, description="not supported (fill-in-the-middle): leave it out")
 
     @model_validator(mode="after")
@@ -147,7 +150,11 @@ def engine_request(body: _Sampling, *, default_max_tokens: int, max_tokens_limit
     )
     if isinstance(body, ChatCompletionRequest):
         messages = tuple(m.as_template_message() for m in body.messages)
-        return Request(messages=messages, tools=body.tools or None, tool_choice=body.tool_choice, **common)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return Request(messages=messages, tools=body.tools or None, tool_choice=body.tool_choice, logprobs=logprobs, **common)
+    common["logprobs"] = body.logprobs
     prompt = body.prompt
     if isinstance(prompt, list):
         return Request(prompt_ids=tuple(prompt), **common)

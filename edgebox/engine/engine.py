@@ -305,11 +305,15 @@ class Engine:
         greedy = SamplingParams(temperature=0.0)
         ids = self.model.tokenize(" warm up the engine " * 4, add_bos=False)[: max(1, self.model.n_ctx // 4)]
         prompt = self.model.detokenize(ids)
-        handles = [self.submit(Request(prompt=prompt, max_tokens=3, params=greedy)) for _ in range(2)]
-        for h in handles:
-            h.result()
-        # and one alone: a lone sequence's decode runs the one-call blocks (kernels.fused)
-        self.submit(Request(prompt=prompt, max_tokens=3, params=greedy)).result()
+        limit, self.max_queue = self.max_queue, max(self.max_queue, 2)  # a queue of 1 must not refuse the warm-up's pair
+        try:
+            handles = [self.submit(Request(prompt=prompt, max_tokens=3, params=greedy)) for _ in range(2)]
+            for h in handles:
+                h.result()
+            # and one alone: a lone sequence's decode runs the one-call blocks (kernels.fused)
+            self.submit(Request(prompt=prompt, max_tokens=3, params=greedy)).result()
+        finally:
+            self.max_queue = limit
         # the scheduler is quiet when this returns: a listener added next never races its idle call
         self._quiet.wait(5.0)
         with self._cond:

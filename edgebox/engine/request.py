@@ -52,6 +52,7 @@ class Request:
     # "none", "required" or {"type": "function", "function": {"name": ...}}; see text.tool_calls
     tools: tuple[dict, ...] | list[dict] | None = None
     tool_choice: object = None
+    logprobs: int | None = None  # None: off; N >= 0: each token's logprob and its N best rivals (Chunk/Summary.logprobs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "response_format", parse_constraint(self.response_format))
@@ -70,6 +71,7 @@ class Chunk:
     text: str
     reasoning: bool = False  # DeepSeek-R1 <think> text (llama.cpp --reasoning-format deepseek)
     tool_calls: tuple[dict, ...] = ()  # OpenAI's streamed tool-call deltas (text.tool_calls), text then ""
+    logprobs: tuple = ()  # text.sampler.TokenLogprobs of the tokens generated since the last chunk
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Summary:
     error: str | None = None
     prompt_truncated: int = 0  # tokens dropped from an over-long prompt (context_shift)
     tool_calls: tuple[dict, ...] = ()  # OpenAI tool_calls parsed from the reply (requests with tools)
+    logprobs: tuple = ()  # every generated token's text.sampler.TokenLogprobs (requests with logprobs)
     energy: Energy = field(default_factory=Energy)  # its share of the chips' energy (engine.energy)
 
     @property

@@ -36,7 +36,8 @@ class Sequence:
         self.next_pos = kv.length
         # a dry run's fixed token would break any grammar: it runs unconstrained
         constraint = None if dry_run else queued.constraint
-        self.completion = Completion(tokenizer, queued.ids, r.params, r.max_tokens, r.stop, constraint)
+        self.completion = Completion(tokenizer, queued.ids, r.params, r.max_tokens, r.stop, constraint, r.logprobs)
+        self._logprobs_sent = 0  # of completion.logprobs, those already on a chunk
         self.thinking_open = queued.thinking_open
         self.reasoning = ReasoningStream(queued.thinking_open)
         plan = queued.handle.tool_plan  # requests with tools: the reply's content is parsed for calls
@@ -134,7 +135,7 @@ class Sequence:
     def _show(self, piece: str, reasoning: bool) -> None:
         """One piece of reasoning or content; content goes through the tool-call parser, if any."""
         if reasoning or self.tools is None:
-            self.handle._emit(Chunk(self.request.request_id, self.seq, piece, reasoning))
+            self.handle._emit(Chunk(self.request.request_id, self.seq, piece, reasoning, logprobs=self._new_logprobs()))
             self.seq += 1
             return
         for delta in self.tools.feed(piece):
@@ -143,9 +144,21 @@ class Sequence:
     def _chunk(self, delta: dict) -> None:
         """A tool-call parser's delta (OpenAI's shape) as a Chunk."""
         self.handle._emit(
-            Chunk(self.request.request_id, self.seq, delta.get("content") or "", tool_calls=tuple(delta.get("tool_calls") or ()))
+            Chunk(
+                self.request.request_id,
+                self.seq,
+                delta.get("content") or "",
+                tool_calls=tuple(delta.get("tool_calls") or ()),
+                logprobs=self._new_logprobs(),
+            )
         )
         self.seq += 1
+
+    def _new_logprobs(self) -> tuple:
+        """The generated tokens' logprobs not yet on a chunk (they ride on the next one)."""
+        new = self.completion.logprobs[self._logprobs_sent :]
+        self._logprobs_sent += len(new)
+        return tuple(new)
 
     def summary(self, reason: str, error: str | None) -> Summary:
         now = time.perf_counter()
@@ -173,4 +186,5 @@ class Sequence:
             error=error,
             prompt_truncated=self.truncated,
             tool_calls=calls,
+            logprobs=tuple(self.completion.logprobs),
         )

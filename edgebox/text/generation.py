@@ -40,9 +40,12 @@ class Completion:
         max_tokens: int,
         stop: Sequence[str] = (),
         constraint: Constraint | None = None,
+        logprobs: int | None = None,
     ):
         self.sampler = Sampler(params, vocab=tokenizer, eog_ids=tokenizer.eog_ids)  # DRY's pieces, ignore_eos
         self.matcher = None if constraint is None else compile_constraint(tokenizer, constraint).matcher()
+        self.logprobs_top = logprobs  # None: off; N: each generated token's logprob and its N best rivals
+        self.logprobs: list = []  # TokenLogprobs of the generated tokens (end-of-generation excluded)
         self.eog_ids = tokenizer.eog_ids
         self.detok = tokenizer.stream_decoder()
         self.stops = StopMatcher(stop)
@@ -52,9 +55,16 @@ class Completion:
         self.done_reason: str | None = None  # stop | length once it has ended
 
     def sample(self, logits: np.ndarray, bitmask: np.ndarray | None = None) -> int:
-        """The next token for ``logits`` (float32 [n_vocab]) after everything so far. With a
+        """The next token for ``logits`` (float32 [n_vocab]) after everything so far (and, when
+        asked, its logprobs: OpenAI's, before the chain, see ``Sampler.logprobs``). With a
         constraint, ``bitmask`` is its next token bitmask when the caller computed it already
         (the engine does, during the forward pass); otherwise it is computed here."""
+        token = self._sample(logits, bitmask)
+        if self.logprobs_top is not None and token not in self.eog_ids:
+            self.logprobs.append(self.sampler.logprobs(logits, token, self.logprobs_top))
+        return token
+
+    def _sample(self, logits: np.ndarray, bitmask: np.ndarray | None) -> int:
         if self.matcher is not None:
             if bitmask is None:
                 bitmask = self.matcher.bitmask()

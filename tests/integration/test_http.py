@@ -543,3 +543,30 @@ def test_llama_cpp_sampler_fields_reach_the_sampler(server):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="m", prompt="x", max_tokens=2, extra_body={"samplers": ["top_k", "bogus"]})
     assert "bogus" in info.value.body["message"]
+
+
+def test_logprobs_in_openai_shapes(server):
+    client = server.client()
+    ask = [{"role": "user", "content": "count"}]
+    r = client.chat.completions.create(model="m", messages=ask, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for e in content:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and e.logprob <= 0
+        assert e.logprob == pytest.approx(tops[0]) and e.token == e.top_logprobs[0].token  # greedy: the best one
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+    streamed = [
+        e
+        for c in client.chat.completions.create(
+            model="m", messages=ask, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, stream=True
+        )
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+    legacy = client.completions.create(model="m", prompt=LONG_PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert "".join(lp.tokens) == legacy.choices[0].text and len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert lp.text_offset[0] == 0 and all(len(t) == 2 for t in lp.top_logprobs)
+    assert client.chat.completions.create(model="m", messages=ask, max_tokens=2).choices[0].logprobs is None
