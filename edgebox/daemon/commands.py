@@ -125,6 +125,7 @@ def build_request(p: GenerateParams, max_tokens_limit: int, engine_id: str) -> A
             response_format=parse_constraint(p.format, "format") if p.format is not None else p.response_format,
             tools=p.tools or None,
             tool_choice=p.tool_choice,
+            logprobs=p.logprobs,
         )
     except (ValueError, TypeError, OverflowError, EdgeboxError) as e:
         raise Rejected(BAD_REQUEST, f"params: {e}") from None

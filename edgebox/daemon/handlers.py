@@ -509,6 +509,8 @@ class CommandHandler:
         if not job.stream:
             reply.text, reply.content, reply.reasoning = s.text, s.content, s.reasoning or None
         reply.tool_calls = list(s.tool_calls) or None
+        if s.logprobs:  # token ids, as the tokenizer's vocabulary numbers them
+            reply.logprobs = [{"token": e.token, "logprob": e.logprob, "top": [list(t) for t in e.top]} for e in s.logprobs]
         if job.inbound.dup:
             reply.redelivered = True
         if self._finish(job, reply):

@@ -172,6 +172,9 @@ class GenerateParams(_Strict, SamplerExtras):
     format: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = Field(None, max_length=128)  # OpenAI function tools (messages only)
     tool_choice: str | dict[str, Any] | None = None
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="the final reply lists each token's logprob and its N best rivals"
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateParams:
@@ -270,6 +273,7 @@ class FinalReply(BaseModel):
     content: str | None = None
     reasoning: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # generate with tools: the calls (done_reason tool_calls)
+    logprobs: list[dict[str, Any]] | None = None  # generate with logprobs: [{token, logprob, top: [[token, logprob]]}]
     result: dict[str, Any] | None = None  # other commands: what they did
     redelivered: bool | None = None  # the broker delivered this command again after a restart
 

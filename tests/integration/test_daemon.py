@@ -511,6 +511,8 @@ def test_structured_output_and_sampler_fields_over_mqtt(fleet):
             assert 0 <= json.loads(final["text"])["n"] <= 9
             stopped += 1
     assert stopped >= 1
+    final = fleet.call(DEVICE, "generate", {"prompt": "x", "max_tokens": 3, "temperature": 0, "logprobs": 2}, timeout=60)
+    assert len(final["logprobs"]) == final["usage"]["completion_tokens"] and all(len(e["top"]) == 2 for e in final["logprobs"])
     with pytest.raises(CommandFailed, match="400"):
         fleet.call(DEVICE, "generate", {"prompt": "x", "response_format": {"type": "regex", "regex": "("}}, timeout=30)
     with pytest.raises(CommandFailed, match="400.*tools are not supported"):
