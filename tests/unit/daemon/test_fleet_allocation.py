@@ -106,3 +106,13 @@ def test_box_curve_and_the_telemetry_fields_round_trip_through_the_controller_vi
     view_from_telemetry(view, telemetry)
     assert view.curve == curve and view.budget_w == 3.0 and view.power_w == 2.9 and view.joules_per_token == 0.05
     assert fleet_fields(None, 3.0) is None
+
+
+def test_the_shared_fleet_topic_is_a_generate_and_its_replies_may_go_under_fleet_reply():
+    from edgebox.daemon.schemas import FLEET_GENERATE, FLEET_SHARED_GENERATE, Topics, reply_topic_problem
+
+    topics = Topics("box-1")
+    assert FLEET_SHARED_GENERATE == "$share/edgebox/edgebox/v1/fleet/cmd/generate"
+    assert topics.method_of(FLEET_GENERATE) == "generate"
+    assert topics.method_of("edgebox/v1/fleet/cmd/cancel") is None  # only generates are shared
+    assert reply_topic_problem("edgebox/v1/fleet/reply/client-7", topics) is None
