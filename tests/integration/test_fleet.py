@@ -141,6 +141,15 @@ def test_budgets_sum_to_the_site_budget(site):
     assert all(budgets[n] >= floors[n] for n in BOXES), (budgets, floors)
 
 
+def test_a_new_controller_rebuilds_the_same_allocation_from_retained_messages_and_telemetry(site):
+    budgets, _ = site.wait_budgets(BOXES, timeout=10)
+    mark = len(site.rec.messages)
+    with FleetController(site.broker.url, SITE_W, interval_s=TELEMETRY_S) as fresh:
+        time.sleep(TELEMETRY_S * 1.5)  # one telemetry from every box
+        assert fresh.step() == pytest.approx(budgets, abs=1e-9)
+    assert site.budgets(after=mark) == {}  # it changed nobody's budget
+
+
 def test_sixty_requests_on_the_shared_topic_answered_once_and_spread_over_all_three(site):
     before = site.completed()
     ids = [f"share-{i}" for i in range(60)]
