@@ -363,6 +363,88 @@ def client_unload_model(
     typer.echo(f"{device}: model unloaded")
 
 
+@client_app.command("fleet")
+def client_fleet(
+    ctx: typer.Context,
+    wait: float = typer.Option(2.5, "--wait", min=0.1, help="seconds to collect retained status and telemetry"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Every box's budget, power, tokens/s and energy per token (from status and telemetry)."""
+    import json
+    import time
+
+    from edgebox.daemon.fleet import FleetWatch
+
+    with _fleet(ctx) as client:
+        watch = FleetWatch(client).start()
+        time.sleep(wait)  # retained status comes at once; telemetry once per box's interval
+        rows = watch.rows()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    num = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
+    typer.echo(f"{'DEVICE':<24} {'STATUS':<8} {'BUDGET W':>9} {'POWER W':>8} {'TOK/S':>9} {'J/TOKEN':>9} {'TOK/S/W':>9}")
+    for r in rows:
+        typer.echo(
+            f"{r['device_id']:<24} {'online' if r['online'] else 'offline':<8} {num(r['budget_w'], '.3f'):>9} "
+            f"{num(r['power_w'], '.3f'):>8} {num(r['tokens_per_s'], '.1f'):>9} {num(r['joules_per_token'], '.4f'):>9} "
+            f"{num(r['marginal_tps_per_w'], '.1f'):>9}"
+        )
+    online = [r for r in rows if r["online"]]
+    total = sum(r["budget_w"] or 0.0 for r in online)
+    typer.echo(f"{len(online)} of {len(rows)} boxes online; budgets sum to {total:.3f} W")
+
+
+@app.command()
+def fleet(
+    broker: str = typer.Option(
+        "mqtt://127.0.0.1:1883", "--broker", envvar="EDGEBOX_BROKER", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
+    ),
+    budget: float = typer.Option(..., "--budget", min=0.001, help="the site's power budget in watts, shared by every box"),
+    interval: float = typer.Option(2.0, "--interval", min=0.05, help="seconds between allocations"),
+    username: str | None = typer.Option(
+        None, "--username", envvar="EDGEBOX_MQTT_USERNAME", help="broker user (password: EDGEBOX_MQTT_PASSWORD)"
+    ),
+    ca_file: Path | None = typer.Option(None, "--ca-file", help="CA bundle for mqtts://"),
+    cert_file: Path | None = typer.Option(None, "--cert-file", help="client certificate for mqtts://"),
+    key_file: Path | None = typer.Option(None, "--key-file", help="client key for mqtts://"),
+) -> None:
+    """The fleet controller: hold every box of the broker within one site budget (until Ctrl-C/SIGTERM)."""
+    import logging
+    import os
+    import signal
+    import threading
+
+    from edgebox.daemon.fleet import FleetController
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("edgebox.fleet")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    stop = threading.Event()
+    controller = FleetController(
+        broker,
+        budget,
+        interval_s=interval,
+        username=username,
+        password=os.environ.get("EDGEBOX_MQTT_PASSWORD") or None,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+    )
+
+    def halt(signum, frame):
+        stop.set()
+        controller.wake()
+
+    signal.signal(signal.SIGTERM, halt)
+    signal.signal(signal.SIGINT, halt)
+    with controller:
+        logger.info("fleet controller on %s: site budget %g W, every %g s", broker, budget, interval)
+        controller.run(stop)
+
+
 @app.command()
 def plan(
     model: Path | None = ModelArg,

@@ -75,6 +75,7 @@ class FleetClient:
         self._answered = threading.Event()  # CONNACK came, accepted or not
         self._subscribed: dict[int, threading.Event] = {}
         self._refused: str | None = None
+        self._followed: list[str] = []
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         if username or password:
             c.username_pw_set(username, password)
@@ -213,6 +214,13 @@ class FleetClient:
             names = sorted(self._status)
             return [{"device_id": d, **self._status[d], "device_state": self._state.get(d)} for d in names]
 
+    def follow(self, topic_filter: str, callback: Callable) -> None:
+        """Also receive ``topic_filter`` (retained messages included), handled by paho's
+        ``callback(client, userdata, msg)`` on its network thread (the fleet controller)."""
+        self.client.message_callback_add(topic_filter, callback)
+        self._followed.append(topic_filter)
+        self._subscribe(topic_filter)
+
     # -- paho callbacks --------------------------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -221,6 +229,8 @@ class FleetClient:
             return
         if self._connected.is_set():  # reconnect: the session may be gone
             client.subscribe(self.reply_filter, qos=1)
+            for topic_filter in self._followed:
+                client.subscribe(topic_filter, qos=1)
         self._connected.set()
         self._answered.set()
 

@@ -98,6 +98,12 @@ class BoxPower:
             "reason": "the governor is off (governor = false)" if not self.enforced else "no model is loaded",
         }
 
+    def table(self):
+        """The governor's price table (``edgebox.power.table.PowerTable``); None without one."""
+        with self._lock:
+            governor = self._governor
+        return governor.config.table if governor is not None else None
+
     def close(self) -> None:
         self.detach()
         if self._tmp is not None:

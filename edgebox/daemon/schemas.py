@@ -10,6 +10,9 @@ Topics (``{d}`` is the device id)::
     edgebox/v1/{d}/cmd/{method}  QoS 1     generate, cancel, load_model, unload_model, set_power_budget, get_status
     edgebox/v1/{d}/reply/...               where controllers should point their Response Topic, so the
                                            per-device ACL (edgebox/v1/%u/#) lets the box answer
+    edgebox/v1/fleet/cmd/generate  QoS 1   a generate for any box: every box subscribes to it as the
+                                           MQTT 5 shared subscription $share/edgebox/..., so the broker
+                                           hands each request to one of them (edgebox.daemon.fleet)
 
 A command is ``{"request_id": "...", "params": {...}}`` (plus ``reply_to`` for MQTT 3.1.1 callers,
 who have no Response Topic, and an optional ``expires_at`` in Unix seconds). Replies go to the
@@ -39,6 +42,9 @@ API_PREFIX = "edgebox/v1"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 METHODS = ("generate", "cancel", "load_model", "unload_model", "set_power_budget", "get_status")
 MAX_TOPIC_BYTES = 512
+FLEET_GENERATE = f"{API_PREFIX}/fleet/cmd/generate"  # "fleet" is therefore no device id
+SHARED_GROUP = "edgebox"
+FLEET_SHARED_GENERATE = f"$share/{SHARED_GROUP}/{FLEET_GENERATE}"
 
 OK, BAD_REQUEST, NOT_FOUND, EXPIRED, CONFLICT, TOO_LARGE, TOO_MANY, INTERNAL, UNAVAILABLE = (
     200,
@@ -70,6 +76,8 @@ class Topics:
         return f"{self.prefix}/cmd/{method}"
 
     def method_of(self, topic: str) -> str | None:
+        if topic == FLEET_GENERATE:  # the shared subscription's messages arrive on the plain topic
+            return "generate"
         head = f"{self.prefix}/cmd/"
         return topic[len(head) :] if topic.startswith(head) else None
 

@@ -39,7 +39,7 @@ from edgebox.daemon.metrics import Metrics
 from edgebox.daemon.notify import Notifier
 from edgebox.daemon.power import BoxPower
 from edgebox.daemon.schemas import UNAVAILABLE, Topics, encode
-from edgebox.daemon.telemetry import TelemetrySampler
+from edgebox.daemon.telemetry import TelemetrySampler, fleet_fields
 from edgebox.daemon.transport import Transport
 from edgebox.errors import EdgeboxError
 from edgebox.kernels import packcache
@@ -367,6 +367,7 @@ class Service:
                 "in_flight": handler.in_flight if handler else 0,
                 "budget_w": self.budget_w,
                 "power": power,
+                "fleet": fleet_fields(self.power.table(), self.budget_w),
             }
         )
         self.last_telemetry = sample

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from edgebox.daemon.fleet import box_curve, marginal, predicted_tokens
 from edgebox.errors import EdgeboxError
 from edgebox.power.sensors import HostSensor
 from edgebox.power.status import chip_status
@@ -71,3 +72,21 @@ class TelemetrySampler:
             return chip_status(self.fw_root)
         except EdgeboxError:  # no tree yet (the firmware starts with the model)
             return []
+
+
+def fleet_fields(table, budget_w: float) -> dict | None:
+    """The telemetry's ``fleet`` part, what the fleet controller allocates by: the box's price
+    curve (``edgebox.daemon.fleet.box_curve`` of its governor's table: [[watts, tokens/s], ...]),
+    its floor, the predicted tokens/s and the marginal tokens/s per watt at ``budget_w``.
+    None without a table (no model, or the governor off)."""
+    if table is None:
+        return None
+    curve = box_curve(table)
+    if not curve:
+        return None
+    return {
+        "curve": [[round(w, 5), round(t, 4)] for w, t in curve],
+        "floor_w": round(curve[0][0], 5),
+        "predicted_tokens_per_s": round(predicted_tokens(curve, budget_w), 4),
+        "marginal_tps_per_w": round(marginal(curve, budget_w), 5),
+    }

@@ -7,6 +7,13 @@
   (``Inbound.generation``): after a reconnect the broker resends, and that copy is acknowledged.
 * **ReceiveMaximum** covers every generate the box may hold unacknowledged plus the lanes'
   other slots (``receive_maximum``), so the broker never holds a ``cancel`` back behind them.
+  It is per connection, so it bounds the fleet's shared generates and the box's own together:
+  the broker sends a box no more unacknowledged commands than it has room for in its lanes
+  (``max_in_flight`` generates); past that the lanes answer 429 at once.
+* **Fleet requests**: besides its own ``cmd/+`` the box subscribes to the MQTT 5 shared
+  subscription ``$share/edgebox/edgebox/v1/fleet/cmd/generate``; the broker gives each message
+  to one subscriber of the group.  A broker or ACL that refuses it costs only the fleet queue
+  (a warning), never the box's own commands.
 * **Last Will**: retained ``{"state": "offline"}``; ``stop()`` says it itself and disconnects.
 * **Reconnect with backoff** (``reconnect_delay_set``), the first connection included.
 * **In order across reconnects**: paho resends its unacknowledged messages on reconnect, but a
@@ -35,7 +42,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgebox.daemon.config import DaemonConfig
-from edgebox.daemon.schemas import Topics, encode
+from edgebox.daemon.schemas import FLEET_SHARED_GENERATE, Topics, encode
 
 log = logging.getLogger("edgebox.daemon")
 
@@ -100,6 +107,7 @@ class Transport:
         self._delivered = threading.Event()
         self._stopping = threading.Event()
         self._last_connect_error = ""
+        self._shared_mid: int | None = None
 
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.mqtt_client_id, protocol=mqtt.MQTTv5, manual_ack=True)
         if cfg.username or password:
@@ -254,6 +262,7 @@ class Transport:
         # retainAsPublished: a command published with retain is seen as such and refused at once,
         # rather than run now and replayed at every restart
         client.subscribe(self.topics.cmd_filter, options=SubscribeOptions(qos=1, retainAsPublished=True))
+        _, self._shared_mid = client.subscribe(FLEET_SHARED_GENERATE, options=SubscribeOptions(qos=1, retainAsPublished=True))
         self._on_connected(flags.session_present)
         self._delivered.set()  # release the outbox once paho's resends are acknowledged
 
@@ -274,6 +283,15 @@ class Transport:
 
     def _handle_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
         failed = [str(rc) for rc in reason_code_list if rc.is_failure]
+        if mid == self._shared_mid:
+            if failed:
+                log.warning(
+                    "broker %s refused the fleet subscription %s: %s (fleet requests will not reach this box)",
+                    self.cfg.broker,
+                    FLEET_SHARED_GENERATE,
+                    ", ".join(failed),
+                )
+            return
         if failed:
             self.fatal = f"broker {self.cfg.broker} refused the subscription to {self.topics.cmd_filter}: {', '.join(failed)} (check the ACL)"
             log.error(self.fatal)

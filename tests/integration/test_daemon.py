@@ -1128,6 +1128,9 @@ def test_deployed_broker_config_tls_passwords_and_acl(tmp_path, stopper):
     assert "a-secret" not in " ".join(psutil.Process(daemon.proc.pid).cmdline())
     with FleetClient(f"mqtts://127.0.0.1:{tls_port}", username="controller", password="c-secret", ca_file=ca) as fleet:
         assert fleet.call("box-a", "generate", {"prompt": "hi", "max_tokens": 2}, timeout=60)["status"] == "ok"
+        # the ACL lets every box take from the fleet's shared queue and answer under fleet/reply/
+        assert fleet.call("fleet", "generate", {"prompt": "hi", "max_tokens": 2}, timeout=60)["status"] == "ok"
+        assert "refused the fleet subscription" not in daemon.log()
         assert [d["device_id"] for d in fleet.devices(0.3)] == ["box-a"]
         # another box may not command box-a: the broker refuses the publish (PUBACK 135)
         other = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)

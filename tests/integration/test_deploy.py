@@ -125,6 +125,12 @@ def test_install_script_stages_config_and_unit(tmp_path):
 def test_mosquitto_acl_confines_each_device_to_its_tree():
     acl = (DEPLOY / "mosquitto.acl").read_text()
     rules = [line.strip() for line in acl.splitlines() if line.strip() and not line.startswith("#")]
-    assert rules == ["pattern readwrite edgebox/v1/%u/#", "user controller", "topic readwrite edgebox/v1/#"]
+    assert rules == [
+        "pattern readwrite edgebox/v1/%u/#",
+        "pattern read edgebox/v1/fleet/cmd/generate",  # the fleet's shared queue, for every box
+        "pattern write edgebox/v1/fleet/reply/#",
+        "user controller",
+        "topic readwrite edgebox/v1/#",
+    ]
     conf = (DEPLOY / "mosquitto.conf").read_text()
     assert "allow_anonymous false" in conf and "persistence true" in conf
