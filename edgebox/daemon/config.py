@@ -161,6 +161,13 @@ class DaemonConfig(BaseModel):
             raise ValueError(f"{v!r} has a bad port") from None
         return v
 
+    @field_validator("device_id")
+    @classmethod
+    def _not_fleet(cls, v: str) -> str:
+        if v == "fleet":
+            raise ValueError("'fleet' is reserved for the fleet's shared topics (edgebox/v1/fleet/...); choose another device id")
+        return v
+
     @field_validator("http")
     @classmethod
     def _http_address(cls, v: str) -> str:

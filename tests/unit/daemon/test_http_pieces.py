@@ -29,6 +29,8 @@ def test_bad_http_addresses_name_the_form(text):
 
 def test_http_settings_are_checked(tmp_path):
     assert load_config(flags={"broker": "none"}, env={}).has_broker is False
+    with pytest.raises(ConfigError, match="reserved"):
+        load_config(flags={"device_id": "fleet"}, env={})
     with pytest.raises(ConfigError, match="unreachable"):
         load_config(flags={"broker": "none", "http": "none"}, env={})
     with pytest.raises(ConfigError, match="ssl_cert_file and ssl_key_file go together"):
