@@ -284,8 +284,12 @@ class Model:
         seed: int | None = None,
         stop: Sequence[str] = (),
         response_format: object = None,
+        **sampling,
     ) -> Iterator[str]:
+        """The completion of ``prompt``, streamed as text pieces. ``sampling``: any other
+        ``SamplingParams`` field (llama.cpp's names: ``typical_p``, ``mirostat``, ``logit_bias``,
+        ``dry_multiplier``, ``samplers``, ...); ``response_format`` constrains the output."""
         params = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, **sampling
         )
         return iter(self.stream(prompt, max_tokens, params, stop, response_format))
