@@ -126,6 +126,7 @@ def build_request(p: GenerateParams, max_tokens_limit: int, engine_id: str) -> A
             tools=p.tools or None,
             tool_choice=p.tool_choice,
             logprobs=p.logprobs,
+            n_probs=p.n_probs,
         )
     except (ValueError, TypeError, OverflowError, EdgeboxError) as e:
         raise Rejected(BAD_REQUEST, f"params: {e}") from None

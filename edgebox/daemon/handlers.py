@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 import uuid
@@ -511,6 +512,11 @@ class CommandHandler:
         reply.tool_calls = list(s.tool_calls) or None
         if s.logprobs:  # token ids, as the tokenizer's vocabulary numbers them
             reply.logprobs = [{"token": e.token, "logprob": e.logprob, "top": [list(t) for t in e.top]} for e in s.logprobs]
+        if s.chain_probs:  # llama.cpp's n_probs: probabilities of the distribution each draw used
+            reply.probs = [
+                {"token": e.token, "prob": math.exp(e.logprob), "top": [[t, math.exp(lp)] for t, lp in e.top]}
+                for e in s.chain_probs
+            ]
         if job.inbound.dup:
             reply.redelivered = True
         if self._finish(job, reply):

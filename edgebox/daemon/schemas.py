@@ -183,6 +183,7 @@ class GenerateParams(_Strict, SamplerExtras):
     logprobs: int | None = Field(
         None, ge=0, le=20, description="the final reply lists each token's logprob and its N best rivals"
     )
+    n_probs: int | None = Field(None, ge=0, le=100, description="llama.cpp's: each token's N best after the sampler chain")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateParams:
@@ -282,6 +283,8 @@ class FinalReply(BaseModel):
     reasoning: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # generate with tools: the calls (done_reason tool_calls)
     logprobs: list[dict[str, Any]] | None = None  # generate with logprobs: [{token, logprob, top: [[token, logprob]]}]
+    probs: list[dict[str, Any]] | None = None  # generate with n_probs: [{token, prob, top: [[token, prob]]}] after the chain
+    probs: list[dict[str, Any]] | None = None  # generate with n_probs: [{token, prob, top: [[token, prob]]}] after the chain
     result: dict[str, Any] | None = None  # other commands: what they did
     redelivered: bool | None = None  # the broker delivered this command again after a restart
 

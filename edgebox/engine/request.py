@@ -53,6 +53,7 @@ class Request:
     tools: tuple[dict, ...] | list[dict] | None = None
     tool_choice: object = None
     logprobs: int | None = None  # None: off; N >= 0: each token's logprob and its N best rivals (Chunk/Summary.logprobs)
+    n_probs: int | None = None  # llama.cpp's n_probs: each token's N best after the sampler chain (Summary.chain_probs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "response_format", parse_constraint(self.response_format))
@@ -95,6 +96,7 @@ class Summary:
     prompt_truncated: int = 0  # tokens dropped from an over-long prompt (context_shift)
     tool_calls: tuple[dict, ...] = ()  # OpenAI tool_calls parsed from the reply (requests with tools)
     logprobs: tuple = ()  # every generated token's text.sampler.TokenLogprobs (requests with logprobs)
+    chain_probs: tuple = ()  # the same over the sampler chain's candidates (requests with n_probs)
     energy: Energy = field(default_factory=Energy)  # its share of the chips' energy (engine.energy)
 
     @property

@@ -36,7 +36,7 @@ class Sequence:
         self.next_pos = kv.length
         # a dry run's fixed token would break any grammar: it runs unconstrained
         constraint = None if dry_run else queued.constraint
-        self.completion = Completion(tokenizer, queued.ids, r.params, r.max_tokens, r.stop, constraint, r.logprobs)
+        self.completion = Completion(tokenizer, queued.ids, r.params, r.max_tokens, r.stop, constraint, r.logprobs, r.n_probs)
         self._logprobs_sent = 0  # of completion.logprobs, those already on a chunk
         self.thinking_open = queued.thinking_open
         self.reasoning = ReasoningStream(queued.thinking_open)
@@ -187,4 +187,5 @@ class Sequence:
             prompt_truncated=self.truncated,
             tool_calls=calls,
             logprobs=tuple(self.completion.logprobs),
+            chain_probs=tuple(self.completion.chain_probs),
         )

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgebox.text.grammar import Constraint, allowed_from_bitmask, compile_constraint
-from edgebox.text.sampler import Sampler, SamplingParams
+from edgebox.text.sampler import Sampler, SamplingParams, chain_logprobs
 
 
 class Completion:
@@ -41,11 +41,14 @@ class Completion:
         stop: Sequence[str] = (),
         constraint: Constraint | None = None,
         logprobs: int | None = None,
+        n_probs: int | None = None,
     ):
         self.sampler = Sampler(params, vocab=tokenizer, eog_ids=tokenizer.eog_ids)  # DRY's pieces, ignore_eos
         self.matcher = None if constraint is None else compile_constraint(tokenizer, constraint).matcher()
         self.logprobs_top = logprobs  # None: off; N: each generated token's logprob and its N best rivals
         self.logprobs: list = []  # TokenLogprobs of the generated tokens (end-of-generation excluded)
+        self.n_probs = n_probs  # llama.cpp's n_probs: the N best of the distribution the draw used
+        self.chain_probs: list = []  # TokenLogprobs over the sampler chain's candidates, per generated token
         self.eog_ids = tokenizer.eog_ids
         self.detok = tokenizer.stream_decoder()
         self.stops = StopMatcher(stop)
@@ -71,8 +74,16 @@ class Completion:
             else:
                 self.matcher.check()
             # the sampler works on the allowed tokens only: a 102k row of -inf would cost its top-k 15 ms
-            return self.sampler.sample(logits, self.history, allowed=allowed_from_bitmask(bitmask, len(logits)))
-        return self.sampler.sample(logits, self.history)
+            allowed = allowed_from_bitmask(bitmask, len(logits))
+        else:
+            allowed = None
+        if self.n_probs is None:
+            return self.sampler.sample(logits, self.history, allowed=allowed)
+        ids, probs = self.sampler.candidates(logits, self.history, allowed=allowed)
+        token = self.sampler.pick(ids, probs)
+        if token not in self.eog_ids:
+            self.chain_probs.append(chain_logprobs(ids, probs, token, self.n_probs))
+        return token
 
     def push(self, token: int) -> str:
         """Take the next token; returns the text it makes safe to show (often "", never part of a

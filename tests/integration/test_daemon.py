@@ -513,6 +513,12 @@ def test_structured_output_and_sampler_fields_over_mqtt(fleet):
     assert stopped >= 1
     final = fleet.call(DEVICE, "generate", {"prompt": "x", "max_tokens": 3, "temperature": 0, "logprobs": 2}, timeout=60)
     assert len(final["logprobs"]) == final["usage"]["completion_tokens"] and all(len(e["top"]) == 2 for e in final["logprobs"])
+    final = fleet.call(
+        DEVICE, "generate", {"prompt": "x", "max_tokens": 4, "top_k": 3, "temperature": 1, "n_probs": 3}, timeout=60
+    )
+    for e in final["probs"]:  # after top-k 3: three candidates whose probabilities sum to 1, the drawn one among them
+        assert len(e["top"]) == 3 and sum(p for _, p in e["top"]) == pytest.approx(1.0, abs=1e-5)
+        assert e["token"] in [t for t, _ in e["top"]]
     with pytest.raises(CommandFailed, match="400"):
         fleet.call(DEVICE, "generate", {"prompt": "x", "response_format": {"type": "regex", "regex": "("}}, timeout=30)
     with pytest.raises(CommandFailed, match="400.*tools are not supported"):

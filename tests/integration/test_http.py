@@ -502,7 +502,7 @@ def test_mqtt_and_http_at_once_share_the_engine(tmp_path):
     from edgebox.daemon.client import FleetClient
     from tests.fixtures.mosquitto import Mosquitto
 
-    with Mosquitto(tmp_path / "broker").start() as broker:
+    with Mosquitto(tmp_path / "broker") as broker:
         s = Server(tmp_path / "box", "--model", str(TEST_MODEL), "--broker", broker.url, "--device-id", "both").start()
         try:
             answers: dict[str, object] = {}
