@@ -781,7 +781,7 @@ def _mass_cut(sorted_vals: np.ndarray, total: float, vmax: float, p: float) -> i
 
 def _min_p(ids, vals, min_p: float):
     """p_i >= min_p * p_max, written on logits (float32, as llama.cpp): it needs no softmax."""
-    keep = vals >= np.float32(vals.max()) + np.float32(math.log(np.float32(min_p)))
+    keep = vals >= np.float32(vals.max()) + _log32(min_p)
     return _take(ids, vals, np.flatnonzero(keep))
 
 
@@ -818,3 +818,10 @@ def _temperature(ids, vals, temperature: float):
         i = i[np.argmin(ids[i])]
         return ids[i : i + 1], vals[i : i + 1]
     return ids, vals.astype(np.float64) / temperature
+
+
+def _log32(p: float) -> np.float32:
+    """log(p) in float32 as llama.cpp's ``logf`` computes it: a p that float32 rounds to 0 (min_p
+    = 1e-49) is -inf, which keeps every candidate, not a math domain error."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.float32(p))

@@ -617,3 +617,12 @@ def test_top_k_on_a_large_vocabulary_matches_a_full_sort(row):
         finite = np.flatnonzero(row > -np.inf)
         want = finite[np.lexsort((finite, -row[finite]))][:k]
         assert ids.tolist() == want.tolist()
+
+
+def test_a_min_p_below_float32_keeps_everything_as_llama_cpp_does():
+    """min_p = 7.6e-49 rounds to 0 in float32: log is -inf (llama.cpp's logf), not an error
+    (found by schemathesis through the HTTP API)."""
+    logits = np.linspace(-5, 5, 50, dtype=np.float32)
+    tiny = Sampler(SamplingParams(min_p=7.570724447523824e-49, top_k=0, top_p=1.0, seed=1))
+    ids, _ = tiny.candidates(logits)
+    assert ids.size == 50
