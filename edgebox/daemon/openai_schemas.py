@@ -65,7 +65,7 @@ class _Sampling(_Body, SamplerExtras):
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="llama.cpp: keep the K most likely tokens (0: off)")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="llama.cpp: drop tokens below min_p x the top probability")
-    repeat_penalty: float | None = Field(None, gt=0.0, le=100.0, description="llama.cpp: penalize recent tokens (1: off)")
+    repeat_penalty: float | None = Field(None, ge=1e-6, le=100.0, description="llama.cpp: penalize recent tokens (1: off)")
     repeat_last_n: int | None = Field(None, ge=-1, le=1_000_000, description="llama.cpp: the window repeat_penalty looks at")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: Stop | list[Stop] | None = Field(None, description="up to 16 strings that end the generation")

@@ -8,7 +8,7 @@ values once more and its errors name the field, so a body gets a 400 either way.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -25,7 +25,7 @@ class SamplerExtras(BaseModel):
     top_n_sigma: float | None = Field(
         None, le=1000.0, description="llama.cpp: keep logits within n sigmas of the top (<= 0: off)"
     )
-    mirostat: Literal[0, 1, 2] | None = Field(None, description="llama.cpp: mirostat v1 or v2 (0: off)")
+    mirostat: int | None = Field(None, ge=0, le=2, description="llama.cpp: mirostat v1 or v2 (0: off)")
     mirostat_tau: float | None = Field(None, ge=0.0, le=100.0)
     mirostat_eta: float | None = Field(None, ge=0.0, le=10.0)
     dry_multiplier: float | None = Field(None, ge=0.0, le=100.0, description="llama.cpp: DRY repetition penalty (0: off)")

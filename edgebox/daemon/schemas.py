@@ -168,7 +168,7 @@ class GenerateParams(_Strict, SamplerExtras):
     top_k: int = 40
     top_p: float = Field(0.95, ge=0.0, le=1.0)
     min_p: float = Field(0.05, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(1.0, gt=0.0)
+    repeat_penalty: float = Field(1.0, ge=1e-6, le=100.0)
     repeat_last_n: int = Field(64, ge=-1)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[Text] = Field(default_factory=list, max_length=16)

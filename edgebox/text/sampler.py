@@ -131,9 +131,10 @@ class SamplingParams:
         set_(self, "top_k", _integer("top_k", self.top_k, "an integer (<= 0 disables top-k)"))
         set_(self, "top_p", _real("top_p", self.top_p, "0.0 <= top_p <= 1.0 (1.0 disables top-p)", 0.0, 1.0))
         set_(self, "min_p", _real("min_p", self.min_p, "0.0 <= min_p <= 1.0 (0.0 disables min-p)", 0.0, 1.0))
-        penalty = _real("repeat_penalty", self.repeat_penalty, "a finite number > 0 (1.0 disables it)")
-        if penalty <= 0.0:
-            raise ValueError(f"repeat_penalty must be a finite number > 0 (1.0 disables it), got {penalty!r}")
+        # below 1e-6 a float32 logit divided by it overflows to inf: refused, not NaN logits later
+        penalty = _real("repeat_penalty", self.repeat_penalty, "a finite number >= 1e-6 (1.0 disables it)")
+        if penalty < 1e-6:
+            raise ValueError(f"repeat_penalty must be a finite number >= 1e-6 (1.0 disables it), got {penalty!r}")
         set_(self, "repeat_penalty", penalty)
         set_(self, "repeat_last_n", _integer("repeat_last_n", self.repeat_last_n, _LAST_N, -1))
         if self.seed is not None:
