@@ -514,7 +514,10 @@ def test_structured_output_and_sampler_fields_over_mqtt(fleet):
     final = fleet.call(DEVICE, "generate", {"prompt": "x", "max_tokens": 3, "temperature": 0, "logprobs": 2}, timeout=60)
     assert len(final["logprobs"]) == final["usage"]["completion_tokens"] and all(len(e["top"]) == 2 for e in final["logprobs"])
     final = fleet.call(
-        DEVICE, "generate", {"prompt": "x", "max_tokens": 4, "top_k": 3, "temperature": 1, "n_probs": 3}, timeout=60
+        DEVICE,
+        "generate",
+        {"prompt": "x", "max_tokens": 4, "top_k": 3, "top_p": 1.0, "min_p": 0.0, "temperature": 1, "n_probs": 3},
+        timeout=60,
     )
     for e in final["probs"]:  # after top-k 3: three candidates whose probabilities sum to 1, the drawn one among them
         assert len(e["top"]) == 3 and sum(p for _, p in e["top"]) == pytest.approx(1.0, abs=1e-5)
