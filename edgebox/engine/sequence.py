@@ -28,7 +28,7 @@ def context_shift(length: int, n_keep: int) -> tuple[int, int]:
 class Sequence:
     """One running request (see the module docstring)."""
 
-    def __init__(self, queued: Queued, kv: KVCache, tokenizer, dry_run: bool = False):
+    def __init__(self, queued: Queued, kv: KVCache, tokenizer, dry_run: bool = False, clock=time.perf_counter):
         r = queued.handle.request
         self.handle, self.request, self.ids, self.kv = queued.handle, r, queued.ids, kv
         self.n_done = kv.length  # prompt tokens already in the cache (prompt cache hit)
@@ -49,7 +49,9 @@ class Sequence:
         self.shifted = False
         self.dry_run = dry_run  # its tokens are a dry run's fixed one: no text
         self.truncated = queued.truncated
-        self.t_submit, self.t_start, self.t_first = queued.t_submit, time.perf_counter(), 0.0
+        self.paused = False  # a batch sequence whose slot an interactive request holds (engine.scheduler)
+        self.clock = clock  # the engine's: wall time, or device time in a dry run
+        self.t_submit, self.t_start, self.t_first = queued.t_submit, clock(), 0.0
 
     @property
     def prefilling(self) -> bool:
@@ -100,7 +102,7 @@ class Sequence:
         text), within ``bitmask`` when constrained (computed during the forward pass; None:
         computed now), show its text; returns why the sequence ends here (stop | length), or None."""
         if self.t_first == 0.0:
-            self.t_first = time.perf_counter()
+            self.t_first = self.clock()
         c = self.completion
         token = dry_token if logits is None else c.sample(logits, bitmask)
         text = c.push(token)
@@ -161,7 +163,7 @@ class Sequence:
         return tuple(new)
 
     def summary(self, reason: str, error: str | None) -> Summary:
-        now = time.perf_counter()
+        now = self.clock()
         full = "".join(self.text)
         reasoning_text, content = split_reasoning(full, thinking_open=self.thinking_open)
         calls = ()
