@@ -257,11 +257,19 @@ def client_generate(
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="send as chat messages (the box applies the model's template)"),
     system: str | None = typer.Option(None, "--system", help="system message with --chat"),
+    priority: str = typer.Option(
+        "interactive", "--priority", help="interactive, or batch (served after, at the efficient clock)"
+    ),
+    deadline_s: float | None = typer.Option(
+        None, "--deadline-s", help="refused (429, retry_after_s) if it cannot start this soon"
+    ),
 ) -> None:
     """Stream a completion from DEVICE to stdout; usage and timings go to stderr."""
-    params: dict = {"max_tokens": n_predict, "temperature": temp, "stop": stop}
+    params: dict = {"max_tokens": n_predict, "temperature": temp, "stop": stop, "priority": priority}
     if seed is not None:
         params["seed"] = seed
+    if deadline_s is not None:
+        params["deadline_s"] = deadline_s
     if chat:
         params["messages"] = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     else:

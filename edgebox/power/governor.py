@@ -24,8 +24,8 @@ coarse and steps differ: a level over the budget but under the ceiling is safe o
    (1 + slack) x each step's price at the reference less the energy measured, is negative.
 8. Batch-only work (every request running or queued has priority "batch"; nobody waits on it
    interactively): the batch limit and the clock with the fewest joules per token that fit the
-   budget (``PowerTable.efficient_level``), not the most tokens/s; any interactive request
-   switches back to speed at the next tick.
+   budget (``PowerTable.efficient_level``), not the most tokens/s, and the engine's own prompt
+   chunks; any interactive request switches back to speed at its first step.
 """
 
 from __future__ import annotations
@@ -738,6 +738,12 @@ class PowerGovernor:
             self._publish()  # a cpufreq write takes effect at once on a board
         if engine is not None and engine.batch_limit != d.batch_limit:
             engine.batch_limit = d.batch_limit
+        if engine is not None and self._engine_chunk is not None:
+            # rule 8: batch-only work reads prompts in the engine's own (larger) chunks: the
+            # weights are streamed once per chunk, and nobody waits behind a long step
+            chunk = self._engine_chunk if d.state.efficient else self.prompt_chunk
+            if engine.prefill_chunk != chunk:
+                engine.prefill_chunk = chunk
 
     # -- PowerControl ---------------------------------------------------------------------------
     def status(self) -> dict:

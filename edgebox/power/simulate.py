@@ -423,13 +423,16 @@ def _round(x: float | None, digits: int = 3) -> float | None:
 def _class_stats(summaries: list[tuple[str, Summary]], device_s: float) -> dict:
     """Per priority class: requests, time to first token (device s; a request still waiting at
     the end counts its wait so far: a lower bound, so starvation shows), generated tokens/s over
-    the run, and joules per token from the requests' own energy (``engine.energy``)."""
+    the run, and joules per token from the requests' own energy (``engine.energy``) over the
+    finished requests (whole requests: one cut off at the end has read its prompt but made few
+    tokens, which would charge a run for where it stopped)."""
     out = {}
     for cls in sorted({c for c, _ in summaries}):
         mine = [x for c, x in summaries if c == cls]
         ttft = np.array([x.ttft_s if x.generated_tokens else x.total_s for x in mine], float)
         tokens = sum(x.generated_tokens for x in mine)
-        joules = sum(x.energy.joules for x in mine)
+        whole = [x for x in mine if x.done_reason in ("stop", "length")]
+        joules, tokens_whole = sum(x.energy.joules for x in whole), sum(x.generated_tokens for x in whole)
         out[cls] = {
             "requests": len(mine),
             "finished": sum(x.done_reason in ("stop", "length") for x in mine),
@@ -437,7 +440,8 @@ def _class_stats(summaries: list[tuple[str, Summary]], device_s: float) -> dict:
             "ttft_p95_s": round(float(np.percentile(ttft, 95)), 4) if len(ttft) else None,
             "tokens": tokens,
             "tokens_per_s": round(tokens / device_s, 3) if device_s > 0 else 0.0,
-            "joules_per_token": round(joules / tokens, 6) if tokens else None,
+            "joules_per_token": round(joules / tokens_whole, 6) if tokens_whole else None,
+            "finished_tokens": tokens_whole,
             "ttft_s": [round(float(x), 4) for x in ttft],
         }
     return out
