@@ -98,6 +98,8 @@ class Summary:
     logprobs: tuple = ()  # every generated token's text.sampler.TokenLogprobs (requests with logprobs)
     chain_probs: tuple = ()  # the same over the sampler chain's candidates (requests with n_probs)
     energy: Energy = field(default_factory=Energy)  # its share of the chips' energy (engine.energy)
+    draft_tokens: int = 0  # speculative draft tokens verified (llama-server's draft_n)
+    draft_accepted: int = 0  # of those, kept (draft_n_accepted; engine.speculative)
 
     @property
     def ok(self) -> bool:

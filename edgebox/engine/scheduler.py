@@ -10,9 +10,10 @@ governor prices is what the chips are then charged for).
    budget room for its reservation; cached prompts are evicted, oldest first, before a live
    request waits. A joining request copies the longest common prefix (>= 4 tokens) of a cached
    prompt instead of computing it.
-3. The step: one decode token for every running sequence that has read its prompt (a full
-   context is shifted first), then prompt chunks sharing ``prefill_chunk`` rows, oldest request
-   first, so a long prompt never freezes the streams already running.
+3. The step: one decode row for every running sequence that has read its prompt (a full
+   context is shifted first), plus one row per token of its speculative draft (``draft``, set
+   after the last step: ``engine.speculative``), then prompt chunks sharing ``prefill_chunk``
+   rows, oldest request first, so a long prompt never freezes the streams already running.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ class StepPlan:
     evicted: int  # prompt cache entries dropped, oldest first, to make KV room
     admitted: tuple[Admission, ...]
     shift: tuple[Sequence, ...]  # decoding sequences whose full context shifts before the step
-    decode: tuple[Sequence, ...]  # one token each, in this order
+    decode: tuple[Sequence, ...]  # the pending token each, in this order
     prefill: tuple[tuple[Sequence, int], ...]  # running sequences' prompt chunks (rows), then the admitted ones'
     cost: tuple[tuple[int, int], ...]  # (rows, context after the step) per segment, as Box.account_step takes it
-    n_logits: int  # one per segment: the last row's
+    n_logits: int  # one per segment (the last row's), and one per draft row
+    decode_rows: tuple[int, ...] = ()  # per decode sequence: 1 + the draft tokens it feeds
 
 
 def schedule(
@@ -108,7 +110,7 @@ def schedule(
         joining.append((q, *_cached_prefix(q, itertools.islice(prompt_cache, evicted, None))))
 
     # 3. the step: decode rows of the running sequences, then prompt chunks
-    shift, decode, cost = [], [], []
+    shift, decode, decode_rows, cost = [], [], [], []
     reading = []
     for s in running:
         if s.handle.cancelled:
@@ -120,8 +122,10 @@ def schedule(
             if s.context_full:
                 shift.append(s)
                 length -= context_shift(length, s.request.n_keep)[1]
+            rows = 1 + len(s.draft)
             decode.append(s)
-            cost.append((1, length + 1))
+            decode_rows.append(rows)
+            cost.append((rows, length + rows))
     budget = prefill_chunk
     prefill = []
     for s in reading:
@@ -138,8 +142,18 @@ def schedule(
             cost.append((n, cached + n))
             budget -= n
         admitted.append(Admission(q, source, cached, n))
+    n_logits = len(cost) + sum(decode_rows) - len(decode_rows)
     return StepPlan(
-        dropped, cancelled, evicted, tuple(admitted), tuple(shift), tuple(decode), tuple(prefill), tuple(cost), len(cost)
+        dropped,
+        cancelled,
+        evicted,
+        tuple(admitted),
+        tuple(shift),
+        tuple(decode),
+        tuple(prefill),
+        tuple(cost),
+        n_logits,
+        tuple(decode_rows),
     )
 
 
