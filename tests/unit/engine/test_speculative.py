@@ -289,3 +289,48 @@ def test_sampled_output_keeps_the_distribution(kind, model, ngram, drafted):
     assert drafted_n > n / 4 and 0.2 < accepted / drafted_n < 0.9, (drafted_n, accepted)  # both branches, often
     chi2, critical = goodness_of_fit(got, expected, n)
     assert chi2 < critical, (chi2, critical)
+
+
+# --- the replies' timings and the options -------------------------------------------------------
+
+
+def test_the_mqtt_final_reply_carries_the_draft_counts(ngram):
+    import json
+
+    from edgebox.daemon.openai_responses import timings
+    from edgebox.daemon.schemas import FinalReply, Timings, encode
+
+    s = ngram.generate(Request(prompt=PROMPTS[1], max_tokens=24, params=GREEDY))
+    assert 0 < s.draft_accepted <= s.draft_tokens
+    assert (timings(s)["draft_n"], timings(s)["draft_n_accepted"]) == (s.draft_tokens, s.draft_accepted)
+    t = Timings(queue_ms=0, ttft_ms=0, prompt_ms=0, decode_ms=0, total_ms=0, decode_tokens_per_s=0, draft_n=7, draft_n_accepted=5)
+    sent = json.loads(encode(FinalReply(request_id="r", seq=0, status="ok", code=200, timings=t)))
+    assert sent["timings"]["draft_n"] == 7 and sent["timings"]["draft_n_accepted"] == 5
+
+
+@pytest.mark.slow
+def test_serve_with_ngram_drafts_reports_them_over_http(tmp_path):
+    from tests.fixtures.daemon import HttpDaemon
+
+    d = HttpDaemon(tmp_path, "--spec", "ngram", "--draft-max", "4").start()
+    try:
+        body = {"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0}
+        status, _, raw = d.request("POST", "/v1/completions", body)
+        assert status == 200, raw
+        t = __import__("json").loads(raw)["timings"]
+        assert 0 < t["draft_n_accepted"] <= t["draft_n"]
+    finally:
+        d.stop_ok()
+
+
+def test_run_refuses_draft_without_a_draft_model_in_one_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "edgebox.cli", "run", str(TEST_MODEL), "-p", "x", "-n", "2", "--spec", "draft", "--chips", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and out.stderr.strip().count("\n") == 0 and "--model-draft" in out.stderr, out.stderr
