@@ -48,6 +48,8 @@ class Sequence:
         self.draft: list[int] = []  # speculative tokens to feed after ``pending`` (engine.speculative)
         self.fed: tuple[int, ...] = ()  # the draft this step feeds
         self.drafted = self.accepted = 0  # draft tokens fed, and of those kept
+        self.draft_len = 0  # how many to draft next (engine.speculative.draft_length; 0: not yet set)
+        self.last_draft = (0, 0)  # the last step's (fed, kept)
         self.text: list[str] = []
         self.seq = 0
         self.shifted = False
@@ -133,12 +135,15 @@ class Sequence:
         c, fed, self.fed = self.completion, self.fed, ()
         base, pos = self.kv.length - len(fed), self.next_pos - len(fed)
         self.drafted += len(fed)
+        kept = self.accepted
+        self.last_draft = (len(fed), 0)
         for i in range(len(fed) + 1):
             self.kv.length, self.next_pos = base + i, pos + i
             draft = fed[i] if i < len(fed) else None
             token = dry_token if rows is None else c.sample(rows[i], bitmask if i == 0 else None, draft)
             if token == draft:
                 self.accepted += 1
+                self.last_draft = (len(fed), self.accepted - kept)
             text = c.push(token)
             if not self.dry_run:
                 self.emit(text)

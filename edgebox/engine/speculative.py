@@ -20,6 +20,11 @@ Invariants (the reasons the output does not change):
 - a draft never needs more room than the request reserved: at most max_tokens - generated - 1
   tokens and kv.n_ctx - kv.length - 1 slots (``Sequence.draft_room``).
 
+How long a draft is (``draft_length``, per sequence): Hugging Face's "heuristic" schedule, from
+draft_max: 2 more after a draft kept whole, 1 fewer (at least 1) after one cut short. Rejected
+rows cost host compute (the CPU's batched matmul is compute-bound past a few rows), so a
+sequence whose drafts keep failing drafts less.
+
 Drafters (``Speculative.kind``):
 
 - ``ngram`` (llama.cpp ``--spec-type ngram``, vLLM's ``ngram`` / prompt lookup): the last n
@@ -96,6 +101,22 @@ def ngram_draft(history: Seq[int], k: int, n_max: int = 3, n_min: int = 1) -> li
     return []
 
 
+def draft_length(current: int, fed: int, kept: int, k_max: int) -> int:
+    """The next draft's length after a step that fed ``fed`` draft tokens and kept ``kept``
+    (see the module docstring); ``current`` 0 means none drafted yet: ``k_max``."""
+    if current == 0:
+        return k_max
+    if fed == 0:
+        return current
+    return min(k_max, current + 2) if kept == fed else max(1, current - 1)
+
+
+def _room(s, k_max: int) -> int:
+    """The next draft's length for sequence ``s``, within its room."""
+    s.draft_len = draft_length(s.draft_len, *s.last_draft, k_max)
+    return s.draft_room(s.draft_len)
+
+
 class NgramDrafter:
     """``ngram`` drafts (see the module docstring)."""
 
@@ -104,9 +125,7 @@ class NgramDrafter:
 
     def propose(self, sequences: list) -> None:
         for s in sequences:
-            s.draft = ngram_draft(
-                s.completion.history, s.draft_room(self.spec.draft_max), self.spec.ngram_max, self.spec.ngram_min
-            )
+            s.draft = ngram_draft(s.completion.history, _room(s, self.spec.draft_max), self.spec.ngram_max, self.spec.ngram_min)
 
     def forget(self, s) -> None:
         pass
@@ -158,7 +177,7 @@ class ModelDrafter:
             if st is None:
                 st = self._state[s] = _DraftState(self.model.new_cache(min(s.kv.n_ctx, self.model.n_ctx)))
             # its cache holds the history and all drafts but the last
-            k = min(s.draft_room(self.spec.draft_max), st.kv.n_ctx - len(s.completion.history))
+            k = min(_room(s, self.spec.draft_max), st.kv.n_ctx - len(s.completion.history))
             if k > 0:
                 want.append((s, k))
                 states.append(st)

@@ -19,7 +19,7 @@ from edgebox.engine import Engine, Request
 from edgebox.engine.request import Handle, Queued, reservation
 from edgebox.engine.scheduler import schedule
 from edgebox.engine.sequence import Sequence
-from edgebox.engine.speculative import Speculative, ngram_draft
+from edgebox.engine.speculative import Speculative, draft_length, ngram_draft
 from edgebox.errors import EdgeboxError
 from edgebox.text.sampler import Sampler, SamplingParams
 from tests.fixtures.paths import DATA, TEST_MODEL
@@ -80,6 +80,13 @@ def test_ngram_draft_takes_what_followed_the_longest_most_recent_match():
     assert ngram_draft([5, 5], 2) == [5]
     assert ngram_draft([5], 2) == [] and ngram_draft([1, 1, 1], 0) == []
     assert ngram_draft(h, 3, n_max=3, n_min=3) == []  # no 3-gram match, and 2 is below n_min
+
+
+def test_draft_length_grows_after_whole_drafts_and_shrinks_after_cut_ones():
+    assert draft_length(0, 0, 0, 8) == 8  # the first draft: draft_max
+    assert draft_length(8, 8, 3, 8) == 7 and draft_length(1, 4, 0, 8) == 1
+    assert draft_length(5, 5, 5, 8) == 7 and draft_length(7, 7, 7, 8) == 8
+    assert draft_length(4, 0, 0, 8) == 4  # no draft fed (no n-gram found): unchanged
 
 
 def test_settings_are_checked_with_the_field_named():
