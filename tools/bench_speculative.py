@@ -18,7 +18,8 @@ speed-up those steps imply: generated tokens / sum over the measured steps of co
 
     python tools/bench_speculative.py accept --files 12 --json /tmp/spec_accept.json
     NUMBA_NUM_THREADS=2 python tools/bench_speculative.py verify /work/bench-models/deepseek-llm-7b-shape-Q4_0.gguf \
-        --chips 4 --accept /tmp/spec_accept.json
+        --chips 4 --json /tmp/spec_verify.json
+    python tools/bench_speculative.py implied /tmp/spec_verify.json /tmp/spec_accept.json
 """
 
 from __future__ import annotations

@@ -288,7 +288,13 @@ class Engine:
                     self._finish(s, reason)
                 produced += max(1, len(s.completion.tokens) - before)
         if self._drafter is not None:  # the next step's drafts, before the plan that prices them
-            self._drafter.propose([s for s in self._running if s.pending is not None and not s.prefilling and s.can_draft])
+            drafting = [s for s in self._running if s.pending is not None and not s.prefilling and s.can_draft]
+            try:
+                self._drafter.propose(drafting)
+            except Exception:  # a draft is only a guess: without one the sequences decode as usual
+                for s in drafting:
+                    s.draft = []
+                    self._drafter.forget(s)
         with self._cond:
             self._steps += 1
             self._generated += produced

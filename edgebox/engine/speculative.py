@@ -4,7 +4,8 @@ A decoding sequence normally feeds one token per step. With a draft ``d1..dk`` i
 ``[pending, d1..dk]`` as one segment with the logits of every row; row i is what the model says
 after ``d1..di``, so the sequence samples row 0 as always, and row i + 1 only while the token it
 took at row i was the draft's ``d(i+1)`` (``Sequence.next_tokens``). One step then yields 1 to
-k + 1 tokens for about the cost of one (the weights are read once for all rows).
+k + 1 tokens for about the cost of one where decode is memory-bound (the chips: the weights are
+read once for all rows; on a CPU the extra rows cost compute, docs/performance.md).
 
 Invariants (the reasons the output does not change):
 
@@ -12,7 +13,11 @@ Invariants (the reasons the output does not change):
   and the draft token is kept with probability p(draft) of that chain's distribution, otherwise
   a token is drawn from p without the draft, renormalized (``Sampler.pick_draft``: Leviathan et
   al. 2023 with a deterministic draft, llama.cpp's ``common_sampler_sample_and_accept_n``). So
-  the output is distributed as without drafts; greedy, it is the same tokens, one by one;
+  the output is distributed as without drafts; greedy, it is the same tokens, one by one, up to
+  the kernels' numerics: the verify rows run the batched prompt kernels (tiled attention, online
+  softmax), a lone decode the one-row ones; they differ by float re-association, so a near tie
+  (two best logits ~1e-3 apart) can fall the other way, as in llama.cpp and vLLM ("lossless up
+  to the precision limits of hardware numerics"; docs/performance.md has the measured case);
 - the end rules (EOG, stop strings, max_tokens, a full context) are applied token by token as
   the run is accepted, so a sequence ends exactly where it would without drafts;
 - the KV rows of rejected drafts are dropped by moving ``kv.length`` back (the prompt cache and
