@@ -647,6 +647,13 @@ def power_simulate(
     prompt_chunk: int | None = typer.Option(
         None, "--prompt-chunk", min=1, help="prompt rows per step (governor on: default 32; off: the engine's 128)"
     ),
+    mix: str | None = typer.Option(
+        None,
+        "--mix",
+        help="INTERACTIVE:BATCH: interactive users (think, ask, wait) beside batch-priority streams (replaces --streams)",
+    ),
+    think: float = typer.Option(3.0, "--think", help="an interactive user's mean pause between requests (device s)"),
+    scheduler: str = typer.Option("priority", "--scheduler", help="priority, or fifo: every request interactive (the baseline)"),
     json_out: bool = typer.Option(False, "--json", help="print JSON (windows_w, short_windows_w, tokens_per_s, ...)"),
 ) -> None:
     """A dry run (no math) of STREAMS generation streams for SECONDS of device time: power windows, tokens/s, events."""
@@ -667,6 +674,9 @@ def power_simulate(
         chips=chips,
         seed=seed,
         prompt_chunk=prompt_chunk,
+        mix=mix,
+        think_s=think,
+        scheduler=scheduler,
     )
     typer.echo(json.dumps(r.to_dict(), indent=1) if json_out else format_result(r))
 

@@ -130,6 +130,12 @@ class Accounting:
         self.step_j += self.last.joules
         return step_s
 
+    def least_energy_j(self, step: Step) -> float:
+        """The step's energy at its cheapest clock (every chip at one level of the profile): what
+        it would cost if nobody needed it sooner (``edgebox.engine.energy``'s price of speed)."""
+        c = step_cost(self.work, step, np.array(self.profile.freqs_mhz, float))
+        return float(c.energy_j.sum(axis=0).min())
+
     def idle_until(self, t_s: float, firmware) -> None:
         """Every chip idles (clock-gated) until device time ``t_s``."""
         for chip in self.chips:

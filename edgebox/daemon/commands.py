@@ -57,11 +57,20 @@ class Command:
 
 
 class Rejected(Exception):
-    """Bad input: answer ``code`` with ``message``; ``route`` None: nowhere to answer."""
+    """Bad input: answer ``code`` with ``message``; ``route`` None: nowhere to answer;
+    ``retry_after_s``: when to try again (a 429 the box can predict)."""
 
-    def __init__(self, code: int, message: str, request_id: str | None = None, route: Route | None = None):
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        request_id: str | None = None,
+        route: Route | None = None,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(message)
         self.code, self.message, self.request_id, self.route = code, message, request_id, route
+        self.retry_after_s = retry_after_s
 
 
 def parse_command(
@@ -127,6 +136,8 @@ def build_request(p: GenerateParams, max_tokens_limit: int, engine_id: str) -> A
             tool_choice=p.tool_choice,
             logprobs=p.logprobs,
             n_probs=p.n_probs,
+            priority=p.priority,
+            deadline_s=p.deadline_s,
         )
     except (ValueError, TypeError, OverflowError, EdgeboxError) as e:
         raise Rejected(BAD_REQUEST, f"params: {e}") from None

@@ -292,7 +292,7 @@ class CommandHandler:
                 self.journal.add(journal_key, method, cmd.request_id)
             getattr(self, f"_cmd_{method}")(inbound, cmd, deadline, journal_key)
         except Rejected as r:
-            return self._reject(inbound, cmd.request_id, cmd.route, r.code, r.message, journal_key)
+            return self._reject(inbound, cmd.request_id, cmd.route, r.code, r.message, journal_key, r.retry_after_s)
         except Exception as e:  # a bug: this command gets a 500, the daemon carries on
             log.exception("%s %r failed", method, cmd.request_id)
             message = f"internal error: {type(e).__name__}: {e}"
@@ -363,6 +363,7 @@ class CommandHandler:
         code: int,
         message: str,
         journal_key: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         self.counters["rejected"] += 1
         method = self.topics.method_of(inbound.topic)
@@ -381,7 +382,7 @@ class CommandHandler:
             if journal_key is not None:
                 self.journal.remove(journal_key)
             return
-        self._send_final(route, error_reply(request_id, code, message), [inbound], journal_key)
+        self._send_final(route, error_reply(request_id, code, message, retry_after_s=retry_after_s), [inbound], journal_key)
 
     def _turn_away(self, inbound: Inbound, turned: Turned) -> None:
         """paho's network thread: a command that does not fit on its lane (see ``lanes``)."""
@@ -446,7 +447,8 @@ class CommandHandler:
                 if isinstance(e, EdgeboxError)
                 else INTERNAL
             )
-            raise Rejected(code, str(e) if isinstance(e, EdgeboxError) else f"internal error: {type(e).__name__}: {e}") from None
+            message = str(e) if isinstance(e, EdgeboxError) else f"internal error: {type(e).__name__}: {e}"
+            raise Rejected(code, message, retry_after_s=getattr(e, "retry_after_s", None)) from None
         job.handle = handle
         if job.cancel_reason is not None or job.finished:  # cancelled before submit returned
             handle.cancel()
@@ -486,6 +488,8 @@ class CommandHandler:
         if job.cancel_reason is not None and (s.done_reason == "cancelled" or job.broken):
             code, message = job.cancel_reason
             reply = error_reply(job.request_id, code, message)
+        elif s.done_reason == "error" and s.retry_after_s is not None:  # its deadline passed while queued
+            reply = error_reply(job.request_id, TOO_MANY, s.error, retry_after_s=s.retry_after_s)
         elif s.done_reason == "error":
             reply = error_reply(job.request_id, INTERNAL, f"generation failed: {s.error}")
         else:

@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import threading
 import uuid
 from typing import Protocol
@@ -72,13 +73,23 @@ class HttpServices(Protocol):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None, headers=None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None, headers=None, retry_after_s=None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def deadline(cls, message: str, retry_after_s: float) -> ApiError:
+        """429 for a deadline the box cannot meet: ``Retry-After`` (whole seconds) and the prediction."""
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+        return cls(429, message, "deadline_unmet", headers=headers, retry_after_s=retry_after_s)
 
 
-def error_response(status: int, message: str, code=None, param=None, headers=None) -> JSONResponse:
-    return JSONResponse(error_body(message, ERROR_TYPES.get(status, "server_error"), code, param), status, headers=headers)
+def error_response(status: int, message: str, code=None, param=None, headers=None, retry_after_s=None) -> JSONResponse:
+    body = error_body(message, ERROR_TYPES.get(status, "server_error"), code, param, retry_after_s)
+    return JSONResponse(body, status, headers=headers)
 
 
 class LoopBridge:
@@ -169,7 +180,7 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         svc.metrics.refused("http", request.url.path, e.status)
-        return error_response(e.status, e.message, e.code, e.param, e.headers)
+        return error_response(e.status, e.message, e.code, e.param, e.headers, e.retry_after_s)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -265,6 +276,8 @@ def create_app(svc: HttpServices, api_key: str | None) -> FastAPI:
             open_requests.discard(handle)
         if summary.done_reason == "cancelled":
             raise ApiError(503, open_requests.reason or "the request was cancelled", "cancelled")
+        if summary.done_reason == "error" and summary.retry_after_s is not None:  # its deadline passed while queued
+            raise ApiError.deadline(summary.error, summary.retry_after_s)
         if summary.done_reason == "error":
             raise ApiError(500, f"generation failed: {summary.error}", "generation_failed")
         return JSONResponse(shape.final(summary))
@@ -277,11 +290,14 @@ def submit(host, engine_req, on_event):
     a long prompt holds the GIL for a while)."""
     from edgebox.daemon.engine_host import Unavailable
     from edgebox.engine import KVBudgetError, QueueFullError
+    from edgebox.engine.request import DeadlineError
 
     try:
         return host.submit(engine_req, on_event=on_event)
     except Unavailable as e:
         raise ApiError(503, str(e), "unavailable", headers={"Retry-After": "5"}) from None
+    except DeadlineError as e:
+        raise ApiError.deadline(str(e), e.retry_after_s) from None
     except QueueFullError as e:
         stats = host.stats() or {}
         wait_s = 1 + stats.get("queued", 0) // max(1, stats.get("batch_limit", 1))
@@ -348,6 +364,8 @@ async def sse_events(open_requests: OpenRequests, handle, events: asyncio.Queue,
                 yield sse(shape.usage_chunk(s))
         elif s.done_reason == "cancelled":
             yield sse(error_body(open_requests.reason or "the request was cancelled", "unavailable_error", "cancelled"))
+        elif s.retry_after_s is not None:  # its deadline passed while queued
+            yield sse(error_body(s.error, ERROR_TYPES[429], "deadline_unmet", retry_after_s=s.retry_after_s))
         else:
             yield sse(error_body(f"generation failed: {s.error}", "server_error", "generation_failed"))
         yield "data: [DONE]\n\n"

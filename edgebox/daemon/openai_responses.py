@@ -131,8 +131,14 @@ class Health(BaseModel):
 # -- builders ------------------------------------------------------------------------------------------
 
 
-def error_body(message: str, type_: str, code: str | int | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+def error_body(
+    message: str, type_: str, code: str | int | None = None, param: str | None = None, retry_after_s: float | None = None
+) -> dict:
+    """OpenAI's error shape; ``retry_after_s`` (edgebox's, on a deadline it cannot meet) only when given."""
+    error = {"message": message, "type": type_, "code": code, "param": param}
+    if retry_after_s is not None:
+        error["retry_after_s"] = retry_after_s
+    return {"error": error}
 
 
 def usage(s) -> dict:

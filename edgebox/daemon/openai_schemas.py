@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from edgebox.daemon.sampling import SamplerExtras, sampler_settings
+from edgebox.daemon.sampling import SamplerExtras, Scheduling, sampler_settings
 
 Stop = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
@@ -54,7 +54,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body, SamplerExtras):
+class _Sampling(_Body, SamplerExtras, Scheduling):
     """The settings shared by both endpoints. ``None`` = the server's default (llama-server's)."""
 
     model: str | None = Field(None, max_length=256, description="ignored: the box serves the model it has loaded")
@@ -146,7 +146,13 @@ def engine_request(body: _Sampling, *, default_max_tokens: int, max_tokens_limit
         raise ValueError(f"{field} {max_tokens} exceeds this server's limit of {max_tokens_limit}")
     params = SamplingParams(**sampler_settings(body))
     common = dict(
-        max_tokens=max_tokens, params=params, stop=body.stop_strings, request_id=request_id, response_format=body.response_format
+        max_tokens=max_tokens,
+        params=params,
+        stop=body.stop_strings,
+        request_id=request_id,
+        response_format=body.response_format,
+        priority=body.priority,
+        deadline_s=body.deadline_s,
     )
     if isinstance(body, ChatCompletionRequest):
         messages = tuple(m.as_template_message() for m in body.messages)

@@ -1,5 +1,6 @@
 """llama.cpp's sampler settings as request fields, shared by the MQTT ``generate`` command and the
-HTTP API: the same names, ranges and conversion to ``SamplingParams`` on both transports.
+HTTP API: the same names, ranges and conversion to ``SamplingParams`` on both transports; and the
+scheduling fields (``Scheduling``: priority, deadline) both take too.
 
 Every field is optional (None: the sampler's default, llama.cpp's); ``SamplingParams`` checks the
 values once more and its errors name the field, so a body gets a 400 either way.
@@ -8,11 +9,24 @@ values once more and its errors name the field, so a body gets a 400 either way.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
 from edgebox.text.sampler import SamplingParams
+
+
+class Scheduling(BaseModel):
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive",
+        description="edgebox: interactive work is admitted first; batch-only work runs at the most energy-efficient clock",
+    )
+    deadline_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=86400.0,
+        description="edgebox: refuse (429 with retry_after_s) if the request cannot start within this many seconds",
+    )
 
 
 class SamplerExtras(BaseModel):

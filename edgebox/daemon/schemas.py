@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgebox.daemon.sampling import SamplerExtras
+from edgebox.daemon.sampling import SamplerExtras, Scheduling
 
 API_PREFIX = "edgebox/v1"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -160,7 +160,7 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = Field(None, max_length=256)  # a tool turn: the call it answers
 
 
-class GenerateParams(_Strict, SamplerExtras):
+class GenerateParams(_Strict, SamplerExtras, Scheduling):
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=512)
     max_tokens: int = Field(128, ge=1)
@@ -286,7 +286,7 @@ class FinalReply(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None  # generate with tools: the calls (done_reason tool_calls)
     logprobs: list[dict[str, Any]] | None = None  # generate with logprobs: [{token, logprob, top: [[token, logprob]]}]
     probs: list[dict[str, Any]] | None = None  # generate with n_probs: [{token, prob, top: [[token, prob]]}] after the chain
-    probs: list[dict[str, Any]] | None = None  # generate with n_probs: [{token, prob, top: [[token, prob]]}] after the chain
+    retry_after_s: float | None = None  # 429: when the box expects room (a deadline it cannot meet)
     result: dict[str, Any] | None = None  # other commands: what they did
     redelivered: bool | None = None  # the broker delivered this command again after a restart
 
@@ -301,8 +301,10 @@ def encode(message: BaseModel | dict) -> bytes:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8", "replace")
 
 
-def error_reply(request_id: str | None, code: int, message: str, seq: int = 0) -> FinalReply:
-    return FinalReply(request_id=request_id, seq=seq, status="error", code=code, message=one_line(message))
+def error_reply(request_id: str | None, code: int, message: str, seq: int = 0, retry_after_s: float | None = None) -> FinalReply:
+    return FinalReply(
+        request_id=request_id, seq=seq, status="error", code=code, message=one_line(message), retry_after_s=retry_after_s
+    )
 
 
 def ok_reply(request_id: str, result: dict[str, Any] | None = None, seq: int = 0) -> FinalReply:

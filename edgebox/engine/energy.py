@@ -10,7 +10,13 @@ The chips book each step's energy as the firmware integrates it, split by what d
 are shared by the step's rows (a 50-token prompt chunk pays 50 decode rows' share; a batch of 8
 decodes pays an eighth each, which is where batching saves energy), attention by each sequence's
 own query-key pairs, KV reads by its own context.  The shares add up to the step's energy; idle
-between steps is booked apart (``Accounting.idle_j``) and charged to no one.  A request's steps
+between steps is booked apart (``Accounting.idle_j``) and charged to no one.
+
+The price of speed: when interactive and batch sequences share a step, the step's energy above
+its cheapest clock's (``Accounting.least_energy_j``) is there because someone is waiting: the
+interactive sequences pay it, by their rows, and everyone's share above is scaled to the rest.
+Batch work alone runs at that clock anyway (``power.governor``, rule 8), so batch work pays what
+it would cost on its own, whoever else shares its steps.  A request's steps
 are ``prefill_j`` while it reads its prompt (the step that yields its first token included),
 ``decode_j`` after.
 """
@@ -80,7 +86,14 @@ class EnergyBook:
         for seg in segments:
             ((rows, ctx),), n_logits = step_cost([seg])
             shape.append((rows, ctx, n_logits))
-        for s, joules in zip(sequences, split(step, shape)):
+        shares = split(step, shape)
+        urgent = [s.request.priority == "interactive" for s in sequences]
+        if any(urgent) and not all(urgent):  # the price of speed (module docstring)
+            extra = max(0.0, step.joules - self.accounting.least_energy_j(step.step))
+            rows = sum(n for (n, _, _), u in zip(shape, urgent) if u)
+            keep = 1.0 - extra / step.joules if step.joules > 0 else 1.0
+            shares = [j * keep + (extra * n / rows if u else 0.0) for j, (n, _, _), u in zip(shares, shape, urgent)]
+        for s, joules in zip(sequences, shares):
             m = self._meters.get(s)
             if m is None:
                 m = self._meters[s] = _Meter()

@@ -24,16 +24,29 @@ from collections.abc import Callable
 from edgebox.api import Model
 from edgebox.engine.energy import EnergyBook
 from edgebox.engine.masks import MaskWorker
-from edgebox.engine.request import EngineStats, Event, Handle, Queued, QueueFullError, Request, Summary, TokenRate
-from edgebox.engine.scheduler import PromptCache, StepPlan, schedule
+from edgebox.engine.request import (
+    PRIORITIES,
+    DeadlineError,
+    EngineStats,
+    Event,
+    Handle,
+    Queued,
+    QueueFullError,
+    Request,
+    Summary,
+    TokenRate,
+)
+from edgebox.engine.scheduler import PromptCache, StepPlan, schedule, steps_until_start
 from edgebox.engine.sequence import Sequence
 from edgebox.engine.speculative import Speculative, drafter
 from edgebox.errors import EdgeboxError
+from edgebox.hw.step import Step
 from edgebox.model.kv_cache import step_cost
 from edgebox.text.grammar import GrammarError
 from edgebox.text.sampler import NonFiniteLogitsError, SamplingParams
 
 RATE_WINDOW_S = 5.0  # EngineStats.tokens_per_s looks back this far
+PACE_GAIN = 0.2  # how fast the measured/priced step-time ratio follows the steps
 
 
 class Engine:
@@ -86,6 +99,11 @@ class Engine:
         self._quiet = threading.Event()  # set while idle with the listeners told so
         self._quiet.set()
         self._masks = MaskWorker()
+        # the engine's clock: wall time, or in a dry run the chips' device time (what a power
+        # experiment measures); timings, deadlines and the idle gaps the chips are charged for
+        self.clock = (lambda: model.box.clock_s) if dry_run else time.perf_counter
+        self._pace = self._last_pace = 1.0  # engine-clock seconds per priced device second of a step (1 in a dry run)
+        self._idle_since: float | None = None  # wall time the engine went idle (chips idle meanwhile)
         self._thread = threading.Thread(target=self._run, name="edgebox-engine", daemon=True)
         self._thread.start()
         if warmup and not dry_run:
@@ -123,12 +141,37 @@ class Engine:
                 raise QueueFullError(
                     f"{len(self._queue)} requests are already waiting (max_queue {self.max_queue}); try again later"
                 )
-            now = time.perf_counter()
+            for q in entries:  # a deadline no slot can meet is refused now, not queued (engine.scheduler)
+                deadline = q.handle.request.deadline_s
+                wait = self._predicted_wait_s(q.rank, list(self._queue) + entries[: entries.index(q)])
+                if deadline is not None and wait > deadline:
+                    raise DeadlineError(
+                        f"request {q.handle.request_id} cannot start within deadline_s {deadline:g}: "
+                        f"the box predicts room for it in {wait:.1f} s; retry then or raise the deadline",
+                        retry_after_s=round(wait, 3),
+                    )
+            now = self.clock()
             for q in entries:
                 q.t_submit = now
                 self._queue.append(q)
             self._cond.notify_all()
         return [q.handle for q in entries]
+
+    def predicted_wait_s(self, priority: str = "interactive") -> float:
+        """Seconds (engine clock) before a request of ``priority`` submitted now would start, by
+        the cost model: ``scheduler.steps_until_start`` x the price of a decode step at the
+        chips' current clocks, scaled by the measured ratio of step time to price."""
+        with self._cond:
+            return self._predicted_wait_s(PRIORITIES.index(priority), list(self._queue))
+
+    @property
+    def work_class(self) -> str | None:
+        """What the engine serves now: "interactive" if any interactive request is running or
+        queued, "batch" if only batch work is, None when idle (the governor's mode: batch-only
+        work runs at the most energy-efficient clock and batch)."""
+        with self._cond:
+            work = [q.handle.request.priority for q in self._queue] + [s.request.priority for s in self._running]
+        return None if not work else "interactive" if "interactive" in work else "batch"
 
     def add_step_listener(self, fn: Callable[[Engine], None]) -> None:
         """Call ``fn(engine)`` on the scheduler thread after every step, and once more when the
@@ -192,7 +235,20 @@ class Engine:
             prefill_chunk=self.prefill_chunk,
             kv_budget_bytes=self.kv_budget_bytes,
             kv_bytes_per_token=self.kv_bytes_per_token,
+            now=self.clock(),
         )
+
+    def _predicted_wait_s(self, rank: int, queue: list[Queued]) -> float:
+        """(under the lock) See ``predicted_wait_s``."""
+        steps = steps_until_start(self._running, queue, rank, batch_limit=self._batch_limit, prefill_chunk=self.prefill_chunk)
+        if steps == 0:
+            return 0.0
+        active = [s for s in self._running if not s.paused] or [None]
+        batch = min(max(len(active), 1), self._batch_limit)
+        context = max(1, int(sum(s.kv.length for s in active if s is not None) / len(active)))
+        box = self.model.box
+        priced = float(box.accounting.cost(Step.decode(batch, context), box.firmware).step_s[0])
+        return steps * priced * self._pace
 
     def _run(self) -> None:
         while True:
@@ -203,11 +259,13 @@ class Engine:
                 # see an idle engine and park the clocks, as no step will call it until new work
                 self._tell_listeners()
                 self._quiet.set()
+                self._idle_since = time.perf_counter()
                 continue
             with self._cond:
                 while not self._stopping and not self._queue and not self._running:
                     self._cond.wait()
                 self._quiet.clear()
+                self._charge_idle()
                 if self._stopping and not self._drain:
                     self._abort_all()
                     return
@@ -223,28 +281,45 @@ class Engine:
                     if s in self._running:
                         self._finish(s, "error", error=f"{type(e).__name__}: {e}")
 
+    def _charge_idle(self) -> None:
+        """The chips idled (clock-gated) while the engine had no work: charge them that wall time
+        as idle device time, booked to no request (a dry run's clock is device time: nothing to do)."""
+        since, self._idle_since = self._idle_since, None
+        if since is not None and not self.dry_run:
+            box = self.model.box
+            box.idle_until(box.clock_s + (time.perf_counter() - since))
+
     def _abort_all(self) -> None:
         for s in list(self._running):
             self._finish(s, "cancelled")
         while self._queue:
             q = self._queue.popleft()
-            q.handle._emit(q.cancelled_summary())
+            q.handle._emit(q.cancelled_summary(self.clock()))
 
     def _admit(self, plan: StepPlan) -> list[tuple[Sequence, int]]:
         """The plan's queue changes (under the lock): cancelled requests leave, cached prompts are
         evicted, the admitted join the batch. Returns the joined sequences' prompt chunks."""
+        now = self.clock()
         for q in plan.dropped:
             self._queue.remove(q)
-            q.handle._emit(q.cancelled_summary())
+            q.handle._emit(q.cancelled_summary(now))
+        for q in plan.expired:
+            self._queue.remove(q)
+            retry = self._predicted_wait_s(q.rank, list(self._queue))
+            q.handle._emit(q.refused_summary(now, round(retry, 3)))
         for _ in range(plan.evicted):
             self._prompt_cache.popleft()
+        for s in plan.paused:
+            s.paused = True
+        for s in plan.resumed:
+            s.paused = False
         joined = []
         for a in plan.admitted:
-            self._queue.popleft()  # the admitted are the head of the queue, in order
+            self._queue.remove(a.queued)
             kv = self.model.new_cache(a.queued.reserved)
             if a.prefix_from is not None:
                 kv.copy_prefix(a.prefix_from, a.cached)  # a copy costs far less than its prefill
-            s = Sequence(a.queued, kv, self.model.tokenizer, self.dry_run)
+            s = Sequence(a.queued, kv, self.model.tokenizer, self.dry_run, self.clock)
             self._running.append(s)
             if a.rows:
                 joined.append((s, a.rows))
@@ -263,7 +338,8 @@ class Engine:
         # grammar masks of the sequences that sample after this step, computed during the math
         masks = self._masks.start(s for s, n in work if s.samples_after(n))
         # the chips' device time, then the math (a dry run only moves the caches on)
-        self.model.box.account_step(*step_cost(segments))
+        t0 = self.clock()
+        priced = self.model.box.account_step(*step_cost(segments))
         self._energy.charge([s for s, _ in work], segments)
         if self.dry_run:
             for seg in segments:
@@ -288,7 +364,7 @@ class Engine:
                     self._finish(s, reason)
                 produced += max(1, len(s.completion.tokens) - before)
         if self._drafter is not None:  # the next step's drafts, before the plan that prices them
-            drafting = [s for s in self._running if s.pending is not None and not s.prefilling and s.can_draft]
+            drafting = [s for s in self._running if s.pending is not None and not s.prefilling and not s.paused and s.can_draft]
             try:
                 self._drafter.propose(drafting)
             except Exception:  # a draft is only a guess: without one the sequences decode as usual
@@ -299,6 +375,9 @@ class Engine:
             self._steps += 1
             self._generated += produced
             self._rate.add(produced)
+            if priced > 0:  # the engine's clock against the cost model's, for deadline predictions
+                self._last_pace = (self.clock() - t0) / priced
+                self._pace += PACE_GAIN * (self._last_pace - self._pace)
         self._tell_listeners()
 
     def _tell_listeners(self) -> None:
@@ -340,5 +419,6 @@ class Engine:
         with self._cond:
             self._prompt_cache.clear()
             self._rate.clear()
+            self._pace = self._last_pace  # the warm-up's first steps compiled kernels: forget them
             self._steps = self._generated = 0
         self.warmup_s = time.perf_counter() - t0

@@ -34,6 +34,18 @@ class KVBudgetError(EdgeboxError):
     """A request needs more KV cache than the whole budget (code 413)."""
 
 
+class DeadlineError(QueueFullError):
+    """A request with ``deadline_s`` that the engine predicts cannot start in time (code 429);
+    ``retry_after_s``: when the cost model expects room for it."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+PRIORITIES = ("interactive", "batch")  # admission order: every interactive request before any batch one
+
+
 @dataclass(frozen=True)
 class Request:
     prompt: str | None = None  # raw prompt text, or
@@ -54,6 +66,10 @@ class Request:
     tool_choice: object = None
     logprobs: int | None = None  # None: off; N >= 0: each token's logprob and its N best rivals (Chunk/Summary.logprobs)
     n_probs: int | None = None  # llama.cpp's n_probs: each token's N best after the sampler chain (Summary.chain_probs)
+    # interactive work is admitted (and its prompt read) first, pausing batch work for a slot;
+    # batch-only work runs at the governor's most efficient clock and batch (engine.scheduler)
+    priority: str = "interactive"
+    deadline_s: float | None = None  # refused (DeadlineError) when it cannot start this soon after submit
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "response_format", parse_constraint(self.response_format))
@@ -63,6 +79,10 @@ class Request:
             raise EdgeboxError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.n_keep < 0:
             raise EdgeboxError(f"n_keep must be >= 0, got {self.n_keep}")
+        if self.priority not in PRIORITIES:
+            raise EdgeboxError(f"priority must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
+        if self.deadline_s is not None and not (isinstance(self.deadline_s, int | float) and 0 < self.deadline_s < 1e9):
+            raise EdgeboxError(f"deadline_s must be a number of seconds > 0, got {self.deadline_s!r}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,7 @@ class Summary:
     logprobs: tuple = ()  # every generated token's text.sampler.TokenLogprobs (requests with logprobs)
     chain_probs: tuple = ()  # the same over the sampler chain's candidates (requests with n_probs)
     energy: Energy = field(default_factory=Energy)  # its share of the chips' energy (engine.energy)
+    retry_after_s: float | None = None  # refused at its deadline: when the cost model expects room
     draft_tokens: int = 0  # speculative draft tokens verified (llama-server's draft_n)
     draft_accepted: int = 0  # of those, kept (draft_n_accepted; engine.speculative)
 
@@ -249,10 +270,35 @@ class Queued:
             )
         return cls(handle, ids, reserved, thinking_open, truncated, constraint)
 
-    def cancelled_summary(self) -> Summary:
-        waited = time.perf_counter() - self.t_submit
+    @property
+    def rank(self) -> int:
+        """Admission class: 0 interactive, 1 batch (lower first)."""
+        return PRIORITIES.index(self.handle.request.priority)
+
+    def cancelled_summary(self, now: float) -> Summary:
+        waited = now - self.t_submit
         return Summary(
             self.handle.request_id, "cancelled", "", "", "", prompt_tokens=len(self.ids), queue_s=waited, total_s=waited
+        )
+
+    def refused_summary(self, now: float, retry_after_s: float) -> Summary:
+        """Its deadline passed while it waited: the one-line error and when to retry."""
+        waited = now - self.t_submit
+        error = (
+            f"deadline_s {self.handle.request.deadline_s:g} passed before the request could start "
+            f"(waited {waited:.2f} s); retry after {retry_after_s:.1f} s"
+        )
+        return Summary(
+            self.handle.request_id,
+            "error",
+            "",
+            "",
+            "",
+            prompt_tokens=len(self.ids),
+            queue_s=waited,
+            total_s=waited,
+            error=error,
+            retry_after_s=retry_after_s,
         )
 
 

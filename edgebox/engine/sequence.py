@@ -29,7 +29,7 @@ def context_shift(length: int, n_keep: int) -> tuple[int, int]:
 class Sequence:
     """One running request (see the module docstring)."""
 
-    def __init__(self, queued: Queued, kv: KVCache, tokenizer, dry_run: bool = False):
+    def __init__(self, queued: Queued, kv: KVCache, tokenizer, dry_run: bool = False, clock=time.perf_counter):
         r = queued.handle.request
         self.handle, self.request, self.ids, self.kv = queued.handle, r, queued.ids, kv
         self.n_done = kv.length  # prompt tokens already in the cache (prompt cache hit)
@@ -55,7 +55,9 @@ class Sequence:
         self.shifted = False
         self.dry_run = dry_run  # its tokens are a dry run's fixed one: no text
         self.truncated = queued.truncated
-        self.t_submit, self.t_start, self.t_first = queued.t_submit, time.perf_counter(), 0.0
+        self.paused = False  # a batch sequence whose slot an interactive request holds (engine.scheduler)
+        self.clock = clock  # the engine's: wall time, or device time in a dry run
+        self.t_submit, self.t_start, self.t_first = queued.t_submit, clock(), 0.0
 
     @property
     def prefilling(self) -> bool:
@@ -131,7 +133,7 @@ class Sequence:
         pending token and the drafts before the row), so the end rules see the same state; the
         rows of drafts not kept are dropped by leaving ``kv.length`` (and ``next_pos``) there."""
         if self.t_first == 0.0:
-            self.t_first = time.perf_counter()
+            self.t_first = self.clock()
         c, fed, self.fed = self.completion, self.fed, ()
         base, pos = self.kv.length - len(fed), self.next_pos - len(fed)
         self.drafted += len(fed)
@@ -204,7 +206,7 @@ class Sequence:
         return tuple(new)
 
     def summary(self, reason: str, error: str | None) -> Summary:
-        now = time.perf_counter()
+        now = self.clock()
         full = "".join(self.text)
         reasoning_text, content = split_reasoning(full, thinking_open=self.thinking_open)
         calls = ()

@@ -22,6 +22,10 @@ coarse and steps differ: a level over the budget but under the ceiling is safe o
 6. Idle: lowest clock everywhere; nothing polls (the loop runs only when the engine steps).
 7. ``energy_slack``: no step above the reference (best static) clock while a second credit,
    (1 + slack) x each step's price at the reference less the energy measured, is negative.
+8. Batch-only work (every request running or queued has priority "batch"; nobody waits on it
+   interactively): the batch limit and the clock with the fewest joules per token that fit the
+   budget (``PowerTable.efficient_level``), not the most tokens/s; any interactive request
+   switches back to speed at the next tick.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class Sample:
     # the steps the engine may run next (with and without admitting what is queued), the
     # likeliest last; None: unknown (any step at a typical context is assumed)
     next_steps: tuple[Step, ...] | None = None
+    batch_only: bool = False  # every request running or queued is batch priority (rule 8)
 
 
 @dataclass(frozen=True)
@@ -112,10 +117,11 @@ class Readings:
     queued: int
     energy_j: float | None
     next_steps: tuple[Step, ...] | None = None
+    batch_only: bool = False
 
     @property
     def sample(self) -> Sample:
-        return Sample(self.t_s, self.energy_j, self.running, self.queued, self.next_steps)
+        return Sample(self.t_s, self.energy_j, self.running, self.queued, self.next_steps, self.batch_only)
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,7 @@ class GovernorState:
     oc_events: int | None = None
     oc_cap_level: int | None = None
     oc_until_s: float = -math.inf
+    efficient: bool = False  # rule 8 in force (batch-only work)
 
     @classmethod
     def initial(cls, config: GovernorConfig, batch_limit: int | None = None) -> GovernorState:
@@ -255,10 +262,17 @@ def decide(readings: Readings, state: GovernorState, budget: Budget | float) -> 
         event("thermal_derate" if derating else "thermal_ok", temp_c=round(hottest, 2) if hottest is not None else None)
     state = replace(state, target_w=target_w, derating=derating)
 
+    # batch-only work or not (rule 8): a change of mode runs the batch loop now
+    mode_changed = readings.batch_only != state.efficient
+    if mode_changed:
+        event("efficient" if readings.batch_only else "speed")
+        state = replace(state, efficient=readings.batch_only)
+
     # batch (outer loop): the table's best limit for the target, with hysteresis; the model
     # scale only counts when it says the table is optimistic (prompt phases read low)
-    if budget_changed or t - state.last_outer_s >= cfg.outer_s:
-        new_limit = _choose_batch(state, budget, target_w / max(state.k, 1.0), demand, state.batch_limit)
+    if budget_changed or mode_changed or t - state.last_outer_s >= cfg.outer_s:
+        choose = _efficient_batch if state.efficient else _choose_batch
+        new_limit = choose(state, budget, target_w / max(state.k, 1.0), demand, state.batch_limit)
         if new_limit != state.batch_limit:
             event("batch", old=state.batch_limit, new=new_limit)
         state = replace(state, batch_limit=new_limit, last_outer_s=t)
@@ -345,6 +359,8 @@ def modulate(sample: Sample, state: GovernorState, budget: Budget | float) -> De
     reference = reference_level(tab, budget, batch)
     if cfg.energy_slack is not None and energy_credit < 0:
         top = min(top, reference)
+    if state.efficient:  # rule 8: never above the clock with the fewest joules per token
+        top = min(top, tab.efficient_level(batch))
     # only the two levels around the target take part: a mean power is cheapest as a mix of
     # neighbours (energy per token is convex in the clock), so a big credit is not spent at a
     # far higher, less efficient level
@@ -493,6 +509,25 @@ def _choose_batch(state: GovernorState, budget: Budget, target_w: float, demand:
         return best
     gain = cfg.batch_up_gain if best > current else cfg.batch_down_gain
     return best if feasible[best] > now * (1 + gain) else current
+
+
+def _efficient_batch(state: GovernorState, budget: Budget, target_w: float, demand: int, current: int) -> int:
+    """Rule 8: the batch limit with the fewest predicted joules per token, each batch at its
+    most efficient clock or the highest under ``target_w`` if that is lower; every limit >=
+    demand runs the same, so the best of those is reported as max."""
+    tab = state.config.table
+
+    def joules_per_token(limit: int) -> float | None:
+        b = max(1, min(limit, demand))
+        fit = [lv for lv in range(tab.efficient_level(b) + 1) if tab.power(lv, b) <= target_w]
+        return tab.power(fit[-1], b) / tab.tokens(fit[-1], b) if fit else None
+
+    scores = {b: joules_per_token(b) for b in range(1, tab.max_batch + 1)}
+    feasible = {b: j for b, j in scores.items() if j is not None}
+    if not feasible:
+        return 1
+    best = min(feasible, key=lambda b: (round(feasible[b], 12), -b))
+    return tab.max_batch if best >= demand else best
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -671,11 +706,12 @@ class PowerGovernor:
             budget, force = self.budget, self._force_tick
             self._force_tick = False
         s = self.state
-        if force or t - s.last_tick_s >= self.config.inner_s or running + queued == 0 or s.fault:
-            readings = Readings(t, tuple(x.read() for x in self.sensors), running, queued, energy, next_steps)
+        batch_only = getattr(engine, "work_class", None) == "batch"
+        if force or batch_only != s.efficient or t - s.last_tick_s >= self.config.inner_s or running + queued == 0 or s.fault:
+            readings = Readings(t, tuple(x.read() for x in self.sensors), running, queued, energy, next_steps, batch_only)
             d = decide(readings, s, budget)
         else:
-            d = modulate(Sample(t, energy, running, queued, next_steps), s, budget)
+            d = modulate(Sample(t, energy, running, queued, next_steps, batch_only), s, budget)
         self._apply(d, engine)
         with self._lock:
             self.state = d.state
@@ -717,6 +753,7 @@ class PowerGovernor:
             "freq_mhz": self.config.levels_mhz[s.level],
             "batch_limit": s.batch_limit,
             "model_scale": _r(s.k),
+            "mode": "efficient" if s.efficient else "speed",  # rule 8
             "reference_mhz": self.config.levels_mhz[reference_level(self.config.table, budget, s.batch)],
             "energy_credit_j": _r(s.energy_credit_j),
             "sensor_fault": s.fault,

@@ -9,6 +9,12 @@ the step listener and the request's completion callback), never racing it.
 Workload: stream i is a sequence of requests, back to back, each with a prompt of
 ``prompt_tokens`` (a seeded uniform draw) and ``gen_tokens`` to generate, so N sequences are
 always wanted; the batch limit (the governor's, or ``--batch``) decides how many run at once.
+With ``mix`` (``--mix I:B``) the B streams are background work of priority "batch" and I
+interactive users each send a short request, wait for its reply, think for an exponential
+``think_s`` (device time, seeded) and send the next; ``scheduler="fifo"`` sends every request as
+interactive (priorities off: first come, first served), the baseline the priorities are judged
+against.  Per class: time to first token (device s), tokens/s and J/token (the requests' own
+energy, ``engine.energy``).
 
 What is measured is the ground truth, not the governor's view: the firmware is wrapped so that
 every activity or idle report (constant power inside each) is logged per chip, and the box's
@@ -59,12 +65,22 @@ class SimOptions:
     seed: int = 0
     publish_interval_s: float = 0.05  # the firmware's own sensor update period (device time); the
     # governor also has it publish after every step it reads
+    interactive: int = 0  # interactive users (with ``streams`` then batch-priority streams)
+    think_s: float = 3.0  # an interactive user's mean pause between a reply and the next request
+    interactive_prompt_tokens: tuple[int, int] = (40, 120)
+    interactive_gen_tokens: tuple[int, int] = (32, 96)
+    scheduler: str = "priority"  # or "fifo": every request interactive, first come first served
+    batch_priority: bool = False  # the streams are batch work (set by ``--mix``)
 
     def __post_init__(self) -> None:
-        if self.streams < 1 or self.seconds <= 0 or self.max_batch < 1:
+        if self.streams < 0 or self.streams + self.interactive < 1 or self.seconds <= 0 or self.max_batch < 1:
             raise ValueError("simulate: streams >= 1, seconds > 0 and max_batch >= 1 required")
         if self.governor and (self.freq_mhz is not None or self.batch is not None):
             raise ValueError("simulate: --freq and --batch are static settings: use them with --governor off")
+        if self.interactive < 0 or self.think_s <= 0:
+            raise ValueError("simulate: interactive users >= 0 and think_s > 0 required")
+        if self.scheduler not in ("priority", "fifo"):
+            raise ValueError(f"simulate: --scheduler takes priority or fifo, got {self.scheduler!r}")
         if self.prompt_chunk is not None and self.prompt_chunk < 1:
             raise ValueError("simulate: --prompt-chunk must be >= 1")
         if self.batch is not None and not 1 <= self.batch <= self.max_batch:
@@ -74,6 +90,19 @@ class SimOptions:
             Budget(w)
             if not 0 <= at:
                 raise ValueError(f"simulate: budget step at {at} s")
+
+
+def parse_mix(text: str | None) -> tuple[int, int] | None:
+    """ "2:8" -> (2 interactive users, 8 batch streams)."""
+    if not text:
+        return None
+    try:
+        i, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--mix: {text!r} is not INTERACTIVE:BATCH (e.g. 2:8)") from None
+    if i < 0 or b < 0 or i + b == 0:
+        raise ValueError(f"--mix: {text!r}: counts >= 0, not both 0")
+    return i, b
 
 
 def parse_budget_steps(text: str | None) -> tuple[tuple[float, float], ...]:
@@ -143,6 +172,7 @@ class SimResult:
     max_temp_c: float
     log: EnergyLog | None = field(default=None, repr=False)  # the box's energy curve (not in JSON)
     token_log: tuple | None = field(default=None, repr=False)  # (device s, tokens) after every step (not in JSON)
+    classes: dict = field(default_factory=dict)  # per priority class: requests, TTFT, tokens/s, J/token
 
     def to_dict(self) -> dict:
         d = asdict(replace(self, log=None, token_log=None))
@@ -233,26 +263,64 @@ class _Run:
         self.handles = []
         self.n_requests = 0
         self.applied: list[tuple[float, float]] = []  # (device s, watts): budget steps as applied
+        # interactive users: their own seeded draws, the device time of each one's next request
+        self.users = [random.Random(opts.seed * 1000 + 500 + i) for i in range(opts.interactive)]
+        self.next_at: list[float | None] = [u.expovariate(1.0 / opts.think_s) for u in self.users]
+        self.summaries: list[tuple[str, Summary]] = []  # (class, final reply) of every request
+        self.stream_class = "batch" if opts.batch_priority else "interactive"
         engine.add_step_listener(self.on_step)
 
-    def request(self, stream: int) -> Request:
-        rng, o = self.rngs[stream], self.opts
-        n_prompt = rng.randint(*o.prompt_tokens)
+    def request(self, stream: int, rng: random.Random, prompt_tokens, gen_tokens, priority: str) -> Request:
+        n_prompt = rng.randint(*prompt_tokens)
         self.n_requests += 1
         # distinct first words: no two prompts share a prefix, so the engine's prompt cache (which
         # would skip prefill and copy KV pages) never hits, as with real users' prompts
         words = [f"s{stream}r{self.n_requests}"] + ["w"] * (n_prompt - 1)
-        return Request(prompt=" ".join(words), max_tokens=rng.randint(*o.gen_tokens))
+        return Request(prompt=" ".join(words), max_tokens=rng.randint(*gen_tokens), priority=priority)
+
+    def _priority(self, cls: str) -> str:
+        return "interactive" if self.opts.scheduler == "fifo" else cls
 
     def submit(self, stream: int) -> None:
         def on_event(ev, stream=stream):
-            if isinstance(ev, Summary) and not self.stopped:
-                self.submit(stream)
+            if isinstance(ev, Summary):
+                self.summaries.append((self.stream_class, ev))
+                if not self.stopped:
+                    self.submit(stream)
 
-        self.handles.append(self.engine.submit(self.request(stream), on_event=on_event))
+        o = self.opts
+        r = self.request(stream, self.rngs[stream], o.prompt_tokens, o.gen_tokens, self._priority(self.stream_class))
+        self.handles.append(self.engine.submit(r, on_event=on_event))
+
+    def submit_interactive(self, user: int) -> None:
+        def on_event(ev, user=user):
+            if isinstance(ev, Summary):
+                self.summaries.append(("interactive", ev))
+                self.next_at[user] = self.box.clock_s + self.users[user].expovariate(1.0 / self.opts.think_s)
+
+        o = self.opts
+        self.next_at[user] = None  # waiting for its reply
+        r = self.request(1000 + user, self.users[user], o.interactive_prompt_tokens, o.interactive_gen_tokens, "interactive")
+        self.handles.append(self.engine.submit(r, on_event=on_event))
+
+    def arrivals(self, engine: Engine) -> None:
+        """Interactive users whose pause is over send their request; with nothing to run, the
+        chips idle until the next one does."""
+        due = [u for u, at in enumerate(self.next_at) if at is not None and at <= self.box.clock_s]
+        if not due and not engine.work_class:
+            waiting = [(at, u) for u, at in enumerate(self.next_at) if at is not None]
+            if waiting:
+                at, user = min(waiting)
+                self.box.idle_until(at)
+                due = [user]
+        for u in due:
+            self.submit_interactive(u)
 
     def start(self) -> None:
-        self.submit(0)  # the rest join from the first step's listener
+        if self.opts.streams:
+            self.submit(0)  # the rest join from the first step's listener
+        else:
+            self.arrivals(self.engine)
 
     def on_step(self, engine: Engine) -> None:
         if self.stopped:
@@ -268,6 +336,7 @@ class _Run:
             self.started = True
             for s in range(1, self.opts.streams):
                 self.submit(s)
+        self.arrivals(engine)
         t = self.box.clock_s
         dt = t - self.last_t
         # the clock the step ran at (the governor listener runs after this one) and its batch
@@ -351,6 +420,29 @@ def _round(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(x, digits)
 
 
+def _class_stats(summaries: list[tuple[str, Summary]], device_s: float) -> dict:
+    """Per priority class: requests, time to first token (device s; a request still waiting at
+    the end counts its wait so far: a lower bound, so starvation shows), generated tokens/s over
+    the run, and joules per token from the requests' own energy (``engine.energy``)."""
+    out = {}
+    for cls in sorted({c for c, _ in summaries}):
+        mine = [x for c, x in summaries if c == cls]
+        ttft = np.array([x.ttft_s if x.generated_tokens else x.total_s for x in mine], float)
+        tokens = sum(x.generated_tokens for x in mine)
+        joules = sum(x.energy.joules for x in mine)
+        out[cls] = {
+            "requests": len(mine),
+            "finished": sum(x.done_reason in ("stop", "length") for x in mine),
+            "ttft_p50_s": round(float(np.percentile(ttft, 50)), 4) if len(ttft) else None,
+            "ttft_p95_s": round(float(np.percentile(ttft, 95)), 4) if len(ttft) else None,
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / device_s, 3) if device_s > 0 else 0.0,
+            "joules_per_token": round(joules / tokens, 6) if tokens else None,
+            "ttft_s": [round(float(x), 4) for x in ttft],
+        }
+    return out
+
+
 def _result(model, opts: SimOptions, run: _Run, log: EnergyLog, gov, states, wall: float) -> SimResult:
     budget = Budget(opts.budget_w)
     end = min(run.final_s, log.end_s)
@@ -389,6 +481,7 @@ def _result(model, opts: SimOptions, run: _Run, log: EnergyLog, gov, states, wal
         settle=_settle(log, timeline, end),
         protections={"over_current_events": [s.oc_events for s in states], "thermal_events": [s.thermal_events for s in states]},
         max_temp_c=round(max(s.temp_c for s in states), 2),
+        classes=_class_stats(run.summaries, end),
     )
 
 
@@ -409,6 +502,9 @@ def run_cli(
     chips: int,
     seed: int,
     prompt_chunk: int | None = None,
+    mix: str | None = None,
+    think_s: float = 3.0,
+    scheduler: str = "priority",
 ) -> SimResult:
     """``edgebox power simulate``: options as the CLI takes them (errors as EdgeboxError).
     ``prompt_chunk``: prompt rows per step (the governor's cap, or the engine's with it off)."""
@@ -418,7 +514,14 @@ def run_cli(
     if governor not in ("on", "off"):
         raise EdgeboxError(f"--governor takes on or off, got {governor!r}")
     try:
+        users = parse_mix(mix)
+        if users is not None:
+            streams = users[1]
         opts = SimOptions(
+            interactive=users[0] if users else 0,
+            batch_priority=users is not None,
+            think_s=think_s,
+            scheduler=scheduler,
             streams=streams,
             seconds=seconds,
             budget_w=budget_w,
@@ -463,6 +566,11 @@ def format_result(r: SimResult) -> str:
         f"thermal trips {sum(r.protections['thermal_events'])}, hottest die {r.max_temp_c:.1f} C",
         f"budget test     {'met' if rep['ok'] else 'NOT met'}",
     ]
+    for cls, c in r.classes.items():
+        lines.append(
+            f"{cls:<15} {c['requests']} requests, TTFT p50 {_or_dash(c['ttft_p50_s'])} s p95 {_or_dash(c['ttft_p95_s'])} s, "
+            f"{c['tokens_per_s']:.1f} tokens/s, {_or_dash(c['joules_per_token'], 4)} J/token"
+        )
     for s in r.settle:
         lines.append(
             f"budget step     at {s['at_s']:.2f} s to {s['budget_w']:g} W: steady {s['steady_w']:.2f} W, "
@@ -478,5 +586,5 @@ def format_result(r: SimResult) -> str:
     return "\n".join(lines)
 
 
-def _or_dash(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _or_dash(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"

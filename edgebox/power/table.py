@@ -118,6 +118,11 @@ class PowerTable:
     def tokens(self, level: int, batch: int) -> float:
         return self.tokens_per_s[level][self._b(batch)]
 
+    def efficient_level(self, batch: int) -> int:
+        """The level with the fewest joules per decoded token at ``batch`` (below it static power
+        is paid over longer steps, above it the voltage squares the switching energy)."""
+        return min(range(self.n_levels), key=lambda lv: self.power(lv, batch) / self.tokens(lv, batch))
+
     def chip_peak(self, level: int, batch: int) -> float:
         return self.chip_peak_w[level][self._b(batch)]
 

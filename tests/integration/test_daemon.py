@@ -740,6 +740,14 @@ def test_lifecycle_notify_limits_expiry_reload_and_drain(tmp_path, stopper):
     assert over["code"] == 429 and "max_in_flight" in over["message"]
     [(_, expired, _)] = rec.wait_for(is_final("exp-1"), timeout=10)
     assert expired["code"] == 408 and expired["done_reason"] == "cancelled"
+    # a deadline the one slot cannot meet (run-1 holds it, interactive): 429 with the predicted wait
+    rec.publish(
+        gen,
+        {"request_id": "dl-1", "params": {"prompt": "d", "max_tokens": 3, "priority": "batch", "deadline_s": 0.01}},
+        response_topic=reply,
+    )
+    [(_, late, _)] = rec.wait_for(is_final("dl-1"))
+    assert late["code"] == 429 and "deadline_s 0.01" in late["message"] and late["retry_after_s"] > 0.01
     rec.publish("edgebox/v1/box-life/cmd/cancel", {"request_id": "k", "params": {"target": "run-1"}}, response_topic=reply)
     rec.wait_for(is_final("run-1"))
     # the client retries the 429'd request with the same request_id (an idempotency key): it is

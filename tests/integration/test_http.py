@@ -330,6 +330,39 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(one_slot):
 # -- their own servers ---------------------------------------------------------------------------------------------
 
 
+def test_priority_and_deadline(tmp_path):
+    """One slot held by a batch-priority stream: an interactive request with a deadline is served
+    at once (the batch one pauses); a batch one with a deadline it cannot meet gets 429 with
+    ``retry_after_s`` and ``Retry-After``; a bad priority is a 400 naming the field."""
+    s = Server(tmp_path, "--model", str(TEST_MODEL), "--max-batch", "1", "--max-in-flight", "4", "--ctx", "2048").start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        body = {"prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True, "priority": "batch"}
+        raw = json.dumps(body).encode()
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(raw)}\r\n\r\n".encode()
+            + raw
+        )
+        seen = b""
+        while seen.count(b"data: ") < 3:
+            seen += sock.recv(4096)
+        r = s.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3, extra_body={"deadline_s": 30}
+        )
+        assert r.usage.completion_tokens >= 1
+        status, headers, e = _error(
+            s.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 3, "priority": "batch", "deadline_s": 0.01})
+        )
+        assert status == 429 and e["code"] == "deadline_unmet" and e["retry_after_s"] > 0.01
+        assert int(headers["retry-after"]) >= 1
+        status, _, e = _error(s.request("POST", "/v1/completions", {"prompt": "x", "priority": "urgent"}))
+        assert status == 400 and e["param"] == "priority"
+        sock.close()
+    finally:
+        s.stop_ok()
+
+
 def test_health_is_503_while_loading_then_200(tmp_path):
     s = Server(tmp_path, "--model", str(TEST_MODEL)).start(wait_ready=False)
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgebox.engine.request import Handle, Queued, Request, reservation
-from edgebox.engine.scheduler import schedule
+from edgebox.engine.scheduler import schedule, steps_until_start
 from edgebox.engine.sequence import Sequence, context_shift
 from edgebox.gguf.args import LlamaArgs
 from edgebox.model.kv_cache import KVCache
@@ -108,3 +108,73 @@ def test_the_plan_changes_nothing():
     first = plan([a, b], [q], cache, budget_tokens=80)
     assert (a.kv.length, a.n_done, b.kv.length, b.n_done, len(cache), q.handle.done) == before
     assert plan([a, b], [q], cache, budget_tokens=80) == first
+
+
+# -- priorities and deadlines -------------------------------------------------------------------
+
+
+def test_interactive_requests_are_admitted_before_earlier_batch_ones():
+    b1, b2 = queued(range(4), priority="batch"), queued(range(4), priority="batch")
+    i1 = queued(range(4))
+    p = plan([], [b1, b2, i1], limit=2)
+    assert [a.queued for a in p.admitted] == [i1, b1]
+
+
+def test_an_interactive_request_pauses_the_newest_batch_sequence_for_a_slot():
+    old = running(range(4), 6, pending=1, priority="batch")
+    new = running(range(4), 6, pending=1, priority="batch")
+    chat = running(range(4), 6, pending=1)
+    i1 = queued(range(5))
+    p = plan([old, new, chat], [i1], limit=3)
+    assert p.paused == (new,) and [a.queued for a in p.admitted] == [i1]
+    assert p.decode == (old, chat)  # the paused one skips the step; it keeps its KV cache
+    # a batch request never pauses anyone
+    p = plan([old, new, chat], [queued(range(5), priority="batch")], limit=3)
+    assert p.paused == () and p.admitted == ()
+
+
+def test_paused_sequences_resume_before_queued_batch_work_once_a_slot_frees():
+    paused = running(range(4), 6, pending=1, priority="batch")
+    paused.paused = True
+    other = running(range(4), 6, pending=1, priority="batch")
+    waiting = queued(range(5), priority="batch")
+    p = plan([paused, other], [waiting], limit=2)
+    assert p.resumed == (paused,) and p.admitted == () and p.decode == (other, paused)
+    p = plan([paused, other], [waiting, queued(range(3))], limit=2)  # an interactive request still comes first
+    assert p.resumed == () and len(p.admitted) == 1 and p.admitted[0].queued.rank == 0
+
+
+def test_interactive_prompts_are_read_first():
+    batch = running(range(40), 0, priority="batch")  # reading a long prompt
+    chat = queued(range(10))
+    p = plan([batch], [chat], chunk=16)
+    assert p.admitted[0].rows == 10 and p.prefill == ((batch, 6),)
+
+
+def test_a_queued_request_past_its_deadline_leaves():
+    busy = running(range(4), 6, pending=1)
+    late, fine = queued(range(4), deadline_s=0.5), queued(range(4), deadline_s=5.0)
+    late.t_submit = fine.t_submit = 10.0
+    p = schedule(
+        [busy],
+        [late, fine],
+        [],
+        batch_limit=1,
+        prefill_chunk=16,
+        kv_budget_bytes=1000 * PER_TOKEN,
+        kv_bytes_per_token=PER_TOKEN,
+        now=11.0,
+    )
+    assert p.expired == (late,) and p.admitted == ()
+
+
+def test_steps_until_start_follow_the_slots_in_admission_order():
+    a = running(range(4), 6, pending=1, max_tokens=10)  # 10 tokens left
+    b = running(range(4), 6, pending=1, max_tokens=30, priority="batch")  # 30 left
+    kw = dict(batch_limit=2, prefill_chunk=16)
+    assert steps_until_start([a], [], 0, **kw) == 0  # a free slot
+    assert steps_until_start([a, b], [], 1, **kw) == 10  # a batch request waits for a to end
+    assert steps_until_start([a, b], [], 0, **kw) == 0  # an interactive one pauses b
+    ahead = queued(range(20), max_tokens=8)  # 2 prompt chunks + 8 tokens, in the first slot to free
+    assert steps_until_start([a, b], [ahead], 1, **kw) == 20  # b's slot (30) vs a's + ahead (10 + 10)
+    assert steps_until_start([a, b], [ahead, ahead], 1, **kw) == 30
