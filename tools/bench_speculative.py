@@ -13,8 +13,9 @@ identical, and records each decode step's rows (the plan the engine ran: ``Engin
 
 ``verify``: the 7B-shaped file on 4 chips: one forward step of one sequence feeding n = 1..9 rows
 (a verify of k = n - 1 drafts) at a fixed context, host wall time (median of rounds, the n taking
-turns) and the chips' device time; with ``--accept FILE`` (the JSON of an ``accept`` run) the
-speed-up those steps imply: generated tokens / sum over the measured steps of cost(rows) / cost(1).
+turns) and the chips' device time (the cost model at the top clock); with ``--accept FILE`` (the
+JSON of an ``accept`` run) the speed-up those steps imply: generated tokens / sum over the
+measured steps of cost(rows) / cost(1).
 
     python tools/bench_speculative.py accept --files 12 --json /tmp/spec_accept.json
     NUMBA_NUM_THREADS=2 python tools/bench_speculative.py verify /work/bench-models/deepseek-llm-7b-shape-Q4_0.gguf \
@@ -42,7 +43,8 @@ sys.path.insert(0, str(REPO))
 import edgebox  # noqa: E402
 from edgebox.engine import Engine, Request  # noqa: E402
 from edgebox.engine.speculative import Speculative  # noqa: E402
-from edgebox.model.kv_cache import Segment, step_cost  # noqa: E402
+from edgebox.hw import step as hw_step  # noqa: E402
+from edgebox.model.kv_cache import Segment  # noqa: E402
 
 GREEDY = edgebox.SamplingParams(temperature=0.0)
 
@@ -204,16 +206,15 @@ def verify(args) -> dict:
     m.transformer.forward_segments([Segment(ids, np.arange(args.ctx, dtype=np.int32), kv)])
     ns = list(range(1, args.max_rows + 1))
     host = {n: [] for n in ns}
-    device = {}
     for r in range(args.rounds + 1):  # the first round warms every shape up and is not counted
         for n in ns if r % 2 == 0 else ns[::-1]:
             kv.length = args.ctx
             seg = Segment(np.full(n, 200, np.int32), np.arange(args.ctx, args.ctx + n, dtype=np.int32), kv, all_logits=True)
-            device[n] = m.box.account_step(*step_cost([seg]))
             t = time.perf_counter()
             m.transformer.forward_segments([seg])
             if r:
                 host[n].append(time.perf_counter() - t)
+    device = device_costs(m, args.ctx, ns)
     one_h, one_d = statistics.median(host[1]), device[1]
     table = {
         n: {
@@ -231,6 +232,15 @@ def verify(args) -> dict:
     if args.accept:
         out.update(implied(table, json.loads(Path(args.accept).read_text())))
     return out
+
+
+def device_costs(m, ctx: int, ns: list[int]) -> dict[int, float]:
+    """Device seconds of a step of one sequence feeding n rows (every row's logits) at context
+    ``ctx``, from the chips' cost model (``hw.step``) at the top clock: the clocks the firmware
+    moves during a run (temperature) do not enter the ratios."""
+    acc = m.box.accounting
+    freqs = np.full((len(acc.chips), 1), acc.profile.max_mhz, float)
+    return {n: float(hw_step.step_cost(acc.work, hw_step.Step.of([(n, ctx + n)], n), freqs).step_s[0]) for n in ns}
 
 
 def implied(table: dict, acc: dict) -> dict:
