@@ -341,3 +341,32 @@ def test_run_refuses_draft_without_a_draft_model_in_one_line():
         timeout=120,
     )
     assert out.returncode != 0 and out.stderr.strip().count("\n") == 0 and "--model-draft" in out.stderr, out.stderr
+
+
+def test_run_with_ngram_drafts_prints_the_same_text_and_the_draft_counts():
+    import subprocess
+    import sys
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        argv = [
+            sys.executable,
+            "-m",
+            "edgebox.cli",
+            "run",
+            str(TEST_MODEL),
+            "-p",
+            PROMPTS[1],
+            "-n",
+            "24",
+            "--temp",
+            "0",
+            "--chips",
+            "1",
+        ]
+        return subprocess.run(argv + list(extra), capture_output=True, text=True, timeout=300)
+
+    plain, spec = run(), run("--spec", "ngram", "--draft-max", "4")
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout and plain.stdout.strip()
+    line = spec.stderr.strip().splitlines()[-1]
+    assert "draft:" in line and "accepted" in line and "stop: length" in line, line
