@@ -168,6 +168,7 @@ class ModelDrafter:
 
     def __init__(self, spec: Speculative, model: Model, target: Model):
         check_draft_vocab(target, model)
+        model.prepare()  # its kernels' weights packed now, not in the first request's step
         self.spec, self.model = spec, model
         self._state: dict[object, _DraftState] = {}
 
