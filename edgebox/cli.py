@@ -85,9 +85,19 @@ def run(
     backend: str = _backend_opt(),
     no_weight_cache: bool = NoWeightCacheOpt,
     weight_cache_gib: float | None = WeightCacheGibOpt,
+    spec: str = typer.Option("none", "--spec", help="speculative decoding: none, ngram (prompt lookup) or draft (--model-draft)"),
+    draft_max: int = typer.Option(8, "--draft-max", help="most tokens drafted per step"),
+    model_draft: Path | None = typer.Option(
+        None, "--model-draft", help="the draft model of --spec draft: a GGUF with the model's tokenizer", show_default=False
+    ),
 ) -> None:
     """Generate text from a prompt, streamed to stdout; a timing line goes to stderr."""
+    from edgebox.engine.speculative import Speculative
     from edgebox.text.sampler import SamplingParams
+
+    speculative = Speculative(spec, draft_max, model_draft=model_draft and str(model_draft))
+    if speculative.kind == "draft" and model_draft is None:
+        raise EdgeboxError("--spec draft needs --model-draft FILE: a smaller GGUF with the model's tokenizer")
 
     _weight_cache(no_weight_cache, weight_cache_gib)
     m = _load(model, chips, ctx, backend=backend)
@@ -101,6 +111,9 @@ def run(
         raise EdgeboxError(str(e)) from None
     ids = m.tokenize_prompt(text)
     m.prepare(progress=True)
+    if speculative.on:
+        _run_speculative(m, ids, n_predict, params, stop, speculative, chips, ctx, backend)
+        return
     gen = m.stream(ids, max_tokens=n_predict, params=params, stop=stop)
     for piece in gen:
         sys.stdout.write(piece)
@@ -110,6 +123,29 @@ def run(
     print(
         f"prompt: {s.prompt_tokens} tokens, {s.prompt_tok_per_s:.1f} tok/s | "
         f"decode: {s.generated_tokens} tokens, {s.decode_tok_per_s:.1f} tok/s | stop: {s.done_reason}",
+        file=sys.stderr,
+    )
+
+
+def _run_speculative(m, ids, n_predict, params, stop, speculative, chips, ctx, backend) -> None:
+    """``run`` with drafts: one request through the engine, which verifies them."""
+    from edgebox.engine import Engine, Request
+
+    draft = _load(Path(speculative.model_draft), 1, ctx, backend=backend) if speculative.kind == "draft" else None
+    with Engine(m, max_batch=1, speculative=speculative, draft_model=draft, warmup=False) as engine:
+        h = engine.submit(Request(prompt_ids=tuple(ids), max_tokens=n_predict, params=params, stop=tuple(stop)))
+        for chunk in h:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        s = h.result()
+    sys.stdout.write("\n")
+    if not s.ok:
+        raise EdgeboxError(f"generation failed: {s.error}")
+    prompt_rate = (s.prompt_tokens - s.cached_prompt_tokens) / s.prompt_s if s.prompt_s > 0 else 0.0
+    print(
+        f"prompt: {s.prompt_tokens} tokens, {prompt_rate:.1f} tok/s | "
+        f"decode: {s.generated_tokens} tokens, {s.decode_tok_per_s:.1f} tok/s | "
+        f"draft: {s.draft_accepted}/{s.draft_tokens} accepted | stop: {s.done_reason}",
         file=sys.stderr,
     )
 
@@ -141,6 +177,11 @@ def serve(
     ctx: int | None = _opt("--ctx", help="context size (default: min(4096, the model's))"),
     backend: str | None = _opt("--backend", help="matmul kernels: numba, onnxruntime, auto or ref (default auto)"),
     max_batch: int | None = _opt("--max-batch", help="sequences decoded together at most (default 8)"),
+    spec: str | None = _opt(
+        "--spec", help="speculative decoding: none, ngram (prompt lookup) or draft (--model-draft) (default none)"
+    ),
+    draft_max: int | None = _opt("--draft-max", help="most tokens drafted per sequence and step (default 8)"),
+    model_draft: Path | None = _opt("--model-draft", help="the draft model of --spec draft: a GGUF with the model's tokenizer"),
     kv_budget_mib: float | None = _opt("--kv-budget-mib", help="KV cache budget in MiB"),
     models_dir: Path | None = _opt("--models-dir", help="load_model accepts files under this directory only"),
     device_id: str | None = _opt("--device-id", help="this box's name in topics (default: the hostname)"),

@@ -82,6 +82,13 @@ class DaemonConfig(BaseModel):
         None, gt=0, le=2**40, description="the packed-weight cache's size bound in GiB (default 16, or EDGEBOX_WEIGHT_CACHE_GIB)"
     )
     max_batch: int = Field(8, ge=1, le=256, description="sequences decoded together at most")
+    spec: str = Field(
+        "none",
+        pattern="^(none|ngram|draft)$",
+        description="speculative decoding: none, ngram (prompt lookup) or draft (model_draft)",
+    )
+    draft_max: int = Field(8, ge=1, le=64, description="most tokens drafted per sequence and step (llama.cpp --draft-max)")
+    model_draft: Path | None = Field(None, description="the draft model of spec draft: a smaller GGUF with the model's tokenizer")
     kv_budget_mib: float | None = Field(None, gt=0, description="KV cache budget in MiB (default: max_batch full contexts)")
     models_dir: Path | None = Field(
         None, description="load_model accepts only files under this directory (default: the model's directory)"

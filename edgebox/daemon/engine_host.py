@@ -29,9 +29,19 @@ class Busy(EdgeboxError):
 
 
 class ModelHost:
-    def __init__(self, *, max_batch: int, max_queue: int, kv_budget_bytes: int | None, power=None, backend: str = "auto"):
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        max_queue: int,
+        kv_budget_bytes: int | None,
+        power=None,
+        backend: str = "auto",
+        spec: tuple[str, int, Path | None] = ("none", 8, None),
+    ):
         self.max_batch, self.max_queue, self.kv_budget_bytes = max_batch, max_queue, kv_budget_bytes
         self.backend = backend
+        self.spec = spec  # (kind, draft_max, draft model file): engine.speculative
         self.power = power  # BoxPower: firmware + governor of the loaded model
         self.state = "unloaded"
         self.info: dict | None = None
@@ -51,12 +61,22 @@ class ModelHost:
         (the caller cancels its requests there, giving each a reason)."""
         import edgebox
         from edgebox.engine import Engine
+        from edgebox.engine.speculative import Speculative, check_draft_vocab
 
         if not self._switch.acquire(blocking=False):
             raise Busy("a model is already being loaded or unloaded; retry when it is done")
         try:
             t0 = time.perf_counter()
             model = edgebox.load(path, chips=chips, n_ctx=ctx, backend=self.backend)  # ModelError leaves the old model serving
+            kind, draft_max, draft_path = self.spec
+            speculative, draft = Speculative(kind, draft_max, model_draft=draft_path and str(draft_path)), None
+            if kind == "draft":
+                if draft_path is None:
+                    raise EdgeboxError(
+                        "spec draft needs model_draft (--model-draft FILE): a smaller GGUF with the model's tokenizer"
+                    )
+                draft = edgebox.load(draft_path, chips=1, n_ctx=ctx, backend=self.backend)
+                check_draft_vocab(model, draft)
             with self._lock:
                 old, self._engine, self.state = self._engine, None, "loading"
             before_swap()
@@ -65,7 +85,14 @@ class ModelHost:
             try:
                 if self.power is not None:
                     self.power.install(model)  # before the warm-up's first step
-                engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue, kv_budget_bytes=self.kv_budget_bytes)
+                engine = Engine(
+                    model,
+                    max_batch=self.max_batch,
+                    max_queue=self.max_queue,
+                    kv_budget_bytes=self.kv_budget_bytes,
+                    speculative=speculative,
+                    draft_model=draft,
+                )
                 if self.power is not None:
                     self.power.attach(engine)
             except Exception:

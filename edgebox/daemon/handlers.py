@@ -509,6 +509,8 @@ class CommandHandler:
             decode_ms=_ms(s.decode_s),
             total_ms=_ms(s.total_s),
             decode_tokens_per_s=round(s.decode_tok_per_s, 2),
+            draft_n=s.draft_tokens,
+            draft_n_accepted=s.draft_accepted,
         )
         reply.energy = EnergyUsage(**s.energy.as_dict())
         if not job.stream:

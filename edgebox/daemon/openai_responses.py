@@ -64,6 +64,8 @@ class TimingsOut(BaseModel):
     cache_n: int
     queue_ms: float
     ttft_ms: float
+    draft_n: int = 0  # speculative draft tokens verified, and of those kept (llama-server's names)
+    draft_n_accepted: int = 0
 
 
 class AssistantMessage(BaseModel):
@@ -163,6 +165,8 @@ def timings(s) -> dict:
         "cache_n": s.cached_prompt_tokens,
         "queue_ms": round(s.queue_s * 1e3, 3),
         "ttft_ms": round(s.ttft_s * 1e3, 3),
+        "draft_n": s.draft_tokens,
+        "draft_n_accepted": s.draft_accepted,
     }
 
 

@@ -246,6 +246,8 @@ class Timings(BaseModel):
     decode_ms: float
     total_ms: float
     decode_tokens_per_s: float
+    draft_n: int = 0  # speculative draft tokens verified, and of those kept (llama-server's names)
+    draft_n_accepted: int = 0
 
 
 class EnergyUsage(BaseModel):

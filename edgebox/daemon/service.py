@@ -66,6 +66,7 @@ class Service:
             kv_budget_bytes=self.cfg.kv_budget_bytes,
             power=self.power,
             backend=self.cfg.backend,
+            spec=(self.cfg.spec, self.cfg.draft_max, self.cfg.model_draft),
         )
         self.telemetry = TelemetrySampler(self.power.fw_root)
         self.last_telemetry: dict | None = None

@@ -7,6 +7,8 @@ then every sequence that got logits samples, streams its text and may finish (th
 end are ``text.generation.Completion``'s). Constrained and free sequences share steps; the
 constrained ones' grammar masks are computed while the forward pass runs (``engine.masks``). Requests join and leave at token granularity; the
 weights are read once per step for all sequences, which is where batching earns its throughput.
+With ``speculative`` on, each decoding sequence gets a draft after every step and the next step
+verifies it in the same batch (``engine.speculative``).
 
 ``submit`` from any thread; no thread busy-waits (the scheduler sleeps on a condition when there
 is no work).
@@ -36,6 +38,7 @@ from edgebox.engine.request import (
 )
 from edgebox.engine.scheduler import PromptCache, StepPlan, schedule, steps_until_start
 from edgebox.engine.sequence import Sequence
+from edgebox.engine.speculative import Speculative, drafter
 from edgebox.errors import EdgeboxError
 from edgebox.hw.step import Step
 from edgebox.model.kv_cache import step_cost
@@ -62,8 +65,14 @@ class Engine:
         prompt_cache_entries: int = 4,
         warmup: bool = True,
         dry_run: bool = False,
+        speculative: Speculative | None = None,
+        draft_model: Model | None = None,
     ):
+        """``speculative``: drafts to verify (``engine.speculative``; None: none); ``draft_model``
+        the loaded model its kind "draft" drafts with (same tokenizer, else refused)."""
         self.model = model
+        self.speculative = speculative or Speculative()
+        self._drafter = drafter(self.speculative, model, draft_model)
         # dry run: the scheduler, chips, firmware and governor run, the math does not (power
         # experiments in device time); every sequence "generates" one fixed ordinary token
         self.dry_run = dry_run
@@ -321,7 +330,8 @@ class Engine:
             self._finish(s, "cancelled")
         for s in plan.shift:
             s.shift_context(self.model.args)
-        work = [(s, 1) for s in plan.decode] + list(plan.prefill) + joined  # (sequence, rows) in the step's order
+        # (sequence, rows) in the step's order; a decode's rows are its pending token and draft
+        work = list(zip(plan.decode, plan.decode_rows)) + list(plan.prefill) + joined
         segments = [s.segment(n) for s, n in work]
         if not segments:
             return
@@ -341,17 +351,26 @@ class Engine:
 
         # every sequence with a next token samples it, shows its text and may end
         produced = 0
-        for (s, n), row in zip(work, logits):
+        for (s, n), rows in zip(work, logits):
             s.advance(n)
             if not s.prefilling:
+                before = len(s.completion.tokens)
                 try:
-                    reason = s.next_token(None if row is None else row[0], self._dry_token, bitmasks.get(s))
+                    reason = s.next_tokens(rows, self._dry_token, bitmasks.get(s))
                 except (NonFiniteLogitsError, GrammarError) as e:  # this sequence's logits or grammar: the others go on
                     self._finish(s, "error", error=str(e))
                     continue
                 if reason is not None:
                     self._finish(s, reason)
-                produced += 1
+                produced += max(1, len(s.completion.tokens) - before)
+        if self._drafter is not None:  # the next step's drafts, before the plan that prices them
+            drafting = [s for s in self._running if s.pending is not None and not s.prefilling and not s.paused and s.can_draft]
+            try:
+                self._drafter.propose(drafting)
+            except Exception:  # a draft is only a guess: without one the sequences decode as usual
+                for s in drafting:
+                    s.draft = []
+                    self._drafter.forget(s)
         with self._cond:
             self._steps += 1
             self._generated += produced
@@ -369,6 +388,8 @@ class Engine:
         if s not in self._running:
             return
         s.end(reason, error)
+        if self._drafter is not None:
+            self._drafter.forget(s)
         with self._cond:
             self._running.remove(s)
             if reason in ("stop", "length") and not s.shifted:

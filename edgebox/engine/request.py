@@ -119,6 +119,8 @@ class Summary:
     chain_probs: tuple = ()  # the same over the sampler chain's candidates (requests with n_probs)
     energy: Energy = field(default_factory=Energy)  # its share of the chips' energy (engine.energy)
     retry_after_s: float | None = None  # refused at its deadline: when the cost model expects room
+    draft_tokens: int = 0  # speculative draft tokens verified (llama-server's draft_n)
+    draft_accepted: int = 0  # of those, kept (draft_n_accepted; engine.speculative)
 
     @property
     def ok(self) -> bool:

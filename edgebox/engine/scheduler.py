@@ -14,9 +14,11 @@ governor prices is what the chips are then charged for).
    pauses the most recently started running batch sequence instead (it keeps its KV cache, so
    resuming costs nothing). A joining request copies the longest common prefix (>= 4 tokens) of
    a cached prompt instead of computing it.
-3. The step: one decode token for every running, unpaused sequence that has read its prompt (a
-   full context is shifted first), then prompt chunks sharing ``prefill_chunk`` rows, interactive
-   prompts first, then oldest first, so a long prompt never freezes the streams already running.
+3. The step: one decode row for every running, unpaused sequence that has read its prompt (a
+   full context is shifted first), plus one row per token of its speculative draft (``draft``,
+   set after the last step: ``engine.speculative``), then prompt chunks sharing
+   ``prefill_chunk`` rows, interactive prompts first, then oldest first, so a long prompt never
+   freezes the streams already running.
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ class StepPlan:
     resumed: tuple[Sequence, ...]  # paused sequences taking a slot again
     admitted: tuple[Admission, ...]  # in admission order
     shift: tuple[Sequence, ...]  # decoding sequences whose full context shifts before the step
-    decode: tuple[Sequence, ...]  # one token each, in this order
+    decode: tuple[Sequence, ...]  # the pending token each (and its draft: decode_rows), in this order
     prefill: tuple[tuple[Sequence, int], ...]  # running sequences' prompt chunks (rows)
     cost: tuple[tuple[int, int], ...]  # (rows, context after the step) per segment, as Box.account_step takes it
-    n_logits: int  # one per segment: the last row's
+    n_logits: int  # one per segment (the last row's), and one per draft row
+    decode_rows: tuple[int, ...] = ()  # per decode sequence: 1 + the draft tokens it feeds
 
 
 def admission_order(queue: Iterable[Queued]) -> list[Queued]:
@@ -153,7 +156,7 @@ def schedule(
 
     # 3. the step: decode rows of the running sequences, then prompt chunks, interactive first
     stepping = [s for s in active if s not in pausing] + resumed
-    shift, decode, cost = [], [], []
+    shift, decode, decode_rows, cost = [], [], [], []
     reading = []
     for s in stepping:
         if s.prefilling:
@@ -163,8 +166,10 @@ def schedule(
             if s.context_full:
                 shift.append(s)
                 length -= context_shift(length, s.request.n_keep)[1]
+            n = 1 + len(s.draft)
             decode.append(s)
-            cost.append((1, length + 1))
+            decode_rows.append(n)
+            cost.append((n, length + n))
     budget = prefill_chunk
     prefill, rows = [], {}
     readers = sorted(
@@ -184,6 +189,7 @@ def schedule(
             cost.append((n, cached + n))
         budget -= n
     admitted = tuple(Admission(q, source, cached, rows.get(id(q), 0)) for q, source, cached in joining)
+    n_logits = len(cost) + sum(decode_rows) - len(decode_rows)
     return StepPlan(
         dropped,
         expired,
@@ -196,7 +202,8 @@ def schedule(
         tuple(decode),
         tuple(prefill),
         tuple(cost),
-        len(cost),
+        n_logits,
+        tuple(decode_rows),
     )
 
 

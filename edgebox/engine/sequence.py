@@ -2,7 +2,8 @@
 step feeds, its ``Completion`` (the text rules) and its reasoning split, timings.
 
 Invariants: ``n_done`` prompt tokens are in the cache (``kv.length == n_done`` while the prompt
-is read); afterwards every step feeds ``pending`` at ``next_pos``. Only the scheduler thread
+is read); afterwards every step feeds ``pending`` at ``next_pos`` (== ``kv.length``), followed by
+its speculative ``draft`` when it has one (``engine.speculative``). Only the scheduler thread
 touches a sequence.
 """
 
@@ -44,6 +45,11 @@ class Sequence:
         self.tools = plan.parser() if plan is not None and not dry_run else None
         self.calls = None  # text.tool_calls.ToolCallResult once ended
         self.pending: int | None = None  # the sampled token to feed in the next decode step
+        self.draft: list[int] = []  # speculative tokens to feed after ``pending`` (engine.speculative)
+        self.fed: tuple[int, ...] = ()  # the draft this step feeds
+        self.drafted = self.accepted = 0  # draft tokens fed, and of those kept
+        self.draft_len = 0  # how many to draft next (engine.speculative.draft_length; 0: not yet set)
+        self.last_draft = (0, 0)  # the last step's (fed, kept)
         self.text: list[str] = []
         self.seq = 0
         self.shifted = False
@@ -62,11 +68,31 @@ class Sequence:
         """The next decode token has no slot (it ends the sequence unless it shifts the context)."""
         return self.kv.length + 1 > self.kv.n_ctx
 
+    @property
+    def can_draft(self) -> bool:
+        """Whether speculative drafts may be verified for it (``engine.speculative``): not when
+        constrained (the grammar would have to follow every draft), under mirostat (its mu follows
+        each distribution drawn from) or in a dry run (no logits)."""
+        return not self.dry_run and self.completion.matcher is None and self.request.params.mirostat == 0
+
+    def draft_room(self, k: int) -> int:
+        """How many draft tokens (at most ``k``) the next step may feed: the step yields up to one
+        more than it drafts, within max_tokens, and its rows must fit in the reserved cache."""
+        c = self.completion
+        return max(0, min(k, c.max_tokens - len(c.tokens) - 1, self.kv.n_ctx - self.kv.length - 1))
+
     # -- the forward pass ----------------------------------------------------------------------
     def segment(self, n: int) -> Segment:
-        """Its part of the step: the next ``n`` prompt tokens, or the pending token (n = 1)."""
+        """Its part of the step: the next ``n`` prompt tokens, or the pending token and the first
+        n - 1 tokens of its draft (all of whose rows' logits the verification reads)."""
         if not self.prefilling:
-            return Segment(np.array([self.pending], np.int32), np.array([self.next_pos], np.int32), self.kv)
+            self.fed = tuple(self.draft[: n - 1])
+            return Segment(
+                np.array([self.pending, *self.fed], np.int32),
+                np.arange(self.next_pos, self.next_pos + n, dtype=np.int32),
+                self.kv,
+                all_logits=n > 1,
+            )
         return Segment(
             np.array(self.ids[self.n_done : self.n_done + n], np.int32),
             np.arange(self.next_pos, self.next_pos + n, dtype=np.int32),
@@ -97,22 +123,39 @@ class Sequence:
         return self.completion.matcher
 
     # -- output --------------------------------------------------------------------------------
-    def next_token(self, logits: np.ndarray | None, dry_token: int, bitmask: np.ndarray | None = None) -> str | None:
-        """Sample the next token from ``logits`` [V] (a dry run's are None: ``dry_token``, and no
-        text), within ``bitmask`` when constrained (computed during the forward pass; None:
-        computed now), show its text; returns why the sequence ends here (stop | length), or None."""
+    def next_tokens(self, rows: np.ndarray | None, dry_token: int, bitmask: np.ndarray | None = None) -> str | None:
+        """Sample the next token from ``rows`` [1 + len(fed), V] (a dry run's are None:
+        ``dry_token``, and no text), within ``bitmask`` when constrained (computed during the
+        forward pass; None: computed now), show its text; then, while the token taken is the fed
+        draft's, the next row's. Returns why the sequence ends here (stop | length), or None.
+
+        Each row is sampled with ``kv.length`` as decoding without drafts would have it then (the
+        pending token and the drafts before the row), so the end rules see the same state; the
+        rows of drafts not kept are dropped by leaving ``kv.length`` (and ``next_pos``) there."""
         if self.t_first == 0.0:
             self.t_first = self.clock()
-        c = self.completion
-        token = dry_token if logits is None else c.sample(logits, bitmask)
-        text = c.push(token)
-        if not self.dry_run:
-            self.emit(text)
-        if c.done_reason is not None:
-            return c.done_reason
-        if self.context_full and not self.request.context_shift:
-            return "length"
-        self.pending = token
+        c, fed, self.fed = self.completion, self.fed, ()
+        base, pos = self.kv.length - len(fed), self.next_pos - len(fed)
+        self.drafted += len(fed)
+        kept = self.accepted
+        self.last_draft = (len(fed), 0)
+        for i in range(len(fed) + 1):
+            self.kv.length, self.next_pos = base + i, pos + i
+            draft = fed[i] if i < len(fed) else None
+            token = dry_token if rows is None else c.sample(rows[i], bitmask if i == 0 else None, draft)
+            if token == draft:
+                self.accepted += 1
+                self.last_draft = (len(fed), self.accepted - kept)
+            text = c.push(token)
+            if not self.dry_run:
+                self.emit(text)
+            if c.done_reason is not None:
+                return c.done_reason
+            if self.context_full and not self.request.context_shift:
+                return "length"
+            self.pending = token
+            if token != draft:
+                return None
         return None
 
     def end(self, reason: str, error: str | None) -> None:
@@ -190,4 +233,6 @@ class Sequence:
             tool_calls=calls,
             logprobs=tuple(self.completion.logprobs),
             chain_probs=tuple(self.completion.chain_probs),
+            draft_tokens=self.drafted,
+            draft_accepted=self.accepted,
         )

@@ -57,17 +57,19 @@ class Completion:
         self.tokens: list[int] = []  # generated, end-of-generation excluded
         self.done_reason: str | None = None  # stop | length once it has ended
 
-    def sample(self, logits: np.ndarray, bitmask: np.ndarray | None = None) -> int:
+    def sample(self, logits: np.ndarray, bitmask: np.ndarray | None = None, draft: int | None = None) -> int:
         """The next token for ``logits`` (float32 [n_vocab]) after everything so far (and, when
         asked, its logprobs: OpenAI's, before the chain, see ``Sampler.logprobs``). With a
         constraint, ``bitmask`` is its next token bitmask when the caller computed it already
-        (the engine does, during the forward pass); otherwise it is computed here."""
-        token = self._sample(logits, bitmask)
+        (the engine does, during the forward pass); otherwise it is computed here. ``draft``: a
+        speculative draft's token for this position, kept or replaced by ``Sampler.pick_draft``
+        (the result is distributed as without it)."""
+        token = self._sample(logits, bitmask, draft)
         if self.logprobs_top is not None and token not in self.eog_ids:
             self.logprobs.append(self.sampler.logprobs(logits, token, self.logprobs_top))
         return token
 
-    def _sample(self, logits: np.ndarray, bitmask: np.ndarray | None) -> int:
+    def _sample(self, logits: np.ndarray, bitmask: np.ndarray | None, draft: int | None = None) -> int:
         if self.matcher is not None:
             if bitmask is None:
                 bitmask = self.matcher.bitmask()
@@ -77,10 +79,12 @@ class Completion:
             allowed = allowed_from_bitmask(bitmask, len(logits))
         else:
             allowed = None
-        if self.n_probs is None:
+        if self.n_probs is None and draft is None:
             return self.sampler.sample(logits, self.history, allowed=allowed)
         ids, probs = self.sampler.candidates(logits, self.history, allowed=allowed)
-        token = self.sampler.pick(ids, probs)
+        token = self.sampler.pick(ids, probs) if draft is None else self.sampler.pick_draft(ids, probs, draft)
+        if self.n_probs is None:
+            return token
         if token not in self.eog_ids:
             self.chain_probs.append(chain_logprobs(ids, probs, token, self.n_probs))
         return token

@@ -347,6 +347,26 @@ class Sampler:
         self.accept(token, ids, probs)
         return token
 
+    def pick_draft(self, ids: np.ndarray, probs: np.ndarray, draft: int) -> int:
+        """Speculative decoding's draw for a deterministic ``draft`` token (Leviathan et al. 2023;
+        llama.cpp's ``common_sampler_sample_and_accept_n``): keep ``draft`` with probability
+        p(draft) of ``candidates()``' distribution, else ``pick`` from p without it, renormalized.
+        P(x) = p(x) for every x: the draft's own p(d), and (1 - p(d)) p(x) / (1 - p(d)) for the
+        others. Greedy (one candidate) keeps the draft iff it is the best token. One uniform, two
+        on a rejection. Not for mirostat (its mu follows the distribution actually drawn from)."""
+        hit = np.flatnonzero(ids == draft)
+        p = float(probs[hit[0]]) / float(probs.sum()) if hit.size else 0.0
+        if self.rng.random() < p:
+            self.accept(int(draft), ids, probs)
+            return int(draft)
+        if hit.size:
+            rest = np.ones(ids.size, bool)
+            rest[hit[0]] = False
+            if not probs[rest].sum() > 0.0:  # p(draft) rounds to 1: nothing else can be drawn
+                return int(draft)
+            ids, probs = ids[rest], probs[rest]
+        return self.pick(ids, probs)
+
     def accept(self, token: int, ids: np.ndarray, probs: np.ndarray) -> None:
         """Advance the state after ``token`` was picked from ``candidates()``' (ids, probs):
         mirostat's mu moves by eta times the error of the token's surprise against tau.
