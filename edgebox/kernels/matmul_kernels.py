@@ -4,7 +4,8 @@ type's module (``kernels/quants/``); the layouts they read are described in ``ma
 
 Activations (``quantize_act``) are llama.cpp's q8_0: per 32 values a float32 scale
 ``xd = max|x| / 127`` and int8 ``xq = round(x / xd)``. Alongside come block sums of ``xq``:
-``xs16`` (int32, 32 x the sum per 16 values: Q6_K's -32 offset, ready to subtract) and
+``xs16`` (per 16 values two int16 in an int32: 32 x the sum of the values ``maddubs`` puts in a
+dword's low / high half, Q6_K's -32 offset ready to subtract in int16) and
 ``xsd16 = xd * sum16``, ``xsd32 = xd * sum32`` (float32), which turn unsigned weight codes back
 into signed values (``sum (q-8)*x = sum q*x - 8*sum x``) and carry the min/offset terms of Q4_K
 and the planes types.
@@ -37,7 +38,7 @@ from edgebox.kernels.matmul_simd import (
     bc4_i8x32,
     hadd_i16,
     hmax_f32,
-    hsum_i32,
+    hsum_pairs_i32,
     ld_f32x8,
     ld_i8x32,
     maddubs,
@@ -46,8 +47,8 @@ from edgebox.kernels.matmul_simd import (
     nib_lo,
     or_i8,
     rint_i32,
-    shl_i8,
-    shr_i8,
+    shl_w8,
+    shr_w8,
     st_f32x8,
     st_i32x8_i8,
     zero_i16,
@@ -84,12 +85,18 @@ def _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32):
         st_i32x8_i8(xq, i + 8, q1)
         st_i32x8_i8(xq, i + 16, q2)
         st_i32x8_i8(xq, i + 24, q3)
-        s0 = hsum_i32(add_i32(q0, q1))
-        s1 = hsum_i32(add_i32(q2, q3))
+        a = add_i32(q0, q1)  # lane i: values i and i + 8 (same position in their chunks)
+        c = add_i32(q2, q3)
+        a0 = hsum_pairs_i32(a, 0)
+        a1 = hsum_pairs_i32(a, 1)
+        c0 = hsum_pairs_i32(c, 0)
+        c1 = hsum_pairs_i32(c, 1)
+        s0 = a0 + a1
+        s1 = c0 + c1
         e = t * nb + b
         xd[e] = d
-        xs16[2 * e] = 32 * s0
-        xs16[2 * e + 1] = 32 * s1
+        xs16[2 * e] = ((32 * a0) & 0xFFFF) | ((32 * a1) << 16)
+        xs16[2 * e + 1] = ((32 * c0) & 0xFFFF) | ((32 * c1) << 16)
         xsd16[2 * e] = d * np.float32(s0)
         xsd16[2 * e + 1] = d * np.float32(s1)
         xsd32[e] = d * np.float32(s0 + s1)
@@ -98,7 +105,8 @@ def _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32):
 @njit(**_JIT)
 def quantize_act(x, n, xq, xd, xs16, xsd16, xsd32):
     """x float32 [T*n_in] (flat, C order; n = n_in) -> xq int8 [T*n_in], xd f32 [T*nb], xs16 i32
-    [T*2nb] (32 * sum per 16: Q6_K's offset), xsd16 f32 [T*2nb], xsd32 f32 [T*nb]."""
+    [T*2nb] (per 16 values: int16 32 * (sum of values 0,1,4,5,8,9,12,13) | int16 32 * (sum of the
+    other 8) << 16, each |.| <= 32512: Q6_K's offset), xsd16 f32 [T*2nb], xsd32 f32 [T*nb]."""
     for t in range(x.shape[0] // n):
         _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32)
 
@@ -143,14 +151,15 @@ def _nib_block(q, qo, xq, xo):
 
 @njit(**_JIT)
 def _hbits(h, s):
-    """Crumb s (bits 2s, 2s+1) of every byte, moved to bits 4-5."""
+    """Crumb s (bits 2s, 2s+1) of every byte, moved to bits 4-5 (word shifts: the mask drops
+    what crosses from the neighbouring byte)."""
     if s == 0:
-        return and_i8(shl_i8(h, 4), 0x30)
+        return and_i8(shl_w8(h, 4), 0x30)
     if s == 1:
-        return and_i8(shl_i8(h, 2), 0x30)
+        return and_i8(shl_w8(h, 2), 0x30)
     if s == 2:
         return and_i8(h, 0x30)
-    return and_i8(shr_i8(h, 2), 0x30)
+    return and_i8(shr_w8(h, 2), 0x30)
 
 
 @njit(**_JIT)

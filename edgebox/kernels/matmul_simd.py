@@ -230,21 +230,27 @@ def and_i8(typingctx, a, c):
 
 
 @intrinsic
-def shr_i8(typingctx, a, n):
-    """Logical right shift of every byte by n."""
+def shl_w8(typingctx, a, n):
+    """Left shift by n of the bytes taken as 16-bit words (vpsllw): bits cross into the next
+    byte, so callers mask the result.  (LLVM makes a byte-wise shift a GF2P8AFFINEQB where GFNI
+    exists, which takes the execution ports the multiplies need.)"""
 
     def cg(context, builder, sig, args):
-        return builder.lshr(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
+        w = builder.bitcast(args[0], _V(_i16, 16))
+        w = builder.shl(w, _splat(builder, builder.trunc(args[1], _i16), 16))
+        return builder.bitcast(w, _V(_i8, 32))
 
     return I8x32(I8x32, types.intp), cg
 
 
 @intrinsic
-def shl_i8(typingctx, a, n):
-    """Left shift of every byte by n."""
+def shr_w8(typingctx, a, n):
+    """Logical right shift by n of the bytes taken as 16-bit words (vpsrlw); callers mask."""
 
     def cg(context, builder, sig, args):
-        return builder.shl(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
+        w = builder.bitcast(args[0], _V(_i16, 16))
+        w = builder.lshr(w, _splat(builder, builder.trunc(args[1], _i16), 16))
+        return builder.bitcast(w, _V(_i8, 32))
 
     return I8x32(I8x32, types.intp), cg
 
@@ -340,6 +346,41 @@ def add_i16(typingctx, a, b):
         return builder.add(args[0], args[1])
 
     return I16x16(I16x16, I16x16), cg
+
+
+@intrinsic
+def sub_i16(typingctx, a, b):
+    """a - b per int16 lane, wrapping."""
+
+    def cg(context, builder, sig, args):
+        return builder.sub(args[0], args[1])
+
+    return I16x16(I16x16, I16x16), cg
+
+
+@intrinsic
+def bc2_i16(typingctx, arr, idx):
+    """The int32 arr[idx] read as two int16 (low, high) and repeated in all 8 dword lanes."""
+
+    def cg(context, builder, sig, args):
+        w = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _i32), align=4)
+        return builder.bitcast(_splat(builder, w, 8), _V(_i16, 16))
+
+    return I16x16(arr, types.intp), cg
+
+
+@intrinsic
+def ld_i8x8_i16x2(typingctx, arr, idx):
+    """8 signed bytes, each sign-extended to int16 and put in both halves of its dword lane:
+    the multiplier vector of ``madd`` that scales lane r's pair sums by byte r."""
+
+    def cg(context, builder, sig, args):
+        b = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 8)), align=1)
+        w = builder.sext(b, _V(_i16, 8))
+        mask = ir.Constant(_V(_i32, 16), [i // 2 for i in range(16)])
+        return builder.shuffle_vector(w, ir.Constant(w.type, ir.Undefined), mask)
+
+    return I16x16(arr, types.intp), cg
 
 
 @intrinsic
@@ -547,6 +588,24 @@ def hsum_i32(typingctx, a):
         return _tree(builder, args[0], builder.add)
 
     return types.int32(I32x8), cg
+
+
+@intrinsic
+def hsum_pairs_i32(typingctx, a, odd):
+    """Sum of lanes 0, 1, 4, 5 (odd == 0) or 2, 3, 6, 7 (odd == 1) -> int32: over the int8
+    values of a chunk row, the ones ``maddubs`` puts in the low / high int16 of a dword."""
+
+    def cg(context, builder, sig, args):
+        u = ir.Constant(args[0].type, ir.Undefined)
+        ev = builder.shuffle_vector(args[0], u, ir.Constant(_V(_i32, 4), [0, 1, 4, 5]))
+        od = builder.shuffle_vector(args[0], u, ir.Constant(_V(_i32, 4), [2, 3, 6, 7]))
+        v = builder.select(builder.icmp_signed("!=", args[1], ir.Constant(args[1].type, 0)), od, ev)
+        lo = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, 2), [0, 1]))
+        hi = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, 2), [2, 3]))
+        v = builder.add(lo, hi)
+        return builder.add(builder.extract_element(v, ir.Constant(_i32, 0)), builder.extract_element(v, ir.Constant(_i32, 1)))
+
+    return types.int32(I32x8, types.intp), cg
 
 
 @intrinsic

@@ -38,6 +38,7 @@ from edgebox.kernels.matmul_simd import (
     nib_hi,
     nib_lo,
     prefetch,
+    prefetch_l2,
     st_f32x8,
     sub_f32,
     zero_f32,
@@ -181,6 +182,7 @@ def _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -197,6 +199,9 @@ def _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
             if first:
                 prefetch(q, qo + _PF)
                 prefetch(q, qo + _PF + 64)
+            if last:
+                prefetch_l2(q, qo + 128 * nb)
+                prefetch_l2(q, qo + 128 * nb + 64)
             a0 = zero_i16()
             a1 = zero_i16()
             a2 = zero_i16()

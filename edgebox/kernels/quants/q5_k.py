@@ -37,8 +37,9 @@ from edgebox.kernels.matmul_simd import (
     nib_lo,
     or_i8,
     prefetch,
-    shl_i8,
-    shr_i8,
+    prefetch_l2,
+    shl_w8,
+    shr_w8,
     st_f32x8,
     sub_f32,
     zero_f32,
@@ -158,12 +159,12 @@ def _fill(out, part, b, g0, g1):
 
 @njit(**_JIT)
 def _bit4(hb, c):
-    """Bit c of every byte moved to bit 4 (0x10)."""
+    """Bit c of every byte moved to bit 4 (0x10); word shifts, the mask drops what crosses."""
     if c < 4:
-        return and_i8(shl_i8(hb, 4 - c), 0x10)
+        return and_i8(shl_w8(hb, 4 - c), 0x10)
     if c == 4:
         return and_i8(hb, 0x10)
-    return and_i8(shr_i8(hb, c - 4), 0x10)
+    return and_i8(shr_w8(hb, c - 4), 0x10)
 
 
 @njit(**_JIT)
@@ -226,6 +227,7 @@ def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -243,6 +245,11 @@ def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
                 prefetch(q, 128 * k + _PF + 64)
                 if j % 2 == 0:
                     prefetch(qb, 32 * k + _PF // 4)
+            if last:
+                prefetch_l2(q, 128 * (k + nb))
+                prefetch_l2(q, 128 * (k + nb) + 64)
+                if j % 2 == 0:
+                    prefetch_l2(qb, 32 * (k + nb))
             e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
             i0 = _nib5_block(q, qb, k, xq, t0 * n_in + 32 * b)
             i1 = _nib5_block(q, qb, k, xq, t1 * n_in + 32 * b)
