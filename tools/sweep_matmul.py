@@ -8,7 +8,9 @@ directory as the package ``edgebox_old`` (imports rewritten), so both versions r
 process on the same machine state; the new ones are this checkout's.  For every matrix and T,
 calls alternate old, new, old, new, ... over two packed copies of each (so no call is served
 from the last-level cache the previous one filled); the figure is GFLOP/s (2 * T * n_out * n_in
-per call), best and median of --reps calls per side, and the ratio of the medians.
+per call), best and median of --reps calls per side, and the ratio of the medians.  With
+``--threads 1`` calls are timed by the calling thread's CPU time, which preemption by other jobs
+does not inflate (the kernel then runs on that thread): the figure for a busy machine.
 
 Matrices: the named tensors of FILE (default: the 7B shapes of a Q4_K_M file, Q4_K and Q6_K),
 plus ``--random TYPE:n_outxn_in`` weights of random blocks (speed does not depend on values).
@@ -80,7 +82,7 @@ def random_weight(spec: str, rng) -> tuple[str, QType, np.ndarray]:
     return f"random {name} {n_out}x{n_in}", qtype, rw(qtype, n_out, n_in, rng)
 
 
-def sweep(mods, weights, Ts, reps: int, rng) -> None:
+def sweep(mods, weights, Ts, reps: int, rng, cpu: bool) -> None:
     print(f"{'matrix':28s} {'type':5s} {'n_out x n_in':12s} {'T':>4s}  {'old best/med':>13s}  {'new best/med':>13s}  new/old")
     for name, qtype, raw in weights:
         packed = [[m.pack(raw, qtype) for _ in range(2)] for m in mods]
@@ -91,12 +93,13 @@ def sweep(mods, weights, Ts, reps: int, rng) -> None:
             times: list[list[float]] = [[], []]
             for m, ws in zip(mods, packed):  # compile / warm
                 m.matmul(ws[0], X)
+            clock = time.thread_time if cpu else time.perf_counter
             for i in range(reps):
                 for side, (m, ws) in enumerate(zip(mods, packed)):
                     w = ws[i % 2]
-                    t = time.perf_counter()
+                    t = clock()
                     m.matmul(w, X)
-                    times[side].append(time.perf_counter() - t)
+                    times[side].append(clock() - t)
             rates = [(flop / min(ts) / 1e9, flop / statistics.median(ts) / 1e9) for ts in times]
             print(
                 f"{name[:28]:28s} {qtype.name:5s} {f'{n_out}x{n_in}':12s} {T:4d}  "
@@ -125,8 +128,9 @@ def main() -> None:
     weights += [random_weight(s, rng) for s in args.random]
     with tempfile.TemporaryDirectory() as tmp:
         old = old_package(args.old, Path(tmp))
-        print(f"old = {args.old}, new = {ROOT} (working tree); {args.threads} threads; numba {numba.__version__}")
-        sweep((old, M), weights, args.T, args.reps, rng)
+        clock = "the calling thread's CPU time" if args.threads == 1 else "wall time"
+        print(f"old = {args.old}, new = {ROOT} (working tree); {args.threads} threads, {clock}; numba {numba.__version__}")
+        sweep((old, M), weights, args.T, args.reps, rng, args.threads == 1)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from edgebox.kernels.matmul_simd import (
     shl_w8,
     shr_w8,
     st_f32x8,
+    st_i8x32,
     st_i32x8_i8,
     zero_i16,
 )
@@ -57,6 +58,7 @@ from edgebox.kernels.matmul_simd import (
 _JIT = dict(nogil=True, cache=True)
 _PJIT = dict(nogil=True, cache=True, parallel=True)
 _PF = 4096  # software prefetch distance in the quant plane, bytes (32 blocks of Q4_0)
+_RUNS = 64  # *_mm kernels that unpack codes once per row group: runs of groups (>= threads)
 
 
 # =============================================================================================
@@ -189,6 +191,34 @@ def _chunks8(q, qh, k, has_hi):
         v6 = or_i8(v6, _hbits(h1, 2))
         v7 = or_i8(v7, _hbits(h1, 3))
     return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@njit(**_JIT)
+def _st8(buf, o, v0, v1, v2, v3, v4, v5, v6, v7):
+    """8 unpacked chunks (one block of a row group) to buf[o:o+256]."""
+    st_i8x32(buf, o, v0)
+    st_i8x32(buf, o + 32, v1)
+    st_i8x32(buf, o + 64, v2)
+    st_i8x32(buf, o + 96, v3)
+    st_i8x32(buf, o + 128, v4)
+    st_i8x32(buf, o + 160, v5)
+    st_i8x32(buf, o + 192, v6)
+    st_i8x32(buf, o + 224, v7)
+
+
+@njit(**_JIT)
+def _ld8(buf, o):
+    """The 8 chunks ``_st8`` stored at buf[o:o+256]."""
+    return (
+        ld_i8x32(buf, o),
+        ld_i8x32(buf, o + 32),
+        ld_i8x32(buf, o + 64),
+        ld_i8x32(buf, o + 96),
+        ld_i8x32(buf, o + 128),
+        ld_i8x32(buf, o + 160),
+        ld_i8x32(buf, o + 192),
+        ld_i8x32(buf, o + 224),
+    )
 
 
 @njit(**_JIT)

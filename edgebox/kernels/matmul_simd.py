@@ -188,6 +188,17 @@ def st_f16x8(typingctx, arr, idx, v):
 
 
 @intrinsic
+def st_i8x32(typingctx, arr, idx, v):
+    """32 bytes stored to arr[idx:idx+32] (arr: 1-D uint8/int8)."""
+
+    def cg(context, builder, sig, args):
+        builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 32)), align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, I8x32), cg
+
+
+@intrinsic
 def st_f32x8(typingctx, arr, idx, v):
     def cg(context, builder, sig, args):
         builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], _V(_f32, 8)), align=4)

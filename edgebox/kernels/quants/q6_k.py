@@ -17,7 +17,7 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _chunks8, _quad, _store4
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _chunks8, _ld8, _quad, _st8, _store4
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     add_i16,
@@ -186,7 +186,11 @@ def q6_k_mv(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, out):
 
 
 @njit(**_JIT)
-def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, out):
+def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
+    """Tokens t0..t0+3 of row group g.  The group's first quad unpacks the 6-bit codes (nib |
+    crumb << 4, ``_chunks8``) and keeps them in ``buf`` (256 bytes per block, L1/L2-resident);
+    the later quads load them from there, so the unpacking (~25 vector ops per block) is paid
+    once per group instead of once per quad."""
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
@@ -208,11 +212,14 @@ def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, out):
                 prefetch(q, 128 * k + _PF)
                 prefetch(q, 128 * k + _PF + 64)
                 prefetch(qh, 64 * k + _PF // 2)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
+                _st8(buf, 256 * b, v0, v1, v2, v3, v4, v5, v6, v7)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _ld8(buf, 256 * b)
             if last:
                 prefetch_l2(q, 128 * (k + nb))
                 prefetch_l2(q, 128 * (k + nb) + 64)
                 prefetch_l2(qh, 64 * (k + nb))
-            v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
             SA = ld_i8x8_i16x2(sc, 16 * k)
             SB = ld_i8x8_i16x2(sc, 16 * k + 8)
             f0 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, xd, f0)
@@ -232,9 +239,12 @@ def q6_k_mm(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
     nt = (T + 3) // 4
-    for it in prange(G * nt):
-        g = it // nt
-        _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, 4 * (it - g * nt), T, out)
+    nw = min(G, _RUNS)
+    for c in prange(nw):  # contiguous runs of row groups, one code buffer each
+        buf = np.empty(256 * nb, np.uint8)
+        for g in range(c * G // nw, (c + 1) * G // nw):
+            for it in range(nt):
+                _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, 4 * it, T, buf, out)
 
 
 # ---------------------------------------------------------------------------------------------
