@@ -31,11 +31,13 @@ import numpy as np
 from numba import njit, prange
 
 from edgebox.kernels.matmul_simd import (
+    HAS_VNNI,
     absmax_f32,
     add_i16,
     add_i32,
     and_i8,
     bc4_i8x32,
+    dpbusd,
     hadd_i16,
     hmax_f32,
     hsum_pairs_i32,
@@ -53,6 +55,7 @@ from edgebox.kernels.matmul_simd import (
     st_i8x32,
     st_i32x8_i8,
     zero_i16,
+    zero_i32,
 )
 
 _JIT = dict(nogil=True, cache=True)
@@ -219,6 +222,34 @@ def _ld8(buf, o):
         ld_i8x32(buf, o + 192),
         ld_i8x32(buf, o + 224),
     )
+
+
+@njit(**_JIT)
+def _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, wide):
+    """int32 row sums of one block's 8 chunks (u8 codes; chunk c: values 4c..4c+3) against
+    x[xo:xo+32].  VNNI: 8 vpdpbusd, each with its activation broadcast folded in.  AVX2:
+    vpmaddubsw products summed in int16, then one vpmaddwd; ``wide`` (codes above 4 bits, up to
+    31) sums 4 chunks per int16 accumulator (4 * 2*31*127 = 31496), 4-bit codes all 8 (30480)."""
+    if HAS_VNNI:
+        i = dpbusd(zero_i32(), v0, bc4_i8x32(xq, xo))
+        i = dpbusd(i, v1, bc4_i8x32(xq, xo + 4))
+        i = dpbusd(i, v2, bc4_i8x32(xq, xo + 8))
+        i = dpbusd(i, v3, bc4_i8x32(xq, xo + 12))
+        i = dpbusd(i, v4, bc4_i8x32(xq, xo + 16))
+        i = dpbusd(i, v5, bc4_i8x32(xq, xo + 20))
+        i = dpbusd(i, v6, bc4_i8x32(xq, xo + 24))
+        return dpbusd(i, v7, bc4_i8x32(xq, xo + 28))
+    a = add_i16(
+        add_i16(maddubs(v0, bc4_i8x32(xq, xo)), maddubs(v4, bc4_i8x32(xq, xo + 16))),
+        add_i16(maddubs(v1, bc4_i8x32(xq, xo + 4)), maddubs(v5, bc4_i8x32(xq, xo + 20))),
+    )
+    b = add_i16(
+        add_i16(maddubs(v2, bc4_i8x32(xq, xo + 8)), maddubs(v6, bc4_i8x32(xq, xo + 24))),
+        add_i16(maddubs(v3, bc4_i8x32(xq, xo + 12)), maddubs(v7, bc4_i8x32(xq, xo + 28))),
+    )
+    if wide:
+        return add_i32(hadd_i16(a), hadd_i16(b))
+    return hadd_i16(add_i16(a, b))
 
 
 @njit(**_JIT)

@@ -15,6 +15,7 @@ call the AVX2 intrinsics when the host has AVX2 (decided once at import, from LL
 feature list; numba's on-disk cache is keyed by CPU model and features too), else an equivalent
 generic-IR formulation (shuffles + widening multiplies) that LLVM lowers on any target.
 ``EDGEBOX_SIMD_GENERIC=1`` forces the generic formulation (used by the tests to check it).
+``dpbusd`` is one VNNI instruction where the host has it (``HAS_VNNI``), else maddubs + madd.
 
 Conventions: every op is pure (returns a new value), loads/stores take a 1-D C-contiguous
 array and an element index (no bounds checks: callers own the index arithmetic).
@@ -60,6 +61,14 @@ _V = ir.VectorType
 
 _FEATURES = llb.get_host_cpu_features().flatten().split(",")
 HAS_AVX2 = "+avx2" in _FEATURES and os.environ.get("EDGEBOX_SIMD_GENERIC", "") in ("", "0")
+# VNNI (vpdpbusd: 4 u8 x s8 products summed into each int32 lane, any broadcast folded into the
+# instruction) on 256-bit vectors: AVX512-VNNI with AVX512-VL, or AVX-VNNI.  EDGEBOX_SIMD_NO_VNNI=1
+# keeps the AVX2 formulation (the tests run both).
+HAS_VNNI = (
+    HAS_AVX2
+    and (("+avx512vnni" in _FEATURES and "+avx512vl" in _FEATURES) or "+avxvnni" in _FEATURES)
+    and os.environ.get("EDGEBOX_SIMD_NO_VNNI", "") in ("", "0")
+)
 
 
 # --- codegen helpers --------------------------------------------------------------------------
@@ -311,15 +320,19 @@ def maddubs(typingctx, a, b):
     """
 
     def cg(context, builder, sig, args):
-        if HAS_AVX2:
-            return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V(_i16, 16), list(args))
-        ae, ao = _even_odd(builder, args[0], 32)
-        be, bo = _even_odd(builder, args[1], 32)
-        pe = builder.mul(builder.zext(ae, _V(_i16, 16)), builder.sext(be, _V(_i16, 16)))
-        po = builder.mul(builder.zext(ao, _V(_i16, 16)), builder.sext(bo, _V(_i16, 16)))
-        return _call(builder, "llvm.sadd.sat.v16i16", _V(_i16, 16), [pe, po])
+        return _maddubs_ir(builder, *args)
 
     return I16x16(I8x32, I8x32), cg
+
+
+def _maddubs_ir(builder, a, b):
+    if HAS_AVX2:
+        return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V(_i16, 16), [a, b])
+    ae, ao = _even_odd(builder, a, 32)
+    be, bo = _even_odd(builder, b, 32)
+    pe = builder.mul(builder.zext(ae, _V(_i16, 16)), builder.sext(be, _V(_i16, 16)))
+    po = builder.mul(builder.zext(ao, _V(_i16, 16)), builder.sext(bo, _V(_i16, 16)))
+    return _call(builder, "llvm.sadd.sat.v16i16", _V(_i16, 16), [pe, po])
 
 
 @intrinsic
@@ -339,16 +352,36 @@ def madd(typingctx, a, b):
 
 
 @intrinsic
+def dpbusd(typingctx, acc, a, b):
+    """acc + the sums of 4 adjacent products of unsigned bytes a and signed bytes b per int32
+    lane (vpdpbusd; no intermediate saturation).  Without VNNI: maddubs then madd with ones,
+    the same value while each pair sum of maddubs stays within int16 (callers' codes do)."""
+
+    def cg(context, builder, sig, args):
+        acc, a, b = args
+        if HAS_VNNI:
+            v = _V(_i32, 8)
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.256", v, [acc, builder.bitcast(a, v), builder.bitcast(b, v)])
+        return builder.add(acc, _hadd_ir(builder, _maddubs_ir(builder, a, b)))
+
+    return I32x8(I32x8, I8x32, I8x32), cg
+
+
+@intrinsic
 def hadd_i16(typingctx, a):
     """Adjacent i16 pairs summed into i32 lanes (vpmaddwd with ones)."""
 
     def cg(context, builder, sig, args):
-        if HAS_AVX2:
-            return _call(builder, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [args[0], _const(_i16, 1, 16)])
-        ae, ao = _even_odd(builder, args[0], 16)
-        return builder.add(builder.sext(ae, _V(_i32, 8)), builder.sext(ao, _V(_i32, 8)))
+        return _hadd_ir(builder, args[0])
 
     return I32x8(I16x16), cg
+
+
+def _hadd_ir(builder, a):
+    if HAS_AVX2:
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [a, _const(_i16, 1, 16)])
+    ae, ao = _even_odd(builder, a, 16)
+    return builder.add(builder.sext(ae, _V(_i32, 8)), builder.sext(ao, _V(_i32, 8)))
 
 
 @intrinsic

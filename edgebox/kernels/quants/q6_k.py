@@ -20,22 +20,29 @@ from edgebox.kernels import matmul_pack as P
 from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _chunks8, _ld8, _quad, _st8, _store4
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
+    HAS_VNNI,
     add_i16,
     add_i32,
     bc2_i16,
     bc4_i8x32,
     bc_f32,
     cvt_f32,
+    dpbusd,
     fma_f32,
+    hadd_i16,
     ld_f16x8,
     ld_i8x8_i16x2,
+    ld_i8x8_i32,
     madd,
     maddubs,
+    mul_i32,
     prefetch,
     prefetch_l2,
     st_f32x8,
     sub_i16,
+    sub_i32,
     zero_f32,
+    zero_i32,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
@@ -143,19 +150,52 @@ def _q6_half(v0, v1, v2, v3, xq, xo, xs16, u):
 
 
 @njit(**_JIT)
-def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
-    """facc += xd * (sc_A * dot_A + sc_B * dot_B) for block e of a token; one vpmaddwd per half
-    multiplies the pair sums by the int16 scales and adds the pairs (SA, SB: ``ld_i8x8_i16x2``)."""
-    ia = madd(_q6_half(v0, v1, v2, v3, xq, xo, xs16, 2 * e), SA)
-    ib = madd(_q6_half(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1), SB)
-    return fma_f32(cvt_f32(add_i32(ia, ib)), bc_f32(xd, e), facc)
+def _q6_half_vnni(v0, v1, v2, v3, xq, xo, xs16, u):
+    """int32 sum of (q - 32) * x over 16 values per row: 4 vpdpbusd, minus 32 x sum(x) (the two
+    halves of xs16[u] added by one vpmaddwd)."""
+    i = dpbusd(zero_i32(), v0, bc4_i8x32(xq, xo))
+    i = dpbusd(i, v1, bc4_i8x32(xq, xo + 4))
+    i = dpbusd(i, v2, bc4_i8x32(xq, xo + 8))
+    i = dpbusd(i, v3, bc4_i8x32(xq, xo + 12))
+    return sub_i32(i, hadd_i16(bc2_i16(xs16, u)))
+
+
+if HAS_VNNI:
+
+    @njit(**_JIT)
+    def _q6_scales(sc, o):
+        """The 8 rows' int8 scales of one 16-value half, as the per-token step multiplies them."""
+        return ld_i8x8_i32(sc, o)
+
+    @njit(**_JIT)
+    def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
+        """facc += xd * (sc_A * dot_A + sc_B * dot_B) for block e of a token (VNNI: int32 sums
+        times int32 scales, vpmulld)."""
+        ia = mul_i32(_q6_half_vnni(v0, v1, v2, v3, xq, xo, xs16, 2 * e), SA)
+        ib = mul_i32(_q6_half_vnni(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1), SB)
+        return fma_f32(cvt_f32(add_i32(ia, ib)), bc_f32(xd, e), facc)
+
+else:
+
+    @njit(**_JIT)
+    def _q6_scales(sc, o):
+        """The 8 rows' int8 scales of one 16-value half, each in both int16 halves of its lane."""
+        return ld_i8x8_i16x2(sc, o)
+
+    @njit(**_JIT)
+    def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
+        """facc += xd * (sc_A * dot_A + sc_B * dot_B) for block e of a token; one vpmaddwd per
+        half multiplies the int16 pair sums by the int16 scales and adds the pairs."""
+        ia = madd(_q6_half(v0, v1, v2, v3, xq, xo, xs16, 2 * e), SA)
+        ib = madd(_q6_half(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1), SB)
+        return fma_f32(cvt_f32(add_i32(ia, ib)), bc_f32(xd, e), facc)
 
 
 @njit(**_JIT)
 def _q6_k_blk(q, qh, sc, xq, xs16, xd, k, b, facc):
     v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
     return _q6_tok(
-        v0, v1, v2, v3, v4, v5, v6, v7, ld_i8x8_i16x2(sc, 16 * k), ld_i8x8_i16x2(sc, 16 * k + 8), xq, 32 * b, xs16, b, xd, facc
+        v0, v1, v2, v3, v4, v5, v6, v7, _q6_scales(sc, 16 * k), _q6_scales(sc, 16 * k + 8), xq, 32 * b, xs16, b, xd, facc
     )
 
 
@@ -220,8 +260,8 @@ def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
                 prefetch_l2(q, 128 * (k + nb))
                 prefetch_l2(q, 128 * (k + nb) + 64)
                 prefetch_l2(qh, 64 * (k + nb))
-            SA = ld_i8x8_i16x2(sc, 16 * k)
-            SB = ld_i8x8_i16x2(sc, 16 * k + 8)
+            SA = _q6_scales(sc, 16 * k)
+            SB = _q6_scales(sc, 16 * k + 8)
             f0 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, xd, f0)
             f1 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t1 * n_in + 32 * b, xs16, t1 * nb + b, xd, f1)
             f2 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t2 * n_in + 32 * b, xs16, t2 * nb + b, xd, f2)
