@@ -4,8 +4,9 @@ type's module (``kernels/quants/``); the layouts they read are described in ``ma
 
 Activations (``quantize_act``) are llama.cpp's q8_0: per 32 values a float32 scale
 ``xd = max|x| / 127`` and int8 ``xq = round(x / xd)``. Alongside come block sums of ``xq``:
-``xs16`` (per 16 values two int16 in an int32: 32 x the sum of the values ``maddubs`` puts in a
-dword's low / high half, Q6_K's -32 offset ready to subtract in int16) and
+``xs16`` (Q6_K's -32 offset per 16 values, in the form the host's kernel uses it: with VNNI the
+int32 -32 x sum, the dot product's starting value; without, two int16 in an int32, 32 x the sum
+of the values ``maddubs`` puts in a dword's low / high half, to subtract in int16) and
 ``xsd16 = xd * sum16``, ``xsd32 = xd * sum32`` (float32), which turn unsigned weight codes back
 into signed values (``sum (q-8)*x = sum q*x - 8*sum x``) and carry the min/offset terms of Q4_K
 and the planes types.
@@ -100,8 +101,12 @@ def _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32):
         s1 = c0 + c1
         e = t * nb + b
         xd[e] = d
-        xs16[2 * e] = ((32 * a0) & 0xFFFF) | ((32 * a1) << 16)
-        xs16[2 * e + 1] = ((32 * c0) & 0xFFFF) | ((32 * c1) << 16)
+        if HAS_VNNI:  # the int32 the Q6_K dot product starts from
+            xs16[2 * e] = -32 * s0
+            xs16[2 * e + 1] = -32 * s1
+        else:  # two int16, subtracted from the int16 pair sums
+            xs16[2 * e] = ((32 * a0) & 0xFFFF) | ((32 * a1) << 16)
+            xs16[2 * e + 1] = ((32 * c0) & 0xFFFF) | ((32 * c1) << 16)
         xsd16[2 * e] = d * np.float32(s0)
         xsd16[2 * e + 1] = d * np.float32(s1)
         xsd32[e] = d * np.float32(s0 + s1)
@@ -110,8 +115,9 @@ def _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32):
 @njit(**_JIT)
 def quantize_act(x, n, xq, xd, xs16, xsd16, xsd32):
     """x float32 [T*n_in] (flat, C order; n = n_in) -> xq int8 [T*n_in], xd f32 [T*nb], xs16 i32
-    [T*2nb] (per 16 values: int16 32 * (sum of values 0,1,4,5,8,9,12,13) | int16 32 * (sum of the
-    other 8) << 16, each |.| <= 32512: Q6_K's offset), xsd16 f32 [T*2nb], xsd32 f32 [T*nb]."""
+    [T*2nb] (Q6_K's offset per 16 values: VNNI -32 * sum; else int16 32 * (sum of values
+    0,1,4,5,8,9,12,13) | int16 32 * (sum of the other 8) << 16, each |.| <= 32512), xsd16 f32
+    [T*2nb], xsd32 f32 [T*nb]."""
     for t in range(x.shape[0] // n):
         _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32)
 

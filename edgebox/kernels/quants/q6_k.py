@@ -26,10 +26,10 @@ from edgebox.kernels.matmul_simd import (
     bc2_i16,
     bc4_i8x32,
     bc_f32,
+    bc_i32,
     cvt_f32,
     dpbusd,
     fma_f32,
-    hadd_i16,
     ld_f16x8,
     ld_i8x8_i16x2,
     ld_i8x8_i32,
@@ -40,9 +40,7 @@ from edgebox.kernels.matmul_simd import (
     prefetch_l2,
     st_f32x8,
     sub_i16,
-    sub_i32,
     zero_f32,
-    zero_i32,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
@@ -151,13 +149,12 @@ def _q6_half(v0, v1, v2, v3, xq, xo, xs16, u):
 
 @njit(**_JIT)
 def _q6_half_vnni(v0, v1, v2, v3, xq, xo, xs16, u):
-    """int32 sum of (q - 32) * x over 16 values per row: 4 vpdpbusd, minus 32 x sum(x) (the two
-    halves of xs16[u] added by one vpmaddwd)."""
-    i = dpbusd(zero_i32(), v0, bc4_i8x32(xq, xo))
+    """int32 sum of (q - 32) * x over 16 values per row: 4 vpdpbusd starting from xs16[u]
+    (-32 x sum(x), broadcast)."""
+    i = dpbusd(bc_i32(xs16, u), v0, bc4_i8x32(xq, xo))
     i = dpbusd(i, v1, bc4_i8x32(xq, xo + 4))
     i = dpbusd(i, v2, bc4_i8x32(xq, xo + 8))
-    i = dpbusd(i, v3, bc4_i8x32(xq, xo + 12))
-    return sub_i32(i, hadd_i16(bc2_i16(xs16, u)))
+    return dpbusd(i, v3, bc4_i8x32(xq, xo + 12))
 
 
 if HAS_VNNI:

@@ -37,6 +37,7 @@ from gguf import quants as gq
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul as M
+from edgebox.kernels import matmul_simd
 from edgebox.kernels.quants import registry
 from tests.fixtures.quant_rows import make_weight
 
@@ -257,12 +258,16 @@ def test_activation_quantization_matches_q8_0(T, n_in):
     np.testing.assert_array_equal(qx.xq.reshape(T, nb, 32), q)
     assert (qx.xq.reshape(T, nb, 32)[T // 2, 0] == 0).all()
     s16 = qx.xq.reshape(-1, 16).astype(np.int32).sum(1)
-    # xs16: two int16 per 16 values, 32 x the sums over the values a maddubs dword's low half
-    # (positions 0, 1 of each 4) and high half (2, 3) multiplies
-    pos = qx.xq.reshape(-1, 4, 2, 2).astype(np.int32)  # [16-groups, chunk, half, 2]
-    halves = 32 * pos.sum(axis=(1, 3))
-    assert np.abs(halves).max() <= 32512
-    np.testing.assert_array_equal(qx.xs16.view(np.int16).reshape(-1, 2), halves)
+    # xs16, Q6_K's offset: with VNNI -32 x the sum per 16; else two int16 per 16 values, 32 x the
+    # sums over the values a maddubs dword's low half (positions 0, 1 of each 4) and high half
+    # (2, 3) multiplies
+    if matmul_simd.HAS_VNNI:
+        np.testing.assert_array_equal(qx.xs16, -32 * s16)
+    else:
+        pos = qx.xq.reshape(-1, 4, 2, 2).astype(np.int32)  # [16-groups, chunk, half, 2]
+        halves = 32 * pos.sum(axis=(1, 3))
+        assert np.abs(halves).max() <= 32512
+        np.testing.assert_array_equal(qx.xs16.view(np.int16).reshape(-1, 2), halves)
     np.testing.assert_allclose(qx.xsd16, qx.xd.repeat(2) * s16, rtol=1e-6)
     np.testing.assert_allclose(qx.xsd32, qx.xd * qx.xq.reshape(-1, 32).astype(np.int32).sum(1), rtol=1e-6)
 
