@@ -421,3 +421,26 @@ for q in (QType.Q4_0, QType.Q8_0):
             raw = np.load(tmp_path / f"{q.name}_{rb}.npy")
             y_generic = np.load(tmp_path / f"{q.name}_{rb}_y.npy")
             np.testing.assert_array_equal(M.matvec(M.pack(raw, q), x), y_generic)
+
+
+@pytest.mark.slow
+def test_k_quants_without_vnni(tmp_path):
+    """The AVX2 formulation of the K-quant kernels (int16 sums, Q6_K's int16 offset and scales)
+    on a host whose default is VNNI: the K-quant cases of this file in a subprocess with
+    EDGEBOX_SIMD_NO_VNNI=1 and its own numba cache (on a host without VNNI: the default path
+    once more)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    code = r"""
+import sys
+import pytest
+from edgebox.kernels import matmul_simd
+assert not matmul_simd.HAS_VNNI
+sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", sys.argv[1], "-k",
+    "(Q4_K or Q5_K or Q6_K) and not without_vnni or activation_quantization"]))
+"""
+    env = dict(os.environ, EDGEBOX_SIMD_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run(
+        [sys.executable, "-c", code, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600, cwd=root
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
