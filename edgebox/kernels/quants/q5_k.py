@@ -251,7 +251,8 @@ def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
                 if j % 2 == 0:
                     prefetch(qb, 32 * k + _PF // 4)
                 v0, v1, v2, v3, v4, v5, v6, v7 = _chunks5(q, qb, k)
-                _st8(buf, 256 * b, v0, v1, v2, v3, v4, v5, v6, v7)
+                if not last:  # a later quad of this group will load them
+                    _st8(buf, 256 * b, v0, v1, v2, v3, v4, v5, v6, v7)
             else:
                 v0, v1, v2, v3, v4, v5, v6, v7 = _ld8(buf, 256 * b)
             if last:

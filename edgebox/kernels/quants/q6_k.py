@@ -250,7 +250,8 @@ def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
                 prefetch(q, 128 * k + _PF + 64)
                 prefetch(qh, 64 * k + _PF // 2)
                 v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
-                _st8(buf, 256 * b, v0, v1, v2, v3, v4, v5, v6, v7)
+                if not last:  # a later quad of this group will load them
+                    _st8(buf, 256 * b, v0, v1, v2, v3, v4, v5, v6, v7)
             else:
                 v0, v1, v2, v3, v4, v5, v6, v7 = _ld8(buf, 256 * b)
             if last:
