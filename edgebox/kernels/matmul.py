@@ -99,7 +99,9 @@ class QuantizedActivations:
 
     x:     the float32 [T, n_in] they came from (the float-weight path uses it directly)
     xq:    int8 [T*n_in]; xd: float32 [T*nb] (nb = n_in / 32)
-    xs16:  int32 [T*2nb], 32 x the sums of xq per 16 values (Q6_K's offset, ready to subtract)
+    xs16:  int32 [T*2nb], Q6_K's offset per 16 values: with VNNI -32 x the sum of xq; else two
+           int16, 32 x the sum over the 8 values a ``maddubs`` dword's low half sees
+           (0,1,4,5,8,9,12,13) and over the others (``matmul_kernels``)
     xsd16: float32 [T*2nb] = xd * (sum per 16);  xsd32: float32 [T*nb] = xd * (sum per 32)
     """
 

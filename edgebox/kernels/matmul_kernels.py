@@ -4,7 +4,9 @@ type's module (``kernels/quants/``); the layouts they read are described in ``ma
 
 Activations (``quantize_act``) are llama.cpp's q8_0: per 32 values a float32 scale
 ``xd = max|x| / 127`` and int8 ``xq = round(x / xd)``. Alongside come block sums of ``xq``:
-``xs16`` (int32, 32 x the sum per 16 values: Q6_K's -32 offset, ready to subtract) and
+``xs16`` (Q6_K's -32 offset per 16 values, in the form the host's kernel uses it: with VNNI the
+int32 -32 x sum, the dot product's starting value; without, two int16 in an int32, 32 x the sum
+of the values ``maddubs`` puts in a dword's low / high half, to subtract in int16) and
 ``xsd16 = xd * sum16``, ``xsd32 = xd * sum32`` (float32), which turn unsigned weight codes back
 into signed values (``sum (q-8)*x = sum q*x - 8*sum x``) and carry the min/offset terms of Q4_K
 and the planes types.
@@ -30,14 +32,16 @@ import numpy as np
 from numba import njit, prange
 
 from edgebox.kernels.matmul_simd import (
+    HAS_VNNI,
     absmax_f32,
     add_i16,
     add_i32,
     and_i8,
     bc4_i8x32,
+    dpbusd,
     hadd_i16,
     hmax_f32,
-    hsum_i32,
+    hsum_pairs_i32,
     ld_f32x8,
     ld_i8x32,
     maddubs,
@@ -46,16 +50,19 @@ from edgebox.kernels.matmul_simd import (
     nib_lo,
     or_i8,
     rint_i32,
-    shl_i8,
-    shr_i8,
+    shl_w8,
+    shr_w8,
     st_f32x8,
+    st_i8x32,
     st_i32x8_i8,
     zero_i16,
+    zero_i32,
 )
 
 _JIT = dict(nogil=True, cache=True)
 _PJIT = dict(nogil=True, cache=True, parallel=True)
 _PF = 4096  # software prefetch distance in the quant plane, bytes (32 blocks of Q4_0)
+_RUNS = 64  # *_mm kernels that unpack codes once per row group: runs of groups (>= threads)
 
 
 # =============================================================================================
@@ -84,12 +91,22 @@ def _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32):
         st_i32x8_i8(xq, i + 8, q1)
         st_i32x8_i8(xq, i + 16, q2)
         st_i32x8_i8(xq, i + 24, q3)
-        s0 = hsum_i32(add_i32(q0, q1))
-        s1 = hsum_i32(add_i32(q2, q3))
+        a = add_i32(q0, q1)  # lane i: values i and i + 8 (same position in their chunks)
+        c = add_i32(q2, q3)
+        a0 = hsum_pairs_i32(a, 0)
+        a1 = hsum_pairs_i32(a, 1)
+        c0 = hsum_pairs_i32(c, 0)
+        c1 = hsum_pairs_i32(c, 1)
+        s0 = a0 + a1
+        s1 = c0 + c1
         e = t * nb + b
         xd[e] = d
-        xs16[2 * e] = 32 * s0
-        xs16[2 * e + 1] = 32 * s1
+        if HAS_VNNI:  # the int32 the Q6_K dot product starts from
+            xs16[2 * e] = -32 * s0
+            xs16[2 * e + 1] = -32 * s1
+        else:  # two int16, subtracted from the int16 pair sums
+            xs16[2 * e] = ((32 * a0) & 0xFFFF) | ((32 * a1) << 16)
+            xs16[2 * e + 1] = ((32 * c0) & 0xFFFF) | ((32 * c1) << 16)
         xsd16[2 * e] = d * np.float32(s0)
         xsd16[2 * e + 1] = d * np.float32(s1)
         xsd32[e] = d * np.float32(s0 + s1)
@@ -98,7 +115,9 @@ def _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32):
 @njit(**_JIT)
 def quantize_act(x, n, xq, xd, xs16, xsd16, xsd32):
     """x float32 [T*n_in] (flat, C order; n = n_in) -> xq int8 [T*n_in], xd f32 [T*nb], xs16 i32
-    [T*2nb] (32 * sum per 16: Q6_K's offset), xsd16 f32 [T*2nb], xsd32 f32 [T*nb]."""
+    [T*2nb] (Q6_K's offset per 16 values: VNNI -32 * sum; else int16 32 * (sum of values
+    0,1,4,5,8,9,12,13) | int16 32 * (sum of the other 8) << 16, each |.| <= 32512), xsd16 f32
+    [T*2nb], xsd32 f32 [T*nb]."""
     for t in range(x.shape[0] // n):
         _quant_row(x, t, n, xq, xd, xs16, xsd16, xsd32)
 
@@ -143,14 +162,15 @@ def _nib_block(q, qo, xq, xo):
 
 @njit(**_JIT)
 def _hbits(h, s):
-    """Crumb s (bits 2s, 2s+1) of every byte, moved to bits 4-5."""
+    """Crumb s (bits 2s, 2s+1) of every byte, moved to bits 4-5 (word shifts: the mask drops
+    what crosses from the neighbouring byte)."""
     if s == 0:
-        return and_i8(shl_i8(h, 4), 0x30)
+        return and_i8(shl_w8(h, 4), 0x30)
     if s == 1:
-        return and_i8(shl_i8(h, 2), 0x30)
+        return and_i8(shl_w8(h, 2), 0x30)
     if s == 2:
         return and_i8(h, 0x30)
-    return and_i8(shr_i8(h, 2), 0x30)
+    return and_i8(shr_w8(h, 2), 0x30)
 
 
 @njit(**_JIT)
@@ -180,6 +200,62 @@ def _chunks8(q, qh, k, has_hi):
         v6 = or_i8(v6, _hbits(h1, 2))
         v7 = or_i8(v7, _hbits(h1, 3))
     return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@njit(**_JIT)
+def _st8(buf, o, v0, v1, v2, v3, v4, v5, v6, v7):
+    """8 unpacked chunks (one block of a row group) to buf[o:o+256]."""
+    st_i8x32(buf, o, v0)
+    st_i8x32(buf, o + 32, v1)
+    st_i8x32(buf, o + 64, v2)
+    st_i8x32(buf, o + 96, v3)
+    st_i8x32(buf, o + 128, v4)
+    st_i8x32(buf, o + 160, v5)
+    st_i8x32(buf, o + 192, v6)
+    st_i8x32(buf, o + 224, v7)
+
+
+@njit(**_JIT)
+def _ld8(buf, o):
+    """The 8 chunks ``_st8`` stored at buf[o:o+256]."""
+    return (
+        ld_i8x32(buf, o),
+        ld_i8x32(buf, o + 32),
+        ld_i8x32(buf, o + 64),
+        ld_i8x32(buf, o + 96),
+        ld_i8x32(buf, o + 128),
+        ld_i8x32(buf, o + 160),
+        ld_i8x32(buf, o + 192),
+        ld_i8x32(buf, o + 224),
+    )
+
+
+@njit(**_JIT)
+def _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, wide):
+    """int32 row sums of one block's 8 chunks (u8 codes; chunk c: values 4c..4c+3) against
+    x[xo:xo+32].  VNNI: 8 vpdpbusd, each with its activation broadcast folded in.  AVX2:
+    vpmaddubsw products summed in int16, then one vpmaddwd; ``wide`` (codes above 4 bits, up to
+    31) sums 4 chunks per int16 accumulator (4 * 2*31*127 = 31496), 4-bit codes all 8 (30480)."""
+    if HAS_VNNI:
+        i = dpbusd(zero_i32(), v0, bc4_i8x32(xq, xo))
+        i = dpbusd(i, v1, bc4_i8x32(xq, xo + 4))
+        i = dpbusd(i, v2, bc4_i8x32(xq, xo + 8))
+        i = dpbusd(i, v3, bc4_i8x32(xq, xo + 12))
+        i = dpbusd(i, v4, bc4_i8x32(xq, xo + 16))
+        i = dpbusd(i, v5, bc4_i8x32(xq, xo + 20))
+        i = dpbusd(i, v6, bc4_i8x32(xq, xo + 24))
+        return dpbusd(i, v7, bc4_i8x32(xq, xo + 28))
+    a = add_i16(
+        add_i16(maddubs(v0, bc4_i8x32(xq, xo)), maddubs(v4, bc4_i8x32(xq, xo + 16))),
+        add_i16(maddubs(v1, bc4_i8x32(xq, xo + 4)), maddubs(v5, bc4_i8x32(xq, xo + 20))),
+    )
+    b = add_i16(
+        add_i16(maddubs(v2, bc4_i8x32(xq, xo + 8)), maddubs(v6, bc4_i8x32(xq, xo + 24))),
+        add_i16(maddubs(v3, bc4_i8x32(xq, xo + 12)), maddubs(v7, bc4_i8x32(xq, xo + 28))),
+    )
+    if wide:
+        return add_i32(hadd_i16(a), hadd_i16(b))
+    return hadd_i16(add_i16(a, b))
 
 
 @njit(**_JIT)

@@ -15,6 +15,7 @@ call the AVX2 intrinsics when the host has AVX2 (decided once at import, from LL
 feature list; numba's on-disk cache is keyed by CPU model and features too), else an equivalent
 generic-IR formulation (shuffles + widening multiplies) that LLVM lowers on any target.
 ``EDGEBOX_SIMD_GENERIC=1`` forces the generic formulation (used by the tests to check it).
+``dpbusd`` is one VNNI instruction where the host has it (``HAS_VNNI``), else maddubs + madd.
 
 Conventions: every op is pure (returns a new value), loads/stores take a 1-D C-contiguous
 array and an element index (no bounds checks: callers own the index arithmetic).
@@ -60,6 +61,14 @@ _V = ir.VectorType
 
 _FEATURES = llb.get_host_cpu_features().flatten().split(",")
 HAS_AVX2 = "+avx2" in _FEATURES and os.environ.get("EDGEBOX_SIMD_GENERIC", "") in ("", "0")
+# VNNI (vpdpbusd: 4 u8 x s8 products summed into each int32 lane, any broadcast folded into the
+# instruction) on 256-bit vectors: AVX512-VNNI with AVX512-VL, or AVX-VNNI.  EDGEBOX_SIMD_NO_VNNI=1
+# keeps the AVX2 formulation (the tests run both).
+HAS_VNNI = (
+    HAS_AVX2
+    and (("+avx512vnni" in _FEATURES and "+avx512vl" in _FEATURES) or "+avxvnni" in _FEATURES)
+    and os.environ.get("EDGEBOX_SIMD_NO_VNNI", "") in ("", "0")
+)
 
 
 # --- codegen helpers --------------------------------------------------------------------------
@@ -188,6 +197,17 @@ def st_f16x8(typingctx, arr, idx, v):
 
 
 @intrinsic
+def st_i8x32(typingctx, arr, idx, v):
+    """32 bytes stored to arr[idx:idx+32] (arr: 1-D uint8/int8)."""
+
+    def cg(context, builder, sig, args):
+        builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 32)), align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, I8x32), cg
+
+
+@intrinsic
 def st_f32x8(typingctx, arr, idx, v):
     def cg(context, builder, sig, args):
         builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], _V(_f32, 8)), align=4)
@@ -230,21 +250,27 @@ def and_i8(typingctx, a, c):
 
 
 @intrinsic
-def shr_i8(typingctx, a, n):
-    """Logical right shift of every byte by n."""
+def shl_w8(typingctx, a, n):
+    """Left shift by n of the bytes taken as 16-bit words (vpsllw): bits cross into the next
+    byte, so callers mask the result.  (LLVM makes a byte-wise shift a GF2P8AFFINEQB where GFNI
+    exists, which takes the execution ports the multiplies need.)"""
 
     def cg(context, builder, sig, args):
-        return builder.lshr(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
+        w = builder.bitcast(args[0], _V(_i16, 16))
+        w = builder.shl(w, _splat(builder, builder.trunc(args[1], _i16), 16))
+        return builder.bitcast(w, _V(_i8, 32))
 
     return I8x32(I8x32, types.intp), cg
 
 
 @intrinsic
-def shl_i8(typingctx, a, n):
-    """Left shift of every byte by n."""
+def shr_w8(typingctx, a, n):
+    """Logical right shift by n of the bytes taken as 16-bit words (vpsrlw); callers mask."""
 
     def cg(context, builder, sig, args):
-        return builder.shl(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
+        w = builder.bitcast(args[0], _V(_i16, 16))
+        w = builder.lshr(w, _splat(builder, builder.trunc(args[1], _i16), 16))
+        return builder.bitcast(w, _V(_i8, 32))
 
     return I8x32(I8x32, types.intp), cg
 
@@ -294,15 +320,19 @@ def maddubs(typingctx, a, b):
     """
 
     def cg(context, builder, sig, args):
-        if HAS_AVX2:
-            return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V(_i16, 16), list(args))
-        ae, ao = _even_odd(builder, args[0], 32)
-        be, bo = _even_odd(builder, args[1], 32)
-        pe = builder.mul(builder.zext(ae, _V(_i16, 16)), builder.sext(be, _V(_i16, 16)))
-        po = builder.mul(builder.zext(ao, _V(_i16, 16)), builder.sext(bo, _V(_i16, 16)))
-        return _call(builder, "llvm.sadd.sat.v16i16", _V(_i16, 16), [pe, po])
+        return _maddubs_ir(builder, *args)
 
     return I16x16(I8x32, I8x32), cg
+
+
+def _maddubs_ir(builder, a, b):
+    if HAS_AVX2:
+        return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V(_i16, 16), [a, b])
+    ae, ao = _even_odd(builder, a, 32)
+    be, bo = _even_odd(builder, b, 32)
+    pe = builder.mul(builder.zext(ae, _V(_i16, 16)), builder.sext(be, _V(_i16, 16)))
+    po = builder.mul(builder.zext(ao, _V(_i16, 16)), builder.sext(bo, _V(_i16, 16)))
+    return _call(builder, "llvm.sadd.sat.v16i16", _V(_i16, 16), [pe, po])
 
 
 @intrinsic
@@ -322,16 +352,36 @@ def madd(typingctx, a, b):
 
 
 @intrinsic
+def dpbusd(typingctx, acc, a, b):
+    """acc + the sums of 4 adjacent products of unsigned bytes a and signed bytes b per int32
+    lane (vpdpbusd; no intermediate saturation).  Without VNNI: maddubs then madd with ones,
+    the same value while each pair sum of maddubs stays within int16 (callers' codes do)."""
+
+    def cg(context, builder, sig, args):
+        acc, a, b = args
+        if HAS_VNNI:
+            v = _V(_i32, 8)
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.256", v, [acc, builder.bitcast(a, v), builder.bitcast(b, v)])
+        return builder.add(acc, _hadd_ir(builder, _maddubs_ir(builder, a, b)))
+
+    return I32x8(I32x8, I8x32, I8x32), cg
+
+
+@intrinsic
 def hadd_i16(typingctx, a):
     """Adjacent i16 pairs summed into i32 lanes (vpmaddwd with ones)."""
 
     def cg(context, builder, sig, args):
-        if HAS_AVX2:
-            return _call(builder, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [args[0], _const(_i16, 1, 16)])
-        ae, ao = _even_odd(builder, args[0], 16)
-        return builder.add(builder.sext(ae, _V(_i32, 8)), builder.sext(ao, _V(_i32, 8)))
+        return _hadd_ir(builder, args[0])
 
     return I32x8(I16x16), cg
+
+
+def _hadd_ir(builder, a):
+    if HAS_AVX2:
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [a, _const(_i16, 1, 16)])
+    ae, ao = _even_odd(builder, a, 16)
+    return builder.add(builder.sext(ae, _V(_i32, 8)), builder.sext(ao, _V(_i32, 8)))
 
 
 @intrinsic
@@ -340,6 +390,41 @@ def add_i16(typingctx, a, b):
         return builder.add(args[0], args[1])
 
     return I16x16(I16x16, I16x16), cg
+
+
+@intrinsic
+def sub_i16(typingctx, a, b):
+    """a - b per int16 lane, wrapping."""
+
+    def cg(context, builder, sig, args):
+        return builder.sub(args[0], args[1])
+
+    return I16x16(I16x16, I16x16), cg
+
+
+@intrinsic
+def bc2_i16(typingctx, arr, idx):
+    """The int32 arr[idx] read as two int16 (low, high) and repeated in all 8 dword lanes."""
+
+    def cg(context, builder, sig, args):
+        w = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _i32), align=4)
+        return builder.bitcast(_splat(builder, w, 8), _V(_i16, 16))
+
+    return I16x16(arr, types.intp), cg
+
+
+@intrinsic
+def ld_i8x8_i16x2(typingctx, arr, idx):
+    """8 signed bytes, each sign-extended to int16 and put in both halves of its dword lane:
+    the multiplier vector of ``madd`` that scales lane r's pair sums by byte r."""
+
+    def cg(context, builder, sig, args):
+        b = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 8)), align=1)
+        w = builder.sext(b, _V(_i16, 8))
+        mask = ir.Constant(_V(_i32, 16), [i // 2 for i in range(16)])
+        return builder.shuffle_vector(w, ir.Constant(w.type, ir.Undefined), mask)
+
+    return I16x16(arr, types.intp), cg
 
 
 @intrinsic
@@ -547,6 +632,24 @@ def hsum_i32(typingctx, a):
         return _tree(builder, args[0], builder.add)
 
     return types.int32(I32x8), cg
+
+
+@intrinsic
+def hsum_pairs_i32(typingctx, a, odd):
+    """Sum of lanes 0, 1, 4, 5 (odd == 0) or 2, 3, 6, 7 (odd == 1) -> int32: over the int8
+    values of a chunk row, the ones ``maddubs`` puts in the low / high int16 of a dword."""
+
+    def cg(context, builder, sig, args):
+        u = ir.Constant(args[0].type, ir.Undefined)
+        ev = builder.shuffle_vector(args[0], u, ir.Constant(_V(_i32, 4), [0, 1, 4, 5]))
+        od = builder.shuffle_vector(args[0], u, ir.Constant(_V(_i32, 4), [2, 3, 6, 7]))
+        v = builder.select(builder.icmp_signed("!=", args[1], ir.Constant(args[1].type, 0)), od, ev)
+        lo = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, 2), [0, 1]))
+        hi = builder.shuffle_vector(v, v, ir.Constant(_V(_i32, 2), [2, 3]))
+        v = builder.add(lo, hi)
+        return builder.add(builder.extract_element(v, ir.Constant(_i32, 0)), builder.extract_element(v, ir.Constant(_i32, 1)))
+
+    return types.int32(I32x8, types.intp), cg
 
 
 @intrinsic

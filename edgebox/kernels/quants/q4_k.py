@@ -18,12 +18,10 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _nib_block, _quad, _store4
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _dot32, _nib_block, _quad, _store4
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     add_f32,
-    add_i16,
-    bc4_i8x32,
     bc_f32,
     cvt_f32,
     fma_f32,
@@ -31,17 +29,16 @@ from edgebox.kernels.matmul_simd import (
     ld_f16x8,
     ld_i8x32,
     ld_u8x8_i32,
-    maddubs,
     mul_f32,
     mul_f32_s,
     mul_i32,
     nib_hi,
     nib_lo,
     prefetch,
+    prefetch_l2,
     st_f32x8,
     sub_f32,
     zero_f32,
-    zero_i16,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
@@ -181,6 +178,7 @@ def _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -197,30 +195,26 @@ def _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
             if first:
                 prefetch(q, qo + _PF)
                 prefetch(q, qo + _PF + 64)
-            a0 = zero_i16()
-            a1 = zero_i16()
-            a2 = zero_i16()
-            a3 = zero_i16()
-            for l in range(4):
-                w = ld_i8x32(q, qo + 32 * l)
-                lo = nib_lo(w)
-                hi = nib_hi(w)
-                xo = 32 * b + 4 * l
-                a0 = add_i16(a0, maddubs(lo, bc4_i8x32(xq, t0 * n_in + xo)))
-                a1 = add_i16(a1, maddubs(lo, bc4_i8x32(xq, t1 * n_in + xo)))
-                a2 = add_i16(a2, maddubs(lo, bc4_i8x32(xq, t2 * n_in + xo)))
-                a3 = add_i16(a3, maddubs(lo, bc4_i8x32(xq, t3 * n_in + xo)))
-                a0 = add_i16(a0, maddubs(hi, bc4_i8x32(xq, t0 * n_in + xo + 16)))
-                a1 = add_i16(a1, maddubs(hi, bc4_i8x32(xq, t1 * n_in + xo + 16)))
-                a2 = add_i16(a2, maddubs(hi, bc4_i8x32(xq, t2 * n_in + xo + 16)))
-                a3 = add_i16(a3, maddubs(hi, bc4_i8x32(xq, t3 * n_in + xo + 16)))
+            if last:
+                prefetch_l2(q, qo + 128 * nb)
+                prefetch_l2(q, qo + 128 * nb + 64)
+            w0 = ld_i8x32(q, qo)
+            w1 = ld_i8x32(q, qo + 32)
+            w2 = ld_i8x32(q, qo + 64)
+            w3 = ld_i8x32(q, qo + 96)
+            v0, v1, v2, v3 = nib_lo(w0), nib_lo(w1), nib_lo(w2), nib_lo(w3)
+            v4, v5, v6, v7 = nib_hi(w0), nib_hi(w1), nib_hi(w2), nib_hi(w3)
+            i0 = _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b, False)
+            i1 = _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b, False)
+            i2 = _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b, False)
+            i3 = _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b, False)
             DS = mul_f32(D, cvt_f32(ld_u8x8_i32(sc, 8 * k)))
             DM = mul_f32(NDM, cvt_f32(ld_u8x8_i32(m, 8 * k)))
             e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
-            acc0 = fma_f32(DM, bc_f32(xsd32, e0), fma_f32(cvt_f32(hadd_i16(a0)), mul_f32(DS, bc_f32(xd, e0)), acc0))
-            acc1 = fma_f32(DM, bc_f32(xsd32, e1), fma_f32(cvt_f32(hadd_i16(a1)), mul_f32(DS, bc_f32(xd, e1)), acc1))
-            acc2 = fma_f32(DM, bc_f32(xsd32, e2), fma_f32(cvt_f32(hadd_i16(a2)), mul_f32(DS, bc_f32(xd, e2)), acc2))
-            acc3 = fma_f32(DM, bc_f32(xsd32, e3), fma_f32(cvt_f32(hadd_i16(a3)), mul_f32(DS, bc_f32(xd, e3)), acc3))
+            acc0 = fma_f32(DM, bc_f32(xsd32, e0), fma_f32(cvt_f32(i0), mul_f32(DS, bc_f32(xd, e0)), acc0))
+            acc1 = fma_f32(DM, bc_f32(xsd32, e1), fma_f32(cvt_f32(i1), mul_f32(DS, bc_f32(xd, e1)), acc1))
+            acc2 = fma_f32(DM, bc_f32(xsd32, e2), fma_f32(cvt_f32(i2), mul_f32(DS, bc_f32(xd, e2)), acc2))
+            acc3 = fma_f32(DM, bc_f32(xsd32, e3), fma_f32(cvt_f32(i3), mul_f32(DS, bc_f32(xd, e3)), acc3))
     _store4(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
 
 

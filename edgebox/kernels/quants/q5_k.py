@@ -14,22 +14,17 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _quad, _store4
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _dot32, _ld8, _quad, _st8, _store4
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     add_f32,
-    add_i16,
-    add_i32,
     and_i8,
-    bc4_i8x32,
     bc_f32,
     cvt_f32,
     fma_f32,
-    hadd_i16,
     ld_f16x8,
     ld_i8x32,
     ld_u8x8_i32,
-    maddubs,
     mul_f32,
     mul_f32_s,
     mul_i32,
@@ -37,12 +32,12 @@ from edgebox.kernels.matmul_simd import (
     nib_lo,
     or_i8,
     prefetch,
-    shl_i8,
-    shr_i8,
+    prefetch_l2,
+    shl_w8,
+    shr_w8,
     st_f32x8,
     sub_f32,
     zero_f32,
-    zero_i16,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, QuantTraits
@@ -158,30 +153,39 @@ def _fill(out, part, b, g0, g1):
 
 @njit(**_JIT)
 def _bit4(hb, c):
-    """Bit c of every byte moved to bit 4 (0x10)."""
+    """Bit c of every byte moved to bit 4 (0x10); word shifts, the mask drops what crosses."""
     if c < 4:
-        return and_i8(shl_i8(hb, 4 - c), 0x10)
+        return and_i8(shl_w8(hb, 4 - c), 0x10)
     if c == 4:
         return and_i8(hb, 0x10)
-    return and_i8(shr_i8(hb, c - 4), 0x10)
+    return and_i8(shr_w8(hb, c - 4), 0x10)
+
+
+@njit(**_JIT)
+def _chunks5(q, qb, k):
+    """The 8 chunks (5-bit codes) of block k: nib plane | 5th bit from the bit plane."""
+    hb = ld_i8x32(qb, 32 * k)
+    w0 = ld_i8x32(q, 128 * k)
+    w1 = ld_i8x32(q, 128 * k + 32)
+    w2 = ld_i8x32(q, 128 * k + 64)
+    w3 = ld_i8x32(q, 128 * k + 96)
+    return (
+        or_i8(nib_lo(w0), _bit4(hb, 0)),
+        or_i8(nib_lo(w1), _bit4(hb, 1)),
+        or_i8(nib_lo(w2), _bit4(hb, 2)),
+        or_i8(nib_lo(w3), _bit4(hb, 3)),
+        or_i8(nib_hi(w0), _bit4(hb, 4)),
+        or_i8(nib_hi(w1), _bit4(hb, 5)),
+        or_i8(nib_hi(w2), _bit4(hb, 6)),
+        or_i8(nib_hi(w3), _bit4(hb, 7)),
+    )
 
 
 @njit(**_JIT)
 def _nib5_block(q, qb, k, xq, xo):
     """int32 row sums of one Q5_K block (32 values x 8 rows) against x[xo:xo+32]."""
-    hb = ld_i8x32(qb, 32 * k)
-    ia = zero_i16()
-    ib = zero_i16()
-    for l in range(4):
-        w = ld_i8x32(q, 128 * k + 32 * l)
-        lo = or_i8(nib_lo(w), _bit4(hb, l))
-        hi = or_i8(nib_hi(w), _bit4(hb, l + 4))
-        p = add_i16(maddubs(lo, bc4_i8x32(xq, xo + 4 * l)), maddubs(hi, bc4_i8x32(xq, xo + 16 + 4 * l)))
-        if l < 2:
-            ia = add_i16(ia, p)
-        else:
-            ib = add_i16(ib, p)
-    return add_i32(hadd_i16(ia), hadd_i16(ib))
+    v0, v1, v2, v3, v4, v5, v6, v7 = _chunks5(q, qb, k)
+    return _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, True)
 
 
 @njit(**_JIT)
@@ -222,10 +226,13 @@ def q5_k_mv(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, out):
 
 
 @njit(**_JIT)
-def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
+def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
+    """Tokens t0..t0+3 of row group g; the first quad unpacks the codes into ``buf`` and the later
+    ones load them from there (as Q6_K's)."""
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -243,11 +250,21 @@ def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
                 prefetch(q, 128 * k + _PF + 64)
                 if j % 2 == 0:
                     prefetch(qb, 32 * k + _PF // 4)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _chunks5(q, qb, k)
+                if not last:  # a later quad of this group will load them
+                    _st8(buf, 256 * b, v0, v1, v2, v3, v4, v5, v6, v7)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _ld8(buf, 256 * b)
+            if last:
+                prefetch_l2(q, 128 * (k + nb))
+                prefetch_l2(q, 128 * (k + nb) + 64)
+                if j % 2 == 0:
+                    prefetch_l2(qb, 32 * (k + nb))
             e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
-            i0 = _nib5_block(q, qb, k, xq, t0 * n_in + 32 * b)
-            i1 = _nib5_block(q, qb, k, xq, t1 * n_in + 32 * b)
-            i2 = _nib5_block(q, qb, k, xq, t2 * n_in + 32 * b)
-            i3 = _nib5_block(q, qb, k, xq, t3 * n_in + 32 * b)
+            i0 = _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b, True)
+            i1 = _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b, True)
+            i2 = _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b, True)
+            i3 = _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b, True)
             DS = mul_f32(D, cvt_f32(ld_u8x8_i32(sc, 8 * k)))
             DM = mul_f32(NDM, cvt_f32(ld_u8x8_i32(m, 8 * k)))
             acc0 = fma_f32(DM, bc_f32(xsd32, e0), fma_f32(cvt_f32(i0), mul_f32(DS, bc_f32(xd, e0)), acc0))
@@ -262,9 +279,12 @@ def q5_k_mm(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
     nt = (T + 3) // 4
-    for it in prange(G * nt):
-        g = it // nt
-        _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, 4 * (it - g * nt), T, out)
+    nw = min(G, _RUNS)
+    for c in prange(nw):  # contiguous runs of row groups, one code buffer each
+        buf = np.empty(256 * nb, np.uint8)
+        for g in range(c * G // nw, (c + 1) * G // nw):
+            for it in range(nt):
+                _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, 4 * it, T, buf, out)
 
 
 TRAITS = QuantTraits(

@@ -3,10 +3,10 @@
 
 Repacked: nib plane q = low 4 bits, crumb plane qh = high 2 bits [G, nb, 2, 32], sc int8
 [G, n_in/16, 8], d f16 [G, nb/8, 8] (as compact as the file).  Kernel: chunks 0-3 of a block are
-sub-block 2b (low nibbles), 4-7 sub-block 2b+1 (high nibbles); two vpmaddubsw products fit int16
-(2 * 2*63*127 = 32004), so pairs are summed before vpmaddwd; the -32 is an int32 subtract of
-32 * sum(x) per 16, before the (signed) scale multiply.  ORT: MatMulNBits bits=8 block 16, code
-q, uint8 zero point 32, scale d*sc (exact in float32): bit-exact.
+sub-block 2b (low nibbles), 4-7 sub-block 2b+1 (high nibbles); per 16 values the 4 vpmaddubsw
+products are summed in int16 and the -32 offset subtracted there (``_q6_half``: exact, though the
+sum wraps before), then one vpmaddwd by the int16 scales gives int32 sc * dot.  ORT: MatMulNBits
+bits=8 block 16, code q, uint8 zero point 32, scale d*sc (exact in float32): bit-exact.
 """
 
 from __future__ import annotations
@@ -17,20 +17,29 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _chunks8, _dot16, _quad, _store4
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _chunks8, _ld8, _quad, _st8, _store4
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
+    HAS_VNNI,
+    add_i16,
     add_i32,
+    bc2_i16,
+    bc4_i8x32,
     bc_f32,
     bc_i32,
     cvt_f32,
+    dpbusd,
     fma_f32,
     ld_f16x8,
+    ld_i8x8_i16x2,
     ld_i8x8_i32,
+    madd,
+    maddubs,
     mul_i32,
     prefetch,
+    prefetch_l2,
     st_f32x8,
-    sub_i32,
+    sub_i16,
     zero_f32,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
@@ -127,18 +136,63 @@ def _fill(out, part, b, g0, g1):
 
 
 @njit(**_JIT)
-def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
-    """facc += xd * (sc_A*(dot_A - 32 sum_A) + sc_B*(dot_B - 32 sum_B)) for block e of a token."""
-    ia = sub_i32(_dot16(v0, v1, v2, v3, xq, xo), bc_i32(xs16, 2 * e))
-    ib = sub_i32(_dot16(v4, v5, v6, v7, xq, xo + 16), bc_i32(xs16, 2 * e + 1))
-    return fma_f32(cvt_f32(add_i32(mul_i32(ia, SA), mul_i32(ib, SB))), bc_f32(xd, e), facc)
+def _q6_half(v0, v1, v2, v3, xq, xo, xs16, u):
+    """int16 pair sums of (q - 32) * x over 16 values (4 chunks) against x[xo:xo+16].
+
+    Each maddubs lane (2 products, <= 2*63*127) fits int16; the 4-chunk sum may wrap, but the
+    result after subtracting the offset (xs16: 32 x the sum of the lane's 8 activations) is
+    sum (q-32)*x over 8 values, |.| <= 8*32*127 = 32512: exact in int16."""
+    p = add_i16(maddubs(v0, bc4_i8x32(xq, xo)), maddubs(v1, bc4_i8x32(xq, xo + 4)))
+    r = add_i16(maddubs(v2, bc4_i8x32(xq, xo + 8)), maddubs(v3, bc4_i8x32(xq, xo + 12)))
+    return sub_i16(add_i16(p, r), bc2_i16(xs16, u))
+
+
+@njit(**_JIT)
+def _q6_half_vnni(v0, v1, v2, v3, xq, xo, xs16, u):
+    """int32 sum of (q - 32) * x over 16 values per row: 4 vpdpbusd starting from xs16[u]
+    (-32 x sum(x), broadcast)."""
+    i = dpbusd(bc_i32(xs16, u), v0, bc4_i8x32(xq, xo))
+    i = dpbusd(i, v1, bc4_i8x32(xq, xo + 4))
+    i = dpbusd(i, v2, bc4_i8x32(xq, xo + 8))
+    return dpbusd(i, v3, bc4_i8x32(xq, xo + 12))
+
+
+if HAS_VNNI:
+
+    @njit(**_JIT)
+    def _q6_scales(sc, o):
+        """The 8 rows' int8 scales of one 16-value half, as the per-token step multiplies them."""
+        return ld_i8x8_i32(sc, o)
+
+    @njit(**_JIT)
+    def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
+        """facc += xd * (sc_A * dot_A + sc_B * dot_B) for block e of a token (VNNI: int32 sums
+        times int32 scales, vpmulld)."""
+        ia = mul_i32(_q6_half_vnni(v0, v1, v2, v3, xq, xo, xs16, 2 * e), SA)
+        ib = mul_i32(_q6_half_vnni(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1), SB)
+        return fma_f32(cvt_f32(add_i32(ia, ib)), bc_f32(xd, e), facc)
+
+else:
+
+    @njit(**_JIT)
+    def _q6_scales(sc, o):
+        """The 8 rows' int8 scales of one 16-value half, each in both int16 halves of its lane."""
+        return ld_i8x8_i16x2(sc, o)
+
+    @njit(**_JIT)
+    def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
+        """facc += xd * (sc_A * dot_A + sc_B * dot_B) for block e of a token; one vpmaddwd per
+        half multiplies the int16 pair sums by the int16 scales and adds the pairs."""
+        ia = madd(_q6_half(v0, v1, v2, v3, xq, xo, xs16, 2 * e), SA)
+        ib = madd(_q6_half(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1), SB)
+        return fma_f32(cvt_f32(add_i32(ia, ib)), bc_f32(xd, e), facc)
 
 
 @njit(**_JIT)
 def _q6_k_blk(q, qh, sc, xq, xs16, xd, k, b, facc):
     v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
     return _q6_tok(
-        v0, v1, v2, v3, v4, v5, v6, v7, ld_i8x8_i32(sc, 16 * k), ld_i8x8_i32(sc, 16 * k + 8), xq, 32 * b, xs16, b, xd, facc
+        v0, v1, v2, v3, v4, v5, v6, v7, _q6_scales(sc, 16 * k), _q6_scales(sc, 16 * k + 8), xq, 32 * b, xs16, b, xd, facc
     )
 
 
@@ -169,10 +223,15 @@ def q6_k_mv(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, out):
 
 
 @njit(**_JIT)
-def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, out):
+def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
+    """Tokens t0..t0+3 of row group g.  The group's first quad unpacks the 6-bit codes (nib |
+    crumb << 4, ``_chunks8``) and keeps them in ``buf`` (256 bytes per block, L1/L2-resident);
+    the later quads load them from there, so the unpacking (~25 vector ops per block) is paid
+    once per group instead of once per quad."""
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
+    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -190,9 +249,17 @@ def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, out):
                 prefetch(q, 128 * k + _PF)
                 prefetch(q, 128 * k + _PF + 64)
                 prefetch(qh, 64 * k + _PF // 2)
-            v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
-            SA = ld_i8x8_i32(sc, 16 * k)
-            SB = ld_i8x8_i32(sc, 16 * k + 8)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
+                if not last:  # a later quad of this group will load them
+                    _st8(buf, 256 * b, v0, v1, v2, v3, v4, v5, v6, v7)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _ld8(buf, 256 * b)
+            if last:
+                prefetch_l2(q, 128 * (k + nb))
+                prefetch_l2(q, 128 * (k + nb) + 64)
+                prefetch_l2(qh, 64 * (k + nb))
+            SA = _q6_scales(sc, 16 * k)
+            SB = _q6_scales(sc, 16 * k + 8)
             f0 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, xd, f0)
             f1 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t1 * n_in + 32 * b, xs16, t1 * nb + b, xd, f1)
             f2 = _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t2 * n_in + 32 * b, xs16, t2 * nb + b, xd, f2)
@@ -210,9 +277,12 @@ def q6_k_mm(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
     nt = (T + 3) // 4
-    for it in prange(G * nt):
-        g = it // nt
-        _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, 4 * (it - g * nt), T, out)
+    nw = min(G, _RUNS)
+    for c in prange(nw):  # contiguous runs of row groups, one code buffer each
+        buf = np.empty(256 * nb, np.uint8)
+        for g in range(c * G // nw, (c + 1) * G // nw):
+            for it in range(nt):
+                _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, 4 * it, T, buf, out)
 
 
 # ---------------------------------------------------------------------------------------------

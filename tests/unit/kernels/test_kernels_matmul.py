@@ -37,6 +37,7 @@ from gguf import quants as gq
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul as M
+from edgebox.kernels import matmul_simd
 from edgebox.kernels.quants import registry
 from tests.fixtures.quant_rows import make_weight
 
@@ -144,6 +145,53 @@ def test_fast_types_7b_like_rows(qtype):
     check(w, Wf, X[:1], M.matvec(w, X[0])[None], f"{qtype.name} 203x2048 matvec")
 
 
+def _k_blocks(qtype: QType, code: int, n_out: int, n_sb: int, rng) -> np.ndarray:
+    """K-quant rows [n_out, row_bytes] whose every code is ``code`` (random scales, incl. the
+    extreme int8 ones for Q6_K, and small f16 d / dmin)."""
+    n = n_out * n_sb
+    f16 = np.full(n, 2.0**-10, np.float16).view(np.uint8).reshape(n, 2)
+    if qtype == QType.Q6_K:
+        sc = rng.integers(-128, 128, (n, 16)).astype(np.int8)
+        sc[:, :2] = (-128, 127)
+        ql = np.full((n, 128), (code & 15) * 17, np.uint8)
+        qh = np.full((n, 64), (code >> 4) * 0x55, np.uint8)
+        b = np.concatenate([ql, qh, sc.view(np.uint8), f16], axis=1)
+    else:
+        scales = rng.integers(0, 256, (n, 12), dtype=np.uint8)
+        qs = np.full((n, 128), (code & 15) * 17, np.uint8)
+        parts = [f16, f16, scales]
+        if qtype == QType.Q5_K:
+            parts.append(np.full((n, 32), 0xFF if code >> 4 else 0, np.uint8))
+        b = np.concatenate([*parts, qs], axis=1)
+    assert b.shape[1] == qt.type_size(qtype)
+    return b.reshape(n_out, -1)
+
+
+@pytest.mark.parametrize(
+    "qtype,codes", [(QType.Q6_K, (0, 63)), (QType.Q5_K, (0, 31)), (QType.Q4_K, (0, 15))], ids=lambda v: getattr(v, "name", "")
+)
+def test_k_quant_int16_sums_at_their_bounds(qtype, codes):
+    """Every code at its extreme against activations of +-127 (the block max), so the int16
+    partial sums reach their bounds: Q6_K's 4-chunk sums wrap before the -32 offset is taken
+    off in int16 and must come out exact (|sum (q-32) x| up to 8 * 32 * 127 = 32512)."""
+    rng = np.random.default_rng(17)
+    n_out, n_in = 21, 512
+    signs = np.ones((6, n_in), np.float32)
+    signs[1] = -1.0
+    signs[2, ::2] = -1.0  # alternating: the low and high int16 halves see opposite sums
+    signs[3] = np.where(np.arange(n_in) % 4 < 2, 1.0, -1.0)
+    signs[4] = np.where(np.arange(n_in) // 16 % 2 == 0, 1.0, -1.0)
+    signs[5] = rng.choice([-1.0, 1.0], n_in)
+    for code in codes:
+        raw = _k_blocks(qtype, code, n_out, n_in // 256, rng)
+        w = M.pack(raw, qtype)
+        Wf = dequantize(raw, qtype).astype(np.float32)
+        for T in (1, 3, 6):
+            X = signs[:T] * np.float32(3.0)
+            Y = M.matmul(w, X) if T > 1 else M.matvec(w, X[0])[None]
+            check(w, Wf, X, Y, f"{qtype.name} code {code} T={T}")
+
+
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q6_K, QType.F16, QType.Q5_K], ids=lambda q: q.name)
 def test_strided_shard_and_typed_rows(qtype):
     """Row-parallel shards are column slices of the mmap (non-contiguous rows)."""
@@ -210,7 +258,16 @@ def test_activation_quantization_matches_q8_0(T, n_in):
     np.testing.assert_array_equal(qx.xq.reshape(T, nb, 32), q)
     assert (qx.xq.reshape(T, nb, 32)[T // 2, 0] == 0).all()
     s16 = qx.xq.reshape(-1, 16).astype(np.int32).sum(1)
-    np.testing.assert_array_equal(qx.xs16, 32 * s16)
+    # xs16, Q6_K's offset: with VNNI -32 x the sum per 16; else two int16 per 16 values, 32 x the
+    # sums over the values a maddubs dword's low half (positions 0, 1 of each 4) and high half
+    # (2, 3) multiplies
+    if matmul_simd.HAS_VNNI:
+        np.testing.assert_array_equal(qx.xs16, -32 * s16)
+    else:
+        pos = qx.xq.reshape(-1, 4, 2, 2).astype(np.int32)  # [16-groups, chunk, half, 2]
+        halves = 32 * pos.sum(axis=(1, 3))
+        assert np.abs(halves).max() <= 32512
+        np.testing.assert_array_equal(qx.xs16.view(np.int16).reshape(-1, 2), halves)
     np.testing.assert_allclose(qx.xsd16, qx.xd.repeat(2) * s16, rtol=1e-6)
     np.testing.assert_allclose(qx.xsd32, qx.xd * qx.xq.reshape(-1, 32).astype(np.int32).sum(1), rtol=1e-6)
 
@@ -364,3 +421,26 @@ for q in (QType.Q4_0, QType.Q8_0):
             raw = np.load(tmp_path / f"{q.name}_{rb}.npy")
             y_generic = np.load(tmp_path / f"{q.name}_{rb}_y.npy")
             np.testing.assert_array_equal(M.matvec(M.pack(raw, q), x), y_generic)
+
+
+@pytest.mark.slow
+def test_k_quants_without_vnni(tmp_path):
+    """The AVX2 formulation of the K-quant kernels (int16 sums, Q6_K's int16 offset and scales)
+    on a host whose default is VNNI: the K-quant cases of this file in a subprocess with
+    EDGEBOX_SIMD_NO_VNNI=1 and its own numba cache (on a host without VNNI: the default path
+    once more)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    code = r"""
+import sys
+import pytest
+from edgebox.kernels import matmul_simd
+assert not matmul_simd.HAS_VNNI
+sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", sys.argv[1], "-k",
+    "(Q4_K or Q5_K or Q6_K) and not without_vnni or activation_quantization"]))
+"""
+    env = dict(os.environ, EDGEBOX_SIMD_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run(
+        [sys.executable, "-c", code, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600, cwd=root
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
