@@ -66,6 +66,7 @@ class Service:
             kv_budget_bytes=self.cfg.kv_budget_bytes,
             power=self.power,
             backend=self.cfg.backend,
+            cache_types=(self.cfg.cache_type_k, self.cfg.cache_type_v),
         )
         self.telemetry = TelemetrySampler(self.power.fw_root)
         self.last_telemetry: dict | None = None

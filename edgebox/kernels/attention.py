@@ -34,10 +34,13 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 from numba.typed import List
 
+from edgebox.kernels import kv_quant
 from edgebox.kernels.elementwise import FM_REDUCE, expf, f16_to_f32, f32_to_f16
+from edgebox.kernels.kv_quant import F16, dequantize_row, quantize_row, round_query_row
 from edgebox.kernels.matmul_simd import ld_f32x8, st_f16x8
 
 __all__ = [
@@ -246,16 +249,217 @@ def _decode_values(vc, n, order, hstart, g0, g1, sc, out):
         s += 1
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _round_heads(q, i0, i1, order):
+    """A copy of q [H, hd] whose rows order[i0:i1] are rounded through q8_0 (the query of a dot
+    product with a quantized K, as llama.cpp's flash attention makes it); the others are 0."""
+    hd = q.shape[1]
+    qr = np.zeros(q.shape, np.float32)
+    scratch = np.empty(hd // kv_quant.QK * 34, np.uint8)
+    for idx in range(i0, i1):
+        round_query_row(q[order[idx]], scratch, qr[order[idx]])
+    return qr
+
+
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
-def _decode_heads(q, kc, vc, n, order, hstart, g0, g1, out, sc):
+def _decode_scores_q(q, kc, tk, n, order, hstart, g0, g1, sc):
+    """_decode_scores over a quantized K (kc uint8 [S, Hkv, row bytes] of type code tk): four
+    keys of a KV head are dequantized into float32 scratch once and dotted with each of its
+    query heads (q: already rounded through q8_0)."""
+    hd = q.shape[1]
+    kb = np.empty((4, hd), np.float32)
+    s = 0
+    while s + 4 <= n:
+        for g in range(g0, g1):
+            if hstart[g + 1] == hstart[g]:
+                continue
+            for c in range(4):
+                dequantize_row(kc[s + c, g], tk, kb[c])
+            for idx in range(hstart[g], hstart[g + 1]):
+                h = order[idx]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for d in range(hd):
+                    qd = q[h, d]
+                    a0 += qd * kb[0, d]
+                    a1 += qd * kb[1, d]
+                    a2 += qd * kb[2, d]
+                    a3 += qd * kb[3, d]
+                sc[h, s] = a0
+                sc[h, s + 1] = a1
+                sc[h, s + 2] = a2
+                sc[h, s + 3] = a3
+        s += 4
+    while s < n:
+        for g in range(g0, g1):
+            if hstart[g + 1] == hstart[g]:
+                continue
+            dequantize_row(kc[s, g], tk, kb[0])
+            for idx in range(hstart[g], hstart[g + 1]):
+                h = order[idx]
+                a0 = np.float32(0.0)
+                for d in range(hd):
+                    a0 += q[h, d] * kb[0, d]
+                sc[h, s] = a0
+        s += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
+def _decode_values_q(vc, tv, n, order, hstart, g0, g1, sc, out):
+    """_decode_values over a quantized V (vc uint8 [S, Hkv, row bytes] of type code tv): four
+    value rows dequantized into float32 scratch once per KV head, reused by its query heads."""
+    hd = out.shape[1]
+    vb = np.empty((4, hd), np.float32)
+    s = 0
+    while s + 4 <= n:
+        for g in range(g0, g1):
+            if hstart[g + 1] == hstart[g]:
+                continue
+            for c in range(4):
+                dequantize_row(vc[s + c, g], tv, vb[c])
+            for idx in range(hstart[g], hstart[g + 1]):
+                h = order[idx]
+                p0 = sc[h, s]
+                p1 = sc[h, s + 1]
+                p2 = sc[h, s + 2]
+                p3 = sc[h, s + 3]
+                for d in range(hd):
+                    out[h, d] += (p0 * vb[0, d] + p1 * vb[1, d]) + (p2 * vb[2, d] + p3 * vb[3, d])
+        s += 4
+    while s < n:
+        for g in range(g0, g1):
+            if hstart[g + 1] == hstart[g]:
+                continue
+            dequantize_row(vc[s, g], tv, vb[0])
+            for idx in range(hstart[g], hstart[g + 1]):
+                h = order[idx]
+                p0 = sc[h, s]
+                for d in range(hd):
+                    out[h, d] += p0 * vb[0, d]
+        s += 1
+
+
+# The cache's element type is chosen at compile time by the array's dtype: uint16 is float16
+# bits, uint8 GGML blocks (then the type code says q8_0 or q4_0). Each stub below is compiled
+# only through its overload.
+
+
+def _is_f16(c) -> bool:
+    return isinstance(c, types.Array) and c.dtype == types.uint16
+
+
+def _scores(q, kc, tk, n, order, hstart, g0, g1, sc):
+    raise NotImplementedError
+
+
+@overload(_scores, jit_options=dict(nogil=True))
+def _scores_overload(q, kc, tk, n, order, hstart, g0, g1, sc):
+    if _is_f16(kc):
+        return lambda q, kc, tk, n, order, hstart, g0, g1, sc: _decode_scores(q, kc, n, order, hstart, g0, g1, sc)
+
+    def quantized(q, kc, tk, n, order, hstart, g0, g1, sc):
+        qr = _round_heads(q, hstart[g0], hstart[g1], order)
+        _decode_scores_q(qr, kc, tk, n, order, hstart, g0, g1, sc)
+
+    return quantized
+
+
+def _values(vc, tv, n, order, hstart, g0, g1, sc, out):
+    raise NotImplementedError
+
+
+@overload(_values, jit_options=dict(nogil=True))
+def _values_overload(vc, tv, n, order, hstart, g0, g1, sc, out):
+    if _is_f16(vc):
+        return lambda vc, tv, n, order, hstart, g0, g1, sc, out: _decode_values(vc, n, order, hstart, g0, g1, sc, out)
+    return lambda vc, tv, n, order, hstart, g0, g1, sc, out: _decode_values_q(vc, tv, n, order, hstart, g0, g1, sc, out)
+
+
+def _widen(c, s, g, t, dst):
+    """Cache row (slot s, KV head g) -> dst float32 [hd]."""
+    raise NotImplementedError
+
+
+@overload(_widen, jit_options=dict(nogil=True))
+def _widen_overload(c, s, g, t, dst):
+    if _is_f16(c):
+
+        def f16(c, s, g, t, dst):
+            for d in range(dst.shape[0]):
+                dst[d] = f16_to_f32(c[s, g, d])
+
+        return f16
+    return lambda c, s, g, t, dst: dequantize_row(c[s, g], t, dst)
+
+
+def _store_rows(x, c, t):
+    """x float32 [Hkv, hd] -> one cache slot c: uint16 [Hkv, hd] (float16 bits) or uint8
+    [Hkv, row bytes] (each head's row quantized to type code t)."""
+    raise NotImplementedError
+
+
+@overload(_store_rows, jit_options=dict(nogil=True))
+def _store_rows_overload(x, c, t):
+    if _is_f16(c):
+
+        def f16(x, c, t):
+            hd = x.shape[1]
+            for g in range(x.shape[0]):
+                cg = c[g]
+                xg = x[g]
+                i = 0
+                while i + 8 <= hd:
+                    st_f16x8(cg, i, ld_f32x8(xg, i))
+                    i += 8
+                while i < hd:
+                    cg[i] = f32_to_f16(xg[i])
+                    i += 1
+
+        return f16
+
+    def quantized(x, c, t):
+        for g in range(x.shape[0]):
+            quantize_row(x[g], c[g], t)
+
+    return quantized
+
+
+def _round_queries(q, kc, tk):
+    """q float32 [T, H, hd] as it is dotted with the keys of kc: itself for float16 keys, else a
+    copy rounded through q8_0 (``kv_quant.round_query``)."""
+    raise NotImplementedError
+
+
+@overload(_round_queries, jit_options=dict(nogil=True))
+def _round_queries_overload(q, kc, tk):
+    if _is_f16(kc):
+        return lambda q, kc, tk: q
+
+    def quantized(q, kc, tk):
+        T, H, hd = q.shape
+        qr = np.empty(q.shape, np.float32)
+        scratch = np.empty(hd // kv_quant.QK * 34, np.uint8)
+        for t in range(T):
+            for h in range(H):
+                round_query_row(q[t, h], scratch, qr[t, h])
+        return qr
+
+    return quantized
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
+def _decode_heads(q, kc, vc, tk, tv, n, order, hstart, g0, g1, out, sc):
     """The query heads of KV heads g0..g1-1 (q [H, hd] float32) over cache slots 0..n-1.
 
-    kc, vc: uint16 [S, Hkv, hd] (float16 bits); out: float32 [H, hd] (the rows of those heads
-    are written); sc: float32 [H, >=n] scratch (the same rows are used).
+    kc, vc: uint16 [S, Hkv, hd] (float16 bits, type code F16) or uint8 [S, Hkv, row bytes]
+    (GGML blocks, Q8_0 / Q4_0); tk, tv: their type codes (``kv_quant``); out: float32 [H, hd]
+    (the rows of those heads are written); sc: float32 [H, >=n] scratch (the same rows are used).
     """
     hd = q.shape[1]
     scale = np.float32(1.0 / math.sqrt(hd))
-    _decode_scores(q, kc, n, order, hstart, g0, g1, sc)
+    _scores(q, kc, tk, n, order, hstart, g0, g1, sc)
     # softmax numerators exp(scale * (score - max)); the sums divide at the end
     i0 = hstart[g0]
     tot = np.empty(hstart[g1] - i0, np.float32)
@@ -273,7 +477,7 @@ def _decode_heads(q, kc, vc, n, order, hstart, g0, g1, out, sc):
         tot[idx - i0] = t
         for d in range(hd):
             out[h, d] = 0.0
-    _decode_values(vc, n, order, hstart, g0, g1, sc, out)
+    _values(vc, tv, n, order, hstart, g0, g1, sc, out)
     for idx in range(i0, hstart[g1]):
         h = order[idx]
         inv = np.float32(1.0) / tot[idx - i0]
@@ -282,7 +486,7 @@ def _decode_heads(q, kc, vc, n, order, hstart, g0, g1, out, sc):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc, w, parts):
+def _decode_item(q, kc, vc, tk, tv, layer, slots, lengths, order, hstart, out, sc, w, parts):
     """Work item w: sequence w // parts, its KV-head range w % parts (of parts equal ranges)."""
     b = w // parts
     p = w - b * parts
@@ -291,6 +495,8 @@ def _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc, w, pa
         q[b],
         kc[slots[b]][layer],
         vc[slots[b]][layer],
+        tk,
+        tv,
         lengths[b],
         order,
         hstart,
@@ -302,30 +508,20 @@ def _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc, w, pa
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def append_kv_kernel(k_new, v_new, kc, vc, layer, slots, starts):
+def append_kv_kernel(k_new, v_new, kc, vc, tk, tv, layer, slots, starts):
     """The new key and value of each sequence (float32 [B, Hkv, hd]) into slot starts[b] of
-    cache slots[b], layer ``layer``, as float16 bits (kc, vc: as decode_batch_kernel's)."""
-    n = k_new.shape[1] * k_new.shape[2]
+    cache slots[b], layer ``layer``, as float16 bits or quantized blocks (kc, vc, tk, tv: as
+    decode_batch_kernel's)."""
     for b in range(k_new.shape[0]):
-        kd = kc[slots[b]][layer][starts[b]].reshape(-1)  # [Hkv*hd]: one slot is contiguous
-        vd = vc[slots[b]][layer][starts[b]].reshape(-1)
-        ks = k_new[b].reshape(-1)
-        vs = v_new[b].reshape(-1)
-        i = 0
-        while i + 8 <= n:
-            st_f16x8(kd, i, ld_f32x8(ks, i))
-            st_f16x8(vd, i, ld_f32x8(vs, i))
-            i += 8
-        while i < n:
-            kd[i] = f32_to_f16(ks[i])
-            vd[i] = f32_to_f16(vs[i])
-            i += 1
+        _store_rows(k_new[b], kc[slots[b]][layer][starts[b]], tk)
+        _store_rows(v_new[b], vc[slots[b]][layer][starts[b]], tv)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def decode_batch_kernel(q, kc, vc, layer, slots, lengths, order, hstart, out):
+def decode_batch_kernel(q, kc, vc, tk, tv, layer, slots, lengths, order, hstart, out):
     """q float32 [B, H, hd]; kc, vc uint16 [n_slots, n_layer, n_ctx, Hkv, hd], or a typed List
-    of [n_layer, n_ctx, Hkv, hd] arrays (one per sequence: :func:`kv_lists`); sequence b reads
+    of [n_layer, n_ctx, Hkv, hd] arrays (one per sequence: :func:`kv_lists`), or uint8 with a
+    last axis of row bytes for quantized types (tk, tv: the type codes); sequence b reads
     cache slots[b] at layer ``layer``, keys 0..lengths[b]-1 (all visible); (order, hstart): see
     head_groups; out float32 [B, H, hd]."""
     B, H, _ = q.shape
@@ -335,11 +531,11 @@ def decode_batch_kernel(q, kc, vc, layer, slots, lengths, order, hstart, out):
     sc = np.empty((H, n_max), np.float32)
     one = np.int64(1)
     for b in range(B):
-        _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc, np.int64(b), one)
+        _decode_item(q, kc, vc, tk, tv, layer, slots, lengths, order, hstart, out, sc, np.int64(b), one)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def decode_batch_kernel_parallel(q, kc, vc, layer, slots, lengths, order, hstart, out, n_threads):
+def decode_batch_kernel_parallel(q, kc, vc, tk, tv, layer, slots, lengths, order, hstart, out, n_threads):
     """decode_batch_kernel with (sequence, KV-head range) items spread over numba's threads."""
     B, H, _ = q.shape
     # split each sequence's heads only as far as needed to give n_threads threads work
@@ -350,7 +546,7 @@ def decode_batch_kernel_parallel(q, kc, vc, layer, slots, lengths, order, hstart
     sc = np.empty((B, H, n_max), np.float32)
     for w in prange(B * parts):
         wi = np.int64(w)
-        _decode_item(q, kc, vc, layer, slots, lengths, order, hstart, out, sc[wi // parts], wi, parts)
+        _decode_item(q, kc, vc, tk, tv, layer, slots, lengths, order, hstart, out, sc[wi // parts], wi, parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +554,7 @@ def decode_batch_kernel_parallel(q, kc, vc, layer, slots, lengths, order, hstart
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
-def _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, srow, m, l, acc):
+def _prefill_head(q, kc, vc, tk, tv, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, srow, m, l, acc):
     """All queries of q [T, H, hd], for the query heads of KV head g, over keys 0..len(k_pos)-1.
 
     kmin[blk]: the smallest key position of key block blk. Scratch (float32): kb, vb [BK, hd],
@@ -388,10 +584,9 @@ def _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, 
                 continue
             s0 = blk * BK
             sk = min(BK, n_keys - s0)
-            for c in range(sk):  # widen the K and V block once
-                for d in range(hd):
-                    kb[c, d] = f16_to_f32(kc[s0 + c, g, d])
-                    vb[c, d] = f16_to_f32(vc[s0 + c, g, d])
+            for c in range(sk):  # widen (or dequantize) the K and V block once
+                _widen(kc, s0 + c, g, tk, kb[c])
+                _widen(vc, s0 + c, g, tv, vb[c])
             for j in range(ng):
                 h = order[i0 + j]
                 for i in range(tq):
@@ -496,10 +691,12 @@ def _max_group(hstart):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def prefill_kernel(q, kc, vc, q_pos, k_pos, order, hstart, out):
-    """q float32 [T, H, hd]; kc, vc uint16 [S, Hkv, hd]; q_pos int64 [T]; k_pos int64 [n_keys];
-    (order, hstart): see head_groups; out float32 [T, H, hd]. Every query must see at least one
-    key (the wrapper checks)."""
+def prefill_kernel(q, kc, vc, tk, tv, q_pos, k_pos, order, hstart, out):
+    """q float32 [T, H, hd]; kc, vc uint16 [S, Hkv, hd] (float16 bits) or uint8 [S, Hkv, row
+    bytes] (tk, tv: the type codes); q_pos int64 [T]; k_pos int64 [n_keys]; (order, hstart): see
+    head_groups; out float32 [T, H, hd]. Every query must see at least one key (the wrapper
+    checks)."""
+    q = _round_queries(q, kc, tk)
     hd = q.shape[2]
     Hkv = kc.shape[1]
     rows = _max_group(hstart) * BLOCK_Q
@@ -511,12 +708,13 @@ def prefill_kernel(q, kc, vc, q_pos, k_pos, order, hstart, out):
     l = np.empty(rows, np.float32)
     acc = np.empty((rows, hd), np.float32)
     for g in range(Hkv):
-        _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, srow, m, l, acc)
+        _prefill_head(q, kc, vc, tk, tv, q_pos, k_pos, kmin, order, hstart, g, out, kb, vb, srow, m, l, acc)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def prefill_kernel_parallel(q, kc, vc, q_pos, k_pos, order, hstart, out):
+def prefill_kernel_parallel(q, kc, vc, tk, tv, q_pos, k_pos, order, hstart, out):
     """prefill_kernel with the KV heads spread over numba's threads."""
+    q = _round_queries(q, kc, tk)
     hd = q.shape[2]
     Hkv = kc.shape[1]
     rows = _max_group(hstart) * BLOCK_Q
@@ -529,7 +727,9 @@ def prefill_kernel_parallel(q, kc, vc, q_pos, k_pos, order, hstart, out):
     acc = np.empty((Hkv, rows, hd), np.float32)
     for g in prange(Hkv):
         gi = np.int64(g)
-        _prefill_head(q, kc, vc, q_pos, k_pos, kmin, order, hstart, gi, out, kb[gi], vb[gi], srow[gi], m[gi], l[gi], acc[gi])
+        _prefill_head(
+            q, kc, vc, tk, tv, q_pos, k_pos, kmin, order, hstart, gi, out, kb[gi], vb[gi], srow[gi], m[gi], l[gi], acc[gi]
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,16 +766,28 @@ def attention_decode(
         )
         return out.reshape(-1)
     q = _q32(q)
-    kc, vc = _caches(k_cache, v_cache, 3, "attention_decode")
+    kc, vc, tk, tv, hd_kv = _caches(k_cache, v_cache, 3, "attention_decode")
     H, hd = q.shape
-    order, hstart = _heads(H, hd, kc.shape[1], kc.shape[2], kv_of_head, "attention_decode")
+    order, hstart = _heads(H, hd, kc.shape[1], hd_kv, kv_of_head, "attention_decode")
     n = int(n_valid)
     if not 0 < n <= kc.shape[0]:
         raise ValueError(f"attention_decode: n_valid={n_valid} must be in [1, {kc.shape[0]}]")
     # a batch of one over the engine layout [n_slots=1, n_layer=1, S, Hkv, hd] (views, no copy):
     # one compiled kernel serves both entry points
     out = np.empty((1, H, hd), np.float32)
-    args = (q[None], kc[None, None], vc[None, None], 0, np.zeros(1, np.int64), np.array([n], np.int64), order, hstart, out)
+    args = (
+        q[None],
+        kc[None, None],
+        vc[None, None],
+        tk,
+        tv,
+        0,
+        np.zeros(1, np.int64),
+        np.array([n], np.int64),
+        order,
+        hstart,
+        out,
+    )
     if parallel and threading_layer_is_threadsafe():
         decode_batch_kernel_parallel(*args, numba.get_num_threads())
     else:
@@ -607,14 +819,14 @@ def attention_decode_batch(
     if q.ndim != 3:
         raise ValueError(f"attention_decode_batch: q must be [B, H, hd], got shape {q.shape}")
     if layer is None:
-        kc, vc = _caches(k_caches, v_caches, 4, "attention_decode_batch")
+        kc, vc, tk, tv, hd_kv = _caches(k_caches, v_caches, 4, "attention_decode_batch")
         kc, vc, layer = kc[:, None], vc[:, None], 0  # views: [n_seq, 1, S_max, Hkv, hd]
     else:
-        kc, vc = _caches(k_caches, v_caches, 5, "attention_decode_batch")
+        kc, vc, tk, tv, hd_kv = _caches(k_caches, v_caches, 5, "attention_decode_batch")
         if not 0 <= int(layer) < kc.shape[1]:
             raise ValueError(f"attention_decode_batch: layer {layer} out of range [0, {kc.shape[1]})")
     B, H, hd = q.shape
-    order, hstart = _heads(H, hd, kc.shape[3], kc.shape[4], kv_of_head, "attention_decode_batch")
+    order, hstart = _heads(H, hd, kc.shape[3], hd_kv, kv_of_head, "attention_decode_batch")
     lengths = np.ascontiguousarray(lengths, dtype=np.int64).reshape(-1)
     slots = np.arange(B, dtype=np.int64) if slots is None else np.ascontiguousarray(slots, dtype=np.int64).reshape(-1)
     if lengths.shape[0] != B or slots.shape[0] != B:
@@ -626,7 +838,7 @@ def attention_decode_batch(
     out = np.empty((B, H, hd), np.float32)
     if B == 0:
         return out.reshape(0, H * hd)
-    args = (q, kc, vc, int(layer), slots, lengths, order, hstart, out)
+    args = (q, kc, vc, tk, tv, int(layer), slots, lengths, order, hstart, out)
     if parallel and threading_layer_is_threadsafe():
         decode_batch_kernel_parallel(*args, numba.get_num_threads())
     else:
@@ -638,30 +850,37 @@ class KVLists(NamedTuple):
     """Several sequences' caches as the kernels read them: typed Lists of their uint16 views
     (numba passes a list of arrays only that way), with the sizes checked once."""
 
-    k: object  # numba.typed.List of uint16 [n_layer, n_ctx_b, Hkv, hd]
+    k: object  # numba.typed.List of uint16 [n_layer, n_ctx_b, Hkv, hd] (uint8 [..., row bytes] quantized)
     v: object
     n_ctx: np.ndarray  # [B] slots of each cache
     shape: tuple  # (n_layer, Hkv, hd), the same for all
+    tk: int  # the K and V type codes (kv_quant), the same for all
+    tv: int
 
 
 def kv_lists(k_caches, v_caches) -> KVLists:
-    """Several sequences' caches (float16 [n_layer, n_ctx, Hkv, hd] each, same n_layer, Hkv
-    and hd; n_ctx may differ), for :func:`attention_decode_append`. Built once per step (~30 µs
-    for eight sequences), used by every layer."""
+    """Several sequences' caches ([n_layer, n_ctx, Hkv, hd] float16, or [n_layer, n_ctx, Hkv,
+    hd/32] q8_0/q4_0 blocks, each; same n_layer, Hkv, hd and types; n_ctx may differ), for
+    :func:`attention_decode_append`. Built once per step (~30 µs for eight sequences), used by
+    every layer."""
     if not len(k_caches) or len(k_caches) != len(v_caches):
         raise ValueError(f"kv_lists: {len(k_caches)} k caches and {len(v_caches)} v caches")
     views = [_caches(k, v, 4, "kv_lists") for k, v in zip(k_caches, v_caches)]
-    shape = views[0][0].shape
-    for kc, vc in views:
-        if kc.shape[0] != shape[0] or kc.shape[2:] != shape[2:]:
-            raise ValueError(f"kv_lists: caches {shape} and {kc.shape} differ in n_layer, Hkv or hd")
-        if not (kc.flags.c_contiguous and vc.flags.c_contiguous):
+    first = views[0]
+    for c in views:
+        if (c.tk, c.tv) != (first.tk, first.tv):
+            raise ValueError("kv_lists: every cache must have the same K and V types")
+        if c.k.shape[0] != first.k.shape[0] or c.k.shape[2:] != first.k.shape[2:] or c.v.shape[2:] != first.v.shape[2:]:
+            raise ValueError(f"kv_lists: caches {first.k.shape} and {c.k.shape} differ in n_layer, Hkv or hd")
+        if not (c.k.flags.c_contiguous and c.v.flags.c_contiguous):
             raise ValueError("kv_lists: every cache must be C-contiguous (one typed List holds one array layout)")
     return KVLists(
-        List([kc for kc, _ in views]),
-        List([vc for _, vc in views]),
-        np.array([kc.shape[1] for kc, _ in views], np.int64),
-        (shape[0],) + shape[2:],
+        List([c.k for c in views]),
+        List([c.v for c in views]),
+        np.array([c.k.shape[1] for c in views], np.int64),
+        (first.k.shape[0], first.k.shape[2], first.hd),
+        first.tk,
+        first.tv,
     )
 
 
@@ -680,7 +899,7 @@ def attention_decode_append(
     over everything the cache holds -> float32 [B, H*hd].
 
     q:      float32 [B, H, hd]
-    k_new, v_new: float32 [B, Hkv, hd], written (as float16) to slot starts[b] of layer ``layer``
+    k_new, v_new: float32 [B, Hkv, hd], written (as float16, or quantized) to slot starts[b] of layer ``layer``
     caches: :func:`kv_lists` of the B sequences' caches, in the order of q's rows
     starts: int [B], the new token's slot; sequence b attends over slots 0..starts[b] (all
             visible: the new token has the largest position in its cache)
@@ -707,9 +926,9 @@ def attention_decode_append(
     if B and (starts.min() < 0 or (starts >= caches.n_ctx).any()):
         raise ValueError(f"attention_decode_append: starts {starts.tolist()} outside the caches")
     slots = np.arange(B, dtype=np.int64)
-    append_kv_kernel(k_new, v_new, kl, vl, int(layer), slots, starts)
+    append_kv_kernel(k_new, v_new, kl, vl, caches.tk, caches.tv, int(layer), slots, starts)
     out = np.empty((B, H, hd), np.float32)
-    args = (q, kl, vl, int(layer), slots, starts + 1, order, hstart, out)
+    args = (q, kl, vl, caches.tk, caches.tv, int(layer), slots, starts + 1, order, hstart, out)
     if parallel and threading_layer_is_threadsafe():
         decode_batch_kernel_parallel(*args, numba.get_num_threads())
     else:
@@ -739,9 +958,9 @@ def attention_prefill(
     q = _q32(np.asarray(q))
     if q.ndim != 3:
         raise ValueError(f"attention_prefill: q must be [T, H, hd], got shape {q.shape}")
-    kc, vc = _caches(k_cache, v_cache, 3, "attention_prefill")
+    kc, vc, tk, tv, hd_kv = _caches(k_cache, v_cache, 3, "attention_prefill")
     T, H, hd = q.shape
-    order, hstart = _heads(H, hd, kc.shape[1], kc.shape[2], kv_of_head, "attention_prefill")
+    order, hstart = _heads(H, hd, kc.shape[1], hd_kv, kv_of_head, "attention_prefill")
     if (q_pos is None) != (k_pos is None):
         raise ValueError("attention_prefill: pass both q_pos and k_pos, or neither")
     if q_pos is None:
@@ -763,9 +982,9 @@ def attention_prefill(
     if T == 0:
         return out.reshape(0, H * hd)
     if parallel and threading_layer_is_threadsafe():
-        prefill_kernel_parallel(q, kc, vc, q_pos, k_pos, order, hstart, out)
+        prefill_kernel_parallel(q, kc, vc, tk, tv, q_pos, k_pos, order, hstart, out)
     else:
-        prefill_kernel(q, kc, vc, q_pos, k_pos, order, hstart, out)
+        prefill_kernel(q, kc, vc, tk, tv, q_pos, k_pos, order, hstart, out)
     return out.reshape(T, H * hd)
 
 
@@ -773,19 +992,38 @@ def _q32(q: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
-def _caches(k, v, ndim: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """float16 caches -> their uint16 views (no copy; the last axis must be contiguous)."""
-    views = []
-    for name, a in (("k", k), ("v", v)):
-        if not (isinstance(a, np.ndarray) and a.dtype == np.float16 and a.ndim == ndim):
-            desc = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-            raise ValueError(f"{what}: the {name} cache must be a {ndim}-D float16 array, got {desc}")
-        if a.strides[-1] != 2:
-            raise ValueError(f"{what}: the {name} cache's last axis must be contiguous")
-        views.append(a.view(np.uint16))
-    if views[0].shape != views[1].shape:
-        raise ValueError(f"{what}: k cache {views[0].shape} and v cache {views[1].shape} differ")
-    return views[0], views[1]
+class Caches(NamedTuple):
+    """A K and a V cache as the kernels read them."""
+
+    k: np.ndarray  # uint16 [..., hd] (float16 bits) or uint8 [..., row bytes] (GGML blocks)
+    v: np.ndarray
+    tk: int  # type codes (kv_quant.F16, Q8_0, Q4_0)
+    tv: int
+    hd: int  # values per row
+
+
+def cache_view(a: np.ndarray, ndim: int, what: str, name: str = "k") -> tuple[np.ndarray, int, int]:
+    """One cache (float16 [..., hd] or q8_0/q4_0 block records [..., hd/32]) -> (its uint16 or
+    uint8 view, no copy; its type code; values per row). The last axis must be contiguous."""
+    code = kv_quant.code_of_array(a) if isinstance(a, np.ndarray) else -1
+    if code < 0 or a.ndim != ndim:
+        desc = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{what}: the {name} cache must be a {ndim}-D float16, q8_0 or q4_0 array, got {desc}")
+    if a.strides[-1] != a.dtype.itemsize:
+        raise ValueError(f"{what}: the {name} cache's last axis must be contiguous")
+    if code == F16:
+        return a.view(np.uint16), code, a.shape[-1]
+    return a.view(np.uint8), code, a.shape[-1] * kv_quant.QK
+
+
+def _caches(k, v, ndim: int, what: str) -> Caches:
+    """K and V caches -> their views and types (:func:`cache_view`); they must agree in every
+    axis but the last."""
+    kc, tk, hd = cache_view(k, ndim, what, "k")
+    vc, tv, hd_v = cache_view(v, ndim, what, "v")
+    if kc.shape[:-1] != vc.shape[:-1] or hd != hd_v:
+        raise ValueError(f"{what}: k cache {k.shape} and v cache {v.shape} differ")
+    return Caches(kc, vc, tk, tv, hd)
 
 
 def _heads(H: int, hd: int, Hkv: int, hd_kv: int, kv_of_head, what: str) -> tuple[np.ndarray, np.ndarray]:
