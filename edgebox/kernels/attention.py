@@ -1,4 +1,4 @@
-"""numba attention over a float16 KV cache: decode (one query per sequence) and tiled prefill.
+"""numba attention over a float16 or q8_0/q4_0 KV cache: decode (one query per sequence) and tiled prefill.
 
 Spec: :func:`edgebox.kernels.ref.attention` (causal by position, grouped-query heads: query head
 h reads KV head ``h // (H // Hkv)`` unless ``kv_of_head`` says otherwise, scale 1/sqrt(hd),
@@ -6,8 +6,14 @@ softmax with the max subtracted, float32); results differ from it by re-associat
 
 Invariant: cache slot index == position (the engine keeps it, context shift included), so
 decode attends over every filled slot and prefill's query i sees slots ``0 .. start+i``; the
-float16 cache is read in place (its uint16 view, widened in registers), never converted per
-step.  Entry points: ``attention_decode`` (one sequence), ``attention_decode_batch`` (one array
+cache is read in place, never converted per step: float16 as its uint16 view (widened in
+registers), q8_0/q4_0 as the uint8 view of GGML's blocks (``kernels.kv_quant``), each row
+dequantized into float32 scratch as it is read, and the query rounded through q8_0 first when K
+is quantized (llama.cpp's flash attention does both). Which element type a kernel reads is
+chosen at compile time by the view's dtype (uint16 or uint8; the type code then says q8_0 or
+q4_0), so the float16 kernels are what they were.
+
+Entry points: ``attention_decode`` (one sequence), ``attention_decode_batch`` (one array
 of caches), ``attention_decode_append`` (the engine's decode step: each sequence's cache its own
 array, in a typed List from ``kv_lists``; the new key and value are written by the kernel, so
 one call per layer serves every sequence), ``attention_prefill`` (the T new keys already cached).
@@ -40,8 +46,24 @@ from numba.typed import List
 
 from edgebox.kernels import kv_quant
 from edgebox.kernels.elementwise import FM_REDUCE, expf, f16_to_f32, f32_to_f16
-from edgebox.kernels.kv_quant import F16, dequantize_row, quantize_row, round_query_row
-from edgebox.kernels.matmul_simd import ld_f32x8, st_f16x8
+from edgebox.kernels.kv_quant import F16, block_bytes, block_scale, block_vec, dequantize_row, quantize_row, round_query_row
+from edgebox.kernels.matmul_simd import (
+    abs_i8,
+    add_f32,
+    cvt_f32,
+    fma_f32,
+    fma_f32_s,
+    hadd_i16,
+    hsum_f32,
+    ld_f32x8,
+    ld_i8x32,
+    maddubs,
+    mul_f32_s,
+    sign_i8,
+    st_f16x8,
+    st_f32x8,
+    zero_f32,
+)
 
 __all__ = [
     "attention_decode",
@@ -59,6 +81,8 @@ __all__ = [
     "prefill_kernel_parallel",
     "BLOCK_Q",
     "BLOCK_K",
+    "Caches",
+    "cache_view",
 ]
 
 # Same choice as edgebox.kernels.matmul, so the import order does not matter: omp is required
@@ -263,81 +287,186 @@ def _round_heads(q, i0, i1, order):
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
 def _decode_scores_q(q, kc, tk, n, order, hstart, g0, g1, sc):
-    """_decode_scores over a quantized K (kc uint8 [S, Hkv, row bytes] of type code tk): four
-    keys of a KV head are dequantized into float32 scratch once and dotted with each of its
-    query heads (q: already rounded through q8_0)."""
+    """_decode_scores over a quantized K (kc uint8 [S, Hkv, row bytes] of type code tk; q:
+    already rounded through q8_0). Per block of 32: the codes against q in an 8-lane float
+    accumulator, scaled by the block's d into the key's accumulator (no horizontal sum per
+    block, no widened copy of the row); four keys per pass over q[h]. The cache is read as one
+    flat byte array (no array view per key)."""
     hd = q.shape[1]
-    kb = np.empty((4, hd), np.float32)
+    nb = hd // kv_quant.QK
+    bs = block_bytes(tk)
+    kf = kc.reshape(-1)
+    rk = kc.shape[2]  # bytes per row
+    rs = kc.shape[1] * rk  # bytes per slot
     s = 0
     while s + 4 <= n:
         for g in range(g0, g1):
-            if hstart[g + 1] == hstart[g]:
-                continue
-            for c in range(4):
-                dequantize_row(kc[s + c, g], tk, kb[c])
+            o0 = s * rs + g * rk
             for idx in range(hstart[g], hstart[g + 1]):
                 h = order[idx]
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                a2 = np.float32(0.0)
-                a3 = np.float32(0.0)
-                for d in range(hd):
-                    qd = q[h, d]
-                    a0 += qd * kb[0, d]
-                    a1 += qd * kb[1, d]
-                    a2 += qd * kb[2, d]
-                    a3 += qd * kb[3, d]
-                sc[h, s] = a0
-                sc[h, s + 1] = a1
-                sc[h, s + 2] = a2
-                sc[h, s + 3] = a3
+                qh = q[h]
+                a0 = zero_f32()
+                a1 = zero_f32()
+                a2 = zero_f32()
+                a3 = zero_f32()
+                for b in range(nb):
+                    o = o0 + b * bs
+                    p0 = zero_f32()
+                    p1 = zero_f32()
+                    p2 = zero_f32()
+                    p3 = zero_f32()
+                    for j in range(4):
+                        qv = ld_f32x8(qh, b * 32 + 8 * j)
+                        p0 = fma_f32(qv, block_vec(kf, o, j, tk), p0)
+                        p1 = fma_f32(qv, block_vec(kf, o + rs, j, tk), p1)
+                        p2 = fma_f32(qv, block_vec(kf, o + 2 * rs, j, tk), p2)
+                        p3 = fma_f32(qv, block_vec(kf, o + 3 * rs, j, tk), p3)
+                    a0 = fma_f32_s(p0, block_scale(kf, o), a0)
+                    a1 = fma_f32_s(p1, block_scale(kf, o + rs), a1)
+                    a2 = fma_f32_s(p2, block_scale(kf, o + 2 * rs), a2)
+                    a3 = fma_f32_s(p3, block_scale(kf, o + 3 * rs), a3)
+                sc[h, s] = hsum_f32(a0)
+                sc[h, s + 1] = hsum_f32(a1)
+                sc[h, s + 2] = hsum_f32(a2)
+                sc[h, s + 3] = hsum_f32(a3)
         s += 4
     while s < n:
         for g in range(g0, g1):
-            if hstart[g + 1] == hstart[g]:
-                continue
-            dequantize_row(kc[s, g], tk, kb[0])
+            o0 = s * rs + g * rk
             for idx in range(hstart[g], hstart[g + 1]):
                 h = order[idx]
-                a0 = np.float32(0.0)
-                for d in range(hd):
-                    a0 += q[h, d] * kb[0, d]
-                sc[h, s] = a0
+                qh = q[h]
+                a0 = zero_f32()
+                for b in range(nb):
+                    o = o0 + b * bs
+                    p0 = zero_f32()
+                    for j in range(4):
+                        p0 = fma_f32(ld_f32x8(qh, b * 32 + 8 * j), block_vec(kf, o, j, tk), p0)
+                    a0 = fma_f32_s(p0, block_scale(kf, o), a0)
+                sc[h, s] = hsum_f32(a0)
+        s += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quant_heads(q, i0, i1, order):
+    """The rows order[i0:i1] of q [H, hd] quantized to q8_0 (uint8 [H, hd/32*34], GGML rows; the
+    other rows are left unset): the query of llama.cpp's vec_dot_q8_0_q8_0."""
+    hd = q.shape[1]
+    qrows = np.empty((q.shape[0], hd // kv_quant.QK * 34), np.uint8)
+    for idx in range(i0, i1):
+        quantize_row(q[order[idx]], qrows[order[idx]], kv_quant.Q8_0)
+    return qrows
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _dot_q8(qv, kf, o, d, acc):
+    """acc + d * (the int8 dot product of the 32 codes at kf[o+2:o+34] with qv), in 8 lanes."""
+    k = ld_i8x32(kf, o + 2)
+    return fma_f32_s(cvt_f32(hadd_i16(maddubs(abs_i8(k), sign_i8(qv, k)))), d, acc)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
+def _decode_scores_q8(qrows, kc, n, order, hstart, g0, g1, sc):
+    """_decode_scores over a q8_0 K, as llama.cpp's ggml_vec_dot_q8_0_q8_0: per block of 32 the
+    integer dot product of the key's and the query's codes (vpmaddubsw on |k| and q with k's
+    sign, pairs summed to int32), converted once and scaled by d_k * d_q into the key's 8-lane
+    accumulator; four keys per pass over the query (qrows: :func:`_quant_heads`)."""
+    nb = qrows.shape[1] // 34
+    kf = kc.reshape(-1)
+    rk = kc.shape[2]
+    rs = kc.shape[1] * rk
+    s = 0
+    while s + 4 <= n:
+        for g in range(g0, g1):
+            o0 = s * rs + g * rk
+            for idx in range(hstart[g], hstart[g + 1]):
+                h = order[idx]
+                qr = qrows[h]
+                a0 = zero_f32()
+                a1 = zero_f32()
+                a2 = zero_f32()
+                a3 = zero_f32()
+                for b in range(nb):
+                    o = o0 + b * 34
+                    qv = ld_i8x32(qr, b * 34 + 2)
+                    dq = block_scale(qr, b * 34)
+                    a0 = _dot_q8(qv, kf, o, dq * block_scale(kf, o), a0)
+                    a1 = _dot_q8(qv, kf, o + rs, dq * block_scale(kf, o + rs), a1)
+                    a2 = _dot_q8(qv, kf, o + 2 * rs, dq * block_scale(kf, o + 2 * rs), a2)
+                    a3 = _dot_q8(qv, kf, o + 3 * rs, dq * block_scale(kf, o + 3 * rs), a3)
+                sc[h, s] = hsum_f32(a0)
+                sc[h, s + 1] = hsum_f32(a1)
+                sc[h, s + 2] = hsum_f32(a2)
+                sc[h, s + 3] = hsum_f32(a3)
+        s += 4
+    while s < n:
+        for g in range(g0, g1):
+            o0 = s * rs + g * rk
+            for idx in range(hstart[g], hstart[g + 1]):
+                h = order[idx]
+                qr = qrows[h]
+                a0 = zero_f32()
+                for b in range(nb):
+                    o = o0 + b * 34
+                    a0 = _dot_q8(ld_i8x32(qr, b * 34 + 2), kf, o, block_scale(qr, b * 34) * block_scale(kf, o), a0)
+                sc[h, s] = hsum_f32(a0)
         s += 1
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FM_REDUCE)
 def _decode_values_q(vc, tv, n, order, hstart, g0, g1, sc, out):
-    """_decode_values over a quantized V (vc uint8 [S, Hkv, row bytes] of type code tv): four
-    value rows dequantized into float32 scratch once per KV head, reused by its query heads."""
+    """_decode_values over a quantized V (vc uint8 [S, Hkv, row bytes] of type code tv): per
+    8 lanes of out[h], eight keys' codes times (softmax weight x block scale) added in two
+    register chains, one load and store of the accumulator per eight keys; the cache read as one
+    flat byte array."""
     hd = out.shape[1]
-    vb = np.empty((4, hd), np.float32)
+    nb = hd // kv_quant.QK
+    bs = block_bytes(tv)
+    vf = vc.reshape(-1)
+    rk = vc.shape[2]
+    rs = vc.shape[1] * rk
     s = 0
-    while s + 4 <= n:
+    while s + 8 <= n:
         for g in range(g0, g1):
-            if hstart[g + 1] == hstart[g]:
-                continue
-            for c in range(4):
-                dequantize_row(vc[s + c, g], tv, vb[c])
+            o0 = s * rs + g * rk
             for idx in range(hstart[g], hstart[g + 1]):
                 h = order[idx]
-                p0 = sc[h, s]
-                p1 = sc[h, s + 1]
-                p2 = sc[h, s + 2]
-                p3 = sc[h, s + 3]
-                for d in range(hd):
-                    out[h, d] += (p0 * vb[0, d] + p1 * vb[1, d]) + (p2 * vb[2, d] + p3 * vb[3, d])
-        s += 4
+                oh = out[h]
+                for b in range(nb):
+                    o = o0 + b * bs
+                    w0 = sc[h, s] * block_scale(vf, o)
+                    w1 = sc[h, s + 1] * block_scale(vf, o + rs)
+                    w2 = sc[h, s + 2] * block_scale(vf, o + 2 * rs)
+                    w3 = sc[h, s + 3] * block_scale(vf, o + 3 * rs)
+                    w4 = sc[h, s + 4] * block_scale(vf, o + 4 * rs)
+                    w5 = sc[h, s + 5] * block_scale(vf, o + 5 * rs)
+                    w6 = sc[h, s + 6] * block_scale(vf, o + 6 * rs)
+                    w7 = sc[h, s + 7] * block_scale(vf, o + 7 * rs)
+                    for j in range(4):
+                        i = b * 32 + 8 * j
+                        x0 = fma_f32_s(block_vec(vf, o, j, tv), w0, ld_f32x8(oh, i))
+                        x1 = mul_f32_s(block_vec(vf, o + rs, j, tv), w1)
+                        x0 = fma_f32_s(block_vec(vf, o + 2 * rs, j, tv), w2, x0)
+                        x1 = fma_f32_s(block_vec(vf, o + 3 * rs, j, tv), w3, x1)
+                        x0 = fma_f32_s(block_vec(vf, o + 4 * rs, j, tv), w4, x0)
+                        x1 = fma_f32_s(block_vec(vf, o + 5 * rs, j, tv), w5, x1)
+                        x0 = fma_f32_s(block_vec(vf, o + 6 * rs, j, tv), w6, x0)
+                        x1 = fma_f32_s(block_vec(vf, o + 7 * rs, j, tv), w7, x1)
+                        st_f32x8(oh, i, add_f32(x0, x1))
+        s += 8
     while s < n:
         for g in range(g0, g1):
-            if hstart[g + 1] == hstart[g]:
-                continue
-            dequantize_row(vc[s, g], tv, vb[0])
+            o0 = s * rs + g * rk
             for idx in range(hstart[g], hstart[g + 1]):
                 h = order[idx]
+                oh = out[h]
                 p0 = sc[h, s]
-                for d in range(hd):
-                    out[h, d] += p0 * vb[0, d]
+                for b in range(nb):
+                    o = o0 + b * bs
+                    w0 = p0 * block_scale(vf, o)
+                    for j in range(4):
+                        i = b * 32 + 8 * j
+                        st_f32x8(oh, i, fma_f32_s(block_vec(vf, o, j, tv), w0, ld_f32x8(oh, i)))
         s += 1
 
 
@@ -360,8 +489,10 @@ def _scores_overload(q, kc, tk, n, order, hstart, g0, g1, sc):
         return lambda q, kc, tk, n, order, hstart, g0, g1, sc: _decode_scores(q, kc, n, order, hstart, g0, g1, sc)
 
     def quantized(q, kc, tk, n, order, hstart, g0, g1, sc):
-        qr = _round_heads(q, hstart[g0], hstart[g1], order)
-        _decode_scores_q(qr, kc, tk, n, order, hstart, g0, g1, sc)
+        if tk == kv_quant.Q8_0:  # integer dot products, as llama.cpp's
+            _decode_scores_q8(_quant_heads(q, hstart[g0], hstart[g1], order), kc, n, order, hstart, g0, g1, sc)
+        else:
+            _decode_scores_q(_round_heads(q, hstart[g0], hstart[g1], order), kc, tk, n, order, hstart, g0, g1, sc)
 
     return quantized
 
@@ -733,7 +864,7 @@ def prefill_kernel_parallel(q, kc, vc, tk, tv, q_pos, k_pos, order, hstart, out)
 
 
 # ---------------------------------------------------------------------------------------------
-# Python wrappers: validate, view float16 as uint16, allocate the output
+# Python wrappers: validate, view float16 as uint16 (q8_0/q4_0 blocks as uint8), allocate the output
 
 
 def attention_decode(
@@ -749,7 +880,8 @@ def attention_decode(
 ) -> np.ndarray:
     """One query token over cache slots 0..n_valid-1 (all visible) -> float32 [H*hd].
 
-    q: float32 [H, hd] (or [1, H, hd]); k_cache, v_cache: float16 [S, Hkv, hd], S >= n_valid.
+    q: float32 [H, hd] (or [1, H, hd]); k_cache, v_cache: float16 [S, Hkv, hd] (or q8_0/q4_0
+    blocks [S, Hkv, hd/32], ``kv_quant``; K and V may differ), S >= n_valid.
     With q_pos (one position) and k_pos [n_valid], only keys with k_pos <= q_pos are seen.
     kv_of_head: int [H], the KV head of each query head (default h // (H // Hkv)).
     """
@@ -949,7 +1081,8 @@ def attention_prefill(
 ) -> np.ndarray:
     """Causal attention of T new tokens whose keys are already cached -> float32 [T, H*hd].
 
-    q: float32 [T, H, hd]; k_cache, v_cache: float16 [S, Hkv, hd]. By default query i is at
+    q: float32 [T, H, hd]; k_cache, v_cache: float16 [S, Hkv, hd] or q8_0/q4_0 blocks [S, Hkv,
+    hd/32]. By default query i is at
     position start+i and sees slots 0..start+i (slot index == position). With q_pos [T] and
     k_pos [n_keys] (``start`` is then ignored), query i sees slot j < n_keys iff
     k_pos[j] <= q_pos[i], as ref.attention. kv_of_head: int [H], the KV head of each query

@@ -29,11 +29,14 @@ product, as ggml's), :func:`fwht_rows` the numba kernel (the fast transform, n l
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from edgebox.errors import EdgeboxError
 from edgebox.gguf.quant_types import QType, row_bytes
 from edgebox.kernels.elementwise import f16_to_f32, f32_to_f16
+from edgebox.kernels.matmul_simd import I32x8, cvt_f32, ld_i8x8_i32, mul_f32_s, st_f32x8
 
 __all__ = [
     "CACHE_TYPES",
@@ -60,6 +63,9 @@ __all__ = [
     "fwht_rows",
     "quantize_row",
     "dequantize_row",
+    "block_bytes",
+    "block_scale",
+    "block_vec",
 ]
 
 # llama.cpp's names (``--cache-type-k q8_0``) -> the GGML type; f16 is the default
@@ -272,22 +278,12 @@ def quantize_row(x, row, t):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def dequantize_row(row, t, out):
-    """row uint8 [row bytes] of type code t (Q8_0 or Q4_0) -> out float32 [hd]."""
-    hd = out.shape[0]
-    if t == Q8_0:
-        for b in range(hd // QK):
-            o = b * 34
-            d = _f16_at(row, o)
-            for i in range(QK):
-                out[b * QK + i] = d * np.float32(np.int8(row[o + 2 + i]))
-    else:
-        for b in range(hd // QK):
-            o = b * 18
-            d = _f16_at(row, o)
-            for j in range(QK // 2):
-                c = np.int32(row[o + 2 + j])
-                out[b * QK + j] = d * np.float32((c & 15) - 8)
-                out[b * QK + QK // 2 + j] = d * np.float32((c >> 4) - 8)
+    """row uint8 [row bytes] of type code t (Q8_0 or Q4_0) -> out float32 [hd] (1-D, C order)."""
+    bs = block_bytes(t)
+    for b in range(out.shape[0] // QK):
+        d = block_scale(row, b * bs)
+        for j in range(4):
+            st_f32x8(out, b * QK + 8 * j, mul_f32_s(block_vec(row, b * bs, j, t), d))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -315,3 +311,63 @@ def fwht_rows(x, n):
                 h *= 2
             for j in range(g0, g0 + n):
                 x[r, j] *= scale
+
+
+# ---------------------------------------------------------------------------------------------
+# numba SIMD: what the attention kernels read of a block without widening the row first
+
+
+@intrinsic
+def _ld_q4x8_i32(typingctx, arr, idx, hi):
+    """The low (hi = 0) or high (hi = 1) nibbles of the 8 bytes arr[idx:idx+8], minus 8, as int32
+    lanes (Q4_0 codes; vpmovzxbd, vpsrld, vpand, vpsubd)."""
+
+    def cg(context, builder, sig, args):
+        i32, v8 = ir.IntType(32), ir.VectorType(ir.IntType(32), 8)
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), ir.VectorType(ir.IntType(8), 8).as_pointer())
+        b = builder.zext(builder.load(ptr, align=1), v8)
+        sh = builder.mul(builder.trunc(args[2], i32), ir.Constant(i32, 4))
+        shv = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(v8, ir.Undefined), sh, ir.Constant(i32, 0)),
+            ir.Constant(v8, ir.Undefined),
+            ir.Constant(v8, [0] * 8),
+        )
+        nib = builder.and_(builder.lshr(b, shv), ir.Constant(v8, [15] * 8))
+        return builder.sub(nib, ir.Constant(v8, [8] * 8))
+
+    return I32x8(arr, types.intp, types.intp), cg
+
+
+@njit(cache=True, nogil=True, inline="always")
+def block_bytes(t):
+    """Bytes of one block of type code t (Q8_0 34, Q4_0 18)."""
+    return 34 if t == Q8_0 else 18
+
+
+@intrinsic
+def _ld_f16(typingctx, arr, idx):
+    """The IEEE half at bytes arr[idx:idx+2] (any alignment) widened to float32: one load and
+    one vcvtph2ps, where reading the two bytes apart costs five instructions."""
+
+    def cg(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), ir.HalfType().as_pointer())
+        return builder.fpext(builder.load(ptr, align=1), ir.FloatType())
+
+    return types.float32(arr, types.intp), cg
+
+
+@njit(cache=True, nogil=True, inline="always")
+def block_scale(a, o):
+    """The f16 scale d of the block at byte o of a (uint8, 1-D), as float32."""
+    return _ld_f16(a, o)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def block_vec(a, o, j, t):
+    """Codes 8j..8j+7 (j < 4) of the block of type code t at byte o of a (uint8, 1-D), as a
+    float32 vector (int8 codes for Q8_0, nibble - 8 for Q4_0): the values are these times d."""
+    if t == Q8_0:
+        return cvt_f32(ld_i8x8_i32(a, o + 2 + 8 * j))
+    return cvt_f32(_ld_q4x8_i32(a, o + 2 + 8 * (j & 1), j >> 1))
