@@ -188,7 +188,7 @@ def paired(children: list[Child], bursts: int, steps: int) -> list[list[float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
+    p.add_argument("model", nargs="?")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--types", default="f16,q8_0")
     p.add_argument("--bursts", type=int, default=6)

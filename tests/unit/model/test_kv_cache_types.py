@@ -177,6 +177,27 @@ def test_one_call_decode_equals_the_step_by_step_path():
     m.box.close()
 
 
+@pytest.mark.parametrize("types", [("f16", "f16"), ("q8_0", "q4_0")])
+def test_one_call_decode_over_a_long_context_spreads_attention_and_agrees(types):
+    """From PARALLEL_DECODE_CONTEXT cached keys the one-call block spreads its attention over
+    numba's threads, as the step-by-step path does: the same per-head arithmetic, the same logits."""
+    from edgebox.kernels.backend import PARALLEL_DECODE_CONTEXT
+
+    m = edgebox.load(TEST_MODEL, chips=1, backend="numba", cache_type_k=types[0], cache_type_v=types[1])
+    assert m.box.ops._attention_threads(PARALLEL_DECODE_CONTEXT) >= 1 and m.box.ops._attention_threads(8) == 1
+    ids = RNG.integers(10, 30000, PARALLEL_DECODE_CONTEXT + 40).astype(np.int32)
+    kvs = [m.transformer.new_cache(len(ids) + 4) for _ in range(2)]
+    for kv in kvs:
+        m.transformer.forward(ids, np.arange(len(ids), dtype=np.int32), kv)
+    pos = np.array([len(ids)], np.int32)
+    one_call = m.transformer.forward(np.array([9], np.int32), pos, kvs[0])
+    for layer in m.box.chips[0].layers:
+        layer.decode_cache.update(attn=None, ffn=None)
+    step_by_step = m.transformer.forward(np.array([9], np.int32), pos, kvs[1])
+    np.testing.assert_allclose(one_call, step_by_step, rtol=0, atol=1e-4 * float(np.abs(step_by_step).max()))
+    m.box.close()
+
+
 @pytest.mark.parametrize("chips", [1, 4])
 def test_engine_with_q8_0_on_one_and_four_chips(chips):
     """The engine (continuous batching, prompt chunks) runs on a q8_0 cache and budgets its bytes:
