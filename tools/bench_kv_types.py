@@ -42,13 +42,17 @@ GGML = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 
 class EdgeboxDecoder:
-    def __init__(self, path: str, cache_type: str, context: int, steps: int, threads: int):
+    def __init__(self, path: str, cache_type: str, context: int, steps: int, threads: int, serial_attention: bool = False):
         import numba
         import numpy as np
 
         import edgebox
 
         numba.set_num_threads(threads)
+        if serial_attention:  # attention on one thread at any context (the matmuls keep theirs)
+            from edgebox.kernels import backend
+
+            backend.PARALLEL_DECODE_CONTEXT = 1 << 62
         self.np = np
         self.m = m = edgebox.load(
             path, chips=1, n_ctx=context + steps + 1, backend="numba", cache_type_k=cache_type, cache_type_v=cache_type
@@ -82,7 +86,7 @@ class EdgeboxDecoder:
 
 
 class LlamaCppDecoder:
-    def __init__(self, path: str, cache_type: str, context: int, steps: int, threads: int):
+    def __init__(self, path: str, cache_type: str, context: int, steps: int, threads: int, serial_attention: bool = False):
         import llama_cpp
         import numpy as np
 
@@ -124,7 +128,7 @@ class LlamaCppDecoder:
 
 def child(spec: dict) -> None:
     cls = EdgeboxDecoder if spec["runner"] == "edgebox" else LlamaCppDecoder
-    r = cls(spec["model"], spec["type"], spec["context"], spec["steps"], spec["threads"])
+    r = cls(spec["model"], spec["type"], spec["context"], spec["steps"], spec["threads"], spec.get("serial_attention", False))
     print(TAG + json.dumps({"kv_bytes_per_token": r.kv_bytes_per_token}), flush=True)
     for line in sys.stdin:
         print(TAG + json.dumps(r.decode(json.loads(line))), flush=True)
@@ -190,11 +194,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?")
     p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--types", default="f16,q8_0")
+    p.add_argument("--types", default="f16,q8_0", help="cache types; TYPE:serial runs that one's attention on one thread")
     p.add_argument("--bursts", type=int, default=6)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--llama-cpp", action="store_true")
+    p.add_argument("--serial-attention", action="store_true", help="edgebox: attention on one thread at any context")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child")
     args = p.parse_args()
@@ -209,12 +214,21 @@ def main() -> None:
         "kv_bytes_per_token": kv_bytes_table(args.model),
     }
     for runner in ["edgebox"] + (["llama.cpp"] if args.llama_cpp else []):
-        spec = {"runner": runner, "model": args.model, "context": args.context, "steps": args.steps, "threads": args.threads}
+        spec = {
+            "runner": runner,
+            "model": args.model,
+            "context": args.context,
+            "steps": args.steps,
+            "threads": args.threads,
+            "serial_attention": args.serial_attention,
+        }
         children = []
         try:
             for t in types:  # one at a time: each fills its cache alone
                 print(f"{runner} {t}: loading and filling {args.context} slots", file=sys.stderr, flush=True)
-                children.append(Child({**spec, "type": t}))
+                name, _, how = t.partition(":")  # "f16:serial": that type with attention on one thread
+                children.append(Child({**spec, "type": name, "serial_attention": spec["serial_attention"] or how == "serial"}))
+                children[-1].name = f"{runner} {t}"
             times = paired(children, args.bursts, args.steps)
         finally:
             for c in children:

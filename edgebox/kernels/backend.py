@@ -26,7 +26,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numba
 import numpy as np
 
 from edgebox.gguf.loader import Matrix
@@ -200,7 +199,6 @@ class NumbaOps:
             start,
             order,
             hstart,
-            self._attention_threads(start + 1),
         )
 
     def hadamard(self, x: np.ndarray, n: int) -> np.ndarray:
@@ -208,13 +206,6 @@ class NumbaOps:
         y = np.array(x, np.float32, order="C")
         kv_quant.fwht_rows(y.reshape(-1, y.shape[-1]), n)
         return y
-
-    def _attention_threads(self, n_keys: int) -> int:
-        """Threads a one-token attention over ``n_keys`` cached keys is spread over: all of
-        numba's from PARALLEL_DECODE_CONTEXT keys on a thread-safe threading layer, else 1."""
-        if n_keys >= PARALLEL_DECODE_CONTEXT and self._att.threading_layer_is_threadsafe():
-            return numba.get_num_threads()
-        return 1
 
     def decode_ffn_block(self, lw, h: np.ndarray, n_ffn: int, n_embd: int) -> np.ndarray | None:
         """One token's FFN rows on one chip in one compiled call: h [D] -> partial sum [D]."""

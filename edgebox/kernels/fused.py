@@ -102,38 +102,14 @@ def _linear_runs(runs, n_out, x):
 
 @njit(nogil=True, cache=True)
 def attention_decode_block(
-    h,
-    wqkv,
-    bias,
-    wo,
-    n_o_pad,
-    n_embd,
-    nh,
-    nkv,
-    hd,
-    cos,
-    sin,
-    neox,
-    kc,
-    vc,
-    tk,
-    tv,
-    rot_k,
-    rot_v,
-    layer,
-    start,
-    order,
-    hstart,
-    n_threads,
+    h, wqkv, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos, sin, neox, kc, vc, tk, tv, rot_k, rot_v, layer, start, order, hstart
 ):
     """One chip's attention for one token: h float32 [D] -> its partial sum [D]; the token's
     key and value go to slot ``start`` of kc, vc (uint16 [n_layer, n_ctx, Hkv_c, hd] float16
     bits, or uint8 [..., row bytes] GGML blocks; tk, tv: their ``kv_quant`` type codes) and it
     attends over slots 0..start (the cache holds positions in slot order); rot_k, rot_v: the
-    Hadamard rotations of a quantized K and V (0: none; ``kv_quant``). n_threads > 1: the
-    attention's KV heads spread over numba's threads (the same per-head arithmetic, so the same
-    result), as the step-by-step path does over a long context. wqkv: the runs of the chip's
-    q/k/v stack (one per weight type)."""
+    Hadamard rotations of a quantized K and V (0: none; ``kv_quant``). wqkv: the runs of the
+    chip's q/k/v stack (one per weight type)."""
     # project to q, k, v (+bias on qwen2)
     qkv = _linear_runs(wqkv, (nh + 2 * nkv) * hd, h)  # [(Hc + 2 Hkv_c)*hd]
     for i in range(bias.shape[0]):
@@ -153,25 +129,8 @@ def attention_decode_block(
     # attention over the cache
     q = qk[0, :nh].copy()  # [Hc, hd]
     att = np.empty((nh, hd), np.float32)
-    if n_threads > 1:
-        one = np.zeros(1, np.int64)
-        A.decode_batch_kernel_parallel(
-            q.reshape(1, nh, hd),
-            kc.reshape((1,) + kc.shape),
-            vc.reshape((1,) + vc.shape),
-            tk,
-            tv,
-            layer,
-            one,
-            one + start + 1,
-            order,
-            hstart,
-            att.reshape(1, nh, hd),
-            n_threads,
-        )
-    else:
-        sc = np.empty((nh, start + 1), np.float32)
-        A._decode_heads(q, kc[layer], vc[layer], tk, tv, start + 1, order, hstart, 0, nkv, att, sc)
+    sc = np.empty((nh, start + 1), np.float32)
+    A._decode_heads(q, kc[layer], vc[layer], tk, tv, start + 1, order, hstart, 0, nkv, att, sc)
     if rot_v:
         fwht_rows(att, rot_v)
     # this chip's columns of the output projection

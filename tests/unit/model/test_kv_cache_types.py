@@ -183,13 +183,13 @@ def test_one_call_decode_equals_the_step_by_step_path():
 
 
 @pytest.mark.parametrize("types", [("f16", "f16"), ("q8_0", "q4_0")])
-def test_one_call_decode_over_a_long_context_spreads_attention_and_agrees(types):
-    """From PARALLEL_DECODE_CONTEXT cached keys the one-call block spreads its attention over
-    numba's threads, as the step-by-step path does: the same per-head arithmetic, the same logits."""
+def test_one_call_decode_over_a_long_context_agrees_with_the_step_path(types):
+    """Past PARALLEL_DECODE_CONTEXT cached keys the step-by-step path spreads attention over
+    numba's threads while the one-call block keeps it on its chip thread: the same per-head
+    arithmetic, the same logits."""
     from edgebox.kernels.backend import PARALLEL_DECODE_CONTEXT
 
     m = edgebox.load(TEST_MODEL, chips=1, backend="numba", cache_type_k=types[0], cache_type_v=types[1])
-    assert m.box.ops._attention_threads(PARALLEL_DECODE_CONTEXT) >= 1 and m.box.ops._attention_threads(8) == 1
     ids = RNG.integers(10, 30000, PARALLEL_DECODE_CONTEXT + 40).astype(np.int32)
     kvs = [m.transformer.new_cache(len(ids) + 4) for _ in range(2)]
     for kv in kvs:
