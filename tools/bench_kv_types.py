@@ -18,7 +18,8 @@ real ``context``-token prompt, as it has no other way in; its bursts are then ro
 same way (kv cache seq_rm).
 
 Prints KV bytes per token of every type on the file and one line per type; ``--json`` for the
-figures.
+figures. ``--attention-only``: instead, the decode attention kernel alone over every layer's
+cache (random values, ``--bursts`` rounds, the types taking turns) in this process.
 """
 
 from __future__ import annotations
@@ -169,6 +170,32 @@ class Child:
         self.proc.wait(timeout=60)
 
 
+def attention_only(path: str, context: int, types: list[str], rounds: int) -> dict:
+    """The decode attention of one token over every layer of the file's shape (the kernel the
+    one-call block runs, on this thread), caches of random values, ``context`` keys: each type's
+    median seconds per token over ``rounds`` rounds, the types taking turns. The caches (one per
+    layer, 1 GB in f16 for the 7B at 2048) stream from DRAM as in a real step."""
+    import numpy as np
+
+    from edgebox.gguf.loader import load_gguf
+    from edgebox.kernels import attention, kv_quant
+
+    a = load_gguf(path).args
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((context, a.n_head_kv, a.head_dim), dtype=np.float32)
+    q = rng.standard_normal((a.n_head, a.head_dim), dtype=np.float32)
+    caches = {t: [(kv_quant.quantize(k, t), kv_quant.quantize(k, t)) for _ in range(a.n_layer)] for t in types}
+    times: dict[str, list[float]] = {t: [] for t in types}
+    for r in range(rounds + 1):
+        for t in types if r % 2 else types[::-1]:
+            t0 = time.perf_counter()
+            for kc, vc in caches[t]:
+                attention.attention_decode(q, kc, vc, context)
+            if r:  # the first round compiles and warms
+                times[t].append(time.perf_counter() - t0)
+    return {t: {"s_median": statistics.median(v), "s_rounds": v} for t, v in times.items()}
+
+
 def kv_bytes_table(path: str) -> dict[str, int]:
     from edgebox.gguf.loader import load_gguf
     from edgebox.kernels.kv_quant import CACHE_TYPES, kv_row_bytes
@@ -200,6 +227,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--llama-cpp", action="store_true")
     p.add_argument("--serial-attention", action="store_true", help="edgebox: attention on one thread at any context")
+    p.add_argument(
+        "--attention-only", action="store_true", help="time only the decode attention kernel, every layer, in this process"
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--child")
     args = p.parse_args()
@@ -207,6 +237,13 @@ def main() -> None:
         child(json.loads(args.child))
         return
     types = args.types.split(",")
+    if args.attention_only:
+        res = attention_only(args.model, args.context, types, args.bursts)
+        if args.json:
+            print(json.dumps(res, indent=1))
+        for t, v in res.items():
+            print(f"attention of one token, all layers, {args.context} keys, {t}: {v['s_median'] * 1000:.1f} ms")
+        return
     report: dict = {
         "model": args.model,
         "context": args.context,
