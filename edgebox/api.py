@@ -18,6 +18,7 @@ from edgebox.chips.box import Box
 from edgebox.errors import ContextOverflowError, EdgeboxError
 from edgebox.gguf.loader import LoadedModel, load_gguf
 from edgebox.kernels.backend import BACKENDS, DEFAULT_BACKEND
+from edgebox.kernels.kv_quant import cache_type
 from edgebox.model import KVCache, Transformer
 from edgebox.model.kv_cache import Segment, step_cost
 from edgebox.text.chat import check_chat_template, render_chat
@@ -61,6 +62,8 @@ def load(
     n_ctx: int | None = None,
     profile: str | None = None,
     backend: str = DEFAULT_BACKEND,
+    cache_type_k: str = "f16",
+    cache_type_v: str = "f16",
 ) -> Model:
     """Map a GGUF model (no weights are copied) and split it over ``chips`` chips.
 
@@ -70,7 +73,10 @@ def load(
     ``backend``: "numba" (the JIT kernels), "onnxruntime" (its MatMulNBits for the matmuls),
     "auto" (numba or onnxruntime per weight shape and batch size, timed on this CPU once and
     cached: ``kernels.autotune``) or "ref" (the numpy reference, slow and exact).
+    ``cache_type_k``, ``cache_type_v``: the KV cache's element types, llama.cpp's names "f16"
+    (default), "q8_0" or "q4_0" (``kernels.kv_quant``); a bad one is refused before the file is read.
     """
+    cache_types = (cache_type(cache_type_k, "cache_type_k"), cache_type(cache_type_v, "cache_type_v"))
     if backend not in BACKENDS:
         raise EdgeboxError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     loaded = load_gguf(default_model_path() if path is None else path)
@@ -79,7 +85,16 @@ def load(
         loaded.file.fields.get("tokenizer.chat_template"), loaded.file.path.name, **_special_texts(loaded.tokenizer)
     )
     n_ctx = context_size(n_ctx, loaded.args.n_ctx_train)  # refused before the chips start
-    box = Box(loaded.args, loaded.weights, chips, profile=profile, backend=backend, source=loaded.file.path.name)
+    box = Box(
+        loaded.args,
+        loaded.weights,
+        chips,
+        profile=profile,
+        backend=backend,
+        source=loaded.file.path.name,
+        cache_type_k=cache_types[0],
+        cache_type_v=cache_types[1],
+    )
     return Model(loaded, box, n_ctx=n_ctx)
 
 

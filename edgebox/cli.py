@@ -30,10 +30,31 @@ app = typer.Typer(
 ModelArg = typer.Argument(None, help="GGUF model file (default: the bundled tiny model)", show_default=False)
 
 
-def _load(model: Path | None, chips: int = 1, n_ctx: int | None = None, profile: str | None = None, backend: str = "numba"):
+def _load(
+    model: Path | None,
+    chips: int = 1,
+    n_ctx: int | None = None,
+    profile: str | None = None,
+    backend: str = "numba",
+    cache_types: tuple[str, str] = ("f16", "f16"),
+):
     import edgebox
 
-    return edgebox.load(model, chips=chips, n_ctx=n_ctx, profile=profile, backend=backend)
+    return edgebox.load(
+        model,
+        chips=chips,
+        n_ctx=n_ctx,
+        profile=profile,
+        backend=backend,
+        cache_type_k=cache_types[0],
+        cache_type_v=cache_types[1],
+    )
+
+
+def _cache_type_opt(which: str):
+    return typer.Option(
+        "f16", f"--cache-type-{which}", help=f"KV cache type of {which.upper()}: f16, q8_0 or q4_0 (llama.cpp's names)"
+    )
 
 
 def _weight_cache(no_weight_cache: bool, weight_cache_gib: float | None) -> None:
@@ -83,6 +104,8 @@ def run(
     chips: int = typer.Option(4, "--chips", min=1, help="chips to split the model over (the box has four)"),
     ctx: int | None = typer.Option(None, "--ctx", min=1, help="context size (default: min(4096, the model's))"),
     backend: str = _backend_opt(),
+    cache_type_k: str = _cache_type_opt("k"),
+    cache_type_v: str = _cache_type_opt("v"),
     no_weight_cache: bool = NoWeightCacheOpt,
     weight_cache_gib: float | None = WeightCacheGibOpt,
     spec: str = typer.Option("none", "--spec", help="speculative decoding: none, ngram (prompt lookup) or draft (--model-draft)"),
@@ -100,7 +123,7 @@ def run(
         raise EdgeboxError("--spec draft needs --model-draft FILE: a smaller GGUF with the model's tokenizer")
 
     _weight_cache(no_weight_cache, weight_cache_gib)
-    m = _load(model, chips, ctx, backend=backend)
+    m = _load(model, chips, ctx, backend=backend, cache_types=(cache_type_k, cache_type_v))
     text = prompt
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -176,6 +199,8 @@ def serve(
     chips: int | None = _opt("--chips", help="chips to split the model over (default 4)"),
     ctx: int | None = _opt("--ctx", help="context size (default: min(4096, the model's))"),
     backend: str | None = _opt("--backend", help="matmul kernels: numba, onnxruntime, auto or ref (default auto)"),
+    cache_type_k: str | None = _opt("--cache-type-k", help="KV cache type of K: f16, q8_0 or q4_0 (default f16)"),
+    cache_type_v: str | None = _opt("--cache-type-v", help="KV cache type of V: f16, q8_0 or q4_0 (default f16)"),
     max_batch: int | None = _opt("--max-batch", help="sequences decoded together at most (default 8)"),
     spec: str | None = _opt(
         "--spec", help="speculative decoding: none, ngram (prompt lookup) or draft (--model-draft) (default none)"
@@ -503,6 +528,8 @@ def plan(
     ),
     budget: float = typer.Option(10.0, "--budget", help="power budget in watts"),
     context: int = typer.Option(512, "--context", min=1, help="tokens of context per sequence"),
+    cache_type_k: str = _cache_type_opt("k"),
+    cache_type_v: str = _cache_type_opt("v"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Capacity planning: per-chip memory, predicted tok/s and watts at every DVFS level and batch."""
@@ -510,7 +537,7 @@ def plan(
 
     from edgebox.commands.plan import format_plan, make_plan
 
-    m = _load(model, chips, profile=profile)
+    m = _load(model, chips, profile=profile, cache_types=(cache_type_k, cache_type_v))
     p = make_plan(m, budget, context=context)
     typer.echo(json.dumps(p.to_dict(), indent=1) if json_out else format_plan(p))
 
@@ -567,6 +594,8 @@ def bench(
         1, "--chips", min=1, help="chips to split the model over (1: the host's own speed, as llama.cpp runs)"
     ),
     backend: str = _backend_opt(),
+    cache_type_k: str = _cache_type_opt("k"),
+    cache_type_v: str = _cache_type_opt("v"),
     concurrency: str = typer.Option("", "--concurrency", help="engine levels, e.g. 1,4,8,16 (adds the hot-standby TTFT)"),
     vs_llama_cpp: bool = typer.Option(False, "--vs-llama-cpp", help="run llama.cpp on the same file and threads, print ratios"),
     rounds: int = typer.Option(
@@ -603,11 +632,14 @@ def bench(
     path = model or _default_model()
     if not Path(path).is_file():
         raise EdgeboxError(f"{path}: no such model file")
+    from edgebox.kernels.kv_quant import cache_type
+
+    cache_types = (cache_type(cache_type_k, "--cache-type-k"), cache_type(cache_type_v, "--cache-type-v"))
     if startup:
         report = run_startup_bench(path, threads, vs_llama_cpp, rounds, backend)
         typer.echo(json.dumps(report, indent=1) if json_out else format_startup(report))
         return
-    report = run_bench(path, threads, lens, n_decode, vs_llama_cpp, chips, levels, backend, rounds)
+    report = run_bench(path, threads, lens, n_decode, vs_llama_cpp, chips, levels, backend, rounds, cache_types)
     typer.echo(json.dumps(report, indent=1) if json_out else format_report(report))
 
 

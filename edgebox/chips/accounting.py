@@ -32,6 +32,7 @@ def chip_work(chip) -> ChipWork:
         head=tuple(chip.head_matmuls),
         n_heads=chip.n_heads,
         n_kv=chip.n_kv,
+        kv_bytes=chip.kv_bytes_per_layer,
     )
 
 

@@ -34,7 +34,7 @@ class DecodeBatch:
 class AttentionStep:
     """What a step's attention reads besides the activations. Segment i is rows
     ``rows[i]:rows[i+1]`` of the step; its keys and values go to its KV cache ``caches[i]``
-    (``k``/``v`` per chip [L, n_ctx, Hkv_c, hd] f16, ``pos`` [n_ctx] the rope position of each
+    (``k``/``v`` per chip [L, n_ctx, Hkv_c, hd] f16 or q8_0/q4_0 blocks, ``pos`` [n_ctx] the rope position of each
     slot) from slot ``starts[i]`` on. Built once per step (``Box.attention_step``)."""
 
     positions: np.ndarray  # [R] rope position of each row
@@ -70,7 +70,18 @@ def attention(chip: Chip, layer: int, h: np.ndarray, step: AttentionStep) -> np.
         # one token of one sequence: the whole block in one compiled call where the backend has one
         kv = caches[0]
         out = ops.decode_attention_block(
-            lw, h[0], int(positions[0]), kv.k[chip.index], kv.v[chip.index], layer, step.starts[0], nh, nkv, chip.kv_of_head, a
+            lw,
+            h[0],
+            int(positions[0]),
+            kv.k[chip.index],
+            kv.v[chip.index],
+            layer,
+            step.starts[0],
+            nh,
+            nkv,
+            chip.kv_of_head,
+            a,
+            chip.kv_rot,
         )  # [D]
         if out is not None:
             return out[None]
@@ -86,6 +97,11 @@ def attention(chip: Chip, layer: int, h: np.ndarray, step: AttentionStep) -> np.
     )  # [R, Hc + Hkv_c, hd]
     q, k = qk[:, :nh], qk[:, nh:]  # [R, Hc, hd], [R, Hkv_c, hd]
     v = qkv[:, (nh + nkv) * hd :].reshape(R, nkv, hd)  # [R, Hkv_c, hd]
+    rot_k, rot_v = chip.kv_rot  # a quantized cache holds K and V in a Hadamard basis (kv_quant)
+    if rot_k:  # q.k is unchanged: both turn by the same orthonormal H
+        q, k = ops.hadamard(q, rot_k), ops.hadamard(k, rot_k)
+    if rot_v:
+        v = ops.hadamard(v, rot_v)
 
     att = np.empty((R, nh * hd), np.float32)  # [R, Hc*hd]
     if decode is not None:
@@ -101,10 +117,12 @@ def attention(chip: Chip, layer: int, h: np.ndarray, step: AttentionStep) -> np.
         if decode is not None and i in decode.members:
             continue
         r0, r1, start = rows[i], rows[i + 1], starts[i]
-        kc, vc = kv.k[chip.index][layer], kv.v[chip.index][layer]  # [n_ctx, Hkv_c, hd] f16
-        kc[start : start + r1 - r0] = k[r0:r1]
-        vc[start : start + r1 - r0] = v[r0:r1]
+        kv.store(chip.index, layer, start, k[r0:r1], v[r0:r1])  # converted to the cache's types
+        kc, vc = kv.k[chip.index][layer], kv.v[chip.index][layer]  # [n_ctx, Hkv_c, hd] f16 (or blocks)
         att[r0:r1] = ops.attention(q[r0:r1], kc, vc, start, positions[r0:r1], kv.pos, chip.kv_of_head)
+
+    if rot_v:  # the values' basis back (H @ H = I)
+        att = ops.hadamard(att.reshape(R, nh, hd), rot_v).reshape(R, nh * hd)
 
     # this chip's columns of the output projection: a partial sum
     return lw.wo(att)  # [R, D]

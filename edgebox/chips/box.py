@@ -28,7 +28,7 @@ from edgebox.errors import ModelError
 from edgebox.gguf.args import ModelArgs
 from edgebox.gguf.loader import Weights
 from edgebox.hw.profile import ChipProfile, load_profile
-from edgebox.kernels import packcache
+from edgebox.kernels import kv_quant, packcache
 from edgebox.kernels.backend import DEFAULT_BACKEND, get_ops
 from edgebox.kernels.linear import prepare_linear
 from firmware_stub.firmware import Firmware
@@ -52,9 +52,15 @@ class Box:
         backend: str = DEFAULT_BACKEND,
         firmware=None,
         source: str = "",
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
     ):
         self.args = args
         self.n_chips = n_chips
+        # the KV cache's element types (llama.cpp's --cache-type-k/-v), checked against the head size
+        self.cache_types = (kv_quant.cache_type(cache_type_k, "cache_type_k"), kv_quant.cache_type(cache_type_v, "cache_type_v"))
+        kv_quant.cache_row_shape(self.cache_types[0], args.head_dim, "cache_type_k")
+        kv_quant.cache_row_shape(self.cache_types[1], args.head_dim, "cache_type_v")
         self.profile = (
             profile if isinstance(profile, ChipProfile) else load_profile(profile or ("host" if n_chips == 1 else "r100-edge"))
         )
@@ -93,6 +99,7 @@ class Box:
                 self.profile,
                 args,
                 ops,
+                self.cache_types,
             )
             for i, s in enumerate(shards)
         ]
@@ -111,7 +118,8 @@ class Box:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """KV-cache bytes one token of context costs, over all chips (replicated KV heads included)."""
+        """KV-cache bytes one token of context costs, over all chips (replicated KV heads included),
+        in the cache's types."""
         return sum(chip.kv_bytes_per_token for chip in self.chips)
 
     def publish_firmware(self, root, publish_interval_s: float = 0.02) -> Firmware:

@@ -21,7 +21,7 @@ from edgebox.gguf.file import release_view_pages
 from edgebox.gguf.loader import Matrix
 from edgebox.gguf.quant_types import is_quantized
 from edgebox.hw.profile import ChipProfile
-from edgebox.hw.step import KV_BYTES
+from edgebox.kernels.kv_quant import kv_row_bytes, rotation_k, rotation_v
 from edgebox.kernels.linear import prepare_linear
 
 
@@ -137,6 +137,7 @@ class Chip:
         profile: ChipProfile,
         args: ModelArgs,
         ops,
+        cache_types: tuple[str, str] = ("f16", "f16"),
     ):
         self.index = shard.chip
         self.args = args
@@ -155,7 +156,11 @@ class Chip:
             + sum(m.nbytes for layer in layers for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down) if m is not None)
             + (lm_head.nbytes if lm_head is not None else 0)
         )
-        self.kv_bytes_per_token = 2 * args.n_layer * self.n_kv * hd * KV_BYTES
+        # one token's K and V rows of every layer, in the cache's types (GGML row sizes)
+        self.kv_bytes_per_layer = self.n_kv * (kv_row_bytes(cache_types[0], hd) + kv_row_bytes(cache_types[1], hd))
+        self.kv_bytes_per_token = args.n_layer * self.kv_bytes_per_layer
+        # Hadamard rotations of a quantized cache (kv_quant: llama.cpp's attn_rot_k/attn_rot_v)
+        self.kv_rot = (rotation_k(cache_types[0], hd), rotation_v(cache_types[1], hd))
         self.clock_s = 0.0
         # per layer, the matmuls of each half-layer as (n_out, n_in, weight bytes, int8?)
         self.attn_matmuls = [layer.attn_shapes for layer in layers]

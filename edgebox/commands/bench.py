@@ -79,7 +79,9 @@ DECODE_BURST = 8  # decode steps one runner takes before the other takes its tur
 class EdgeboxRunner:
     name = "edgebox"
 
-    def __init__(self, model_path, threads: int, n_ctx: int, chips: int = 1, backend: str | None = None):
+    def __init__(
+        self, model_path, threads: int, n_ctx: int, chips: int = 1, backend: str | None = None, cache_types=("f16", "f16")
+    ):
         import numba
 
         import edgebox
@@ -87,6 +89,7 @@ class EdgeboxRunner:
         numba.set_num_threads(threads)
         t0 = time.perf_counter()
         kwargs = {"backend": backend} if backend else {}
+        kwargs.update(cache_type_k=cache_types[0], cache_type_v=cache_types[1])
         self.model = m = edgebox.load(model_path, chips=chips, n_ctx=n_ctx, **kwargs)
         m.prepare(progress=True)
         self.load_s = time.perf_counter() - t0
@@ -129,7 +132,7 @@ class EdgeboxRunner:
 class LlamaCppRunner:
     name = "llama.cpp"
 
-    def __init__(self, model_path, threads: int, n_ctx: int):
+    def __init__(self, model_path, threads: int, n_ctx: int, cache_types=("f16", "f16")):
         try:
             import llama_cpp
         except ImportError:
@@ -139,8 +142,15 @@ class LlamaCppRunner:
                 "--vs-llama-cpp needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp, ~10 min)"
             ) from None
         t0 = time.perf_counter()
+        # a quantized KV cache as llama.cpp runs it: GGML types, flash attention (which quantized V needs)
+        ggml = {"f16": 1, "q8_0": 8, "q4_0": 2}
+        kv = (
+            {}
+            if cache_types == ("f16", "f16")
+            else dict(type_k=ggml[cache_types[0]], type_v=ggml[cache_types[1]], flash_attn=True)
+        )
         self.llm = llama_cpp.Llama(
-            model_path=str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+            model_path=str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False, **kv
         )
         self.load_s = time.perf_counter() - t0
         self.kv_gib = 0.0
@@ -571,6 +581,7 @@ def run_bench(
     concurrency: tuple[int, ...] = (),
     backend: str | None = None,
     rounds: int = 1,
+    cache_types: tuple[str, str] = ("f16", "f16"),
 ) -> dict:
     """Each runner in a process of its own (its peak RSS is its own, neither inherits the other's
     threads). Both stay loaded; every measurement is taken ``rounds`` times, the runners taking
@@ -579,7 +590,7 @@ def run_bench(
     are each runner's best round."""
     model_path = str(Path(model_path).resolve())
     n_ctx = max(*prompt_lens, TTFT_PROMPT) + n_decode + 8
-    base = {"model": model_path, "threads": threads}
+    base = {"model": model_path, "threads": threads, "cache_types": list(cache_types)}
     children = [
         _Child(
             {**base, "runner": "edgebox", "chips": chips, "backend": backend, "n_ctx": max(n_ctx, 160) if concurrency else n_ctx}
@@ -630,6 +641,7 @@ def run_bench(
         "threads": threads,
         "chips": chips,
         "backend": backend or "default",
+        "cache_types": list(cache_types),
         "rounds": rounds,
         "edgebox": asdict(results[0]),
     }
@@ -700,9 +712,16 @@ def format_report(r: dict) -> str:
 def _serve(spec: dict) -> None:
     """A runner process: load, say ready, then answer the parent's calls (one JSON per line on stdin)."""
     if spec["runner"] == "edgebox":
-        runner = EdgeboxRunner(spec["model"], spec["threads"], spec["n_ctx"], chips=spec["chips"], backend=spec.get("backend"))
+        runner = EdgeboxRunner(
+            spec["model"],
+            spec["threads"],
+            spec["n_ctx"],
+            chips=spec["chips"],
+            backend=spec.get("backend"),
+            cache_types=tuple(spec.get("cache_types", ("f16", "f16"))),
+        )
     else:
-        runner = LlamaCppRunner(spec["model"], spec["threads"], spec["n_ctx"])
+        runner = LlamaCppRunner(spec["model"], spec["threads"], spec["n_ctx"], tuple(spec.get("cache_types", ("f16", "f16"))))
 
     def reply(value) -> None:
         print(RESULT_TAG + json.dumps(value), flush=True)

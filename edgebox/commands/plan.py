@@ -1,6 +1,7 @@
 """Capacity planning (``edgebox plan``): what a box of N chips does with a model, before buying it.
 
-Per-chip memory comes from the real partition plan of the file (uneven splits included); speed
+Per-chip memory comes from the real partition plan of the file (uneven splits included) and the KV
+cache's types (``--cache-type-k/-v``: its bytes per token, and the KV bytes each decode step reads); speed
 and power per (DVFS level, batch) from steady decode priced by the one step-cost model
 (``edgebox.hw.step.step_cost``) on the box's own shards: what the chips would be charged.
 """
@@ -31,7 +32,9 @@ class Plan:
     n_chips: int
     context: int
     weights_gib_per_chip: list[float]
-    kv_mib_per_token_per_chip: list[float]
+    kv_mib_per_token_per_chip: list[float]  # in the cache's types
+    cache_type_k: str
+    cache_type_v: str
     capacity_gib: float
     max_batch_that_fits: int
     points: list[PlanPoint]
@@ -72,6 +75,7 @@ def make_plan(m: Model, budget_w: float, batches: tuple[int, ...] = (1, 2, 4, 8,
         context,
         [c.weight_bytes / 2**30 for c in box.chips],
         [c.kv_bytes_per_token / 2**20 for c in box.chips],
+        *box.cache_types,
         p.capacity_bytes / 2**30,
         fits,
         points,
@@ -85,8 +89,8 @@ def format_plan(plan: Plan) -> str:
         f"profile {plan.profile}, {plan.n_chips} chip(s), context {plan.context} tokens, budget {plan.budget_w:g} W",
         "per chip: weights "
         + ", ".join(f"{g:.2f}" for g in plan.weights_gib_per_chip)
-        + f" GiB of {plan.capacity_gib:g} GiB; KV cache "
-        + ", ".join(f"{k * 1024:.0f}" for k in plan.kv_mib_per_token_per_chip)
+        + f" GiB of {plan.capacity_gib:g} GiB; KV cache ({plan.cache_type_k}/{plan.cache_type_v}) "
+        + ", ".join(f"{k * 1024:.1f}" for k in plan.kv_mib_per_token_per_chip)
         + f" KiB per token; room for {plan.max_batch_that_fits} sequences of {plan.context} tokens",
         "",
     ]

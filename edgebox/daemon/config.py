@@ -74,6 +74,12 @@ class DaemonConfig(BaseModel):
         pattern="^(numba|onnxruntime|auto|ref)$",
         description="matmul kernels: numba, onnxruntime, auto (the faster per shape, timed once and cached) or ref",
     )
+    cache_type_k: str = Field(
+        "f16", pattern="^(f16|q8_0|q4_0)$", description="KV cache type of K: f16, q8_0 or q4_0 (llama.cpp's --cache-type-k)"
+    )
+    cache_type_v: str = Field(
+        "f16", pattern="^(f16|q8_0|q4_0)$", description="KV cache type of V: f16, q8_0 or q4_0 (llama.cpp's --cache-type-v)"
+    )
     weight_cache: bool | None = Field(
         None,
         description="read and write the packed-weight cache under $EDGEBOX_CACHE_DIR/packed (default: on, or EDGEBOX_WEIGHT_CACHE)",

@@ -38,10 +38,12 @@ class ModelHost:
         power=None,
         backend: str = "auto",
         spec: tuple[str, int, Path | None] = ("none", 8, None),
+        cache_types: tuple[str, str] = ("f16", "f16"),
     ):
         self.max_batch, self.max_queue, self.kv_budget_bytes = max_batch, max_queue, kv_budget_bytes
         self.backend = backend
         self.spec = spec  # (kind, draft_max, draft model file): engine.speculative
+        self.cache_types = cache_types  # the KV cache's K and V types (llama.cpp's --cache-type-k/-v)
         self.power = power  # BoxPower: firmware + governor of the loaded model
         self.state = "unloaded"
         self.info: dict | None = None
@@ -67,7 +69,14 @@ class ModelHost:
             raise Busy("a model is already being loaded or unloaded; retry when it is done")
         try:
             t0 = time.perf_counter()
-            model = edgebox.load(path, chips=chips, n_ctx=ctx, backend=self.backend)  # ModelError leaves the old model serving
+            model = edgebox.load(
+                path,
+                chips=chips,
+                n_ctx=ctx,
+                backend=self.backend,
+                cache_type_k=self.cache_types[0],
+                cache_type_v=self.cache_types[1],
+            )  # ModelError leaves the old model serving
             kind, draft_max, draft_path = self.spec
             speculative, draft = Speculative(kind, draft_max, model_draft=draft_path and str(draft_path)), None
             if kind == "draft":
@@ -113,6 +122,8 @@ class ModelHost:
                 "quant_mix": quant_mix(model.file.tensors.values()),
                 "chips": chips,
                 "backend": self.backend,
+                "cache_type_k": self.cache_types[0],
+                "cache_type_v": self.cache_types[1],
                 "size_bytes": Path(model.path).stat().st_size,
                 "load_s": round(time.perf_counter() - t0, 3),
                 "warmup_s": round(engine.warmup_s, 3),

@@ -67,6 +67,7 @@ class Service:
             power=self.power,
             backend=self.cfg.backend,
             spec=(self.cfg.spec, self.cfg.draft_max, self.cfg.model_draft),
+            cache_types=(self.cfg.cache_type_k, self.cfg.cache_type_v),
         )
         self.telemetry = TelemetrySampler(self.power.fw_root)
         self.last_telemetry: dict | None = None

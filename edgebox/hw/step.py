@@ -24,7 +24,7 @@ import numpy as np
 from edgebox.hw import cost
 from edgebox.hw.profile import ChipProfile
 
-KV_BYTES = 2  # float16 KV cache
+KV_BYTES = 2  # float16 KV cache (the default; a chip's own cache types give ChipWork.kv_bytes)
 ACT_BYTES = 2  # activations cross the links as fp16
 
 Matmul = tuple[int, int, int, bool]  # (n_out, n_in, weight bytes, int8?) of a matrix as a chip holds it
@@ -69,6 +69,7 @@ class ChipWork:
     head: tuple[Matmul, ...]  # its vocabulary slice of the lm head
     n_heads: int  # query heads it attends with
     n_kv: int  # KV heads it caches
+    kv_bytes: int | None = None  # one token's K and V of one layer in its cache (None: float16)
 
 
 class StepWork:
@@ -99,7 +100,8 @@ class StepWork:
                     rows.append((i, h, 2 * n_out * n_in, 0, 0, w_bytes, (n_in + n_out) * ACT_BYTES, 0, int8))
                 rows.append((i, h, 2 * n_embd, 0, 0, 0, 2 * n_embd * 4, 0, False))  # rms_norm (replicated)
                 if kind == "attn" and c.n_heads:  # attention over its KV cache
-                    rows.append((i, h, 0, 4 * c.n_heads * head_dim, 0, 0, 0, 2 * c.n_kv * head_dim * KV_BYTES, False))
+                    kv_bytes = c.kv_bytes if c.kv_bytes is not None else 2 * c.n_kv * head_dim * KV_BYTES
+                    rows.append((i, h, 0, 4 * c.n_heads * head_dim, 0, 0, 0, kv_bytes, False))
         h = len(counts)
         counts.append(1)  # the lm head (its rows' logits only)
         for i, c in enumerate(chips):

@@ -13,8 +13,8 @@ disk, under a memory rule (``kernels.autotune``); its non-matmul ops are numba's
 
 Which kernel each op takes on the numba backend, and why:
 - matmuls: ``kernels.matmul`` (weights repacked at load, int8 activations for quantized types);
-- attention: ``kernels.attention`` reads the float16 cache in place (decode: one query row per
-  head; prefill: tiled online softmax), so the cache is never converted per step;
+- attention: ``kernels.attention`` reads the float16 or q8_0/q4_0 cache in place (decode: one
+  query row per head; prefill: tiled online softmax), so the cache is never converted per step;
 - rms_norm, rope, SwiGLU: ``kernels.elementwise``;
 - the embedding lookup stays on the reference: it dequantizes only the looked-up rows.
 The weight handles themselves (``RefLinear``, ``NumbaLinear``, ``OrtLinear``, ``AutoLinear``)
@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from edgebox.gguf.loader import Matrix
-from edgebox.kernels import attention, autotune, elementwise, fused, ort, ref
+from edgebox.kernels import attention, autotune, elementwise, fused, kv_quant, ort, ref
 from edgebox.kernels.linear import AutoLinear, NumbaLinear, OrtLinear, RefLinear
 
 # the weight handles live in kernels.linear; importable from here as before
@@ -81,15 +81,23 @@ class RefOps:
         cache_pos: np.ndarray,
         kv_of_head: np.ndarray,
     ) -> np.ndarray:
-        """q [T, Hc, hd] at ``positions`` over cache slots [0, start + T) ([S, Hkv_c, hd] f16) -> [T, Hc*hd]."""
+        """q [T, Hc, hd] at ``positions`` over cache slots [0, start + T) ([S, Hkv_c, hd] f16, or
+        q8_0/q4_0 blocks [S, Hkv_c, hd/32]) -> [T, Hc*hd]. A quantized K sees the query rounded
+        through q8_0, as llama.cpp's dot product (``kv_quant.round_query``)."""
         end = start + len(q)
-        keys = k_cache[:end][:, kv_of_head].astype(np.float32)  # [S, Hc, hd] (the KV head of each query head)
-        values = v_cache[:end][:, kv_of_head].astype(np.float32)  # [S, Hc, hd]
+        keys = kv_quant.dequantize(k_cache[:end][:, kv_of_head])  # [S, Hc, hd] (the KV head of each query head)
+        values = kv_quant.dequantize(v_cache[:end][:, kv_of_head])  # [S, Hc, hd]
+        q = kv_quant.round_query(q, "f16" if k_cache.dtype == np.float16 else "q8_0")
         return ref.attention(q, keys, values, positions, cache_pos[:end])
 
     @staticmethod
     def kv_lists(k_caches: list[np.ndarray], v_caches: list[np.ndarray]) -> tuple:
         return list(k_caches), list(v_caches)
+
+    @staticmethod
+    def hadamard(x: np.ndarray, n: int) -> np.ndarray:
+        """x [..., hd] with each run of n values turned by the Walsh-Hadamard matrix (kv_quant.rotate)."""
+        return kv_quant.rotate(x, n)
 
     @staticmethod
     def decode_attention_block(*args) -> None:
@@ -109,7 +117,8 @@ class RefOps:
         out = np.empty((len(q), q.shape[1] * q.shape[2]), np.float32)
         for b, (kc, vc) in enumerate(zip(*caches)):  # caches: (k caches, v caches)
             s = int(starts[b])
-            kc[layer, s], vc[layer, s] = k[b], v[b]
+            kc[layer, s] = kv_quant.quantize(k[b], kv_quant.name_of(kc))
+            vc[layer, s] = kv_quant.quantize(v[b], kv_quant.name_of(vc))
             out[b] = cls.attention(q[b : b + 1], kc[layer], vc[layer], s, np.array([s]), np.arange(s + 1), kv_of_head)[0]
         return out
 
@@ -151,10 +160,12 @@ class NumbaOps:
         n_kv: int,
         kv_of_head: np.ndarray,
         a,
+        kv_rot: tuple[int, int] = (0, 0),
     ) -> np.ndarray | None:
         """One token's attention block on one chip in one compiled call (``kernels.fused``):
         h [D] -> partial sum [D], its key and value appended at slot ``start`` of the chip's
-        caches [n_layer, n_ctx, Hkv_c, hd]; None when the chip's weights cannot go in one call."""
+        caches [n_layer, n_ctx, Hkv_c, hd]; None when the chip's weights cannot go in one call.
+        kv_rot: the Hadamard rotations of a quantized K and V (``kv_quant.rotation_k/_v``)."""
         if "attn" not in lw.decode_cache:
             lw.decode_cache["attn"] = fused.attention_args(lw.wqkv, lw.bqkv, lw.wo)
             lw.decode_cache["groups"] = self._att.head_groups(n_heads, n_kv, kv_of_head)
@@ -163,6 +174,8 @@ class NumbaOps:
             return None
         cos, sin = self._tables(np.array([position], np.int32), a.n_rot, a.rope_freq_base, a.rope_freq_scale)
         order, hstart = lw.decode_cache["groups"]
+        kc, tk, _ = self._att.cache_view(k_cache, 4, "decode_attention_block", "k")
+        vc, tv, _ = self._att.cache_view(v_cache, 4, "decode_attention_block", "v")
         return fused.attention_decode_block(
             h,
             w[0],
@@ -176,13 +189,23 @@ class NumbaOps:
             cos,
             sin,
             a.rope_neox,
-            k_cache.view(np.uint16),
-            v_cache.view(np.uint16),
+            kc,
+            vc,
+            tk,
+            tv,
+            kv_rot[0],
+            kv_rot[1],
             layer,
             start,
             order,
             hstart,
         )
+
+    def hadamard(self, x: np.ndarray, n: int) -> np.ndarray:
+        """kv_quant.rotate by the fast transform: a new array."""
+        y = np.array(x, np.float32, order="C")
+        kv_quant.fwht_rows(y.reshape(-1, y.shape[-1]), n)
+        return y
 
     def decode_ffn_block(self, lw, h: np.ndarray, n_ffn: int, n_embd: int) -> np.ndarray | None:
         """One token's FFN rows on one chip in one compiled call: h [D] -> partial sum [D]."""

@@ -31,6 +31,7 @@ from numba.extending import overload
 from edgebox.kernels import attention as A
 from edgebox.kernels import elementwise as E
 from edgebox.kernels import matmul_kernels as K
+from edgebox.kernels.kv_quant import fwht_rows
 from edgebox.kernels.linear import AutoLinear, NumbaLinear
 from edgebox.kernels.quants import registry
 
@@ -100,11 +101,15 @@ def _linear_runs(runs, n_out, x):
 
 
 @njit(nogil=True, cache=True)
-def attention_decode_block(h, wqkv, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos, sin, neox, kc, vc, layer, start, order, hstart):
+def attention_decode_block(
+    h, wqkv, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos, sin, neox, kc, vc, tk, tv, rot_k, rot_v, layer, start, order, hstart
+):
     """One chip's attention for one token: h float32 [D] -> its partial sum [D]; the token's
-    key and value go to slot ``start`` of kc, vc (uint16 [n_layer, n_ctx, Hkv_c, hd]) and it
-    attends over slots 0..start (the cache holds positions in slot order). wqkv: the runs of
-    the chip's q/k/v stack (one per weight type)."""
+    key and value go to slot ``start`` of kc, vc (uint16 [n_layer, n_ctx, Hkv_c, hd] float16
+    bits, or uint8 [..., row bytes] GGML blocks; tk, tv: their ``kv_quant`` type codes) and it
+    attends over slots 0..start (the cache holds positions in slot order); rot_k, rot_v: the
+    Hadamard rotations of a quantized K and V (0: none; ``kv_quant``). wqkv: the runs of the
+    chip's q/k/v stack (one per weight type)."""
     # project to q, k, v (+bias on qwen2)
     qkv = _linear_runs(wqkv, (nh + 2 * nkv) * hd, h)  # [(Hc + 2 Hkv_c)*hd]
     for i in range(bias.shape[0]):
@@ -114,15 +119,20 @@ def attention_decode_block(h, wqkv, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos,
     E.apply_rope_kernel(qk, cos, sin, neox)
     # the new key and value into the cache
     v0 = (nh + nkv) * hd
-    for g in range(nkv):
-        for d in range(hd):
-            kc[layer, start, g, d] = E.f32_to_f16(qk[0, nh + g, d])
-            vc[layer, start, g, d] = E.f32_to_f16(qkv[v0 + g * hd + d])
+    v = qkv[v0 : v0 + nkv * hd].copy().reshape(nkv, hd)
+    if rot_k:
+        fwht_rows(qk[0], rot_k)
+    if rot_v:
+        fwht_rows(v, rot_v)
+    A._store_rows(qk[0, nh:], kc[layer, start], tk)
+    A._store_rows(v, vc[layer, start], tv)
     # attention over the cache
     q = qk[0, :nh].copy()  # [Hc, hd]
     att = np.empty((nh, hd), np.float32)
     sc = np.empty((nh, start + 1), np.float32)
-    A._decode_heads(q, kc[layer], vc[layer], start + 1, order, hstart, 0, nkv, att, sc)
+    A._decode_heads(q, kc[layer], vc[layer], tk, tv, start + 1, order, hstart, 0, nkv, att, sc)
+    if rot_v:
+        fwht_rows(att, rot_v)
     # this chip's columns of the output projection
     return _linear(wo, n_o_pad, att.reshape(-1))[:n_embd]
 

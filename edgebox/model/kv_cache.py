@@ -8,22 +8,41 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgebox.gguf.args import ModelArgs
-from edgebox.kernels import ref
+from edgebox.kernels import kv_quant, ref
 
 
 class KVCache:
     """Keys and values of one sequence for every layer, one slice per chip (its KV heads).
 
-    Stored as float16 like llama.cpp's default cache (half the memory of float32). ``np.zeros``
-    maps untouched pages lazily, so a long context costs memory only as it fills. A KV head shared
-    by several chips (fewer KV heads than chips) is held by each of them, as on the hardware.
+    Element types as llama.cpp's ``--cache-type-k`` / ``--cache-type-v`` (``kernels.kv_quant``):
+    f16 (the default, half the memory of float32) stores float16 [L, n_ctx, Hkv_i, hd] per chip;
+    q8_0 / q4_0 store each row of hd values as GGML blocks of 32 (records [L, n_ctx, Hkv_i,
+    hd/32]), quantized when written (:meth:`store`) and dequantized by the attention kernels as
+    they read. ``np.zeros`` maps untouched pages lazily, so a long context costs memory only as
+    it fills. A KV head shared by several chips (fewer KV heads than chips) is held by each of
+    them, as on the hardware.
     """
 
-    def __init__(self, args: ModelArgs, n_ctx: int, kv_heads_per_chip: Sequence[int] | None = None):
+    def __init__(
+        self,
+        args: ModelArgs,
+        n_ctx: int,
+        kv_heads_per_chip: Sequence[int] | None = None,
+        type_k: str = "f16",
+        type_v: str = "f16",
+    ):
         self.n_ctx = n_ctx
+        self.type_k = kv_quant.cache_type(type_k, "cache_type_k")
+        self.type_v = kv_quant.cache_type(type_v, "cache_type_v")
         heads = kv_heads_per_chip or [args.n_head_kv]
-        self.k = [np.zeros((args.n_layer, n_ctx, n, args.head_dim), np.float16) for n in heads]  # per chip [L, n_ctx, Hkv_i, hd]
-        self.v = [np.zeros(k.shape, k.dtype) for k in self.k]  # not zeros_like: that writes every page
+        hd = args.head_dim
+        k_row = kv_quant.cache_row_shape(self.type_k, hd, "cache_type_k")
+        v_row = kv_quant.cache_row_shape(self.type_v, hd, "cache_type_v")
+        k_dtype, v_dtype = kv_quant.cache_dtype(self.type_k), kv_quant.cache_dtype(self.type_v)
+        # per chip [L, n_ctx, Hkv_i, hd] (or [..., hd/32] blocks); not zeros_like: that writes every page
+        self.k = [np.zeros((args.n_layer, n_ctx, n, *k_row), k_dtype) for n in heads]
+        self.v = [np.zeros((args.n_layer, n_ctx, n, *v_row), v_dtype) for n in heads]
+        self.rot_k = kv_quant.rotation_k(self.type_k, hd)  # a quantized K is kept in a Hadamard basis
         self.pos = np.zeros(n_ctx, np.int32)  # [n_ctx] rope position of each filled slot
         self.length = 0  # filled slots
 
@@ -31,8 +50,17 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
 
+    def store(self, chip: int, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Keys and values k, v float32 [n, Hkv_i, hd] into slots start..start+n-1 of one chip's
+        slice, converted to the cache's types."""
+        n = len(k)
+        self.k[chip][layer, start : start + n] = kv_quant.quantize(k, self.type_k)
+        self.v[chip][layer, start : start + n] = kv_quant.quantize(v, self.type_v)
+
     def copy_prefix(self, other: KVCache, n: int) -> None:
-        """Take the first ``n`` slots of ``other`` (the prompt cache)."""
+        """Take the first ``n`` slots of ``other`` (the prompt cache; the same types: its bytes)."""
+        if (other.type_k, other.type_v) != (self.type_k, self.type_v):
+            raise ValueError(f"copy_prefix: cache types {other.type_k}/{other.type_v} into {self.type_k}/{self.type_v}")
         for dst, src in zip(self.k + self.v, other.k + other.v):
             dst[:, :n] = src[:, :n]
         self.pos[:n] = other.pos[:n]
@@ -41,7 +69,9 @@ class KVCache:
     def shift(self, n_keep: int, n_discard: int, args: ModelArgs) -> None:
         """llama.cpp's context shift: forget slots [n_keep, n_keep + n_discard) and move the rest
         down, ``n_discard`` positions earlier. Cached keys carry their rope rotation, so they are
-        rotated back by ``n_discard`` (rotations compose) instead of being recomputed."""
+        rotated back by ``n_discard`` (rotations compose) instead of being recomputed; a quantized
+        K is dequantized, turned back out of its Hadamard basis, roped, turned and quantized
+        again, as llama.cpp's K-shift (build_rope_shift) does."""
         n, end = self.length, self.length - n_discard
         for cache in self.k + self.v:
             cache[:, n_keep:end] = cache[:, n_keep + n_discard : n]
@@ -49,10 +79,9 @@ class KVCache:
         delta = np.full(end - n_keep, -n_discard, np.int32)
         for k in self.k:
             for layer in range(args.n_layer):
-                moved = k[layer, n_keep:end].astype(np.float32)  # [end - n_keep, Hkv_i, hd]
-                k[layer, n_keep:end] = ref.rope(
-                    moved, delta, args.n_rot, args.rope_freq_base, args.rope_freq_scale, args.rope_neox
-                )
+                moved = kv_quant.rotate(kv_quant.dequantize(k[layer, n_keep:end]), self.rot_k)  # [end - n_keep, Hkv_i, hd]
+                roped = ref.rope(moved, delta, args.n_rot, args.rope_freq_base, args.rope_freq_scale, args.rope_neox)
+                k[layer, n_keep:end] = kv_quant.quantize(kv_quant.rotate(roped, self.rot_k), self.type_k)
         self.length = end
 
 

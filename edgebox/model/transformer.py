@@ -29,7 +29,7 @@ class Transformer:
         self.box = box
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(self.args, n_ctx, self.box.kv_heads)
+        return KVCache(self.args, n_ctx, self.box.kv_heads, *self.box.cache_types)
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, kv: KVCache, all_logits: bool = True) -> np.ndarray:
         """One sequence: ``tokens`` [T] at ``positions`` [T] after what ``kv`` holds.
