@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,6 +12,18 @@ from edgebox.gguf.args import ModelArgs
 from edgebox.kernels import kv_quant, ref
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros in their own anonymous mapping: the kernel maps each page on first touch and takes
+    all of them back when the array is freed. ``np.zeros`` is glibc's calloc, which serves sizes
+    under its mmap threshold (raised up to 32 MiB by every large free) from the heap, writing the
+    zeros (every page resident) and keeping them after free: a dry run of a few hundred
+    requests grew by 0.5-1 GB per simulation that way."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+
+
 class KVCache:
     """Keys and values of one sequence for every layer, one slice per chip (its KV heads).
 
@@ -18,8 +31,8 @@ class KVCache:
     f16 (the default, half the memory of float32) stores float16 [L, n_ctx, Hkv_i, hd] per chip;
     q8_0 / q4_0 store each row of hd values as GGML blocks of 32 (records [L, n_ctx, Hkv_i,
     hd/32]), quantized when written (:meth:`store`) and dequantized by the attention kernels as
-    they read. ``np.zeros`` maps untouched pages lazily, so a long context costs memory only as
-    it fills. A KV head shared by several chips (fewer KV heads than chips) is held by each of
+    they read. The arrays are ``lazy_zeros``, so a long reservation costs memory only as it
+    fills. A KV head shared by several chips (fewer KV heads than chips) is held by each of
     them, as on the hardware.
     """
 
@@ -39,9 +52,9 @@ class KVCache:
         k_row = kv_quant.cache_row_shape(self.type_k, hd, "cache_type_k")
         v_row = kv_quant.cache_row_shape(self.type_v, hd, "cache_type_v")
         k_dtype, v_dtype = kv_quant.cache_dtype(self.type_k), kv_quant.cache_dtype(self.type_v)
-        # per chip [L, n_ctx, Hkv_i, hd] (or [..., hd/32] blocks); not zeros_like: that writes every page
-        self.k = [np.zeros((args.n_layer, n_ctx, n, *k_row), k_dtype) for n in heads]
-        self.v = [np.zeros((args.n_layer, n_ctx, n, *v_row), v_dtype) for n in heads]
+        # per chip [L, n_ctx, Hkv_i, hd] (or [..., hd/32] blocks)
+        self.k = [lazy_zeros((args.n_layer, n_ctx, n, *k_row), k_dtype) for n in heads]
+        self.v = [lazy_zeros((args.n_layer, n_ctx, n, *v_row), v_dtype) for n in heads]
         self.rot_k = kv_quant.rotation_k(self.type_k, hd)  # a quantized K is kept in a Hadamard basis
         self.pos = np.zeros(n_ctx, np.int32)  # [n_ctx] rope position of each filled slot
         self.length = 0  # filled slots
