@@ -36,6 +36,21 @@ def _error(status_headers_body):
     return status, headers, e
 
 
+def _streaming(server, body: dict) -> socket.socket:
+    """A raw streaming completion, read until its third event: the caller holds (or drops) it."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    raw = json.dumps(body).encode()
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+    seen = b""
+    while seen.count(b"data: ") < 3:
+        seen += sock.recv(4096)
+    return sock
+
+
 def _value(samples, **labels) -> float:
     return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
 
@@ -303,16 +318,7 @@ def test_queue_full_is_429_with_retry_after(one_slot):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(one_slot):
     before = one_slot.metrics()
-    sock = socket.create_connection(("127.0.0.1", one_slot.port))
-    body = json.dumps({"prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True}).encode()
-    sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    seen = b""
-    while seen.count(b"data: ") < 3:
-        seen += sock.recv(4096)
+    sock = _streaming(one_slot, {"prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True})
     assert one_slot.metrics()["edgebox_num_requests_running"][0].value == 1
     sock.close()
     t0 = time.monotonic()
@@ -336,17 +342,8 @@ def test_priority_and_deadline(tmp_path):
     ``retry_after_s`` and ``Retry-After``; a bad priority is a 400 naming the field."""
     s = Server(tmp_path, "--model", str(TEST_MODEL), "--max-batch", "1", "--max-in-flight", "4", "--ctx", "2048").start()
     try:
-        sock = socket.create_connection(("127.0.0.1", s.port))
         body = {"prompt": LONG_PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True, "priority": "batch"}
-        raw = json.dumps(body).encode()
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(raw)}\r\n\r\n".encode()
-            + raw
-        )
-        seen = b""
-        while seen.count(b"data: ") < 3:
-            seen += sock.recv(4096)
+        sock = _streaming(s, body)
         r = s.client().chat.completions.create(
             model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3, extra_body={"deadline_s": 30}
         )
