@@ -141,10 +141,12 @@ class Engine:
                 raise QueueFullError(
                     f"{len(self._queue)} requests are already waiting (max_queue {self.max_queue}); try again later"
                 )
-            for q in entries:  # a deadline no slot can meet is refused now, not queued (engine.scheduler)
+            for i, q in enumerate(entries):  # a deadline no slot can meet is refused now, not queued (engine.scheduler)
                 deadline = q.handle.request.deadline_s
-                wait = self._predicted_wait_s(q.rank, list(self._queue) + entries[: entries.index(q)])
-                if deadline is not None and wait > deadline:
+                if deadline is None:
+                    continue
+                wait = self._predicted_wait_s(q.rank, list(self._queue) + entries[:i])
+                if wait > deadline:
                     raise DeadlineError(
                         f"request {q.handle.request_id} cannot start within deadline_s {deadline:g}: "
                         f"the box predicts room for it in {wait:.1f} s; retry then or raise the deadline",
