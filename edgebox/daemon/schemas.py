@@ -4,28 +4,25 @@ Topics (``{d}`` is the device id)::
 
     edgebox/v1/{d}/status        retained  {"state": "online"|"offline", ...}; the Last Will says offline
     edgebox/v1/{d}/state         retained  model, budget, chips, config version, limits
-    edgebox/v1/{d}/telemetry     periodic  per-chip power/frequency/temperature, batch, queue, tok/s, memory,
-                                           energy counters (engine.energy: total_j, idle_j)
+    edgebox/v1/{d}/telemetry     periodic  per-chip power/frequency/temperature, batch, queue, tok/s,
+                                           memory, energy counters (total_j, idle_j)
     edgebox/v1/{d}/event                   model_loaded, throttled, bad_request, ...
     edgebox/v1/{d}/cmd/{method}  QoS 1     generate, cancel, load_model, unload_model, set_power_budget, get_status
-    edgebox/v1/{d}/reply/...               where controllers should point their Response Topic, so the
-                                           per-device ACL (edgebox/v1/%u/#) lets the box answer
-    edgebox/v1/fleet/cmd/generate  QoS 1   a generate for any box: every box subscribes to it as the
-                                           MQTT 5 shared subscription $share/edgebox/..., so the broker
-                                           hands each request to one of them (edgebox.daemon.fleet)
+    edgebox/v1/{d}/reply/...               controllers' Response Topics (the per-device ACL lets the box answer)
+    edgebox/v1/fleet/cmd/generate  QoS 1   a generate for any box, via the MQTT 5 shared subscription
+                                           $share/edgebox/... (edgebox.daemon.fleet)
 
-A command is ``{"request_id": "...", "params": {...}}`` (plus ``reply_to`` for MQTT 3.1.1 callers,
-who have no Response Topic, and an optional ``expires_at`` in Unix seconds). Replies go to the
-Response Topic with the Correlation Data copied. A generate streams
-``{"request_id", "seq", "delta", "done": false}`` chunks, then every command ends with exactly
-one final ``{"request_id", "seq", "done": true, "status": "ok"|"error", "code", ...}``; a
-generate's carries ``usage``, ``timings`` and ``energy`` (``{joules, joules_per_token, prefill_j,
-decode_j, avg_w}``: its share of the chips' energy, by the rule in ``edgebox.engine.energy``).
+A command is ``{"request_id": "...", "params": {...}}`` (plus ``reply_to`` for MQTT 3.1.1 callers
+and an optional ``expires_at`` in Unix seconds). Replies go to the Response Topic with the
+Correlation Data copied. A generate streams ``{"request_id", "seq", "delta", "done": false}``
+chunks; every command ends with exactly one final ``{"request_id", "seq", "done": true, "status":
+"ok"|"error", "code", ...}``, a generate's with ``usage``, ``timings`` and ``energy``
+(``edgebox.engine.energy``).
 
 Codes: 200 ok, 400 bad input, 404 unknown method / request / model file, 408 expired before it
 ran, 409 conflicts with the box's state, 413 too large (payload, prompt over the context, KV
-budget), 429 too many in flight, 500 internal error, 503 unavailable (no model, shutting down,
-stream broken by the network).
+budget), 429 too many in flight or a deadline it cannot meet (``retry_after_s``), 500 internal
+error, 503 unavailable (no model, shutting down, stream broken by the network).
 """
 
 from __future__ import annotations

@@ -1,48 +1,26 @@
 """Speculative decoding: draft a few tokens cheaply, let one step of the model check them all.
 
-A decoding sequence normally feeds one token per step. With a draft ``d1..dk`` it feeds
-``[pending, d1..dk]`` as one segment with the logits of every row; row i is what the model says
-after ``d1..di``, so the sequence samples row 0 as always, and row i + 1 only while the token it
-took at row i was the draft's ``d(i+1)`` (``Sequence.next_tokens``). One step then yields 1 to
-k + 1 tokens for about the cost of one where decode is memory-bound (the chips: the weights are
-read once for all rows; on a CPU the extra rows cost compute, docs/performance.md).
+A decoding sequence with a draft ``d1..dk`` feeds ``[pending, d1..dk]`` as one segment with the
+logits of every row; it samples row 0 as always, and row i + 1 only while the token it took at
+row i was the draft's ``d(i+1)`` (``Sequence.next_tokens``): 1 to k + 1 tokens per step.
 
-Invariants (the reasons the output does not change):
+Invariants (why the output does not change):
 
-- every row is sampled through the sequence's own chain (penalties see the tokens before it)
-  and the draft token is kept with probability p(draft) of that chain's distribution, otherwise
-  a token is drawn from p without the draft, renormalized (``Sampler.pick_draft``: Leviathan et
-  al. 2023 with a deterministic draft, llama.cpp's ``common_sampler_sample_and_accept_n``). So
-  the output is distributed as without drafts; greedy, it is the same tokens, one by one, up to
-  the kernels' numerics: the verify rows run the batched prompt kernels (tiled attention, online
-  softmax), a lone decode the one-row ones; they differ by float re-association, so a near tie
-  (two best logits ~1e-3 apart) can fall the other way, as in llama.cpp and vLLM ("lossless up
-  to the precision limits of hardware numerics"; docs/performance.md has the measured case);
-- the end rules (EOG, stop strings, max_tokens, a full context) are applied token by token as
-  the run is accepted, so a sequence ends exactly where it would without drafts;
-- the KV rows of rejected drafts are dropped by moving ``kv.length`` back (the prompt cache and
-  the context shift only ever read the first ``kv.length`` slots);
-- a draft never needs more room than the request reserved: at most max_tokens - generated - 1
-  tokens and kv.n_ctx - kv.length - 1 slots (``Sequence.draft_room``).
+- every row is sampled through the sequence's own chain, the draft kept with probability
+  p(draft), else a token drawn from p without it (``Sampler.pick_draft``, Leviathan et al.
+  2023): the output is distributed as without drafts. Greedy gives the same tokens up to the
+  kernels' numerics: verify rows run the batched kernels, so a near tie (~1e-3) can flip, as in
+  llama.cpp and vLLM (docs/performance.md);
+- the end rules (EOG, stop strings, max_tokens, a full context) apply token by token;
+- rejected rows are dropped by moving ``kv.length`` back; a draft never needs more room than
+  the request reserved (``Sequence.draft_room``).
 
-How long a draft is (``draft_length``, per sequence): Hugging Face's "heuristic" schedule, from
-draft_max: 2 more after a draft kept whole, 1 fewer (at least 1) after one cut short. Rejected
-rows cost host compute (the CPU's batched matmul is compute-bound past a few rows), so a
-sequence whose drafts keep failing drafts less.
-
-Drafters (``Speculative.kind``):
-
-- ``ngram`` (llama.cpp ``--spec-type ngram``, vLLM's ``ngram`` / prompt lookup): the last n
-  tokens (n = ngram_max down to ngram_min) are looked up earlier in prompt + output, most recent
-  match first, and the k tokens that followed it are the draft. Free: no model runs.
-- ``draft`` (llama.cpp ``--model-draft``): a second, smaller ``Model`` with the same vocabulary
-  drafts k tokens greedily, from its own KV cache per sequence (rolled back to the tokens the
-  target accepted, then fed what it has not seen). Its forward passes are host work: they are
-  not charged to the chips' device time or energy, and its caches are outside the KV budget.
-
-Sequences that run without drafts (``Sequence.can_draft``): constrained (grammar) ones, mirostat
-(its mu follows every draw), dry runs (no logits). Drafts of logprobs / n_probs requests are
-verified like any other (the reported distributions are the target's).
+Draft length (``draft_length``): from draft_max, 2 more after a draft kept whole, 1 fewer after
+one cut short (Hugging Face's "heuristic"). Drafters: ``ngram`` (llama.cpp ``--spec-type
+ngram``: the last n tokens looked up earlier in prompt + output, the tokens that followed) and
+``draft`` (``--model-draft``: a smaller model with the same vocabulary drafts greedily from its
+own KV caches; host work, not charged to the chips nor in the KV budget). Constrained, mirostat
+and dry-run sequences run without drafts (``Sequence.can_draft``).
 """
 
 from __future__ import annotations

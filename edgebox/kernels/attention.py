@@ -4,31 +4,24 @@ Spec: :func:`edgebox.kernels.ref.attention` (causal by position, grouped-query h
 h reads KV head ``h // (H // Hkv)`` unless ``kv_of_head`` says otherwise, scale 1/sqrt(hd),
 softmax with the max subtracted, float32); results differ from it by re-association only.
 
-Invariant: cache slot index == position (the engine keeps it, context shift included), so
-decode attends over every filled slot and prefill's query i sees slots ``0 .. start+i``; the
-cache is read in place, never converted per step: float16 as its uint16 view (widened in
-registers), q8_0/q4_0 as the uint8 view of GGML's blocks (``kernels.kv_quant``), each row
-dequantized into float32 scratch as it is read, and the query rounded through q8_0 first when K
-is quantized (llama.cpp's flash attention does both). Which element type a kernel reads is
-chosen at compile time by the view's dtype (uint16 or uint8; the type code then says q8_0 or
-q4_0), so the float16 kernels are what they were.
+Invariant: cache slot index == position, so decode attends over every filled slot and prefill's
+query i sees slots ``0 .. start+i``. The cache is read in place: float16 as its uint16 view,
+q8_0/q4_0 as the uint8 view of GGML's blocks (``kernels.kv_quant``), dequantized into float32
+scratch as read, the query rounded through q8_0 first when K is quantized (as llama.cpp's flash
+attention). The element type is chosen at compile time by the view's dtype.
 
-Entry points: ``attention_decode`` (one sequence), ``attention_decode_batch`` (one array
-of caches), ``attention_decode_append`` (the engine's decode step: each sequence's cache its own
-array, in a typed List from ``kv_lists``; the new key and value are written by the kernel, so
-one call per layer serves every sequence), ``attention_prefill`` (the T new keys already cached).
+Entry points: ``attention_decode`` (one sequence), ``attention_decode_batch`` (one array of
+caches), ``attention_decode_append`` (the engine's decode step: caches in a typed List from
+``kv_lists``, the new key and value written by the kernel, one call per layer for every
+sequence), ``attention_prefill`` (the T new keys already cached).
 
-How: decode walks the cache in slot order (one contiguous run of Hkv*hd values per key, which
-the hardware prefetcher follows): all heads' scores, a softmax over float32 scratch, then the
-values; it streams K and V once.  Prefill is flash-attention style: per (KV head, tile of
-BLOCK_Q queries) it widens each BLOCK_K block of K/V once for the whole tile and group and keeps
-an online softmax; key blocks no query of the tile sees are skipped (causal: about half).
+How: decode walks the cache in slot order (one contiguous run per key) and streams K and V once;
+prefill is flash-attention style per (KV head, tile of BLOCK_Q queries) with an online softmax,
+skipping key blocks no query of the tile sees.
 
-Threads: every kernel is ``nogil``, so host threads (one per simulated chip) run them at once.
-The ``parallel=True`` variants run only when asked for and only on a thread-safe numba
-threading layer (omp, tbb): ``workqueue`` aborts when two host threads launch parallel kernels,
-so there the serial kernel runs (:func:`threading_layer_is_threadsafe`).  Intra-op parallelism
-pays only when a core is idle: with chip threads already sharing the cores keep it off.
+Threads: every kernel is ``nogil`` (one host thread per chip). ``parallel=True`` variants run only
+when asked and only on a thread-safe numba threading layer (``workqueue`` aborts when two host
+threads launch parallel kernels: :func:`threading_layer_is_threadsafe`).
 """
 
 from __future__ import annotations

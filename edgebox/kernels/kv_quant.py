@@ -1,29 +1,22 @@
 """The KV cache's element types (llama.cpp's ``--cache-type-k`` / ``--cache-type-v``): f16, q8_0, q4_0.
 
 A quantized cache row (one token's key or value of one KV head, ``hd`` values) is GGML's own
-block layout, blocks of 32 along head_dim: Q8_0 = f16 scale d + 32 int8 codes (34 bytes,
-x = d*q), Q4_0 = f16 scale d + 16 bytes of nibbles (18 bytes, x = d*(q-8); value j in the low
-nibble of byte j, value j+16 in the high one). numpy holds such a row as ``hd/32`` records of
-:data:`BLOCK_DTYPES` (the bytes are exactly GGML's; the kernels read their uint8 view).
+block layout, blocks of 32 along head_dim: Q8_0 = f16 scale d + 32 int8 codes (x = d*q), Q4_0 =
+f16 scale d + 16 bytes of nibbles (x = d*(q-8); value j low nibble of byte j, j+16 high). numpy
+holds a row as ``hd/32`` records of :data:`BLOCK_DTYPES`; the kernels read their uint8 view.
 
-The quantization rule is ggml's reference (``quantize_row_q8_0_ref``, ``quantize_row_q4_0_ref``,
-as gguf-py's ``gguf.quants``): q8_0 d = max|x|/127, q = roundf(x/d); q4_0 d = (the x of largest
-|x|)/-8, q = min(15, trunc(x/d + 8.5)). It is written twice, side by side and tested equal: the
-numpy reference (:func:`quantize`) and the numba kernel (:func:`quantize_row`).
+The quantization rule is ggml's reference (as gguf-py's ``gguf.quants``): q8_0 d = max|x|/127,
+q = roundf(x/d); q4_0 d = (the x of largest |x|)/-8, q = min(15, trunc(x/d + 8.5)); the numpy
+reference :func:`quantize` and the numba :func:`quantize_row` are tested equal.
 
-Attention over a quantized K (llama.cpp's flash attention, ``ggml_vec_dot_q8_0_q8_0`` /
-``q4_0_q8_0``) first quantizes the query to q8_0 too: :func:`round_query` is that rounding, as
-float32 values, so a float dot product with the dequantized keys gives the same score up to
-re-association.
+Over a quantized K llama.cpp's flash attention quantizes the query to q8_0 too:
+:func:`round_query` is that rounding, as float32.
 
-Rotation (llama.cpp's ``attn_rot_k`` / ``attn_rot_v``, llama-kv-cache.cpp): a quantized K or V
-is stored in a Walsh-Hadamard basis, which spreads a head's outliers over its block so that the
-block scales waste fewer codes. Queries and keys are both multiplied by the orthonormal
-Sylvester matrix H of :func:`rotation_k` values (the largest power of two dividing hd), so their
-dot products are unchanged; values by H of 64, and the attention output by H again (H @ H = I).
-Only when the head size is a multiple of 64, as llama.cpp (LLAMA_ATTN_ROT_DISABLE=1 turns it
-off there; edgebox has no such switch). :func:`rotate` is the numpy reference (a matrix
-product, as ggml's), :func:`fwht_rows` the numba kernel (the fast transform, n log n).
+Rotation (llama.cpp's ``attn_rot_k`` / ``attn_rot_v``): a quantized K or V is stored in a
+Walsh-Hadamard basis (spreading a head's outliers over its block). Queries and keys are both
+multiplied by the orthonormal Sylvester matrix of :func:`rotation_k` (dot products unchanged);
+values by H of 64 and the output by H again (H @ H = I); only when hd is a multiple of 64, as
+llama.cpp. :func:`rotate` is the numpy reference, :func:`fwht_rows` the numba kernel.
 """
 
 from __future__ import annotations

@@ -3,27 +3,21 @@ and the block dot products of the nib (+ crumb) planes.  The kernels themselves 
 type's module (``kernels/quants/``); the layouts they read are described in ``matmul_pack``.
 
 Activations (``quantize_act``) are llama.cpp's q8_0: per 32 values a float32 scale
-``xd = max|x| / 127`` and int8 ``xq = round(x / xd)``. Alongside come block sums of ``xq``:
-``xs16`` (Q6_K's -32 offset per 16 values, in the form the host's kernel uses it: with VNNI the
-int32 -32 x sum, the dot product's starting value; without, two int16 in an int32, 32 x the sum
-of the values ``maddubs`` puts in a dword's low / high half, to subtract in int16) and
-``xsd16 = xd * sum16``, ``xsd32 = xd * sum32`` (float32), which turn unsigned weight codes back
-into signed values (``sum (q-8)*x = sum q*x - 8*sum x``) and carry the min/offset terms of Q4_K
-and the planes types.
+``xd = max|x| / 127`` and int8 ``xq = round(x / xd)``, with block sums of ``xq``: ``xs16`` (Q6_K's
+-32 offset per 16 values, in the form the host's kernel uses: with VNNI the int32 -32 x sum;
+without, two int16 sums to subtract in int16) and ``xsd16 = xd * sum16``, ``xsd32 = xd * sum32``,
+which turn unsigned weight codes back into signed values (``sum (q-8)*x = sum q*x - 8*sum x``).
 
-Inner step (all int8 types): 32 bytes = 4 values of each of 8 rows; ``vpmaddubsw`` against the 4
-activation bytes broadcast to every lane, int16 adds while no overflow is possible, ``vpmaddwd``
-with ones to int32: lane r = row r. Per 32-value block the row sums are converted to float once
-and fused-multiply-added with the 8 row scales times the activation scale: no horizontal sums,
-no per-value float work.
+Inner step (int8 types): 32 bytes = 4 values of each of 8 rows; ``vpmaddubsw`` against the 4
+activation bytes broadcast to every lane, ``vpmaddwd`` with ones to int32 (lane r = row r); per
+block the row sums meet the 8 row scales times the activation scale in one FMA.
 
-Loops: ``*_mv`` (T = 1, decode) runs parallel over row groups, each thread reading its share as
-one sequential stream with a software prefetch ``_PF`` ahead; ``*_mm`` (T tokens) runs one row
-group x 4 tokens per step (``_quad``, ``_store4``), parallel over (group, quad) with the quads
-innermost, so a group's weights leave DRAM once per call (ragged T repeats the last token).
-Shapes: ``G`` row groups of 8 (even), ``nb = n_in / 32`` blocks; planes and activations are
-passed flat (1-D), outputs are float32 ``[T, G*8]`` flat. Every kernel releases the GIL.
-Loop details and the measurements behind them: docs/performance.md.
+Loops: ``*_mv`` (T = 1, decode) runs parallel over row groups, each thread one sequential stream
+with a software prefetch ``_PF`` ahead; ``*_mm`` (T tokens) runs one row group x 4 tokens per
+step, parallel over (group, quad), quads innermost, so a group's weights leave DRAM once per call
+(ragged T repeats the last token). Shapes: ``G`` row groups of 8, ``nb = n_in / 32`` blocks;
+planes and activations flat (1-D), outputs float32 ``[T, G*8]`` flat. Every kernel releases the
+GIL. Measurements: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,31 +1,28 @@
 """The power governor: hold the box's measured power inside the budget at the best tokens/s.
 
-``decide`` (a tick, every ``inner_s`` of device time: guards, protections, thermal derating,
-budget changes, the batch loop) and ``modulate`` (after every engine step: the next step's clock)
-are pure functions returning a ``Decision``, so the control law is testable on hand-made numbers.
-``PowerGovernor``, an engine step listener (scheduler thread, device time), runs them: it reads
-the chips' hwmon files, writes their ``cpufreq/scaling_max_freq`` and sets ``engine.batch_limit``.
-The clock is chosen per step, the next step priced exactly (``table.StepPricer``): DVFS levels are
-coarse and steps differ: a level over the budget but under the ceiling is safe only for a known step.
+``decide`` (a tick every ``inner_s`` of device time: guards, protections, thermal derating, budget
+changes, the batch loop) and ``modulate`` (after every step: the next step's clock) are pure
+functions returning a ``Decision``. ``PowerGovernor``, an engine step listener, runs them: it reads
+the chips' hwmon files, writes ``cpufreq/scaling_max_freq`` and sets ``engine.batch_limit``. The
+next step is priced exactly (``table.StepPricer``): DVFS levels are coarse and steps differ.
 
 1. Energy, not power: the summed ``energy1_input`` gives each step and every window exactly.
 2. Sigma-delta: a credit (J) integrates target (budget less ``margin``) minus measured power; each
-   step runs at whichever of the two levels around the target brings it nearer zero: the mean is
-   the target whatever the model's error. Prices are scaled by ``k`` (measured/predicted).
+   step runs at whichever of the two levels around the target brings it nearer zero. Prices are
+   scaled by ``k`` (measured/predicted).
 3. Hard limits first: 100 ms windows under the ceiling, 1 s windows under the budget (the old
    one before a change), no chip near its over-current rating.
 4. Batch (every ``outer_s``, with hysteresis): the table's best limit at the target; at once when
    even the lowest clock at the current batch is over budget.
-5. Guards: a sensor invalid, stale or without an energy counter, or a governor error -> lowest
-   clock and the table's safe batch until every sensor reads well for two ticks; a level that
-   tripped over-current is avoided for ``oc_avoid_s``; near the thermal trip the target is derated.
+5. Guards: a bad or stale sensor or a governor error -> lowest clock and the table's safe batch
+   until sensors read well for two ticks; a level that tripped over-current is avoided for
+   ``oc_avoid_s``; near the thermal trip the target is derated.
 6. Idle: lowest clock everywhere; nothing polls (the loop runs only when the engine steps).
 7. ``energy_slack``: no step above the reference (best static) clock while a second credit,
    (1 + slack) x each step's price at the reference less the energy measured, is negative.
-8. Batch-only work (every request running or queued has priority "batch"; nobody waits on it
-   interactively): the batch limit and the clock with the fewest joules per token that fit the
-   budget (``PowerTable.efficient_level``), not the most tokens/s, and the engine's own prompt
-   chunks; any interactive request switches back to speed at its first step.
+8. Batch-only work (every request running or queued has priority "batch"): the batch limit and
+   clock with the fewest joules per token within the budget (``PowerTable.efficient_level``) and
+   the engine's own prompt chunks; an interactive request switches back to speed at its first step.
 """
 
 from __future__ import annotations

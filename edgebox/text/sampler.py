@@ -3,49 +3,26 @@
 The sampler is separate from the model and owns its random generators (as in llama2.c), so the
 same seed and the same logits give the same tokens whatever else runs in the process.
 
-Semantics follow llama.cpp (``common/sampling.cpp`` builds the chain, ``src/llama-sampler.cpp``
-holds each sampler); a test replays golden data recorded from llama.cpp itself. The chain is::
+Semantics follow llama.cpp (``common/sampling.cpp``, ``src/llama-sampler.cpp``); a test replays
+golden data recorded from llama.cpp itself. The chain::
 
     allowed (grammar mask) -> logit_bias (+ ignore_eos bans) -> samplers, in params.samplers order -> draw
 
-with the default order ``penalties;dry;top_n_sigma;top_k;typ_p;top_p;min_p;xtc;temperature``.
-With ``mirostat`` 1 or 2 the order is ignored, as in llama.cpp: logit_bias -> temperature ->
-mirostat. Each sampler, written once below:
+default order ``penalties;dry;top_n_sigma;top_k;typ_p;top_p;min_p;xtc;temperature``; with
+``mirostat`` 1 or 2: logit_bias -> temperature -> mirostat. Each sampler's rule: ``Sampler``.
 
-- penalties: each distinct token among the last ``repeat_last_n`` of the history has its logit
-  divided by ``repeat_penalty`` when positive and multiplied when <= 0, then lowered by
-  ``count * frequency_penalty + presence_penalty`` (OpenAI's penalties, over the same window);
-- dry: a token that would extend a repeat of at least ``dry_allowed_length`` tokens of the last
-  ``dry_penalty_last_n`` loses ``dry_multiplier * dry_base ** (length - dry_allowed_length)``;
-  repeats do not reach across a sequence breaker, and a token that is a breaker is never penalized;
-- top_n_sigma keeps the logits within ``top_n_sigma`` standard deviations of the maximum;
-- top_k keeps the k highest logits; top_p the smallest high-to-low prefix whose softmax mass
-  reaches p; min_p the tokens whose probability is at least ``min_p`` times the top one's;
-- typ_p keeps the tokens whose surprise is closest to the entropy until their mass exceeds p;
-- xtc, with probability ``xtc_probability`` (its own random generator), removes every token whose
-  probability is at least ``xtc_threshold`` except the least likely of them;
-- temperature divides the logits; temperature <= 0 keeps only the best one (greedy);
-- mirostat (v1, v2) truncates to reach a target surprise ``mirostat_tau`` and adapts its
-  threshold ``mu`` (starting at 2 tau) by ``mirostat_eta`` after every token (``accept``).
-
-Ties at a cut go to the lower token id (llama.cpp's partial sort leaves them unspecified); tokens
-at -inf are never candidates. Softmaxes run in float64 (llama.cpp: float32), logit arithmetic
-in float32, as llama.cpp's. One deliberate difference: llama.cpp's typical sampler computes a NaN
-entropy (0 * log 0) when a candidate's probability is 0 in float32 (a token at -inf that top-k
-or top-n-sigma left in its array, a banned token), and then keeps an unspecified set; edgebox
-drops such tokens first.
+Ties at a cut go to the lower token id; tokens at -inf are never candidates. Softmaxes run in
+float64, logit arithmetic in float32, as llama.cpp's. One deliberate difference: llama.cpp's
+typical sampler gets a NaN entropy when a candidate's float32 probability is 0 and keeps an
+unspecified set; edgebox drops such tokens first.
 
 ``sample`` is ``candidates`` (the chain) then ``pick`` (the draw, then ``accept``: mirostat's
-update). ``Sampler.logprobs`` gives OpenAI's log-probabilities (the raw logits plus logit_bias),
-``chain_logprobs`` those of the distribution drawn from (llama.cpp's post-sampling ``n_probs``).
-Nothing sorts the whole vocabulary where a cheaper exact path exists: top-k bounds its search with
-a strided sample, min-p and mirostat v2 are thresholds on logits, top-p tries the best 256 first.
+update). ``Sampler.logprobs`` gives OpenAI's log-probabilities, ``chain_logprobs`` those of the
+distribution drawn from (llama.cpp's ``n_probs``). Nothing sorts the whole vocabulary where a
+cheaper exact path exists. Every call draws exactly one uniform number for the final draw, like
+llama.cpp's ``dist`` sampler, so the stream stays aligned whatever the parameters.
 
-Every call draws exactly one uniform number for the final draw, greedy or not, like llama.cpp's
-``dist`` sampler: the stream then stays aligned whatever the parameters or the candidates.
-
-Logits with a NaN or +inf (or all -inf) come from corrupt weights: ``NonFiniteLogitsError``, a
-``ModelError``, from the row maximum the sampler takes anyway (CLI exit 2, an engine error summary).
+Logits with a NaN or +inf (or all -inf): ``NonFiniteLogitsError``, a ``ModelError`` (corrupt weights).
 """
 
 from __future__ import annotations
@@ -296,7 +273,23 @@ class Sampler:
     for XTC's coin), mirostat's ``mu``, and the DRY breakers of ``vocab``.
 
     ``vocab`` is needed only for DRY with sequence breakers; ``eog_ids`` (end-of-generation
-    tokens) only for ``ignore_eos``, which bans them.
+    tokens) only for ``ignore_eos``, which bans them. The samplers, each written once:
+
+    - penalties: each distinct token among the last ``repeat_last_n`` of the history has its logit
+      divided by ``repeat_penalty`` when positive and multiplied when <= 0, then lowered by
+      ``count * frequency_penalty + presence_penalty`` (OpenAI's penalties, same window);
+    - dry: a token that would extend a repeat of at least ``dry_allowed_length`` tokens of the last
+      ``dry_penalty_last_n`` loses ``dry_multiplier * dry_base ** (length - dry_allowed_length)``;
+      repeats do not reach across a sequence breaker, and a breaker is never penalized;
+    - top_n_sigma keeps the logits within ``top_n_sigma`` standard deviations of the maximum;
+    - top_k keeps the k highest logits; top_p the smallest high-to-low prefix whose softmax mass
+      reaches p; min_p the tokens whose probability is at least ``min_p`` times the top one's;
+    - typ_p keeps the tokens whose surprise is closest to the entropy until their mass exceeds p;
+    - xtc, with probability ``xtc_probability`` (its own generator), removes every token whose
+      probability is at least ``xtc_threshold`` except the least likely of them;
+    - temperature divides the logits; temperature <= 0 keeps only the best one (greedy);
+    - mirostat (v1, v2) truncates to reach a target surprise ``mirostat_tau`` and adapts ``mu``
+      (starting at 2 tau) by ``mirostat_eta`` after every token (``accept``).
     """
 
     def __init__(self, params: SamplingParams, vocab: SamplerVocab | None = None, eog_ids: Iterable[int] = ()):

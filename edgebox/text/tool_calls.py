@@ -1,34 +1,26 @@
 """OpenAI tool calls in a chat template's own syntax: detecting it, parsing replies, forcing calls.
 
 A template *family* is the call syntax its text writes (``detect_family``), as llama.cpp's
-``common/chat.cpp`` tells formats apart by the markers in the template source:
+``common/chat.cpp`` tells formats apart by markers in the template source:
 
 - ``hermes`` (Qwen2.5, Hermes 2 Pro): ``<tool_call>\\n{"name": N, "arguments": {...}}\\n</tool_call>``
 - ``deepseek-r1`` (DeepSeek-R1-Distill): ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>N``
   ``\\n```json\\n{...}\\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>``
 
-``ToolCallParser`` turns the generated text back into OpenAI's ``content`` and ``tool_calls``, fed
-piece by piece as tokens arrive; its deltas are OpenAI's streaming deltas, and feeding the whole
-text at once gives the non-streaming answer, so the two always agree. Rules, each applied once:
+``ToolCallParser`` turns the generated text, fed piece by piece, into OpenAI's ``content`` and
+``tool_calls``; its deltas are OpenAI's streaming deltas and the whole text at once gives the
+non-streaming answer, so the two agree. Rules, each applied once:
 
-- the markup itself is never emitted; whitespace next to markup is dropped (the content before
-  a call keeps no trailing newline, the one after keeps no leading one);
-- a call is emitted when its closing marker arrives and its body parsed: first a delta with
-  ``index``, ``id``, ``type`` and ``name`` (``arguments: ""``), then one with the arguments
-  (compact JSON text). Holding the call until then is what lets a malformed one fall back;
-- a malformed call (body not JSON, arguments not an object, a function not in ``tools``) or one
-  the reply cut short (no closing marker) is plain content, markup included, as llama.cpp's
-  parser leaves text it cannot read;
-- under a forced call (``stream_arguments``, which ``ToolPlan.parser`` sets when a grammar
-  forces the call, so it cannot be malformed) the header delta goes out as soon as the text
-  reaches the arguments, and the arguments follow in fragments as they are generated, the
-  model's own JSON text; a call cut short (``max_tokens``) keeps the arguments it has;
-- with no tools (``tool_choice: "none"``) everything is content, untouched.
+- markup is never emitted; whitespace next to markup is dropped; a call is emitted when its
+  closing marker arrives and its body parsed (header delta, then compact JSON arguments);
+- a malformed call (not JSON, arguments not an object, an unknown function) or one cut short is
+  plain content, markup included, as llama.cpp leaves text it cannot read;
+- under a forced call (``stream_arguments``) the header goes out as soon as the arguments start
+  and the arguments follow as generated; a call cut short keeps what it has;
+- with no tools (``tool_choice: "none"``) everything is content.
 
-``forced_call_grammar`` is the Lark text (llguidance's dialect) that makes a reply exactly a call
-in the family's syntax, its arguments valid against the function's parameter schema (``%json``):
-``tool_choice`` ``"required"`` or a named function. Markers are written as text literals: in the
-Qwen2/R1 vocabularies they are plain or user-defined tokens, whose text a literal matches.
+``forced_call_grammar``: the Lark text (llguidance) making a reply exactly a call with arguments
+valid against the parameter schema (``tool_choice`` "required" or a named function).
 """
 
 from __future__ import annotations
