@@ -133,22 +133,10 @@ def edgebox_tokenize(text: str) -> list[int]:
 
 def test_sampling_extras_and_stop_are_applied(server):
     client = server.client()
-    r = client.completions.create(
-        model="m",
-        prompt=LONG_PROMPT,
-        max_tokens=20,
-        temperature=0.7,
-        seed=7,
-        extra_body={"top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1},
-    )
-    again = client.completions.create(
-        model="m",
-        prompt=LONG_PROMPT,
-        max_tokens=20,
-        temperature=0.7,
-        seed=7,
-        extra_body={"top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1},
-    )
+    seeded = dict(model="m", prompt=LONG_PROMPT, max_tokens=20, temperature=0.7, seed=7)
+    extras = {"top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1}
+    r = client.completions.create(**seeded, extra_body=extras)
+    again = client.completions.create(**seeded, extra_body=extras)
     assert r.choices[0].text == again.choices[0].text  # a seed makes it repeatable
     greedy = client.completions.create(model="m", prompt=LONG_PROMPT, max_tokens=20, temperature=0).choices[0].text
     stop = greedy[3:6]
