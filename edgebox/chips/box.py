@@ -21,6 +21,7 @@ from edgebox.chips import blocks
 from edgebox.chips.accounting import Accounting
 from edgebox.chips.blocks import AttentionStep
 from edgebox.chips.chip import Chip, ChipLayer, FusedLinear
+from edgebox.chips.decode import TokenDecoder
 from edgebox.chips.partition import PartitionPlan
 from edgebox.chips.threads import ChipThreads, _kernel_threads, host_cores
 from edgebox.chips.tp import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelLinear
@@ -74,6 +75,7 @@ class Box:
         self.ops = get_ops(backend) if n_threads == 1 else get_ops(backend, threads=_kernel_threads(n_threads, n_cores))
         self.chips = self._place(args, weights, source)
         self.threads = ChipThreads(self.chips, n_cores)
+        self.token_decoder = TokenDecoder(self)  # a lone sequence's one-token step (chips.decode)
         self._weights = weights
         self.pack_cache: packcache.PackCache | None = None  # the packed-weight cache prepare() used
 
@@ -179,6 +181,14 @@ class Box:
         ``rows[i]:rows[i+1]``, its keys and values go to KV cache ``caches[i]`` from slot
         ``starts[i]`` on (its one-token segments batched when there are two or more)."""
         return AttentionStep.of(self.ops, self.chips, positions, rows, starts, caches)
+
+    def decode_layers(self, x: np.ndarray, step: AttentionStep) -> np.ndarray | None:
+        """Every layer of a one-token step of one sequence at once, x [1, D] -> [1, D], in one
+        hand-off per chip thread (``chips.decode``); None for any other step, or where the
+        backend has no one-call layer: then the caller runs the layers one block at a time."""
+        if len(x) != 1 or len(step.caches) != 1:
+            return None
+        return self.token_decoder(x, int(step.positions[0]), step.caches[0], step.starts[0])
 
     def attention(self, layer: int, h: np.ndarray, step: AttentionStep) -> np.ndarray:
         """Attention block ``layer`` of the normalized rows h [R, D]: every chip attends for its

@@ -35,7 +35,7 @@ class _Helper:
         self.done = threading.Lock()
         self.go.acquire()
         self.done.acquire()
-        self.job: tuple | None = None  # (fn, args, chips): run fn(chip, *args) for each chip
+        self.job: tuple | None = None  # (fn, args, index, chips): run fn(index, chips, *args)
         self.result: list | None = None
         self.error: BaseException | None = None
         self.stop = False
@@ -50,12 +50,17 @@ def _helper_loop(h: _Helper, kernel_threads: int) -> None:
         if h.stop:
             return
         try:
-            fn, args, chips = h.job
-            h.result = [fn(chip, *args) for chip in chips]
+            fn, args, index, chips = h.job
+            h.result = fn(index, chips, *args)
         except BaseException as e:  # noqa: BLE001 -- handed to the caller, which raises it
             h.error = e
         h.job = None
         h.done.release()
+
+
+def _each(index: int, chips: list, fn: Callable, *args) -> list:
+    """A group's part of ``ChipThreads.run``: fn(chip, *args) for each of its chips."""
+    return [fn(chip, *args) for chip in chips]
 
 
 def _stop_helpers(helpers: list[_Helper]) -> None:
@@ -103,31 +108,35 @@ class ChipThreads:
 
     def run(self, fn: Callable, *args) -> list:
         """[fn(chip, *args) for every chip], the groups concurrently; results in chip order."""
+        return [r for group in self.run_groups(_each, fn, *args) for r in group]
+
+    def run_groups(self, fn: Callable, *args) -> list:
+        """[fn(i, group i's chips, *args) for every group i], concurrently; results in group order."""
         if len(self.groups) == 1:
-            return [fn(chip, *args) for chip in self.groups[0]]
+            return [fn(0, self.groups[0], *args)]
         import numba
 
         with self._lock:  # one run at a time: the helpers have one job slot each
             if self._pid != os.getpid():  # first run, or a fork left the helpers behind
                 self._start()
-            for h, group in zip(self._helpers, self.groups):
-                h.job = (fn, args, group)
+            for i, (h, group) in enumerate(zip(self._helpers, self.groups)):
+                h.job = (fn, args, i, group)
                 h.go.release()
             prev = numba.get_num_threads()
             numba.set_num_threads(self.kernel_threads)
             try:
-                mine = [fn(chip, *args) for chip in self.groups[-1]]
+                mine = fn(len(self.groups) - 1, self.groups[-1], *args)
             finally:
                 numba.set_num_threads(prev)
                 theirs, error = [], None
                 for h in self._helpers:  # wait for every helper, even after an error: they share the arrays
                     h.done.acquire()
-                    theirs += h.result or []
+                    theirs.append(h.result)
                     error = error or h.error
                     h.result = h.error = None
             if error is not None:
                 raise error
-            return theirs + mine
+            return theirs + [mine]
 
     def close(self) -> None:
         if self._stopper is not None:

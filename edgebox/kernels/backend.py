@@ -107,6 +107,14 @@ class RefOps:
     def decode_ffn_block(*args) -> None:
         return None
 
+    @staticmethod
+    def decode_attention_args(*args) -> None:
+        return None  # nor one-call layers
+
+    @staticmethod
+    def decode_ffn_args(*args) -> None:
+        return None
+
     @classmethod
     def attention_decode_append(
         cls, q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: tuple, layer: int, starts: np.ndarray, kv_of_head: np.ndarray
@@ -172,7 +180,7 @@ class NumbaOps:
         w = lw.decode_cache["attn"]
         if w is None:
             return None
-        cos, sin = self._tables(np.array([position], np.int32), a.n_rot, a.rope_freq_base, a.rope_freq_scale)
+        cos, sin = self.rope_tables(position, a)
         order, hstart = lw.decode_cache["groups"]
         kc, tk, _ = self._att.cache_view(k_cache, 4, "decode_attention_block", "k")
         vc, tv, _ = self._att.cache_view(v_cache, 4, "decode_attention_block", "v")
@@ -218,6 +226,18 @@ class NumbaOps:
 
     def swiglu_halves(self, gate_up: np.ndarray) -> np.ndarray:
         return self._ew.swiglu_halves(gate_up)
+
+    def decode_attention_args(self, lw, n_heads: int, n_kv: int, kv_of_head: np.ndarray, kv_rot: tuple[int, int]):
+        """A chip's attention block of layer ``lw`` as ``fused.decode_layer`` takes it (None: it cannot)."""
+        return fused.decode_attention_args(lw, n_heads, n_kv, kv_rot, self._att.head_groups(n_heads, n_kv, kv_of_head))
+
+    def decode_ffn_args(self, lw, n_ffn: int):
+        """A chip's FFN block of layer ``lw`` as ``fused.decode_layer`` takes it (None: it cannot)."""
+        return fused.decode_ffn_args(lw, n_ffn)
+
+    def rope_tables(self, position: int, a) -> tuple[np.ndarray, np.ndarray]:
+        """(cos, sin) of one position under the model's rope (shared by every layer of a step)."""
+        return self._tables(np.array([position], np.int32), a.n_rot, a.rope_freq_base, a.rope_freq_scale)
 
     def attention(
         self,

@@ -29,13 +29,14 @@ from numba import literal_unroll, njit, types
 from numba.extending import overload
 
 from edgebox.kernels import attention as A
+from edgebox.kernels import barrier
 from edgebox.kernels import elementwise as E
 from edgebox.kernels import matmul_kernels as K
 from edgebox.kernels.kv_quant import fwht_rows
 from edgebox.kernels.linear import AutoLinear, NumbaLinear
 from edgebox.kernels.quants import registry
 
-__all__ = ["attention_args", "ffn_args", "attention_decode_block", "ffn_decode_block"]
+__all__ = ["attention_args", "ffn_args", "attention_decode_block", "ffn_decode_block", "decode_layer"]
 
 
 def _mv(w, xq, xd, xs16, xsd16, xsd32, out):
@@ -147,6 +148,72 @@ def ffn_decode_block(h, w_gate_up, n_gu_pad, n_ffn, w_down, n_d_pad, n_embd):
     return _linear(w_down, n_d_pad, g)[:n_embd]
 
 
+@njit(nogil=True, cache=True)
+def _rms_norm(x, w, eps):
+    """x float32 [D] -> normalized and scaled by w, a new array (elementwise.rms_norm_kernel)."""
+    out = np.empty((1, x.shape[0]), np.float32)
+    E.rms_norm_kernel(x.reshape(1, -1), w, eps, out)
+    return out[0]
+
+
+@njit(nogil=True, cache=True)
+def decode_layer(x, attn_norm, ffn_norm, eps, attn, ffn, caches, layer, start, cos, sin, neox, hd, bufs, sync, me):
+    """One layer of a one-token step for the chips of one host thread: x float32 [D], this
+    thread's copy of the residual stream, is updated in place; the partial sums of its chips and
+    of the other threads' meet in ``barrier.all_reduce`` (bufs, sync; thread ``me``), so every
+    thread ends the layer with the same x. attn, ffn: per chip of the thread holding the block,
+    (active, ...) + ``decode_attention_args`` / ``decode_ffn_args`` (UniTuples: a layer's chips
+    share weight types; a thread holding none gets one inactive entry, as numba cannot type an
+    empty tuple); caches: every chip's (k, v, their kv_quant codes) of the sequence's cache,
+    indexed by attn's slot. False if another thread aborted."""
+    D = x.shape[0]
+    # attention: each chip's heads, their partial sums added, then all-reduced
+    h = _rms_norm(x, attn_norm, eps)  # [D]
+    part = np.zeros(D, np.float32)
+    for c in range(len(attn)):
+        g = attn[c]
+        if g[0]:
+            kv = caches[g[1]]
+            part += attention_decode_block(
+                h,
+                g[2],
+                g[3],
+                g[4],
+                g[5],
+                D,
+                g[6],
+                g[7],
+                hd,
+                cos,
+                sin,
+                neox,
+                kv[0],
+                kv[1],
+                kv[2],
+                kv[3],
+                g[8],
+                g[9],
+                layer,
+                start,
+                g[10],
+                g[11],
+            )
+    if not barrier.all_reduce(part, bufs, sync, me, 2 * layer):
+        return False
+    x += part
+    # feed-forward: each chip's FFN rows, the same way
+    h = _rms_norm(x, ffn_norm, eps)  # [D]
+    part[:] = 0.0
+    for c in range(len(ffn)):
+        g = ffn[c]
+        if g[0]:
+            part += ffn_decode_block(h, g[1], g[2], g[3], g[4], g[5], D)
+    if not barrier.all_reduce(part, bufs, sync, me, 2 * layer + 1):
+        return False
+    x += part
+    return True
+
+
 # -- which linears can go in: their numba weight for one token, as (kernel arrays, padded rows) --
 
 
@@ -183,6 +250,20 @@ def attention_args(wqkv, bqkv, wo):
         return None
     bias = np.zeros(0, np.float32) if bqkv is None else np.ascontiguousarray(bqkv, np.float32)
     return a, bias, b[0], b[1]
+
+
+def decode_attention_args(lw, n_heads, n_kv, kv_rot, groups):
+    """A chip's attention block as ``decode_layer`` takes it: (q/k/v runs, bias, wo, its padded
+    rows, n_heads, n_kv, rot_k, rot_v, order, hstart), or None. groups: ``head_groups``."""
+    a = attention_args(lw.wqkv, lw.bqkv, lw.wo)
+    return None if a is None else (*a, n_heads, n_kv, kv_rot[0], kv_rot[1], groups[0], groups[1])
+
+
+def decode_ffn_args(lw, n_ffn):
+    """A chip's FFN block as ``decode_layer`` takes it: (gate/up, its padded rows, n_ffn, down,
+    its padded rows), or None."""
+    f = ffn_args(lw.w_gate_up, lw.w_down)
+    return None if f is None else (f[0], f[1], n_ffn, f[2], f[3])
 
 
 def ffn_args(w_gate_up, w_down):

@@ -62,7 +62,10 @@ class Transformer:
         # token embeddings (replicated on every chip)
         x = ref.get_rows(w.token_embd.data, w.token_embd.qtype, tokens)  # [R, D]
 
-        for layer, lw in enumerate(w.layers):
+        # a lone sequence's one token: every layer below in one compiled call per layer and chip
+        # thread, where the backend has one (the same math; far less host time)
+        y = box.decode_layers(x, step)  # [1, D] or None
+        for layer, lw in enumerate(w.layers if y is None else ()):
             # attention: q, k, v heads, rope, append to the caches, attend, output projection
             h = box.ops.rms_norm(x, lw.attn_norm, a.rms_eps)  # [R, D]
             x = x + box.attention(layer, h, step)  # [R, D]
@@ -70,6 +73,7 @@ class Transformer:
             # feed-forward: SwiGLU, then the down projection
             h = box.ops.rms_norm(x, lw.ffn_norm, a.rms_eps)  # [R, D]
             x = x + box.ffn(layer, h)  # [R, D]
+        x = x if y is None else y
 
         for seg in segments:
             seg.kv.length += len(seg.tokens)

@@ -170,6 +170,7 @@ def test_one_call_decode_equals_the_step_by_step_path():
     kvs = [m.transformer.new_cache(16) for _ in range(2)]
     for kv in kvs:
         m.transformer.forward(np.array(ids, np.int32), np.arange(len(ids), dtype=np.int32), kv)
+    m.box.token_decoder.enabled = False  # each block in one call (the layer path: test_model.py)
     one_call = m.transformer.forward(np.array([9], np.int32), np.array([len(ids)], np.int32), kvs[0])
     layers = m.box.chips[0].layers
     assert all(layer.decode_cache["attn"] is not None for layer in layers)
@@ -195,7 +196,7 @@ def test_one_call_decode_over_a_long_context_agrees_with_the_step_path(types):
     for kv in kvs:
         m.transformer.forward(ids, np.arange(len(ids), dtype=np.int32), kv)
     pos = np.array([len(ids)], np.int32)
-    one_call = m.transformer.forward(np.array([9], np.int32), pos, kvs[0])
+    one_call = m.transformer.forward(np.array([9], np.int32), pos, kvs[0])  # every layer in one hand-off (chips.decode)
     for layer in m.box.chips[0].layers:
         layer.decode_cache.update(attn=None, ffn=None)
     step_by_step = m.transformer.forward(np.array([9], np.int32), pos, kvs[1])
