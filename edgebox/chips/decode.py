@@ -102,6 +102,7 @@ def _run_layers(index: int, chips: list, dec: TokenDecoder, plan: list, x0, cach
     """Chip thread ``index``'s part of a token: every layer for its chips -> its copy of the
     residual stream [D]."""
     a = dec.box.args
+    att_threads = dec.box.ops.decode_attention_threads(start + 1)  # this thread's numba threads, over a long context
     x = x0.copy()  # [D]
     try:
         for layer, (attn_norm, ffn_norm, attn, ffn) in enumerate(plan[index]):
@@ -122,6 +123,7 @@ def _run_layers(index: int, chips: list, dec: TokenDecoder, plan: list, x0, cach
                 dec.bufs,
                 dec.sync,
                 index,
+                att_threads,
             ):
                 break  # another thread failed: it raises
     except BaseException:

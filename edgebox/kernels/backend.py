@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numba
 import numpy as np
 
 from edgebox.gguf.loader import Matrix
@@ -207,7 +208,16 @@ class NumbaOps:
             start,
             order,
             hstart,
+            self.decode_attention_threads(start + 1),
         )
+
+    def decode_attention_threads(self, n_cached: int) -> int:
+        """numba threads one sequence's decode attention over ``n_cached`` keys is spread over:
+        this thread's count over a long context (7B, one chip: 1.00x at 256 cached tokens, 1.05x
+        per step at 1024 and 2048), else 1."""
+        if n_cached >= PARALLEL_DECODE_CONTEXT and self._att.threading_layer_is_threadsafe():
+            return numba.get_num_threads()
+        return 1
 
     def hadamard(self, x: np.ndarray, n: int) -> np.ndarray:
         """kv_quant.rotate by the fast transform: a new array."""
@@ -252,10 +262,8 @@ class NumbaOps:
         # the engine keeps cache slot == rope position (context shift included), which is
         # what the kernels' causal mask assumes
         if len(q) == 1:
-            # over a long context the cache read is worth splitting over the cores (7B, one
-            # chip: 1.00x at 256 cached tokens, 1.05x per step at 1024 and 2048)
             return self._att.attention_decode(
-                q[0], k_cache, v_cache, start + 1, kv_of_head=kv_of_head, parallel=start + 1 >= PARALLEL_DECODE_CONTEXT
+                q[0], k_cache, v_cache, start + 1, kv_of_head=kv_of_head, parallel=self.decode_attention_threads(start + 1) > 1
             )[None]
         return self._att.attention_prefill(q, k_cache, v_cache, start, kv_of_head=kv_of_head)
 

@@ -103,14 +103,37 @@ def _linear_runs(runs, n_out, x):
 
 @njit(nogil=True, cache=True)
 def attention_decode_block(
-    h, wqkv, bias, wo, n_o_pad, n_embd, nh, nkv, hd, cos, sin, neox, kc, vc, tk, tv, rot_k, rot_v, layer, start, order, hstart
+    h,
+    wqkv,
+    bias,
+    wo,
+    n_o_pad,
+    n_embd,
+    nh,
+    nkv,
+    hd,
+    cos,
+    sin,
+    neox,
+    kc,
+    vc,
+    tk,
+    tv,
+    rot_k,
+    rot_v,
+    layer,
+    start,
+    order,
+    hstart,
+    n_threads,
 ):
     """One chip's attention for one token: h float32 [D] -> its partial sum [D]; the token's
     key and value go to slot ``start`` of kc, vc (uint16 [n_layer, n_ctx, Hkv_c, hd] float16
     bits, or uint8 [..., row bytes] GGML blocks; tk, tv: their ``kv_quant`` type codes) and it
     attends over slots 0..start (the cache holds positions in slot order); rot_k, rot_v: the
     Hadamard rotations of a quantized K and V (0: none; ``kv_quant``). wqkv: the runs of the
-    chip's q/k/v stack (one per weight type)."""
+    chip's q/k/v stack (one per weight type); n_threads > 1: the attention over the cache is
+    spread over that many of numba's threads (worth it over a long context)."""
     # project to q, k, v (+bias on qwen2)
     qkv = _linear_runs(wqkv, (nh + 2 * nkv) * hd, h)  # [(Hc + 2 Hkv_c)*hd]
     for i in range(bias.shape[0]):
@@ -130,8 +153,15 @@ def attention_decode_block(
     # attention over the cache
     q = qk[0, :nh].copy()  # [Hc, hd]
     att = np.empty((nh, hd), np.float32)
-    sc = np.empty((nh, start + 1), np.float32)
-    A._decode_heads(q, kc[layer], vc[layer], tk, tv, start + 1, order, hstart, 0, nkv, att, sc)
+    if n_threads > 1:  # as a batch of one sequence: [1 slot, n_layer, n_ctx, Hkv_c, ...]
+        n, slot = np.full(1, start + 1, np.int64), np.zeros(1, np.int64)
+        kc1, vc1 = kc.reshape((1,) + kc.shape), vc.reshape((1,) + vc.shape)
+        A.decode_batch_kernel_parallel(
+            q.reshape(1, nh, hd), kc1, vc1, tk, tv, layer, slot, n, order, hstart, att.reshape(1, nh, hd), n_threads
+        )
+    else:
+        sc = np.empty((nh, start + 1), np.float32)
+        A._decode_heads(q, kc[layer], vc[layer], tk, tv, start + 1, order, hstart, 0, nkv, att, sc)
     if rot_v:
         fwht_rows(att, rot_v)
     # this chip's columns of the output projection
@@ -157,7 +187,7 @@ def _rms_norm(x, w, eps):
 
 
 @njit(nogil=True, cache=True)
-def decode_layer(x, attn_norm, ffn_norm, eps, attn, ffn, caches, layer, start, cos, sin, neox, hd, bufs, sync, me):
+def decode_layer(x, attn_norm, ffn_norm, eps, attn, ffn, caches, layer, start, cos, sin, neox, hd, bufs, sync, me, att_threads):
     """One layer of a one-token step for the chips of one host thread: x float32 [D], this
     thread's copy of the residual stream, is updated in place; the partial sums of its chips and
     of the other threads' meet in ``barrier.all_reduce`` (bufs, sync; thread ``me``), so every
@@ -165,7 +195,8 @@ def decode_layer(x, attn_norm, ffn_norm, eps, attn, ffn, caches, layer, start, c
     (active, ...) + ``decode_attention_args`` / ``decode_ffn_args`` (UniTuples: a layer's chips
     share weight types; a thread holding none gets one inactive entry, as numba cannot type an
     empty tuple); caches: every chip's (k, v, their kv_quant codes) of the sequence's cache,
-    indexed by attn's slot. False if another thread aborted."""
+    indexed by attn's slot; att_threads: attention_decode_block's n_threads. False if another
+    thread aborted."""
     D = x.shape[0]
     # attention: each chip's heads, their partial sums added, then all-reduced
     h = _rms_norm(x, attn_norm, eps)  # [D]
@@ -197,6 +228,7 @@ def decode_layer(x, attn_norm, ffn_norm, eps, attn, ffn, caches, layer, start, c
                 start,
                 g[10],
                 g[11],
+                att_threads,
             )
     if not barrier.all_reduce(part, bufs, sync, me, 2 * layer):
         return False

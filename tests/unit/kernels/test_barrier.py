@@ -80,7 +80,7 @@ def test_a_chip_thread_that_fails_mid_token_raises_and_leaves_no_thread_waiting(
     real = decode.decode_layer
 
     def failing(x, attn_norm, ffn_norm, eps, attn, ffn, caches, layer, *rest):
-        if layer == 1 and rest[-1] == 0:  # thread 0 (a helper)
+        if layer == 1 and rest[-2] == 0:  # thread 0 (a helper)
             raise RuntimeError("chip thread failed")
         return real(x, attn_norm, ffn_norm, eps, attn, ffn, caches, layer, *rest)
 
