@@ -114,13 +114,13 @@ class LlamaCppDecoder:
     def decode(self, steps: int) -> list[float]:
         import llama_cpp
 
-        np, llm = self.np, self.llm
+        llm = self.llm
         out, token = [], 100
         for _ in range(steps):
             t = time.perf_counter()
             llm.eval([token])
             out.append(time.perf_counter() - t)
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = 100 + (token * 7 + 13) % 20000  # any token: decode reads the whole cache whatever it is
         mem = llama_cpp.llama_get_memory(llm.ctx)
         llama_cpp.llama_memory_seq_rm(mem, 0, self.context, -1)
         llm.n_tokens = self.context
