@@ -134,6 +134,36 @@ def _store4(out, ldo, g, t0, T, acc0, acc1, acc2, acc3):
 
 
 @njit(**_JIT)
+def _store8(out, ldo, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
+    """An octet's 8 accumulators to row group g of tokens t0..t0+7 (an octet is always whole)."""
+    st_f32x8(out, t0 * ldo + 8 * g, acc0)
+    st_f32x8(out, (t0 + 1) * ldo + 8 * g, acc1)
+    st_f32x8(out, (t0 + 2) * ldo + 8 * g, acc2)
+    st_f32x8(out, (t0 + 3) * ldo + 8 * g, acc3)
+    st_f32x8(out, (t0 + 4) * ldo + 8 * g, acc4)
+    st_f32x8(out, (t0 + 5) * ldo + 8 * g, acc5)
+    st_f32x8(out, (t0 + 6) * ldo + 8 * g, acc6)
+    st_f32x8(out, (t0 + 7) * ldo + 8 * g, acc7)
+
+
+@njit(**_JIT)
+def _units(T):
+    """How a batched kernel cuts T tokens: (octets, quads after them). Octets while 8 tokens
+    remain (one pass of a row group's codes serves 8 tokens: half the unpacking per token of a
+    quad, and no second pass for T = 8, the batched decode step), then quads for the rest."""
+    n8 = T // 8
+    return n8, (T - 8 * n8 + 3) // 4
+
+
+@njit(**_JIT)
+def _unit(n8, u):
+    """(first token, width) of unit u of a row group (``_units``)."""
+    if u < n8:
+        return 8 * u, 8
+    return 8 * n8 + 4 * (u - n8), 4
+
+
+@njit(**_JIT)
 def _quad(T, t0):
     """The 4 token indices of a quad starting at t0 (past the end: the last token again)."""
     return t0, min(t0 + 1, T - 1), min(t0 + 2, T - 1), min(t0 + 3, T - 1)
