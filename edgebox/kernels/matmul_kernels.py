@@ -15,7 +15,7 @@ block the row sums meet the 8 row scales times the activation scale in one FMA.
 Loops: ``*_mv`` (T = 1, decode) runs parallel over row groups, each thread one sequential stream
 with a software prefetch ``_PF`` ahead; ``*_mm`` (T tokens) runs one row group x 4 tokens per
 step, parallel over (group, quad), quads innermost, so a group's weights leave DRAM once per call
-(ragged T repeats the last token). Shapes: ``G`` row groups of 8, ``nb = n_in / 32`` blocks;
+(ragged T repeats the last token); Q6_K takes octets of tokens while 8 remain (``_units``). Shapes: ``G`` row groups of 8, ``nb = n_in / 32`` blocks;
 planes and activations flat (1-D), outputs float32 ``[T, G*8]`` flat. Every kernel releases the
 GIL. Measurements: docs/performance.md.
 """

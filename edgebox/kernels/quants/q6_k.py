@@ -5,8 +5,10 @@ Repacked: nib plane q = low 4 bits, crumb plane qh = high 2 bits [G, nb, 2, 32],
 [G, n_in/16, 8], d f16 [G, nb/8, 8] (as compact as the file).  Kernel: chunks 0-3 of a block are
 sub-block 2b (low nibbles), 4-7 sub-block 2b+1 (high nibbles); per 16 values the 4 vpmaddubsw
 products are summed in int16 and the -32 offset subtracted there (``_q6_half``: exact, though the
-sum wraps before), then one vpmaddwd by the int16 scales gives int32 sc * dot.  ORT: MatMulNBits
-bits=8 block 16, code q, uint8 zero point 32, scale d*sc (exact in float32): bit-exact.
+sum wraps before), then one vpmaddwd by the int16 scales gives int32 sc * dot.  Batched: tokens
+in octets while 8 remain (T = 8, a batched decode step: one pass over the codes), then quads.
+ORT: MatMulNBits bits=8 block 16, code q, uint8 zero point 32, scale d*sc (exact in float32):
+bit-exact.
 """
 
 from __future__ import annotations
