@@ -85,6 +85,17 @@ def attention(chip: Chip, layer: int, h: np.ndarray, step: AttentionStep) -> np.
         )  # [D]
         if out is not None:
             return out[None]
+    if decode is not None and len(decode.members) == len(caches):
+        # one token of each of B sequences (rows 0..B-1): the whole block in one compiled call
+        # where the backend has one
+        batch = getattr(ops, "decode_attention_batch", None)  # (the reference has none)
+        out = (
+            batch(lw, h, positions, decode.caches[chip.index], layer, decode.starts, nh, nkv, chip.kv_of_head, a, chip.kv_rot)
+            if batch is not None
+            else None
+        )
+        if out is not None:
+            return out
 
     # project to this chip's q, k and v heads with one matmul (+bias on qwen2)
     qkv = lw.wqkv(h)  # [R, (Hc + 2 Hkv_c)*hd]

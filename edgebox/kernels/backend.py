@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from edgebox.gguf.loader import Matrix
-from edgebox.kernels import attention, autotune, elementwise, fused, kv_quant, ort, ref
+from edgebox.kernels import attention, autotune, elementwise, fused, fused_batch, kv_quant, ort, ref
 from edgebox.kernels.linear import AutoLinear, NumbaLinear, OrtLinear, RefLinear
 
 # the weight handles live in kernels.linear; importable from here as before
@@ -284,6 +284,59 @@ class NumbaOps:
             starts,
             kv_of_head=kv_of_head,
             parallel=int(starts.sum()) + len(starts) >= PARALLEL_DECODE_CONTEXT,
+        )
+
+    def decode_attention_batch(
+        self,
+        lw,
+        h: np.ndarray,
+        positions: np.ndarray,
+        caches,
+        layer: int,
+        starts: np.ndarray,
+        n_heads: int,
+        n_kv: int,
+        kv_of_head: np.ndarray,
+        a,
+        kv_rot: tuple[int, int] = (0, 0),
+    ) -> np.ndarray | None:
+        """The attention block of B one-token sequences on one chip in one compiled call
+        (``kernels.fused_batch``): h [B, D] at ``positions`` [B] -> partial sums [B, D], their
+        keys and values appended at slots ``starts`` [B] of their caches (``kv_lists``); None
+        when the chip's weights cannot go in one call."""
+        key = ("attn_batch", len(h))  # an AutoLinear's weights depend on the batch bucket
+        if key not in lw.decode_cache:
+            lw.decode_cache[key] = fused_batch.attention_args(lw.wqkv, lw.bqkv, lw.wo, len(h))
+        w = lw.decode_cache[key]
+        if w is None:
+            return None
+        cos, sin = self._tables(positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale)
+        order, hstart = self._att.head_groups(n_heads, n_kv, kv_of_head)
+        parallel = int(starts.sum()) + len(starts) >= PARALLEL_DECODE_CONTEXT and self._att.threading_layer_is_threadsafe()
+        return fused_batch.attention_decode_batch_block(
+            np.ascontiguousarray(h, np.float32),
+            w[0],
+            w[1],
+            w[2],
+            a.n_embd,
+            n_heads,
+            n_kv,
+            a.head_dim,
+            cos,
+            sin,
+            a.rope_neox,
+            caches.k,
+            caches.v,
+            caches.tk,
+            caches.tv,
+            kv_rot[0],
+            kv_rot[1],
+            layer,
+            starts,
+            order,
+            hstart,
+            parallel,
+            numba.get_num_threads(),
         )
 
 

@@ -15,7 +15,7 @@ block the row sums meet the 8 row scales times the activation scale in one FMA.
 Loops: ``*_mv`` (T = 1, decode) runs parallel over row groups, each thread one sequential stream
 with a software prefetch ``_PF`` ahead; ``*_mm`` (T tokens) runs one row group x 4 tokens per
 step, parallel over (group, quad), quads innermost, so a group's weights leave DRAM once per call
-(ragged T repeats the last token). Shapes: ``G`` row groups of 8, ``nb = n_in / 32`` blocks;
+(ragged T repeats the last token); Q6_K takes octets of tokens while 8 remain (``_units``). Shapes: ``G`` row groups of 8, ``nb = n_in / 32`` blocks;
 planes and activations flat (1-D), outputs float32 ``[T, G*8]`` flat. Every kernel releases the
 GIL. Measurements: docs/performance.md.
 """
@@ -131,6 +131,36 @@ def _store4(out, ldo, g, t0, T, acc0, acc1, acc2, acc3):
         st_f32x8(out, (t0 + 2) * ldo + 8 * g, acc2)
     if t0 + 3 < T:
         st_f32x8(out, (t0 + 3) * ldo + 8 * g, acc3)
+
+
+@njit(**_JIT)
+def _store8(out, ldo, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
+    """An octet's 8 accumulators to row group g of tokens t0..t0+7 (an octet is always whole)."""
+    st_f32x8(out, t0 * ldo + 8 * g, acc0)
+    st_f32x8(out, (t0 + 1) * ldo + 8 * g, acc1)
+    st_f32x8(out, (t0 + 2) * ldo + 8 * g, acc2)
+    st_f32x8(out, (t0 + 3) * ldo + 8 * g, acc3)
+    st_f32x8(out, (t0 + 4) * ldo + 8 * g, acc4)
+    st_f32x8(out, (t0 + 5) * ldo + 8 * g, acc5)
+    st_f32x8(out, (t0 + 6) * ldo + 8 * g, acc6)
+    st_f32x8(out, (t0 + 7) * ldo + 8 * g, acc7)
+
+
+@njit(**_JIT)
+def _units(T):
+    """How a batched kernel cuts T tokens: (octets, quads after them). Octets while 8 tokens
+    remain (one pass of a row group's codes serves 8 tokens: half the unpacking per token of a
+    quad, and no second pass for T = 8, the batched decode step), then quads for the rest."""
+    n8 = T // 8
+    return n8, (T - 8 * n8 + 3) // 4
+
+
+@njit(**_JIT)
+def _unit(n8, u):
+    """(first token, width) of unit u of a row group (``_units``)."""
+    if u < n8:
+        return 8 * u, 8
+    return 8 * n8 + 4 * (u - n8), 4
 
 
 @njit(**_JIT)

@@ -5,8 +5,10 @@ Repacked: nib plane q = low 4 bits, crumb plane qh = high 2 bits [G, nb, 2, 32],
 [G, n_in/16, 8], d f16 [G, nb/8, 8] (as compact as the file).  Kernel: chunks 0-3 of a block are
 sub-block 2b (low nibbles), 4-7 sub-block 2b+1 (high nibbles); per 16 values the 4 vpmaddubsw
 products are summed in int16 and the -32 offset subtracted there (``_q6_half``: exact, though the
-sum wraps before), then one vpmaddwd by the int16 scales gives int32 sc * dot.  ORT: MatMulNBits
-bits=8 block 16, code q, uint8 zero point 32, scale d*sc (exact in float32): bit-exact.
+sum wraps before), then one vpmaddwd by the int16 scales gives int32 sc * dot.  Batched: tokens
+in octets while 8 remain (T = 8, a batched decode step: one pass over the codes), then quads.
+ORT: MatMulNBits bits=8 block 16, code q, uint8 zero point 32, scale d*sc (exact in float32):
+bit-exact.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _chunks8, _ld8, _quad, _st8, _store4
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _chunks8, _ld8, _quad, _st8, _store4, _store8, _unit, _units
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     HAS_VNNI,
@@ -35,6 +37,7 @@ from edgebox.kernels.matmul_simd import (
     ld_i8x8_i32,
     madd,
     maddubs,
+    mul_f32,
     mul_i32,
     prefetch,
     prefetch_l2,
@@ -165,12 +168,12 @@ if HAS_VNNI:
         return ld_i8x8_i32(sc, o)
 
     @njit(**_JIT)
-    def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
-        """facc += xd * (sc_A * dot_A + sc_B * dot_B) for block e of a token (VNNI: int32 sums
-        times int32 scales, vpmulld)."""
+    def _q6_isum(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e):
+        """sc_A * dot_A + sc_B * dot_B (int32 per row) for block e of a token (VNNI: int32
+        sums times int32 scales, vpmulld)."""
         ia = mul_i32(_q6_half_vnni(v0, v1, v2, v3, xq, xo, xs16, 2 * e), SA)
         ib = mul_i32(_q6_half_vnni(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1), SB)
-        return fma_f32(cvt_f32(add_i32(ia, ib)), bc_f32(xd, e), facc)
+        return add_i32(ia, ib)
 
 else:
 
@@ -180,12 +183,26 @@ else:
         return ld_i8x8_i16x2(sc, o)
 
     @njit(**_JIT)
-    def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
-        """facc += xd * (sc_A * dot_A + sc_B * dot_B) for block e of a token; one vpmaddwd per
-        half multiplies the int16 pair sums by the int16 scales and adds the pairs."""
+    def _q6_isum(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e):
+        """sc_A * dot_A + sc_B * dot_B (int32 per row) for block e of a token; one vpmaddwd
+        per half multiplies the int16 pair sums by the int16 scales and adds the pairs."""
         ia = madd(_q6_half(v0, v1, v2, v3, xq, xo, xs16, 2 * e), SA)
         ib = madd(_q6_half(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1), SB)
-        return fma_f32(cvt_f32(add_i32(ia, ib)), bc_f32(xd, e), facc)
+        return add_i32(ia, ib)
+
+
+@njit(**_JIT)
+def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
+    """facc += xd * (sc_A * dot_A + sc_B * dot_B) for block e of a token."""
+    return fma_f32(cvt_f32(_q6_isum(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e)), bc_f32(xd, e), facc)
+
+
+@njit(**_JIT)
+def _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, D, acc):
+    """acc += d * xd * (sc_A * dot_A + sc_B * dot_B): ``_q6_tok`` with the super-block scale d
+    folded in per block (no per-super-block accumulator)."""
+    isum = _q6_isum(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e)
+    return fma_f32(cvt_f32(isum), mul_f32(D, bc_f32(xd, e)), acc)
 
 
 @njit(**_JIT)
@@ -272,17 +289,72 @@ def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
     _store4(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
 
 
+@njit(**_JIT)
+def _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
+    """Tokens t0..t0+7 of row group g: ``_q6_k_quad`` 8 wide, so at T = 8 (the batched decode
+    step) the codes are unpacked and used in one pass, never stored and reloaded.  The
+    super-block scale d is folded into each block's activation scale (``_q6_tok_d``): 8
+    accumulators, not 8 more per super-block (8 + 8 + 8 chunk vectors would spill)."""
+    n_in = 32 * nb
+    nsb = nb // 8
+    first = t0 == 0
+    last = t0 + 8 >= T
+    acc0 = zero_f32()
+    acc1 = zero_f32()
+    acc2 = zero_f32()
+    acc3 = zero_f32()
+    acc4 = zero_f32()
+    acc5 = zero_f32()
+    acc6 = zero_f32()
+    acc7 = zero_f32()
+    for s in range(nsb):
+        D = ld_f16x8(d, 8 * (g * nsb + s))
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                prefetch(qh, 64 * k + _PF // 2)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
+                if not last:
+                    _st8(buf, 256 * b, v0, v1, v2, v3, v4, v5, v6, v7)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _ld8(buf, 256 * b)
+            if last:
+                prefetch_l2(q, 128 * (k + nb))
+                prefetch_l2(q, 128 * (k + nb) + 64)
+                prefetch_l2(qh, 64 * (k + nb))
+            SA = _q6_scales(sc, 16 * k)
+            SB = _q6_scales(sc, 16 * k + 8)
+            xo = t0 * n_in + 32 * b
+            e = t0 * nb + b
+            acc0 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, D, acc0)
+            acc1 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + n_in, xs16, e + nb, xd, D, acc1)
+            acc2 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 2 * n_in, xs16, e + 2 * nb, xd, D, acc2)
+            acc3 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 3 * n_in, xs16, e + 3 * nb, xd, D, acc3)
+            acc4 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 4 * n_in, xs16, e + 4 * nb, xd, D, acc4)
+            acc5 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 5 * n_in, xs16, e + 5 * nb, xd, D, acc5)
+            acc6 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 6 * n_in, xs16, e + 6 * nb, xd, D, acc6)
+            acc7 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 7 * n_in, xs16, e + 7 * nb, xd, D, acc7)
+    _store8(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+
+
 @njit(**_PJIT)
 def q6_k_mm(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
-    nt = (T + 3) // 4
+    n8, n4 = _units(T)
     nw = min(G, _RUNS)
     for c in prange(nw):  # contiguous runs of row groups, one code buffer each
         buf = np.empty(256 * nb, np.uint8)
         for g in range(c * G // nw, (c + 1) * G // nw):
-            for it in range(nt):
-                _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, 4 * it, T, buf, out)
+            for u in range(n8 + n4):
+                t0, width = _unit(n8, u)
+                if width == 8:
+                    _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out)
+                else:
+                    _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,6 +145,23 @@ def test_fast_types_7b_like_rows(qtype):
     check(w, Wf, X[:1], M.matvec(w, X[0])[None], f"{qtype.name} 203x2048 matvec")
 
 
+@pytest.mark.parametrize("qtype", FAST, ids=lambda q: q.name)
+def test_token_octets_and_quads(qtype):
+    """T cut into octets and quads (``matmul_kernels._units``: 8, 8 + 1..7, 16, 21 = 8 + 8 + 4 + 1;
+    ragged rows): every token equals the reference and its own matvec."""
+    rng = np.random.default_rng(int(qtype) + 100)
+    n_out, n_in = 203, _n_in(qtype, 3)
+    raw = make_weight(qtype, n_out, n_in, rng)
+    w = M.pack(raw, qtype)
+    Wf = dequantize(raw, qtype).astype(np.float32)
+    for T in (7, 8, 9, 12, 15, 16, 21):
+        X = rng.standard_normal((T, n_in)).astype(np.float32)
+        Y = M.matmul(w, X)
+        check(w, Wf, X, Y, f"{qtype.name} matmul T={T}")
+        for t in range(T):
+            assert nerr(Y[t], M.matvec(w, X[t]), dot_scale(X[t : t + 1], Wf)) < TOL_EXACT, (T, t)
+
+
 def _k_blocks(qtype: QType, code: int, n_out: int, n_sb: int, rng) -> np.ndarray:
     """K-quant rows [n_out, row_bytes] whose every code is ``code`` (random scales, incl. the
     extreme int8 ones for Q6_K, and small f16 d / dmin)."""
