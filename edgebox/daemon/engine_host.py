@@ -3,7 +3,7 @@
 States: ``unloaded`` -> ``ready`` (model mapped, engine warmed up) -> ``loading`` (swapping) ->
 ``ready``. Loading opens the new file *before* touching the running engine, so a bad path or a
 broken file leaves the old model serving; only the swap itself (cancel, close, warm up) is
-unavailable time.
+unavailable time; the host lets the old model go before the new one warms up.
 
 ``submit`` refuses a prompt that cannot fit before tokenizing it (``certainly_too_long``):
 tokenizing holds the GIL (a 200 kB prompt: ~0.2 s), and a flood of over-long prompts must not
@@ -86,11 +86,15 @@ class ModelHost:
                     )
                 draft = edgebox.load(draft_path, chips=1, n_ctx=ctx, backend=self.backend)
                 check_draft_vocab(model, draft)
+            longest = longest_token_bytes(model.tokenizer)  # while the old model still serves
             with self._lock:
                 old, self._engine, self.state = self._engine, None, "loading"
             before_swap()
             if old is not None:
                 old.close(drain=False)
+            # the old model's memory goes now (with its firmware, at install), not after the warm-up
+            with self._lock:
+                self._model = old = None
             try:
                 if self.power is not None:
                     self.power.install(model)  # before the warm-up's first step
@@ -110,7 +114,6 @@ class ModelHost:
                 with self._lock:
                     self._model, self.info, self.state = None, None, "unloaded"
                 raise
-            longest = longest_token_bytes(model.tokenizer)
             info = {
                 "path": str(model.path),
                 "name": Path(model.path).name,

@@ -216,3 +216,18 @@ def drafter(spec: Speculative, target: Model, draft_model: Model | None):
             )
         return ModelDrafter(spec, draft_model, target)
     return None
+
+
+def propose_drafts(drafter, running: Seq) -> None:
+    """After a step, before the plan that prices them: drafts for the running sequences that
+    decode and may draft (``Sequence.can_draft``). A draft is only a guess: if the drafter
+    fails, the sequences go without one and decode as usual."""
+    if drafter is None:
+        return
+    drafting = [s for s in running if s.pending is not None and not s.prefilling and not s.paused and s.can_draft]
+    try:
+        drafter.propose(drafting)
+    except Exception:
+        for s in drafting:
+            s.draft = []
+            drafter.forget(s)
