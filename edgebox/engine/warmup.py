@@ -4,7 +4,7 @@ The first request after a start or a model swap must cost what any other does (t
 product's headline is first-inference latency). So before the engine serves, ``warm_up`` packs
 the weights (``Model.prepare``) and runs each kind of step once, through the engine itself: a
 prompt chunk beside another sequence's one-token row (a mixed step), a batched decode, and a lone
-sequence's decode (the one-call blocks, ``kernels.fused``). A step compiles its kernels and maps
+sequence's decode (every layer in one hand-off, ``chips.decode``). A step compiles its kernels and maps
 the pages of every weight whatever its rows, so the smallest of each kind is enough: a 2-token
 and a 1-token prompt, greedy and blind to EOG so the steps are certain, the shorter ending a step
 earlier (3 forward passes of at most 3 rows; a 7B costs 0.2-0.5 s each on two cores). Then the
