@@ -1,7 +1,8 @@
 """A lone sequence's one-token step: every layer in one hand-off per chip thread.
 
 Why: the layer-by-layer path hands each block to the chip threads and back, two hand-offs and
-~10 Python calls per layer (~3.5 ms of host time per token on the 7B shape, 1 chip). Here each
+~10 Python calls per layer (5-7 ms of host time per token on the 7B shape on 1 chip, 23 ms on
+4: docs/performance.md). Here each
 chip thread loops over the layers itself with one compiled call per layer
 (``kernels.fused.decode_layer``: norms, its chips' attention and FFN, the residual adds), and
 the partial sums of the threads meet in compiled code (``kernels.barrier``): one hand-off per
@@ -11,12 +12,13 @@ minutes in 5.5 GB when it was stopped).
 
 The math is the layer-by-layer path's, up to the order in which the chips' partial sums add
 (each thread adds its chips', then the threads' sums add in thread order), so logits agree
-within float re-association (tests/unit/model/test_decode_layers.py).
+within float re-association (tests/unit/model/test_model.py, the one-call decode test).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 from numba.core.errors import TypingError
@@ -37,6 +39,7 @@ class TokenDecoder:
         self._plan: list | None = None  # per chip thread, per layer: that thread's chips' arguments
         self._usable: bool | None = None
         self.sync = barrier.new_sync()
+        self._lock = threading.Lock()  # one token at a time: the threads share sync and bufs
         self.bufs = np.zeros((2, box.threads.n_threads, box.args.n_embd), np.float32)  # [2, threads, D]
 
     def plan(self) -> list | None:
@@ -88,9 +91,10 @@ class TokenDecoder:
         box = self.box
         cos, sin = box.ops.rope_tables(position, box.args)
         caches = tuple(_cache_views(kv, c.index) for c in box.chips if c.n_kv)  # [chips with KV heads]
-        self.sync[:] = 0
         try:
-            outs = box.threads.run_groups(_run_layers, self, plan, x[0], caches, start, cos, sin)
+            with self._lock:
+                self.sync[:] = 0
+                outs = box.threads.run_groups(_run_layers, self, plan, x[0], caches, start, cos, sin)
         except TypingError as e:  # a thread's chips mix weight types (not seen in the files we read)
             log.warning("decode: one call per layer cannot compile here (%s); running block by block", str(e).splitlines()[0])
             self._usable, self._plan = False, None

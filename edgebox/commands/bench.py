@@ -692,11 +692,21 @@ def format_report(r: dict) -> str:
     for p in r.get("concurrency", []):
         gain = r.get("batching_gain", {}).get(str(p["concurrency"]))
         share = r.get("vs_pp64", {}).get(str(p["concurrency"]))
+        notes = ([f"{gain:.2f}x one stream"] if gain else []) + (
+            [
+                f"{share:.0%} of pp64"
+                + (
+                    f" [{min(p['vs_pp64_range']):.0%}-{max(p['vs_pp64_range']):.0%}]"
+                    if len(p.get("vs_pp64_range", ())) > 1
+                    else ""
+                )
+            ]
+            if share
+            else []
+        )
         lines.append(
             f"concurrency {p['concurrency']:>3}: decode {p['decode_tok_s']:7.2f} tok/s"
-            + (f" ({gain:.2f}x one stream" if gain else " (")
-            + (f", {share:.0%} of pp64" if share else "")
-            + (f" [{min(p['vs_pp64_range']):.0%}-{max(p['vs_pp64_range']):.0%}])" if len(p.get("vs_pp64_range", ())) > 1 else ")")
+            + (f" ({', '.join(notes)})" if notes else "")
             + f" | {p['total_tok_s']:.2f} tok/s with prompts | TTFT p50 {p['ttft_p50_s']:.2f} s p95 {p['ttft_p95_s']:.2f} s"
             f" | per token p50 {p['per_token_p50_s'] * 1000:.0f} ms p95 {p['per_token_p95_s'] * 1000:.0f} ms"
         )
