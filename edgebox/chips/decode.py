@@ -36,8 +36,7 @@ class TokenDecoder:
     def __init__(self, box):
         self.box = box
         self.enabled = True
-        self._plan: list | None = None  # per chip thread, per layer: that thread's chips' arguments
-        self._usable: bool | None = None
+        self._plan: list | None | bool = False  # per chip thread, per layer: its chips' arguments; False: not built yet
         self.sync = barrier.new_sync()
         self._lock = threading.Lock()  # one token at a time: the threads share sync and bufs
         self.bufs = np.zeros((2, box.threads.n_threads, box.args.n_embd), np.float32)  # [2, threads, D]
@@ -46,9 +45,8 @@ class TokenDecoder:
         """Per chip thread, per layer (attn_norm, ffn_norm, attention entries, FFN entries) as
         ``fused.decode_layer`` takes them; None when some block cannot run in one call (then the
         box keeps the block by block path)."""
-        if self._usable is None:
+        if self._plan is False:
             self._plan = self._build()
-            self._usable = self._plan is not None
         return self._plan
 
     def _build(self) -> list | None:
@@ -89,7 +87,7 @@ class TokenDecoder:
         if plan is None:
             return None
         box = self.box
-        cos, sin = box.ops.rope_tables(position, box.args)
+        cos, sin = box.ops.rope_tables(np.array([position], np.int32), box.args)
         caches = tuple(_cache_views(kv, c.index) for c in box.chips if c.n_kv)  # [chips with KV heads]
         try:
             with self._lock:
@@ -97,7 +95,7 @@ class TokenDecoder:
                 outs = box.threads.run_groups(_run_layers, self, plan, x[0], caches, start, cos, sin)
         except TypingError as e:  # a thread's chips mix weight types (not seen in the files we read)
             log.warning("decode: one call per layer cannot compile here (%s); running block by block", str(e).splitlines()[0])
-            self._usable, self._plan = False, None
+            self._plan = None
             return None  # nothing is lost: the block path rewrites the same cache slot from the same x
         return outs[-1][None]
 

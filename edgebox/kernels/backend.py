@@ -181,7 +181,7 @@ class NumbaOps:
         w = lw.decode_cache["attn"]
         if w is None:
             return None
-        cos, sin = self.rope_tables(position, a)
+        cos, sin = self.rope_tables(np.array([position], np.int32), a)
         order, hstart = lw.decode_cache["groups"]
         kc, tk, _ = self._att.cache_view(k_cache, 4, "decode_attention_block", "k")
         vc, tv, _ = self._att.cache_view(v_cache, 4, "decode_attention_block", "v")
@@ -212,7 +212,7 @@ class NumbaOps:
         )
 
     def decode_attention_threads(self, n_cached: int) -> int:
-        """numba threads one sequence's decode attention over ``n_cached`` keys is spread over:
+        """numba threads a decode step's attention over ``n_cached`` keys (of all its sequences) is spread over:
         this thread's count over a long context (7B, one chip: 1.00x at 256 cached tokens, 1.05x
         per step at 1024 and 2048), else 1."""
         if n_cached >= PARALLEL_DECODE_CONTEXT and self._att.threading_layer_is_threadsafe():
@@ -245,9 +245,9 @@ class NumbaOps:
         """A chip's FFN block of layer ``lw`` as ``fused.decode_layer`` takes it (None: it cannot)."""
         return fused.decode_ffn_args(lw, n_ffn)
 
-    def rope_tables(self, position: int, a) -> tuple[np.ndarray, np.ndarray]:
-        """(cos, sin) of one position under the model's rope (shared by every layer of a step)."""
-        return self._tables(np.array([position], np.int32), a.n_rot, a.rope_freq_base, a.rope_freq_scale)
+    def rope_tables(self, positions: np.ndarray, a) -> tuple[np.ndarray, np.ndarray]:
+        """(cos, sin) of ``positions`` under the model's rope (shared by every layer of a step)."""
+        return self._tables(positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale)
 
     def attention(
         self,
@@ -283,7 +283,7 @@ class NumbaOps:
             layer,
             starts,
             kv_of_head=kv_of_head,
-            parallel=int(starts.sum()) + len(starts) >= PARALLEL_DECODE_CONTEXT,
+            parallel=self.decode_attention_threads(int(starts.sum()) + len(starts)) > 1,
         )
 
     def decode_attention_batch(
@@ -310,9 +310,9 @@ class NumbaOps:
         w = lw.decode_cache[key]
         if w is None:
             return None
-        cos, sin = self._tables(positions, a.n_rot, a.rope_freq_base, a.rope_freq_scale)
+        cos, sin = self.rope_tables(positions, a)
         order, hstart = self._att.head_groups(n_heads, n_kv, kv_of_head)
-        parallel = int(starts.sum()) + len(starts) >= PARALLEL_DECODE_CONTEXT and self._att.threading_layer_is_threadsafe()
+        parallel = self.decode_attention_threads(int(starts.sum()) + len(starts)) > 1
         return fused_batch.attention_decode_batch_block(
             np.ascontiguousarray(h, np.float32),
             w[0],
