@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,7 @@ class Box:
         self.token_decoder = TokenDecoder(self)  # a lone sequence's one-token step (chips.decode)
         self._weights = weights
         self.pack_cache: packcache.PackCache | None = None  # the packed-weight cache prepare() used
+        self.first_pass = threading.Event()  # set by the first lm_head: a cold start's cache write waits for it
 
     def _place(self, args: ModelArgs, weights: Weights, source: str) -> list[Chip]:
         """Cut every weight along the plan and give each chip its shards (views into the mmap)."""
@@ -171,8 +173,9 @@ class Box:
             if progress is not None and (i % 16 == 0 or i == len(todo)):
                 progress(i, len(todo))
         if cache is not None:
-            # the entry is written while the model runs (the process waits for it at exit)
-            cache.finish(background=True)
+            # the entry is written while the model runs, from its first forward pass on (the
+            # process waits for it at exit)
+            cache.finish(background=True, after=self.first_pass)
             self.pack_cache = cache
 
     # -- the tensor-parallel blocks --------------------------------------------------------------
@@ -202,7 +205,9 @@ class Box:
 
     def lm_head(self, x: np.ndarray) -> np.ndarray:
         """Logits [K, V] of the normalized rows x [K, D]: every chip its vocabulary slice, gathered."""
-        return self.gather(self.threads.run(blocks.lm_head, x))
+        logits = self.gather(self.threads.run(blocks.lm_head, x))
+        self.first_pass.set()
+        return logits
 
     # -- execution -------------------------------------------------------------------------------
     def run(self, fn, *args) -> list:

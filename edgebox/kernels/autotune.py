@@ -89,14 +89,16 @@ def kernels_digest() -> str:
 
 
 def cache_fields(threads: int, accuracy_level: int = 4) -> dict:
-    import onnxruntime  # here, not at the top: a heavy optional dependency, needed only to tune
+    # the installed version from the package metadata, not ``import onnxruntime`` (0.36 s, and its
+    # libraries read from disk after a reboot): a start whose plan is all numba never loads it
+    from importlib.metadata import version
 
     return {
         "format": FORMAT,
         "cpu": cpu_model(),
         "threads": threads,
         "numba": numba.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": version("onnxruntime"),
         "accuracy_level": accuracy_level,
         "kernels": kernels_digest(),
     }

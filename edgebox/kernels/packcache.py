@@ -20,6 +20,7 @@ these variables: ``configure``). The file format, what each check guarantees and
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import json
@@ -47,6 +48,7 @@ ALIGN = 4096
 SAMPLE = 4096
 DEFAULT_MAX_GIB = 16.0
 STALE_TEMP_S = 3600.0
+AFTER_WAIT_S = 30.0  # a background write waits this long at most for the first forward pass
 _HEAD = struct.Struct("<8sIIQQQ32sI")  # magic, format, reserved, size, table offset, table len, key, table crc
 SUFFIX = ".ebx"
 
@@ -356,6 +358,7 @@ class PackCache:
         self.hits = self.misses = 0
         self.status = "miss"
         self._writer: threading.Thread | None = None
+        self._after: threading.Event | None = None  # what a background write waits for
         try:
             self.entry = Entry.open(self.path, key)
             self.status = "hit"
@@ -401,27 +404,39 @@ class PackCache:
             self.misses += 1
             self.served.append((m.name, packed))
 
-    def finish(self, background: bool = False) -> None:
+    def finish(self, background: bool = False, after: threading.Event | None = None) -> None:
         """Write the entry when something was packed now.  In the foreground the packed copies
         in memory are then replaced by the new file's pages; in the ``background`` (a thread the
         interpreter waits for at exit; ``wait()`` joins it) they stay in use, so the first token
-        does not wait for the disk.  A failure to write costs one warning line."""
+        does not wait for the disk.  A background write starts once ``after`` is set (the box's
+        first forward pass: copying and checksumming 3+ GB beside that pass made the first token
+        ~0.8 s later on 2 cores) or ``AFTER_WAIT_S`` have passed.  A failure to write costs one
+        warning line."""
         if not self.misses or self._writer is not None:
             return
         weights = list({name: pw for name, pw in self.served}.items())
         if background:
             self.status = "writing"
-            self._writer = threading.Thread(target=self._write, args=(weights, False), name="edgebox-pack-cache-writer")
+            self._writer = threading.Thread(
+                target=self._write, args=(weights, False, after), name="edgebox-pack-cache-writer", daemon=True
+            )
             self._writer.start()
+            self._after = after
+            atexit.register(self.wait)  # a process that ends before any forward pass writes it then
         else:
             self._write(weights, True)
 
     def wait(self) -> None:
-        """Wait for a background write (``finish(background=True)``) to end."""
+        """Start a background write (``finish(background=True)``) now if it still waits, and
+        wait for it to end."""
+        if self._after is not None:
+            self._after.set()
         if self._writer is not None:
             self._writer.join()
 
-    def _write(self, weights: list[tuple[str, PackedWeight]], rebind: bool) -> None:
+    def _write(self, weights: list[tuple[str, PackedWeight]], rebind: bool, after: threading.Event | None = None) -> None:
+        if after is not None:
+            after.wait(AFTER_WAIT_S)
         if not rebind:  # the background writer: at the lowest CPU priority (Linux nice is per thread),
             try:  # so checksumming and copying 3+ GB do not slow the first tokens it runs beside
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

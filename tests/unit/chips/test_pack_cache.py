@@ -1,7 +1,8 @@
 """The box with the persistent packed-weight cache (kernels.packcache, Box.prepare): a hit, a miss,
 the key following the file and the split, corrupt / torn entries rebuilt, a full disk and a
-read-only directory degrading to packing in memory, eviction, and logits from a cached entry
-bit-identical to packing in memory (1 and 4 chips, Q4_0, Q8_0, Q4_K_M)."""
+read-only directory degrading to packing in memory, eviction, logits from a cached entry
+bit-identical to packing in memory (1 and 4 chips, Q4_0, Q8_0, Q4_K_M), and a cold start's write
+held back until the first forward pass (or the process's end)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -194,3 +196,28 @@ def test_the_reference_backend_uses_no_cache(cache_dir):
         assert m.box.pack_cache is None and not cache_dir.exists()
     finally:
         m.box.close()
+
+
+def test_a_cold_start_writes_its_entry_after_the_first_forward_pass(cache_dir):
+    m = edgebox.load(MODELS / "tiny-deepseek-coder-Q4_0.gguf", chips=2, backend="numba")
+    try:
+        m.prepare()
+        c = m.box.pack_cache
+        time.sleep(1.0)  # (the tiny model's entry is written in well under a second once started)
+        assert c.status == "writing" and not entries(cache_dir)
+        m.logits(PROMPT)
+        c._writer.join(timeout=60)
+        assert c.status == "written" and len(entries(cache_dir)) == 1
+    finally:
+        m.box.close()
+
+
+def test_a_process_that_ends_before_a_forward_pass_still_writes_its_entry(cache_dir):
+    code = "import sys, edgebox; edgebox.load(sys.argv[1], chips=1, backend='numba').prepare()"
+    path = MODELS / "tiny-deepseek-coder-Q4_0.gguf"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    assert time.monotonic() - t < packcache.AFTER_WAIT_S  # written at exit, not after the wait runs out
+    assert len(entries(cache_dir)) == 1
