@@ -27,8 +27,8 @@ from edgebox.kernels.linear import prepare_linear
 
 class StackedRows:
     """A run of same-type parts as one matrix (the ``Matrix`` fields); the rows are stacked into
-    one copy only when ``data`` is read, so a weight found in the packed-weight cache never
-    copies them."""
+    one copy only when ``data`` is read (ORT reads it), so a weight found in the packed-weight
+    cache, or repacked from its ``row_blocks`` (numba), never copies them."""
 
     def __init__(self, parts: Sequence[Matrix]):
         self.parts = tuple(parts)
@@ -41,6 +41,10 @@ class StackedRows:
     @functools.cached_property
     def data(self) -> np.ndarray:  # uint8 [sum n_out, row_bytes]
         return np.concatenate([p.data for p in self.parts])
+
+    @property
+    def row_blocks(self) -> tuple[np.ndarray, ...]:
+        return tuple(p.data for p in self.parts)
 
     @property
     def rows_read(self) -> bool:

@@ -37,6 +37,11 @@ class Matrix:
     def nbytes(self) -> int:
         return self.data.nbytes
 
+    @property
+    def row_blocks(self) -> tuple[np.ndarray, ...]:
+        """The rows as the blocks they are stored in (one; a chip's stacked rows have several)."""
+        return (self.data,)
+
 
 @dataclass(frozen=True)
 class LayerWeights:

@@ -60,11 +60,11 @@ class NumbaLinear:
             if packed is not None:
                 self.packed, self.from_cache = packed, True
                 return
-            self.packed = matmul.pack(m.data, m.qtype)
+            self.packed = matmul.pack_rows(m.row_blocks, m.qtype)
             if cache is not None:
                 cache.add(m, self.packed)
             if release and self.packed.path != "float":  # float weights are read in place: keep their pages
-                release_view_pages(m.data)
+                release_rows(m)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
         if self.packed is None:
@@ -109,7 +109,7 @@ class AutoLinear:
             built[name] = lin
         numba = built.get("numba")
         if numba is None or (numba.packed.path != "float" and (not numba.from_cache or len(built) > 1)):
-            release_view_pages(self.matrix.data)  # as each backend's own prepare() does (rows read)
+            release_rows(self.matrix)  # as each backend's own prepare() does (rows read)
         self.by_bucket = {b: built[name] for b, name in choice.by_bucket.items()}
 
     def for_tokens(self, T: int):
@@ -120,6 +120,13 @@ class AutoLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # [T, n_in] -> [T, n_out]
         return self.for_tokens(len(x))(x)
+
+
+def release_rows(m) -> None:
+    """Drop the file pages under a weight's rows (``release_view_pages``), block by block: a
+    stacked weight's rows are never concatenated just to be released."""
+    for rows in m.row_blocks:
+        release_view_pages(rows)
 
 
 def prepare_linear(lin, cache=None) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numba
@@ -161,6 +162,32 @@ def pack(raw: np.ndarray, qtype) -> PackedWeight:
     if n_in % 32:
         raise ValueError(f"pack: n_in={n_in} is not a multiple of 32")
     planes = kernels.repack(raw, n_out, n_in)
+    arrays = {k: v.reshape(-1) for k, v in planes.items()}
+    return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(sum(v.nbytes for v in arrays.values())))
+
+
+def pack_rows(blocks: Sequence[np.ndarray], qtype) -> PackedWeight:
+    """Several GGUF row blocks of one type stacked (a chip's q/k/v or gate/up rows) -> one
+    PackedWeight, as ``pack(np.concatenate(blocks))`` but with no stacked copy: each block is
+    repacked straight into its row groups of the weight's arrays when the type allocates its
+    own (``Kernels.planes``) and every block but the last fills whole group pairs (the padding
+    stays at the end, where one pack puts it).  A cold 7B start thus skips a 2.3 GB copy."""
+    qtype = QType(qtype)
+    kernels = registry.TYPES[qtype].kernels if qtype in registry.TYPES else None
+    pair = 2 * P.ROWS
+    if len(blocks) == 1 or kernels is None or kernels.planes is None or any(len(b) % pair for b in blocks[:-1]):
+        return pack(blocks[0] if len(blocks) == 1 else np.concatenate(blocks), qtype)
+    raws = [_as_bytes(b, qtype) for b in blocks]
+    n_out, bs, ts = sum(len(r) for r in raws), qt.block_size(qtype), qt.type_size(qtype)
+    n_in = raws[0].shape[1] // ts * bs
+    if any(r.shape[1] != raws[0].shape[1] for r in raws) or raws[0].shape[1] % ts or n_in % 32:
+        return pack(np.concatenate(blocks), qtype)  # (pack names what is wrong)
+    planes = kernels.planes(n_out, n_in)
+    g = 0
+    for r in raws:
+        G = P.n_groups(len(r))
+        kernels.repack(r, len(r), n_in, out={k: v[g : g + G] for k, v in planes.items()})
+        g += G
     arrays = {k: v.reshape(-1) for k, v in planes.items()}
     return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(sum(v.nbytes for v in arrays.values())))
 

@@ -81,9 +81,14 @@ def _repack_q4_0(raw, n_out, q, d):
                         q32[g, b, l, r] = 0
 
 
-def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
+def planes(n_out: int, n_in: int) -> dict[str, np.ndarray]:
+    """The repacked arrays of an [n_out, n_in] weight, allocated."""
     G, nb = P.n_groups(n_out), n_in // P.QK
-    out = {"q": P.aligned_empty((G, nb, 4, 32), np.uint8), "d": P.aligned_empty((G, nb, ROWS), np.uint16)}
+    return {"q": P.aligned_empty((G, nb, 4, 32), np.uint8), "d": P.aligned_empty((G, nb, ROWS), np.uint16)}
+
+
+def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True, out: dict | None = None) -> dict[str, np.ndarray]:
+    out = planes(n_out, n_in) if out is None else out  # (``out``: row groups of a larger weight's planes)
     if use_numba:
         # a strided shard (column slice of the mmap) is copied to contiguous rows first: one
         # compiled repacker instead of two, for a transient shard-sized copy
@@ -205,6 +210,6 @@ def _ort_codes(b):
 TRAITS = QuantTraits(
     QType.Q4_0,
     dequantize,
-    Kernels("q4_0", ("q", "d"), ("uint8", "uint16"), q4_0_mv, q4_0_mm, repack, fusable=True),
+    Kernels("q4_0", ("q", "d"), ("uint8", "uint16"), q4_0_mv, q4_0_mm, repack, fusable=True, planes=planes),
     OrtMapping("MatMulNBits", bits=4, block=32, convert=_ort_codes),
 )

@@ -103,15 +103,20 @@ def _repack_q4_k(raw, n_out, q, sc, m, d, dmin):
                             q[g, 8 * s + j, l, 4 * r + i] = lo | (hi << 4)
 
 
-def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
+def planes(n_out: int, n_in: int) -> dict[str, np.ndarray]:
+    """The repacked arrays of an [n_out, n_in] weight, allocated."""
     G, nb, nsb = P.n_groups(n_out), n_in // P.QK, n_in // 256
-    out = {
+    return {
         "q": P.aligned_empty((G, nb, 4, 32), np.uint8),
         "sc": P.aligned_empty((G, nb, ROWS), np.uint8),
         "m": P.aligned_empty((G, nb, ROWS), np.uint8),
         "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
         "dmin": P.aligned_empty((G, nsb, ROWS), np.uint16),
     }
+
+
+def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True, out: dict | None = None) -> dict[str, np.ndarray]:
+    out = planes(n_out, n_in) if out is None else out  # (``out``: row groups of a larger weight's planes)
     if use_numba:
         _repack_q4_k(np.ascontiguousarray(raw), n_out, out["q"], out["sc"], out["m"], out["d"], out["dmin"])
         return out
@@ -253,6 +258,7 @@ TRAITS = QuantTraits(
         q4_k_mm,
         repack,
         fusable=True,
+        planes=planes,
     ),
     OrtMapping("MatMulNBits", bits=4, block=32, convert=_ort_codes, zero_points="float"),
 )

@@ -109,9 +109,10 @@ def _repack_q5_k(raw, n_out, q, qb, sc, m, d, dmin):
                         qb[g, 8 * s + j, 4 * r + i] = x
 
 
-def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
+def planes(n_out: int, n_in: int) -> dict[str, np.ndarray]:
+    """The repacked arrays of an [n_out, n_in] weight, allocated."""
     G, nb, nsb = P.n_groups(n_out), n_in // P.QK, n_in // 256
-    out = {
+    return {
         "q": P.aligned_empty((G, nb, 4, 32), np.uint8),
         "qb": P.aligned_empty((G, nb, 32), np.uint8),
         "sc": P.aligned_empty((G, nb, ROWS), np.uint8),
@@ -119,6 +120,10 @@ def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> di
         "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
         "dmin": P.aligned_empty((G, nsb, ROWS), np.uint16),
     }
+
+
+def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True, out: dict | None = None) -> dict[str, np.ndarray]:
+    out = planes(n_out, n_in) if out is None else out  # (``out``: row groups of a larger weight's planes)
     if use_numba:
         _repack_q5_k(np.ascontiguousarray(raw), n_out, out["q"], out["qb"], out["sc"], out["m"], out["d"], out["dmin"])
         return out
@@ -298,5 +303,6 @@ TRAITS = QuantTraits(
         q5_k_mm,
         repack,
         fusable=True,
+        planes=planes,
     ),
 )

@@ -109,14 +109,19 @@ def _repack_q6_k(raw, n_out, q, qh, sc, d):
                             qh[g, b, h2, 4 * r + i] = x
 
 
-def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
+def planes(n_out: int, n_in: int) -> dict[str, np.ndarray]:
+    """The repacked arrays of an [n_out, n_in] weight, allocated."""
     G, nb, nsb = P.n_groups(n_out), n_in // P.QK, n_in // 256
-    out = {
+    return {
         "q": P.aligned_empty((G, nb, 4, 32), np.uint8),
         "qh": P.aligned_empty((G, nb, 2, 32), np.uint8),
         "sc": P.aligned_empty((G, n_in // 16, ROWS), np.int8),
         "d": P.aligned_empty((G, nsb, ROWS), np.uint16),
     }
+
+
+def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True, out: dict | None = None) -> dict[str, np.ndarray]:
+    out = planes(n_out, n_in) if out is None else out  # (``out``: row groups of a larger weight's planes)
     if use_numba:
         _repack_q6_k(np.ascontiguousarray(raw), n_out, out["q"], out["qh"], out["sc"], out["d"])
         return out
@@ -373,6 +378,15 @@ def _ort_codes(b):
 TRAITS = QuantTraits(
     QType.Q6_K,
     dequantize,
-    Kernels("q6_k", ("q", "qh", "sc", "d"), ("uint8", "uint8", "int8", "uint16"), q6_k_mv, q6_k_mm, repack, fusable=True),
+    Kernels(
+        "q6_k",
+        ("q", "qh", "sc", "d"),
+        ("uint8", "uint8", "int8", "uint16"),
+        q6_k_mv,
+        q6_k_mm,
+        repack,
+        fusable=True,
+        planes=planes,
+    ),
     OrtMapping("MatMulNBits", bits=8, block=16, convert=_ort_codes, zero_points="uint8"),
 )

@@ -72,9 +72,14 @@ def _repack_q8_0(raw, n_out, q, d):
                         q[g, b, c, 4 * r + i] = np.int8(raw[row, o + 2 + 4 * c + i]) if row < n_out else 0
 
 
-def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True) -> dict[str, np.ndarray]:
+def planes(n_out: int, n_in: int) -> dict[str, np.ndarray]:
+    """The repacked arrays of an [n_out, n_in] weight, allocated."""
     G, nb = P.n_groups(n_out), n_in // P.QK
-    out = {"q": P.aligned_empty((G, nb, 8, 32), np.int8), "d": P.aligned_empty((G, nb, ROWS), np.uint16)}
+    return {"q": P.aligned_empty((G, nb, 8, 32), np.int8), "d": P.aligned_empty((G, nb, ROWS), np.uint16)}
+
+
+def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True, out: dict | None = None) -> dict[str, np.ndarray]:
+    out = planes(n_out, n_in) if out is None else out  # (``out``: row groups of a larger weight's planes)
     if use_numba:
         _repack_q8_0(np.ascontiguousarray(raw), n_out, out["q"], out["d"])  # strided shards: see q4_0
         return out
@@ -188,6 +193,6 @@ def _ort_codes(b):
 TRAITS = QuantTraits(
     QType.Q8_0,
     dequantize,
-    Kernels("q8_0", ("q", "d"), ("int8", "uint16"), q8_0_mv, q8_0_mm, repack, fusable=True),
+    Kernels("q8_0", ("q", "d"), ("int8", "uint16"), q8_0_mv, q8_0_mm, repack, fusable=True, planes=planes),
     OrtMapping("MatMulNBits", bits=8, block=32, convert=_ort_codes),
 )

@@ -24,6 +24,9 @@ class Kernels:
     repack:    (raw uint8 [n_out, row_bytes], n_out, n_in, use_numba=True) -> {name: array}
                (use_numba=False: the numpy formulation, the spec the numba repacker is tested on)
     fusable:   runs inside ``fused``'s one-call decode blocks
+    planes:    (n_out, n_in) -> {name: array}, the repacked arrays allocated; a type that has it
+               takes ``out=`` (row groups of those arrays) in repack, so stacked weights are
+               repacked straight into place (``matmul.pack_rows``); None: they are concatenated first
     """
 
     path: str
@@ -34,6 +37,7 @@ class Kernels:
     repack: Callable | None
     fusable: bool
     flags: tuple = ()
+    planes: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,23 @@ def test_strided_shard_and_typed_rows(qtype):
         assert y.shape == (24,)
 
 
+@pytest.mark.parametrize("qtype", [*FAST, QType.Q4_1], ids=lambda q: q.name)
+def test_pack_rows_equals_packing_the_stacked_rows(qtype):
+    """Row blocks repacked in place (a chip's q/k/v or gate/up) give the arrays of one pack of
+    their concatenation: whole group pairs then a ragged last block, a ragged block before the
+    end (the concatenating fallback), one block, strided blocks; also types without ``planes``."""
+    rng = np.random.default_rng(23)
+    for sizes in ((32, 16, 48), (16, 16, 5), (48, 27), (5, 16), (21,)):
+        blocks = [make_weight(qtype, n, 256, rng, random_bytes=True) for n in sizes]
+        blocks[-1] = np.concatenate([blocks[-1], blocks[-1]], axis=1)[:, blocks[-1].shape[1] :]  # strided
+        want = M.pack(np.concatenate(blocks), qtype)
+        got = M.pack_rows(blocks, qtype)
+        assert (got.n_out, got.n_in, got.path, got.nbytes) == (want.n_out, want.n_in, want.path, want.nbytes)
+        assert got.arrays.keys() == want.arrays.keys()
+        for k in want.arrays:
+            np.testing.assert_array_equal(got.arrays[k], want.arrays[k], err_msg=f"{qtype.name} {sizes} {k}")
+
+
 @pytest.mark.parametrize("qtype", FAST, ids=lambda q: q.name)
 def test_numba_repack_equals_numpy_spec(qtype):
     """The load-time numba repackers produce exactly the planes of the numpy formulation."""
