@@ -428,9 +428,9 @@ class PackCache:
             self._writer = threading.Thread(
                 target=self._write, args=(weights, False, after), name="edgebox-pack-cache-writer", daemon=True
             )
-            self._writer.start()
             self._after = after
             atexit.register(self.wait)  # a process that ends before any forward pass writes it then
+            self._writer.start()
         else:
             self._write(weights, True)
 
@@ -445,6 +445,13 @@ class PackCache:
     def _write(self, weights: list[tuple[str, PackedWeight]], rebind: bool, after: threading.Event | None = None) -> None:
         if after is not None:
             after.wait(AFTER_WAIT_S)
+        try:
+            self._write_now(weights, rebind)
+        finally:
+            if not rebind:  # (atexit would otherwise keep this cache, and every packed array, alive)
+                atexit.unregister(self.wait)
+
+    def _write_now(self, weights: list[tuple[str, PackedWeight]], rebind: bool) -> None:
         if not rebind:  # the background writer: at the lowest CPU priority (Linux nice is per thread),
             try:  # so checksumming and copying 3+ GB do not slow the first tokens it runs beside
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
