@@ -445,6 +445,7 @@ def run_startup_bench(
                     if page == "dropped":
                         method = drop_page_cache(files, drop_whole_cache)
                     else:
+                        os.sync()  # no run pays for the writeback of the entry a cold start before it wrote
                         read_into_page_cache(files)
                     resident = resident_fraction(model_path)
                     argv = llama_argv if runner == "llama.cpp" else edgebox_argv(c)
