@@ -18,6 +18,7 @@ all-reduce, which the block path spends in Python instead).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import threading
@@ -44,22 +45,31 @@ def _timed(fn):
             me = threading.get_ident()
             compiled_s[me] = compiled_s.get(me, 0.0) + time.perf_counter() - t
 
-    call.timed = True
     return call
 
 
-def _install_timers() -> None:
-    """Once per process (a second wrapper would count every call twice)."""
-    if getattr(decode.decode_layer, "timed", False):
-        return
-    for mod, name in (
-        (decode, "decode_layer"),
-        (fused, "attention_decode_block"),
-        (fused, "ffn_decode_block"),
-        (elementwise, "rms_norm_kernel"),
-        (blocks, "lm_head"),
-    ):
-        setattr(mod, name, _timed(getattr(mod, name)))
+TIMED = (
+    (decode, "decode_layer"),
+    (fused, "attention_decode_block"),
+    (fused, "ffn_decode_block"),
+    (elementwise, "rms_norm_kernel"),
+    (blocks, "lm_head"),
+)
+
+
+@contextlib.contextmanager
+def _timers():
+    """The compiled kernels wrapped in timers for one measurement, then restored: compiled code
+    that calls them (fused blocks call ``rms_norm_kernel``) and compiles later (a second chip
+    count's thread groups) must find the compiled functions, not the wrappers."""
+    originals = [(mod, name, getattr(mod, name)) for mod, name in TIMED]
+    for mod, name, fn in originals:
+        setattr(mod, name, _timed(fn))
+    try:
+        yield
+    finally:
+        for mod, name, fn in originals:
+            setattr(mod, name, fn)
 
 
 def measure(path: str, chips: int, steps: int) -> dict:
@@ -79,12 +89,12 @@ def measure(path: str, chips: int, steps: int) -> dict:
         return wall * 1e3, max(compiled_s.values(), default=0.0) * 1e3
 
     step(True), step(False)  # both paths compiled before the wrappers go in
-    _install_timers()
     out = {"layers": [], "blocks": []}
-    for i in range(steps):
-        for layers in (True, False) if i % 2 == 0 else (False, True):
-            out["layers" if layers else "blocks"].append(step(layers))
-            print(f"\rchips {chips}: step {i + 1} of {steps}", end="", file=sys.stderr, flush=True)
+    with _timers():
+        for i in range(steps):
+            for layers in (True, False) if i % 2 == 0 else (False, True):
+                out["layers" if layers else "blocks"].append(step(layers))
+                print(f"\rchips {chips}: step {i + 1} of {steps}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     m.box.close()
     return {

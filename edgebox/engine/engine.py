@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 from edgebox.api import Model
 from edgebox.engine.forecast import Forecast
-from edgebox.engine.request import PRIORITIES, EngineStats, Event, Handle, Queued, QueueFullError, Request, Summary
+from edgebox.engine.queued import Queued
+from edgebox.engine.request import PRIORITIES, EngineStats, Event, Handle, QueueFullError, Request, Summary
 from edgebox.engine.runner import Runner
 from edgebox.engine.scheduler import StepPlan, schedule
 from edgebox.engine.speculative import Speculative

@@ -14,7 +14,8 @@ warm-up's first steps compile kernels: after it the pace restarts from its last 
 
 from __future__ import annotations
 
-from edgebox.engine.request import DeadlineError, Queued
+from edgebox.engine.queued import Queued
+from edgebox.engine.request import DeadlineError
 from edgebox.engine.scheduler import steps_until_start
 from edgebox.engine.sequence import Sequence
 from edgebox.hw.step import Step

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from edgebox.api import Model
 from edgebox.engine.energy import EnergyBook
 from edgebox.engine.masks import MaskWorker
-from edgebox.engine.request import Queued, TokenRate
+from edgebox.engine.queued import Queued
 from edgebox.engine.scheduler import PromptCache, StepPlan
 from edgebox.engine.sequence import Sequence
 from edgebox.engine.speculative import Speculative, drafter, propose_drafts
@@ -36,6 +36,29 @@ from edgebox.text.grammar import GrammarError
 from edgebox.text.sampler import NonFiniteLogitsError
 
 RATE_WINDOW_S = 5.0  # EngineStats.tokens_per_s looks back this far
+
+
+class TokenRate:
+    """Generated tokens per second over the last ``window_s`` seconds of steps."""
+
+    def __init__(self, window_s: float = 5.0):
+        self.window_s = window_s
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+
+    def add(self, tokens: int) -> None:
+        now = time.perf_counter()
+        self._recent.append((now, tokens))
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+
+    def per_s(self) -> float:
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in self._recent if now - t < self.window_s]
+        span = now - recent[0][0] if recent else 0.0
+        return sum(n for _, n in recent) / span if span > 0.5 else 0.0
+
+    def clear(self) -> None:
+        self._recent.clear()
 
 
 class Runner:

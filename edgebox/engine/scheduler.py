@@ -30,7 +30,8 @@ from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from edgebox.engine.request import PRIORITIES, Queued
+from edgebox.engine.queued import Queued
+from edgebox.engine.request import PRIORITIES
 from edgebox.engine.sequence import Sequence, context_shift
 from edgebox.model.kv_cache import KVCache
 

@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from edgebox.engine.request import Chunk, Queued, Summary
+from edgebox.engine.queued import Queued
+from edgebox.engine.request import Chunk, Summary
 from edgebox.model.kv_cache import KVCache, Segment
 from edgebox.text.chat import ReasoningStream, split_reasoning
 from edgebox.text.generation import Completion

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from edgebox.engine.request import Handle, Queued, Request, reservation
+from edgebox.engine.queued import Queued, reservation
+from edgebox.engine.request import Handle, Request
 from edgebox.engine.scheduler import schedule, steps_until_start
 from edgebox.engine.sequence import Sequence, context_shift
 from edgebox.gguf.args import LlamaArgs

@@ -16,7 +16,8 @@ import pytest
 
 import edgebox
 from edgebox.engine import Engine, Request
-from edgebox.engine.request import Handle, Queued, reservation
+from edgebox.engine.queued import Queued, reservation
+from edgebox.engine.request import Handle
 from edgebox.engine.scheduler import schedule
 from edgebox.engine.sequence import Sequence
 from edgebox.engine.speculative import Speculative, draft_length, ngram_draft
