@@ -7,7 +7,7 @@ types, huge integers, NaN and infinities, lone surrogates, NUL, oversized string
 serialized with and without ASCII escapes (raw surrogates make invalid UTF-8), and raw bytes.
 An accepted command then goes where the work lane takes it, short of an engine: a generate's
 sampler settings (``build_request``), its chat template and the bundled model's tokenizer
-(``engine.request.prompt_ids``, which may refuse with an EdgeboxError only: 400 or 413); a
+(``engine.queued.prompt_ids``, which may refuse with an EdgeboxError only: 400 or 413); a
 load_model's path (``model_path``). ``EXAMPLES`` examples per schema; ``deadline=None``.
 """
 
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import edgebox
 from edgebox.daemon.commands import Command, Rejected, build_request, model_path, parse_command
 from edgebox.daemon.schemas import METHODS, Topics, encode, error_reply, ok_reply
-from edgebox.engine.request import prompt_ids
+from edgebox.engine.queued import prompt_ids
 from edgebox.errors import EdgeboxError
 from tests.fixtures.paths import TEST_MODEL
 
