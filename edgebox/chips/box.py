@@ -206,7 +206,8 @@ class Box:
     def lm_head(self, x: np.ndarray) -> np.ndarray:
         """Logits [K, V] of the normalized rows x [K, D]: every chip its vocabulary slice, gathered."""
         logits = self.gather(self.threads.run(blocks.lm_head, x))
-        self.first_pass.set()
+        if not self.first_pass.is_set():  # (set() takes a lock: once, not per token)
+            self.first_pass.set()
         return logits
 
     # -- execution -------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgebox.gguf.file import resident_fraction
+
 RESULT_TAG = "EDGEBOX_BENCH_RESULT "
 
 
@@ -364,29 +366,6 @@ def read_into_page_cache(paths: list[Path]) -> None:
             buf = bytearray(16 << 20)
             while f.readinto(buf):
                 pass
-
-
-def resident_fraction(path: Path) -> float:
-    """The share of the file's pages in the page cache (mincore over a mapping of it)."""
-    import ctypes
-    import mmap
-
-    size = os.path.getsize(path)
-    if size == 0:
-        return 1.0
-    libc = ctypes.CDLL(None, use_errno=True)
-    pages = -(-size // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * pages)()
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    view = np.frombuffer(mm, dtype=np.uint8)
-    try:
-        if libc.mincore(ctypes.c_void_p(view.__array_interface__["data"][0]), ctypes.c_size_t(size), vec) != 0:
-            return float("nan")
-        return sum(b & 1 for b in bytes(vec)) / pages
-    finally:
-        del view
-        mm.close()
 
 
 def _model_ctx(model_path: Path) -> int:

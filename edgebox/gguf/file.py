@@ -349,16 +349,40 @@ def release_view_pages(view: np.ndarray) -> None:
 
     The pages stay in the page cache and fault back in if touched, so this only trims RSS: without
     it, a model repacked at load would briefly hold both the file's pages and the packed copy."""
-    global _libc
     if view.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     start = view.__array_interface__["data"][0]
     end = start + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) + view.itemsize
     first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the view only
     if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+        _libc_handle().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def _libc_handle():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return _libc
+
+
+def resident_fraction(path: str | os.PathLike) -> float:
+    """The share of the file's pages in the page cache (mincore over a mapping of it); nan
+    where mincore fails."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 1.0
+    pages = -(-size // _PAGE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(mm, dtype=np.uint8)
+    try:
+        if _libc_handle().mincore(ctypes.c_void_p(view.__array_interface__["data"][0]), ctypes.c_size_t(size), vec) != 0:
+            return float("nan")
+        return sum(b & 1 for b in bytes(vec)) / pages
+    finally:
+        del view
+        mm.close()
 
 
 READ_AHEAD_CHUNK = 8 << 20

@@ -78,29 +78,27 @@ def _atomic_store(typingctx, a, i, v):
     return sig, codegen
 
 
-@intrinsic
-def _pause(typingctx):
-    """The x86 ``pause`` hint (a spin-wait loop's courtesy to the sibling hyperthread)."""
-    sig = types.void()
+def _call_no_args(name: str, returns: ir.Type):
+    """(signature, codegen) of a statement that calls the argument-less function ``name``."""
 
     def codegen(context, builder, signature, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(returns, []), name)
         builder.call(fn, [])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return types.void(), codegen
+
+
+@intrinsic
+def _pause(typingctx):
+    """The x86 ``pause`` hint (a spin-wait loop's courtesy to the sibling hyperthread)."""
+    return _call_no_args("llvm.x86.sse2.pause", ir.VoidType())
 
 
 @intrinsic
 def _sched_yield(typingctx):
-    sig = types.void()
-
-    def codegen(context, builder, signature, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
-        builder.call(fn, [])
-        return context.get_dummy_value()
-
-    return sig, codegen
+    """``sched_yield()``: the core to another thread while a long wait spins."""
+    return _call_no_args("sched_yield", ir.IntType(32))
 
 
 @njit(nogil=True, cache=True)

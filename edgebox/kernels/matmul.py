@@ -138,6 +138,18 @@ def _as_bytes(raw: np.ndarray, qtype: QType) -> np.ndarray:
     raise ValueError(f"pack: {qtype.name} rows must be uint8 bytes, got {raw.dtype}")
 
 
+def _rows(raw: np.ndarray, qtype: QType, kernels: Kernels) -> tuple[np.ndarray, int]:
+    """GGUF rows as uint8 [n_out, row_bytes] and their n_in; ValueError naming what is wrong."""
+    raw = _as_bytes(raw, qtype)
+    row_bytes, ts = raw.shape[1], qt.type_size(qtype)
+    if row_bytes % ts:
+        raise ValueError(f"pack: {row_bytes} bytes per row is not a whole number of {qtype.name} blocks")
+    n_in = row_bytes // ts * qt.block_size(qtype)
+    if kernels.repack is not None and n_in % 32:
+        raise ValueError(f"pack: n_in={n_in} is not a multiple of 32")
+    return raw, n_in
+
+
 def pack(raw: np.ndarray, qtype) -> PackedWeight:
     """GGUF rows uint8 [n_out, row_bytes] (e.g. a view into the mmap; not modified) -> PackedWeight.
 
@@ -148,19 +160,13 @@ def pack(raw: np.ndarray, qtype) -> PackedWeight:
     if qtype not in registry.TYPES:
         raise ValueError(f"matmul: unsupported weight type {qtype.name}")
     kernels = registry.TYPES[qtype].kernels
-    raw = _as_bytes(raw, qtype)
-    n_out, row_bytes = raw.shape
-    bs, ts = qt.block_size(qtype), qt.type_size(qtype)
-    if row_bytes % ts:
-        raise ValueError(f"pack: {row_bytes} bytes per row is not a whole number of {qtype.name} blocks")
-    n_in = row_bytes // ts * bs
+    raw, n_in = _rows(raw, qtype, kernels)
+    n_out = raw.shape[0]
     if kernels.repack is None:  # float types: the rows are read in place
         w = raw if raw.flags.c_contiguous else np.ascontiguousarray(raw)
         dt = np.float32 if qtype == QType.F32 else np.uint16
         arrays = {"w": w.view(dt).reshape(-1)}
         return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(w.nbytes))
-    if n_in % 32:
-        raise ValueError(f"pack: n_in={n_in} is not a multiple of 32")
     planes = kernels.repack(raw, n_out, n_in)
     arrays = {k: v.reshape(-1) for k, v in planes.items()}
     return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(sum(v.nbytes for v in arrays.values())))
@@ -173,18 +179,19 @@ def pack_rows(blocks: Sequence[np.ndarray], qtype) -> PackedWeight:
     own (``Kernels.planes``) and every block but the last fills whole group pairs (the padding
     stays at the end, where one pack puts it).  A cold 7B start thus skips a 2.3 GB copy."""
     qtype = QType(qtype)
+    if len(blocks) == 1:
+        return pack(blocks[0], qtype)
     kernels = registry.TYPES[qtype].kernels if qtype in registry.TYPES else None
-    pair = 2 * P.ROWS
-    if len(blocks) == 1 or kernels is None or kernels.planes is None or any(len(b) % pair for b in blocks[:-1]):
-        return pack(blocks[0] if len(blocks) == 1 else np.concatenate(blocks), qtype)
-    raws = [_as_bytes(b, qtype) for b in blocks]
-    n_out, bs, ts = sum(len(r) for r in raws), qt.block_size(qtype), qt.type_size(qtype)
-    n_in = raws[0].shape[1] // ts * bs
-    if any(r.shape[1] != raws[0].shape[1] for r in raws) or raws[0].shape[1] % ts or n_in % 32:
-        return pack(np.concatenate(blocks), qtype)  # (pack names what is wrong)
+    if kernels is None or kernels.planes is None or any(len(b) % (2 * P.ROWS) for b in blocks[:-1]):
+        return pack(np.concatenate(blocks), qtype)
+    rows = [_rows(b, qtype, kernels) for b in blocks]
+    n_in = rows[0][1]
+    if any(n != n_in for _, n in rows):
+        raise ValueError(f"pack: row blocks of {sorted({n for _, n in rows})} values cannot be stacked")
+    n_out = sum(len(r) for r, _ in rows)
     planes = kernels.planes(n_out, n_in)
     g = 0
-    for r in raws:
+    for r, _ in rows:
         G = P.n_groups(len(r))
         kernels.repack(r, len(r), n_in, out={k: v[g : g + G] for k, v in planes.items()})
         g += G

@@ -195,10 +195,6 @@ class Entry:
             if not HEADER <= t_off <= size or t_off + t_len != size:
                 raise CorruptEntry("table outside the file")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        # the whole entry read into the page cache in the background, so the checks' samples and
-        # the first forward pass find its pages there: after a reboot they faulted them in one by
-        # one (a 4-chip 7B entry: 3 s of checks, then 2.5 s of first forward pass)
-        read_ahead(path)
         # (on a failed check the mapping is unmapped when its last view is collected)
         table = bytes(mm[t_off : t_off + t_len])
         if zlib.crc32(table) != t_crc:
@@ -363,6 +359,11 @@ class PackCache:
         self.status = "miss"
         self._writer: threading.Thread | None = None
         self._after: threading.Event | None = None  # what a background write waits for
+        if self.path.exists():
+            # the whole entry read into the page cache in the background, so the checks' samples
+            # and the first forward pass find its pages there: after a reboot they faulted them
+            # in one by one (a 4-chip 7B entry: 3 s of checks, then 2.5 s of first forward pass)
+            read_ahead(self.path)
         try:
             self.entry = Entry.open(self.path, key)
             self.status = "hit"
