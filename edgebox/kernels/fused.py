@@ -64,23 +64,24 @@ def _mv_overload(w, xq, xd, xs16, xsd16, xsd32, out):
 
 
 @njit(nogil=True, cache=True)
-def _quantize(x):
-    """x float32 [n] -> its q8_0 activations (xq, xd, xs16, xsd16, xsd32), as matmul's."""
-    n = x.shape[0]
+def quantize_rows(x):
+    """x float32 [T, n] (C order) -> its q8_0 activations (xq, xd, xs16, xsd16, xsd32), flat, as
+    matmul's (``fused_batch`` quantizes its B rows with it too)."""
+    T, n = x.shape
     nb = n // 32
-    xq = np.empty(n, np.int8)
-    xd = np.empty(nb, np.float32)
-    xs16 = np.empty(2 * nb, np.int32)
-    xsd16 = np.empty(2 * nb, np.float32)
-    xsd32 = np.empty(nb, np.float32)
-    K.quantize_act(x, n, xq, xd, xs16, xsd16, xsd32)
+    xq = np.empty(T * n, np.int8)
+    xd = np.empty(T * nb, np.float32)
+    xs16 = np.empty(T * 2 * nb, np.int32)
+    xsd16 = np.empty(T * 2 * nb, np.float32)
+    xsd32 = np.empty(T * nb, np.float32)
+    K.quantize_act(x.reshape(-1), n, xq, xd, xs16, xsd16, xsd32)
     return xq, xd, xs16, xsd16, xsd32
 
 
 @njit(nogil=True, cache=True)
 def _linear(w, n_pad, x):
     """x float32 [n_in] -> float32 [n_pad] (the weight's rows padded to whole row groups)."""
-    xq, xd, xs16, xsd16, xsd32 = _quantize(x)
+    xq, xd, xs16, xsd16, xsd32 = quantize_rows(x.reshape(1, x.shape[0]))
     out = np.empty(n_pad, np.float32)
     _mv(w, xq, xd, xs16, xsd16, xsd32, out)
     return out
@@ -90,7 +91,7 @@ def _linear(w, n_pad, x):
 def _linear_runs(runs, n_out, x):
     """x float32 [n_in] -> float32 [n_out] through a stack of runs ((arrays, padded rows, rows)
     each, one weight type per run), their outputs side by side: x is quantized once."""
-    xq, xd, xs16, xsd16, xsd32 = _quantize(x)
+    xq, xd, xs16, xsd16, xsd32 = quantize_rows(x.reshape(1, x.shape[0]))
     out = np.empty(n_out, np.float32)
     off = 0
     for run in literal_unroll(runs):
@@ -99,6 +100,48 @@ def _linear_runs(runs, n_out, x):
         out[off : off + run[2]] = y[: run[2]]
         off += run[2]
     return out
+
+
+@njit(nogil=True, cache=True)
+def qkv_heads(qkv, bias, nh, nkv, hd, cos, sin, neox, rot_k, rot_v):
+    """The q/k/v projections of B tokens, float32 [B, (Hc + 2 Hkv_c) * hd], modified -> q
+    [B, Hc, hd], k and v [B, Hkv_c, hd]: the bias added (qwen2; empty: none), q and k roped
+    (cos, sin [B, n_rot/2]), then a quantized cache's Hadamard rotations (rot_k of q and k, rot_v
+    of v; 0: none, ``kv_quant``)."""
+    B = qkv.shape[0]
+    for b in range(B):
+        for i in range(bias.shape[0]):
+            qkv[b, i] += bias[i]
+    qk = np.ascontiguousarray(qkv[:, : (nh + nkv) * hd]).reshape(B, nh + nkv, hd)
+    E.apply_rope_kernel(qk, cos, sin, neox)
+    v0 = (nh + nkv) * hd
+    v = np.ascontiguousarray(qkv[:, v0 : v0 + nkv * hd]).reshape(B, nkv, hd)
+    for b in range(B):
+        if rot_k:
+            fwht_rows(qk[b], rot_k)
+        if rot_v:
+            fwht_rows(v[b], rot_v)
+    return np.ascontiguousarray(qk[:, :nh]), np.ascontiguousarray(qk[:, nh:]), v
+
+
+@njit(nogil=True, cache=True)
+def attend_cached(q, k, v, kl, vl, tk, tv, rot_v, layer, starts, order, hstart, n_threads):
+    """Sequence b's new key and value (k, v [B, Hkv_c, hd]) into slot starts[b] of its caches
+    kl[b], vl[b] (``attention.decode_batch_kernel``'s forms), then its queries q [B, Hc, hd] over
+    slots 0..starts[b] -> float32 [B, Hc, hd], rot_v undone (H @ H = I); n_threads > 1: spread
+    over that many of numba's threads (worth it over a long context)."""
+    B, nh, hd = q.shape
+    slots = np.arange(B)
+    A.append_kv_kernel(k, v, kl, vl, tk, tv, layer, slots, starts)
+    att = np.empty((B, nh, hd), np.float32)
+    if n_threads > 1:
+        A.decode_batch_kernel_parallel(q, kl, vl, tk, tv, layer, slots, starts + 1, order, hstart, att, n_threads)
+    else:
+        A.decode_batch_kernel(q, kl, vl, tk, tv, layer, slots, starts + 1, order, hstart, att)
+    if rot_v:
+        for b in range(B):
+            fwht_rows(att[b], rot_v)
+    return att
 
 
 @njit(nogil=True, cache=True)
@@ -134,36 +177,12 @@ def attention_decode_block(
     Hadamard rotations of a quantized K and V (0: none; ``kv_quant``). wqkv: the runs of the
     chip's q/k/v stack (one per weight type); n_threads > 1: the attention over the cache is
     spread over that many of numba's threads (worth it over a long context)."""
-    # project to q, k, v (+bias on qwen2)
+    # project to q, k, v (+bias on qwen2), rope, a quantized cache's rotations
     qkv = _linear_runs(wqkv, (nh + 2 * nkv) * hd, h)  # [(Hc + 2 Hkv_c)*hd]
-    for i in range(bias.shape[0]):
-        qkv[i] += bias[i]
-    # rotary embedding of the q and k heads
-    qk = qkv[: (nh + nkv) * hd].copy().reshape(1, nh + nkv, hd)  # [1, Hc + Hkv_c, hd]
-    E.apply_rope_kernel(qk, cos, sin, neox)
-    # the new key and value into the cache
-    v0 = (nh + nkv) * hd
-    v = qkv[v0 : v0 + nkv * hd].copy().reshape(nkv, hd)
-    if rot_k:
-        fwht_rows(qk[0], rot_k)
-    if rot_v:
-        fwht_rows(v, rot_v)
-    A._store_rows(qk[0, nh:], kc[layer, start], tk)
-    A._store_rows(v, vc[layer, start], tv)
-    # attention over the cache
-    q = qk[0, :nh].copy()  # [Hc, hd]
-    att = np.empty((nh, hd), np.float32)
-    if n_threads > 1:  # as a batch of one sequence: [1 slot, n_layer, n_ctx, Hkv_c, ...]
-        n, slot = np.full(1, start + 1, np.int64), np.zeros(1, np.int64)
-        kc1, vc1 = kc.reshape((1,) + kc.shape), vc.reshape((1,) + vc.shape)
-        A.decode_batch_kernel_parallel(
-            q.reshape(1, nh, hd), kc1, vc1, tk, tv, layer, slot, n, order, hstart, att.reshape(1, nh, hd), n_threads
-        )
-    else:
-        sc = np.empty((nh, start + 1), np.float32)
-        A._decode_heads(q, kc[layer], vc[layer], tk, tv, start + 1, order, hstart, 0, nkv, att, sc)
-    if rot_v:
-        fwht_rows(att, rot_v)
+    q, k, v = qkv_heads(qkv.reshape(1, -1), bias, nh, nkv, hd, cos, sin, neox, rot_k, rot_v)  # [1, Hc|Hkv_c, hd]
+    # the new key and value into the cache, then attention over it (a batch of one sequence)
+    kc1, vc1 = kc.reshape((1,) + kc.shape), vc.reshape((1,) + vc.shape)  # [1 slot, n_layer, n_ctx, Hkv_c, ...]
+    att = attend_cached(q, k, v, kc1, vc1, tk, tv, rot_v, layer, np.full(1, start, np.int64), order, hstart, n_threads)
     # this chip's columns of the output projection
     return _linear(wo, n_o_pad, att.reshape(-1))[:n_embd]
 
@@ -246,42 +265,45 @@ def decode_layer(x, attn_norm, ffn_norm, eps, attn, ffn, caches, layer, start, c
     return True
 
 
-# -- which linears can go in: their numba weight for one token, as (kernel arrays, padded rows) --
+# -- which linears can go in: their numba weights for T rows, as (kernel arrays, padded rows, rows) --
 
 
-def _runs(lin):
-    """A linear's one-token weights as ((kernel arrays, padded rows, rows), ...), one per run of
-    a chip's FusedLinear; None if any is not a numba weight of an int8-activation type."""
-    if hasattr(lin, "parts"):  # a chip's FusedLinear
-        lin.prepare()
-        runs = [(_one_token_weight(r), r.n_out) for r in lin._runs]
-    else:
-        runs = [(_one_token_weight(lin), lin.n_out)]
-    if any(w is None for w, _ in runs):
-        return None
-    return tuple((w[0], w[1], n) for w, n in runs)
-
-
-def _one_token_weight(lin):
-    """(kernel arrays, padded rows) of the weight a linear uses for one token, if numba's."""
+def weight_args(lin, T: int = 1):
+    """(kernel arrays, padded rows, rows) of the weight a linear uses for T rows, if numba's
+    and of an int8-activation (``fusable``) type; else None."""
     if isinstance(lin, AutoLinear):
-        lin = lin.for_tokens(1)
+        lin = lin.for_tokens(T)
     if not isinstance(lin, NumbaLinear):
         return None
     lin.prepare()
     w = lin.packed
     if not w.kernels.fusable:
         return None
-    return tuple(w.kernel_args), w.n_out_padded
+    return tuple(w.kernel_args), w.n_out_padded, w.n_out
+
+
+def runs_args(lin, T: int = 1):
+    """A linear's weights for T rows as runs, one ``weight_args`` per run of a chip's
+    FusedLinear (one per weight type); None if any cannot go in."""
+    if hasattr(lin, "parts"):  # a chip's FusedLinear
+        lin.prepare()
+        runs = [weight_args(r, T) for r in lin._runs]
+    else:
+        runs = [weight_args(lin, T)]
+    return None if any(r is None for r in runs) else tuple(runs)
+
+
+def bias_args(bqkv) -> np.ndarray:
+    """The q/k/v bias as the blocks take it: float32, empty when the model has none."""
+    return np.zeros(0, np.float32) if bqkv is None else np.ascontiguousarray(bqkv, np.float32)
 
 
 def attention_args(wqkv, bqkv, wo):
     """(q/k/v runs, bias, wo arrays, its padded rows), or None."""
-    a, b = _runs(wqkv), _one_token_weight(wo)
+    a, b = runs_args(wqkv), weight_args(wo)
     if a is None or b is None:
         return None
-    bias = np.zeros(0, np.float32) if bqkv is None else np.ascontiguousarray(bqkv, np.float32)
-    return a, bias, b[0], b[1]
+    return a, bias_args(bqkv), b[0], b[1]
 
 
 def decode_attention_args(lw, n_heads, n_kv, kv_rot, groups):
@@ -300,7 +322,7 @@ def decode_ffn_args(lw, n_ffn):
 
 def ffn_args(w_gate_up, w_down):
     """(gate/up arrays, its padded rows, down arrays, its padded rows), or None."""
-    a, b = _runs(w_gate_up), _one_token_weight(w_down)
+    a, b = runs_args(w_gate_up), weight_args(w_down)
     if a is None or b is None or len(a) != 1:
         return None
     return a[0][0], a[0][1], b[0], b[1]

@@ -24,11 +24,7 @@ import numpy as np
 from numba import literal_unroll, njit, types
 from numba.extending import overload
 
-from edgebox.kernels import attention as A
-from edgebox.kernels import elementwise as E
-from edgebox.kernels import matmul_kernels as K
-from edgebox.kernels.kv_quant import fwht_rows
-from edgebox.kernels.linear import AutoLinear, NumbaLinear
+from edgebox.kernels.fused import attend_cached, bias_args, qkv_heads, quantize_rows, runs_args
 from edgebox.kernels.quants import registry
 
 __all__ = ["attention_args", "attention_decode_batch_block"]
@@ -62,25 +58,11 @@ def _mm_overload(w, xq, xd, xs16, xsd16, xsd32, T, out):
 
 
 @njit(nogil=True, cache=True)
-def _quantize(x):
-    """x float32 [T, n] (C order) -> its q8_0 activations (xq, xd, xs16, xsd16, xsd32), flat, as matmul's."""
-    T, n = x.shape
-    nb = n // 32
-    xq = np.empty(T * n, np.int8)
-    xd = np.empty(T * nb, np.float32)
-    xs16 = np.empty(T * 2 * nb, np.int32)
-    xsd16 = np.empty(T * 2 * nb, np.float32)
-    xsd32 = np.empty(T * nb, np.float32)
-    K.quantize_act(x.reshape(-1), n, xq, xd, xs16, xsd16, xsd32)
-    return xq, xd, xs16, xsd16, xsd32
-
-
-@njit(nogil=True, cache=True)
 def _linear_runs(runs, n_out, x):
     """x float32 [T, n_in] -> float32 [T, n_out] through a stack of runs ((arrays, padded rows,
     rows) each, one weight type per run), their outputs side by side: x is quantized once."""
     T = x.shape[0]
-    xq, xd, xs16, xsd16, xsd32 = _quantize(x)
+    xq, xd, xs16, xsd16, xsd32 = quantize_rows(x)
     out = np.empty((T, n_out), np.float32)
     off = 0
     for run in literal_unroll(runs):
@@ -124,69 +106,19 @@ def attention_decode_batch_block(
     tables of the B positions; rot_k, rot_v: the Hadamard rotations of a quantized K and V (0:
     none); wqkv: the runs of the chip's q/k/v stack, wo: (arrays, padded rows, rows) as one run."""
     B = h.shape[0]
-    # project to q, k, v (+bias on qwen2)
+    # project to q, k, v (+bias on qwen2), rope, a quantized cache's rotations
     qkv = _linear_runs(wqkv, (nh + 2 * nkv) * hd, h)  # [B, (Hc + 2 Hkv_c)*hd]
-    for b in range(B):
-        for i in range(bias.shape[0]):
-            qkv[b, i] += bias[i]
-    # rotary embedding of the q and k heads, then a quantized cache's rotations
-    qk = np.ascontiguousarray(qkv[:, : (nh + nkv) * hd]).reshape(B, nh + nkv, hd)
-    E.apply_rope_kernel(qk, cos, sin, neox)
-    v0 = (nh + nkv) * hd
-    v = np.ascontiguousarray(qkv[:, v0 : v0 + nkv * hd]).reshape(B, nkv, hd)
-    for b in range(B):
-        if rot_k:
-            fwht_rows(qk[b], rot_k)
-        if rot_v:
-            fwht_rows(v[b], rot_v)
-    q = np.ascontiguousarray(qk[:, :nh])  # [B, Hc, hd]
-    k = np.ascontiguousarray(qk[:, nh:])  # [B, Hkv_c, hd]
+    q, k, v = qkv_heads(qkv, bias, nh, nkv, hd, cos, sin, neox, rot_k, rot_v)  # [B, Hc|Hkv_c, hd]
     # the new keys and values into the caches, then each sequence attends over its own
-    slots = np.arange(B)
-    A.append_kv_kernel(k, v, kl, vl, tk, tv, layer, slots, starts)
-    att = np.empty((B, nh, hd), np.float32)
-    if parallel:
-        A.decode_batch_kernel_parallel(q, kl, vl, tk, tv, layer, slots, starts + 1, order, hstart, att, n_threads)
-    else:
-        A.decode_batch_kernel(q, kl, vl, tk, tv, layer, slots, starts + 1, order, hstart, att)
-    if rot_v:  # the values' basis back (H @ H = I)
-        for b in range(B):
-            fwht_rows(att[b], rot_v)
+    att = attend_cached(q, k, v, kl, vl, tk, tv, rot_v, layer, starts, order, hstart, n_threads if parallel else 1)
     # this chip's columns of the output projection
     return np.ascontiguousarray(_linear_runs(wo, n_embd, att.reshape(B, nh * hd)))
 
 
-# -- which linears can go in: their numba weights for T rows, as (kernel arrays, padded rows, rows) --
-
-
-def _weight(lin, T: int):
-    """(kernel arrays, padded rows, rows) of the weight a linear uses for T rows, if numba's
-    and of a fusable type; else None."""
-    if isinstance(lin, AutoLinear):
-        lin = lin.for_tokens(T)
-    if not isinstance(lin, NumbaLinear):
-        return None
-    lin.prepare()
-    w = lin.packed
-    if not w.kernels.fusable:
-        return None
-    return tuple(w.kernel_args), w.n_out_padded, w.n_out
-
-
-def _runs(lin, T: int):
-    """A linear's weights for T rows as runs (one per weight type of a chip's FusedLinear)."""
-    if hasattr(lin, "parts"):  # a chip's FusedLinear
-        lin.prepare()
-        runs = [_weight(r, T) for r in lin._runs]
-    else:
-        runs = [_weight(lin, T)]
-    return None if any(r is None for r in runs) else tuple(runs)
-
-
 def attention_args(wqkv, bqkv, wo, T: int):
-    """(q/k/v runs, bias, wo runs) for T rows, or None when a weight cannot go in the call."""
-    a, b = _runs(wqkv, T), _runs(wo, T)
+    """(q/k/v runs, bias, wo runs) for T rows (``fused``'s helpers), or None when a weight cannot
+    go in the call."""
+    a, b = runs_args(wqkv, T), runs_args(wo, T)
     if a is None or b is None:
         return None
-    bias = np.zeros(0, np.float32) if bqkv is None else np.ascontiguousarray(bqkv, np.float32)
-    return a, bias, b
+    return a, bias_args(bqkv), b

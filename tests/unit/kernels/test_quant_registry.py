@@ -77,7 +77,7 @@ def test_fusable_types_run_in_the_one_call_block(qtype):
     n_out, n_in = 13, _n_in(qtype)
     raw = make_weight(qtype, n_out, n_in, rng, random_bytes=True)
     lin = NumbaLinear(Matrix("w", qtype, n_out, n_in, raw))
-    args = fused._one_token_weight(lin)
+    args = fused.weight_args(lin)
     assert args is not None
     x = rng.standard_normal(n_in).astype(np.float32)
     np.testing.assert_array_equal(fused._linear(args[0], args[1], x)[:n_out], matmul.matvec(lin.packed, x))
@@ -85,4 +85,4 @@ def test_fusable_types_run_in_the_one_call_block(qtype):
 
 def test_float_weights_stay_out_of_the_one_call_block():
     raw = make_weight(qt.QType.F16, 8, 64, np.random.default_rng(0))
-    assert fused._one_token_weight(NumbaLinear(Matrix("w", qt.QType.F16, 8, 64, raw))) is None
+    assert fused.weight_args(NumbaLinear(Matrix("w", qt.QType.F16, 8, 64, raw))) is None
