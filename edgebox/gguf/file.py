@@ -398,12 +398,8 @@ def resident_fraction(path: str | os.PathLike, offset: int = 0, length: int | No
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     view = np.frombuffer(mm, dtype=np.uint8)
     try:
-        if (
-            _libc_handle().mincore(
-                ctypes.c_void_p(view.__array_interface__["data"][0] + first), ctypes.c_size_t(end - first), vec
-            )
-            != 0
-        ):
+        address = view.__array_interface__["data"][0] + first
+        if _libc_handle().mincore(ctypes.c_void_p(address), ctypes.c_size_t(end - first), vec) != 0:
             return float("nan")
         return sum(b & 1 for b in bytes(vec)) / pages
     finally:
