@@ -164,7 +164,11 @@ class Box:
         if cache is None and getattr(self.ops, "name", "ref") != "ref":  # the reference packs nothing
             w = self._weights
             views = [m.data for lw in w.layers for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w_gate, lw.w_up, lw.w_down)]
-            cache = packcache.PackCache.for_model([w.token_embd.data, w.output.data, *views], self.split_key())
+            cache = packcache.PackCache.for_model(
+                [w.token_embd.data, w.output.data, *views],
+                self.split_key(),
+                in_place=[w.token_embd.data],  # (the embedding lookup's rows)
+            )
         for i, lin in enumerate(todo, 1):
             if isinstance(lin, FusedLinear):
                 lin.prepare(cache)

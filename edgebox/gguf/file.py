@@ -15,6 +15,7 @@ wrap-around) and tensor offsets are multiples of ``general.alignment``, as llama
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import hashlib
@@ -24,6 +25,8 @@ import os
 import stat
 import struct
 import threading
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +93,8 @@ class _Mapping(mmap.mmap):
     ``GGUFFile`` once the header is parsed, and hashed on first use)."""
 
     source: tuple[str, int, int, int] | None = None  # path, size, mtime_ns, end of the tensor table
+    spans: tuple[tuple[int, int], ...] = ()  # (offset, nbytes) of each tensor, by offset
+    evictor: _Evictor | None = None  # set by ``evict_when_released``
     _identity: FileIdentity | None = None
 
     @property
@@ -104,12 +109,17 @@ class _Mapping(mmap.mmap):
 def identity_of(view: np.ndarray) -> FileIdentity | None:
     """The identity of the GGUF file ``view`` (a tensor's data, or any view cut from it) maps;
     None for an array that is not a view of a ``GGUFFile``."""
+    mapping = _mapping_of(view)
+    return mapping.identity if mapping is not None else None
+
+
+def _mapping_of(view: np.ndarray) -> _Mapping | None:
     base = view
     while isinstance(base, np.ndarray):
         base = base.base
     if isinstance(base, memoryview):
         base = base.obj
-    return base.identity if isinstance(base, _Mapping) else None
+    return base if isinstance(base, _Mapping) else None
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,7 @@ class GGUFFile:
         self._pos = 0
         self._parse()
         self._mmap.source = (os.path.abspath(self.path), st.st_size, st.st_mtime_ns, min(self.data_offset, self.file_size))
+        self._mmap.spans = tuple(sorted((t.offset, t.nbytes) for t in self.tensors.values()))
         self._read_small_tensors_ahead()
 
     def _read_small_tensors_ahead(self) -> None:
@@ -366,8 +377,9 @@ _libc = None
 def release_view_pages(view: np.ndarray) -> None:
     """Drop the resident pages under a view of a file mapping (after the kernels repacked it).
 
-    The pages stay in the page cache and fault back in if touched, so this only trims RSS: without
-    it, a model repacked at load would briefly hold both the file's pages and the packed copy."""
+    The pages stay in the page cache (unless ``evict_when_released`` was called for the file) and
+    fault back in if touched, so this only trims RSS: without it, a model repacked at load would
+    briefly hold both the file's pages and the packed copy."""
     if view.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
         return
     start = view.__array_interface__["data"][0]
@@ -375,6 +387,88 @@ def release_view_pages(view: np.ndarray) -> None:
     first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the view only
     if last > first:
         _libc_handle().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+    mapping = _mapping_of(view)
+    if mapping is not None and mapping.evictor is not None:
+        mapping.evictor.released(view, start, first, last)
+
+
+def evict_when_released(view: np.ndarray, keep: Sequence[np.ndarray] = ()) -> bool:
+    """From now on, ``release_view_pages`` on views of the GGUF file ``view`` maps also drops
+    their pages from the page cache (``posix_fadvise(DONTNEED)``), except the tensors of the
+    views ``keep`` (read in place as well: the token embeddings): for a load whose packed
+    copies will be kept elsewhere (the packed-weight cache), so the file's pages are not needed
+    again.  Why: the packed arrays are allocated as the file is read, and the pages the file
+    frees are the cheapest memory to give them (a fresh page costs a zeroing, and on a VM whose
+    free memory went back to the host, a host fault: a cold 7B start packed in 12-20 s instead
+    of 5 s; docs/performance.md, "Start-up, fifth look").  False when the file at the mapped
+    path is no longer the one mapped, or the view is not a GGUF file's."""
+    mapping = _mapping_of(view)
+    if mapping is None or mapping.source is None or not hasattr(os, "posix_fadvise"):
+        return False
+    if mapping.evictor is None:
+        path, size, mtime_ns, _ = mapping.source
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            os.close(fd)
+            return False
+        mapping.evictor = _Evictor(fd, np.frombuffer(mapping, np.uint8).__array_interface__["data"][0], mapping.spans)
+        weakref.finalize(mapping, os.close, fd)
+    for v in keep:
+        mapping.evictor.keep(v)
+    return True
+
+
+class _Evictor:
+    """Drops a mapped file's pages from the page cache as its views are released: a contiguous
+    view's whole pages at once; a tensor's whole span once views covering all its bytes were
+    released (a strided shard -- columns of every row -- shares its pages with the other chips'
+    shards, so its pages go with the tensor's last shard)."""
+
+    def __init__(self, fd: int, base: int, spans: tuple[tuple[int, int], ...]):
+        self.fd, self.base, self.spans = fd, base, spans
+        self.starts = [off for off, _ in spans]
+        self.left = dict(spans)  # tensor offset -> bytes not released yet
+        self.seen: set[tuple] = set()
+        self.lock = threading.Lock()
+
+    def _tensor(self, start: int) -> tuple[int, int] | None:
+        """(offset, nbytes) of the tensor holding the address ``start``."""
+        i = bisect.bisect_right(self.starts, start - self.base) - 1
+        if i < 0 or start - self.base >= self.spans[i][0] + self.spans[i][1]:
+            return None
+        return self.spans[i]
+
+    def keep(self, view: np.ndarray) -> None:
+        tensor = self._tensor(view.__array_interface__["data"][0])
+        if tensor is not None:
+            self.left.pop(tensor[0], None)
+
+    def released(self, view: np.ndarray, start: int, first: int, last: int) -> None:
+        with self.lock:
+            key = (start, view.shape, view.strides)
+            tensor = self._tensor(start)
+            if key in self.seen or tensor is None or tensor[0] not in self.left:
+                return  # (a view released twice -- a KV head's rows on two chips --, or a kept tensor)
+            self.seen.add(key)
+            if view.flags.c_contiguous:
+                self._drop(first, last)
+            off, nbytes = tensor
+            self.left[off] -= view.nbytes
+            if self.left[off] <= 0:  # (unmapped first: the pages two shards share were still mapped)
+                self._drop(-(-(self.base + off) // _PAGE) * _PAGE, (self.base + off + nbytes) // _PAGE * _PAGE, unmap=True)
+
+    def _drop(self, first: int, last: int, unmap: bool = False) -> None:
+        if last > first:
+            if unmap:
+                _libc_handle().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+            try:
+                os.posix_fadvise(self.fd, first - self.base, last - first, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
 
 
 def _libc_handle():

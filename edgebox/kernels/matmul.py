@@ -167,9 +167,36 @@ def pack(raw: np.ndarray, qtype) -> PackedWeight:
         dt = np.float32 if qtype == QType.F32 else np.uint16
         arrays = {"w": w.view(dt).reshape(-1)}
         return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(w.nbytes))
-    planes = kernels.repack(raw, n_out, n_in)
+    planes = _repack(kernels, raw, n_in)
     arrays = {k: v.reshape(-1) for k, v in planes.items()}
     return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(sum(v.nbytes for v in arrays.values())))
+
+
+STAGE_BYTES = 4 << 20  # a strided shard is copied to contiguous rows through this much memory at a time
+_stage = threading.local()
+
+
+def _repack(kernels: Kernels, raw: np.ndarray, n_in: int, out: dict | None = None) -> dict[str, np.ndarray]:
+    """``kernels.repack`` of the rows ``raw``.  A strided shard (a column slice of the mmap: the
+    row-parallel weights on several chips) goes through a small contiguous buffer reused by the
+    thread, whole group pairs at a time: a shard-sized copy per weight was ~1 GB of fresh pages
+    on a 4-chip 7B start, each one zeroed by the kernel (docs/performance.md, "Start-up, fifth
+    look")."""
+    n_out, row_bytes = raw.shape
+    if raw.flags.c_contiguous or kernels.planes is None:
+        return kernels.repack(raw, n_out, n_in) if out is None else kernels.repack(raw, n_out, n_in, out=out)
+    planes = kernels.planes(n_out, n_in) if out is None else out
+    step = max(1, STAGE_BYTES // (2 * P.ROWS * row_bytes)) * 2 * P.ROWS  # rows; a multiple of 16 keeps the padding at the end
+    buf = getattr(_stage, "buf", None)
+    if buf is None or buf.size < step * row_bytes:
+        buf = _stage.buf = np.empty(step * row_bytes, np.uint8)
+    for r0 in range(0, n_out, step):
+        part = raw[r0 : r0 + step]
+        rows = buf[: part.size].reshape(part.shape)
+        np.copyto(rows, part)
+        g0 = r0 // P.ROWS
+        kernels.repack(rows, len(part), n_in, out={k: v[g0 : g0 + P.n_groups(len(part))] for k, v in planes.items()})
+    return planes
 
 
 def pack_rows(blocks: Sequence[np.ndarray], qtype) -> PackedWeight:
@@ -193,7 +220,7 @@ def pack_rows(blocks: Sequence[np.ndarray], qtype) -> PackedWeight:
     g = 0
     for r, _ in rows:
         G = P.n_groups(len(r))
-        kernels.repack(r, len(r), n_in, out={k: v[g : g + G] for k, v in planes.items()})
+        _repack(kernels, r, n_in, out={k: v[g : g + G] for k, v in planes.items()})
         g += G
     arrays = {k: v.reshape(-1) for k, v in planes.items()}
     return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(sum(v.nbytes for v in arrays.values())))

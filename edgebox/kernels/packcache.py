@@ -32,11 +32,12 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edgebox.gguf.file import FileIdentity, identity_of, read_ahead
+from edgebox.gguf.file import FileIdentity, evict_when_released, identity_of, read_ahead
 from edgebox.gguf.quant_types import QType, is_quantized
 from edgebox.kernels.matmul import PackedWeight
 
@@ -384,10 +385,12 @@ class PackCache:
                 pass
 
     @classmethod
-    def for_model(cls, views: list[np.ndarray], split: bytes) -> PackCache | None:
+    def for_model(cls, views: list[np.ndarray], split: bytes, in_place: Sequence[np.ndarray] = ()) -> PackCache | None:
         """The cache of the GGUF file the weight views ``views`` were cut from (the parsed file
         tells its identity: ``gguf.file.identity_of``), on the chip split ``split``; None when
-        the cache is off or the views are not all from one GGUF file."""
+        the cache is off or the views are not all from one GGUF file.  On a miss the file's
+        pages leave the page cache as they are packed, except those of the tensors ``in_place``
+        (read in place by the model as well)."""
         if not enabled():
             return None
         identities = {identity_of(v) for v in views}
@@ -395,8 +398,9 @@ class PackCache:
             return None
         identity = identities.pop()
         cache = cls(cache_dir(), entry_key(identity, split))
-        if cache.entry is None:  # the weights are packed from the GGUF: have it read ahead of the packer
+        if cache.entry is None:  # the weights are packed from the GGUF: have it read ahead of the packer,
             read_ahead(identity.path)
+            evict_when_released(views[0], keep=in_place)  # and its pages dropped as they are packed (the entry keeps them)
         return cache
 
     def lookup(self, m) -> PackedWeight | None:

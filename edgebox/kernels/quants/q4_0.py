@@ -90,8 +90,8 @@ def planes(n_out: int, n_in: int) -> dict[str, np.ndarray]:
 def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True, out: dict | None = None) -> dict[str, np.ndarray]:
     out = planes(n_out, n_in) if out is None else out  # (``out``: row groups of a larger weight's planes)
     if use_numba:
-        # a strided shard (column slice of the mmap) is copied to contiguous rows first: one
-        # compiled repacker instead of two, for a transient shard-sized copy
+        # the compiled repacker reads contiguous rows (``matmul.pack`` hands strided shards over
+        # in small staged pieces; a direct caller's strided rows are copied here)
         _repack_q4_0(np.ascontiguousarray(raw), n_out, out["q"], out["d"])
         return out
     return P.repack_by_chunks(raw, QType.Q4_0, n_out, out, _fill)

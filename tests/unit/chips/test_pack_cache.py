@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import edgebox
+from edgebox.gguf.file import GGUFFile, read_ahead, resident_fraction
 from edgebox.kernels import packcache
 from tests.fixtures.paths import DATA, REPO
 
@@ -221,3 +222,48 @@ def test_a_process_that_ends_before_a_forward_pass_still_writes_its_entry(cache_
     assert p.returncode == 0, p.stderr.decode()
     assert time.monotonic() - t < packcache.AFTER_WAIT_S  # written at exit, not after the wait runs out
     assert len(entries(cache_dir)) == 1
+
+
+@pytest.mark.parametrize("chips", [1, 4])
+def test_a_cold_start_drops_the_packed_tensors_from_the_page_cache(cache_dir, tmp_path, monkeypatch, chips):
+    """What a cold start packs (and its entry will keep) leaves the page cache as it is packed,
+    a strided shard with its tensor's last chip (``gguf.file.evict_when_released``); what is
+    read in place (the norms, the token embeddings, here also the tied lm head) stays; with the
+    cache off, all stays."""
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(MODELS / "tiny-deepseek-coder-Q4_0.gguf", path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # (dirty pages are written back, not dropped)
+    g = GGUFFile(path)
+    packed = [t for n, t in g.tensors.items() if n.startswith("blk.") and t.qtype.name == "Q4_0"]
+    assert {t.name.split(".")[-2] for t in packed} >= {"attn_q", "attn_output", "ffn_down"}
+    in_place = [t for n, t in g.tensors.items() if n.endswith("norm.weight") or n == "token_embd.weight"]
+    # the load's read-ahead queued at once, as on a real model (90 ms for 7B, before the first
+    # weight is packed): on this tiny file the packer could otherwise evict pages before the
+    # read-ahead thread asked for them, and see them read in again
+    monkeypatch.setattr(packcache, "read_ahead", lambda p: read_ahead(p).join())
+
+    def cached(t) -> float:  # the tensor's pages, less its first and last (shared with neighbours)
+        return resident_fraction(path, t.offset + 4096, t.nbytes - 8192)
+
+    for weight_cache in ("0", "1"):
+        monkeypatch.setenv("EDGEBOX_WEIGHT_CACHE", weight_cache)
+        read_in_small_pages(path)
+        assert min(cached(t) for t in packed) == 1.0
+        _, c = run(path, chips)
+        print("DBG", weight_cache, c and c.status, [(t.name, cached(t)) for t in packed][:3])
+        assert min(resident_fraction(path, t.offset, t.nbytes) for t in in_place) == 1.0
+        if weight_cache == "0":
+            assert min(cached(t) for t in packed) == 1.0  # every start packs from the file: keep it
+        else:
+            assert max(cached(t) for t in packed) == 0.0, [(t.name, cached(t)) for t in packed if cached(t)]
+
+
+def read_in_small_pages(path) -> None:
+    """The file into the page cache one page at a time (no read-ahead): a large folio that a
+    tiny model's 36-72 KiB tensor shares with its neighbour is rightly not dropped with it."""
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        while f.read(4096):
+            pass

@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import threading
+import tracemalloc
 
 import numba
 import numpy as np
@@ -226,6 +227,31 @@ def test_strided_shard_and_typed_rows(qtype):
         typed = np.ascontiguousarray(raw).view(np.float16)
         y = M.matvec(M.pack(typed, qtype), rng.standard_normal(n_in).astype(np.float32))
         assert y.shape == (24,)
+
+
+@pytest.mark.parametrize("qtype", [*FAST, QType.Q4_1], ids=lambda q: q.name)
+def test_strided_shard_staged_in_pieces_packs_as_its_copy(qtype, monkeypatch):
+    """A strided shard goes to the repacker through a small reused buffer (``matmul._repack``):
+    with a buffer of 16 rows, several pieces and a ragged last one (also inside ``pack_rows``)
+    give exactly the arrays of packing the shard's contiguous copy, and no shard-sized copy is
+    made (types with ``Kernels.planes``; the others copy)."""
+    rng = np.random.default_rng(29)
+    for n_out in (5, 40, 53):
+        raw = make_weight(qtype, n_out, 2048, rng, random_bytes=True)
+        shard = raw[:, raw.shape[1] // 2 :]
+        want = M.pack(np.ascontiguousarray(shard), qtype)
+        monkeypatch.setattr(M, "STAGE_BYTES", 16 * shard.shape[1] + 1)
+        tracemalloc.start()
+        staged = M.pack(shard, qtype)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        if n_out == 53 and registry.get(qtype).kernels.planes is not None:
+            assert peak < want.nbytes + shard.nbytes // 2, f"{qtype.name}: a shard-sized copy was made"
+        for got in (staged, M.pack_rows([np.ascontiguousarray(shard[:16]), shard[16:]], qtype)):
+            assert got.arrays.keys() == want.arrays.keys()
+            for k in want.arrays:
+                np.testing.assert_array_equal(got.arrays[k], want.arrays[k], err_msg=f"{qtype.name} n_out={n_out} {k}")
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("qtype", [*FAST, QType.Q4_1], ids=lambda q: q.name)
