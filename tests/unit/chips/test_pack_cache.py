@@ -20,6 +20,7 @@ import pytest
 import edgebox
 from edgebox.gguf.file import GGUFFile, read_ahead, resident_fraction
 from edgebox.kernels import packcache
+from tests.fixtures.page_cache import read_in_small_pages
 from tests.fixtures.paths import DATA, REPO
 
 MODELS = DATA / "models"
@@ -250,20 +251,9 @@ def test_a_cold_start_drops_the_packed_tensors_from_the_page_cache(cache_dir, tm
         monkeypatch.setenv("EDGEBOX_WEIGHT_CACHE", weight_cache)
         read_in_small_pages(path)
         assert min(cached(t) for t in packed) == 1.0
-        _, c = run(path, chips)
-        print("DBG", weight_cache, c and c.status, [(t.name, cached(t)) for t in packed][:3])
+        run(path, chips)
         assert min(resident_fraction(path, t.offset, t.nbytes) for t in in_place) == 1.0
         if weight_cache == "0":
             assert min(cached(t) for t in packed) == 1.0  # every start packs from the file: keep it
         else:
             assert max(cached(t) for t in packed) == 0.0, [(t.name, cached(t)) for t in packed if cached(t)]
-
-
-def read_in_small_pages(path) -> None:
-    """The file into the page cache one page at a time (no read-ahead): a large folio that a
-    tiny model's 36-72 KiB tensor shares with its neighbour is rightly not dropped with it."""
-    with open(path, "rb", buffering=0) as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-        while f.read(4096):
-            pass

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 
 from edgebox.gguf.file import GGUFFile, evict_when_released, release_view_pages, resident_fraction
+from tests.fixtures.page_cache import read_in_small_pages
 
 ROWS, ROW_BYTES = 64, 4096  # 256 KiB per tensor
 
@@ -25,6 +26,7 @@ def _file(path) -> None:
     w.close()
     with open(path, "rb") as f:
         os.fsync(f.fileno())  # (dirty pages are written back, not dropped)
+    read_in_small_pages(path)
 
 
 def _cached(path, t) -> float:
