@@ -398,9 +398,9 @@ def evict_when_released(view: np.ndarray, keep: Sequence[np.ndarray] = ()) -> bo
     views ``keep`` (read in place as well: the token embeddings): for a load whose packed
     copies will be kept elsewhere (the packed-weight cache), so the file's pages are not needed
     again.  Why: the packed arrays are allocated as the file is read, and the pages the file
-    frees are the cheapest memory to give them (a fresh page costs a zeroing, and on a VM whose
-    free memory went back to the host, a host fault: a cold 7B start packed in 12-20 s instead
-    of 5 s; docs/performance.md, "Start-up, fifth look").  False when the file at the mapped
+    frees are the cheapest memory to give them (on a VM whose free memory goes back to the
+    host, a page not used lately costs a host fault at first touch: a cold 7B start packed in
+    10-14 s instead of 5-7 s; docs/performance.md, "Start-up, fifth look").  False when the file at the mapped
     path is no longer the one mapped, or the view is not a GGUF file's."""
     mapping = _mapping_of(view)
     if mapping is None or mapping.source is None or not hasattr(os, "posix_fadvise"):
