@@ -384,12 +384,23 @@ def release_view_pages(view: np.ndarray) -> None:
         return
     start = view.__array_interface__["data"][0]
     end = start + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) + view.itemsize
-    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the view only
-    if last > first:
-        _libc_handle().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+    first, last = _whole_pages(start, end)
+    _unmap(first, last)
     mapping = _mapping_of(view)
     if mapping is not None and mapping.evictor is not None:
         mapping.evictor.released(view, start, first, last)
+
+
+def _whole_pages(start: int, end: int) -> tuple[int, int]:
+    """The addresses first..last of the whole pages inside start..end (last <= first: none)."""
+    return -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+
+
+def _unmap(first: int, last: int) -> None:
+    """Drop this process's mapping of the pages first..last (``MADV_DONTNEED``); they fault back
+    in from the file if touched."""
+    if last > first:
+        _libc_handle().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def evict_when_released(view: np.ndarray, keep: Sequence[np.ndarray] = ()) -> bool:
@@ -399,9 +410,10 @@ def evict_when_released(view: np.ndarray, keep: Sequence[np.ndarray] = ()) -> bo
     copies will be kept elsewhere (the packed-weight cache), so the file's pages are not needed
     again.  Why: the packed arrays are allocated as the file is read, and the pages the file
     frees are the cheapest memory to give them (on a VM whose free memory goes back to the
-    host, a page not used lately costs a host fault at first touch: a cold 7B start packed in
-    10-14 s instead of 5-7 s; docs/performance.md, "Start-up, fifth look").  False when the file at the mapped
-    path is no longer the one mapped, or the view is not a GGUF file's."""
+    host, a page not used lately costs a host fault at first touch: a cold 7B start with the
+    file in the page cache reached its first token in 9.6-13.6 s before, 5.0-7.5 s with this;
+    docs/performance.md, "Start-up, fifth look").  False when the file at the mapped path is no
+    longer the one mapped, or the view is not a GGUF file's."""
     mapping = _mapping_of(view)
     if mapping is None or mapping.source is None or not hasattr(os, "posix_fadvise"):
         return False
@@ -458,13 +470,13 @@ class _Evictor:
                 self._drop(first, last)
             off, nbytes = tensor
             self.left[off] -= view.nbytes
-            if self.left[off] <= 0:  # (unmapped first: the pages two shards share were still mapped)
-                self._drop(-(-(self.base + off) // _PAGE) * _PAGE, (self.base + off + nbytes) // _PAGE * _PAGE, unmap=True)
+            if self.left[off] <= 0:
+                first, last = _whole_pages(self.base + off, self.base + off + nbytes)
+                _unmap(first, last)  # (the pages two shards share were still mapped: fadvise skips mapped pages)
+                self._drop(first, last)
 
-    def _drop(self, first: int, last: int, unmap: bool = False) -> None:
+    def _drop(self, first: int, last: int) -> None:
         if last > first:
-            if unmap:
-                _libc_handle().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
             try:
                 os.posix_fadvise(self.fd, first - self.base, last - first, os.POSIX_FADV_DONTNEED)
             except OSError:

@@ -183,8 +183,10 @@ def _repack(kernels: Kernels, raw: np.ndarray, n_in: int, out: dict | None = Non
     on a 4-chip 7B start, each one zeroed by the kernel (docs/performance.md, "Start-up, fifth
     look")."""
     n_out, row_bytes = raw.shape
-    if raw.flags.c_contiguous or kernels.planes is None:
-        return kernels.repack(raw, n_out, n_in) if out is None else kernels.repack(raw, n_out, n_in, out=out)
+    if kernels.planes is None:  # a type without ``planes`` takes no ``out=`` (``Kernels``), and copies strided rows itself
+        return kernels.repack(raw, n_out, n_in)
+    if raw.flags.c_contiguous:
+        return kernels.repack(raw, n_out, n_in, out=out)
     planes = kernels.planes(n_out, n_in) if out is None else out
     step = max(1, STAGE_BYTES // (2 * P.ROWS * row_bytes)) * 2 * P.ROWS  # rows; a multiple of 16 keeps the padding at the end
     buf = getattr(_stage, "buf", None)
