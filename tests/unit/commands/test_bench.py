@@ -50,6 +50,29 @@ def test_bench_concurrency_rounds_report_the_median_round_and_the_range():
     assert p.stderr.count("concurrency 2: decode") == 3  # one progress line per round
 
 
+def test_a_concurrency_round_reads_every_prompt_in_its_first_step(monkeypatch):
+    """The decode rate is N / the per-token latency after the first token, so the round's later
+    steps must be pure decode (one row per stream): a prompt chunk left over would be counted as
+    decode time. 2 x 256 tokens fill the 512-row chunk budget exactly (as text they re-tokenized
+    to 531 and left 19 rows over)."""
+    import edgebox
+    from edgebox.commands import bench
+
+    m = edgebox.load(str(TEST_MODEL))
+    monkeypatch.setattr(bench, "prompt_seconds", lambda m, n: 1.0)  # only the engine's steps below
+    steps = []  # (rows, segments) of every forward pass the engine runs
+    forward = m.transformer.forward_segments
+
+    def recorded(segments):
+        steps.append((sum(len(s.tokens) for s in segments), len(segments)))
+        return forward(segments)
+
+    monkeypatch.setattr(m.transformer, "forward_segments", recorded)
+    bench._concurrency_round(m, 2, 256, 3)
+    first = steps.index((512, 2))  # after the engine's warm-up passes
+    assert all(rows == segments for rows, segments in steps[first + 1 :]), steps
+
+
 def test_bench_errors_are_one_line():
     for args, text in ((["--prompt", "x"], "comma-separated"), ([str(REPO / "absent.gguf")], "no such model file")):
         p = _bench(*args)
