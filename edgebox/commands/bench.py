@@ -216,9 +216,8 @@ def _concurrency_round(m, c: int, prompt_len: int, gen: int) -> ConcurrencyPoint
     greedy = SamplingParams(temperature=0.0)
     before = prompt_seconds(m, 64)
     # a chunk budget that reads every prompt in the first step: later steps are pure decode. The
-    # prompts go as token ids: text re-tokenized came to 65-66 tokens (BOS, merges), 524 for 8,
-    # and the rows left over made the first decode step a 19-row prompt chunk (1.3 s, in every
-    # stream's decode time)
+    # prompts go as token ids: as text they re-tokenize to more tokens (BOS, merges), and a prompt
+    # chunk left to a later step would count as decode time
     with Engine(m, max_batch=c, max_queue=4 * c, prefill_chunk=max(512, c * prompt_len)) as e:
         prompts = [tuple(_prompt(m.args.n_vocab, prompt_len, seed=i)) for i in range(c)]
         t = time.perf_counter()

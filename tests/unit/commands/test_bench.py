@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import edgebox
+from edgebox.commands import bench
 from tests.fixtures.paths import TEST_MODEL
 
 REPO = Path(__file__).resolve().parents[3]
@@ -55,9 +57,6 @@ def test_a_concurrency_round_reads_every_prompt_in_its_first_step(monkeypatch):
     steps must be pure decode (one row per stream): a prompt chunk left over would be counted as
     decode time. 2 x 256 tokens fill the 512-row chunk budget exactly (as text they re-tokenized
     to 531 and left 19 rows over)."""
-    import edgebox
-    from edgebox.commands import bench
-
     m = edgebox.load(str(TEST_MODEL))
     monkeypatch.setattr(bench, "prompt_seconds", lambda m, n: 1.0)  # only the engine's steps below
     steps = []  # (rows, segments) of every forward pass the engine runs
