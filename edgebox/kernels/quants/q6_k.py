@@ -180,6 +180,22 @@ if HAS_VNNI:
         ib = mul_i32(_q6_half_vnni(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1), SB)
         return add_i32(ia, ib)
 
+    @njit(**_JIT)
+    def _q6_scales_d(sc, o, D):
+        """d * sc per row for one 16-value half, in float32 (exact: an f16 times an int8), formed
+        once per block and shared by the octet's tokens."""
+        return mul_f32(cvt_f32(ld_i8x8_i32(sc, o)), D)
+
+    @njit(**_JIT)
+    def _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, D, acc):
+        """acc += xd * (d*sc_A * dot_A + d*sc_B * dot_B) for block e of a token.  The scales are
+        applied in float (2 conversions, a multiply and an FMA) rather than by 2 vpmulld and an
+        add: the conversions leave the FMA pipes to the 8 vpdpbusd (Zen 4: vpmulld and vpdpbusd
+        share FP0/FP1, vcvtdq2ps runs on FP2/FP3)."""
+        ia = cvt_f32(_q6_half_vnni(v0, v1, v2, v3, xq, xo, xs16, 2 * e))
+        ib = cvt_f32(_q6_half_vnni(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1))
+        return fma_f32(fma_f32(ib, SB, mul_f32(ia, SA)), bc_f32(xd, e), acc)
+
 else:
 
     @njit(**_JIT)
@@ -195,19 +211,24 @@ else:
         ib = madd(_q6_half(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1), SB)
         return add_i32(ia, ib)
 
+    @njit(**_JIT)
+    def _q6_scales_d(sc, o, D):
+        """The 8 rows' int8 scales of one 16-value half as ``_q6_scales``; d is applied per token
+        by ``_q6_tok_d`` (vpmaddwd multiplies by the int16 scales for free)."""
+        return ld_i8x8_i16x2(sc, o)
+
+    @njit(**_JIT)
+    def _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, D, acc):
+        """acc += d * xd * (sc_A * dot_A + sc_B * dot_B): ``_q6_tok`` with the super-block scale d
+        folded in per block (no per-super-block accumulator)."""
+        isum = _q6_isum(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e)
+        return fma_f32(cvt_f32(isum), mul_f32(D, bc_f32(xd, e)), acc)
+
 
 @njit(**_JIT)
 def _q6_tok(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, facc):
     """facc += xd * (sc_A * dot_A + sc_B * dot_B) for block e of a token."""
     return fma_f32(cvt_f32(_q6_isum(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e)), bc_f32(xd, e), facc)
-
-
-@njit(**_JIT)
-def _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, D, acc):
-    """acc += d * xd * (sc_A * dot_A + sc_B * dot_B): ``_q6_tok`` with the super-block scale d
-    folded in per block (no per-super-block accumulator)."""
-    isum = _q6_isum(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e)
-    return fma_f32(cvt_f32(isum), mul_f32(D, bc_f32(xd, e)), acc)
 
 
 @njit(**_JIT)
@@ -330,8 +351,8 @@ def _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
                 prefetch_l2(q, 128 * (k + nb))
                 prefetch_l2(q, 128 * (k + nb) + 64)
                 prefetch_l2(qh, 64 * (k + nb))
-            SA = _q6_scales(sc, 16 * k)
-            SB = _q6_scales(sc, 16 * k + 8)
+            SA = _q6_scales_d(sc, 16 * k, D)
+            SB = _q6_scales_d(sc, 16 * k + 8, D)
             xo = t0 * n_in + 32 * b
             e = t0 * nb + b
             acc0 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, D, acc0)
