@@ -14,7 +14,7 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _dot32, _ld8, _quad, _st8, _store4
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _dot32, _ld8, _quad, _st8, _store4, _store8, _unit, _units
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     add_f32,
@@ -279,17 +279,81 @@ def _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
     _store4(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
 
 
+@njit(**_JIT)
+def _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, DS, DM, xd, xsd32, acc):
+    """acc += d*sc * xd * dot - dmin*m * xd * sum(xq) for block e of a token (the quad's step)."""
+    i = _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, True)
+    return fma_f32(DM, bc_f32(xsd32, e), fma_f32(cvt_f32(i), mul_f32(DS, bc_f32(xd, e)), acc))
+
+
+@njit(**_JIT)
+def _q5_k_oct(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
+    """Tokens t0..t0+7 of row group g: ``_q5_k_quad`` 8 wide, so at T = 8 (the batched decode
+    step) the codes are unpacked and used in one pass, never stored and reloaded (as Q6_K's)."""
+    n_in = 32 * nb
+    nsb = nb // 8
+    first = t0 == 0
+    last = t0 + 8 >= T
+    acc0 = zero_f32()
+    acc1 = zero_f32()
+    acc2 = zero_f32()
+    acc3 = zero_f32()
+    acc4 = zero_f32()
+    acc5 = zero_f32()
+    acc6 = zero_f32()
+    acc7 = zero_f32()
+    for s in range(nsb):
+        ks = g * nsb + s
+        D = ld_f16x8(d, 8 * ks)
+        NDM = mul_f32_s(ld_f16x8(dmin, 8 * ks), -1.0)
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                if j % 2 == 0:
+                    prefetch(qb, 32 * k + _PF // 4)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _chunks5(q, qb, k)
+                if not last:
+                    _st8(buf, 256 * b, v0, v1, v2, v3, v4, v5, v6, v7)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _ld8(buf, 256 * b)
+            if last:
+                prefetch_l2(q, 128 * (k + nb))
+                prefetch_l2(q, 128 * (k + nb) + 64)
+                if j % 2 == 0:
+                    prefetch_l2(qb, 32 * (k + nb))
+            DS = mul_f32(D, cvt_f32(ld_u8x8_i32(sc, 8 * k)))
+            DM = mul_f32(NDM, cvt_f32(ld_u8x8_i32(m, 8 * k)))
+            xo = t0 * n_in + 32 * b
+            e = t0 * nb + b
+            acc0 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, DS, DM, xd, xsd32, acc0)
+            acc1 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + n_in, e + nb, DS, DM, xd, xsd32, acc1)
+            acc2 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 2 * n_in, e + 2 * nb, DS, DM, xd, xsd32, acc2)
+            acc3 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 3 * n_in, e + 3 * nb, DS, DM, xd, xsd32, acc3)
+            acc4 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 4 * n_in, e + 4 * nb, DS, DM, xd, xsd32, acc4)
+            acc5 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 5 * n_in, e + 5 * nb, DS, DM, xd, xsd32, acc5)
+            acc6 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 6 * n_in, e + 6 * nb, DS, DM, xd, xsd32, acc6)
+            acc7 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 7 * n_in, e + 7 * nb, DS, DM, xd, xsd32, acc7)
+    _store8(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+
+
 @njit(**_PJIT)
 def q5_k_mm(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
-    nt = (T + 3) // 4
+    n8, n4 = _units(T)
     nw = min(G, _RUNS)
     for c in prange(nw):  # contiguous runs of row groups, one code buffer each
         buf = np.empty(256 * nb, np.uint8)
         for g in range(c * G // nw, (c + 1) * G // nw):
-            for it in range(nt):
-                _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, 4 * it, T, buf, out)
+            for u in range(n8 + n4):
+                t0, width = _unit(n8, u)
+                if width == 8:
+                    _q5_k_oct(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out)
+                else:
+                    _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out)
 
 
 TRAITS = QuantTraits(
