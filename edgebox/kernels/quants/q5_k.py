@@ -3,7 +3,8 @@
 Repacked: as Q4_K (nib plane = q & 15) plus a bit plane qb = q >> 4 [G, nb, 32] (bit c of byte
 4r+i: the 5th bit of chunk c's value); +2.3% over the file.  Kernel: four vpmaddubsw products fit
 int16 (4 * 2*31*127 = 31496), so a block takes two vpmaddwd instead of Q4_K's one; the rest is
-Q4_K.  ORT: none (8-bit codes with float zero points are refused by ORT's CPU kernel).
+Q4_K.  Batched: octets of tokens while 8 remain, then quads, as Q6_K.  ORT: none (8-bit codes
+with float zero points are refused by ORT's CPU kernel).
 """
 
 from __future__ import annotations

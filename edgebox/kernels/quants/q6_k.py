@@ -6,7 +6,8 @@ Repacked: nib plane q = low 4 bits, crumb plane qh = high 2 bits [G, nb, 2, 32],
 sub-block 2b (low nibbles), 4-7 sub-block 2b+1 (high nibbles); per 16 values the 4 vpmaddubsw
 products are summed in int16 and the -32 offset subtracted there (``_q6_half``: exact, though the
 sum wraps before), then one vpmaddwd by the int16 scales gives int32 sc * dot.  Batched: tokens
-in octets while 8 remain (T = 8, a batched decode step: one pass over the codes), then quads.
+in octets while 8 remain (T = 8, a batched decode step: one pass over the codes), then quads;
+with VNNI the octets apply d*sc in float (``_q6_tok_d``).
 ORT: MatMulNBits bits=8 block 16, code q, uint8 zero point 32, scale d*sc (exact in float32):
 bit-exact.
 """
@@ -190,8 +191,8 @@ if HAS_VNNI:
     def _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, D, acc):
         """acc += xd * (d*sc_A * dot_A + d*sc_B * dot_B) for block e of a token.  The scales are
         applied in float (2 conversions, a multiply and an FMA) rather than by 2 vpmulld and an
-        add: the conversions leave the FMA pipes to the 8 vpdpbusd (Zen 4: vpmulld and vpdpbusd
-        share FP0/FP1, vcvtdq2ps runs on FP2/FP3)."""
+        add: +7-11 % on this EPYC (docs/performance.md), presumably as the conversions issue
+        beside the 8 vpdpbusd where the integer multiplies compete with them."""
         ia = cvt_f32(_q6_half_vnni(v0, v1, v2, v3, xq, xo, xs16, 2 * e))
         ib = cvt_f32(_q6_half_vnni(v4, v5, v6, v7, xq, xo + 16, xs16, 2 * e + 1))
         return fma_f32(fma_f32(ib, SB, mul_f32(ia, SA)), bc_f32(xd, e), acc)
