@@ -219,6 +219,12 @@ class NumbaOps:
             return numba.get_num_threads()
         return 1
 
+    def prefill_attention_threads(self) -> int:
+        """numba threads a prompt chunk's attention is spread over (by KV head): this thread's
+        count wherever the threading layer allows it. On one thread it took 13 % of a 512-token
+        prompt on the 7B while the other core waited (docs/performance.md)."""
+        return numba.get_num_threads() if self._att.threading_layer_is_threadsafe() else 1
+
     def hadamard(self, x: np.ndarray, n: int) -> np.ndarray:
         """kv_quant.rotate by the fast transform: a new array."""
         y = np.array(x, np.float32, order="C")
@@ -265,7 +271,9 @@ class NumbaOps:
             return self._att.attention_decode(
                 q[0], k_cache, v_cache, start + 1, kv_of_head=kv_of_head, parallel=self.decode_attention_threads(start + 1) > 1
             )[None]
-        return self._att.attention_prefill(q, k_cache, v_cache, start, kv_of_head=kv_of_head)
+        return self._att.attention_prefill(
+            q, k_cache, v_cache, start, kv_of_head=kv_of_head, parallel=self.prefill_attention_threads() > 1
+        )
 
     def kv_lists(self, k_caches: list[np.ndarray], v_caches: list[np.ndarray]) -> tuple:
         return self._att.kv_lists(k_caches, v_caches)
