@@ -70,6 +70,8 @@ __all__ = [
     "decode_batch_kernel",
     "decode_batch_kernel_parallel",
     "append_kv_kernel",
+    "store",
+    "store_kernel",
     "prefill_kernel",
     "prefill_kernel_parallel",
     "BLOCK_Q",
@@ -642,6 +644,14 @@ def append_kv_kernel(k_new, v_new, kc, vc, tk, tv, layer, slots, starts):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def store_kernel(x, c, start, t):
+    """Rows x float32 [n, Hkv, hd] into slots start..start+n-1 of one layer's cache c (float16
+    bits or quantized blocks of type code t), as append_kv_kernel writes one."""
+    for i in range(x.shape[0]):
+        _store_rows(x[i], c[start + i], t)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def decode_batch_kernel(q, kc, vc, tk, tv, layer, slots, lengths, order, hstart, out):
     """q float32 [B, H, hd]; kc, vc uint16 [n_slots, n_layer, n_ctx, Hkv, hd], or a typed List
     of [n_layer, n_ctx, Hkv, hd] arrays (one per sequence: :func:`kv_lists`), or uint8 with a
@@ -1140,6 +1150,17 @@ def cache_view(a: np.ndarray, ndim: int, what: str, name: str = "k") -> tuple[np
     if code == F16:
         return a.view(np.uint16), code, a.shape[-1]
     return a.view(np.uint8), code, a.shape[-1] * kv_quant.QK
+
+
+def store(x: np.ndarray, cache: np.ndarray, start: int) -> None:
+    """x float32 [n, Hkv, hd] -> slots start..start+n-1 of one layer's cache (float16 [S, Hkv, hd]
+    or q8_0/q4_0 blocks [S, Hkv, hd/32]), bit for bit as ``kv_quant.quantize``, in place: numpy's
+    float16 cast and its temporary took 6 % of a 512-token 7B prompt (docs/performance.md)."""
+    c, t, hd = cache_view(cache, 3, "store")
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 3 or x.shape[1:] != (c.shape[1], hd) or not 0 <= start <= c.shape[0] - x.shape[0]:
+        raise ValueError(f"store: rows {x.shape} at slot {start} do not fit a cache of {cache.shape}")
+    store_kernel(x, c, int(start), t)
 
 
 def _caches(k, v, ndim: int, what: str) -> Caches:

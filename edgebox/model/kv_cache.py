@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgebox.gguf.args import ModelArgs
-from edgebox.kernels import kv_quant, ref
+from edgebox.kernels import attention, kv_quant, ref
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -66,9 +66,8 @@ class KVCache:
     def store(self, chip: int, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Keys and values k, v float32 [n, Hkv_i, hd] into slots start..start+n-1 of one chip's
         slice, converted to the cache's types."""
-        n = len(k)
-        self.k[chip][layer, start : start + n] = kv_quant.quantize(k, self.type_k)
-        self.v[chip][layer, start : start + n] = kv_quant.quantize(v, self.type_v)
+        attention.store(k, self.k[chip][layer], start)
+        attention.store(v, self.v[chip][layer], start)
 
     def copy_prefix(self, other: KVCache, n: int) -> None:
         """Take the first ``n`` slots of ``other`` (the prompt cache; the same types: its bytes)."""

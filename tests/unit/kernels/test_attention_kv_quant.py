@@ -67,6 +67,22 @@ def test_quantize_is_ggmls_reference_bit_for_bit(name, qtype):
         np.testing.assert_array_equal(out, KQ.dequantize(KQ.quantize(r, name)))
 
 
+@pytest.mark.parametrize("name", TYPES)
+def test_store_writes_what_quantize_gives(name):
+    """attention.store (a prompt's keys and values into the cache, in place) is bit for bit
+    kv_quant.quantize, from a strided view of the projections as the attention block passes it,
+    float16's subnormals, overflow and ties included; it touches no other slot."""
+    qkv = floats(20, 3 * 2 * 128, scale=4.0)
+    qkv[0, :8] = [1e-6, -3e-8, 7e4, -1e5, 2049.0, 2051.0, 0.0, -0.0]  # f16: subnormal, 0, inf, ties
+    x = qkv[:, 256:512].reshape(20, 2, 128)  # [n, Hkv, hd], rows strided as the block's k
+    cache = np.zeros((30, 2, *KQ.cache_row_shape(name, 128, "t")), KQ.cache_dtype(name))
+    A.store(x, cache, 7)
+    np.testing.assert_array_equal(cache[7:27].view(np.uint8), KQ.quantize(x, name).view(np.uint8))
+    assert not cache[:7].view(np.uint8).any() and not cache[27:].view(np.uint8).any()
+    with pytest.raises(ValueError, match="do not fit"):
+        A.store(x, cache, 11)
+
+
 def test_row_bytes_are_ggmls():
     assert [KQ.kv_row_bytes(t, 128) for t in TYPES] == [256, 136, 72]
     assert [KQ.cache_dtype(t).itemsize for t in TYPES] == [2, 34, 18]
