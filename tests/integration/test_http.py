@@ -582,7 +582,12 @@ def test_logprobs_in_openai_shapes(server):
         if c.choices and c.choices[0].logprobs
         for e in c.choices[0].logprobs.content
     ]
-    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+    # the same tokens; the logprobs agree to the backends' difference: the second request finds its
+    # prompt cached and computes the last prompt token alone, and the autotuner may run a one-row
+    # matmul on the other backend (both copies of a shape, kernels/autotune.py rule 3), whose
+    # activations round differently (~0.5 %; measured 0.0065 on the first token's logprob)
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=0.03)
     legacy = client.completions.create(model="m", prompt=LONG_PROMPT, max_tokens=6, temperature=0, logprobs=2)
     lp = legacy.choices[0].logprobs
     assert "".join(lp.tokens) == legacy.choices[0].text and len(lp.token_logprobs) == len(lp.top_logprobs) == 6
