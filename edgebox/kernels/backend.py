@@ -221,9 +221,10 @@ class NumbaOps:
 
     def prefill_attention_threads(self) -> int:
         """numba threads a prompt chunk's attention is spread over (by KV head): this thread's
-        count wherever the threading layer allows it. On one thread it took 13 % of a 512-token
-        prompt on the 7B while the other core waited (docs/performance.md)."""
-        return numba.get_num_threads() if self._att.threading_layer_is_threadsafe() else 1
+        count (``attention_prefill`` runs serially where the threading layer is not thread-safe).
+        On one thread it took 13 % of a 512-token prompt on the 7B while the other core waited
+        (docs/performance.md)."""
+        return numba.get_num_threads()
 
     def hadamard(self, x: np.ndarray, n: int) -> np.ndarray:
         """kv_quant.rotate by the fast transform: a new array."""
