@@ -17,6 +17,7 @@ import numpy as np
 from edgebox.chips.box import Box
 from edgebox.errors import ContextOverflowError, EdgeboxError
 from edgebox.gguf.loader import LoadedModel, load_gguf
+from edgebox.kernels import entry_hint
 from edgebox.kernels.backend import BACKENDS, DEFAULT_BACKEND
 from edgebox.kernels.kv_quant import cache_type
 from edgebox.model import KVCache, Transformer
@@ -79,7 +80,9 @@ def load(
     cache_types = (cache_type(cache_type_k, "cache_type_k"), cache_type(cache_type_v, "cache_type_v"))
     if backend not in BACKENDS:
         raise EdgeboxError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    loaded = load_gguf(default_model_path() if path is None else path)
+    path = default_model_path() if path is None else path
+    entry_hint.read_ahead_model(path, chips)  # the weights read from disk while the GGUF is parsed
+    loaded = load_gguf(path)
     # a hostile or broken chat template refuses the load, before any request uses it (text.chat)
     check_chat_template(
         loaded.file.fields.get("tokenizer.chat_template"), loaded.file.path.name, **_special_texts(loaded.tokenizer)

@@ -38,6 +38,10 @@ def _load(
     backend: str = "numba",
     cache_types: tuple[str, str] = ("f16", "f16"),
 ):
+    from edgebox.kernels import entry_hint
+
+    if model is not None:  # the weights start coming from disk before numba is imported
+        entry_hint.read_ahead_model(model, chips)
     import edgebox
 
     return edgebox.load(

@@ -168,6 +168,7 @@ class Box:
                 [w.token_embd.data, w.output.data, *views],
                 self.split_key(),
                 in_place=[w.token_embd.data],  # (the embedding lookup's rows)
+                chips=len(self.chips),
             )
         for i, lin in enumerate(todo, 1):
             if isinstance(lin, FusedLinear):

@@ -37,8 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebox.gguf.file import FileIdentity, evict_when_released, identity_of, read_ahead
+from edgebox.gguf.file import FileIdentity, evict_when_released, identity_of
 from edgebox.gguf.quant_types import QType, is_quantized
+from edgebox.kernels import entry_hint
+from edgebox.kernels.entry_hint import ENABLED_ENV, cache_dir, enabled
 from edgebox.kernels.matmul import PackedWeight
 
 LAYOUT_VERSION = 1  # bump when any type's repacked layout (kernels/quants/, matmul_pack.py) changes
@@ -65,7 +67,6 @@ class CorruptEntry(Exception):
 # The environment holds the settings (so a benchmark's or a daemon's child processes inherit
 # them); the CLI flags and the daemon's config write it through ``configure``: one mechanism.
 
-ENABLED_ENV = "EDGEBOX_WEIGHT_CACHE"  # 0/off/no/false: off
 MAX_GIB_ENV = "EDGEBOX_WEIGHT_CACHE_GIB"  # the entries' total at most, in GiB
 
 
@@ -80,18 +81,6 @@ def configure(enabled: bool | None = None, max_gib: float | None = None, gib_nam
         os.environ[MAX_GIB_ENV] = repr(float(max_gib))
     if enabled is not None:
         os.environ[ENABLED_ENV] = "1" if enabled else "0"
-
-
-def enabled() -> bool:
-    return os.environ.get(ENABLED_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("EDGEBOX_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = str(Path(xdg) / "edgebox") if xdg else str(Path.home() / ".cache" / "edgebox")
-    return Path(base) / "packed"
 
 
 def max_bytes() -> int:
@@ -317,7 +306,7 @@ def evict(directory: Path, limit: int, incoming: int = 0, keep: Path | None = No
             st = e.stat()
         except OSError:
             continue
-        if e.name.startswith(".packed-") and e.name.endswith(".tmp"):
+        if e.name.startswith((".packed-", ".recent-")) and e.name.endswith(".tmp"):
             if now - st.st_mtime > STALE_TEMP_S:
                 try:
                     os.unlink(e.path)
@@ -360,11 +349,12 @@ class PackCache:
         self.status = "miss"
         self._writer: threading.Thread | None = None
         self._after: threading.Event | None = None  # what a background write waits for
+        self.model: tuple[str, int] | None = None  # the GGUF's path and the chip count, when known (``for_model``)
         if self.path.exists():
             # the whole entry read into the page cache in the background, so the checks' samples
             # and the first forward pass find its pages there: after a reboot they faulted them
             # in one by one (a 4-chip 7B entry: 3 s of checks, then 2.5 s of first forward pass)
-            read_ahead(self.path)
+            entry_hint.read_ahead_once(self.path)  # (unless the CLI's hint started it already)
         try:
             self.entry = Entry.open(self.path, key)
             self.status = "hit"
@@ -385,12 +375,15 @@ class PackCache:
                 pass
 
     @classmethod
-    def for_model(cls, views: list[np.ndarray], split: bytes, in_place: Sequence[np.ndarray] = ()) -> PackCache | None:
+    def for_model(
+        cls, views: list[np.ndarray], split: bytes, in_place: Sequence[np.ndarray] = (), chips: int = 1
+    ) -> PackCache | None:
         """The cache of the GGUF file the weight views ``views`` were cut from (the parsed file
-        tells its identity: ``gguf.file.identity_of``), on the chip split ``split``; None when
-        the cache is off or the views are not all from one GGUF file.  On a miss the file's
-        pages leave the page cache as they are packed, except those of the tensors ``in_place``
-        (read in place by the model as well)."""
+        tells its identity: ``gguf.file.identity_of``), on the chip split ``split`` over
+        ``chips`` chips; None when the cache is off or the views are not all from one GGUF file.
+        On a miss the file's pages leave the page cache as they are packed, except those of the
+        tensors ``in_place`` (read in place by the model as well).  The entry it maps or writes
+        is remembered for the next start's early read (``entry_hint``)."""
         if not enabled():
             return None
         identities = {identity_of(v) for v in views}
@@ -398,8 +391,11 @@ class PackCache:
             return None
         identity = identities.pop()
         cache = cls(cache_dir(), entry_key(identity, split))
-        if cache.entry is None:  # the weights are packed from the GGUF: have it read ahead of the packer,
-            read_ahead(identity.path)
+        cache.model = (identity.path, chips)
+        if cache.entry is not None:
+            entry_hint.remember(identity.path, chips, cache.path)
+        else:  # the weights are packed from the GGUF: have it read ahead of the packer,
+            entry_hint.read_ahead_once(identity.path)
             evict_when_released(views[0], keep=in_place)  # and its pages dropped as they are packed (the entry keeps them)
         return cache
 
@@ -477,3 +473,5 @@ class PackCache:
                 pw.arrays.update(mapped.arrays)  # the packed copy is freed; the kernels read the file's pages
             self.entry = entry
         self.status = "written"
+        if self.model is not None:
+            entry_hint.remember(*self.model, self.path)

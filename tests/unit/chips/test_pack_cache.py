@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 import edgebox
-from edgebox.gguf.file import GGUFFile, read_ahead, resident_fraction
-from edgebox.kernels import packcache
+from edgebox.gguf.file import GGUFFile, resident_fraction
+from edgebox.gguf.page_cache import read_ahead
+from edgebox.kernels import entry_hint, packcache
 from tests.fixtures.page_cache import read_in_small_pages
 from tests.fixtures.paths import DATA, REPO
 
@@ -133,6 +134,7 @@ def _read_only(d):
 def test_a_read_only_directory_packs_in_memory_with_one_warning_and_still_reads_an_entry(cache_dir, capsys):
     q4, q8 = MODELS / "tiny-deepseek-coder-Q4_0.gguf", MODELS / "tiny-deepseek-coder-Q8_0.gguf"
     good8, c8 = run(q8, 1)
+    (cache_dir / entry_hint.INDEX).unlink()  # (so the hit below tries to write it: quietly)
     undo = _read_only(cache_dir)
     try:
         with pytest.raises(OSError):  # (it really is read-only for us)
@@ -142,7 +144,7 @@ def test_a_read_only_directory_packs_in_memory_with_one_warning_and_still_reads_
             logits, c = run(q4, 4)
             assert c.status.startswith("unwritable")
         logits8, c = run(q8, 1)  # the entry already there is still used
-        assert c.status == "hit"
+        assert c.status == "hit" and not (cache_dir / entry_hint.INDEX).exists()
     finally:
         undo()
     err = capsys.readouterr().err
@@ -243,7 +245,7 @@ def test_a_cold_start_drops_the_packed_tensors_from_the_page_cache(cache_dir, tm
     # the load's read-ahead queued at once, as on a real model (90 ms for 7B, before the first
     # weight is packed): on this tiny file the packer could otherwise evict pages before the
     # read-ahead thread asked for them, and see them read in again
-    monkeypatch.setattr(packcache, "read_ahead", lambda p: read_ahead(p).join())
+    monkeypatch.setattr(entry_hint, "read_ahead_once", lambda p: read_ahead(p).join())
 
     def cached(t) -> float:  # the tensor's pages, less its first and last (shared with neighbours)
         return resident_fraction(path, t.offset + 4096, t.nbytes - 8192)

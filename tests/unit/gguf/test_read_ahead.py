@@ -1,4 +1,4 @@
-"""gguf.file.read_ahead: a file dropped from the page cache is read back into it in the
+"""gguf.page_cache.read_ahead: a file dropped from the page cache is read back into it in the
 background (measured with ``resident_fraction``: mincore, as ``edgebox bench --startup`` measures it)."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from edgebox.gguf.file import READ_AHEAD_CHUNK, read_ahead, resident_fraction
+from edgebox.gguf.file import resident_fraction
+from edgebox.gguf.page_cache import READ_AHEAD_CHUNK, read_ahead
 
 
 def test_read_ahead_brings_a_dropped_file_back_into_the_page_cache(tmp_path):

@@ -1,0 +1,120 @@
+"""Which packed-weight entry a model's next start maps, known before anything heavy is imported.
+
+After a page-cache drop (a reboot), a warm start waits mostly for its entry's bytes: 3.65 GB for
+the 7B Q4_0 on 4 chips, ~2.2 s at this disk's best. The entry's name is a hash of the GGUF's
+header and the chip split, known only once numba is imported and the GGUF parsed (~0.9 s in).
+So every load that maps or writes an entry records it here (``remember``: the model file by real
+path, size and mtime, and the chip count, in ``recent.json`` beside the entries), and the CLI
+starts reading it at its first line (``read_ahead_model``; the GGUF when no entry is known). A hint is only a guess: a wrong or
+stale one costs one wasted read, never a wrong weight (the entry is still found by its key and
+verified). Standard library only, so importing this costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from edgebox.gguf.page_cache import read_ahead
+
+ENABLED_ENV = "EDGEBOX_WEIGHT_CACHE"  # 0/off/no/false: off
+INDEX = "recent.json"
+KEEP = 32  # models remembered, the most recently used
+
+_running: dict[str, threading.Thread | None] = {}  # each file's last read-ahead, by real path
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return os.environ.get(ENABLED_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def cache_dir() -> Path:
+    """The directory of the entries: $EDGEBOX_CACHE_DIR, else $XDG_CACHE_HOME/edgebox, else
+    ~/.cache/edgebox; then ``packed``."""
+    base = os.environ.get("EDGEBOX_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = str(Path(xdg) / "edgebox") if xdg else str(Path.home() / ".cache" / "edgebox")
+    return Path(base) / "packed"
+
+
+def _model_key(model: str | os.PathLike, chips: int) -> str | None:
+    try:
+        st = os.stat(model)
+    except OSError:
+        return None
+    return f"{os.path.realpath(model)}|{st.st_size}|{st.st_mtime_ns}|{chips}"
+
+
+def _index(directory: Path) -> dict[str, str]:
+    try:
+        data = json.loads((directory / INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def lookup(model: str | os.PathLike, chips: int) -> Path | None:
+    """The entry a load of ``model`` on ``chips`` chips last mapped or wrote, if it still exists."""
+    key = _model_key(model, chips)
+    name = _index(cache_dir()).get(key) if key else None
+    if not name or Path(name).name != name:  # (a bare file name in the directory, nothing else)
+        return None
+    path = cache_dir() / name
+    return path if path.is_file() else None
+
+
+def remember(model: str | os.PathLike, chips: int, entry: Path) -> None:
+    """Record that a load of ``model`` on ``chips`` chips maps ``entry`` (a file of the cache
+    directory). Quiet on any failure: the hint is an optimization."""
+    key = _model_key(model, chips)
+    if key is None:
+        return
+    index = _index(entry.parent)
+    if list(index)[-1:] == [key] and index[key] == entry.name:
+        return  # (the usual warm start: nothing to write)
+    index.pop(key, None)
+    index[key] = entry.name
+    index = dict(list(index.items())[-KEEP:])
+    try:
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".recent-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(index, f)
+            os.replace(tmp, entry.parent / INDEX)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
+def read_ahead_once(path: str | os.PathLike) -> threading.Thread | None:
+    """``page_cache.read_ahead(path)`` unless one of the same file is still queueing its reads
+    in this process (the CLI, the load and the cache ask for the same file within a second;
+    a second pass over pages already read costs ~0.06 s for 3.6 GB, a concurrent one slows
+    the first)."""
+    key = os.path.realpath(path)
+    with _lock:
+        running = _running.get(key)
+        if running is not None and running.is_alive():
+            return None
+        t = _running[key] = read_ahead(path)
+    return t
+
+
+def read_ahead_model(model: str | os.PathLike, chips: int) -> threading.Thread | None:
+    """Start reading what a load of ``model`` on ``chips`` chips will read whole into the page
+    cache: the entry it last mapped (``lookup``), else the GGUF file (packed from it on a miss or
+    with the cache off). None when that was started already, or ``model`` is no file.  (A
+    model moved since its entry was written reads its GGUF for nothing, once.)"""
+    entry = lookup(model, chips) if enabled() else None
+    if entry is not None:
+        return read_ahead_once(entry)
+    return read_ahead_once(model) if os.path.isfile(model) else None
