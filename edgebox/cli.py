@@ -38,10 +38,7 @@ def _load(
     backend: str = "numba",
     cache_types: tuple[str, str] = ("f16", "f16"),
 ):
-    from edgebox.kernels import entry_hint
-
-    if model is not None:  # the weights start coming from disk before numba is imported
-        entry_hint.read_ahead_model(model, chips)
+    _read_ahead(model, chips)
     import edgebox
 
     return edgebox.load(
@@ -53,6 +50,15 @@ def _load(
         cache_type_k=cache_types[0],
         cache_type_v=cache_types[1],
     )
+
+
+def _read_ahead(model: Path | None, chips: int, weight_cache: bool = True) -> None:
+    """Start reading the model's weights from disk (``kernels.entry_hint``): a command's first
+    step, before numpy and numba are imported (a second call is a no-op)."""
+    from edgebox.kernels import entry_hint
+
+    if model is not None:
+        entry_hint.read_ahead_model(model, chips, weight_cache=weight_cache)
 
 
 def _cache_type_opt(which: str):
@@ -119,6 +125,7 @@ def run(
     ),
 ) -> None:
     """Generate text from a prompt, streamed to stdout; a timing line goes to stderr."""
+    _read_ahead(model, chips, weight_cache=not no_weight_cache)
     from edgebox.engine.speculative import Speculative
     from edgebox.text.sampler import SamplingParams
 

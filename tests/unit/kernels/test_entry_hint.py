@@ -85,10 +85,13 @@ def test_with_no_entry_known_the_gguf_is_read_ahead(cache, model, monkeypatch):
     assert resident_fraction(model) < 0.5
     entry_hint.read_ahead_model(model, 1).join(timeout=60)
     assert resident_soon(model) >= 0.99
-    monkeypatch.setenv("EDGEBOX_WEIGHT_CACHE", "0")  # (every start packs from the GGUF: the same)
-    drop(model)
-    entry_hint.read_ahead_model(model, 1).join(timeout=60)
-    assert resident_soon(model) >= 0.99
+    os.utime(model, ns=(time.time_ns(), time.time_ns() - 10**9))
+    assert start(model, 1) == "written"  # (an entry known again; with the cache off the GGUF is read:)
+    for setting, kwargs in (("1", {"weight_cache": False}), ("0", {})):  # (--no-weight-cache; the variable)
+        monkeypatch.setenv("EDGEBOX_WEIGHT_CACHE", setting)
+        drop(model)
+        entry_hint.read_ahead_model(model, 1, **kwargs).join(timeout=60)
+        assert resident_soon(model) >= 0.99
     assert entry_hint.read_ahead_model(model.parent / "gone.gguf", 1) is None
 
 
@@ -132,10 +135,17 @@ def test_the_index_keeps_the_most_recent_models(cache, tmp_path):
     assert list(json.loads((cache / entry_hint.INDEX).read_text()))[-1].startswith(str(models[5].resolve()))
 
 
-def test_the_cli_starts_the_read_before_numpy_is_imported():
+def test_the_cli_starts_the_read_before_numpy_is_imported(tmp_path):
+    """The read (the JIT's LLVM library first, then the weights) starts with nothing heavy imported."""
     code = (
         "import sys; import edgebox.cli; from edgebox.kernels import entry_hint; "
-        "print(sorted(m for m in ('numpy', 'numba', 'tokenizers') if m in sys.modules))"
+        f"entry_hint.read_ahead_model({str(MODEL)!r}, 1).join(); "
+        "print(entry_hint.jit_library()); "
+        "print(sorted(m for m in ('numpy', 'numba', 'llvmlite', 'tokenizers') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    env = dict(os.environ, EDGEBOX_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    library, imported = out.splitlines()
+    assert imported == "[]"
+    (path,) = eval(library)
+    assert os.path.isfile(path) and path.endswith("libllvmlite.so")
