@@ -52,6 +52,7 @@ from edgebox.kernels.matmul_simd import (
     zero_i16,
     zero_i32,
 )
+from edgebox.kernels.matmul_simd512 import bc4_i8x64, dpbusd64, hi_f32x8, lo_f32x8, zero_i32x16
 
 _JIT = dict(nogil=True, cache=True)
 _PJIT = dict(nogil=True, cache=True, parallel=True)
@@ -131,6 +132,13 @@ def _store4(out, ldo, g, t0, T, acc0, acc1, acc2, acc3):
         st_f32x8(out, (t0 + 2) * ldo + 8 * g, acc2)
     if t0 + 3 < T:
         st_f32x8(out, (t0 + 3) * ldo + 8 * g, acc3)
+
+
+@njit(**_JIT)
+def _store4x2(out, ldo, g, t0, T, acc0, acc1, acc2, acc3):
+    """A pair quad's 16-lane accumulators: the low halves to row group g, the high to g + 1."""
+    _store4(out, ldo, g, t0, T, lo_f32x8(acc0), lo_f32x8(acc1), lo_f32x8(acc2), lo_f32x8(acc3))
+    _store4(out, ldo, g + 1, t0, T, hi_f32x8(acc0), hi_f32x8(acc1), hi_f32x8(acc2), hi_f32x8(acc3))
 
 
 @njit(**_JIT)
@@ -280,6 +288,20 @@ def _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, wide):
     if wide:
         return add_i32(hadd_i16(a), hadd_i16(b))
     return hadd_i16(add_i16(a, b))
+
+
+@njit(**_JIT)
+def _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo):
+    """``_dot32`` (VNNI) of two row groups at once: 512-bit chunks, group g's rows in lanes 0-7,
+    g + 1's in 8-15 (``matmul_simd512``)."""
+    i = dpbusd64(zero_i32x16(), v0, bc4_i8x64(xq, xo))
+    i = dpbusd64(i, v1, bc4_i8x64(xq, xo + 4))
+    i = dpbusd64(i, v2, bc4_i8x64(xq, xo + 8))
+    i = dpbusd64(i, v3, bc4_i8x64(xq, xo + 12))
+    i = dpbusd64(i, v4, bc4_i8x64(xq, xo + 16))
+    i = dpbusd64(i, v5, bc4_i8x64(xq, xo + 20))
+    i = dpbusd64(i, v6, bc4_i8x64(xq, xo + 24))
+    return dpbusd64(i, v7, bc4_i8x64(xq, xo + 28))
 
 
 @njit(**_JIT)

@@ -36,7 +36,7 @@ from numba.extending import intrinsic, models, register_model
 
 
 class Vec(types.Type):
-    """A 256-bit SIMD value: ``n`` lanes of numba scalar type ``elt``."""
+    """A SIMD value: ``n`` lanes of numba scalar type ``elt`` (256 bits here, 512 in ``matmul_simd512``)."""
 
     def __init__(self, elt, n):
         self.elt = elt

@@ -504,3 +504,53 @@ sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", sys.argv[1], "-k",
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+WIDE_TYPES = [QType.Q4_K]  # the types with 512-bit batched kernels (``matmul_simd512``)
+
+
+@pytest.mark.slow
+def test_512_bit_kernels_give_the_bits_of_the_256_bit_ones(tmp_path):
+    """The batched kernels that run two row groups in 512-bit lanes, against the 256-bit kernels
+    (a subprocess with EDGEBOX_SIMD_NO_512=1 and its own numba cache): the same operations lane
+    for lane, so equal bits, with an odd row group left to the 256-bit quad and ragged token
+    quads. (On a host without AVX-512 both sides run the 256-bit kernels.)"""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    code = r"""
+import numpy as np, sys
+ROOT, TMP = sys.argv[1], sys.argv[2]
+sys.path.insert(0, ROOT)
+from edgebox.kernels import matmul_simd512
+assert not matmul_simd512.HAS_512
+from edgebox.kernels import matmul as M
+from edgebox.gguf.quant_types import QType
+for name in sys.argv[3:]:
+    for n_out in (40, 203):
+        raw, X = np.load(f"{TMP}/{name}_{n_out}_w.npy"), np.load(f"{TMP}/{name}_{n_out}_x.npy")
+        w = M.pack(raw, QType[name])
+        for T in (2, 5, 9, 64):
+            np.save(f"{TMP}/{name}_{n_out}_{T}_y.npy", M.matmul(w, X[:T]))
+"""
+    rng = np.random.default_rng(512)
+    for q in WIDE_TYPES:
+        for n_out in (40, 203):  # 5 row groups (two pairs and one more), 26
+            np.save(tmp_path / f"{q.name}_{n_out}_w.npy", make_weight(q, n_out, _n_in(q, 8), rng))
+            np.save(tmp_path / f"{q.name}_{n_out}_x.npy", rng.standard_normal((64, _n_in(q, 8))).astype(np.float32))
+    env = dict(os.environ, EDGEBOX_SIMD_NO_512="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run(
+        [sys.executable, "-c", code, root, str(tmp_path), *(q.name for q in WIDE_TYPES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for q in WIDE_TYPES:
+        for n_out in (40, 203):
+            w = M.pack(np.load(tmp_path / f"{q.name}_{n_out}_w.npy"), q)
+            X = np.load(tmp_path / f"{q.name}_{n_out}_x.npy")
+            for T in (2, 5, 9, 64):
+                np.testing.assert_array_equal(
+                    M.matmul(w, X[:T]), np.load(tmp_path / f"{q.name}_{n_out}_{T}_y.npy"), f"{q.name} {n_out} T={T}"
+                )
