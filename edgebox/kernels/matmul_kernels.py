@@ -43,6 +43,8 @@ from edgebox.kernels.matmul_simd import (
     nib_hi,
     nib_lo,
     or_i8,
+    prefetch,
+    prefetch_l2,
     rint_i32,
     shl_w8,
     shr_w8,
@@ -288,6 +290,23 @@ def _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, wide):
     if wide:
         return add_i32(hadd_i16(a), hadd_i16(b))
     return hadd_i16(add_i16(a, b))
+
+
+@njit(**_JIT)
+def _prefetch_pair(q, qo, nb, first, last):
+    """A pair quad's software prefetch at block offset qo of group g (g + 1's is 128 * nb on):
+    the pair's first quad fetches both groups' blocks ``_PF`` ahead from DRAM, its last one the
+    next pair's into L2 (as the 256-bit quads do for one group)."""
+    if first:
+        prefetch(q, qo + _PF)
+        prefetch(q, qo + _PF + 64)
+        prefetch(q, qo + 128 * nb + _PF)
+        prefetch(q, qo + 128 * nb + _PF + 64)
+    if last:
+        prefetch_l2(q, qo + 256 * nb)
+        prefetch_l2(q, qo + 256 * nb + 64)
+        prefetch_l2(q, qo + 384 * nb)
+        prefetch_l2(q, qo + 384 * nb + 64)
 
 
 @njit(**_JIT)

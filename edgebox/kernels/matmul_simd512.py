@@ -179,6 +179,16 @@ def mul_f32x16(typingctx, a, b):
 
 
 @intrinsic
+def mul_f32x16_s(typingctx, a, s):
+    """a times the scalar s in every lane."""
+
+    def cg(context, builder, sig, args):
+        return builder.fmul(args[0], _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), 16))
+
+    return F32x16(F32x16, s), cg
+
+
+@intrinsic
 def neg_f32x16(typingctx, a):
     def cg(context, builder, sig, args):
         return builder.fneg(args[0])

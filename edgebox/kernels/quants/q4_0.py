@@ -15,7 +15,7 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _nib_block, _quad, _store4
+from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _dot32x2, _nib_block, _prefetch_pair, _quad, _store4, _store4x2
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     add_f32,
@@ -37,6 +37,19 @@ from edgebox.kernels.matmul_simd import (
     st_f32x8,
     zero_f32,
     zero_i16,
+)
+from edgebox.kernels.matmul_simd512 import (
+    HAS_512,
+    bc_f32x16,
+    cvt_f32x16,
+    fma_f32x16,
+    ld2_f16x16,
+    ld2_i8x64,
+    mul_f32x16,
+    mul_f32x16_s,
+    nib_hi64,
+    nib_lo64,
+    zero_f32x16,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
@@ -187,11 +200,58 @@ def _q4_0_quad(q, d, xq, xd, xsd32, nb, g, t0, T, out):
     _store4(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
 
 
+@njit(**_JIT)
+def _q4_0_quad2(q, d, xq, xd, xsd32, nb, g, t0, T, out):
+    # ``_q4_0_quad`` for row groups g and g + 1 in 512-bit lanes (``matmul_simd512``): the same
+    # integer sums (vpdpbusd on zmm) and the same float epilogue lane for lane, so the same bits.
+    n_in = 32 * nb
+    first = t0 == 0
+    last = t0 + 4 >= T
+    t0, t1, t2, t3 = _quad(T, t0)
+    acc0 = zero_f32x16()
+    acc1 = zero_f32x16()
+    acc2 = zero_f32x16()
+    acc3 = zero_f32x16()
+    for b in range(nb):
+        k = g * nb + b
+        qo = 128 * k
+        qo1 = qo + 128 * nb  # (group g + 1's block b)
+        _prefetch_pair(q, qo, nb, first, last)
+        w0 = ld2_i8x64(q, qo, qo1)
+        w1 = ld2_i8x64(q, qo + 32, qo1 + 32)
+        w2 = ld2_i8x64(q, qo + 64, qo1 + 64)
+        w3 = ld2_i8x64(q, qo + 96, qo1 + 96)
+        v0, v1, v2, v3 = nib_lo64(w0), nib_lo64(w1), nib_lo64(w2), nib_lo64(w3)
+        v4, v5, v6, v7 = nib_hi64(w0), nib_hi64(w1), nib_hi64(w2), nib_hi64(w3)
+        i0 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b)
+        i1 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b)
+        i2 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b)
+        i3 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b)
+        D = ld2_f16x16(d, 8 * k, 8 * (k + nb))
+        D8 = mul_f32x16_s(D, -8.0)
+        e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
+        acc0 = fma_f32x16(D8, bc_f32x16(xsd32, e0), fma_f32x16(cvt_f32x16(i0), mul_f32x16(D, bc_f32x16(xd, e0)), acc0))
+        acc1 = fma_f32x16(D8, bc_f32x16(xsd32, e1), fma_f32x16(cvt_f32x16(i1), mul_f32x16(D, bc_f32x16(xd, e1)), acc1))
+        acc2 = fma_f32x16(D8, bc_f32x16(xsd32, e2), fma_f32x16(cvt_f32x16(i2), mul_f32x16(D, bc_f32x16(xd, e2)), acc2))
+        acc3 = fma_f32x16(D8, bc_f32x16(xsd32, e3), fma_f32x16(cvt_f32x16(i3), mul_f32x16(D, bc_f32x16(xd, e3)), acc3))
+    _store4x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
+
+
 @njit(**_PJIT)
 def q4_0_mm(q, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
     nt = (T + 3) // 4
+    if HAS_512:  # two row groups per step (an odd last group: the 256-bit quad)
+        G2 = G // 2
+        for it in prange((G - G2) * nt):
+            p = it // nt
+            t0 = 4 * (it - p * nt)
+            if p < G2:
+                _q4_0_quad2(q, d, xq, xd, xsd32, nb, 2 * p, t0, T, out)
+            else:
+                _q4_0_quad(q, d, xq, xd, xsd32, nb, G - 1, t0, T, out)
+        return
     for it in prange(G * nt):
         g = it // nt
         _q4_0_quad(q, d, xq, xd, xsd32, nb, g, 4 * (it - g * nt), T, out)

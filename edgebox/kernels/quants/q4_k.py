@@ -18,7 +18,18 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _dot32, _dot32x2, _nib_block, _quad, _store4, _store4x2
+from edgebox.kernels.matmul_kernels import (
+    _JIT,
+    _PF,
+    _PJIT,
+    _dot32,
+    _dot32x2,
+    _nib_block,
+    _prefetch_pair,
+    _quad,
+    _store4,
+    _store4x2,
+)
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     add_f32,
@@ -259,16 +270,7 @@ def _q4_k_quad2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
             k = g * nb + b
             qo = 128 * k
             qo1 = qo + 128 * nb  # (group g + 1's block b)
-            if first:
-                prefetch(q, qo + _PF)
-                prefetch(q, qo + _PF + 64)
-                prefetch(q, qo1 + _PF)
-                prefetch(q, qo1 + _PF + 64)
-            if last:
-                prefetch_l2(q, qo1 + 128 * nb)
-                prefetch_l2(q, qo1 + 128 * nb + 64)
-                prefetch_l2(q, qo1 + 256 * nb)
-                prefetch_l2(q, qo1 + 256 * nb + 64)
+            _prefetch_pair(q, qo, nb, first, last)
             w0 = ld2_i8x64(q, qo, qo1)
             w1 = ld2_i8x64(q, qo + 32, qo1 + 32)
             w2 = ld2_i8x64(q, qo + 64, qo1 + 64)
@@ -296,7 +298,7 @@ def q4_k_mm(q, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
     nt = (T + 3) // 4
     if HAS_512:  # two row groups per step (an odd last group: the 256-bit quad)
         G2 = G // 2
-        for it in prange(G2 * nt + (G - 2 * G2) * nt):
+        for it in prange((G - G2) * nt):
             p = it // nt
             t0 = 4 * (it - p * nt)
             if p < G2:
