@@ -5,9 +5,10 @@ the 7B Q4_0 on 4 chips, ~2.2 s at this disk's best. The entry's name is a hash o
 header and the chip split, known only once numba is imported and the GGUF parsed (~0.9 s in).
 So every load that maps or writes an entry records it here (``remember``: the model file by real
 path, size and mtime, and the chip count, in ``recent.json`` beside the entries), and the CLI
-starts reading it at its first line (``read_ahead_model``; the GGUF when no entry is known). A hint is only a guess: a wrong or
-stale one costs one wasted read, never a wrong weight (the entry is still found by its key and
-verified). Standard library only, so importing this costs nothing.
+starts reading it at its first step (``read_ahead_model``; the GGUF when no entry is known). A
+hint is only a guess: a wrong or stale one costs one wasted read, never a wrong weight (the
+entry is still found by its key and verified). Standard library only, so importing this costs
+nothing. (The cache's on/off setting and directory are defined here for the same reason.)
 """
 
 from __future__ import annotations

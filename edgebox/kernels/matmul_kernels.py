@@ -54,7 +54,7 @@ from edgebox.kernels.matmul_simd import (
     zero_i16,
     zero_i32,
 )
-from edgebox.kernels.matmul_simd512 import bc4_i8x64, dpbusd64, hi_f32x8, lo_f32x8, zero_i32x16
+from edgebox.kernels.matmul_simd512 import bc4_i8x64, dpbusd64, hi_f32x8, ld_i8x64, lo_f32x8, st_i8x64, zero_i32x16
 
 _JIT = dict(nogil=True, cache=True)
 _PJIT = dict(nogil=True, cache=True, parallel=True)
@@ -141,6 +141,39 @@ def _store4x2(out, ldo, g, t0, T, acc0, acc1, acc2, acc3):
     """A pair quad's 16-lane accumulators: the low halves to row group g, the high to g + 1."""
     _store4(out, ldo, g, t0, T, lo_f32x8(acc0), lo_f32x8(acc1), lo_f32x8(acc2), lo_f32x8(acc3))
     _store4(out, ldo, g + 1, t0, T, hi_f32x8(acc0), hi_f32x8(acc1), hi_f32x8(acc2), hi_f32x8(acc3))
+
+
+@njit(**_JIT)
+def _store8x2(out, ldo, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
+    """A pair octet's 16-lane accumulators: the low halves to row group g, the high to g + 1."""
+    _store8(
+        out,
+        ldo,
+        g,
+        t0,
+        lo_f32x8(acc0),
+        lo_f32x8(acc1),
+        lo_f32x8(acc2),
+        lo_f32x8(acc3),
+        lo_f32x8(acc4),
+        lo_f32x8(acc5),
+        lo_f32x8(acc6),
+        lo_f32x8(acc7),
+    )
+    _store8(
+        out,
+        ldo,
+        g + 1,
+        t0,
+        hi_f32x8(acc0),
+        hi_f32x8(acc1),
+        hi_f32x8(acc2),
+        hi_f32x8(acc3),
+        hi_f32x8(acc4),
+        hi_f32x8(acc5),
+        hi_f32x8(acc6),
+        hi_f32x8(acc7),
+    )
 
 
 @njit(**_JIT)
@@ -247,6 +280,34 @@ def _st8(buf, o, v0, v1, v2, v3, v4, v5, v6, v7):
     st_i8x32(buf, o + 160, v5)
     st_i8x32(buf, o + 192, v6)
     st_i8x32(buf, o + 224, v7)
+
+
+@njit(**_JIT)
+def _st8x2(buf, o, V0, V1, V2, V3, V4, V5, V6, V7):
+    """8 unpacked 512-bit chunks (one block of a row-group pair) to buf[o:o+512]."""
+    st_i8x64(buf, o, V0)
+    st_i8x64(buf, o + 64, V1)
+    st_i8x64(buf, o + 128, V2)
+    st_i8x64(buf, o + 192, V3)
+    st_i8x64(buf, o + 256, V4)
+    st_i8x64(buf, o + 320, V5)
+    st_i8x64(buf, o + 384, V6)
+    st_i8x64(buf, o + 448, V7)
+
+
+@njit(**_JIT)
+def _ld8x2(buf, o):
+    """The 8 chunks ``_st8x2`` stored at buf[o:o+512]."""
+    return (
+        ld_i8x64(buf, o),
+        ld_i8x64(buf, o + 64),
+        ld_i8x64(buf, o + 128),
+        ld_i8x64(buf, o + 192),
+        ld_i8x64(buf, o + 256),
+        ld_i8x64(buf, o + 320),
+        ld_i8x64(buf, o + 384),
+        ld_i8x64(buf, o + 448),
+    )
 
 
 @njit(**_JIT)

@@ -21,7 +21,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from edgebox.kernels.matmul_simd import _FEATURES, HAS_VNNI, F32x8, Vec, _call, _const, _ptr, _splat
+from edgebox.kernels.matmul_simd import _FEATURES, HAS_VNNI, F32x8, I8x32, Vec, _call, _const, _ptr, _splat
 
 I8x64 = Vec(types.int8, 64)
 I32x16 = Vec(types.int32, 16)
@@ -66,6 +66,37 @@ def ld2_i8x64(typingctx, arr, ia, ib):
 
 
 @intrinsic
+def ld_i8x64(typingctx, arr, idx):
+    """64 bytes at arr[idx:idx+64]."""
+
+    def cg(context, builder, sig, args):
+        return _load(context, builder, sig, args, 1, _V(_i8, 64), 1)
+
+    return I8x64(arr, types.intp), cg
+
+
+@intrinsic
+def st_i8x64(typingctx, arr, idx, v):
+    """64 bytes stored to arr[idx:idx+64]."""
+
+    def cg(context, builder, sig, args):
+        builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], _V(_i8, 64)), align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, I8x64), cg
+
+
+@intrinsic
+def cat_i8x64(typingctx, a, b):
+    """a (32 bytes) in the low half, b in the high half."""
+
+    def cg(context, builder, sig, args):
+        return _concat(builder, args[0], args[1])
+
+    return I8x64(I8x32, I8x32), cg
+
+
+@intrinsic
 def bc4_i8x64(typingctx, arr, idx):
     """The 4 bytes at arr[idx:idx+4] in all 16 dword lanes (folded into vpdpbusd as {1to16})."""
 
@@ -98,6 +129,28 @@ def ld2_u8x16_i32(typingctx, arr, ia, ib):
         return builder.zext(b, _V(_i32, 16))
 
     return I32x16(arr, types.intp, types.intp), cg
+
+
+@intrinsic
+def ld2_i8x16_i32(typingctx, arr, ia, ib):
+    """8 signed bytes at ia and 8 at ib sign-extended to 16 int32 lanes."""
+
+    def cg(context, builder, sig, args):
+        v = _V(_i8, 8)
+        b = _concat(builder, _load(context, builder, sig, args, 1, v, 1), _load(context, builder, sig, args, 2, v, 1))
+        return builder.sext(b, _V(_i32, 16))
+
+    return I32x16(arr, types.intp, types.intp), cg
+
+
+@intrinsic
+def bc_i32x16(typingctx, arr, idx):
+    """arr[idx] (int32) in all 16 lanes."""
+
+    def cg(context, builder, sig, args):
+        return _splat(builder, builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _i32), align=4), 16)
+
+    return I32x16(arr, types.intp), cg
 
 
 @intrinsic
@@ -141,6 +194,24 @@ def dpbusd64(typingctx, acc, a, b):
         )
 
     return I32x16(I32x16, I8x64, I8x64), cg
+
+
+@intrinsic
+def add_i32x16(typingctx, a, b):
+    def cg(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+
+    return I32x16(I32x16, I32x16), cg
+
+
+@intrinsic
+def mul_i32x16(typingctx, a, b):
+    """Low 32 bits of the lane products (vpmulld)."""
+
+    def cg(context, builder, sig, args):
+        return builder.mul(args[0], args[1])
+
+    return I32x16(I32x16, I32x16), cg
 
 
 @intrinsic

@@ -20,7 +20,24 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _chunks8, _ld8, _quad, _st8, _store4, _store8, _unit, _units
+from edgebox.kernels.matmul_kernels import (
+    _JIT,
+    _PF,
+    _PJIT,
+    _RUNS,
+    _chunks8,
+    _ld8,
+    _ld8x2,
+    _quad,
+    _st8,
+    _st8x2,
+    _store4,
+    _store4x2,
+    _store8,
+    _store8x2,
+    _unit,
+    _units,
+)
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     HAS_VNNI,
@@ -45,6 +62,22 @@ from edgebox.kernels.matmul_simd import (
     st_f32x8,
     sub_i16,
     zero_f32,
+)
+from edgebox.kernels.matmul_simd512 import (
+    HAS_512,
+    add_i32x16,
+    bc4_i8x64,
+    bc_f32x16,
+    bc_i32x16,
+    cat_i8x64,
+    cvt_f32x16,
+    dpbusd64,
+    fma_f32x16,
+    ld2_f16x16,
+    ld2_i8x16_i32,
+    mul_f32x16,
+    mul_i32x16,
+    zero_f32x16,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, OrtMapping, QuantTraits
@@ -367,11 +400,172 @@ def _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
     _store8(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
 
+# -- 512-bit pairs of row groups (``matmul_simd512``): the VNNI quad and octet above, lane for lane
+
+
+@njit(**_JIT)
+def _q6_half2(V0, V1, V2, V3, xq, xo, xs16, u):
+    i = dpbusd64(bc_i32x16(xs16, u), V0, bc4_i8x64(xq, xo))
+    i = dpbusd64(i, V1, bc4_i8x64(xq, xo + 4))
+    i = dpbusd64(i, V2, bc4_i8x64(xq, xo + 8))
+    return dpbusd64(i, V3, bc4_i8x64(xq, xo + 12))
+
+
+@njit(**_JIT)
+def _q6_tok2(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo, xs16, e, xd, facc):
+    ia = mul_i32x16(_q6_half2(V0, V1, V2, V3, xq, xo, xs16, 2 * e), SA)
+    ib = mul_i32x16(_q6_half2(V4, V5, V6, V7, xq, xo + 16, xs16, 2 * e + 1), SB)
+    return fma_f32x16(cvt_f32x16(add_i32x16(ia, ib)), bc_f32x16(xd, e), facc)
+
+
+@njit(**_JIT)
+def _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo, xs16, e, xd, acc):
+    ia = cvt_f32x16(_q6_half2(V0, V1, V2, V3, xq, xo, xs16, 2 * e))
+    ib = cvt_f32x16(_q6_half2(V4, V5, V6, V7, xq, xo + 16, xs16, 2 * e + 1))
+    return fma_f32x16(fma_f32x16(ib, SB, mul_f32x16(ia, SA)), bc_f32x16(xd, e), acc)
+
+
+@njit(**_JIT)
+def _q6_k_quad2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
+    n_in = 32 * nb
+    nsb = nb // 8
+    first = t0 == 0
+    last = t0 + 4 >= T
+    t0, t1, t2, t3 = _quad(T, t0)
+    acc0 = zero_f32x16()
+    acc1 = zero_f32x16()
+    acc2 = zero_f32x16()
+    acc3 = zero_f32x16()
+    for s in range(nsb):
+        f0 = zero_f32x16()
+        f1 = zero_f32x16()
+        f2 = zero_f32x16()
+        f3 = zero_f32x16()
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            k1 = k + nb  # (group g + 1's block b)
+            o = 512 * b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                prefetch(qh, 64 * k + _PF // 2)
+                prefetch(q, 128 * k1 + _PF)
+                prefetch(q, 128 * k1 + _PF + 64)
+                prefetch(qh, 64 * k1 + _PF // 2)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
+                u0, u1, u2, u3, u4, u5, u6, u7 = _chunks8(q, qh, k1, True)
+                V0, V1, V2, V3 = cat_i8x64(v0, u0), cat_i8x64(v1, u1), cat_i8x64(v2, u2), cat_i8x64(v3, u3)
+                V4, V5, V6, V7 = cat_i8x64(v4, u4), cat_i8x64(v5, u5), cat_i8x64(v6, u6), cat_i8x64(v7, u7)
+                if not last:  # a later unit of this pair will load them
+                    _st8x2(buf, o, V0, V1, V2, V3, V4, V5, V6, V7)
+            else:
+                V0, V1, V2, V3, V4, V5, V6, V7 = _ld8x2(buf, o)
+            if last:
+                prefetch_l2(q, 128 * (k1 + nb))
+                prefetch_l2(q, 128 * (k1 + nb) + 64)
+                prefetch_l2(qh, 64 * (k1 + nb))
+                prefetch_l2(q, 128 * (k1 + 2 * nb))
+                prefetch_l2(q, 128 * (k1 + 2 * nb) + 64)
+                prefetch_l2(qh, 64 * (k1 + 2 * nb))
+            SA = ld2_i8x16_i32(sc, 16 * k, 16 * (k + nb))
+            SB = ld2_i8x16_i32(sc, 16 * k + 8, 16 * (k + nb) + 8)
+            f0 = _q6_tok2(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, xd, f0)
+            f1 = _q6_tok2(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t1 * n_in + 32 * b, xs16, t1 * nb + b, xd, f1)
+            f2 = _q6_tok2(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t2 * n_in + 32 * b, xs16, t2 * nb + b, xd, f2)
+            f3 = _q6_tok2(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t3 * n_in + 32 * b, xs16, t3 * nb + b, xd, f3)
+        D = ld2_f16x16(d, 8 * (g * nsb + s), 8 * ((g + 1) * nsb + s))
+        acc0 = fma_f32x16(D, f0, acc0)
+        acc1 = fma_f32x16(D, f1, acc1)
+        acc2 = fma_f32x16(D, f2, acc2)
+        acc3 = fma_f32x16(D, f3, acc3)
+    _store4x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
+
+
+@njit(**_JIT)
+def _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
+    n_in = 32 * nb
+    nsb = nb // 8
+    first = t0 == 0
+    last = t0 + 8 >= T
+    acc0 = zero_f32x16()
+    acc1 = zero_f32x16()
+    acc2 = zero_f32x16()
+    acc3 = zero_f32x16()
+    acc4 = zero_f32x16()
+    acc5 = zero_f32x16()
+    acc6 = zero_f32x16()
+    acc7 = zero_f32x16()
+    for s in range(nsb):
+        D = ld2_f16x16(d, 8 * (g * nsb + s), 8 * ((g + 1) * nsb + s))
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            k1 = k + nb  # (group g + 1's block b)
+            o = 512 * b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                prefetch(qh, 64 * k + _PF // 2)
+                prefetch(q, 128 * k1 + _PF)
+                prefetch(q, 128 * k1 + _PF + 64)
+                prefetch(qh, 64 * k1 + _PF // 2)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _chunks8(q, qh, k, True)
+                u0, u1, u2, u3, u4, u5, u6, u7 = _chunks8(q, qh, k1, True)
+                V0, V1, V2, V3 = cat_i8x64(v0, u0), cat_i8x64(v1, u1), cat_i8x64(v2, u2), cat_i8x64(v3, u3)
+                V4, V5, V6, V7 = cat_i8x64(v4, u4), cat_i8x64(v5, u5), cat_i8x64(v6, u6), cat_i8x64(v7, u7)
+                if not last:  # a later unit of this pair will load them
+                    _st8x2(buf, o, V0, V1, V2, V3, V4, V5, V6, V7)
+            else:
+                V0, V1, V2, V3, V4, V5, V6, V7 = _ld8x2(buf, o)
+            if last:
+                prefetch_l2(q, 128 * (k1 + nb))
+                prefetch_l2(q, 128 * (k1 + nb) + 64)
+                prefetch_l2(qh, 64 * (k1 + nb))
+                prefetch_l2(q, 128 * (k1 + 2 * nb))
+                prefetch_l2(q, 128 * (k1 + 2 * nb) + 64)
+                prefetch_l2(qh, 64 * (k1 + 2 * nb))
+            SA = mul_f32x16(cvt_f32x16(ld2_i8x16_i32(sc, 16 * k, 16 * (k + nb))), D)
+            SB = mul_f32x16(cvt_f32x16(ld2_i8x16_i32(sc, 16 * k + 8, 16 * (k + nb) + 8)), D)
+            xo = t0 * n_in + 32 * b
+            e = t0 * nb + b
+            acc0 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo, xs16, e, xd, acc0)
+            acc1 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + n_in, xs16, e + nb, xd, acc1)
+            acc2 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 2 * n_in, xs16, e + 2 * nb, xd, acc2)
+            acc3 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 3 * n_in, xs16, e + 3 * nb, xd, acc3)
+            acc4 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 4 * n_in, xs16, e + 4 * nb, xd, acc4)
+            acc5 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 5 * n_in, xs16, e + 5 * nb, xd, acc5)
+            acc6 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 6 * n_in, xs16, e + 6 * nb, xd, acc6)
+            acc7 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 7 * n_in, xs16, e + 7 * nb, xd, acc7)
+    _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+
+
 @njit(**_PJIT)
 def q6_k_mm(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
     n8, n4 = _units(T)
+    if HAS_512:  # pairs of row groups (an odd last group: the 256-bit units)
+        G2 = G // 2
+        nw = min(G2, _RUNS)
+        for c in prange(nw):
+            buf = np.empty(512 * nb, np.uint8)
+            for p in range(c * G2 // nw, (c + 1) * G2 // nw):
+                for u in range(n8 + n4):
+                    t0, width = _unit(n8, u)
+                    if width == 8:
+                        _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, 2 * p, t0, T, buf, out)
+                    else:
+                        _q6_k_quad2(q, qh, sc, d, xq, xd, xs16, nb, 2 * p, t0, T, buf, out)
+        if G > 2 * G2:
+            buf1 = np.empty(256 * nb, np.uint8)
+            for u in range(n8 + n4):
+                t0, width = _unit(n8, u)
+                if width == 8:
+                    _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, G - 1, t0, T, buf1, out)
+                else:
+                    _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, G - 1, t0, T, buf1, out)
+        return
     nw = min(G, _RUNS)
     for c in prange(nw):  # contiguous runs of row groups, one code buffer each
         buf = np.empty(256 * nb, np.uint8)
