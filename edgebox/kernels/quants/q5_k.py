@@ -15,7 +15,25 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _RUNS, _dot32, _ld8, _quad, _st8, _store4, _store8, _unit, _units
+from edgebox.kernels.matmul_kernels import (
+    _JIT,
+    _PF,
+    _PJIT,
+    _RUNS,
+    _dot32,
+    _dot32x2,
+    _ld8,
+    _ld8x2,
+    _quad,
+    _st8,
+    _st8x2,
+    _store4,
+    _store4x2,
+    _store8,
+    _store8x2,
+    _unit,
+    _units,
+)
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     add_f32,
@@ -39,6 +57,18 @@ from edgebox.kernels.matmul_simd import (
     st_f32x8,
     sub_f32,
     zero_f32,
+)
+from edgebox.kernels.matmul_simd512 import (
+    HAS_512,
+    bc_f32x16,
+    cat_i8x64,
+    cvt_f32x16,
+    fma_f32x16,
+    ld2_f16x16,
+    ld2_u8x16_i32,
+    mul_f32x16,
+    neg_f32x16,
+    zero_f32x16,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
 from edgebox.kernels.quants.traits import Kernels, QuantTraits
@@ -340,11 +370,156 @@ def _q5_k_oct(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
     _store8(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
 
+# -- 512-bit pairs of row groups (``matmul_simd512``): the quad and octet above, lane for lane
+
+
+@njit(**_JIT)
+def _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo, e, DS, DM, xd, xsd32, acc):
+    i = _dot32x2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo)
+    return fma_f32x16(DM, bc_f32x16(xsd32, e), fma_f32x16(cvt_f32x16(i), mul_f32x16(DS, bc_f32x16(xd, e)), acc))
+
+
+@njit(**_JIT)
+def _q5_k_quad2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
+    n_in = 32 * nb
+    nsb = nb // 8
+    first = t0 == 0
+    last = t0 + 4 >= T
+    t0, t1, t2, t3 = _quad(T, t0)
+    acc0 = zero_f32x16()
+    acc1 = zero_f32x16()
+    acc2 = zero_f32x16()
+    acc3 = zero_f32x16()
+    for s in range(nsb):
+        ks = g * nsb + s
+        D = ld2_f16x16(d, 8 * ks, 8 * (ks + nsb))
+        NDM = neg_f32x16(ld2_f16x16(dmin, 8 * ks, 8 * (ks + nsb)))
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            k1 = k + nb  # (group g + 1's block b)
+            o = 512 * b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                prefetch(q, 128 * k1 + _PF)
+                prefetch(q, 128 * k1 + _PF + 64)
+                if j % 2 == 0:
+                    prefetch(qb, 32 * k + _PF // 4)
+                    prefetch(qb, 32 * k1 + _PF // 4)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _chunks5(q, qb, k)
+                u0, u1, u2, u3, u4, u5, u6, u7 = _chunks5(q, qb, k1)
+                V0, V1, V2, V3 = cat_i8x64(v0, u0), cat_i8x64(v1, u1), cat_i8x64(v2, u2), cat_i8x64(v3, u3)
+                V4, V5, V6, V7 = cat_i8x64(v4, u4), cat_i8x64(v5, u5), cat_i8x64(v6, u6), cat_i8x64(v7, u7)
+                if not last:  # a later unit of this pair will load them
+                    _st8x2(buf, o, V0, V1, V2, V3, V4, V5, V6, V7)
+            else:
+                V0, V1, V2, V3, V4, V5, V6, V7 = _ld8x2(buf, o)
+            if last:
+                prefetch_l2(q, 128 * (k1 + nb))
+                prefetch_l2(q, 128 * (k1 + nb) + 64)
+                prefetch_l2(q, 128 * (k1 + 2 * nb))
+                prefetch_l2(q, 128 * (k1 + 2 * nb) + 64)
+                if j % 2 == 0:
+                    prefetch_l2(qb, 32 * (k1 + nb))
+                    prefetch_l2(qb, 32 * (k1 + 2 * nb))
+            DS = mul_f32x16(D, cvt_f32x16(ld2_u8x16_i32(sc, 8 * k, 8 * k1)))
+            DM = mul_f32x16(NDM, cvt_f32x16(ld2_u8x16_i32(m, 8 * k, 8 * k1)))
+            acc0 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t0 * n_in + 32 * b, t0 * nb + b, DS, DM, xd, xsd32, acc0)
+            acc1 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t1 * n_in + 32 * b, t1 * nb + b, DS, DM, xd, xsd32, acc1)
+            acc2 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t2 * n_in + 32 * b, t2 * nb + b, DS, DM, xd, xsd32, acc2)
+            acc3 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t3 * n_in + 32 * b, t3 * nb + b, DS, DM, xd, xsd32, acc3)
+    _store4x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
+
+
+@njit(**_JIT)
+def _q5_k_oct2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
+    n_in = 32 * nb
+    nsb = nb // 8
+    first = t0 == 0
+    last = t0 + 8 >= T
+    acc0 = zero_f32x16()
+    acc1 = zero_f32x16()
+    acc2 = zero_f32x16()
+    acc3 = zero_f32x16()
+    acc4 = zero_f32x16()
+    acc5 = zero_f32x16()
+    acc6 = zero_f32x16()
+    acc7 = zero_f32x16()
+    for s in range(nsb):
+        ks = g * nsb + s
+        D = ld2_f16x16(d, 8 * ks, 8 * (ks + nsb))
+        NDM = neg_f32x16(ld2_f16x16(dmin, 8 * ks, 8 * (ks + nsb)))
+        for j in range(8):
+            b = 8 * s + j
+            k = g * nb + b
+            k1 = k + nb  # (group g + 1's block b)
+            o = 512 * b
+            if first:
+                prefetch(q, 128 * k + _PF)
+                prefetch(q, 128 * k + _PF + 64)
+                prefetch(q, 128 * k1 + _PF)
+                prefetch(q, 128 * k1 + _PF + 64)
+                if j % 2 == 0:
+                    prefetch(qb, 32 * k + _PF // 4)
+                    prefetch(qb, 32 * k1 + _PF // 4)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _chunks5(q, qb, k)
+                u0, u1, u2, u3, u4, u5, u6, u7 = _chunks5(q, qb, k1)
+                V0, V1, V2, V3 = cat_i8x64(v0, u0), cat_i8x64(v1, u1), cat_i8x64(v2, u2), cat_i8x64(v3, u3)
+                V4, V5, V6, V7 = cat_i8x64(v4, u4), cat_i8x64(v5, u5), cat_i8x64(v6, u6), cat_i8x64(v7, u7)
+                if not last:  # a later unit of this pair will load them
+                    _st8x2(buf, o, V0, V1, V2, V3, V4, V5, V6, V7)
+            else:
+                V0, V1, V2, V3, V4, V5, V6, V7 = _ld8x2(buf, o)
+            if last:
+                prefetch_l2(q, 128 * (k1 + nb))
+                prefetch_l2(q, 128 * (k1 + nb) + 64)
+                prefetch_l2(q, 128 * (k1 + 2 * nb))
+                prefetch_l2(q, 128 * (k1 + 2 * nb) + 64)
+                if j % 2 == 0:
+                    prefetch_l2(qb, 32 * (k1 + nb))
+                    prefetch_l2(qb, 32 * (k1 + 2 * nb))
+            DS = mul_f32x16(D, cvt_f32x16(ld2_u8x16_i32(sc, 8 * k, 8 * k1)))
+            DM = mul_f32x16(NDM, cvt_f32x16(ld2_u8x16_i32(m, 8 * k, 8 * k1)))
+            xo = t0 * n_in + 32 * b
+            e = t0 * nb + b
+            acc0 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo, e, DS, DM, xd, xsd32, acc0)
+            acc1 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + n_in, e + nb, DS, DM, xd, xsd32, acc1)
+            acc2 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 2 * n_in, e + 2 * nb, DS, DM, xd, xsd32, acc2)
+            acc3 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 3 * n_in, e + 3 * nb, DS, DM, xd, xsd32, acc3)
+            acc4 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 4 * n_in, e + 4 * nb, DS, DM, xd, xsd32, acc4)
+            acc5 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 5 * n_in, e + 5 * nb, DS, DM, xd, xsd32, acc5)
+            acc6 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 6 * n_in, e + 6 * nb, DS, DM, xd, xsd32, acc6)
+            acc7 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 7 * n_in, e + 7 * nb, DS, DM, xd, xsd32, acc7)
+    _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+
+
 @njit(**_PJIT)
 def q5_k_mm(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
     n8, n4 = _units(T)
+    if HAS_512:  # pairs of row groups (an odd last group: the 256-bit units)
+        G2 = G // 2
+        nw = min(G2, _RUNS)
+        for c in prange(nw):
+            buf = np.empty(512 * nb, np.uint8)
+            for p in range(c * G2 // nw, (c + 1) * G2 // nw):
+                for u in range(n8 + n4):
+                    t0, width = _unit(n8, u)
+                    if width == 8:
+                        _q5_k_oct2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, t0, T, buf, out)
+                    else:
+                        _q5_k_quad2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, t0, T, buf, out)
+        if G > 2 * G2:
+            buf1 = np.empty(256 * nb, np.uint8)
+            for u in range(n8 + n4):
+                t0, width = _unit(n8, u)
+                if width == 8:
+                    _q5_k_oct(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, G - 1, t0, T, buf1, out)
+                else:
+                    _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, G - 1, t0, T, buf1, out)
+        return
     nw = min(G, _RUNS)
     for c in prange(nw):  # contiguous runs of row groups, one code buffer each
         buf = np.empty(256 * nb, np.uint8)
