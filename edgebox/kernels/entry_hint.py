@@ -48,7 +48,7 @@ def cache_dir() -> Path:
 def _model_key(model: str | os.PathLike, chips: int) -> str | None:
     try:
         st = os.stat(model)
-    except OSError:
+    except (OSError, ValueError):  # (no such file; a NUL or a lone surrogate in the name)
         return None
     return f"{os.path.realpath(model)}|{st.st_size}|{st.st_mtime_ns}|{chips}"
 

@@ -92,7 +92,8 @@ def test_with_no_entry_known_the_gguf_is_read_ahead(cache, model, monkeypatch):
         drop(model)
         entry_hint.read_ahead_model(model, 1, **kwargs).join(timeout=60)
         assert resident_soon(model) >= 0.99
-    assert entry_hint.read_ahead_model(model.parent / "gone.gguf", 1) is None
+    for bad in (model.parent / "gone.gguf", str(model) + "\x00x", str(model.parent / "a\ud800.gguf")):
+        assert entry_hint.read_ahead_model(bad, 1) is None  # (the load then says what is wrong)
 
 
 @pytest.mark.parametrize(
