@@ -15,7 +15,20 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _dot32x2, _nib_block, _prefetch_pair, _quad, _store4, _store4x2
+from edgebox.kernels.matmul_kernels import (
+    _JIT,
+    _PF,
+    _PJIT,
+    _dot32x2,
+    _nib_block,
+    _prefetch_pair,
+    _quad,
+    _store4,
+    _store4x2,
+    _store8x2,
+    _unit,
+    _units,
+)
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     add_f32,
@@ -237,20 +250,72 @@ def _q4_0_quad2(q, d, xq, xd, xsd32, nb, g, t0, T, out):
     _store4x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
 
 
+@njit(**_JIT)
+def _q4_0_oct2(q, d, xq, xd, xsd32, nb, g, t0, T, out):
+    # ``_q4_0_quad2`` 8 tokens wide: a pair's weights loaded and unpacked once per 8 tokens
+    # (the batched decode step's T), each token's steps the quad's.
+    n_in = 32 * nb
+    first = t0 == 0
+    last = t0 + 8 >= T
+    acc0 = zero_f32x16()
+    acc1 = zero_f32x16()
+    acc2 = zero_f32x16()
+    acc3 = zero_f32x16()
+    acc4 = zero_f32x16()
+    acc5 = zero_f32x16()
+    acc6 = zero_f32x16()
+    acc7 = zero_f32x16()
+    for b in range(nb):
+        k = g * nb + b
+        qo = 128 * k
+        qo1 = qo + 128 * nb
+        _prefetch_pair(q, qo, nb, first, last)
+        w0 = ld2_i8x64(q, qo, qo1)
+        w1 = ld2_i8x64(q, qo + 32, qo1 + 32)
+        w2 = ld2_i8x64(q, qo + 64, qo1 + 64)
+        w3 = ld2_i8x64(q, qo + 96, qo1 + 96)
+        v0, v1, v2, v3 = nib_lo64(w0), nib_lo64(w1), nib_lo64(w2), nib_lo64(w3)
+        v4, v5, v6, v7 = nib_hi64(w0), nib_hi64(w1), nib_hi64(w2), nib_hi64(w3)
+        D = ld2_f16x16(d, 8 * k, 8 * (k + nb))
+        D8 = mul_f32x16_s(D, -8.0)
+        xo = t0 * n_in + 32 * b
+        e = t0 * nb + b
+        acc0 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, D, D8, xd, xsd32, acc0)
+        acc1 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + n_in, e + nb, D, D8, xd, xsd32, acc1)
+        acc2 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 2 * n_in, e + 2 * nb, D, D8, xd, xsd32, acc2)
+        acc3 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 3 * n_in, e + 3 * nb, D, D8, xd, xsd32, acc3)
+        acc4 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 4 * n_in, e + 4 * nb, D, D8, xd, xsd32, acc4)
+        acc5 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 5 * n_in, e + 5 * nb, D, D8, xd, xsd32, acc5)
+        acc6 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 6 * n_in, e + 6 * nb, D, D8, xd, xsd32, acc6)
+        acc7 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 7 * n_in, e + 7 * nb, D, D8, xd, xsd32, acc7)
+    _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+
+
+@njit(**_JIT)
+def _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, D, D8, xd, xsd32, acc):
+    i = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo)
+    return fma_f32x16(D8, bc_f32x16(xsd32, e), fma_f32x16(cvt_f32x16(i), mul_f32x16(D, bc_f32x16(xd, e)), acc))
+
+
 @njit(**_PJIT)
 def q4_0_mm(q, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
     nt = (T + 3) // 4
-    if HAS_512:  # two row groups per step (an odd last group: the 256-bit quad)
+    if HAS_512:  # two row groups per step, octets then quads (an odd last group: the 256-bit quad)
         G2 = G // 2
-        for it in prange((G - G2) * nt):
-            p = it // nt
-            t0 = 4 * (it - p * nt)
-            if p < G2:
-                _q4_0_quad2(q, d, xq, xd, xsd32, nb, 2 * p, t0, T, out)
+        n8, n4 = _units(T)
+        nu = n8 + n4
+        for it in prange(G2 * nu + (G - 2 * G2) * nt):
+            if it < G2 * nu:
+                p = it // nu
+                t0, width = _unit(n8, it - p * nu)
+                if width == 8:
+                    _q4_0_oct2(q, d, xq, xd, xsd32, nb, 2 * p, t0, T, out)
+                else:
+                    _q4_0_quad2(q, d, xq, xd, xsd32, nb, 2 * p, t0, T, out)
             else:
-                _q4_0_quad(q, d, xq, xd, xsd32, nb, G - 1, t0, T, out)
+                _q4_0_quad(q, d, xq, xd, xsd32, nb, G - 1, 4 * (it - G2 * nu), T, out)
         return
     for it in prange(G * nt):
         g = it // nt
