@@ -1,7 +1,7 @@
 """Which packed-weight entry a model's next start maps, known before anything heavy is imported.
 
 After a page-cache drop (a reboot), a warm start waits mostly for its entry's bytes: 3.65 GB for
-the 7B Q4_0 on 4 chips, ~2.2 s at this disk's best. The entry's name is a hash of the GGUF's
+the 7B Q4_0 on 4 chips, 1.1-2.5 s from this VM's disk. The entry's name is a hash of the GGUF's
 header and the chip split, known only once numba is imported and the GGUF parsed (~0.9 s in).
 So every load that maps or writes an entry records it here (``remember``: the model file by real
 path, size and mtime, and the chip count, in ``recent.json`` beside the entries), and the CLI
@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +28,8 @@ ENABLED_ENV = "EDGEBOX_WEIGHT_CACHE"  # 0/off/no/false: off
 INDEX = "recent.json"
 KEEP = 32  # models remembered, the most recently used
 
-_running: dict[str, threading.Thread | None] = {}  # each file's last read-ahead, by real path
+AGAIN_S = 30.0  # a file read ahead this recently by this process is not read ahead again
+_started: dict[str, float] = {}  # each file's last read-ahead (time.monotonic), by real path
 _lock = threading.Lock()
 
 
@@ -99,17 +101,18 @@ def remember(model: str | os.PathLike, chips: int, entry: Path) -> None:
 
 
 def read_ahead_once(path: str | os.PathLike, first: Sequence[str] = ()) -> threading.Thread | None:
-    """``page_cache.read_ahead(*first, path)`` unless one of ``path`` is still queueing its
-    reads in this process (the CLI, the load and the cache ask for the same file within a
-    second; a second pass over pages already read costs ~0.06 s for 3.6 GB, a concurrent one
-    slows the first)."""
+    """``page_cache.read_ahead(*first, path)`` unless this process started one of ``path`` in
+    the last ``AGAIN_S``: a start's CLI, load and cache ask for the same file within a second or
+    two, and each further pass over a 3.6 GB entry costs ~0.06 s of a core even with every page
+    resident (a concurrent one slows the first). A model loaded again within AGAIN_S (a daemon
+    swapping back) goes without."""
     key = os.path.realpath(path)
     with _lock:
-        running = _running.get(key)
-        if running is not None and running.is_alive():
+        now = time.monotonic()
+        if now - _started.get(key, -AGAIN_S) < AGAIN_S:
             return None
-        t = _running[key] = read_ahead(*first, path)
-    return t
+        _started[key] = now
+    return read_ahead(*first, path)
 
 
 def read_ahead_model(model: str | os.PathLike, chips: int, weight_cache: bool = True) -> threading.Thread | None:

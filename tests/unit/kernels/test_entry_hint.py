@@ -56,6 +56,13 @@ def drop(path) -> None:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def read_ahead(model, chips: int, **kwargs):
+    """``read_ahead_model`` as a new process's start calls it (this process's earlier loads
+    read the same files ahead within ``AGAIN_S``)."""
+    entry_hint._started.clear()
+    return entry_hint.read_ahead_model(model, chips, **kwargs)
+
+
 def resident_soon(path) -> float:
     deadline = time.monotonic() + 30
     while resident_fraction(path) < 0.99 and time.monotonic() < deadline:
@@ -73,7 +80,7 @@ def test_the_next_start_reads_the_entry_a_load_mapped(cache, model):
     assert start(model, 4) == "hit" and entry_hint.lookup(model, 4) == four  # a hit remembers too
     drop(four)
     assert resident_fraction(four) < 0.5
-    entry_hint.read_ahead_model(model, 4).join(timeout=60)
+    read_ahead(model, 4).join(timeout=60)
     assert resident_soon(four) >= 0.99
 
 
@@ -83,17 +90,17 @@ def test_with_no_entry_known_the_gguf_is_read_ahead(cache, model, monkeypatch):
     assert entry_hint.lookup(model, 1) is None
     drop(model)
     assert resident_fraction(model) < 0.5
-    entry_hint.read_ahead_model(model, 1).join(timeout=60)
+    read_ahead(model, 1).join(timeout=60)
     assert resident_soon(model) >= 0.99
     os.utime(model, ns=(time.time_ns(), time.time_ns() - 10**9))
     assert start(model, 1) == "written"  # (an entry known again; with the cache off the GGUF is read:)
     for setting, kwargs in (("1", {"weight_cache": False}), ("0", {})):  # (--no-weight-cache; the variable)
         monkeypatch.setenv("EDGEBOX_WEIGHT_CACHE", setting)
         drop(model)
-        entry_hint.read_ahead_model(model, 1, **kwargs).join(timeout=60)
+        read_ahead(model, 1, **kwargs).join(timeout=60)
         assert resident_soon(model) >= 0.99
     for bad in (model.parent / "gone.gguf", str(model) + "\x00x", str(model.parent / "a\ud800.gguf")):
-        assert entry_hint.read_ahead_model(bad, 1) is None  # (the load then says what is wrong)
+        assert read_ahead(bad, 1) is None  # (the load then says what is wrong)
 
 
 @pytest.mark.parametrize(
@@ -150,3 +157,13 @@ def test_the_cli_starts_the_read_before_numpy_is_imported(tmp_path):
     assert imported == "[]"
     (path,) = eval(library)
     assert os.path.isfile(path) and path.endswith("libllvmlite.so")
+
+
+def test_a_start_reads_each_file_ahead_once(tmp_path):
+    """The CLI, the load and the cache of one start ask for the same file: one pass, not three."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"x" * 4096)
+    entry_hint._started.clear()
+    entry_hint.read_ahead_once(path).join(timeout=10)  # (done: a later ask is still the same start's)
+    assert entry_hint.read_ahead_once(path) is None and entry_hint.read_ahead_once(str(path)) is None
+    assert entry_hint.read_ahead_once(tmp_path / "other.bin") is not None  # (another file: its own pass)
