@@ -214,6 +214,12 @@ def _q4_0_quad(q, d, xq, xd, xsd32, nb, g, t0, T, out):
 
 
 @njit(**_JIT)
+def _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, D, D8, xd, xsd32, acc):
+    i = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo)
+    return fma_f32x16(D8, bc_f32x16(xsd32, e), fma_f32x16(cvt_f32x16(i), mul_f32x16(D, bc_f32x16(xd, e)), acc))
+
+
+@njit(**_JIT)
 def _q4_0_quad2(q, d, xq, xd, xsd32, nb, g, t0, T, out):
     # ``_q4_0_quad`` for row groups g and g + 1 in 512-bit lanes (``matmul_simd512``): the same
     # integer sums (vpdpbusd on zmm) and the same float epilogue lane for lane, so the same bits.
@@ -236,17 +242,12 @@ def _q4_0_quad2(q, d, xq, xd, xsd32, nb, g, t0, T, out):
         w3 = ld2_i8x64(q, qo + 96, qo1 + 96)
         v0, v1, v2, v3 = nib_lo64(w0), nib_lo64(w1), nib_lo64(w2), nib_lo64(w3)
         v4, v5, v6, v7 = nib_hi64(w0), nib_hi64(w1), nib_hi64(w2), nib_hi64(w3)
-        i0 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b)
-        i1 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b)
-        i2 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b)
-        i3 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b)
         D = ld2_f16x16(d, 8 * k, 8 * (k + nb))
         D8 = mul_f32x16_s(D, -8.0)
-        e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
-        acc0 = fma_f32x16(D8, bc_f32x16(xsd32, e0), fma_f32x16(cvt_f32x16(i0), mul_f32x16(D, bc_f32x16(xd, e0)), acc0))
-        acc1 = fma_f32x16(D8, bc_f32x16(xsd32, e1), fma_f32x16(cvt_f32x16(i1), mul_f32x16(D, bc_f32x16(xd, e1)), acc1))
-        acc2 = fma_f32x16(D8, bc_f32x16(xsd32, e2), fma_f32x16(cvt_f32x16(i2), mul_f32x16(D, bc_f32x16(xd, e2)), acc2))
-        acc3 = fma_f32x16(D8, bc_f32x16(xsd32, e3), fma_f32x16(cvt_f32x16(i3), mul_f32x16(D, bc_f32x16(xd, e3)), acc3))
+        acc0 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b, t0 * nb + b, D, D8, xd, xsd32, acc0)
+        acc1 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b, t1 * nb + b, D, D8, xd, xsd32, acc1)
+        acc2 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b, t2 * nb + b, D, D8, xd, xsd32, acc2)
+        acc3 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b, t3 * nb + b, D, D8, xd, xsd32, acc3)
     _store4x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
 
 
@@ -289,12 +290,6 @@ def _q4_0_oct2(q, d, xq, xd, xsd32, nb, g, t0, T, out):
         acc6 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 6 * n_in, e + 6 * nb, D, D8, xd, xsd32, acc6)
         acc7 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 7 * n_in, e + 7 * nb, D, D8, xd, xsd32, acc7)
     _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
-
-
-@njit(**_JIT)
-def _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, D, D8, xd, xsd32, acc):
-    i = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo)
-    return fma_f32x16(D8, bc_f32x16(xsd32, e), fma_f32x16(cvt_f32x16(i), mul_f32x16(D, bc_f32x16(xd, e)), acc))
 
 
 @njit(**_PJIT)

@@ -252,6 +252,12 @@ def _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
 
 
 @njit(**_JIT)
+def _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, DS, DM, xd, xsd32, acc):
+    i = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo)
+    return fma_f32x16(DM, bc_f32x16(xsd32, e), fma_f32x16(cvt_f32x16(i), mul_f32x16(DS, bc_f32x16(xd, e)), acc))
+
+
+@njit(**_JIT)
 def _q4_k_quad2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     # ``_q4_k_quad`` for row groups g and g + 1 at once in 512-bit lanes (``matmul_simd512``):
     # the same operations lane for lane, so the same bits, in half the instructions.
@@ -280,17 +286,12 @@ def _q4_k_quad2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
             w3 = ld2_i8x64(q, qo + 96, qo1 + 96)
             v0, v1, v2, v3 = nib_lo64(w0), nib_lo64(w1), nib_lo64(w2), nib_lo64(w3)
             v4, v5, v6, v7 = nib_hi64(w0), nib_hi64(w1), nib_hi64(w2), nib_hi64(w3)
-            i0 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b)
-            i1 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b)
-            i2 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b)
-            i3 = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b)
             DS = mul_f32x16(D, cvt_f32x16(ld2_u8x16_i32(sc, 8 * k, 8 * (k + nb))))
             DM = mul_f32x16(NDM, cvt_f32x16(ld2_u8x16_i32(m, 8 * k, 8 * (k + nb))))
-            e0, e1, e2, e3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b
-            acc0 = fma_f32x16(DM, bc_f32x16(xsd32, e0), fma_f32x16(cvt_f32x16(i0), mul_f32x16(DS, bc_f32x16(xd, e0)), acc0))
-            acc1 = fma_f32x16(DM, bc_f32x16(xsd32, e1), fma_f32x16(cvt_f32x16(i1), mul_f32x16(DS, bc_f32x16(xd, e1)), acc1))
-            acc2 = fma_f32x16(DM, bc_f32x16(xsd32, e2), fma_f32x16(cvt_f32x16(i2), mul_f32x16(DS, bc_f32x16(xd, e2)), acc2))
-            acc3 = fma_f32x16(DM, bc_f32x16(xsd32, e3), fma_f32x16(cvt_f32x16(i3), mul_f32x16(DS, bc_f32x16(xd, e3)), acc3))
+            acc0 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b, t0 * nb + b, DS, DM, xd, xsd32, acc0)
+            acc1 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b, t1 * nb + b, DS, DM, xd, xsd32, acc1)
+            acc2 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b, t2 * nb + b, DS, DM, xd, xsd32, acc2)
+            acc3 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b, t3 * nb + b, DS, DM, xd, xsd32, acc3)
     _store4x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3)
 
 
@@ -318,7 +319,7 @@ def _q4_k_oct2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
             b = 8 * s + j
             k = g * nb + b
             qo = 128 * k
-            qo1 = qo + 128 * nb
+            qo1 = qo + 128 * nb  # (group g + 1's block b)
             _prefetch_pair(q, qo, nb, first, last)
             w0 = ld2_i8x64(q, qo, qo1)
             w1 = ld2_i8x64(q, qo + 32, qo1 + 32)
@@ -339,12 +340,6 @@ def _q4_k_oct2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
             acc6 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 6 * n_in, e + 6 * nb, DS, DM, xd, xsd32, acc6)
             acc7 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 7 * n_in, e + 7 * nb, DS, DM, xd, xsd32, acc7)
     _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
-
-
-@njit(**_JIT)
-def _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, DS, DM, xd, xsd32, acc):
-    i = _dot32x2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo)
-    return fma_f32x16(DM, bc_f32x16(xsd32, e), fma_f32x16(cvt_f32x16(i), mul_f32x16(DS, bc_f32x16(xd, e)), acc))
 
 
 @njit(**_PJIT)
