@@ -22,7 +22,9 @@ array and an element index (no bounds checks: callers own the index arithmetic).
 
 Caching caveat: numba's on-disk cache of a kernel is invalidated by edits to the kernel's own
 file only.  After changing the code generation here, delete ``edgebox/kernels/__pycache__/
-*.nbi *.nbc`` (or point NUMBA_CACHE_DIR elsewhere), or stale kernels will be loaded.
+*.nbi *.nbc`` (or point NUMBA_CACHE_DIR elsewhere), or stale kernels will be loaded.  The
+``EDGEBOX_SIMD_*`` switches need no such care: a process with one set caches apart
+(``_cache_switched_kernels_apart``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,28 @@ HAS_VNNI = (
     and (("+avx512vnni" in _FEATURES and "+avx512vl" in _FEATURES) or "+avxvnni" in _FEATURES)
     and os.environ.get("EDGEBOX_SIMD_NO_VNNI", "") in ("", "0")
 )
+
+SWITCHES = ("EDGEBOX_SIMD_GENERIC", "EDGEBOX_SIMD_NO_VNNI", "EDGEBOX_SIMD_NO_512")
+
+
+def _cache_switched_kernels_apart() -> None:
+    """A process with a SIMD switch set keeps its compiled kernels in a numba cache of their own
+    (``simd-<switches>`` under NUMBA_CACHE_DIR, else under edgebox's cache directory): numba keys
+    its on-disk cache by source file and CPU, not by these switches, so a warm cache would hand
+    the switched process the other variant's code. Runs before any kernel is defined (the kernel
+    modules import this one first), as numba picks a function's cache directory at definition."""
+    on = [name.removeprefix("EDGEBOX_SIMD_").lower() for name in SWITCHES if os.environ.get(name, "") not in ("", "0")]
+    if not on:
+        return
+    from numba.core import config
+
+    from edgebox.kernels.entry_hint import cache_dir
+
+    base = config.CACHE_DIR or str(cache_dir().parent / "numba")
+    config.CACHE_DIR = os.path.join(base, "simd-" + "-".join(on))
+
+
+_cache_switched_kernels_apart()
 
 
 # --- codegen helpers --------------------------------------------------------------------------

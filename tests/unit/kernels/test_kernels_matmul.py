@@ -512,7 +512,8 @@ WIDE_TYPES = [QType.Q4_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]  # the types with 
 @pytest.mark.slow
 def test_512_bit_kernels_give_the_bits_of_the_256_bit_ones(tmp_path):
     """The batched kernels that run two row groups in 512-bit lanes, against the 256-bit kernels
-    (a subprocess with EDGEBOX_SIMD_NO_512=1 and its own numba cache): the same operations lane
+    (a subprocess with EDGEBOX_SIMD_NO_512=1 and its own numba cache, where the switched kernels
+    go to a directory of their own): the same operations lane
     for lane, so equal bits, with an odd row group left to the 256-bit quad and ragged token
     quads. (On a host without AVX-512 both sides run the 256-bit kernels.)"""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -546,6 +547,10 @@ for name in sys.argv[3:]:
         cwd=root,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # the switched process kept its kernels apart: numba's cache key ignores the switch, so a warm
+    # cache of the default kernels would otherwise be loaded in their place
+    cached = list((tmp_path / "cache").rglob("*.nbi"))
+    assert cached and all(tmp_path / "cache" / "simd-no_512" in p.parents for p in cached), cached[:3]
     for q in WIDE_TYPES:
         for n_out in (40, 203):
             w = M.pack(np.load(tmp_path / f"{q.name}_{n_out}_w.npy"), q)
