@@ -338,7 +338,7 @@ class PackCache:
 
     Only quantized weights are cached (float weights are read in place from the GGUF)."""
 
-    def __init__(self, directory: Path, key: bytes, limit: int | None = None):
+    def __init__(self, directory: Path, key: bytes, limit: int | None = None, model: tuple[str, int] | None = None):
         self.directory = directory
         self.key = key
         self.path = entry_path(directory, key)
@@ -349,7 +349,7 @@ class PackCache:
         self.status = "miss"
         self._writer: threading.Thread | None = None
         self._after: threading.Event | None = None  # what a background write waits for
-        self.model: tuple[str, int] | None = None  # the GGUF's path and the chip count, when known (``for_model``)
+        self.model = model  # the GGUF's path and the chip count, when known (``for_model``): the hint's key
         if self.path.exists():
             # the whole entry read into the page cache in the background, so the checks' samples
             # and the first forward pass find its pages there: after a reboot they faulted them
@@ -390,8 +390,7 @@ class PackCache:
         if len(identities) != 1 or None in identities:
             return None
         identity = identities.pop()
-        cache = cls(cache_dir(), entry_key(identity, split))
-        cache.model = (identity.path, chips)
+        cache = cls(cache_dir(), entry_key(identity, split), model=(identity.path, chips))
         if cache.entry is not None:
             entry_hint.remember(identity.path, chips, cache.path)
         else:  # the weights are packed from the GGUF: have it read ahead of the packer,
