@@ -183,6 +183,16 @@ def nib_hi64(typingctx, a):
 
 
 @intrinsic
+def xor_i8x64(typingctx, a, c):
+    """a ^ c (c splatted to every byte): with c = 0x80, signed bytes as unsigned ones + 128."""
+
+    def cg(context, builder, sig, args):
+        return builder.xor(args[0], _splat(builder, builder.trunc(args[1], _i8), 64))
+
+    return I8x64(I8x64, types.intp), cg
+
+
+@intrinsic
 def dpbusd64(typingctx, acc, a, b):
     """acc + the sums of 4 adjacent products of unsigned bytes a and signed bytes b per int32
     lane (one zmm vpdpbusd)."""
@@ -212,6 +222,16 @@ def mul_i32x16(typingctx, a, b):
         return builder.mul(args[0], args[1])
 
     return I32x16(I32x16, I32x16), cg
+
+
+@intrinsic
+def splat_i32x16(typingctx, v):
+    """The integer v (truncated to int32) in all 16 lanes."""
+
+    def cg(context, builder, sig, args):
+        return _splat(builder, builder.trunc(args[0], _i32) if args[0].type.width > 32 else args[0], 16)
+
+    return I32x16(types.intp), cg
 
 
 @intrinsic

@@ -506,7 +506,8 @@ sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", sys.argv[1], "-k",
     assert " passed" in r.stdout and "failed" not in r.stdout
 
 
-WIDE_TYPES = [QType.Q4_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]  # the types with 512-bit batched kernels (``matmul_simd512``)
+# the types with 512-bit batched kernels (``matmul_simd512``)
+WIDE_TYPES = [QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 
 
 @pytest.mark.slow
