@@ -205,7 +205,8 @@ def _q8_0_prefetch_pair(q, qo, nb, first, last):
 def _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo, xs16, e, D, xd, acc):
     """One token's step over a pair's block: the weights + 128 as unsigned bytes (``W*``)
     against the activations by vpdpbusd, plus -128 * the activations' sum (``quantize_act``'s
-    VNNI xs16 holds -32 * each half's), is the quad's exact int32 dot product; the same epilogue."""
+    VNNI xs16 holds -32 * each half's: HAS_512 implies HAS_VNNI), is the quad's exact int32 dot
+    product; the same epilogue."""
     i = add_i32x16(_dot32x2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo), splat_i32x16(4 * (xs16[2 * e] + xs16[2 * e + 1])))
     return fma_f32x16(cvt_f32x16(i), mul_f32x16(D, bc_f32x16(xd, e)), acc)
 

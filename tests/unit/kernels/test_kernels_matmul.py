@@ -514,9 +514,9 @@ WIDE_TYPES = [QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 def test_512_bit_kernels_give_the_bits_of_the_256_bit_ones(tmp_path):
     """The batched kernels that run two row groups in 512-bit lanes, against the 256-bit kernels
     (a subprocess with EDGEBOX_SIMD_NO_512=1 and its own numba cache, where the switched kernels
-    go to a directory of their own): the same operations lane
-    for lane, so equal bits, with an odd row group left to the 256-bit quad and ragged token
-    quads. (On a host without AVX-512 both sides run the 256-bit kernels.)"""
+    go to a directory of their own): the same integer sums and float steps lane for lane, so
+    equal bits, with an odd row group left to the 256-bit quad and ragged token quads. (On a
+    host without AVX-512 both sides run the 256-bit kernels.)"""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     code = r"""
 import numpy as np, sys
