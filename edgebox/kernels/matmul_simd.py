@@ -33,8 +33,10 @@ import os
 
 import llvmlite.binding as llb
 from llvmlite import ir
-from numba.core import cgutils, types
+from numba.core import cgutils, config, types
 from numba.extending import intrinsic, models, register_model
+
+from edgebox.kernels.entry_hint import cache_dir
 
 
 class Vec(types.Type):
@@ -84,10 +86,6 @@ def _cache_switched_kernels_apart() -> None:
     on = [name.removeprefix("EDGEBOX_SIMD_").lower() for name in SWITCHES if os.environ.get(name, "") not in ("", "0")]
     if not on:
         return
-    from numba.core import config
-
-    from edgebox.kernels.entry_hint import cache_dir
-
     base = config.CACHE_DIR or str(cache_dir().parent / "numba")
     config.CACHE_DIR = os.path.join(base, "simd-" + "-".join(on))
 

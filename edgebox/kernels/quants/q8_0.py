@@ -202,6 +202,21 @@ def _q8_0_prefetch_pair(q, qo, nb, first, last):
 
 
 @njit(**_JIT)
+def _q8_0_codes2(q, qo, qo1):
+    """A pair's block (group g at qo, g + 1 at qo1) as 8 chunks of unsigned bytes q + 128."""
+    return (
+        xor_i8x64(ld2_i8x64(q, qo, qo1), 0x80),
+        xor_i8x64(ld2_i8x64(q, qo + 32, qo1 + 32), 0x80),
+        xor_i8x64(ld2_i8x64(q, qo + 64, qo1 + 64), 0x80),
+        xor_i8x64(ld2_i8x64(q, qo + 96, qo1 + 96), 0x80),
+        xor_i8x64(ld2_i8x64(q, qo + 128, qo1 + 128), 0x80),
+        xor_i8x64(ld2_i8x64(q, qo + 160, qo1 + 160), 0x80),
+        xor_i8x64(ld2_i8x64(q, qo + 192, qo1 + 192), 0x80),
+        xor_i8x64(ld2_i8x64(q, qo + 224, qo1 + 224), 0x80),
+    )
+
+
+@njit(**_JIT)
 def _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo, xs16, e, D, xd, acc):
     """One token's step over a pair's block: the weights + 128 as unsigned bytes (``W*``)
     against the activations by vpdpbusd, plus -128 * the activations' sum (``quantize_act``'s
@@ -229,14 +244,7 @@ def _q8_0_quad2(q, d, xq, xd, xs16, nb, g, t0, T, out):
         qo = 256 * k
         qo1 = qo + 256 * nb  # (group g + 1's block b)
         _q8_0_prefetch_pair(q, qo, nb, first, last)
-        W0 = xor_i8x64(ld2_i8x64(q, qo, qo1), 0x80)
-        W1 = xor_i8x64(ld2_i8x64(q, qo + 32, qo1 + 32), 0x80)
-        W2 = xor_i8x64(ld2_i8x64(q, qo + 64, qo1 + 64), 0x80)
-        W3 = xor_i8x64(ld2_i8x64(q, qo + 96, qo1 + 96), 0x80)
-        W4 = xor_i8x64(ld2_i8x64(q, qo + 128, qo1 + 128), 0x80)
-        W5 = xor_i8x64(ld2_i8x64(q, qo + 160, qo1 + 160), 0x80)
-        W6 = xor_i8x64(ld2_i8x64(q, qo + 192, qo1 + 192), 0x80)
-        W7 = xor_i8x64(ld2_i8x64(q, qo + 224, qo1 + 224), 0x80)
+        W0, W1, W2, W3, W4, W5, W6, W7 = _q8_0_codes2(q, qo, qo1)
         D = ld2_f16x16(d, 8 * k, 8 * (k + nb))
         acc0 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, D, xd, acc0)
         acc1 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t1 * n_in + 32 * b, xs16, t1 * nb + b, D, xd, acc1)
@@ -264,14 +272,7 @@ def _q8_0_oct2(q, d, xq, xd, xs16, nb, g, t0, T, out):
         qo = 256 * k
         qo1 = qo + 256 * nb
         _q8_0_prefetch_pair(q, qo, nb, first, last)
-        W0 = xor_i8x64(ld2_i8x64(q, qo, qo1), 0x80)
-        W1 = xor_i8x64(ld2_i8x64(q, qo + 32, qo1 + 32), 0x80)
-        W2 = xor_i8x64(ld2_i8x64(q, qo + 64, qo1 + 64), 0x80)
-        W3 = xor_i8x64(ld2_i8x64(q, qo + 96, qo1 + 96), 0x80)
-        W4 = xor_i8x64(ld2_i8x64(q, qo + 128, qo1 + 128), 0x80)
-        W5 = xor_i8x64(ld2_i8x64(q, qo + 160, qo1 + 160), 0x80)
-        W6 = xor_i8x64(ld2_i8x64(q, qo + 192, qo1 + 192), 0x80)
-        W7 = xor_i8x64(ld2_i8x64(q, qo + 224, qo1 + 224), 0x80)
+        W0, W1, W2, W3, W4, W5, W6, W7 = _q8_0_codes2(q, qo, qo1)
         D = ld2_f16x16(d, 8 * k, 8 * (k + nb))
         xo = t0 * n_in + 32 * b
         e = t0 * nb + b
