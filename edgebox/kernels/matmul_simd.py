@@ -306,6 +306,16 @@ def or_i8(typingctx, a, b):
 
 
 @intrinsic
+def xor_i8(typingctx, a, c):
+    """a ^ c (c splatted to every byte): with c = 0x80, signed bytes as unsigned ones + 128."""
+
+    def cg(context, builder, sig, args):
+        return builder.xor(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
+
+    return I8x32(I8x32, types.intp), cg
+
+
+@intrinsic
 def abs_i8(typingctx, a):
     """|a| of signed bytes as unsigned bytes (-128 -> 128) (vpabsb)."""
 

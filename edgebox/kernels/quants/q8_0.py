@@ -3,9 +3,9 @@
 Repacked: byte plane q (int8) [G, nb, 8, 32], d f16 [G, nb, 8] (as compact as the file).
 Kernel: vpmaddubsw needs one unsigned operand: |w| times x with w's sign moved onto x (vpabsb,
 vpsignb; llama.cpp's AVX2 trick).  A pair sum can reach 2*128*127, so each product vector is
-widened to int32 (vpmaddwd) before it is added.  The 512-bit batched kernels (AVX-512 VNNI)
-take the other way to one unsigned operand: q + 128 (the sign bit flipped) by vpdpbusd, less
-128 * the activations' sum, the same int32 (2.2-2.5x the 256-bit quad on a Zen 4).  ORT:
+widened to int32 (vpmaddwd) before it is added.  The batched kernels on VNNI hosts take the
+other way to one unsigned operand: q + 128 (the sign bit flipped) by vpdpbusd, less 128 * the
+activations' sum, the same int32 (the 512-bit pairs: 2.2-2.5x the AVX2 quad on a Zen 4).  ORT:
 MatMulNBits bits=8 block 32, code q+128, default zero point 128: bit-exact.
 """
 
@@ -20,12 +20,14 @@ from edgebox.kernels import matmul_pack as P
 from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _dot32x2, _quad, _store4, _store4x2, _store8x2, _unit, _units
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
+    HAS_VNNI,
     abs_i8,
     add_f32,
     add_i32,
     bc4_i8x32,
     bc_f32,
     cvt_f32,
+    dpbusd,
     fma_f32,
     hadd_i16,
     ld_f16x8,
@@ -36,6 +38,8 @@ from edgebox.kernels.matmul_simd import (
     prefetch_l2,
     sign_i8,
     st_f32x8,
+    sub_i32_s,
+    xor_i8,
     zero_f32,
     zero_i32,
 )
@@ -148,7 +152,14 @@ def q8_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
 
 
 @njit(**_JIT)
-def _q8_0_quad(q, d, xq, xd, nb, g, t0, T, out):
+def _sum128(xs16, e):
+    """128 * the sum of activation block e's codes, from ``quantize_act``'s VNNI xs16 (-32 * the
+    sum of each 16-value half)."""
+    return -4 * (xs16[2 * e] + xs16[2 * e + 1])
+
+
+@njit(**_JIT)
+def _q8_0_quad(q, d, xq, xd, xs16, nb, g, t0, T, out):
     n_in = 32 * nb
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
     last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
@@ -170,14 +181,27 @@ def _q8_0_quad(q, d, xq, xd, nb, g, t0, T, out):
         a1 = zero_i32()
         a2 = zero_i32()
         a3 = zero_i32()
-        for c in range(8):
-            w = ld_i8x32(q, qo + 32 * c)
-            aw = abs_i8(w)
-            xo = 32 * b + 4 * c
-            a0 = add_i32(a0, hadd_i16(maddubs(aw, sign_i8(bc4_i8x32(xq, t0 * n_in + xo), w))))
-            a1 = add_i32(a1, hadd_i16(maddubs(aw, sign_i8(bc4_i8x32(xq, t1 * n_in + xo), w))))
-            a2 = add_i32(a2, hadd_i16(maddubs(aw, sign_i8(bc4_i8x32(xq, t2 * n_in + xo), w))))
-            a3 = add_i32(a3, hadd_i16(maddubs(aw, sign_i8(bc4_i8x32(xq, t3 * n_in + xo), w))))
+        if HAS_VNNI:  # q + 128 by vpdpbusd, less 128 * the block's activation sum: the same int32
+            for c in range(8):
+                w = xor_i8(ld_i8x32(q, qo + 32 * c), 0x80)
+                xo = 32 * b + 4 * c
+                a0 = dpbusd(a0, w, bc4_i8x32(xq, t0 * n_in + xo))
+                a1 = dpbusd(a1, w, bc4_i8x32(xq, t1 * n_in + xo))
+                a2 = dpbusd(a2, w, bc4_i8x32(xq, t2 * n_in + xo))
+                a3 = dpbusd(a3, w, bc4_i8x32(xq, t3 * n_in + xo))
+            a0 = sub_i32_s(a0, _sum128(xs16, t0 * nb + b))
+            a1 = sub_i32_s(a1, _sum128(xs16, t1 * nb + b))
+            a2 = sub_i32_s(a2, _sum128(xs16, t2 * nb + b))
+            a3 = sub_i32_s(a3, _sum128(xs16, t3 * nb + b))
+        else:
+            for c in range(8):
+                w = ld_i8x32(q, qo + 32 * c)
+                aw = abs_i8(w)
+                xo = 32 * b + 4 * c
+                a0 = add_i32(a0, hadd_i16(maddubs(aw, sign_i8(bc4_i8x32(xq, t0 * n_in + xo), w))))
+                a1 = add_i32(a1, hadd_i16(maddubs(aw, sign_i8(bc4_i8x32(xq, t1 * n_in + xo), w))))
+                a2 = add_i32(a2, hadd_i16(maddubs(aw, sign_i8(bc4_i8x32(xq, t2 * n_in + xo), w))))
+                a3 = add_i32(a3, hadd_i16(maddubs(aw, sign_i8(bc4_i8x32(xq, t3 * n_in + xo), w))))
         D = ld_f16x8(d, 8 * k)
         acc0 = fma_f32(cvt_f32(a0), mul_f32(D, bc_f32(xd, t0 * nb + b)), acc0)
         acc1 = fma_f32(cvt_f32(a1), mul_f32(D, bc_f32(xd, t1 * nb + b)), acc1)
@@ -222,7 +246,7 @@ def _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo, xs16, e, D, xd, acc):
     against the activations by vpdpbusd, plus -128 * the activations' sum (``quantize_act``'s
     VNNI xs16 holds -32 * each half's: HAS_512 implies HAS_VNNI), is the quad's exact int32 dot
     product; the same epilogue."""
-    i = add_i32x16(_dot32x2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo), splat_i32x16(4 * (xs16[2 * e] + xs16[2 * e + 1])))
+    i = add_i32x16(_dot32x2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo), splat_i32x16(-_sum128(xs16, e)))
     return fma_f32x16(cvt_f32x16(i), mul_f32x16(D, bc_f32x16(xd, e)), acc)
 
 
@@ -305,11 +329,11 @@ def q8_0_mm(q, d, xq, xd, xs16, xsd16, xsd32, T, out):
                 else:
                     _q8_0_quad2(q, d, xq, xd, xs16, nb, 2 * p, t0, T, out)
             else:
-                _q8_0_quad(q, d, xq, xd, nb, G - 1, 4 * (it - G2 * nu), T, out)
+                _q8_0_quad(q, d, xq, xd, xs16, nb, G - 1, 4 * (it - G2 * nu), T, out)
         return
     for it in prange(G * nt):
         g = it // nt
-        _q8_0_quad(q, d, xq, xd, nb, g, 4 * (it - g * nt), T, out)
+        _q8_0_quad(q, d, xq, xd, xs16, nb, g, 4 * (it - g * nt), T, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -485,8 +485,8 @@ for q in (QType.Q4_0, QType.Q8_0):
 
 @pytest.mark.slow
 def test_k_quants_without_vnni(tmp_path):
-    """The AVX2 formulation of the K-quant kernels (int16 sums, Q6_K's int16 offset and scales)
-    on a host whose default is VNNI: the K-quant cases of this file in a subprocess with
+    """The AVX2 formulation of the K-quant and Q8_0 kernels (int16 sums, Q6_K's int16 offset and
+    scales, Q8_0's sign trick) on a host whose default is VNNI: their cases of this file in a subprocess with
     EDGEBOX_SIMD_NO_VNNI=1 and its own numba cache (on a host without VNNI: the default path
     once more)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -496,7 +496,7 @@ import pytest
 from edgebox.kernels import matmul_simd
 assert not matmul_simd.HAS_VNNI
 sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", sys.argv[1], "-k",
-    "(Q4_K or Q5_K or Q6_K) and not without_vnni or activation_quantization"]))
+    "(Q4_K or Q5_K or Q6_K or Q8_0) and not without_vnni or activation_quantization"]))
 """
     env = dict(os.environ, EDGEBOX_SIMD_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     r = subprocess.run(
