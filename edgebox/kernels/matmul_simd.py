@@ -2,9 +2,8 @@
 
 Why this exists: LLVM's auto-vectorizer does not turn a numba loop over quantized blocks into
 the int8 dot-product code llama.cpp writes by hand (``vec_dot_q4_0_q8_0``: vpmaddubsw,
-vpmaddwd, vcvtdq2ps, vfmadd).  Measured here, a block loop with per-block sums ran at
-1-2 GB/s, scalar code with an unrolled lane loop at ~1 GB/s.  So the hot loops are written with
-vector *values* instead: numba types backed by LLVM vector types (``<32 x i8>``, ``<16 x i16>``,
+vpmaddwd, vcvtdq2ps, vfmadd; the loops tried: docs/performance.md).  So the hot loops are
+written with vector *values* instead: numba types backed by LLVM vector types (``<32 x i8>``, ``<16 x i16>``,
 ``<8 x i32>``, ``<8 x float>``) and ``@intrinsic`` ops that emit one or two LLVM instructions
 each.  A kernel written with them is still ordinary ``@njit(cache=True, nogil=True)`` code; the
 vectors live in registers (mem2reg), and ``inspect_asm`` shows exactly the instruction stream
@@ -20,11 +19,9 @@ generic-IR formulation (shuffles + widening multiplies) that LLVM lowers on any 
 Conventions: every op is pure (returns a new value), loads/stores take a 1-D C-contiguous
 array and an element index (no bounds checks: callers own the index arithmetic).
 
-Caching caveat: numba's on-disk cache of a kernel is invalidated by edits to the kernel's own
-file only.  After changing the code generation here, delete ``edgebox/kernels/__pycache__/
-*.nbi *.nbc`` (or point NUMBA_CACHE_DIR elsewhere), or stale kernels will be loaded.  The
-``EDGEBOX_SIMD_*`` switches need no such care: a process with one set caches apart
-(``_cache_switched_kernels_apart``).
+Caching caveat: numba's on-disk cache of a kernel is invalidated by edits to its own file only:
+after changing the code generation here, delete ``edgebox/kernels/__pycache__/*.nbi *.nbc``.
+The ``EDGEBOX_SIMD_*`` switches cache apart (``_cache_switched_kernels_apart``).
 """
 
 from __future__ import annotations
