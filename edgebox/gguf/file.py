@@ -382,13 +382,27 @@ def release_view_pages(view: np.ndarray) -> None:
     briefly hold both the file's pages and the packed copy."""
     if view.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    start = view.__array_interface__["data"][0]
-    end = start + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) + view.itemsize
-    first, last = _whole_pages(start, end)
+    start, first, last = _view_pages(view)
     _unmap(first, last)
     mapping = _mapping_of(view)
     if mapping is not None and mapping.evictor is not None:
         mapping.evictor.released(view, start, first, last)
+
+
+def unmap_view_pages(view: np.ndarray) -> None:
+    """Drop this process's mapping of the whole pages under a view of a GGUF file's mapping, as
+    the kernels repack it run by run (``matmul.Trim``): RSS only; the pages stay in the page
+    cache, and ``release_view_pages`` still releases the whole view.  A no-op for a view of any
+    other memory (``MADV_DONTNEED`` would zero anonymous pages)."""
+    if view.size and hasattr(mmap, "MADV_DONTNEED") and _mapping_of(view) is not None:
+        _unmap(*_view_pages(view)[1:])
+
+
+def _view_pages(view: np.ndarray) -> tuple[int, int, int]:
+    """(the view's first byte's address, first, last): the whole pages under the view."""
+    start = view.__array_interface__["data"][0]
+    end = start + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) + view.itemsize
+    return (start, *_whole_pages(start, end))
 
 
 def _whole_pages(start: int, end: int) -> tuple[int, int]:

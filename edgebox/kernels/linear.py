@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgebox.gguf.file import release_view_pages
+from edgebox.gguf.file import release_view_pages, unmap_view_pages
 from edgebox.gguf.loader import Matrix
 from edgebox.kernels import matmul, ref
 from edgebox.kernels.ort import OrtLinear
@@ -53,14 +53,16 @@ class NumbaLinear:
     def prepare(self, release: bool = True, cache=None) -> None:
         """Repack once (or take the packed arrays from ``cache``); then drop the pages under the
         rows (``release=False`` keeps them, for a caller that builds a second copy from the same
-        rows).  The rows are not read at all when the cache has the weight."""
+        rows).  The rows are not read at all when the cache has the weight.  Either way the rows
+        leave this process's mapping run by run as they are repacked (``unmap_view_pages``: RSS
+        only, the page cache keeps them for a second copy)."""
         if self.packed is None:
             m = self.matrix
             packed = cache.lookup(m) if cache is not None else None
             if packed is not None:
                 self.packed, self.from_cache = packed, True
                 return
-            self.packed = matmul.pack_rows(m.row_blocks, m.qtype)
+            self.packed = matmul.pack_rows(m.row_blocks, m.qtype, trim=unmap_view_pages)
             if cache is not None:
                 cache.add(m, self.packed)
             if release and self.packed.path != "float":  # float weights are read in place: keep their pages

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numba
@@ -150,11 +150,12 @@ def _rows(raw: np.ndarray, qtype: QType, kernels: Kernels) -> tuple[np.ndarray, 
     return raw, n_in
 
 
-def pack(raw: np.ndarray, qtype) -> PackedWeight:
+def pack(raw: np.ndarray, qtype, trim: Trim | None = None) -> PackedWeight:
     """GGUF rows uint8 [n_out, row_bytes] (e.g. a view into the mmap; not modified) -> PackedWeight.
 
     Quantized types get one repacked copy (it replaces reading the mmap); float types are
-    used in place when their rows are contiguous.  Never a dequantized float copy.
+    used in place when their rows are contiguous.  Never a dequantized float copy.  ``trim``
+    (``Trim``) is handed each run of contiguous rows once it is repacked.
     """
     qtype = QType(qtype)
     if qtype not in registry.TYPES:
@@ -167,52 +168,69 @@ def pack(raw: np.ndarray, qtype) -> PackedWeight:
         dt = np.float32 if qtype == QType.F32 else np.uint16
         arrays = {"w": w.view(dt).reshape(-1)}
         return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(w.nbytes))
-    planes = _repack(kernels, raw, n_in)
+    planes = _repack(kernels, raw, n_in, trim=trim)
     arrays = {k: v.reshape(-1) for k, v in planes.items()}
     return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(sum(v.nbytes for v in arrays.values())))
 
 
 STAGE_BYTES = 4 << 20  # a strided shard is copied to contiguous rows through this much memory at a time
+TRIM_BYTES = 16 << 20  # contiguous rows are repacked this many at a time when they are to be trimmed
 _stage = threading.local()
+Trim = Callable[[np.ndarray], None]  # rows -> None, called once they are repacked: their pages may go
 
 
-def _repack(kernels: Kernels, raw: np.ndarray, n_in: int, out: dict | None = None) -> dict[str, np.ndarray]:
-    """``kernels.repack`` of the rows ``raw``.  A strided shard (a column slice of the mmap: the
-    row-parallel weights on several chips) goes through a small contiguous buffer reused by the
-    thread, whole group pairs at a time: a shard-sized copy per weight was ~1 GB of fresh pages
-    on a 4-chip 7B start, each one zeroed by the kernel (docs/performance.md, "Start-up, fifth
-    look")."""
+def _repack(
+    kernels: Kernels, raw: np.ndarray, n_in: int, out: dict | None = None, trim: Trim | None = None
+) -> dict[str, np.ndarray]:
+    """``kernels.repack`` of the rows ``raw``, run by run.  A strided shard (a column slice of the
+    mmap: the row-parallel weights on several chips) goes through a small contiguous buffer reused
+    by the thread: a shard-sized copy per weight was ~1 GB of fresh pages on a 4-chip 7B start,
+    each one zeroed by the kernel (docs/performance.md, "Start-up, fifth look").  Contiguous rows
+    with a ``trim`` go TRIM_BYTES at a time, each run trimmed once repacked: a first-ever start
+    then never maps a whole weight's file pages beside its packed copy (the 7B Q8_0 lm head: 445
+    MB).  Runs are whole group pairs, so the padding stays at the end, where one call puts it."""
     n_out, row_bytes = raw.shape
     if kernels.planes is None:  # a type without ``planes`` takes no ``out=`` (``Kernels``), and copies strided rows itself
         return kernels.repack(raw, n_out, n_in)
-    if raw.flags.c_contiguous:
-        return kernels.repack(raw, n_out, n_in, out=out)
+    strided = not raw.flags.c_contiguous
+    if not strided and (trim is None or raw.nbytes <= TRIM_BYTES):
+        planes = kernels.repack(raw, n_out, n_in, out=out)
+        if trim is not None:
+            trim(raw)
+        return planes
     planes = kernels.planes(n_out, n_in) if out is None else out
-    step = max(1, STAGE_BYTES // (2 * P.ROWS * row_bytes)) * 2 * P.ROWS  # rows; a multiple of 16 keeps the padding at the end
-    buf = getattr(_stage, "buf", None)
-    if buf is None or buf.size < step * row_bytes:
-        buf = _stage.buf = np.empty(step * row_bytes, np.uint8)
+    step = max(1, (STAGE_BYTES if strided else TRIM_BYTES) // (2 * P.ROWS * row_bytes)) * 2 * P.ROWS
+    if strided:
+        buf = getattr(_stage, "buf", None)
+        if buf is None or buf.size < step * row_bytes:
+            buf = _stage.buf = np.empty(step * row_bytes, np.uint8)
     for r0 in range(0, n_out, step):
         part = raw[r0 : r0 + step]
-        rows = buf[: part.size].reshape(part.shape)
-        np.copyto(rows, part)
+        if strided:
+            rows = buf[: part.size].reshape(part.shape)
+            np.copyto(rows, part)
+        else:
+            rows = part
         g0 = r0 // P.ROWS
         kernels.repack(rows, len(part), n_in, out={k: v[g0 : g0 + P.n_groups(len(part))] for k, v in planes.items()})
+        if trim is not None and not strided:
+            trim(part)
     return planes
 
 
-def pack_rows(blocks: Sequence[np.ndarray], qtype) -> PackedWeight:
+def pack_rows(blocks: Sequence[np.ndarray], qtype, trim: Trim | None = None) -> PackedWeight:
     """Several GGUF row blocks of one type stacked (a chip's q/k/v or gate/up rows) -> one
     PackedWeight, as ``pack(np.concatenate(blocks))`` but with no stacked copy: each block is
     repacked straight into its row groups of the weight's arrays when the type allocates its
     own (``Kernels.planes``) and every block but the last fills whole group pairs (the padding
-    stays at the end, where one pack puts it).  A cold 7B start thus skips a 2.3 GB copy."""
+    stays at the end, where one pack puts it).  A cold 7B start thus skips a 2.3 GB copy.
+    ``trim``: as ``pack``'s, for the blocks' rows."""
     qtype = QType(qtype)
     if len(blocks) == 1:
-        return pack(blocks[0], qtype)
+        return pack(blocks[0], qtype, trim)
     kernels = registry.TYPES[qtype].kernels if qtype in registry.TYPES else None
     if kernels is None or kernels.planes is None or any(len(b) % (2 * P.ROWS) for b in blocks[:-1]):
-        return pack(np.concatenate(blocks), qtype)
+        return pack(np.concatenate(blocks), qtype)  # (a stacked copy: the blocks' pages go with the caller's release)
     rows = [_rows(b, qtype, kernels) for b in blocks]
     n_in = rows[0][1]
     if any(n != n_in for _, n in rows):
@@ -222,7 +240,7 @@ def pack_rows(blocks: Sequence[np.ndarray], qtype) -> PackedWeight:
     g = 0
     for r, _ in rows:
         G = P.n_groups(len(r))
-        _repack(kernels, r, n_in, out={k: v[g : g + G] for k, v in planes.items()})
+        _repack(kernels, r, n_in, out={k: v[g : g + G] for k, v in planes.items()}, trim=trim)
         g += G
     arrays = {k: v.reshape(-1) for k, v in planes.items()}
     return PackedWeight(qtype, n_out, n_in, kernels.path, arrays, int(sum(v.nbytes for v in arrays.values())))

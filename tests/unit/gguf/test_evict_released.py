@@ -10,7 +10,7 @@ import os
 import gguf
 import numpy as np
 
-from edgebox.gguf.file import GGUFFile, evict_when_released, release_view_pages, resident_fraction
+from edgebox.gguf.file import GGUFFile, evict_when_released, release_view_pages, resident_fraction, unmap_view_pages
 from tests.fixtures.page_cache import read_in_small_pages
 
 ROWS, ROW_BYTES = 64, 4096  # 256 KiB per tensor
@@ -71,3 +71,23 @@ def test_a_replaced_file_is_not_evicted(tmp_path):
     os.utime(path, ns=(0, 0))  # the path now names "another" file
     assert not evict_when_released(g.tensors["a.weight"].data)
     assert not evict_when_released(np.zeros((4, 4), np.uint8))  # not a GGUF file's view
+
+
+def test_unmapping_a_view_as_it_is_packed_keeps_its_pages_and_its_release(tmp_path):
+    """``unmap_view_pages`` (the kernels' trim, run by run) drops only this process's mapping: the
+    pages stay cached and read back, the view's release still evicts them, and a view of any
+    other memory is left alone (MADV_DONTNEED would zero it)."""
+    path = tmp_path / "m.gguf"
+    _file(path)
+    g = GGUFFile(path)
+    a = g.tensors["a.weight"]
+    _read(a.data)
+    assert evict_when_released(a.data)
+    unmap_view_pages(a.data[: ROWS // 2])
+    unmap_view_pages(a.data[: ROWS // 2])  # (a trim is no release: twice is nothing)
+    assert _cached(path, a) == 1.0 and float(a.data.view(np.float32)[0, 0]) == 1.0
+    release_view_pages(a.data)
+    assert resident_fraction(path, a.offset + 4096, a.nbytes - 8192) == 0.0
+    anonymous = np.ones(1 << 18, np.float32)  # 1 MiB: whole pages
+    unmap_view_pages(anonymous.view(np.uint8))
+    assert anonymous.min() == 1.0

@@ -255,6 +255,28 @@ def test_strided_shard_staged_in_pieces_packs_as_its_copy(qtype, monkeypatch):
 
 
 @pytest.mark.parametrize("qtype", [*FAST, QType.Q4_1], ids=lambda q: q.name)
+def test_trimmed_rows_pack_in_runs_as_in_one(qtype, monkeypatch):
+    """With a ``trim``, contiguous rows are repacked TRIM_BYTES at a time and each run handed to
+    it once repacked (``matmul._repack``): the runs cover the rows once, in order, whole group
+    pairs but the last, and the arrays are those of one repack (also inside ``pack_rows``)."""
+    rng = np.random.default_rng(31)
+    for n_out in (5, 40, 53):
+        raw = make_weight(qtype, n_out, 1024, rng, random_bytes=True)
+        want = M.pack(raw, qtype)
+        monkeypatch.setattr(M, "TRIM_BYTES", 16 * raw.shape[1] + 1)
+        for blocks in ([raw], [raw[:16], raw[16:]])[: 1 + (n_out > 16)]:
+            runs = []
+            got = M.pack_rows(blocks, qtype, trim=runs.append)
+            for k in want.arrays:
+                np.testing.assert_array_equal(got.arrays[k], want.arrays[k], err_msg=f"{qtype.name} n_out={n_out} {k}")
+            if registry.get(qtype).kernels.planes is None or qtype in (QType.F32, QType.F16, QType.BF16):
+                continue
+            assert [len(r) for r in runs] == [min(16, n_out - r0) for r0 in range(0, n_out, 16)]  # (16-row runs: ~TRIM_BYTES)
+            assert np.array_equal(np.concatenate(runs), raw)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("qtype", [*FAST, QType.Q4_1], ids=lambda q: q.name)
 def test_pack_rows_equals_packing_the_stacked_rows(qtype):
     """Row blocks repacked in place (a chip's q/k/v or gate/up) give the arrays of one pack of
     their concatenation: whole group pairs then a ragged last block, a ragged block before the
