@@ -110,31 +110,6 @@ def f16(two_bytes: np.ndarray) -> np.ndarray:
     return f16_bits(two_bytes).view(np.float16).astype(np.float32)
 
 
-def nibbles32(qs: np.ndarray) -> np.ndarray:
-    """[..., 16] GGUF nibble bytes -> [..., 32] values (low nibbles first)."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def bits_le(qh: np.ndarray) -> np.ndarray:
-    """[..., m] -> [..., 8m] bit i of the little-endian bit string."""
-    return np.unpackbits(qh, axis=-1, bitorder="little")
-
-
-def crumbs(qs: np.ndarray) -> np.ndarray:
-    """[..., 32h] -> [..., 128h]: K-quant 2-bit fields (value 32j + l in bits 2j of byte l)."""
-    sh = qs.shape
-    q = qs.reshape(*sh[:-1], sh[-1] // 32, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
-    return (q & 3).reshape(*sh[:-1], sh[-1] * 4)
-
-
-def scale_min_k4(s12: np.ndarray):
-    """[..., 12] -> (sc [..., 8], m [..., 8]) 6-bit scales and mins of Q4_K/Q5_K."""
-    s, m, lo = s12[..., 0:4], s12[..., 4:8], s12[..., 8:12]
-    sc = np.concatenate([s & 63, (lo & 0x0F) | ((s >> 6) << 4)], axis=-1)
-    mn = np.concatenate([m & 63, (lo >> 4) | ((m >> 6) << 4)], axis=-1)
-    return sc, mn
-
-
 def q3k_scales(s12: np.ndarray) -> np.ndarray:
     """[..., 12] -> int [..., 16] signed 6-bit scales of Q3_K (already minus 32)."""
     low = np.concatenate([s12[..., :8] & 0x0F, s12[..., :8] >> 4], axis=-1)

@@ -29,34 +29,35 @@ def f16(field: np.ndarray) -> np.ndarray:
 
 
 def nibbles(qs: np.ndarray) -> np.ndarray:
-    """uint8 [n, m] -> uint8 [n, 2m]: all low nibbles first, then all high nibbles.
+    """uint8 [..., m] -> uint8 [..., 2m]: all low nibbles first, then all high nibbles.
 
     That is how the 32-value blocks pack values: value j in the low nibble of byte j, value
     j + 16 in the high nibble of byte j.
     """
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
 def bits(qh: np.ndarray) -> np.ndarray:
-    """uint8 [n, m] -> uint8 [n, 8m]: bit i of the little-endian bit string, i.e. bit i % 8 of byte i // 8."""
-    return np.unpackbits(qh, axis=1, bitorder="little")
+    """uint8 [..., m] -> uint8 [..., 8m]: bit i of the little-endian bit string, i.e. bit i % 8 of byte i // 8."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
 
 
 def crumbs(qs: np.ndarray) -> np.ndarray:
-    """uint8 [n, 32h] -> uint8 [n, 128h]: the 2-bit fields of each 32-byte group, as above."""
-    n = qs.shape[0]
-    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-    return ((qs.reshape(n, -1, 1, 32) >> shifts) & 3).reshape(n, -1)
+    """uint8 [..., 32h] -> uint8 [..., 128h]: the K-quants' 2-bit fields, value 32j + l of each
+    32-byte group in bits 2j of its byte l."""
+    sh = qs.shape
+    q = qs.reshape(*sh[:-1], sh[-1] // 32, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+    return (q & 3).reshape(*sh[:-1], sh[-1] * 4)
 
 
 def scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """12 bytes -> 8 6-bit scales and 8 6-bit mins (uint8 [n, 8] each), for Q4_K and Q5_K.
+    """12 bytes -> 8 6-bit scales and 8 6-bit mins (uint8 [..., 12] -> [..., 8] each), for Q4_K and Q5_K.
 
     Bytes 0-3: scales 0-3 (low 6 bits); bytes 4-7: mins 0-3 (low 6 bits); bytes 8-11: low
     nibble = low 4 bits of scale 4+i, high nibble = low 4 bits of min 4+i; the top 2 bits of
     bytes 0-3 / 4-7 are the top bits of scales 4-7 / mins 4-7.
     """
-    s, m, lo = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
-    sc = np.concatenate([s & 63, (lo & 0x0F) | ((s >> 6) << 4)], axis=1)
-    mn = np.concatenate([m & 63, (lo >> 4) | ((m >> 6) << 4)], axis=1)
+    s, m, lo = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([s & 63, (lo & 0x0F) | ((s >> 6) << 4)], axis=-1)
+    mn = np.concatenate([m & 63, (lo >> 4) | ((m >> 6) << 4)], axis=-1)
     return sc, mn

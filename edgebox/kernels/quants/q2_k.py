@@ -39,7 +39,7 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
 def _values(b: np.ndarray):
     rows = b.shape[0]
     sc = b[..., 0:16]  # scales[16], qs[64], d, dmin
-    v = P.crumbs(b[..., 16:80])
+    v = gb.crumbs(b[..., 16:80])
     d, dmin = P.f16(b[..., 80:82]), P.f16(b[..., 82:84])
     S = d[..., None] * (sc & 0x0F).astype(np.float32)
     M = dmin[..., None] * (sc >> 4).astype(np.float32)

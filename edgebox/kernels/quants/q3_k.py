@@ -49,7 +49,7 @@ def _values(b: np.ndarray):
     rows, nblk = b.shape[:2]  # hmask[32], qs[64], scales[12], d
     h = (b[..., None, 0:32] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
     h = h.reshape(rows, nblk, 256)
-    v = P.crumbs(b[..., 32:96]) | (h << 2)  # q + 4, in 0..7
+    v = gb.crumbs(b[..., 32:96]) | (h << 2)  # q + 4, in 0..7
     d = P.f16(b[..., 108:110])
     S = d[..., None] * P.q3k_scales(b[..., 96:108]).astype(np.float32)
     return v.reshape(rows, -1), S.reshape(rows, -1), (4 * S).reshape(rows, -1)

@@ -35,7 +35,7 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
 def _values(b: np.ndarray):
     rows = b.shape[0]
     d, m = P.f16(b[..., 0:2]), P.f16(b[..., 2:4])  # d, m, qs[16]: w = d*q + m
-    v = P.nibbles32(b[..., 4:20])
+    v = gb.nibbles(b[..., 4:20])
     return v.reshape(rows, -1), d, -m
 
 

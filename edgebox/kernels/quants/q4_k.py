@@ -156,10 +156,10 @@ def _fill(out, part, b, g0, g1):
     rows, ns = b.shape[:2]
     out["d"][g0:g1] = P.per_row(P.f16_bits(b[..., 0:2]))
     out["dmin"][g0:g1] = P.per_row(P.f16_bits(b[..., 2:4]))
-    sc, mn = P.scale_min_k4(b[..., 4:16])  # [rows, ns, 8]
+    sc, mn = gb.scale_min_k4(b[..., 4:16])  # [rows, ns, 8]
     out["sc"][g0:g1] = P.per_row(sc.reshape(rows, -1))
     out["m"][g0:g1] = P.per_row(mn.reshape(rows, -1))
-    v = P.nibbles32(b[..., 16:144].reshape(rows, ns, 4, 32)).reshape(rows, -1)
+    v = gb.nibbles(b[..., 16:144].reshape(rows, ns, 4, 32)).reshape(rows, -1)
     out["q"][g0:g1] = P.nib_plane(v)
 
 

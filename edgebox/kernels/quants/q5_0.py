@@ -35,8 +35,8 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
 def _values(b: np.ndarray):
     rows = b.shape[0]
     d = P.f16(b[..., 0:2])  # d, qh[4], qs[16]: w = d*(q - 16)
-    qh = P.bits_le(b[..., 2:6])
-    v = P.nibbles32(b[..., 6:22]) | (qh << 4)
+    qh = gb.bits(b[..., 2:6])
+    v = gb.nibbles(b[..., 6:22]) | (qh << 4)
     return v.reshape(rows, -1), d, 16 * d
 
 

@@ -35,8 +35,8 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
 def _values(b: np.ndarray):
     rows = b.shape[0]
     d, m = P.f16(b[..., 0:2]), P.f16(b[..., 2:4])  # d, m, qh[4], qs[16]: w = d*q + m
-    qh = P.bits_le(b[..., 4:8])
-    v = P.nibbles32(b[..., 8:24]) | (qh << 4)
+    qh = gb.bits(b[..., 4:8])
+    v = gb.nibbles(b[..., 8:24]) | (qh << 4)
     return v.reshape(rows, -1), d, -m
 
 

@@ -164,7 +164,7 @@ def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True, out: 
 def _codes(b: np.ndarray) -> np.ndarray:
     """blocks [rows, nblk, 176] -> the 5-bit codes uint8 [rows, n_in]."""
     rows, nblk = b.shape[:2]
-    low = P.nibbles32(b[..., 48:176].reshape(rows, nblk, 4, 32)).reshape(rows, nblk, 256)
+    low = gb.nibbles(b[..., 48:176].reshape(rows, nblk, 4, 32)).reshape(rows, nblk, 256)
     hi = (b[..., None, 16:48] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
     v = low | (hi.reshape(rows, nblk, 256) << 4)
     return v.reshape(rows, -1)
@@ -175,7 +175,7 @@ def _fill(out, part, b, g0, g1):
     rows, ns = b.shape[:2]
     out["d"][g0:g1] = P.per_row(P.f16_bits(b[..., 0:2]))
     out["dmin"][g0:g1] = P.per_row(P.f16_bits(b[..., 2:4]))
-    sc, mn = P.scale_min_k4(b[..., 4:16])
+    sc, mn = gb.scale_min_k4(b[..., 4:16])
     out["sc"][g0:g1] = P.per_row(sc.reshape(rows, -1))
     out["m"][g0:g1] = P.per_row(mn.reshape(rows, -1))
     v = _codes(b)

@@ -165,8 +165,8 @@ def repack(raw: np.ndarray, n_out: int, n_in: int, use_numba: bool = True, out: 
 def _fill(out, part, b, g0, g1):
     """The numpy formulation (the numba repacker's spec)."""
     rows, ns = b.shape[:2]
-    low = P.nibbles32(b[..., 0:128].reshape(rows, ns, 2, 64)).reshape(rows, ns, 256)
-    v = (low | (P.crumbs(b[..., 128:192]) << 4)).reshape(rows, -1)
+    low = gb.nibbles(b[..., 0:128].reshape(rows, ns, 2, 64)).reshape(rows, ns, 256)
+    v = (low | (gb.crumbs(b[..., 128:192]) << 4)).reshape(rows, -1)
     out["q"][g0:g1] = P.nib_plane(v)
     out["qh"][g0:g1] = P.crumb_plane(v >> 4)
     out["sc"][g0:g1] = P.per_row(b[..., 192:208].reshape(rows, -1).view(np.int8))
