@@ -93,6 +93,41 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
 # repacking
 
 
+@njit(inline="always")
+def repack_k4_block(raw, row, n_out, o, qs, g, s, r, q, sc, m, d, dmin):
+    """Super-block ``s`` of GGUF row ``row`` (its bytes from ``o``; the 4-bit codes from ``qs``)
+    into lane ``r`` of row group ``g``: d, dmin, the 6-bit scales and mins of its 8 sub-blocks
+    and the codes; zeros for a padding row (row >= n_out).  Q4_K's layout, and Q5_K's low bits."""
+    if row >= n_out:
+        d[g, s, r] = 0
+        dmin[g, s, r] = 0
+        for j in range(8):
+            sc[g, 8 * s + j, r] = 0
+            m[g, 8 * s + j, r] = 0
+            for l in range(4):
+                for i in range(4):
+                    q[g, 8 * s + j, l, 4 * r + i] = 0
+        return
+    d[g, s, r] = np.uint16(raw[row, o]) | (np.uint16(raw[row, o + 1]) << 8)
+    dmin[g, s, r] = np.uint16(raw[row, o + 2]) | (np.uint16(raw[row, o + 3]) << 8)
+    for j in range(8):
+        # 6-bit scale and min of sub-block j (ggml's get_scale_min_k4)
+        if j < 4:
+            sc[g, 8 * s + j, r] = raw[row, o + 4 + j] & 63
+            m[g, 8 * s + j, r] = raw[row, o + 8 + j] & 63
+        else:
+            sc[g, 8 * s + j, r] = (raw[row, o + 8 + j] & 0x0F) | ((raw[row, o + j] >> 6) << 4)
+            m[g, 8 * s + j, r] = (raw[row, o + 8 + j] >> 4) | ((raw[row, o + 4 + j] >> 6) << 4)
+        # value v of sub-block j: nibble j % 2 of qs[32 * (j // 2) + v]
+        qo = qs + 32 * (j // 2)
+        sh = 4 * (j % 2)
+        for l in range(4):
+            for i in range(4):
+                lo = (raw[row, qo + 4 * l + i] >> sh) & 0x0F
+                hi = (raw[row, qo + 16 + 4 * l + i] >> sh) & 0x0F
+                q[g, 8 * s + j, l, 4 * r + i] = lo | (hi << 4)
+
+
 @njit(**P.RJIT)
 def _repack_q4_k(raw, n_out, q, sc, m, d, dmin):
     G, nsb = d.shape[0], d.shape[1]
@@ -100,35 +135,7 @@ def _repack_q4_k(raw, n_out, q, sc, m, d, dmin):
         for r in range(ROWS):
             row = ROWS * g + r
             for s in range(nsb):
-                o = 144 * s
-                if row >= n_out:
-                    d[g, s, r] = 0
-                    dmin[g, s, r] = 0
-                    for j in range(8):
-                        sc[g, 8 * s + j, r] = 0
-                        m[g, 8 * s + j, r] = 0
-                        for l in range(4):
-                            for i in range(4):
-                                q[g, 8 * s + j, l, 4 * r + i] = 0
-                    continue
-                d[g, s, r] = np.uint16(raw[row, o]) | (np.uint16(raw[row, o + 1]) << 8)
-                dmin[g, s, r] = np.uint16(raw[row, o + 2]) | (np.uint16(raw[row, o + 3]) << 8)
-                for j in range(8):
-                    # 6-bit scale and min of sub-block j (ggml's get_scale_min_k4)
-                    if j < 4:
-                        sc[g, 8 * s + j, r] = raw[row, o + 4 + j] & 63
-                        m[g, 8 * s + j, r] = raw[row, o + 8 + j] & 63
-                    else:
-                        sc[g, 8 * s + j, r] = (raw[row, o + 8 + j] & 0x0F) | ((raw[row, o + j] >> 6) << 4)
-                        m[g, 8 * s + j, r] = (raw[row, o + 8 + j] >> 4) | ((raw[row, o + 4 + j] >> 6) << 4)
-                    # value v of sub-block j: nibble j % 2 of qs[32 * (j // 2) + v]
-                    qo = o + 16 + 32 * (j // 2)
-                    sh = 4 * (j % 2)
-                    for l in range(4):
-                        for i in range(4):
-                            lo = (raw[row, qo + 4 * l + i] >> sh) & 0x0F
-                            hi = (raw[row, qo + 16 + 4 * l + i] >> sh) & 0x0F
-                            q[g, 8 * s + j, l, 4 * r + i] = lo | (hi << 4)
+                repack_k4_block(raw, row, n_out, 144 * s, 144 * s + 16, g, s, r, q, sc, m, d, dmin)
 
 
 def planes(n_out: int, n_in: int) -> dict[str, np.ndarray]:

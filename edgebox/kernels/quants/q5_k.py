@@ -71,6 +71,7 @@ from edgebox.kernels.matmul_simd512 import (
     zero_f32x16,
 )
 from edgebox.kernels.quants import gguf_blocks as gb
+from edgebox.kernels.quants.q4_k import repack_k4_block
 from edgebox.kernels.quants.traits import Kernels, QuantTraits
 
 # ---------------------------------------------------------------------------------------------
@@ -104,39 +105,14 @@ def _repack_q5_k(raw, n_out, q, qb, sc, m, d, dmin):
             row = ROWS * g + r
             for s in range(nsb):
                 o = 176 * s
-                if row >= n_out:
-                    d[g, s, r] = 0
-                    dmin[g, s, r] = 0
-                    for j in range(8):
-                        sc[g, 8 * s + j, r] = 0
-                        m[g, 8 * s + j, r] = 0
-                        for l in range(4):
-                            for i in range(4):
-                                q[g, 8 * s + j, l, 4 * r + i] = 0
-                        for i in range(4):
-                            qb[g, 8 * s + j, 4 * r + i] = 0
-                    continue
-                d[g, s, r] = np.uint16(raw[row, o]) | (np.uint16(raw[row, o + 1]) << 8)
-                dmin[g, s, r] = np.uint16(raw[row, o + 2]) | (np.uint16(raw[row, o + 3]) << 8)
+                repack_k4_block(raw, row, n_out, o, o + 48, g, s, r, q, sc, m, d, dmin)  # (the low 4 bits)
                 for j in range(8):
-                    if j < 4:
-                        sc[g, 8 * s + j, r] = raw[row, o + 4 + j] & 63
-                        m[g, 8 * s + j, r] = raw[row, o + 8 + j] & 63
-                    else:
-                        sc[g, 8 * s + j, r] = (raw[row, o + 8 + j] & 0x0F) | ((raw[row, o + j] >> 6) << 4)
-                        m[g, 8 * s + j, r] = (raw[row, o + 8 + j] >> 4) | ((raw[row, o + 4 + j] >> 6) << 4)
-                    # value v of sub-block j: nibble j % 2 of qs[32 * (j // 2) + v], 5th bit = bit j of qh[v]
-                    qo = o + 48 + 32 * (j // 2)
-                    sh = 4 * (j % 2)
-                    for l in range(4):
-                        for i in range(4):
-                            lo = (raw[row, qo + 4 * l + i] >> sh) & 0x0F
-                            hi = (raw[row, qo + 16 + 4 * l + i] >> sh) & 0x0F
-                            q[g, 8 * s + j, l, 4 * r + i] = lo | (hi << 4)
+                    # the 5th bit of value v of sub-block j: bit j of qh[v]
                     for i in range(4):
                         x = 0
-                        for c in range(8):
-                            x |= ((raw[row, o + 16 + 4 * c + i] >> j) & 1) << c
+                        if row < n_out:
+                            for c in range(8):
+                                x |= ((raw[row, o + 16 + 4 * c + i] >> j) & 1) << c
                         qb[g, 8 * s + j, 4 * r + i] = x
 
 
