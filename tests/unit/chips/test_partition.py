@@ -103,22 +103,9 @@ def test_plan_for_the_7b_shape():
     """DeepSeek-LLM-7B's real hyper-parameters on Q4_K (256-value super-blocks), without the file."""
     from types import SimpleNamespace
 
-    from edgebox.gguf.args import LlamaArgs
     from edgebox.gguf.quant_types import QType
+    from edgebox.power.shapes import DEEPSEEK_7B as args
 
-    args = LlamaArgs(
-        n_vocab=102400,
-        n_embd=4096,
-        n_layer=30,
-        n_head=32,
-        n_head_kv=32,
-        n_ff=11008,
-        n_ctx_train=4096,
-        n_rot=128,
-        rope_freq_base=10000.0,
-        rope_freq_scale=1.0,
-        rms_eps=1e-6,
-    )
     layer = SimpleNamespace(wo=SimpleNamespace(qtype=QType.Q4_K), w_down=SimpleNamespace(qtype=QType.Q6_K))
     plan = PartitionPlan.build(args, SimpleNamespace(layers=[layer] * 30), 4)
     assert [len(s.heads) for s in plan.shards] == [8, 8, 8, 8]
