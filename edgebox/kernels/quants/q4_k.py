@@ -97,7 +97,9 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
 def repack_k4_block(raw, row, n_out, o, qs, g, s, r, q, sc, m, d, dmin):
     """Super-block ``s`` of GGUF row ``row`` (its bytes from ``o``; the 4-bit codes from ``qs``)
     into lane ``r`` of row group ``g``: d, dmin, the 6-bit scales and mins of its 8 sub-blocks
-    and the codes; zeros for a padding row (row >= n_out).  Q4_K's layout, and Q5_K's low bits."""
+    and the codes; zeros for a padding row (row >= n_out).  Q4_K's layout, and Q5_K's low bits
+    (numba's cache of q5_k's repacker holds this as compiled then: after editing it, delete
+    ``quants/__pycache__/q5_k.*``, as ``matmul_simd`` says of its ops)."""
     if row >= n_out:
         d[g, s, r] = 0
         dmin[g, s, r] = 0
