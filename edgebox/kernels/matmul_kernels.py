@@ -354,20 +354,20 @@ def _dot32(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, wide):
 
 
 @njit(**_JIT)
-def _prefetch_pair(q, qo, nb, first, last):
-    """A pair quad's software prefetch at block offset qo of group g (g + 1's is 128 * nb on):
-    the pair's first quad fetches both groups' blocks ``_PF`` ahead from DRAM, its last one the
-    next pair's into L2 (as the 256-bit quads do for one group)."""
-    if first:
-        prefetch(q, qo + _PF)
-        prefetch(q, qo + _PF + 64)
-        prefetch(q, qo + 128 * nb + _PF)
-        prefetch(q, qo + 128 * nb + _PF + 64)
-    if last:
-        prefetch_l2(q, qo + 256 * nb)
-        prefetch_l2(q, qo + 256 * nb + 64)
-        prefetch_l2(q, qo + 384 * nb)
-        prefetch_l2(q, qo + 384 * nb + 64)
+def _prefetch_pair(q, qo, nb, first, last, block=128):
+    """A pair quad's software prefetch at block offset qo of group g (g + 1's is ``block`` * nb
+    on; ``block``: the type's bytes per block of a group, 128 for Q4_0/Q4_K, 256 for Q8_0): the
+    pair's first quad fetches both groups' blocks ``_PF`` per 128 bytes ahead from DRAM, its
+    last one the next pair's into L2 (as the 256-bit quads do for one group)."""
+    gap = block * nb
+    ahead = _PF * (block // 128)
+    for i in range(block // 64):
+        if first:
+            prefetch(q, qo + ahead + 64 * i)
+            prefetch(q, qo + gap + ahead + 64 * i)
+        if last:
+            prefetch_l2(q, qo + 2 * gap + 64 * i)
+            prefetch_l2(q, qo + 3 * gap + 64 * i)
 
 
 @njit(**_JIT)

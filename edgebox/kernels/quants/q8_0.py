@@ -17,7 +17,19 @@ from numba import njit, prange
 from edgebox.gguf import quant_types as qt
 from edgebox.gguf.quant_types import QType
 from edgebox.kernels import matmul_pack as P
-from edgebox.kernels.matmul_kernels import _JIT, _PF, _PJIT, _dot32x2, _quad, _store4, _store4x2, _store8x2, _unit, _units
+from edgebox.kernels.matmul_kernels import (
+    _JIT,
+    _PF,
+    _PJIT,
+    _dot32x2,
+    _prefetch_pair,
+    _quad,
+    _store4,
+    _store4x2,
+    _store8x2,
+    _unit,
+    _units,
+)
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
     HAS_VNNI,
@@ -214,18 +226,6 @@ def _q8_0_quad(q, d, xq, xd, xs16, nb, g, t0, T, out):
 
 
 @njit(**_JIT)
-def _q8_0_prefetch_pair(q, qo, nb, first, last):
-    """``_prefetch_pair`` for Q8_0's 256-byte blocks (the quad's distance, 2 * _PF)."""
-    for i in range(4):
-        if first:
-            prefetch(q, qo + 2 * _PF + 64 * i)
-            prefetch(q, qo + 256 * nb + 2 * _PF + 64 * i)
-        if last:
-            prefetch_l2(q, qo + 512 * nb + 64 * i)
-            prefetch_l2(q, qo + 768 * nb + 64 * i)
-
-
-@njit(**_JIT)
 def _q8_0_codes2(q, qo, qo1):
     """A pair's block (group g at qo, g + 1 at qo1) as 8 chunks of unsigned bytes q + 128."""
     return (
@@ -267,7 +267,7 @@ def _q8_0_quad2(q, d, xq, xd, xs16, nb, g, t0, T, out):
         k = g * nb + b
         qo = 256 * k
         qo1 = qo + 256 * nb  # (group g + 1's block b)
-        _q8_0_prefetch_pair(q, qo, nb, first, last)
+        _prefetch_pair(q, qo, nb, first, last, 256)
         W0, W1, W2, W3, W4, W5, W6, W7 = _q8_0_codes2(q, qo, qo1)
         D = ld2_f16x16(d, 8 * k, 8 * (k + nb))
         acc0 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, D, xd, acc0)
@@ -295,7 +295,7 @@ def _q8_0_oct2(q, d, xq, xd, xs16, nb, g, t0, T, out):
         k = g * nb + b
         qo = 256 * k
         qo1 = qo + 256 * nb
-        _q8_0_prefetch_pair(q, qo, nb, first, last)
+        _prefetch_pair(q, qo, nb, first, last, 256)
         W0, W1, W2, W3, W4, W5, W6, W7 = _q8_0_codes2(q, qo, qo1)
         D = ld2_f16x16(d, 8 * k, 8 * (k + nb))
         xo = t0 * n_in + 32 * b
