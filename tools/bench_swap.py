@@ -7,8 +7,10 @@ Mosquitto on a free loopback port and ``edgebox serve --model FILE1 --chips N`` 
 ``EDGEBOX_CACHE_DIR``); then ``load_model`` FILE2, FILE1, FILE2, ... (``--reps`` rounds of every
 file after the first). Each swap's wall time is measured at the client (command sent to reply
 received), beside the reply's ``load_s`` and ``warmup_s``; then two 1-token greedy generates of
-equally long, different prompts (no prompt-cache hit) give the first and the second request's
-TTFT after the swap: the warm-up's promise is that the first is no slower than the second.
+equally long prompts that differ from their first word on (``PROMPTS``: the engine copies a shared
+prefix of 4+ tokens instead of computing it, and "Report 12" / "Report 13" share 4) give the first
+and the second request's TTFT after the swap: the warm-up's promise is that the first is no slower
+than the second. Each row keeps both replies' ``cached_prompt_tokens``, which must be 0.
 A first round (``--prime``, on by default) loads every file once uncounted, so the packed-weight
 cache entries exist and the files are in the page cache: the swaps measured are warm ones.
 """
@@ -29,19 +31,21 @@ from tests.fixtures.daemon import Daemon  # noqa: E402
 from tests.fixtures.mosquitto import Mosquitto  # noqa: E402
 
 DEVICE = "swap"
+PROMPTS = ("Report {n}: the edge box", "Summary {n}: the edge box")  # one token each word: equally long
 
 
-def generate_ttft_ms(f: FleetClient, prompt: str) -> float:
+def generate(f: FleetClient, prompt: str) -> tuple[float, int]:
+    """The reply's TTFT (ms) and how many prompt tokens it took from the prompt cache."""
     r = f.call(DEVICE, "generate", {"prompt": prompt, "max_tokens": 1, "temperature": 0}, timeout=300)
-    return float(r["timings"]["ttft_ms"])
+    return float(r["timings"]["ttft_ms"]), int(r["usage"]["cached_prompt_tokens"])
 
 
 def swap(f: FleetClient, path: Path, chips: int, n: int) -> dict:
     t = time.perf_counter()
     r = f.call(DEVICE, "load_model", {"path": path.name, "chips": chips}, timeout=900)["result"]
     wall = time.perf_counter() - t
-    first = generate_ttft_ms(f, f"Report {n}: the edge box")
-    second = generate_ttft_ms(f, f"Report {n + 1}: the edge box")
+    first, first_cached = generate(f, PROMPTS[0].format(n=n))
+    second, second_cached = generate(f, PROMPTS[1].format(n=n))
     return {
         "file": path.name,
         "wall_s": round(wall, 3),
@@ -49,6 +53,7 @@ def swap(f: FleetClient, path: Path, chips: int, n: int) -> dict:
         "warmup_s": r["warmup_s"],
         "ttft_first_ms": first,
         "ttft_second_ms": second,
+        "cached_prompt_tokens": [first_cached, second_cached],
     }
 
 
@@ -92,7 +97,7 @@ def main() -> None:
             for rnd in range(args.reps + (1 if args.prime else 0)):
                 for path in order:
                     row = {**swap(f, path, args.chips, n), "round": rnd, "primed": args.prime and rnd == 0}
-                    n += 2
+                    n += 1
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     finally:
@@ -103,10 +108,11 @@ def main() -> None:
         walls = [r["wall_s"] for r in counted]
         warm = [r["warmup_s"] for r in counted]
         ratio = [r["ttft_first_ms"] / r["ttft_second_ms"] for r in counted]
+        hits = sum(1 for r in counted if any(r["cached_prompt_tokens"]))
         print(
             f"{args.chips} chips, {len(counted)} warm swaps: wall {min(walls):.2f}-{max(walls):.2f} s "
             f"(median {statistics.median(walls):.2f}), warmup_s {min(warm):.2f}-{max(warm):.2f}, "
-            f"first/second TTFT after the swap {min(ratio):.2f}-{max(ratio):.2f}x (median {statistics.median(ratio):.2f})",
+            f"first/second TTFT after the swap {min(ratio):.2f}-{max(ratio):.2f}x (median {statistics.median(ratio):.2f}), prompt-cache hits {hits}",
             flush=True,
         )
     if args.json:
