@@ -191,19 +191,43 @@ def _store8(out, ldo, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
 
 @njit(**_JIT)
 def _units(T):
-    """How a batched kernel cuts T tokens: (octets, quads after them). Octets while 8 tokens
-    remain (one pass of a row group's codes serves 8 tokens: half the unpacking per token of a
-    quad, and no second pass for T = 8, the batched decode step), then quads for the rest."""
+    """How a batched kernel cuts T tokens: (octets, quads, singles). Octets while 8 tokens remain
+    (one pass of a row group's codes serves 8 tokens: half the unpacking per token of a quad, and
+    no second pass for T = 8, the batched decode step); the rest r in quads, short ones computing
+    their missing tokens anyway, except that a lone token left over (r = 1 or 5) takes the
+    matvec's row-group step (the group's weights in L1/L2 by then): ~2.4 tokens of a quad's work
+    where a quad is 4, so T = 9 no longer costs what T = 12 does; two singles cost more than a
+    short quad (docs/performance.md)."""
     n8 = T // 8
-    return n8, (T - 8 * n8 + 3) // 4
+    r = T - 8 * n8
+    n4 = (r + 2) // 4
+    return n8, n4, max(r - 4 * n4, 0)
 
 
 @njit(**_JIT)
-def _unit(n8, u):
+def _unit(n8, n4, u):
     """(first token, width) of unit u of a row group (``_units``)."""
     if u < n8:
         return 8 * u, 8
-    return 8 * n8 + 4 * (u - n8), 4
+    if u < n8 + n4:
+        return 8 * n8 + 4 * (u - n8), 4
+    return 8 * n8 + 4 * n4 + (u - n8 - n4), 1
+
+
+@njit(**_JIT)
+def _last(T, t0, width):
+    """Whether the unit of ``width`` tokens at t0 is its row group's last octet or quad: it fetches
+    the next group into L2 meanwhile, and the codes it unpacks are not used again (the singles
+    after it, if any, read the group's weights from L1/L2 in the matvec's own way)."""
+    return t0 + width >= T - _units(T)[2]
+
+
+@njit(**_JIT)
+def _token(xq, xd, xs16, xsd32, out, T, t):
+    """Token t's activations and output row as a matvec's row-group step reads them (a single
+    unit of ``_units``): views from token t on, no copies."""
+    nb = xd.shape[0] // T
+    return xq[32 * nb * t :], xd[nb * t :], xs16[2 * nb * t :], xsd32[nb * t :], out[out.shape[0] // T * t :]
 
 
 @njit(**_JIT)

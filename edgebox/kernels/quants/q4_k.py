@@ -24,12 +24,14 @@ from edgebox.kernels.matmul_kernels import (
     _PJIT,
     _dot32,
     _dot32x2,
+    _last,
     _nib_block,
     _prefetch_pair,
     _quad,
     _store4,
     _store4x2,
     _store8x2,
+    _token,
     _unit,
     _units,
 )
@@ -220,7 +222,7 @@ def _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
-    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
+    last = _last(T, t0, 4)  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -273,7 +275,7 @@ def _q4_k_quad2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0
-    last = t0 + 4 >= T
+    last = _last(T, t0, 4)
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
@@ -311,7 +313,7 @@ def _q4_k_oct2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0
-    last = t0 + 8 >= T
+    last = _last(T, t0, 8)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
     acc2 = zero_f32x16()
@@ -355,25 +357,31 @@ def _q4_k_oct2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
 def q4_k_mm(q, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
-    nt = (T + 3) // 4
-    if HAS_512:  # two row groups per step (an odd last group: the 256-bit quad)
-        G2 = G // 2
-        n8, n4 = _units(T)
-        nu = n8 + n4
-        for it in prange(G2 * nu + (G - 2 * G2) * nt):
-            if it < G2 * nu:
-                p = it // nu
-                t0, width = _unit(n8, it - p * nu)
-                if width == 8:
-                    _q4_k_oct2(q, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, t0, T, out)
-                else:
-                    _q4_k_quad2(q, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, t0, T, out)
+    n8, n4, n1 = _units(T)
+    nq = 2 * n8 + n4  # one group's 256-bit cut: two quads per octet, the same singles (the same bits)
+    G2 = G // 2 if HAS_512 else 0  # pairs of row groups in 512-bit lanes; the rest one by one
+    nu, nv = n8 + n4 + n1, nq + n1
+    for it in prange(G2 * nu + (G - 2 * G2) * nv):
+        if it < G2 * nu:
+            p = it // nu
+            t0, width = _unit(n8, n4, it - p * nu)
+            if width == 8:
+                _q4_k_oct2(q, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, t0, T, out)
+            elif width == 4:
+                _q4_k_quad2(q, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, t0, T, out)
             else:
-                _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, G - 1, 4 * (it - G2 * nu), T, out)
-        return
-    for it in prange(G * nt):
-        g = it // nt
-        _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, 4 * (it - g * nt), T, out)
+                xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
+                _q4_k_group(q, sc, m, d, dmin, xq1, xd1, xsd1, nb, 2 * p, out1)
+                _q4_k_group(q, sc, m, d, dmin, xq1, xd1, xsd1, nb, 2 * p + 1, out1)
+        else:
+            g, u = divmod(it - G2 * nu, nv)
+            t0, width = _unit(0, nq, u)
+            g += 2 * G2
+            if width == 4:
+                _q4_k_quad(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out)
+            else:
+                xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
+                _q4_k_group(q, sc, m, d, dmin, xq1, xd1, xsd1, nb, g, out1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from edgebox.kernels.matmul_kernels import (
     _PJIT,
     _RUNS,
     _chunks8,
+    _last,
     _ld8,
     _ld8x2,
     _quad,
@@ -35,6 +36,7 @@ from edgebox.kernels.matmul_kernels import (
     _store4x2,
     _store8,
     _store8x2,
+    _token,
     _unit,
     _units,
 )
@@ -308,7 +310,7 @@ def _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
-    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
+    last = _last(T, t0, 4)  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -358,7 +360,7 @@ def _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0
-    last = t0 + 8 >= T
+    last = _last(T, t0, 8)
     acc0 = zero_f32()
     acc1 = zero_f32()
     acc2 = zero_f32()
@@ -430,7 +432,7 @@ def _q6_k_quad2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0
-    last = t0 + 4 >= T
+    last = _last(T, t0, 4)
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
@@ -487,7 +489,7 @@ def _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
     n_in = 32 * nb
     nsb = nb // 8
     first = t0 == 0
-    last = t0 + 8 >= T
+    last = _last(T, t0, 8)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
     acc2 = zero_f32x16()
@@ -544,38 +546,48 @@ def _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
 def q6_k_mm(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
-    n8, n4 = _units(T)
+    n8, n4, n1 = _units(T)
     if HAS_512:  # pairs of row groups (an odd last group: the 256-bit units)
         G2 = G // 2
         nw = min(G2, _RUNS)
         for c in prange(nw):
             buf = np.empty(512 * nb, np.uint8)
             for p in range(c * G2 // nw, (c + 1) * G2 // nw):
-                for u in range(n8 + n4):
-                    t0, width = _unit(n8, u)
+                for u in range(n8 + n4 + n1):
+                    t0, width = _unit(n8, n4, u)
                     if width == 8:
                         _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, 2 * p, t0, T, buf, out)
-                    else:
+                    elif width == 4:
                         _q6_k_quad2(q, qh, sc, d, xq, xd, xs16, nb, 2 * p, t0, T, buf, out)
+                    else:
+                        xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
+                        _q6_k_group(q, qh, sc, d, xq1, xd1, xs1, nb, 2 * p, out1)
+                        _q6_k_group(q, qh, sc, d, xq1, xd1, xs1, nb, 2 * p + 1, out1)
         if G > 2 * G2:
             buf1 = np.empty(256 * nb, np.uint8)
-            for u in range(n8 + n4):
-                t0, width = _unit(n8, u)
+            for u in range(n8 + n4 + n1):
+                t0, width = _unit(n8, n4, u)
                 if width == 8:
                     _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, G - 1, t0, T, buf1, out)
-                else:
+                elif width == 4:
                     _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, G - 1, t0, T, buf1, out)
+                else:
+                    xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
+                    _q6_k_group(q, qh, sc, d, xq1, xd1, xs1, nb, G - 1, out1)
         return
     nw = min(G, _RUNS)
     for c in prange(nw):  # contiguous runs of row groups, one code buffer each
         buf = np.empty(256 * nb, np.uint8)
         for g in range(c * G // nw, (c + 1) * G // nw):
-            for u in range(n8 + n4):
-                t0, width = _unit(n8, u)
+            for u in range(n8 + n4 + n1):
+                t0, width = _unit(n8, n4, u)
                 if width == 8:
                     _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out)
-                else:
+                elif width == 4:
                     _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out)
+                else:
+                    xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
+                    _q6_k_group(q, qh, sc, d, xq1, xd1, xs1, nb, g, out1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Repacked: byte plane q (int8) [G, nb, 8, 32], d f16 [G, nb, 8] (as compact as the file).
 Kernel: vpmaddubsw needs one unsigned operand: |w| times x with w's sign moved onto x (vpabsb,
 vpsignb; llama.cpp's AVX2 trick).  A pair sum can reach 2*128*127, so each product vector is
-widened to int32 (vpmaddwd) before it is added.  The batched kernels on VNNI hosts take the
-other way to one unsigned operand: q + 128 (the sign bit flipped) by vpdpbusd, less 128 * the
+widened to int32 (vpmaddwd) before it is added.  On VNNI hosts every kernel takes the other
+way to one unsigned operand: q + 128 (the sign bit flipped) by vpdpbusd, less 128 * the
 activations' sum, the same int32 (the 512-bit pairs: 2.2-2.5x the AVX2 quad on a Zen 4).  ORT:
 MatMulNBits bits=8 block 32, code q+128, default zero point 128: bit-exact.
 """
@@ -22,11 +22,13 @@ from edgebox.kernels.matmul_kernels import (
     _PF,
     _PJIT,
     _dot32x2,
+    _last,
     _prefetch_pair,
     _quad,
     _store4,
     _store4x2,
     _store8x2,
+    _token,
     _unit,
     _units,
 )
@@ -133,37 +135,6 @@ def _q8_chunk(w, x):
 
 
 @njit(**_JIT)
-def _q8_0_blk(q, d, xq, xd, k, b, acc):
-    """acc += the 8 rows' dot products of block k (activation block b)."""
-    a = zero_i32()
-    for c in range(8):
-        a = add_i32(a, _q8_chunk(ld_i8x32(q, 256 * k + 32 * c), bc4_i8x32(xq, 32 * b + 4 * c)))
-    return fma_f32(cvt_f32(a), mul_f32(ld_f16x8(d, 8 * k), bc_f32(xd, b)), acc)
-
-
-@njit(**_JIT)
-def _q8_0_group(q, d, xq, xd, nb, g, out):
-    acc0 = zero_f32()
-    acc1 = zero_f32()
-    for b in range(0, nb - 1, 2):
-        k = g * nb + b
-        for i in range(8):
-            prefetch(q, 256 * k + _PF + 64 * i)
-        acc0 = _q8_0_blk(q, d, xq, xd, k, b, acc0)
-        acc1 = _q8_0_blk(q, d, xq, xd, k + 1, b + 1, acc1)
-    if nb % 2:
-        acc0 = _q8_0_blk(q, d, xq, xd, g * nb + nb - 1, nb - 1, acc0)
-    st_f32x8(out, 8 * g, add_f32(acc0, acc1))
-
-
-@njit(**_PJIT)
-def q8_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
-    nb = xd.shape[0]
-    for g in prange(out.shape[0] // 8):
-        _q8_0_group(q, d, xq, xd, nb, g, out)
-
-
-@njit(**_JIT)
 def _sum128(xs16, e):
     """128 * the sum of activation block e's codes, from ``quantize_act``'s VNNI xs16 (-32 * the
     sum of each 16-value half)."""
@@ -171,10 +142,46 @@ def _sum128(xs16, e):
 
 
 @njit(**_JIT)
+def _q8_0_blk(q, d, xq, xd, xs16, k, b, acc):
+    """acc += the 8 rows' dot products of block k (activation block b)."""
+    a = zero_i32()
+    if HAS_VNNI:  # as the quads: q + 128 by vpdpbusd, less 128 * the activations' sum
+        for c in range(8):
+            a = dpbusd(a, xor_i8(ld_i8x32(q, 256 * k + 32 * c), 0x80), bc4_i8x32(xq, 32 * b + 4 * c))
+        a = sub_i32_s(a, _sum128(xs16, b))
+    else:
+        for c in range(8):
+            a = add_i32(a, _q8_chunk(ld_i8x32(q, 256 * k + 32 * c), bc4_i8x32(xq, 32 * b + 4 * c)))
+    return fma_f32(cvt_f32(a), mul_f32(ld_f16x8(d, 8 * k), bc_f32(xd, b)), acc)
+
+
+@njit(**_JIT)
+def _q8_0_group(q, d, xq, xd, xs16, nb, g, out):
+    acc0 = zero_f32()
+    acc1 = zero_f32()
+    for b in range(0, nb - 1, 2):
+        k = g * nb + b
+        for i in range(8):
+            prefetch(q, 256 * k + _PF + 64 * i)
+        acc0 = _q8_0_blk(q, d, xq, xd, xs16, k, b, acc0)
+        acc1 = _q8_0_blk(q, d, xq, xd, xs16, k + 1, b + 1, acc1)
+    if nb % 2:
+        acc0 = _q8_0_blk(q, d, xq, xd, xs16, g * nb + nb - 1, nb - 1, acc0)
+    st_f32x8(out, 8 * g, add_f32(acc0, acc1))
+
+
+@njit(**_PJIT)
+def q8_0_mv(q, d, xq, xd, xs16, xsd16, xsd32, out):
+    nb = xd.shape[0]
+    for g in prange(out.shape[0] // 8):
+        _q8_0_group(q, d, xq, xd, xs16, nb, g, out)
+
+
+@njit(**_JIT)
 def _q8_0_quad(q, d, xq, xd, xs16, nb, g, t0, T, out):
     n_in = 32 * nb
     first = t0 == 0  # the group's first quad reads its weights from DRAM: it prefetches
-    last = t0 + 4 >= T  # the last one fetches the next group into L2 meanwhile
+    last = _last(T, t0, 4)  # the last one fetches the next group into L2 meanwhile
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
@@ -257,7 +264,7 @@ def _q8_0_quad2(q, d, xq, xd, xs16, nb, g, t0, T, out):
     # float epilogue lane for lane, so the same bits.
     n_in = 32 * nb
     first = t0 == 0
-    last = t0 + 4 >= T
+    last = _last(T, t0, 4)
     t0, t1, t2, t3 = _quad(T, t0)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
@@ -282,7 +289,7 @@ def _q8_0_oct2(q, d, xq, xd, xs16, nb, g, t0, T, out):
     # ``_q8_0_quad2`` 8 tokens wide (the batched decode step's T): a pair's weights loaded once
     n_in = 32 * nb
     first = t0 == 0
-    last = t0 + 8 >= T
+    last = _last(T, t0, 8)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
     acc2 = zero_f32x16()
@@ -315,25 +322,31 @@ def _q8_0_oct2(q, d, xq, xd, xs16, nb, g, t0, T, out):
 def q8_0_mm(q, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
     G = out.shape[0] // T // 8
-    nt = (T + 3) // 4
-    if HAS_512:  # two row groups per step, octets then quads (an odd last group: the 256-bit quad)
-        G2 = G // 2
-        n8, n4 = _units(T)
-        nu = n8 + n4
-        for it in prange(G2 * nu + (G - 2 * G2) * nt):
-            if it < G2 * nu:
-                p = it // nu
-                t0, width = _unit(n8, it - p * nu)
-                if width == 8:
-                    _q8_0_oct2(q, d, xq, xd, xs16, nb, 2 * p, t0, T, out)
-                else:
-                    _q8_0_quad2(q, d, xq, xd, xs16, nb, 2 * p, t0, T, out)
+    n8, n4, n1 = _units(T)
+    nq = 2 * n8 + n4  # one group's 256-bit cut: two quads per octet, the same singles (the same bits)
+    G2 = G // 2 if HAS_512 else 0  # pairs of row groups in 512-bit lanes; the rest one by one
+    nu, nv = n8 + n4 + n1, nq + n1
+    for it in prange(G2 * nu + (G - 2 * G2) * nv):
+        if it < G2 * nu:
+            p = it // nu
+            t0, width = _unit(n8, n4, it - p * nu)
+            if width == 8:
+                _q8_0_oct2(q, d, xq, xd, xs16, nb, 2 * p, t0, T, out)
+            elif width == 4:
+                _q8_0_quad2(q, d, xq, xd, xs16, nb, 2 * p, t0, T, out)
             else:
-                _q8_0_quad(q, d, xq, xd, xs16, nb, G - 1, 4 * (it - G2 * nu), T, out)
-        return
-    for it in prange(G * nt):
-        g = it // nt
-        _q8_0_quad(q, d, xq, xd, xs16, nb, g, 4 * (it - g * nt), T, out)
+                xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
+                _q8_0_group(q, d, xq1, xd1, xs1, nb, 2 * p, out1)
+                _q8_0_group(q, d, xq1, xd1, xs1, nb, 2 * p + 1, out1)
+        else:
+            g, u = divmod(it - G2 * nu, nv)
+            t0, width = _unit(0, nq, u)
+            g += 2 * G2
+            if width == 4:
+                _q8_0_quad(q, d, xq, xd, xs16, nb, g, t0, T, out)
+            else:
+                xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
+                _q8_0_group(q, d, xq1, xd1, xs1, nb, g, out1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -146,10 +146,30 @@ def test_fast_types_7b_like_rows(qtype):
     check(w, Wf, X[:1], M.matvec(w, X[0])[None], f"{qtype.name} 203x2048 matvec")
 
 
+def test_units_cover_every_token_once_and_leave_lone_tokens_to_singles():
+    """``_units``: octets while 8 tokens remain, then quads (the last one short by up to 2), and a
+    lone token left over (T % 8 = 1 or 5) as a single, not a quad computing 3 tokens for nothing;
+    every token in exactly one unit; ``_last`` marks the last octet or quad."""
+    from edgebox.kernels.matmul_kernels import _last, _unit, _units
+
+    cuts = {2: (0, 1, 0), 3: (0, 1, 0), 5: (0, 1, 1), 6: (0, 2, 0), 7: (0, 2, 0), 8: (1, 0, 0), 9: (1, 0, 1)}
+    cuts |= {10: (1, 1, 0), 13: (1, 1, 1), 16: (2, 0, 0), 21: (2, 1, 1), 64: (8, 0, 0)}
+    for T, want in cuts.items():
+        assert _units(T) == want, T
+    for T in range(2, 70):
+        n8, n4, n1 = _units(T)
+        units = [_unit(n8, n4, u) for u in range(n8 + n4 + n1)]
+        covered = [t for t0, w in units for t in range(t0, min(t0 + w, T))]
+        assert covered == list(range(T)), T
+        assert all(t0 + w <= T + 2 for t0, w in units) and n1 <= 1, T  # a quad is short by 2 at most
+        wide = [(t0, w) for t0, w in units if w > 1]
+        assert [_last(T, t0, w) for t0, w in wide] == [i == len(wide) - 1 for i in range(len(wide))], T
+
+
 @pytest.mark.parametrize("qtype", FAST, ids=lambda q: q.name)
 def test_token_octets_and_quads(qtype):
-    """T cut into octets and quads (``matmul_kernels._units``: 8, 8 + 1..7, 16, 21 = 8 + 8 + 4 + 1;
-    ragged rows): every token equals the reference and its own matvec."""
+    """T cut into octets, quads and singles (``matmul_kernels._units``: 8, 8 + 1..7, 16, 21 = 8 +
+    8 + 4 + 1; ragged rows): every token equals the reference and its own matvec."""
     rng = np.random.default_rng(int(qtype) + 100)
     n_out, n_in = 203, _n_in(qtype, 3)
     raw = make_weight(qtype, n_out, n_in, rng)
