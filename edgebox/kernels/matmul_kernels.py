@@ -13,11 +13,11 @@ activation bytes broadcast to every lane, ``vpmaddwd`` with ones to int32 (lane 
 block the row sums meet the 8 row scales times the activation scale in one FMA.
 
 Loops: ``*_mv`` (T = 1, decode) runs parallel over row groups, each thread one sequential stream
-with a software prefetch ``_PF`` ahead; ``*_mm`` (T tokens) runs one row group x 4 tokens per
-step, parallel over (group, quad), quads innermost, so a group's weights leave DRAM once per call
-(ragged T repeats the last token); Q6_K takes octets of tokens while 8 remain (``_units``). Shapes: ``G`` row groups of 8, ``nb = n_in / 32`` blocks;
-planes and activations flat (1-D), outputs float32 ``[T, G*8]`` flat. Every kernel releases the
-GIL. Measurements: docs/performance.md.
+with a software prefetch ``_PF`` ahead; ``*_mm`` (T tokens) runs a row group (or a pair, 512-bit)
+through units of 8, 4 or 1 tokens (``_units``: a short unit repeats the last token), parallel
+over groups, units innermost, so a group's weights leave DRAM once per call. Shapes: ``G`` row
+groups of 8, ``nb = n_in / 32`` blocks; planes and activations flat (1-D), outputs float32
+``[T, G*8]`` flat. Every kernel releases the GIL. Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -144,13 +144,14 @@ def _store4x2(out, ldo, g, t0, T, acc0, acc1, acc2, acc3):
 
 
 @njit(**_JIT)
-def _store8x2(out, ldo, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
+def _store8x2(out, ldo, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
     """A pair octet's 16-lane accumulators: the low halves to row group g, the high to g + 1."""
     _store8(
         out,
         ldo,
         g,
         t0,
+        T,
         lo_f32x8(acc0),
         lo_f32x8(acc1),
         lo_f32x8(acc2),
@@ -165,6 +166,7 @@ def _store8x2(out, ldo, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
         ldo,
         g + 1,
         t0,
+        T,
         hi_f32x8(acc0),
         hi_f32x8(acc1),
         hi_f32x8(acc2),
@@ -177,29 +179,34 @@ def _store8x2(out, ldo, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
 
 
 @njit(**_JIT)
-def _store8(out, ldo, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
-    """An octet's 8 accumulators to row group g of tokens t0..t0+7 (an octet is always whole)."""
+def _store8(out, ldo, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
+    """An octet's 8 accumulators to row group g of tokens t0..t0+7 (those below T: the last octet
+    may be short, ``_units``)."""
     st_f32x8(out, t0 * ldo + 8 * g, acc0)
     st_f32x8(out, (t0 + 1) * ldo + 8 * g, acc1)
     st_f32x8(out, (t0 + 2) * ldo + 8 * g, acc2)
     st_f32x8(out, (t0 + 3) * ldo + 8 * g, acc3)
     st_f32x8(out, (t0 + 4) * ldo + 8 * g, acc4)
     st_f32x8(out, (t0 + 5) * ldo + 8 * g, acc5)
-    st_f32x8(out, (t0 + 6) * ldo + 8 * g, acc6)
-    st_f32x8(out, (t0 + 7) * ldo + 8 * g, acc7)
+    if t0 + 6 < T:
+        st_f32x8(out, (t0 + 6) * ldo + 8 * g, acc6)
+    if t0 + 7 < T:
+        st_f32x8(out, (t0 + 7) * ldo + 8 * g, acc7)
 
 
 @njit(**_JIT)
 def _units(T):
     """How a batched kernel cuts T tokens: (octets, quads, singles). Octets while 8 tokens remain
     (one pass of a row group's codes serves 8 tokens: half the unpacking per token of a quad, and
-    no second pass for T = 8, the batched decode step); the rest r in quads, short ones computing
-    their missing tokens anyway, except that a lone token left over (r = 1 or 5) takes the
-    matvec's row-group step (the group's weights in L1/L2 by then): ~2.4 tokens of a quad's work
-    where a quad is 4, so T = 9 no longer costs what T = 12 does; two singles cost more than a
-    short quad (docs/performance.md)."""
+    no second pass for T = 8, the batched decode step), and a short octet for 6 or 7 left; the
+    rest r < 6 in quads, short ones computing their missing tokens anyway, except that a lone
+    token left over (r = 1 or 5) takes the matvec's row-group step (the group's weights in L1/L2
+    by then): ~2.4 tokens of a quad's work where a quad is 4, so T = 9 no longer costs what
+    T = 12 does; two singles cost more than a short quad (docs/performance.md)."""
     n8 = T // 8
     r = T - 8 * n8
+    if r >= 6:
+        return n8 + 1, 0, 0
     n4 = (r + 2) // 4
     return n8, n4, max(r - 4 * n4, 0)
 
@@ -228,6 +235,13 @@ def _token(xq, xd, xs16, xsd32, out, T, t):
     unit of ``_units``): views from token t on, no copies."""
     nb = xd.shape[0] // T
     return xq[32 * nb * t :], xd[nb * t :], xs16[2 * nb * t :], xsd32[nb * t :], out[out.shape[0] // T * t :]
+
+
+@njit(**_JIT)
+def _octet(T, t0):
+    """The 8 token indices of an octet starting at t0 (past the end: the last token again)."""
+    e = T - 1
+    return t0, min(t0 + 1, e), min(t0 + 2, e), min(t0 + 3, e), min(t0 + 4, e), min(t0 + 5, e), min(t0 + 6, e), min(t0 + 7, e)
 
 
 @njit(**_JIT)

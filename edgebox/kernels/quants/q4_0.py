@@ -22,6 +22,7 @@ from edgebox.kernels.matmul_kernels import (
     _dot32x2,
     _last,
     _nib_block,
+    _octet,
     _prefetch_pair,
     _quad,
     _store4,
@@ -260,6 +261,7 @@ def _q4_0_oct2(q, d, xq, xd, xsd32, nb, g, t0, T, out):
     n_in = 32 * nb
     first = t0 == 0
     last = _last(T, t0, 8)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _octet(T, t0)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
     acc2 = zero_f32x16()
@@ -281,17 +283,15 @@ def _q4_0_oct2(q, d, xq, xd, xsd32, nb, g, t0, T, out):
         v4, v5, v6, v7 = nib_hi64(w0), nib_hi64(w1), nib_hi64(w2), nib_hi64(w3)
         D = ld2_f16x16(d, 8 * k, 8 * (k + nb))
         D8 = mul_f32x16_s(D, -8.0)
-        xo = t0 * n_in + 32 * b
-        e = t0 * nb + b
-        acc0 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, D, D8, xd, xsd32, acc0)
-        acc1 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + n_in, e + nb, D, D8, xd, xsd32, acc1)
-        acc2 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 2 * n_in, e + 2 * nb, D, D8, xd, xsd32, acc2)
-        acc3 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 3 * n_in, e + 3 * nb, D, D8, xd, xsd32, acc3)
-        acc4 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 4 * n_in, e + 4 * nb, D, D8, xd, xsd32, acc4)
-        acc5 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 5 * n_in, e + 5 * nb, D, D8, xd, xsd32, acc5)
-        acc6 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 6 * n_in, e + 6 * nb, D, D8, xd, xsd32, acc6)
-        acc7 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 7 * n_in, e + 7 * nb, D, D8, xd, xsd32, acc7)
-    _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        acc0 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b, t0 * nb + b, D, D8, xd, xsd32, acc0)
+        acc1 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b, t1 * nb + b, D, D8, xd, xsd32, acc1)
+        acc2 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b, t2 * nb + b, D, D8, xd, xsd32, acc2)
+        acc3 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b, t3 * nb + b, D, D8, xd, xsd32, acc3)
+        acc4 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t4 * n_in + 32 * b, t4 * nb + b, D, D8, xd, xsd32, acc4)
+        acc5 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t5 * n_in + 32 * b, t5 * nb + b, D, D8, xd, xsd32, acc5)
+        acc6 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t6 * n_in + 32 * b, t6 * nb + b, D, D8, xd, xsd32, acc6)
+        acc7 = _q4_0_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t7 * n_in + 32 * b, t7 * nb + b, D, D8, xd, xsd32, acc7)
+    _store8x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
 
 @njit(**_PJIT)

@@ -26,6 +26,7 @@ from edgebox.kernels.matmul_kernels import (
     _dot32x2,
     _last,
     _nib_block,
+    _octet,
     _prefetch_pair,
     _quad,
     _store4,
@@ -314,6 +315,7 @@ def _q4_k_oct2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
     nsb = nb // 8
     first = t0 == 0
     last = _last(T, t0, 8)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _octet(T, t0)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
     acc2 = zero_f32x16()
@@ -340,17 +342,15 @@ def _q4_k_oct2(q, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, out):
             v4, v5, v6, v7 = nib_hi64(w0), nib_hi64(w1), nib_hi64(w2), nib_hi64(w3)
             DS = mul_f32x16(D, cvt_f32x16(ld2_u8x16_i32(sc, 8 * k, 8 * (k + nb))))
             DM = mul_f32x16(NDM, cvt_f32x16(ld2_u8x16_i32(m, 8 * k, 8 * (k + nb))))
-            xo = t0 * n_in + 32 * b
-            e = t0 * nb + b
-            acc0 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, DS, DM, xd, xsd32, acc0)
-            acc1 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + n_in, e + nb, DS, DM, xd, xsd32, acc1)
-            acc2 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 2 * n_in, e + 2 * nb, DS, DM, xd, xsd32, acc2)
-            acc3 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 3 * n_in, e + 3 * nb, DS, DM, xd, xsd32, acc3)
-            acc4 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 4 * n_in, e + 4 * nb, DS, DM, xd, xsd32, acc4)
-            acc5 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 5 * n_in, e + 5 * nb, DS, DM, xd, xsd32, acc5)
-            acc6 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 6 * n_in, e + 6 * nb, DS, DM, xd, xsd32, acc6)
-            acc7 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 7 * n_in, e + 7 * nb, DS, DM, xd, xsd32, acc7)
-    _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+            acc0 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b, t0 * nb + b, DS, DM, xd, xsd32, acc0)
+            acc1 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b, t1 * nb + b, DS, DM, xd, xsd32, acc1)
+            acc2 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b, t2 * nb + b, DS, DM, xd, xsd32, acc2)
+            acc3 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b, t3 * nb + b, DS, DM, xd, xsd32, acc3)
+            acc4 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t4 * n_in + 32 * b, t4 * nb + b, DS, DM, xd, xsd32, acc4)
+            acc5 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t5 * n_in + 32 * b, t5 * nb + b, DS, DM, xd, xsd32, acc5)
+            acc6 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t6 * n_in + 32 * b, t6 * nb + b, DS, DM, xd, xsd32, acc6)
+            acc7 = _q4_k_tok2(v0, v1, v2, v3, v4, v5, v6, v7, xq, t7 * n_in + 32 * b, t7 * nb + b, DS, DM, xd, xsd32, acc7)
+    _store8x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
 
 @njit(**_PJIT)

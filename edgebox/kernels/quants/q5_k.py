@@ -3,7 +3,7 @@
 Repacked: as Q4_K (nib plane = q & 15) plus a bit plane qb = q >> 4 [G, nb, 32] (bit c of byte
 4r+i: the 5th bit of chunk c's value); +2.3% over the file.  Kernel: four vpmaddubsw products fit
 int16 (4 * 2*31*127 = 31496), so a block takes two vpmaddwd instead of Q4_K's one; the rest is
-Q4_K.  Batched: octets of tokens while 8 remain, then quads, as Q6_K.  ORT: none (8-bit codes
+Q4_K.  Batched: units of 8, 4 or 1 tokens (``_units``), as Q6_K.  ORT: none (8-bit codes
 with float zero points are refused by ORT's CPU kernel).
 """
 
@@ -25,6 +25,7 @@ from edgebox.kernels.matmul_kernels import (
     _last,
     _ld8,
     _ld8x2,
+    _octet,
     _quad,
     _st8,
     _st8x2,
@@ -303,6 +304,7 @@ def _q5_k_oct(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
     nsb = nb // 8
     first = t0 == 0
     last = _last(T, t0, 8)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _octet(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
     acc2 = zero_f32()
@@ -335,17 +337,15 @@ def _q5_k_oct(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
                     prefetch_l2(qb, 32 * (k + nb))
             DS = mul_f32(D, cvt_f32(ld_u8x8_i32(sc, 8 * k)))
             DM = mul_f32(NDM, cvt_f32(ld_u8x8_i32(m, 8 * k)))
-            xo = t0 * n_in + 32 * b
-            e = t0 * nb + b
-            acc0 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo, e, DS, DM, xd, xsd32, acc0)
-            acc1 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + n_in, e + nb, DS, DM, xd, xsd32, acc1)
-            acc2 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 2 * n_in, e + 2 * nb, DS, DM, xd, xsd32, acc2)
-            acc3 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 3 * n_in, e + 3 * nb, DS, DM, xd, xsd32, acc3)
-            acc4 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 4 * n_in, e + 4 * nb, DS, DM, xd, xsd32, acc4)
-            acc5 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 5 * n_in, e + 5 * nb, DS, DM, xd, xsd32, acc5)
-            acc6 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 6 * n_in, e + 6 * nb, DS, DM, xd, xsd32, acc6)
-            acc7 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, xo + 7 * n_in, e + 7 * nb, DS, DM, xd, xsd32, acc7)
-    _store8(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+            acc0 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, t0 * n_in + 32 * b, t0 * nb + b, DS, DM, xd, xsd32, acc0)
+            acc1 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, t1 * n_in + 32 * b, t1 * nb + b, DS, DM, xd, xsd32, acc1)
+            acc2 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, t2 * n_in + 32 * b, t2 * nb + b, DS, DM, xd, xsd32, acc2)
+            acc3 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, t3 * n_in + 32 * b, t3 * nb + b, DS, DM, xd, xsd32, acc3)
+            acc4 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, t4 * n_in + 32 * b, t4 * nb + b, DS, DM, xd, xsd32, acc4)
+            acc5 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, t5 * n_in + 32 * b, t5 * nb + b, DS, DM, xd, xsd32, acc5)
+            acc6 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, t6 * n_in + 32 * b, t6 * nb + b, DS, DM, xd, xsd32, acc6)
+            acc7 = _q5_tok(v0, v1, v2, v3, v4, v5, v6, v7, xq, t7 * n_in + 32 * b, t7 * nb + b, DS, DM, xd, xsd32, acc7)
+    _store8(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
 
 # -- 512-bit pairs of row groups (``matmul_simd512``): the quad and octet above, lane for lane
@@ -416,6 +416,7 @@ def _q5_k_oct2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
     nsb = nb // 8
     first = t0 == 0
     last = _last(T, t0, 8)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _octet(T, t0)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
     acc2 = zero_f32x16()
@@ -459,17 +460,15 @@ def _q5_k_oct2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
                     prefetch_l2(qb, 32 * (k1 + 2 * nb))
             DS = mul_f32x16(D, cvt_f32x16(ld2_u8x16_i32(sc, 8 * k, 8 * k1)))
             DM = mul_f32x16(NDM, cvt_f32x16(ld2_u8x16_i32(m, 8 * k, 8 * k1)))
-            xo = t0 * n_in + 32 * b
-            e = t0 * nb + b
-            acc0 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo, e, DS, DM, xd, xsd32, acc0)
-            acc1 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + n_in, e + nb, DS, DM, xd, xsd32, acc1)
-            acc2 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 2 * n_in, e + 2 * nb, DS, DM, xd, xsd32, acc2)
-            acc3 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 3 * n_in, e + 3 * nb, DS, DM, xd, xsd32, acc3)
-            acc4 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 4 * n_in, e + 4 * nb, DS, DM, xd, xsd32, acc4)
-            acc5 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 5 * n_in, e + 5 * nb, DS, DM, xd, xsd32, acc5)
-            acc6 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 6 * n_in, e + 6 * nb, DS, DM, xd, xsd32, acc6)
-            acc7 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, xo + 7 * n_in, e + 7 * nb, DS, DM, xd, xsd32, acc7)
-    _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+            acc0 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t0 * n_in + 32 * b, t0 * nb + b, DS, DM, xd, xsd32, acc0)
+            acc1 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t1 * n_in + 32 * b, t1 * nb + b, DS, DM, xd, xsd32, acc1)
+            acc2 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t2 * n_in + 32 * b, t2 * nb + b, DS, DM, xd, xsd32, acc2)
+            acc3 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t3 * n_in + 32 * b, t3 * nb + b, DS, DM, xd, xsd32, acc3)
+            acc4 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t4 * n_in + 32 * b, t4 * nb + b, DS, DM, xd, xsd32, acc4)
+            acc5 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t5 * n_in + 32 * b, t5 * nb + b, DS, DM, xd, xsd32, acc5)
+            acc6 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t6 * n_in + 32 * b, t6 * nb + b, DS, DM, xd, xsd32, acc6)
+            acc7 = _q5_tok2(V0, V1, V2, V3, V4, V5, V6, V7, xq, t7 * n_in + 32 * b, t7 * nb + b, DS, DM, xd, xsd32, acc7)
+    _store8x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
 
 @njit(**_PJIT)

@@ -6,7 +6,7 @@ Repacked: nib plane q = low 4 bits, crumb plane qh = high 2 bits [G, nb, 2, 32],
 sub-block 2b (low nibbles), 4-7 sub-block 2b+1 (high nibbles); per 16 values the 4 vpmaddubsw
 products are summed in int16 and the -32 offset subtracted there (``_q6_half``: exact, though the
 sum wraps before), then one vpmaddwd by the int16 scales gives int32 sc * dot.  Batched: tokens
-in octets while 8 remain (T = 8, a batched decode step: one pass over the codes), then quads;
+in octets (T = 8, a batched decode step: one pass over the codes), then quads (``_units``);
 with VNNI the octets apply d*sc in float (``_q6_tok_d``).
 ORT: MatMulNBits bits=8 block 16, code q, uint8 zero point 32, scale d*sc (exact in float32):
 bit-exact.
@@ -29,6 +29,7 @@ from edgebox.kernels.matmul_kernels import (
     _last,
     _ld8,
     _ld8x2,
+    _octet,
     _quad,
     _st8,
     _st8x2,
@@ -361,6 +362,7 @@ def _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
     nsb = nb // 8
     first = t0 == 0
     last = _last(T, t0, 8)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _octet(T, t0)
     acc0 = zero_f32()
     acc1 = zero_f32()
     acc2 = zero_f32()
@@ -389,17 +391,15 @@ def _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
                 prefetch_l2(qh, 64 * (k + nb))
             SA = _q6_scales_d(sc, 16 * k, D)
             SB = _q6_scales_d(sc, 16 * k + 8, D)
-            xo = t0 * n_in + 32 * b
-            e = t0 * nb + b
-            acc0 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo, xs16, e, xd, D, acc0)
-            acc1 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + n_in, xs16, e + nb, xd, D, acc1)
-            acc2 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 2 * n_in, xs16, e + 2 * nb, xd, D, acc2)
-            acc3 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 3 * n_in, xs16, e + 3 * nb, xd, D, acc3)
-            acc4 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 4 * n_in, xs16, e + 4 * nb, xd, D, acc4)
-            acc5 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 5 * n_in, xs16, e + 5 * nb, xd, D, acc5)
-            acc6 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 6 * n_in, xs16, e + 6 * nb, xd, D, acc6)
-            acc7 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, xo + 7 * n_in, xs16, e + 7 * nb, xd, D, acc7)
-    _store8(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+            acc0 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, xd, D, acc0)
+            acc1 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t1 * n_in + 32 * b, xs16, t1 * nb + b, xd, D, acc1)
+            acc2 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t2 * n_in + 32 * b, xs16, t2 * nb + b, xd, D, acc2)
+            acc3 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t3 * n_in + 32 * b, xs16, t3 * nb + b, xd, D, acc3)
+            acc4 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t4 * n_in + 32 * b, xs16, t4 * nb + b, xd, D, acc4)
+            acc5 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t5 * n_in + 32 * b, xs16, t5 * nb + b, xd, D, acc5)
+            acc6 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t6 * n_in + 32 * b, xs16, t6 * nb + b, xd, D, acc6)
+            acc7 = _q6_tok_d(v0, v1, v2, v3, v4, v5, v6, v7, SA, SB, xq, t7 * n_in + 32 * b, xs16, t7 * nb + b, xd, D, acc7)
+    _store8(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
 
 # -- 512-bit pairs of row groups (``matmul_simd512``): the VNNI quad and octet above, lane for lane
@@ -490,6 +490,7 @@ def _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
     nsb = nb // 8
     first = t0 == 0
     last = _last(T, t0, 8)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _octet(T, t0)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
     acc2 = zero_f32x16()
@@ -529,17 +530,15 @@ def _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
                 prefetch_l2(qh, 64 * (k1 + 2 * nb))
             SA = mul_f32x16(cvt_f32x16(ld2_i8x16_i32(sc, 16 * k, 16 * (k + nb))), D)
             SB = mul_f32x16(cvt_f32x16(ld2_i8x16_i32(sc, 16 * k + 8, 16 * (k + nb) + 8)), D)
-            xo = t0 * n_in + 32 * b
-            e = t0 * nb + b
-            acc0 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo, xs16, e, xd, acc0)
-            acc1 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + n_in, xs16, e + nb, xd, acc1)
-            acc2 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 2 * n_in, xs16, e + 2 * nb, xd, acc2)
-            acc3 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 3 * n_in, xs16, e + 3 * nb, xd, acc3)
-            acc4 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 4 * n_in, xs16, e + 4 * nb, xd, acc4)
-            acc5 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 5 * n_in, xs16, e + 5 * nb, xd, acc5)
-            acc6 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 6 * n_in, xs16, e + 6 * nb, xd, acc6)
-            acc7 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, xo + 7 * n_in, xs16, e + 7 * nb, xd, acc7)
-    _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+            acc0 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, xd, acc0)
+            acc1 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t1 * n_in + 32 * b, xs16, t1 * nb + b, xd, acc1)
+            acc2 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t2 * n_in + 32 * b, xs16, t2 * nb + b, xd, acc2)
+            acc3 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t3 * n_in + 32 * b, xs16, t3 * nb + b, xd, acc3)
+            acc4 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t4 * n_in + 32 * b, xs16, t4 * nb + b, xd, acc4)
+            acc5 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t5 * n_in + 32 * b, xs16, t5 * nb + b, xd, acc5)
+            acc6 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t6 * n_in + 32 * b, xs16, t6 * nb + b, xd, acc6)
+            acc7 = _q6_tok2_d(V0, V1, V2, V3, V4, V5, V6, V7, SA, SB, xq, t7 * n_in + 32 * b, xs16, t7 * nb + b, xd, acc7)
+    _store8x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
 
 @njit(**_PJIT)

@@ -23,6 +23,7 @@ from edgebox.kernels.matmul_kernels import (
     _PJIT,
     _dot32x2,
     _last,
+    _octet,
     _prefetch_pair,
     _quad,
     _store4,
@@ -290,6 +291,7 @@ def _q8_0_oct2(q, d, xq, xd, xs16, nb, g, t0, T, out):
     n_in = 32 * nb
     first = t0 == 0
     last = _last(T, t0, 8)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _octet(T, t0)
     acc0 = zero_f32x16()
     acc1 = zero_f32x16()
     acc2 = zero_f32x16()
@@ -305,17 +307,15 @@ def _q8_0_oct2(q, d, xq, xd, xs16, nb, g, t0, T, out):
         _prefetch_pair(q, qo, nb, first, last, 256)
         W0, W1, W2, W3, W4, W5, W6, W7 = _q8_0_codes2(q, qo, qo1)
         D = ld2_f16x16(d, 8 * k, 8 * (k + nb))
-        xo = t0 * n_in + 32 * b
-        e = t0 * nb + b
-        acc0 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo, xs16, e, D, xd, acc0)
-        acc1 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo + n_in, xs16, e + nb, D, xd, acc1)
-        acc2 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo + 2 * n_in, xs16, e + 2 * nb, D, xd, acc2)
-        acc3 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo + 3 * n_in, xs16, e + 3 * nb, D, xd, acc3)
-        acc4 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo + 4 * n_in, xs16, e + 4 * nb, D, xd, acc4)
-        acc5 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo + 5 * n_in, xs16, e + 5 * nb, D, xd, acc5)
-        acc6 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo + 6 * n_in, xs16, e + 6 * nb, D, xd, acc6)
-        acc7 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, xo + 7 * n_in, xs16, e + 7 * nb, D, xd, acc7)
-    _store8x2(out, out.shape[0] // T, g, t0, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        acc0 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t0 * n_in + 32 * b, xs16, t0 * nb + b, D, xd, acc0)
+        acc1 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t1 * n_in + 32 * b, xs16, t1 * nb + b, D, xd, acc1)
+        acc2 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t2 * n_in + 32 * b, xs16, t2 * nb + b, D, xd, acc2)
+        acc3 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t3 * n_in + 32 * b, xs16, t3 * nb + b, D, xd, acc3)
+        acc4 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t4 * n_in + 32 * b, xs16, t4 * nb + b, D, xd, acc4)
+        acc5 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t5 * n_in + 32 * b, xs16, t5 * nb + b, D, xd, acc5)
+        acc6 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t6 * n_in + 32 * b, xs16, t6 * nb + b, D, xd, acc6)
+        acc7 = _q8_0_tok2(W0, W1, W2, W3, W4, W5, W6, W7, xq, t7 * n_in + 32 * b, xs16, t7 * nb + b, D, xd, acc7)
+    _store8x2(out, out.shape[0] // T, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
 
 @njit(**_PJIT)

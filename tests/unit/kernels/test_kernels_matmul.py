@@ -147,13 +147,14 @@ def test_fast_types_7b_like_rows(qtype):
 
 
 def test_units_cover_every_token_once_and_leave_lone_tokens_to_singles():
-    """``_units``: octets while 8 tokens remain, then quads (the last one short by up to 2), and a
-    lone token left over (T % 8 = 1 or 5) as a single, not a quad computing 3 tokens for nothing;
-    every token in exactly one unit; ``_last`` marks the last octet or quad."""
+    """``_units``: octets while 8 tokens remain or 6-7 are left (a short octet, not two quads),
+    then quads (the last one short by up to 2), and a lone token left over (T % 8 = 1 or 5) as a
+    single, not a quad computing 3 tokens for nothing; every token in exactly one unit; ``_last``
+    marks the last octet or quad."""
     from edgebox.kernels.matmul_kernels import _last, _unit, _units
 
-    cuts = {2: (0, 1, 0), 3: (0, 1, 0), 5: (0, 1, 1), 6: (0, 2, 0), 7: (0, 2, 0), 8: (1, 0, 0), 9: (1, 0, 1)}
-    cuts |= {10: (1, 1, 0), 13: (1, 1, 1), 16: (2, 0, 0), 21: (2, 1, 1), 64: (8, 0, 0)}
+    cuts = {2: (0, 1, 0), 3: (0, 1, 0), 5: (0, 1, 1), 6: (1, 0, 0), 7: (1, 0, 0), 8: (1, 0, 0), 9: (1, 0, 1)}
+    cuts |= {10: (1, 1, 0), 13: (1, 1, 1), 15: (2, 0, 0), 16: (2, 0, 0), 21: (2, 1, 1), 64: (8, 0, 0)}
     for T, want in cuts.items():
         assert _units(T) == want, T
     for T in range(2, 70):
@@ -161,7 +162,7 @@ def test_units_cover_every_token_once_and_leave_lone_tokens_to_singles():
         units = [_unit(n8, n4, u) for u in range(n8 + n4 + n1)]
         covered = [t for t0, w in units for t in range(t0, min(t0 + w, T))]
         assert covered == list(range(T)), T
-        assert all(t0 + w <= T + 2 for t0, w in units) and n1 <= 1, T  # a quad is short by 2 at most
+        assert all(t0 + w <= T + 2 for t0, w in units) and n1 <= 1, T  # a unit is short by 2 at most
         wide = [(t0, w) for t0, w in units if w > 1]
         assert [_last(T, t0, w) for t0, w in wide] == [i == len(wide) - 1 for i in range(len(wide))], T
 
@@ -572,7 +573,7 @@ for name in sys.argv[3:]:
     for n_out in (40, 203):
         raw, X = np.load(f"{TMP}/{name}_{n_out}_w.npy"), np.load(f"{TMP}/{name}_{n_out}_x.npy")
         w = M.pack(raw, QType[name])
-        for T in (2, 5, 9, 64):
+        for T in (2, 5, 7, 9, 64):
             np.save(f"{TMP}/{name}_{n_out}_{T}_y.npy", M.matmul(w, X[:T]))
 """
     rng = np.random.default_rng(512)
@@ -598,7 +599,7 @@ for name in sys.argv[3:]:
         for n_out in (40, 203):
             w = M.pack(np.load(tmp_path / f"{q.name}_{n_out}_w.npy"), q)
             X = np.load(tmp_path / f"{q.name}_{n_out}_x.npy")
-            for T in (2, 5, 9, 64):
+            for T in (2, 5, 7, 9, 64):
                 np.testing.assert_array_equal(
                     M.matmul(w, X[:T]), np.load(tmp_path / f"{q.name}_{n_out}_{T}_y.npy"), f"{q.name} {n_out} T={T}"
                 )
