@@ -54,7 +54,7 @@ from edgebox.kernels.matmul_simd import (
     zero_i16,
     zero_i32,
 )
-from edgebox.kernels.matmul_simd512 import bc4_i8x64, dpbusd64, hi_f32x8, ld_i8x64, lo_f32x8, st_i8x64, zero_i32x16
+from edgebox.kernels.matmul_simd512 import HAS_512, bc4_i8x64, dpbusd64, hi_f32x8, ld_i8x64, lo_f32x8, st_i8x64, zero_i32x16
 
 _JIT = dict(nogil=True, cache=True)
 _PJIT = dict(nogil=True, cache=True, parallel=True)
@@ -219,6 +219,48 @@ def _unit(n8, n4, u):
     if u < n8 + n4:
         return 8 * n8 + 4 * (u - n8), 4
     return 8 * n8 + 4 * n4 + (u - n8 - n4), 1
+
+
+@njit(**_JIT)
+def _steps(T, G):
+    """The parallel steps of a batched kernel whose units share nothing: every (pair of row groups,
+    unit) in 512-bit lanes (``_units``), then every (row group, unit) of the groups left, 256-bit,
+    two quads per octet and the same singles, so the same bits. Returns (count, plan of ``_step``)."""
+    n8, n4, n1 = _units(T)
+    G2 = G // 2 if HAS_512 else 0
+    nu, nq = n8 + n4 + n1, 2 * n8 + n4
+    return G2 * nu + (G - 2 * G2) * (nq + n1), (G2, n8, n4, nq, nu, nq + n1)
+
+
+@njit(**_JIT)
+def _step(plan, it):
+    """Step it of ``_steps``: (first row group, first token, width, whether a pair of groups)."""
+    G2, n8, n4, nq, nu, nv = plan
+    it = np.int64(it)  # (a prange index may be unsigned, and numba mixes uint64 with int64 in float64)
+    if it < G2 * nu:
+        p, u = divmod(it, nu)
+        t0, width = _unit(n8, n4, u)
+        return 2 * p, t0, width, True
+    g, u = divmod(it - G2 * nu, nv)
+    t0, width = _unit(0, nq, u)
+    return 2 * G2 + g, t0, width, False
+
+
+@njit(**_JIT)
+def _runs(G):
+    """Slots of a batched kernel whose units share a code buffer (a group's first unit unpacks
+    the codes, the later ones load them): the row groups in pairs (512-bit), then those left one
+    by one, in at most ``_RUNS`` contiguous runs, a buffer each. Returns (runs, slots, pairs)."""
+    G2 = G // 2 if HAS_512 else 0
+    return min(G - G2, _RUNS), G - G2, G2
+
+
+@njit(**_JIT)
+def _slot(s, G2):
+    """Slot s of ``_runs``: (first row group, whether a pair of groups)."""
+    if s < G2:
+        return 2 * s, True
+    return s + G2, False
 
 
 @njit(**_JIT)

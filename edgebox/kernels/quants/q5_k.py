@@ -19,7 +19,6 @@ from edgebox.kernels.matmul_kernels import (
     _JIT,
     _PF,
     _PJIT,
-    _RUNS,
     _dot32,
     _dot32x2,
     _last,
@@ -27,6 +26,8 @@ from edgebox.kernels.matmul_kernels import (
     _ld8x2,
     _octet,
     _quad,
+    _runs,
+    _slot,
     _st8,
     _st8x2,
     _store4,
@@ -62,7 +63,6 @@ from edgebox.kernels.matmul_simd import (
     zero_f32,
 )
 from edgebox.kernels.matmul_simd512 import (
-    HAS_512,
     bc_f32x16,
     cat_i8x64,
     cvt_f32x16,
@@ -474,49 +474,26 @@ def _q5_k_oct2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out):
 @njit(**_PJIT)
 def q5_k_mm(q, qb, sc, m, d, dmin, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
-    G = out.shape[0] // T // 8
     n8, n4, n1 = _units(T)
-    if HAS_512:  # pairs of row groups (an odd last group: the 256-bit units)
-        G2 = G // 2
-        nw = min(G2, _RUNS)
-        for c in prange(nw):
-            buf = np.empty(512 * nb, np.uint8)
-            for p in range(c * G2 // nw, (c + 1) * G2 // nw):
-                for u in range(n8 + n4 + n1):
-                    t0, width = _unit(n8, n4, u)
-                    if width == 8:
-                        _q5_k_oct2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, t0, T, buf, out)
-                    elif width == 4:
-                        _q5_k_quad2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, 2 * p, t0, T, buf, out)
-                    else:
-                        xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
-                        _q5_k_group(q, qb, sc, m, d, dmin, xq1, xd1, xsd1, nb, 2 * p, out1)
-                        _q5_k_group(q, qb, sc, m, d, dmin, xq1, xd1, xsd1, nb, 2 * p + 1, out1)
-        if G > 2 * G2:
-            buf1 = np.empty(256 * nb, np.uint8)
+    nw, S, G2 = _runs(out.shape[0] // T // 8)
+    for c in prange(nw):
+        buf = np.empty(512 * nb, np.uint8)
+        for s in range(c * S // nw, (c + 1) * S // nw):
+            g, pair = _slot(s, G2)
             for u in range(n8 + n4 + n1):
                 t0, width = _unit(n8, n4, u)
-                if width == 8:
-                    _q5_k_oct(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, G - 1, t0, T, buf1, out)
-                elif width == 4:
-                    _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, G - 1, t0, T, buf1, out)
-                else:
+                if width == 1:  # the matvec's row-group step, for each group of the unit
                     xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
-                    _q5_k_group(q, qb, sc, m, d, dmin, xq1, xd1, xsd1, nb, G - 1, out1)
-        return
-    nw = min(G, _RUNS)
-    for c in prange(nw):  # contiguous runs of row groups, one code buffer each
-        buf = np.empty(256 * nb, np.uint8)
-        for g in range(c * G // nw, (c + 1) * G // nw):
-            for u in range(n8 + n4 + n1):
-                t0, width = _unit(n8, n4, u)
-                if width == 8:
+                    for h in range(g, g + 2 if pair else g + 1):
+                        _q5_k_group(q, qb, sc, m, d, dmin, xq1, xd1, xsd1, nb, h, out1)
+                elif not pair and width == 8:
                     _q5_k_oct(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out)
-                elif width == 4:
+                elif not pair:
                     _q5_k_quad(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out)
+                elif width == 8:
+                    _q5_k_oct2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out)
                 else:
-                    xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
-                    _q5_k_group(q, qb, sc, m, d, dmin, xq1, xd1, xsd1, nb, g, out1)
+                    _q5_k_quad2(q, qb, sc, m, d, dmin, xq, xd, xsd32, nb, g, t0, T, buf, out)
 
 
 TRAITS = QuantTraits(

@@ -24,13 +24,14 @@ from edgebox.kernels.matmul_kernels import (
     _JIT,
     _PF,
     _PJIT,
-    _RUNS,
     _chunks8,
     _last,
     _ld8,
     _ld8x2,
     _octet,
     _quad,
+    _runs,
+    _slot,
     _st8,
     _st8x2,
     _store4,
@@ -67,7 +68,6 @@ from edgebox.kernels.matmul_simd import (
     zero_f32,
 )
 from edgebox.kernels.matmul_simd512 import (
-    HAS_512,
     add_i32x16,
     bc4_i8x64,
     bc_f32x16,
@@ -544,49 +544,26 @@ def _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out):
 @njit(**_PJIT)
 def q6_k_mm(q, qh, sc, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
-    G = out.shape[0] // T // 8
     n8, n4, n1 = _units(T)
-    if HAS_512:  # pairs of row groups (an odd last group: the 256-bit units)
-        G2 = G // 2
-        nw = min(G2, _RUNS)
-        for c in prange(nw):
-            buf = np.empty(512 * nb, np.uint8)
-            for p in range(c * G2 // nw, (c + 1) * G2 // nw):
-                for u in range(n8 + n4 + n1):
-                    t0, width = _unit(n8, n4, u)
-                    if width == 8:
-                        _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, 2 * p, t0, T, buf, out)
-                    elif width == 4:
-                        _q6_k_quad2(q, qh, sc, d, xq, xd, xs16, nb, 2 * p, t0, T, buf, out)
-                    else:
-                        xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
-                        _q6_k_group(q, qh, sc, d, xq1, xd1, xs1, nb, 2 * p, out1)
-                        _q6_k_group(q, qh, sc, d, xq1, xd1, xs1, nb, 2 * p + 1, out1)
-        if G > 2 * G2:
-            buf1 = np.empty(256 * nb, np.uint8)
+    nw, S, G2 = _runs(out.shape[0] // T // 8)
+    for c in prange(nw):
+        buf = np.empty(512 * nb, np.uint8)
+        for s in range(c * S // nw, (c + 1) * S // nw):
+            g, pair = _slot(s, G2)
             for u in range(n8 + n4 + n1):
                 t0, width = _unit(n8, n4, u)
-                if width == 8:
-                    _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, G - 1, t0, T, buf1, out)
-                elif width == 4:
-                    _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, G - 1, t0, T, buf1, out)
-                else:
+                if width == 1:  # the matvec's row-group step, for each group of the unit
                     xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
-                    _q6_k_group(q, qh, sc, d, xq1, xd1, xs1, nb, G - 1, out1)
-        return
-    nw = min(G, _RUNS)
-    for c in prange(nw):  # contiguous runs of row groups, one code buffer each
-        buf = np.empty(256 * nb, np.uint8)
-        for g in range(c * G // nw, (c + 1) * G // nw):
-            for u in range(n8 + n4 + n1):
-                t0, width = _unit(n8, n4, u)
-                if width == 8:
+                    for h in range(g, g + 2 if pair else g + 1):
+                        _q6_k_group(q, qh, sc, d, xq1, xd1, xs1, nb, h, out1)
+                elif not pair and width == 8:
                     _q6_k_oct(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out)
-                elif width == 4:
+                elif not pair:
                     _q6_k_quad(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out)
+                elif width == 8:
+                    _q6_k_oct2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out)
                 else:
-                    xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
-                    _q6_k_group(q, qh, sc, d, xq1, xd1, xs1, nb, g, out1)
+                    _q6_k_quad2(q, qh, sc, d, xq, xd, xs16, nb, g, t0, T, buf, out)
 
 
 # ---------------------------------------------------------------------------------------------

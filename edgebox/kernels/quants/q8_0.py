@@ -26,12 +26,12 @@ from edgebox.kernels.matmul_kernels import (
     _octet,
     _prefetch_pair,
     _quad,
+    _step,
+    _steps,
     _store4,
     _store4x2,
     _store8x2,
     _token,
-    _unit,
-    _units,
 )
 from edgebox.kernels.matmul_pack import ROWS
 from edgebox.kernels.matmul_simd import (
@@ -59,7 +59,6 @@ from edgebox.kernels.matmul_simd import (
     zero_i32,
 )
 from edgebox.kernels.matmul_simd512 import (
-    HAS_512,
     add_i32x16,
     bc_f32x16,
     cvt_f32x16,
@@ -321,32 +320,19 @@ def _q8_0_oct2(q, d, xq, xd, xs16, nb, g, t0, T, out):
 @njit(**_PJIT)
 def q8_0_mm(q, d, xq, xd, xs16, xsd16, xsd32, T, out):
     nb = xd.shape[0] // T
-    G = out.shape[0] // T // 8
-    n8, n4, n1 = _units(T)
-    nq = 2 * n8 + n4  # one group's 256-bit cut: two quads per octet, the same singles (the same bits)
-    G2 = G // 2 if HAS_512 else 0  # pairs of row groups in 512-bit lanes; the rest one by one
-    nu, nv = n8 + n4 + n1, nq + n1
-    for it in prange(G2 * nu + (G - 2 * G2) * nv):
-        if it < G2 * nu:
-            p = it // nu
-            t0, width = _unit(n8, n4, it - p * nu)
-            if width == 8:
-                _q8_0_oct2(q, d, xq, xd, xs16, nb, 2 * p, t0, T, out)
-            elif width == 4:
-                _q8_0_quad2(q, d, xq, xd, xs16, nb, 2 * p, t0, T, out)
-            else:
-                xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
-                _q8_0_group(q, d, xq1, xd1, xs1, nb, 2 * p, out1)
-                _q8_0_group(q, d, xq1, xd1, xs1, nb, 2 * p + 1, out1)
+    n, plan = _steps(T, out.shape[0] // T // 8)
+    for it in prange(n):
+        g, t0, width, pair = _step(plan, it)
+        if width == 1:  # the matvec's row-group step, for each group of the unit
+            xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
+            for h in range(g, g + 2 if pair else g + 1):
+                _q8_0_group(q, d, xq1, xd1, xs1, nb, h, out1)
+        elif not pair:
+            _q8_0_quad(q, d, xq, xd, xs16, nb, g, t0, T, out)
+        elif width == 8:
+            _q8_0_oct2(q, d, xq, xd, xs16, nb, g, t0, T, out)
         else:
-            g, u = divmod(it - G2 * nu, nv)
-            t0, width = _unit(0, nq, u)
-            g += 2 * G2
-            if width == 4:
-                _q8_0_quad(q, d, xq, xd, xs16, nb, g, t0, T, out)
-            else:
-                xq1, xd1, xs1, xsd1, out1 = _token(xq, xd, xs16, xsd32, out, T, t0)
-                _q8_0_group(q, d, xq1, xd1, xs1, nb, g, out1)
+            _q8_0_quad2(q, d, xq, xd, xs16, nb, g, t0, T, out)
 
 
 # ---------------------------------------------------------------------------------------------
