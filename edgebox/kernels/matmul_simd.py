@@ -125,6 +125,101 @@ def _scalar(context, builder, val, fromty, toty):
     return context.cast(builder, val, fromty, toty)
 
 
+# --- lane-wise ops of any width: one rule each (``matmul_simd512`` makes its 512-bit ops with them)
+
+
+def _named(name, doc, typer):
+    typer.__name__ = typer.__qualname__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+def lanewise(name, vty, op, doc=None):
+    """The intrinsic ``name(a, b)``: the IR builder's ``op`` (add, sub, mul, fmul, or_, ...) of
+    two ``vty`` values, lane by lane."""
+
+    def typer(typingctx, a, b):
+        def cg(context, builder, sig, args):
+            return getattr(builder, op)(args[0], args[1])
+
+        return vty(vty, vty), cg
+
+    return _named(name, doc, typer)
+
+
+def with_scalar(name, vty, op, doc=None):
+    """The intrinsic ``name(a, s)``: ``op`` of a ``vty`` value and the scalar s, cast to the lane
+    type (an int truncated) and put in every lane."""
+
+    def typer(typingctx, a, s):
+        def cg(context, builder, sig, args):
+            return getattr(builder, op)(args[0], _splat(builder, _scalar(context, builder, args[1], sig.args[1], vty.elt), vty.n))
+
+        return vty(vty, s), cg
+
+    return _named(name, doc, typer)
+
+
+def zeros(name, vty):
+    """The intrinsic ``name()``: a ``vty`` value of zeros."""
+
+    def typer(typingctx):
+        def cg(context, builder, sig, args):
+            return ir.Constant(context.get_value_type(vty), None)
+
+        return vty(), cg
+
+    return _named(name, None, typer)
+
+
+def int_to_float(name, fty, ity):
+    """The intrinsic ``name(a)``: int32 lanes to float32 lanes (vcvtdq2ps)."""
+
+    def typer(typingctx, a):
+        def cg(context, builder, sig, args):
+            return builder.sitofp(args[0], context.get_value_type(fty))
+
+        return fty(ity), cg
+
+    return _named(name, "int32 lanes to float32 lanes (vcvtdq2ps).", typer)
+
+
+def fused_multiply_add(name, vty):
+    """The intrinsic ``name(a, b, c)``: a * b + c, one rounding (vfmadd)."""
+
+    def typer(typingctx, a, b, c):
+        def cg(context, builder, sig, args):
+            return _call(builder, f"llvm.fma.v{vty.n}f32", context.get_value_type(vty), list(args))
+
+        return vty(vty, vty, vty), cg
+
+    return _named(name, "a * b + c, one rounding (vfmadd).", typer)
+
+
+def low_nibbles(name, vty):
+    """The intrinsic ``name(a)``: the low nibble of every byte (vpand)."""
+
+    def typer(typingctx, a):
+        def cg(context, builder, sig, args):
+            return builder.and_(args[0], _const(_i8, 15, vty.n))
+
+        return vty(vty), cg
+
+    return _named(name, "Low nibble of every byte (vpand).", typer)
+
+
+def high_nibbles(name, vty):
+    """The intrinsic ``name(a)``: the high nibble of every byte, shifted down."""
+
+    def typer(typingctx, a):
+        def cg(context, builder, sig, args):
+            return builder.lshr(args[0], _const(_i8, 4, vty.n))
+
+        return vty(vty), cg
+
+    return _named(name, "High nibble of every byte, shifted down (vpsrlw + vpand).", typer)
+
+
 # --- loads / stores ---------------------------------------------------------------------------
 
 
@@ -238,34 +333,13 @@ def st_f32x8(typingctx, arr, idx, v):
 # --- byte ops ---------------------------------------------------------------------------------
 
 
-@intrinsic
-def nib_lo(typingctx, a):
-    """Low nibble of every byte (vpand)."""
-
-    def cg(context, builder, sig, args):
-        return builder.and_(args[0], _const(_i8, 15, 32))
-
-    return I8x32(I8x32), cg
+nib_lo = low_nibbles("nib_lo", I8x32)
 
 
-@intrinsic
-def nib_hi(typingctx, a):
-    """High nibble of every byte, shifted down (vpsrlw + vpand)."""
-
-    def cg(context, builder, sig, args):
-        return builder.lshr(args[0], _const(_i8, 4, 32))
-
-    return I8x32(I8x32), cg
+nib_hi = high_nibbles("nib_hi", I8x32)
 
 
-@intrinsic
-def and_i8(typingctx, a, c):
-    """a & c (c: a compile-time-free int, splatted to every byte)."""
-
-    def cg(context, builder, sig, args):
-        return builder.and_(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
-
-    return I8x32(I8x32, types.intp), cg
+and_i8 = with_scalar("and_i8", I8x32, "and_", "a & c (c splatted to every byte).")
 
 
 @intrinsic
@@ -294,22 +368,12 @@ def shr_w8(typingctx, a, n):
     return I8x32(I8x32, types.intp), cg
 
 
-@intrinsic
-def or_i8(typingctx, a, b):
-    def cg(context, builder, sig, args):
-        return builder.or_(args[0], args[1])
-
-    return I8x32(I8x32, I8x32), cg
+or_i8 = lanewise("or_i8", I8x32, "or_")
 
 
-@intrinsic
-def xor_i8(typingctx, a, c):
-    """a ^ c (c splatted to every byte): with c = 0x80, signed bytes as unsigned ones + 128."""
-
-    def cg(context, builder, sig, args):
-        return builder.xor(args[0], _splat(builder, builder.trunc(args[1], _i8), 32))
-
-    return I8x32(I8x32, types.intp), cg
+xor_i8 = with_scalar(
+    "xor_i8", I8x32, "xor", "a ^ c (c splatted to every byte): with c = 0x80, signed bytes as unsigned ones + 128."
+)
 
 
 @intrinsic
@@ -413,22 +477,10 @@ def _hadd_ir(builder, a):
     return builder.add(builder.sext(ae, _V(_i32, 8)), builder.sext(ao, _V(_i32, 8)))
 
 
-@intrinsic
-def add_i16(typingctx, a, b):
-    def cg(context, builder, sig, args):
-        return builder.add(args[0], args[1])
-
-    return I16x16(I16x16, I16x16), cg
+add_i16 = lanewise("add_i16", I16x16, "add")
 
 
-@intrinsic
-def sub_i16(typingctx, a, b):
-    """a - b per int16 lane, wrapping."""
-
-    def cg(context, builder, sig, args):
-        return builder.sub(args[0], args[1])
-
-    return I16x16(I16x16, I16x16), cg
+sub_i16 = lanewise("sub_i16", I16x16, "sub", "a - b per int16 lane, wrapping.")
 
 
 @intrinsic
@@ -456,69 +508,28 @@ def ld_i8x8_i16x2(typingctx, arr, idx):
     return I16x16(arr, types.intp), cg
 
 
-@intrinsic
-def zero_i16(typingctx):
-    def cg(context, builder, sig, args):
-        return _const(_i16, 0, 16)
-
-    return I16x16(), cg
+zero_i16 = zeros("zero_i16", I16x16)
 
 
-@intrinsic
-def add_i32(typingctx, a, b):
-    def cg(context, builder, sig, args):
-        return builder.add(args[0], args[1])
-
-    return I32x8(I32x8, I32x8), cg
+add_i32 = lanewise("add_i32", I32x8, "add")
 
 
-@intrinsic
-def sub_i32(typingctx, a, b):
-    def cg(context, builder, sig, args):
-        return builder.sub(args[0], args[1])
-
-    return I32x8(I32x8, I32x8), cg
+sub_i32 = lanewise("sub_i32", I32x8, "sub")
 
 
-@intrinsic
-def mul_i32(typingctx, a, b):
-    """Low 32 bits of lane products (vpmulld)."""
-
-    def cg(context, builder, sig, args):
-        return builder.mul(args[0], args[1])
-
-    return I32x8(I32x8, I32x8), cg
+mul_i32 = lanewise("mul_i32", I32x8, "mul", "Low 32 bits of lane products (vpmulld).")
 
 
-@intrinsic
-def sub_i32_s(typingctx, a, s):
-    """a - s with a scalar s broadcast."""
-
-    def cg(context, builder, sig, args):
-        return builder.sub(args[0], _splat(builder, _scalar(context, builder, args[1], sig.args[1], types.int32), 8))
-
-    return I32x8(I32x8, s), cg
+sub_i32_s = with_scalar("sub_i32_s", I32x8, "sub", "a - s with a scalar s broadcast.")
 
 
-@intrinsic
-def zero_i32(typingctx):
-    def cg(context, builder, sig, args):
-        return _const(_i32, 0, 8)
-
-    return I32x8(), cg
+zero_i32 = zeros("zero_i32", I32x8)
 
 
 # --- float ops --------------------------------------------------------------------------------
 
 
-@intrinsic
-def cvt_f32(typingctx, a):
-    """int32 lanes -> float32 lanes (vcvtdq2ps)."""
-
-    def cg(context, builder, sig, args):
-        return builder.sitofp(args[0], _V(_f32, 8))
-
-    return F32x8(I32x8), cg
+cvt_f32 = int_to_float("cvt_f32", F32x8, I32x8)
 
 
 @intrinsic
@@ -529,22 +540,10 @@ def splat_f32(typingctx, s):
     return F32x8(s), cg
 
 
-@intrinsic
-def zero_f32(typingctx):
-    def cg(context, builder, sig, args):
-        return _const(_f32, 0.0, 8)
-
-    return F32x8(), cg
+zero_f32 = zeros("zero_f32", F32x8)
 
 
-@intrinsic
-def fma_f32(typingctx, a, b, c):
-    """a * b + c, one rounding (vfmadd)."""
-
-    def cg(context, builder, sig, args):
-        return _call(builder, "llvm.fma.v8f32", _V(_f32, 8), list(args))
-
-    return F32x8(F32x8, F32x8, F32x8), cg
+fma_f32 = fused_multiply_add("fma_f32", F32x8)
 
 
 @intrinsic
@@ -558,36 +557,16 @@ def fma_f32_s(typingctx, a, s, c):
     return F32x8(F32x8, s, F32x8), cg
 
 
-@intrinsic
-def mul_f32(typingctx, a, b):
-    def cg(context, builder, sig, args):
-        return builder.fmul(args[0], args[1])
-
-    return F32x8(F32x8, F32x8), cg
+mul_f32 = lanewise("mul_f32", F32x8, "fmul")
 
 
-@intrinsic
-def mul_f32_s(typingctx, a, s):
-    def cg(context, builder, sig, args):
-        return builder.fmul(args[0], _splat(builder, _scalar(context, builder, args[1], sig.args[1], types.float32), 8))
-
-    return F32x8(F32x8, s), cg
+mul_f32_s = with_scalar("mul_f32_s", F32x8, "fmul", "a times the scalar s in every lane.")
 
 
-@intrinsic
-def add_f32(typingctx, a, b):
-    def cg(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-
-    return F32x8(F32x8, F32x8), cg
+add_f32 = lanewise("add_f32", F32x8, "fadd")
 
 
-@intrinsic
-def sub_f32(typingctx, a, b):
-    def cg(context, builder, sig, args):
-        return builder.fsub(args[0], args[1])
-
-    return F32x8(F32x8, F32x8), cg
+sub_f32 = lanewise("sub_f32", F32x8, "fsub")
 
 
 def _tree(builder, v, combine):

@@ -21,7 +21,23 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from edgebox.kernels.matmul_simd import _FEATURES, HAS_VNNI, F32x8, I8x32, Vec, _call, _const, _ptr, _splat
+from edgebox.kernels.matmul_simd import (
+    _FEATURES,
+    HAS_VNNI,
+    F32x8,
+    I8x32,
+    Vec,
+    _call,
+    _ptr,
+    _splat,
+    fused_multiply_add,
+    high_nibbles,
+    int_to_float,
+    lanewise,
+    low_nibbles,
+    with_scalar,
+    zeros,
+)
 
 I8x64 = Vec(types.int8, 64)
 I32x16 = Vec(types.int32, 16)
@@ -166,30 +182,15 @@ def bc_f32x16(typingctx, arr, idx):
 # --- integer ops ------------------------------------------------------------------------------
 
 
-@intrinsic
-def nib_lo64(typingctx, a):
-    def cg(context, builder, sig, args):
-        return builder.and_(args[0], _const(_i8, 15, 64))
-
-    return I8x64(I8x64), cg
+nib_lo64 = low_nibbles("nib_lo64", I8x64)
 
 
-@intrinsic
-def nib_hi64(typingctx, a):
-    def cg(context, builder, sig, args):
-        return builder.lshr(args[0], _const(_i8, 4, 64))
-
-    return I8x64(I8x64), cg
+nib_hi64 = high_nibbles("nib_hi64", I8x64)
 
 
-@intrinsic
-def xor_i8x64(typingctx, a, c):
-    """a ^ c (c splatted to every byte): with c = 0x80, signed bytes as unsigned ones + 128."""
-
-    def cg(context, builder, sig, args):
-        return builder.xor(args[0], _splat(builder, builder.trunc(args[1], _i8), 64))
-
-    return I8x64(I8x64, types.intp), cg
+xor_i8x64 = with_scalar(
+    "xor_i8x64", I8x64, "xor", "a ^ c (c splatted to every byte): with c = 0x80, signed bytes as unsigned ones + 128."
+)
 
 
 @intrinsic
@@ -206,22 +207,10 @@ def dpbusd64(typingctx, acc, a, b):
     return I32x16(I32x16, I8x64, I8x64), cg
 
 
-@intrinsic
-def add_i32x16(typingctx, a, b):
-    def cg(context, builder, sig, args):
-        return builder.add(args[0], args[1])
-
-    return I32x16(I32x16, I32x16), cg
+add_i32x16 = lanewise("add_i32x16", I32x16, "add")
 
 
-@intrinsic
-def mul_i32x16(typingctx, a, b):
-    """Low 32 bits of the lane products (vpmulld)."""
-
-    def cg(context, builder, sig, args):
-        return builder.mul(args[0], args[1])
-
-    return I32x16(I32x16, I32x16), cg
+mul_i32x16 = lanewise("mul_i32x16", I32x16, "mul", "Low 32 bits of the lane products (vpmulld).")
 
 
 @intrinsic
@@ -234,49 +223,22 @@ def splat_i32x16(typingctx, v):
     return I32x16(types.intp), cg
 
 
-@intrinsic
-def zero_i32x16(typingctx):
-    def cg(context, builder, sig, args):
-        return _const(_i32, 0, 16)
-
-    return I32x16(), cg
+zero_i32x16 = zeros("zero_i32x16", I32x16)
 
 
 # --- float ops --------------------------------------------------------------------------------
 
 
-@intrinsic
-def cvt_f32x16(typingctx, a):
-    def cg(context, builder, sig, args):
-        return builder.sitofp(args[0], _V(_f32, 16))
-
-    return F32x16(I32x16), cg
+cvt_f32x16 = int_to_float("cvt_f32x16", F32x16, I32x16)
 
 
-@intrinsic
-def zero_f32x16(typingctx):
-    def cg(context, builder, sig, args):
-        return _const(_f32, 0.0, 16)
-
-    return F32x16(), cg
+zero_f32x16 = zeros("zero_f32x16", F32x16)
 
 
-@intrinsic
-def mul_f32x16(typingctx, a, b):
-    def cg(context, builder, sig, args):
-        return builder.fmul(args[0], args[1])
-
-    return F32x16(F32x16, F32x16), cg
+mul_f32x16 = lanewise("mul_f32x16", F32x16, "fmul")
 
 
-@intrinsic
-def mul_f32x16_s(typingctx, a, s):
-    """a times the scalar s in every lane."""
-
-    def cg(context, builder, sig, args):
-        return builder.fmul(args[0], _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), 16))
-
-    return F32x16(F32x16, s), cg
+mul_f32x16_s = with_scalar("mul_f32x16_s", F32x16, "fmul", "a times the scalar s in every lane.")
 
 
 @intrinsic
@@ -287,14 +249,7 @@ def neg_f32x16(typingctx, a):
     return F32x16(F32x16), cg
 
 
-@intrinsic
-def fma_f32x16(typingctx, a, b, c):
-    """a * b + c, one rounding."""
-
-    def cg(context, builder, sig, args):
-        return _call(builder, "llvm.fma.v16f32", _V(_f32, 16), list(args))
-
-    return F32x16(F32x16, F32x16, F32x16), cg
+fma_f32x16 = fused_multiply_add("fma_f32x16", F32x16)
 
 
 @intrinsic
