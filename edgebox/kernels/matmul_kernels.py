@@ -180,8 +180,8 @@ def _store8x2(out, ldo, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
 
 @njit(**_JIT)
 def _store8(out, ldo, g, t0, T, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7):
-    """An octet's 8 accumulators to row group g of tokens t0..t0+7 (those below T: the last octet
-    may be short, ``_units``)."""
+    """An octet's 8 accumulators to row group g of tokens t0..t0+7, those below T (the last octet
+    may be short by 2 at most, ``_units``)."""
     st_f32x8(out, t0 * ldo + 8 * g, acc0)
     st_f32x8(out, (t0 + 1) * ldo + 8 * g, acc1)
     st_f32x8(out, (t0 + 2) * ldo + 8 * g, acc2)
