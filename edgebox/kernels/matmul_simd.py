@@ -196,28 +196,19 @@ def fused_multiply_add(name, vty):
     return _named(name, "a * b + c, one rounding (vfmadd).", typer)
 
 
-def low_nibbles(name, vty):
-    """The intrinsic ``name(a)``: the low nibble of every byte (vpand)."""
+def nibbles(name, vty, high):
+    """The intrinsic ``name(a)``: the low nibble of every byte (vpand), or with ``high`` the high
+    nibble shifted down (vpsrlw + vpand)."""
 
     def typer(typingctx, a):
         def cg(context, builder, sig, args):
+            if high:
+                return builder.lshr(args[0], _const(_i8, 4, vty.n))
             return builder.and_(args[0], _const(_i8, 15, vty.n))
 
         return vty(vty), cg
 
-    return _named(name, "Low nibble of every byte (vpand).", typer)
-
-
-def high_nibbles(name, vty):
-    """The intrinsic ``name(a)``: the high nibble of every byte, shifted down."""
-
-    def typer(typingctx, a):
-        def cg(context, builder, sig, args):
-            return builder.lshr(args[0], _const(_i8, 4, vty.n))
-
-        return vty(vty), cg
-
-    return _named(name, "High nibble of every byte, shifted down (vpsrlw + vpand).", typer)
+    return _named(name, "High nibble of every byte, shifted down." if high else "Low nibble of every byte.", typer)
 
 
 # --- loads / stores ---------------------------------------------------------------------------
@@ -333,10 +324,10 @@ def st_f32x8(typingctx, arr, idx, v):
 # --- byte ops ---------------------------------------------------------------------------------
 
 
-nib_lo = low_nibbles("nib_lo", I8x32)
+nib_lo = nibbles("nib_lo", I8x32, high=False)
 
 
-nib_hi = high_nibbles("nib_hi", I8x32)
+nib_hi = nibbles("nib_hi", I8x32, high=True)
 
 
 and_i8 = with_scalar("and_i8", I8x32, "and_", "a & c (c splatted to every byte).")

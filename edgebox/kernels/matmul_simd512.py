@@ -31,10 +31,9 @@ from edgebox.kernels.matmul_simd import (
     _ptr,
     _splat,
     fused_multiply_add,
-    high_nibbles,
     int_to_float,
     lanewise,
-    low_nibbles,
+    nibbles,
     with_scalar,
     zeros,
 )
@@ -182,10 +181,10 @@ def bc_f32x16(typingctx, arr, idx):
 # --- integer ops ------------------------------------------------------------------------------
 
 
-nib_lo64 = low_nibbles("nib_lo64", I8x64)
+nib_lo64 = nibbles("nib_lo64", I8x64, high=False)
 
 
-nib_hi64 = high_nibbles("nib_hi64", I8x64)
+nib_hi64 = nibbles("nib_hi64", I8x64, high=True)
 
 
 xor_i8x64 = with_scalar(
