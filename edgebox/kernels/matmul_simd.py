@@ -325,11 +325,7 @@ def st_f32x8(typingctx, arr, idx, v):
 
 
 nib_lo = nibbles("nib_lo", I8x32, high=False)
-
-
 nib_hi = nibbles("nib_hi", I8x32, high=True)
-
-
 and_i8 = with_scalar("and_i8", I8x32, "and_", "a & c (c splatted to every byte).")
 
 
@@ -360,8 +356,6 @@ def shr_w8(typingctx, a, n):
 
 
 or_i8 = lanewise("or_i8", I8x32, "or_")
-
-
 xor_i8 = with_scalar(
     "xor_i8", I8x32, "xor", "a ^ c (c splatted to every byte): with c = 0x80, signed bytes as unsigned ones + 128."
 )
@@ -469,8 +463,6 @@ def _hadd_ir(builder, a):
 
 
 add_i16 = lanewise("add_i16", I16x16, "add")
-
-
 sub_i16 = lanewise("sub_i16", I16x16, "sub", "a - b per int16 lane, wrapping.")
 
 
@@ -500,20 +492,10 @@ def ld_i8x8_i16x2(typingctx, arr, idx):
 
 
 zero_i16 = zeros("zero_i16", I16x16)
-
-
 add_i32 = lanewise("add_i32", I32x8, "add")
-
-
 sub_i32 = lanewise("sub_i32", I32x8, "sub")
-
-
 mul_i32 = lanewise("mul_i32", I32x8, "mul", "Low 32 bits of lane products (vpmulld).")
-
-
 sub_i32_s = with_scalar("sub_i32_s", I32x8, "sub", "a - s with a scalar s broadcast.")
-
-
 zero_i32 = zeros("zero_i32", I32x8)
 
 
@@ -532,8 +514,6 @@ def splat_f32(typingctx, s):
 
 
 zero_f32 = zeros("zero_f32", F32x8)
-
-
 fma_f32 = fused_multiply_add("fma_f32", F32x8)
 
 
@@ -549,14 +529,8 @@ def fma_f32_s(typingctx, a, s, c):
 
 
 mul_f32 = lanewise("mul_f32", F32x8, "fmul")
-
-
 mul_f32_s = with_scalar("mul_f32_s", F32x8, "fmul", "a times the scalar s in every lane.")
-
-
 add_f32 = lanewise("add_f32", F32x8, "fadd")
-
-
 sub_f32 = lanewise("sub_f32", F32x8, "fsub")
 
 

@@ -182,11 +182,7 @@ def bc_f32x16(typingctx, arr, idx):
 
 
 nib_lo64 = nibbles("nib_lo64", I8x64, high=False)
-
-
 nib_hi64 = nibbles("nib_hi64", I8x64, high=True)
-
-
 xor_i8x64 = with_scalar(
     "xor_i8x64", I8x64, "xor", "a ^ c (c splatted to every byte): with c = 0x80, signed bytes as unsigned ones + 128."
 )
@@ -207,8 +203,6 @@ def dpbusd64(typingctx, acc, a, b):
 
 
 add_i32x16 = lanewise("add_i32x16", I32x16, "add")
-
-
 mul_i32x16 = lanewise("mul_i32x16", I32x16, "mul", "Low 32 bits of the lane products (vpmulld).")
 
 
@@ -229,14 +223,8 @@ zero_i32x16 = zeros("zero_i32x16", I32x16)
 
 
 cvt_f32x16 = int_to_float("cvt_f32x16", F32x16, I32x16)
-
-
 zero_f32x16 = zeros("zero_f32x16", F32x16)
-
-
 mul_f32x16 = lanewise("mul_f32x16", F32x16, "fmul")
-
-
 mul_f32x16_s = with_scalar("mul_f32x16_s", F32x16, "fmul", "a times the scalar s in every lane.")
 
 
