@@ -228,21 +228,21 @@ def _steps(T, G):
     two quads per octet and the same singles, so the same bits. Returns (count, plan of ``_step``)."""
     n8, n4, n1 = _units(T)
     G2 = G // 2 if HAS_512 else 0
-    nu, nq = n8 + n4 + n1, 2 * n8 + n4
-    return G2 * nu + (G - 2 * G2) * (nq + n1), (G2, n8, n4, nq, nu, nq + n1)
+    return G2 * (n8 + n4 + n1) + (G - 2 * G2) * (2 * n8 + n4 + n1), (G2, n8, n4, n1)
 
 
 @njit(**_JIT)
 def _step(plan, it):
     """Step it of ``_steps``: (first row group, first token, width, whether a pair of groups)."""
-    G2, n8, n4, nq, nu, nv = plan
+    G2, n8, n4, n1 = plan
     it = np.int64(it)  # (a prange index may be unsigned, and numba mixes uint64 with int64 in float64)
+    nu = n8 + n4 + n1  # a pair's units
     if it < G2 * nu:
         p, u = divmod(it, nu)
         t0, width = _unit(n8, n4, u)
         return 2 * p, t0, width, True
-    g, u = divmod(it - G2 * nu, nv)
-    t0, width = _unit(0, nq, u)
+    g, u = divmod(it - G2 * nu, 2 * n8 + n4 + n1)  # a lone group's: its quads, then the singles
+    t0, width = _unit(0, 2 * n8 + n4, u)
     return 2 * G2 + g, t0, width, False
 
 
