@@ -100,8 +100,9 @@ def remember(model: str | os.PathLike, chips: int, entry: Path) -> None:
         pass
 
 
-def read_ahead_once(path: str | os.PathLike, first: Sequence[str] = ()) -> threading.Thread | None:
-    """``page_cache.read_ahead(*first, path)`` unless this process started one of ``path`` in
+def read_ahead_once(path: str | os.PathLike, first: Sequence[str] = (), entry: bool = False) -> threading.Thread | None:
+    """``page_cache.read_ahead(*first, path)`` (``path`` in 2 MiB folios if it is a packed-weight
+    ``entry``, which decode streams at every token) unless this process started one of ``path`` in
     the last ``AGAIN_S``: a start's CLI, load and cache ask for the same file within a second or
     two, and each further pass over a 3.6 GB entry costs ~0.06 s of a core even with every page
     resident (a concurrent one slows the first). A model loaded again within AGAIN_S (a daemon
@@ -112,7 +113,7 @@ def read_ahead_once(path: str | os.PathLike, first: Sequence[str] = ()) -> threa
         if now - _started.get(key, -AGAIN_S) < AGAIN_S:
             return None
         _started[key] = now
-    return read_ahead(*first, path)
+    return read_ahead(*first, path, huge=(path,) if entry else ())
 
 
 def read_ahead_model(model: str | os.PathLike, chips: int, weight_cache: bool = True) -> threading.Thread | None:
@@ -124,7 +125,7 @@ def read_ahead_model(model: str | os.PathLike, chips: int, weight_cache: bool = 
     entry = lookup(model, chips) if weight_cache and enabled() else None
     if entry is None and not os.path.isfile(model):
         return None
-    return read_ahead_once(entry or model, first=jit_library())
+    return read_ahead_once(entry or model, first=jit_library(), entry=entry is not None)
 
 
 def jit_library() -> list[str]:

@@ -359,7 +359,7 @@ class PackCache:
             # the whole entry read into the page cache in the background, so the checks' samples
             # and the first forward pass find its pages there: after a reboot they faulted them
             # in one by one (a 4-chip 7B entry: 3 s of checks, then 2.5 s of first forward pass)
-            entry_hint.read_ahead_once(self.path)  # (unless the CLI's hint started it already)
+            entry_hint.read_ahead_once(self.path, entry=True)  # (unless the CLI's hint started it already)
         try:
             self.entry = Entry.open(self.path, key)
             self.status = "hit"

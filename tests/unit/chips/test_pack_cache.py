@@ -245,7 +245,7 @@ def test_a_cold_start_drops_the_packed_tensors_from_the_page_cache(cache_dir, tm
     # the load's read-ahead queued at once, as on a real model (90 ms for 7B, before the first
     # weight is packed): on this tiny file the packer could otherwise evict pages before the
     # read-ahead thread asked for them, and see them read in again
-    monkeypatch.setattr(entry_hint, "read_ahead_once", lambda p, first=(): read_ahead(*first, p).join())
+    monkeypatch.setattr(entry_hint, "read_ahead_once", lambda p, first=(), entry=False: read_ahead(*first, p).join())
 
     def cached(t) -> float:  # the tensor's pages, less its first and last (shared with neighbours)
         return resident_fraction(path, t.offset + 4096, t.nbytes - 8192)
