@@ -85,7 +85,9 @@ def _populate_huge(fd: int, size: int) -> int:
 
 
 def _resident(libc: ctypes.CDLL, at, length: int) -> bool:
-    """Whether every page of the mapped window at ``at`` is in the page cache (mincore)."""
+    """Whether every page of the mapped window at ``at`` is in the page cache (mincore; False
+    where it is refused, as under the systemd unit's ``@system-service`` filter: then every
+    window is populated, ~0 s where its folios are 2 MiB already)."""
     vec = (ctypes.c_ubyte * -(-length // mmap.PAGESIZE))()
     return libc.mincore(at, ctypes.c_size_t(length), vec) == 0 and all(b & 1 for b in bytes(vec))
 

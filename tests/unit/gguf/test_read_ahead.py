@@ -7,6 +7,7 @@ import mmap
 import os
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ def _pmd_mapped_fraction(path) -> float:
         view = np.frombuffer(mm, dtype=np.uint8)
         int(view[:: mmap.PAGESIZE].sum())  # (every page touched)
         start = view.__array_interface__["data"][0]
-        lines = iter(open("/proc/self/smaps").read().splitlines())
+        lines = iter(Path("/proc/self/smaps").read_text().splitlines())
         for line in lines:
             if line.split("-")[0] == f"{start:x}":
                 for field in lines:
@@ -84,7 +85,7 @@ def test_a_packed_entry_is_read_ahead_in_2_mib_folios(tmp_path):
     control = tmp_path / "control.bin"
     control.write_bytes(os.urandom(16 << 20))  # (written in one call: in large folios where the kernel can)
     if _pmd_mapped_fraction(control) == 0.0:
-        pytest.skip("this kernel or filesystem keeps no 2 MiB page-cache folios (Linux >= 6.16 ext4, xfs, btrfs do)")
+        pytest.skip("this kernel or filesystem keeps no 2 MiB page-cache folios (ext4 does since Linux 6.16)")
     path = tmp_path / "entry.bin"
     _written_and_dropped(path, 3 * HUGE_CHUNK + 5 * (2 << 20) + 12345)  # windows, a ragged last one
     read_ahead(path, huge=[path]).join(timeout=60)
