@@ -61,7 +61,7 @@ def _populate_huge(fd: int, size: int) -> int:
     window already in the page cache is left as it is (mincore): faulting in 4 KiB pages read
     earlier costs a core 0.43 s per 3.65 GB and changes nothing, 2 MiB folios cost ~0.  The calls
     go through ctypes, which lets go of the GIL (``mmap.madvise`` holds it: the imports a start
-    runs beside the read would wait ~40 ms per window)."""
+    runs beside the read would wait 20-50 ms per window)."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
     libc = _libc()
