@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import ctypes.util
 import hashlib
 import math
 import mmap
@@ -34,7 +33,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from edgebox.errors import ModelError
-from edgebox.gguf import metadata
+from edgebox.gguf import metadata, page_cache
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -371,7 +370,6 @@ class GGUFFile:
 
 _PAGE = mmap.PAGESIZE
 SMALL_TENSOR_BYTES = 1 << 20  # read ahead at open and never read around (``_read_small_tensors_ahead``)
-_libc = None
 
 
 def release_view_pages(view: np.ndarray) -> None:
@@ -414,7 +412,7 @@ def _unmap(first: int, last: int) -> None:
     """Drop this process's mapping of the pages first..last (``MADV_DONTNEED``); they fault back
     in from the file if touched."""
     if last > first:
-        _libc_handle().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+        page_cache.libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def evict_when_released(view: np.ndarray, keep: Sequence[np.ndarray] = ()) -> bool:
@@ -497,13 +495,6 @@ class _Evictor:
                 pass
 
 
-def _libc_handle():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    return _libc
-
-
 def resident_fraction(path: str | os.PathLike, offset: int = 0, length: int | None = None) -> float:
     """The share of the file's pages (of bytes offset..offset+length, default all) in the page
     cache (mincore over a mapping of it); nan where mincore fails."""
@@ -512,16 +503,12 @@ def resident_fraction(path: str | os.PathLike, offset: int = 0, length: int | No
     first = offset // _PAGE * _PAGE
     if end <= first:
         return 1.0
-    pages = -(-(end - first) // _PAGE)
-    vec = (ctypes.c_ubyte * pages)()
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     view = np.frombuffer(mm, dtype=np.uint8)
     try:
-        address = view.__array_interface__["data"][0] + first
-        if _libc_handle().mincore(ctypes.c_void_p(address), ctypes.c_size_t(end - first), vec) != 0:
-            return float("nan")
-        return sum(b & 1 for b in bytes(vec)) / pages
+        resident = page_cache.resident_pages(view.__array_interface__["data"][0] + first, end - first)
+        return float("nan") if resident < 0 else resident / -(-(end - first) // _PAGE)
     finally:
         del view
         mm.close()

@@ -8,6 +8,7 @@ otherwise wait behind.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import mmap
 import os
@@ -59,23 +60,23 @@ def _populate_huge(fd: int, size: int) -> int:
     time (mapped, populated, unmapped: this process's RSS holds one window at most); returns how
     far it got, where the fadvise read takes over (an old kernel's EINVAL, a file cut short).  A
     window already in the page cache is left as it is (mincore): faulting in 4 KiB pages read
-    earlier costs a core 0.43 s per 3.65 GB and changes nothing, 2 MiB folios cost ~0.  The calls
+    earlier costs a core 0.43 s per 3.65 GB and changes nothing, 2 MiB folios cost ~0; where
+    mincore is refused every window is populated, ~0 s where its folios are 2 MiB already.  The calls
     go through ctypes, which lets go of the GIL (``mmap.madvise`` holds it: the imports a start
     runs beside the read would wait 20-50 ms per window)."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
-    libc = _libc()
     done = 0
     while done < size:
         length = min(HUGE_CHUNK, size - done)
         try:
             with mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=done) as window:
                 view = ctypes.c_char.from_buffer(window)  # (ACCESS_COPY: writable, so it has an address)
-                at = ctypes.c_void_p(ctypes.addressof(view))
+                address = ctypes.addressof(view)
                 del view  # (the mapping closes only with no buffer exported)
-                n = ctypes.c_size_t(length)
-                if not _resident(libc, at, length) and (
-                    libc.madvise(at, n, mmap.MADV_HUGEPAGE) != 0 or libc.madvise(at, n, MADV_POPULATE_READ) != 0
+                at, n = ctypes.c_void_p(address), ctypes.c_size_t(length)
+                if resident_pages(address, length) < -(-length // mmap.PAGESIZE) and (
+                    libc().madvise(at, n, mmap.MADV_HUGEPAGE) != 0 or libc().madvise(at, n, MADV_POPULATE_READ) != 0
                 ):
                     return done
         except (OSError, ValueError):
@@ -84,14 +85,20 @@ def _populate_huge(fd: int, size: int) -> int:
     return done
 
 
-def _resident(libc: ctypes.CDLL, at, length: int) -> bool:
-    """Whether every page of the mapped window at ``at`` is in the page cache (mincore; False
-    where it is refused, as under the systemd unit's ``@system-service`` filter: then every
-    window is populated, ~0 s where its folios are 2 MiB already)."""
+def resident_pages(address: int, length: int) -> int:
+    """How many pages of the mapped bytes [address, address + length) are in the page cache
+    (mincore: bit 0 of each page's byte); -1 where mincore is refused (the systemd unit's
+    ``@system-service`` filter) or fails."""
     vec = (ctypes.c_ubyte * -(-length // mmap.PAGESIZE))()
-    return libc.mincore(at, ctypes.c_size_t(length), vec) == 0 and all(b & 1 for b in bytes(vec))
+    if libc().mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
+        return -1
+    return bytes(vec).translate(_BIT0).count(1)
+
+
+_BIT0 = bytes(b & 1 for b in range(256))
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+def libc() -> ctypes.CDLL:
+    """The C library, for the calls Python's os and mmap lack (mincore, madvise without the GIL)."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
